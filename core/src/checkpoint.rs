@@ -1,0 +1,312 @@
+//! Hugging Face checkpoints: `config.json` plus safetensors weights, in one
+//! `model.safetensors` or sharded with `model.safetensors.index.json`.
+//!
+//! Files are memory-mapped and only the tensors a node asks for are read, so
+//! a node holding four experts of a 100 GB model touches only their pages.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use half::{bf16, f16};
+use memmap2::Mmap;
+use safetensors::tensor::{Dtype, Metadata};
+use serde::Deserialize;
+
+use crate::config::{Family, ModelConfig};
+use crate::{CoreError, CoreResult};
+
+/// One memory-mapped safetensors file and its parsed header.
+struct Shard {
+    path: PathBuf,
+    mmap: Mmap,
+    /// Length of the 8-byte length prefix plus the JSON header.
+    data_start: usize,
+    metadata: Metadata,
+}
+
+/// An open checkpoint directory.
+pub struct Checkpoint {
+    dir: PathBuf,
+    config: ModelConfig,
+    shards: Vec<Shard>,
+    /// Tensor name to index in `shards`.
+    tensor_shard: HashMap<String, usize>,
+}
+
+#[derive(Deserialize)]
+struct ShardIndex {
+    weight_map: HashMap<String, String>,
+}
+
+/// The three projections of one expert as stored: `[out, in]`, f32.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExpertWeights {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    /// `gate_proj` / `w1`: `[intermediate, hidden]`.
+    pub gate_proj: Vec<f32>,
+    /// `up_proj` / `w3`: `[intermediate, hidden]`.
+    pub up_proj: Vec<f32>,
+    /// `down_proj` / `w2`: `[hidden, intermediate]`.
+    pub down_proj: Vec<f32>,
+}
+
+/// The router-side weights of one MoE layer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GateWeights {
+    /// `gate.weight`: `[num_experts, hidden]`.
+    pub weight: Vec<f32>,
+    /// DeepSeek-V3's `e_score_correction_bias`: `[num_experts]`.
+    pub score_correction_bias: Option<Vec<f32>>,
+    /// Qwen2-MoE's `shared_expert_gate.weight`: `[1, hidden]`.
+    pub shared_expert_gate: Option<Vec<f32>>,
+}
+
+fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> CoreError + '_ {
+    move |source| CoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+impl Shard {
+    fn open(path: PathBuf) -> CoreResult<Self> {
+        let file = File::open(&path).map_err(io_error(&path))?;
+        // SAFETY: checkpoints are read-only inputs; moemesh never writes them
+        // while serving, and a concurrent external writer is an operator error.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(io_error(&path))?;
+        let (header_len, metadata) = safetensors::SafeTensors::read_metadata(&mmap)
+            .map_err(|error| CoreError::Checkpoint(format!("{}: {error}", path.display())))?;
+        Ok(Self {
+            path,
+            mmap,
+            data_start: 8 + header_len,
+            metadata,
+        })
+    }
+}
+
+impl Checkpoint {
+    /// Opens a model directory: reads `config.json` and maps the weights.
+    pub fn open(dir: &Path) -> CoreResult<Self> {
+        let config = ModelConfig::from_dir(dir)?;
+        let index_path = dir.join("model.safetensors.index.json");
+        let single_path = dir.join("model.safetensors");
+        let mut shards = Vec::new();
+        let mut tensor_shard = HashMap::new();
+        if index_path.exists() {
+            let text = std::fs::read_to_string(&index_path).map_err(io_error(&index_path))?;
+            let index: ShardIndex = serde_json::from_str(&text).map_err(|error| {
+                CoreError::Checkpoint(format!("{}: {error}", index_path.display()))
+            })?;
+            let mut file_names: Vec<&String> = index.weight_map.values().collect();
+            file_names.sort();
+            file_names.dedup();
+            let mut shard_of_file = HashMap::new();
+            for file_name in file_names {
+                if file_name.contains('/') || file_name.contains("..") {
+                    return Err(CoreError::Checkpoint(format!(
+                        "shard name {file_name:?} leaves the model directory"
+                    )));
+                }
+                shard_of_file.insert(file_name.clone(), shards.len());
+                shards.push(Shard::open(dir.join(file_name))?);
+            }
+            for (name, file_name) in index.weight_map {
+                tensor_shard.insert(name, shard_of_file[&file_name]);
+            }
+        } else if single_path.exists() {
+            let shard = Shard::open(single_path)?;
+            for name in shard.metadata.tensors().keys() {
+                tensor_shard.insert(name.clone(), 0);
+            }
+            shards.push(shard);
+        } else {
+            return Err(CoreError::Checkpoint(format!(
+                "{} has neither model.safetensors nor model.safetensors.index.json",
+                dir.display()
+            )));
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            config,
+            shards,
+            tensor_shard,
+        })
+    }
+
+    /// Returns the validated model config.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// Returns the directory the checkpoint was opened from.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Returns whether the checkpoint has a tensor of this name.
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensor_shard.contains_key(name)
+    }
+
+    /// Reads one tensor as f32, checking its shape; f32, bf16 and f16 are accepted.
+    pub fn load_f32(&self, name: &str, shape: &[usize]) -> CoreResult<Vec<f32>> {
+        let &shard_index = self.tensor_shard.get(name).ok_or_else(|| {
+            CoreError::Checkpoint(format!(
+                "tensor {name} is missing from {}",
+                self.dir.display()
+            ))
+        })?;
+        let shard = &self.shards[shard_index];
+        let info = shard.metadata.info(name).ok_or_else(|| {
+            CoreError::Checkpoint(format!(
+                "the index puts {name} in {}, which lacks it",
+                shard.path.display()
+            ))
+        })?;
+        if info.shape != shape {
+            return Err(CoreError::Checkpoint(format!(
+                "tensor {name} has shape {:?}, config.json implies {shape:?}",
+                info.shape
+            )));
+        }
+        let (start, end) = info.data_offsets;
+        let bytes = shard
+            .mmap
+            .get(shard.data_start + start..shard.data_start + end)
+            .ok_or_else(|| {
+                CoreError::Checkpoint(format!(
+                    "tensor {name} lies outside {}",
+                    shard.path.display()
+                ))
+            })?;
+        let elements: usize = shape.iter().product();
+        let values: Vec<f32> = match info.dtype {
+            Dtype::F32 => bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            Dtype::BF16 => bytes
+                .chunks_exact(2)
+                .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            Dtype::F16 => bytes
+                .chunks_exact(2)
+                .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            other => {
+                return Err(CoreError::Checkpoint(format!(
+                    "tensor {name} is {other:?}; moemesh reads F32, BF16 and F16"
+                )));
+            }
+        };
+        if values.len() != elements {
+            return Err(CoreError::Checkpoint(format!(
+                "tensor {name} has {} bytes for {elements} elements",
+                bytes.len()
+            )));
+        }
+        Ok(values)
+    }
+
+    fn layer_prefix(&self, layer: usize) -> String {
+        match self.config.family {
+            Family::Mixtral => format!("model.layers.{layer}.block_sparse_moe"),
+            Family::Qwen2Moe | Family::Qwen3Moe | Family::DeepseekV3 => {
+                format!("model.layers.{layer}.mlp")
+            }
+        }
+    }
+
+    fn check_moe_layer(&self, layer: usize) -> CoreResult<()> {
+        if self.config.is_moe_layer(layer) {
+            Ok(())
+        } else {
+            Err(CoreError::NotFound(format!(
+                "layer {layer} is not an MoE layer of this {} model (MoE layers: {:?})",
+                self.config.family,
+                self.config.moe_layers()
+            )))
+        }
+    }
+
+    /// Returns the tensor names of expert `expert` of `layer` (the shared
+    /// expert is `num_experts`), in the order gate, up, down.
+    pub fn expert_tensor_names(&self, layer: usize, expert: u32) -> CoreResult<[String; 3]> {
+        self.check_moe_layer(layer)?;
+        let prefix = self.layer_prefix(layer);
+        let config = &self.config;
+        if Some(expert) == config.shared_expert_id() {
+            let module = match config.family {
+                Family::Qwen2Moe => "shared_expert",
+                _ => "shared_experts",
+            };
+            return Ok(["gate_proj", "up_proj", "down_proj"]
+                .map(|proj| format!("{prefix}.{module}.{proj}.weight")));
+        }
+        if expert as usize >= config.num_experts {
+            return Err(CoreError::NotFound(format!(
+                "expert {expert} does not exist; layer {layer} has experts 0..{}{}",
+                config.num_experts,
+                if config.has_shared_expert() {
+                    " and the shared expert"
+                } else {
+                    ""
+                }
+            )));
+        }
+        Ok(match config.family {
+            Family::Mixtral => {
+                ["w1", "w3", "w2"].map(|proj| format!("{prefix}.experts.{expert}.{proj}.weight"))
+            }
+            _ => ["gate_proj", "up_proj", "down_proj"]
+                .map(|proj| format!("{prefix}.experts.{expert}.{proj}.weight")),
+        })
+    }
+
+    /// Loads the weights of one expert (the shared expert is `num_experts`).
+    pub fn load_expert(&self, layer: usize, expert: u32) -> CoreResult<ExpertWeights> {
+        let [gate, up, down] = self.expert_tensor_names(layer, expert)?;
+        let hidden = self.config.hidden_size;
+        let intermediate = self.config.intermediate_size_of(expert);
+        Ok(ExpertWeights {
+            hidden_size: hidden,
+            intermediate_size: intermediate,
+            gate_proj: self.load_f32(&gate, &[intermediate, hidden])?,
+            up_proj: self.load_f32(&up, &[intermediate, hidden])?,
+            down_proj: self.load_f32(&down, &[hidden, intermediate])?,
+        })
+    }
+
+    /// Loads the router-side weights of one MoE layer.
+    pub fn load_gate(&self, layer: usize) -> CoreResult<GateWeights> {
+        self.check_moe_layer(layer)?;
+        let prefix = self.layer_prefix(layer);
+        let config = &self.config;
+        let hidden = config.hidden_size;
+        let weight = self.load_f32(
+            &format!("{prefix}.gate.weight"),
+            &[config.num_experts, hidden],
+        )?;
+        let score_correction_bias = match config.family {
+            Family::DeepseekV3 => Some(self.load_f32(
+                &format!("{prefix}.gate.e_score_correction_bias"),
+                &[config.num_experts],
+            )?),
+            _ => None,
+        };
+        let shared_expert_gate = match config.family {
+            Family::Qwen2Moe => {
+                Some(self.load_f32(&format!("{prefix}.shared_expert_gate.weight"), &[1, hidden])?)
+            }
+            _ => None,
+        };
+        Ok(GateWeights {
+            weight,
+            score_correction_bias,
+            shared_expert_gate,
+        })
+    }
+}

@@ -1,0 +1,370 @@
+//! Model families and the parts of their Hugging Face `config.json` that an
+//! MoE layer depends on.
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::{CoreError, CoreResult};
+
+/// The model families moemesh serves, named by `config.json`'s `model_type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Family {
+    /// `mixtral`: softmax, top-k, always renormalised; no shared expert.
+    Mixtral,
+    /// `qwen2_moe`: softmax, top-k, optional renormalisation; one shared
+    /// expert scaled by a sigmoid gate.
+    Qwen2Moe,
+    /// `qwen3_moe`: softmax, top-k, optional renormalisation; no shared expert.
+    Qwen3Moe,
+    /// `deepseek_v3`: sigmoid scores, a selection-only bias, group-limited
+    /// top-k, a routed scaling factor and shared experts with weight one.
+    DeepseekV3,
+}
+
+impl Family {
+    /// Parses `config.json`'s `model_type`.
+    pub fn from_model_type(model_type: &str) -> CoreResult<Self> {
+        match model_type {
+            "mixtral" => Ok(Self::Mixtral),
+            "qwen2_moe" => Ok(Self::Qwen2Moe),
+            "qwen3_moe" => Ok(Self::Qwen3Moe),
+            "deepseek_v3" => Ok(Self::DeepseekV3),
+            other => Err(CoreError::Config(format!(
+                "model_type {other:?} is not supported; expected mixtral, qwen2_moe, qwen3_moe or deepseek_v3"
+            ))),
+        }
+    }
+
+    /// Returns `config.json`'s `model_type` for this family.
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Self::Mixtral => "mixtral",
+            Self::Qwen2Moe => "qwen2_moe",
+            Self::Qwen3Moe => "qwen3_moe",
+            Self::DeepseekV3 => "deepseek_v3",
+        }
+    }
+}
+
+impl std::fmt::Display for Family {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.model_type())
+    }
+}
+
+/// DeepSeek-V3's group-limited routing: experts are split into `groups`
+/// equal groups and a token only picks experts from its best `top_groups`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupLimit {
+    /// `n_group`.
+    pub groups: usize,
+    /// `topk_group`.
+    pub top_groups: usize,
+}
+
+/// Everything about a model's MoE layers that moemesh needs, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    pub family: Family,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    /// Routed experts per MoE layer.
+    pub num_experts: usize,
+    /// Experts chosen per token (`num_experts_per_tok`).
+    pub top_k: usize,
+    /// Intermediate size of one routed expert.
+    pub expert_intermediate_size: usize,
+    /// Intermediate size of the layer's shared expert, where the family has one.
+    pub shared_intermediate_size: Option<usize>,
+    /// Whether the top-k weights are divided by their sum.
+    pub norm_topk_prob: bool,
+    /// DeepSeek-V3's group limit.
+    pub group_limit: Option<GroupLimit>,
+    /// DeepSeek-V3's `routed_scaling_factor`; 1 elsewhere.
+    pub routed_scaling_factor: f32,
+    /// Which decoder layers have an MoE block (the others are dense MLPs).
+    moe_layers: Vec<bool>,
+}
+
+/// `config.json` as written by transformers; fields of every family.
+#[derive(Debug, Deserialize)]
+struct RawConfig {
+    model_type: String,
+    hidden_size: usize,
+    num_hidden_layers: usize,
+    #[serde(default)]
+    hidden_act: Option<String>,
+    #[serde(default)]
+    intermediate_size: Option<usize>,
+    #[serde(default)]
+    moe_intermediate_size: Option<usize>,
+    #[serde(default)]
+    shared_expert_intermediate_size: Option<usize>,
+    #[serde(default, alias = "num_local_experts", alias = "n_routed_experts")]
+    num_experts: Option<usize>,
+    num_experts_per_tok: usize,
+    #[serde(default)]
+    norm_topk_prob: Option<bool>,
+    #[serde(default)]
+    decoder_sparse_step: Option<usize>,
+    #[serde(default)]
+    mlp_only_layers: Option<Vec<usize>>,
+    #[serde(default)]
+    first_k_dense_replace: Option<usize>,
+    #[serde(default)]
+    n_shared_experts: Option<usize>,
+    #[serde(default)]
+    n_group: Option<usize>,
+    #[serde(default)]
+    topk_group: Option<usize>,
+    #[serde(default)]
+    routed_scaling_factor: Option<f32>,
+    #[serde(default)]
+    topk_method: Option<String>,
+    #[serde(default)]
+    scoring_func: Option<String>,
+}
+
+fn required<T>(value: Option<T>, field: &str, family: Family) -> CoreResult<T> {
+    value.ok_or_else(|| CoreError::Config(format!("{family} config lacks field `{field}`")))
+}
+
+impl ModelConfig {
+    /// Reads and validates `DIR/config.json`.
+    pub fn from_dir(dir: &Path) -> CoreResult<Self> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(|source| CoreError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        Self::from_json(&text)
+            .map_err(|error| CoreError::Config(format!("{}: {error}", path.display())))
+    }
+
+    /// Parses and validates the text of a `config.json`.
+    pub fn from_json(text: &str) -> CoreResult<Self> {
+        let raw: RawConfig =
+            serde_json::from_str(text).map_err(|error| CoreError::Config(error.to_string()))?;
+        Self::from_raw(raw)
+    }
+
+    fn from_raw(raw: RawConfig) -> CoreResult<Self> {
+        let family = Family::from_model_type(&raw.model_type)?;
+        if let Some(act) = &raw.hidden_act
+            && act != "silu"
+        {
+            return Err(CoreError::Config(format!(
+                "hidden_act {act:?} is not supported; moemesh experts use silu"
+            )));
+        }
+        let num_experts = required(raw.num_experts, "num_experts", family)?;
+        let layers = raw.num_hidden_layers;
+        let (expert_intermediate_size, shared_intermediate_size, norm_topk_prob, moe_layers);
+        let mut group_limit = None;
+        let mut routed_scaling_factor = 1.0;
+        match family {
+            Family::Mixtral => {
+                expert_intermediate_size =
+                    required(raw.intermediate_size, "intermediate_size", family)?;
+                shared_intermediate_size = None;
+                norm_topk_prob = true;
+                moe_layers = vec![true; layers];
+            }
+            Family::Qwen2Moe | Family::Qwen3Moe => {
+                expert_intermediate_size =
+                    required(raw.moe_intermediate_size, "moe_intermediate_size", family)?;
+                shared_intermediate_size = if family == Family::Qwen2Moe {
+                    Some(required(
+                        raw.shared_expert_intermediate_size,
+                        "shared_expert_intermediate_size",
+                        family,
+                    )?)
+                } else {
+                    None
+                };
+                norm_topk_prob = raw.norm_topk_prob.unwrap_or(false);
+                let step = raw.decoder_sparse_step.unwrap_or(1);
+                if step == 0 {
+                    return Err(CoreError::Config(
+                        "decoder_sparse_step must be at least 1".into(),
+                    ));
+                }
+                let mlp_only = raw.mlp_only_layers.unwrap_or_default();
+                moe_layers = (0..layers)
+                    .map(|layer| {
+                        !mlp_only.contains(&layer) && num_experts > 0 && (layer + 1) % step == 0
+                    })
+                    .collect();
+            }
+            Family::DeepseekV3 => {
+                expert_intermediate_size =
+                    required(raw.moe_intermediate_size, "moe_intermediate_size", family)?;
+                let shared = raw.n_shared_experts.unwrap_or(0);
+                shared_intermediate_size =
+                    (shared > 0).then_some(expert_intermediate_size * shared);
+                norm_topk_prob = raw.norm_topk_prob.unwrap_or(true);
+                let first_moe = raw.first_k_dense_replace.unwrap_or(0);
+                moe_layers = (0..layers).map(|layer| layer >= first_moe).collect();
+                if let Some(method) = &raw.topk_method
+                    && method != "noaux_tc"
+                {
+                    return Err(CoreError::Config(format!(
+                        "topk_method {method:?} is not supported; deepseek_v3 uses noaux_tc"
+                    )));
+                }
+                if let Some(scoring) = &raw.scoring_func
+                    && scoring != "sigmoid"
+                {
+                    return Err(CoreError::Config(format!(
+                        "scoring_func {scoring:?} is not supported; deepseek_v3 uses sigmoid"
+                    )));
+                }
+                let groups = raw.n_group.unwrap_or(1);
+                let top_groups = raw.topk_group.unwrap_or(groups);
+                if groups == 0 || num_experts % groups != 0 {
+                    return Err(CoreError::Config(format!(
+                        "n_group {groups} must divide n_routed_experts {num_experts}"
+                    )));
+                }
+                if top_groups == 0 || top_groups > groups {
+                    return Err(CoreError::Config(format!(
+                        "topk_group {top_groups} must be between 1 and n_group {groups}"
+                    )));
+                }
+                if num_experts / groups < 2 {
+                    return Err(CoreError::Config(
+                        "deepseek_v3 scores a group by its best two experts: each group needs at least two".into(),
+                    ));
+                }
+                if raw.num_experts_per_tok > top_groups * (num_experts / groups) {
+                    return Err(CoreError::Config(format!(
+                        "num_experts_per_tok {} exceeds the experts in topk_group {top_groups} groups",
+                        raw.num_experts_per_tok
+                    )));
+                }
+                group_limit = Some(GroupLimit { groups, top_groups });
+                routed_scaling_factor = raw.routed_scaling_factor.unwrap_or(1.0);
+            }
+        }
+        if raw.hidden_size == 0 || expert_intermediate_size == 0 {
+            return Err(CoreError::Config(
+                "hidden_size and the expert intermediate size must be positive".into(),
+            ));
+        }
+        if raw.num_experts_per_tok == 0 || raw.num_experts_per_tok > num_experts {
+            return Err(CoreError::Config(format!(
+                "num_experts_per_tok {} must be between 1 and the number of experts {num_experts}",
+                raw.num_experts_per_tok
+            )));
+        }
+        Ok(Self {
+            family,
+            hidden_size: raw.hidden_size,
+            num_hidden_layers: layers,
+            num_experts,
+            top_k: raw.num_experts_per_tok,
+            expert_intermediate_size,
+            shared_intermediate_size,
+            norm_topk_prob,
+            group_limit,
+            routed_scaling_factor,
+            moe_layers,
+        })
+    }
+
+    /// Returns whether decoder layer `layer` has an MoE block.
+    pub fn is_moe_layer(&self, layer: usize) -> bool {
+        self.moe_layers.get(layer).copied().unwrap_or(false)
+    }
+
+    /// Returns the decoder layers that have an MoE block, ascending.
+    pub fn moe_layers(&self) -> Vec<usize> {
+        (0..self.num_hidden_layers)
+            .filter(|&layer| self.is_moe_layer(layer))
+            .collect()
+    }
+
+    /// Returns whether the layers have a shared expert.
+    pub fn has_shared_expert(&self) -> bool {
+        self.shared_intermediate_size.is_some()
+    }
+
+    /// Returns the id under which the shared expert is addressed: the index
+    /// after the routed experts.
+    pub fn shared_expert_id(&self) -> Option<u32> {
+        self.has_shared_expert().then_some(self.num_experts as u32)
+    }
+
+    /// Returns the number of addressable experts per layer, shared included.
+    pub fn experts_per_layer(&self) -> usize {
+        self.num_experts + usize::from(self.has_shared_expert())
+    }
+
+    /// Returns the intermediate size of expert `expert` (routed or shared).
+    pub fn intermediate_size_of(&self, expert: u32) -> usize {
+        if Some(expert) == self.shared_expert_id() {
+            self.shared_intermediate_size.unwrap_or_default()
+        } else {
+            self.expert_intermediate_size
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qwen2_moe_layers_follow_sparse_step_and_mlp_only_layers() {
+        let config = ModelConfig::from_json(
+            r#"{"model_type":"qwen2_moe","hidden_size":8,"num_hidden_layers":6,
+                "moe_intermediate_size":4,"shared_expert_intermediate_size":8,
+                "num_experts":4,"num_experts_per_tok":2,"decoder_sparse_step":2,
+                "mlp_only_layers":[3]}"#,
+        )
+        .unwrap();
+        assert_eq!(config.moe_layers(), vec![1, 5]);
+        assert_eq!(config.shared_expert_id(), Some(4));
+        assert_eq!(config.intermediate_size_of(4), 8);
+        assert!(!config.norm_topk_prob);
+    }
+
+    #[test]
+    fn deepseek_dense_layers_come_first_and_groups_are_checked() {
+        let json = r#"{"model_type":"deepseek_v3","hidden_size":8,"num_hidden_layers":3,
+            "moe_intermediate_size":4,"n_routed_experts":8,"n_shared_experts":2,
+            "num_experts_per_tok":2,"first_k_dense_replace":1,"n_group":4,"topk_group":2,
+            "routed_scaling_factor":2.5}"#;
+        let config = ModelConfig::from_json(json).unwrap();
+        assert_eq!(config.moe_layers(), vec![1, 2]);
+        assert_eq!(config.shared_intermediate_size, Some(8));
+        assert_eq!(
+            config.group_limit,
+            Some(GroupLimit {
+                groups: 4,
+                top_groups: 2
+            })
+        );
+        let bad = json.replace(r#""n_group":4"#, r#""n_group":3"#);
+        let error = ModelConfig::from_json(&bad).unwrap_err().to_string();
+        assert!(error.contains("n_group 3 must divide"), "{error}");
+    }
+
+    #[test]
+    fn unknown_family_and_activation_are_named() {
+        let error = ModelConfig::from_json(
+            r#"{"model_type":"llama","hidden_size":8,"num_hidden_layers":1,"num_experts_per_tok":1}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("\"llama\""), "{error}");
+        let error = ModelConfig::from_json(
+            r#"{"model_type":"mixtral","hidden_size":8,"num_hidden_layers":1,"intermediate_size":4,
+                "num_local_experts":4,"num_experts_per_tok":2,"hidden_act":"gelu"}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("gelu"), "{error}");
+    }
+}

@@ -1,0 +1,30 @@
+use std::path::PathBuf;
+
+/// Errors of moemesh-core: bad checkpoints, bad configs and bad requests.
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    /// A file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// `config.json` is missing a field, has an unsupported value or is not JSON.
+    #[error("invalid model config: {0}")]
+    Config(String),
+    /// A safetensors file or its index is malformed, or lacks a tensor we need.
+    #[error("invalid checkpoint: {0}")]
+    Checkpoint(String),
+    /// A tensor handed to moemesh has the wrong shape, dtype, length or values.
+    #[error("invalid tensor: {0}")]
+    InvalidTensor(String),
+    /// A request names a model, layer or expert that is not served here.
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// A placement file is malformed or inconsistent with the model.
+    #[error("invalid placement: {0}")]
+    Placement(String),
+}
+
+/// Result alias of moemesh-core.
+pub type CoreResult<T> = Result<T, CoreError>;

@@ -1,0 +1,307 @@
+//! The router of each model family, computed exactly as its transformers
+//! module does, one token at a time so that a token's routing never depends
+//! on the other tokens in its batch. Ties break by lowest expert id.
+
+use crate::checkpoint::GateWeights;
+use crate::config::{Family, GroupLimit, ModelConfig};
+
+/// The routing of a batch: per token, `top_k` (expert, weight) pairs sorted
+/// by expert id, and the shared expert's weight where the layer has one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Routing {
+    pub top_k: usize,
+    /// `[tokens * top_k]`: expert ids, ascending within each token.
+    pub experts: Vec<u32>,
+    /// `[tokens * top_k]`: the weight of the expert at the same position.
+    pub weights: Vec<f32>,
+    /// `[tokens]`: the shared expert's weight (1, or Qwen2-MoE's sigmoid gate).
+    pub shared_weights: Option<Vec<f32>>,
+}
+
+impl Routing {
+    /// Returns the number of tokens routed.
+    pub fn tokens(&self) -> usize {
+        self.experts.len().checked_div(self.top_k).unwrap_or(0)
+    }
+
+    /// Returns the (expert, weight) pairs of one token.
+    pub fn token(&self, token: usize) -> impl Iterator<Item = (u32, f32)> + '_ {
+        let range = token * self.top_k..(token + 1) * self.top_k;
+        self.experts[range.clone()]
+            .iter()
+            .copied()
+            .zip(self.weights[range].iter().copied())
+    }
+}
+
+/// One MoE layer's gate: its weights and the family's routing rule.
+#[derive(Debug, Clone)]
+pub struct Gate {
+    family: Family,
+    hidden_size: usize,
+    num_experts: usize,
+    top_k: usize,
+    norm_topk_prob: bool,
+    group_limit: Option<GroupLimit>,
+    routed_scaling_factor: f32,
+    has_shared_expert: bool,
+    weights: GateWeights,
+}
+
+/// Dot product with eight independent accumulators, so that it vectorises;
+/// its summation order depends only on the length.
+fn dot(lhs: &[f32], rhs: &[f32]) -> f32 {
+    debug_assert_eq!(lhs.len(), rhs.len());
+    let mut lanes = [0f32; 8];
+    let chunks = lhs.len() / 8 * 8;
+    for (lhs_chunk, rhs_chunk) in lhs[..chunks]
+        .chunks_exact(8)
+        .zip(rhs[..chunks].chunks_exact(8))
+    {
+        for lane in 0..8 {
+            lanes[lane] = lhs_chunk[lane].mul_add(rhs_chunk[lane], lanes[lane]);
+        }
+    }
+    let mut sum = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
+        + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+    for (l, r) in lhs[chunks..].iter().zip(&rhs[chunks..]) {
+        sum = l.mul_add(*r, sum);
+    }
+    sum
+}
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// Returns the indices of the `k` largest finite-or-not values, largest
+/// first, ties to the lowest index. NaN never occurs: inputs are validated.
+fn top_k_indices(values: &[f32], k: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..values.len()).collect();
+    // A stable sort keeps equal values in index order: ties go to the lowest id.
+    order.sort_by(|&a, &b| values[b].total_cmp(&values[a]));
+    order.truncate(k);
+    order
+}
+
+impl Gate {
+    /// Builds the gate of a layer from its weights and the model config.
+    pub fn new(config: &ModelConfig, weights: GateWeights) -> Self {
+        debug_assert_eq!(
+            weights.weight.len(),
+            config.num_experts * config.hidden_size
+        );
+        Self {
+            family: config.family,
+            hidden_size: config.hidden_size,
+            num_experts: config.num_experts,
+            top_k: config.top_k,
+            norm_topk_prob: config.norm_topk_prob,
+            group_limit: config.group_limit,
+            routed_scaling_factor: config.routed_scaling_factor,
+            has_shared_expert: config.has_shared_expert(),
+            weights,
+        }
+    }
+
+    /// Routes `tokens` rows of `hidden` (`[tokens, hidden_size]`).
+    pub fn route(&self, hidden: &[f32], tokens: usize) -> Routing {
+        debug_assert_eq!(hidden.len(), tokens * self.hidden_size);
+        let mut experts = Vec::with_capacity(tokens * self.top_k);
+        let mut weights = Vec::with_capacity(tokens * self.top_k);
+        let mut shared_weights = self.has_shared_expert.then(|| Vec::with_capacity(tokens));
+        let mut logits = vec![0f32; self.num_experts];
+        let mut chosen: Vec<(u32, f32)> = Vec::with_capacity(self.top_k);
+        for row in hidden.chunks_exact(self.hidden_size) {
+            for (logit, expert_weight) in logits
+                .iter_mut()
+                .zip(self.weights.weight.chunks_exact(self.hidden_size))
+            {
+                *logit = dot(row, expert_weight);
+            }
+            chosen.clear();
+            match self.family {
+                Family::Mixtral | Family::Qwen2Moe | Family::Qwen3Moe => {
+                    self.softmax_top_k(&logits, &mut chosen)
+                }
+                Family::DeepseekV3 => self.sigmoid_group_top_k(&logits, &mut chosen),
+            }
+            chosen.sort_by_key(|&(expert, _)| expert);
+            experts.extend(chosen.iter().map(|&(expert, _)| expert));
+            weights.extend(chosen.iter().map(|&(_, weight)| weight));
+            if let Some(shared_weights) = shared_weights.as_mut() {
+                shared_weights.push(match &self.weights.shared_expert_gate {
+                    Some(shared_gate) => sigmoid(dot(row, shared_gate)),
+                    None => 1.0,
+                });
+            }
+        }
+        Routing {
+            top_k: self.top_k,
+            experts,
+            weights,
+            shared_weights,
+        }
+    }
+
+    /// Mixtral, Qwen2-MoE and Qwen3-MoE: softmax over all experts, top-k of
+    /// the probabilities, divided by their sum where `norm_topk_prob`.
+    fn softmax_top_k(&self, logits: &[f32], chosen: &mut Vec<(u32, f32)>) {
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let exps: Vec<f32> = logits.iter().map(|logit| (logit - max).exp()).collect();
+        let total: f32 = exps.iter().sum();
+        let probs: Vec<f32> = exps.iter().map(|exp| exp / total).collect();
+        chosen.extend(
+            top_k_indices(&probs, self.top_k)
+                .into_iter()
+                .map(|expert| (expert as u32, probs[expert])),
+        );
+        if self.norm_topk_prob {
+            let sum: f32 = chosen.iter().map(|&(_, weight)| weight).sum();
+            chosen.iter_mut().for_each(|(_, weight)| *weight /= sum);
+        }
+    }
+
+    /// DeepSeek-V3: sigmoid scores; the bias shifts selection only; groups
+    /// are ranked by the sum of their two best biased scores and only the
+    /// best `topk_group` groups compete; the chosen experts' unbiased scores
+    /// are renormalised (plus 1e-20) and multiplied by `routed_scaling_factor`.
+    fn sigmoid_group_top_k(&self, logits: &[f32], chosen: &mut Vec<(u32, f32)>) {
+        let scores: Vec<f32> = logits.iter().map(|&logit| sigmoid(logit)).collect();
+        let mut scores_for_choice: Vec<f32> = match &self.weights.score_correction_bias {
+            Some(bias) => scores
+                .iter()
+                .zip(bias)
+                .map(|(score, bias)| score + bias)
+                .collect(),
+            None => scores.clone(),
+        };
+        if let Some(GroupLimit { groups, top_groups }) = self.group_limit {
+            let group_size = self.num_experts / groups;
+            let group_scores: Vec<f32> = scores_for_choice
+                .chunks_exact(group_size)
+                .map(|group| {
+                    top_k_indices(group, 2)
+                        .iter()
+                        .map(|&index| group[index])
+                        .sum()
+                })
+                .collect();
+            let kept_groups = top_k_indices(&group_scores, top_groups);
+            for (group, members) in scores_for_choice.chunks_exact_mut(group_size).enumerate() {
+                if !kept_groups.contains(&group) {
+                    members.fill(f32::NEG_INFINITY);
+                }
+            }
+        }
+        chosen.extend(
+            top_k_indices(&scores_for_choice, self.top_k)
+                .into_iter()
+                .map(|expert| (expert as u32, scores[expert])),
+        );
+        if self.norm_topk_prob {
+            let denominator: f32 = chosen.iter().map(|&(_, weight)| weight).sum::<f32>() + 1e-20;
+            chosen
+                .iter_mut()
+                .for_each(|(_, weight)| *weight /= denominator);
+        }
+        chosen
+            .iter_mut()
+            .for_each(|(_, weight)| *weight *= self.routed_scaling_factor);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn config(json: &str) -> ModelConfig {
+        ModelConfig::from_json(json).unwrap()
+    }
+
+    fn mixtral(experts: usize, top_k: usize) -> ModelConfig {
+        config(&format!(
+            r#"{{"model_type":"mixtral","hidden_size":2,"num_hidden_layers":1,"intermediate_size":4,
+                "num_local_experts":{experts},"num_experts_per_tok":{top_k}}}"#
+        ))
+    }
+
+    #[test]
+    fn ties_break_by_lowest_expert_id() {
+        // Every expert gets the same logit: the first top_k ids win.
+        let gate = Gate::new(
+            &mixtral(4, 2),
+            GateWeights {
+                weight: vec![1.0; 8],
+                score_correction_bias: None,
+                shared_expert_gate: None,
+            },
+        );
+        let routing = gate.route(&[0.5, -0.25], 1);
+        assert_eq!(routing.experts, vec![0, 1]);
+        assert_eq!(routing.weights, vec![0.5, 0.5]);
+    }
+
+    #[test]
+    fn deepseek_bias_selects_but_does_not_weigh() {
+        let config = config(
+            r#"{"model_type":"deepseek_v3","hidden_size":2,"num_hidden_layers":1,
+                "moe_intermediate_size":4,"n_routed_experts":4,"n_shared_experts":1,
+                "num_experts_per_tok":1,"n_group":2,"topk_group":1,"routed_scaling_factor":2.0,
+                "norm_topk_prob":false}"#,
+        );
+        // Logits [2, 0, 0, 0] for hidden [1, 0]; the bias makes expert 3 win.
+        let gate = Gate::new(
+            &config,
+            GateWeights {
+                weight: vec![2.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+                score_correction_bias: Some(vec![0.0, 0.0, 0.0, 1.0]),
+                shared_expert_gate: None,
+            },
+        );
+        let routing = gate.route(&[1.0, 0.0], 1);
+        assert_eq!(routing.experts, vec![3]);
+        assert!((routing.weights[0] - 2.0 * 0.5).abs() < 1e-7);
+        assert_eq!(routing.shared_weights, Some(vec![1.0]));
+    }
+
+    #[test]
+    fn deepseek_groups_limit_the_choice() {
+        let config = config(
+            r#"{"model_type":"deepseek_v3","hidden_size":1,"num_hidden_layers":1,
+                "moe_intermediate_size":4,"n_routed_experts":6,"n_shared_experts":0,
+                "num_experts_per_tok":2,"n_group":3,"topk_group":1}"#,
+        );
+        // Group 1 (experts 2, 3) has the best pair sum even though expert 0 alone is best.
+        let gate = Gate::new(
+            &config,
+            GateWeights {
+                weight: vec![5.0, -5.0, 3.0, 3.0, 0.0, 0.0],
+                score_correction_bias: Some(vec![0.0; 6]),
+                shared_expert_gate: None,
+            },
+        );
+        let routing = gate.route(&[1.0], 1);
+        assert_eq!(routing.experts, vec![2, 3]);
+        assert!((routing.weights.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        assert_eq!(routing.shared_weights, None);
+    }
+
+    proptest! {
+        #[test]
+        fn routing_of_a_token_does_not_depend_on_its_batch(
+            batch in proptest::collection::vec(-3f32..3.0, 2 * 6),
+            weight in proptest::collection::vec(-1f32..1.0, 2 * 8),
+            position in 0usize..6,
+        ) {
+            let gate = Gate::new(&mixtral(8, 3), GateWeights { weight, score_correction_bias: None, shared_expert_gate: None });
+            let together = gate.route(&batch, 6);
+            let alone = gate.route(&batch[position * 2..position * 2 + 2], 1);
+            prop_assert_eq!(together.token(position).collect::<Vec<_>>(), alone.token(0).collect::<Vec<_>>());
+            let weights: f32 = alone.weights.iter().sum();
+            prop_assert!((weights - 1.0).abs() < 1e-5);
+        }
+    }
+}

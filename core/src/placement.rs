@@ -1,0 +1,375 @@
+//! Which expert node holds which expert.
+//!
+//! A placement lists the expert nodes and, per MoE layer and expert, the
+//! nodes holding a replica. It comes from a TOML placement file (for small
+//! fixed deployments) or is spread evenly by [`Placement::spread`].
+//!
+//! ```toml
+//! model = "mixtral-8x7b"          # optional
+//!
+//! [[nodes]]
+//! id = "expert-0"
+//! address = "http://10.0.0.5:50061"
+//!
+//! [[layers]]
+//! layer = 0
+//! experts = [["expert-0"], ["expert-1", "expert-0"]]  # replicas of expert 0, 1, ...
+//! shared = ["expert-1"]                               # the shared expert, if any
+//! ```
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::ModelConfig;
+use crate::{CoreError, CoreResult};
+
+/// An expert node as the placement file names it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeEntry {
+    /// A name unique in the cluster.
+    pub id: String,
+    /// Its ExpertService URL, for example `http://127.0.0.1:50061`.
+    pub address: String,
+}
+
+/// One layer's replicas as the placement file writes them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LayerEntry {
+    pub layer: usize,
+    /// Per routed expert, in id order, the ids of the nodes holding it.
+    pub experts: Vec<Vec<String>>,
+    /// The nodes holding the layer's shared expert.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shared: Vec<String>,
+}
+
+/// The placement file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlacementFile {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    pub nodes: Vec<NodeEntry>,
+    pub layers: Vec<LayerEntry>,
+}
+
+/// A validated placement: replicas as node indices.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Placement {
+    nodes: Vec<NodeEntry>,
+    /// Layer index to, per expert id (shared last), indices into `nodes`.
+    layers: HashMap<usize, Vec<Vec<usize>>>,
+}
+
+impl PlacementFile {
+    /// Reads a placement file.
+    pub fn read(path: &Path) -> CoreResult<Self> {
+        let text = std::fs::read_to_string(path).map_err(|source| CoreError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text)
+            .map_err(|error| CoreError::Placement(format!("{}: {error}", path.display())))
+    }
+
+    /// Returns the file as TOML text.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("placement files always serialise")
+    }
+}
+
+impl Placement {
+    /// Checks a placement file against the model: every MoE layer placed,
+    /// every expert on at least one known node, no unknown layers.
+    pub fn from_file(file: &PlacementFile, config: &ModelConfig) -> CoreResult<Self> {
+        let mut node_index = HashMap::new();
+        for (index, node) in file.nodes.iter().enumerate() {
+            if node.id.is_empty() {
+                return Err(CoreError::Placement(format!("nodes[{index}].id is empty")));
+            }
+            if node_index.insert(node.id.as_str(), index).is_some() {
+                return Err(CoreError::Placement(format!(
+                    "nodes[{index}].id {:?} appears twice",
+                    node.id
+                )));
+            }
+        }
+        let mut layers = HashMap::new();
+        for entry in &file.layers {
+            let layer = entry.layer;
+            if !config.is_moe_layer(layer) {
+                return Err(CoreError::Placement(format!(
+                    "layers: layer {layer} is not an MoE layer (MoE layers: {:?})",
+                    config.moe_layers()
+                )));
+            }
+            if entry.experts.len() != config.num_experts {
+                return Err(CoreError::Placement(format!(
+                    "layer {layer}: experts lists {} experts, the model has {}",
+                    entry.experts.len(),
+                    config.num_experts
+                )));
+            }
+            if config.has_shared_expert() == entry.shared.is_empty() {
+                return Err(CoreError::Placement(format!(
+                    "layer {layer}: shared must {} because the model {} a shared expert",
+                    if config.has_shared_expert() {
+                        "list at least one node"
+                    } else {
+                        "be empty"
+                    },
+                    if config.has_shared_expert() {
+                        "has"
+                    } else {
+                        "has no"
+                    },
+                )));
+            }
+            let all_experts = entry
+                .experts
+                .iter()
+                .chain(config.has_shared_expert().then_some(&entry.shared));
+            let mut replicas_by_expert = Vec::with_capacity(config.experts_per_layer());
+            for (expert, replicas) in all_experts.enumerate() {
+                if replicas.is_empty() {
+                    return Err(CoreError::Placement(format!(
+                        "layer {layer}, expert {expert} has no replica"
+                    )));
+                }
+                let mut indices = Vec::with_capacity(replicas.len());
+                for node_id in replicas {
+                    let &index = node_index.get(node_id.as_str()).ok_or_else(|| {
+                        CoreError::Placement(format!(
+                            "layer {layer}, expert {expert}: unknown node {node_id:?}"
+                        ))
+                    })?;
+                    if indices.contains(&index) {
+                        return Err(CoreError::Placement(format!(
+                            "layer {layer}, expert {expert}: node {node_id:?} listed twice"
+                        )));
+                    }
+                    indices.push(index);
+                }
+                replicas_by_expert.push(indices);
+            }
+            if layers.insert(layer, replicas_by_expert).is_some() {
+                return Err(CoreError::Placement(format!(
+                    "layer {layer} is placed twice"
+                )));
+            }
+        }
+        if layers.is_empty() {
+            return Err(CoreError::Placement(
+                "layers is empty: place at least one MoE layer".into(),
+            ));
+        }
+        Ok(Self {
+            nodes: file.nodes.clone(),
+            layers,
+        })
+    }
+
+    /// Spreads every expert of every MoE layer over `nodes` round-robin,
+    /// `replicas` times each on distinct nodes (capped at the node count).
+    pub fn spread(
+        config: &ModelConfig,
+        nodes: Vec<NodeEntry>,
+        replicas: usize,
+    ) -> CoreResult<Self> {
+        if nodes.is_empty() {
+            return Err(CoreError::Placement(
+                "at least one expert node is needed".into(),
+            ));
+        }
+        let replicas = replicas.clamp(1, nodes.len());
+        let mut next = 0;
+        let layers = config
+            .moe_layers()
+            .into_iter()
+            .map(|layer| {
+                let experts = (0..config.experts_per_layer())
+                    .map(|_| {
+                        let owners = (0..replicas)
+                            .map(|offset| (next + offset) % nodes.len())
+                            .collect();
+                        next += 1;
+                        owners
+                    })
+                    .collect();
+                (layer, experts)
+            })
+            .collect();
+        Ok(Self { nodes, layers })
+    }
+
+    /// Returns the expert nodes.
+    pub fn nodes(&self) -> &[NodeEntry] {
+        &self.nodes
+    }
+
+    /// Returns the placed layers, ascending.
+    pub fn layers(&self) -> Vec<usize> {
+        let mut layers: Vec<usize> = self.layers.keys().copied().collect();
+        layers.sort_unstable();
+        layers
+    }
+
+    /// Returns, per expert id of `layer` (shared last), its replicas as node indices.
+    pub fn replicas(&self, layer: usize) -> Option<&[Vec<usize>]> {
+        self.layers.get(&layer).map(Vec::as_slice)
+    }
+
+    /// Returns the (layer, expert) pairs node `node_id` holds, ascending.
+    pub fn experts_of(&self, node_id: &str) -> Vec<(usize, u32)> {
+        let Some(node) = self.nodes.iter().position(|node| node.id == node_id) else {
+            return Vec::new();
+        };
+        let mut held = Vec::new();
+        for layer in self.layers() {
+            for (expert, replicas) in self.layers[&layer].iter().enumerate() {
+                if replicas.contains(&node) {
+                    held.push((layer, expert as u32));
+                }
+            }
+        }
+        held
+    }
+
+    /// Returns the placement as a placement file.
+    pub fn to_file(&self, config: &ModelConfig, model: Option<String>) -> PlacementFile {
+        let layers = self
+            .layers()
+            .into_iter()
+            .map(|layer| {
+                let names = |replicas: &Vec<usize>| {
+                    replicas
+                        .iter()
+                        .map(|&node| self.nodes[node].id.clone())
+                        .collect()
+                };
+                let experts = &self.layers[&layer];
+                LayerEntry {
+                    layer,
+                    experts: experts[..config.num_experts].iter().map(names).collect(),
+                    shared: experts
+                        .get(config.num_experts)
+                        .map(names)
+                        .unwrap_or_default(),
+                }
+            })
+            .collect();
+        PlacementFile {
+            model,
+            nodes: self.nodes.clone(),
+            layers,
+        }
+    }
+}
+
+/// Picks one of `replica_count` replicas of `expert` for a token, from the
+/// token's own values only: the choice spreads tokens over replicas yet
+/// never depends on what else is in the batch, so outputs stay
+/// bit-identical whatever a request is batched with.
+pub fn replica_for_token(token: &[f32], expert: u32, replica_count: usize) -> usize {
+    if replica_count <= 1 {
+        return 0;
+    }
+    // FNV-1a over the bits, finished with a splitmix64 mix.
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325 ^ u64::from(expert);
+    for value in token {
+        hash = (hash ^ u64::from(value.to_bits())).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash ^= hash >> 30;
+    hash = hash.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    hash ^= hash >> 27;
+    hash = hash.wrapping_mul(0x94d0_49bb_1331_11eb);
+    hash ^= hash >> 31;
+    (hash % replica_count as u64) as usize
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn qwen2() -> ModelConfig {
+        ModelConfig::from_json(
+            r#"{"model_type":"qwen2_moe","hidden_size":8,"num_hidden_layers":2,
+                "moe_intermediate_size":4,"shared_expert_intermediate_size":8,
+                "num_experts":3,"num_experts_per_tok":2}"#,
+        )
+        .unwrap()
+    }
+
+    fn nodes(count: usize) -> Vec<NodeEntry> {
+        (0..count)
+            .map(|index| NodeEntry {
+                id: format!("n{index}"),
+                address: format!("http://127.0.0.1:{}", 5000 + index),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn spread_places_every_expert_and_round_trips_through_toml() {
+        let config = qwen2();
+        let placement = Placement::spread(&config, nodes(3), 2).unwrap();
+        for layer in [0, 1] {
+            let replicas = placement.replicas(layer).unwrap();
+            assert_eq!(replicas.len(), 4);
+            assert!(
+                replicas
+                    .iter()
+                    .all(|owners| owners.len() == 2 && owners[0] != owners[1])
+            );
+        }
+        let held: usize = (0..3)
+            .map(|node| placement.experts_of(&format!("n{node}")).len())
+            .sum();
+        assert_eq!(held, 2 * 4 * 2);
+        let text = placement.to_file(&config, None).to_toml();
+        let parsed: PlacementFile = toml::from_str(&text).unwrap();
+        assert_eq!(Placement::from_file(&parsed, &config).unwrap(), placement);
+    }
+
+    #[test]
+    fn bad_placement_files_name_the_field() {
+        let config = qwen2();
+        let good = Placement::spread(&config, nodes(2), 1)
+            .unwrap()
+            .to_file(&config, None);
+        let error = |file: PlacementFile| {
+            Placement::from_file(&file, &config)
+                .unwrap_err()
+                .to_string()
+        };
+        let mut missing_shared = good.clone();
+        missing_shared.layers[0].shared.clear();
+        assert!(error(missing_shared).contains("layer 0: shared must list at least one node"));
+        let mut unknown_node = good.clone();
+        unknown_node.layers[1].experts[2] = vec!["n9".into()];
+        assert!(error(unknown_node).contains("layer 1, expert 2: unknown node \"n9\""));
+        let mut short = good.clone();
+        short.layers[0].experts.pop();
+        assert!(error(short).contains("experts lists 2 experts, the model has 3"));
+        let mut dense = good.clone();
+        dense.layers[0].layer = 7;
+        assert!(error(dense).contains("layer 7 is not an MoE layer"));
+        assert!(toml::from_str::<PlacementFile>("nodes = []\nlayers = []\nextra = 1").is_err());
+    }
+
+    #[test]
+    fn replica_choice_depends_on_the_token_and_spreads() {
+        let mut counts = [0usize; 3];
+        for token in 0..3000 {
+            let row = [token as f32, 0.5];
+            let replica = replica_for_token(&row, 4, 3);
+            assert_eq!(replica, replica_for_token(&row, 4, 3));
+            counts[replica] += 1;
+        }
+        assert!(counts.iter().all(|&count| count > 800), "{counts:?}");
+    }
+}

@@ -1,0 +1,223 @@
+//! The wire codec: `moemesh.v1.Tensor` to f32 rows and back.
+//!
+//! Activations travel as raw little-endian bytes in f32, bf16 or f16 with a
+//! shape; inside moemesh they are computed in f32.
+
+use bytes::Bytes;
+use half::{bf16, f16};
+use moemesh_proto::v1::{Dtype, Tensor};
+
+use crate::{CoreError, CoreResult};
+
+/// Element types an activation may have on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WireDtype {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl WireDtype {
+    /// Returns the size of one element in bytes.
+    pub fn size(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            Self::Bf16 | Self::F16 => 2,
+        }
+    }
+
+    /// Reads the dtype field of a wire tensor.
+    pub fn from_proto(raw: i32) -> CoreResult<Self> {
+        match Dtype::try_from(raw) {
+            Ok(Dtype::F32) => Ok(Self::F32),
+            Ok(Dtype::Bf16) => Ok(Self::Bf16),
+            Ok(Dtype::F16) => Ok(Self::F16),
+            Ok(Dtype::Unspecified) => Err(CoreError::InvalidTensor("dtype is unspecified".into())),
+            Err(_) => Err(CoreError::InvalidTensor(format!("unknown dtype {raw}"))),
+        }
+    }
+
+    /// Returns the wire enum value.
+    pub fn to_proto(self) -> Dtype {
+        match self {
+            Self::F32 => Dtype::F32,
+            Self::Bf16 => Dtype::Bf16,
+            Self::F16 => Dtype::F16,
+        }
+    }
+}
+
+/// A batch of activation rows decoded to f32, row-major `[rows, width]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rows {
+    pub rows: usize,
+    pub width: usize,
+    pub values: Vec<f32>,
+    /// The dtype the rows arrived in, so that replies can use it too.
+    pub wire_dtype: WireDtype,
+}
+
+/// Decodes a `[rows, width]` activation tensor, checking its shape, dtype,
+/// byte length and that every value is finite.
+pub fn decode_rows(tensor: Option<&Tensor>, width: usize) -> CoreResult<Rows> {
+    let tensor = tensor.ok_or_else(|| CoreError::InvalidTensor("tensor is missing".into()))?;
+    let wire_dtype = WireDtype::from_proto(tensor.dtype)?;
+    let [rows, actual_width] = tensor.shape[..] else {
+        return Err(CoreError::InvalidTensor(format!(
+            "expected a 2-d tensor [tokens, {width}], got shape {:?}",
+            tensor.shape
+        )));
+    };
+    if actual_width != width as u64 {
+        return Err(CoreError::InvalidTensor(format!(
+            "hidden size is {actual_width}, this model's is {width} (shape {:?})",
+            tensor.shape
+        )));
+    }
+    let expected_bytes = rows
+        .checked_mul(actual_width)
+        .and_then(|elements| elements.checked_mul(wire_dtype.size() as u64))
+        .ok_or_else(|| CoreError::InvalidTensor(format!("shape {:?} overflows", tensor.shape)))?;
+    if tensor.data.len() as u64 != expected_bytes {
+        return Err(CoreError::InvalidTensor(format!(
+            "shape {:?} in {wire_dtype:?} needs {expected_bytes} bytes, got {}",
+            tensor.shape,
+            tensor.data.len()
+        )));
+    }
+    let values = decode_values(&tensor.data, wire_dtype);
+    if let Some(position) = values.iter().position(|value| !value.is_finite()) {
+        return Err(CoreError::InvalidTensor(format!(
+            "value at token {}, column {} is {} (NaN and infinity are not accepted)",
+            position / width,
+            position % width,
+            values[position]
+        )));
+    }
+    Ok(Rows {
+        rows: rows as usize,
+        width,
+        values,
+        wire_dtype,
+    })
+}
+
+fn decode_values(data: &[u8], dtype: WireDtype) -> Vec<f32> {
+    match dtype {
+        WireDtype::F32 => data
+            .chunks_exact(4)
+            .map(|bytes| f32::from_le_bytes(bytes.try_into().expect("chunk of 4")))
+            .collect(),
+        WireDtype::Bf16 => data
+            .chunks_exact(2)
+            .map(|bytes| bf16::from_le_bytes([bytes[0], bytes[1]]).to_f32())
+            .collect(),
+        WireDtype::F16 => data
+            .chunks_exact(2)
+            .map(|bytes| f16::from_le_bytes([bytes[0], bytes[1]]).to_f32())
+            .collect(),
+    }
+}
+
+/// Encodes f32 values as a wire tensor of the given shape and dtype
+/// (rounding to nearest even for bf16 and f16).
+pub fn encode(values: &[f32], shape: &[usize], dtype: WireDtype) -> Tensor {
+    debug_assert_eq!(values.len(), shape.iter().product::<usize>());
+    let mut data = Vec::with_capacity(values.len() * dtype.size());
+    match dtype {
+        WireDtype::F32 => values
+            .iter()
+            .for_each(|value| data.extend_from_slice(&value.to_le_bytes())),
+        WireDtype::Bf16 => values
+            .iter()
+            .for_each(|value| data.extend_from_slice(&bf16::from_f32(*value).to_le_bytes())),
+        WireDtype::F16 => values
+            .iter()
+            .for_each(|value| data.extend_from_slice(&f16::from_f32(*value).to_le_bytes())),
+    }
+    Tensor {
+        dtype: dtype.to_proto() as i32,
+        shape: shape.iter().map(|&dim| dim as u64).collect(),
+        data: Bytes::from(data),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #[test]
+        fn f32_round_trips_exactly(values in proptest::collection::vec(-1e30f32..1e30, 0..64)) {
+            let rows = values.len() / 4;
+            let values = &values[..rows * 4];
+            let tensor = encode(values, &[rows, 4], WireDtype::F32);
+            let decoded = decode_rows(Some(&tensor), 4).unwrap();
+            prop_assert_eq!(decoded.values, values.to_vec());
+            prop_assert_eq!(decoded.rows, rows);
+        }
+
+        #[test]
+        fn half_types_round_within_their_precision(values in proptest::collection::vec(-100f32..100.0, 8)) {
+            for (dtype, tolerance) in [(WireDtype::Bf16, 1.0 / 128.0), (WireDtype::F16, 1.0 / 1024.0)] {
+                let decoded = decode_rows(Some(&encode(&values, &[2, 4], dtype)), 4).unwrap();
+                for (got, want) in decoded.values.iter().zip(&values) {
+                    prop_assert!((got - want).abs() <= tolerance * want.abs().max(1e-3));
+                }
+            }
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..64),
+                                       dtype in 0i32..5, shape in proptest::collection::vec(0u64..1 << 40, 0..4)) {
+            let tensor = Tensor { dtype, shape, data: Bytes::from(data) };
+            let _ = decode_rows(Some(&tensor), 4);
+        }
+    }
+
+    #[test]
+    fn bad_tensors_name_the_problem() {
+        let good = encode(&[0.0; 8], &[2, 4], WireDtype::F32);
+        let error =
+            |tensor: Tensor, width| decode_rows(Some(&tensor), width).unwrap_err().to_string();
+        assert!(error(good.clone(), 5).contains("hidden size is 4, this model's is 5"));
+        let short = Tensor {
+            data: good.data.slice(..31),
+            ..good.clone()
+        };
+        assert!(error(short, 4).contains("needs 32 bytes, got 31"));
+        let flat = Tensor {
+            shape: vec![8],
+            ..good.clone()
+        };
+        assert!(error(flat, 4).contains("2-d"));
+        let unspecified = Tensor {
+            dtype: 0,
+            ..good.clone()
+        };
+        assert!(error(unspecified, 4).contains("unspecified"));
+        let nan = encode(
+            &[0.0, 0.0, 0.0, 0.0, 0.0, f32::NAN, 0.0, 0.0],
+            &[2, 4],
+            WireDtype::F32,
+        );
+        assert!(error(nan, 4).contains("token 1, column 1 is NaN"));
+        let infinite = encode(&[f32::INFINITY, 0.0, 0.0, 0.0], &[1, 4], WireDtype::F32);
+        assert!(error(infinite, 4).contains("inf"));
+        assert!(
+            decode_rows(None, 4)
+                .unwrap_err()
+                .to_string()
+                .contains("missing")
+        );
+    }
+
+    #[test]
+    fn empty_batch_decodes_to_no_rows() {
+        let rows = decode_rows(Some(&encode(&[], &[0, 4], WireDtype::Bf16)), 4).unwrap();
+        assert_eq!(rows.rows, 0);
+        assert!(rows.values.is_empty());
+    }
+}
