@@ -1,0 +1,137 @@
+//! moemesh-client: the Rust SDK for moemesh routers, and `moectl`.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), moemesh_client::ClientError> {
+//! let mut client = moemesh_client::Client::connect("http://127.0.0.1:50051").await?;
+//! let hidden = vec![0.5f32; 2 * 4096]; // two tokens of a hidden size 4096 model
+//! let output = client.forward_f32("", 1, &hidden, 4096).await?;
+//! assert_eq!(output.len(), hidden.len());
+//! # Ok(()) }
+//! ```
+
+pub mod npy;
+
+use moemesh_core::tensor::{WireDtype, decode_rows, encode};
+use moemesh_proto::v1::{ForwardRequest, Tensor};
+use moemesh_proto::{MAX_MESSAGE_BYTES, RouterServiceClient};
+use tonic::Code;
+use tonic::transport::{Channel, Endpoint};
+
+/// Errors the SDK returns.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The router address is not a valid URL, or the router cannot be reached.
+    #[error("cannot connect to {address}: {message}")]
+    Connect { address: String, message: String },
+    /// The request was refused as malformed: wrong shape, dtype, values, model or layer.
+    #[error("invalid request: {0}")]
+    InvalidArgument(String),
+    /// The cluster is overloaded; retry later.
+    #[error("overloaded: {0}")]
+    Overloaded(String),
+    /// A node needed for the request is unavailable.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// Any other failure the router reported.
+    #[error("{code:?}: {message}")]
+    Other { code: Code, message: String },
+    /// The router replied with something that is not a valid tensor.
+    #[error("bad reply from router: {0}")]
+    BadReply(String),
+}
+
+impl From<tonic::Status> for ClientError {
+    fn from(status: tonic::Status) -> Self {
+        let message = status.message().to_string();
+        match status.code() {
+            Code::InvalidArgument => Self::InvalidArgument(message),
+            Code::ResourceExhausted => Self::Overloaded(message),
+            Code::Unavailable => Self::Unavailable(message),
+            code => Self::Other { code, message },
+        }
+    }
+}
+
+/// A connection to one moemesh router.
+#[derive(Clone)]
+pub struct Client {
+    router: RouterServiceClient<Channel>,
+}
+
+impl Client {
+    /// Connects to a router, for example `http://127.0.0.1:50051`.
+    pub async fn connect(address: impl Into<String>) -> Result<Self, ClientError> {
+        let address = address.into();
+        let connect_error = |message: String| ClientError::Connect {
+            address: address.clone(),
+            message,
+        };
+        let endpoint = Endpoint::from_shared(address.clone())
+            .map_err(|error| connect_error(error.to_string()))?
+            .tcp_nodelay(true)
+            .http2_adaptive_window(true);
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|error| connect_error(format!("{error:?}")))?;
+        let router = RouterServiceClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        Ok(Self { router })
+    }
+
+    /// Computes MoE layer `layer` of `model` (empty: the router's only
+    /// model) for `hidden`, a `[tokens, hidden_size]` tensor; the output
+    /// has the same shape and dtype.
+    pub async fn forward(
+        &mut self,
+        model: &str,
+        layer: u32,
+        hidden: Tensor,
+    ) -> Result<Tensor, ClientError> {
+        let request = ForwardRequest {
+            model: model.to_string(),
+            layer,
+            hidden: Some(hidden),
+        };
+        let response = self.router.forward(request).await?;
+        response
+            .into_inner()
+            .output
+            .ok_or_else(|| ClientError::BadReply("reply has no output tensor".into()))
+    }
+
+    /// Like [`Client::forward`] for f32 rows: `hidden` is `[tokens,
+    /// hidden_size]` row-major, and so is the result.
+    pub async fn forward_f32(
+        &mut self,
+        model: &str,
+        layer: u32,
+        hidden: &[f32],
+        hidden_size: usize,
+    ) -> Result<Vec<f32>, ClientError> {
+        if hidden_size == 0 || hidden.len() % hidden_size != 0 {
+            return Err(ClientError::InvalidArgument(format!(
+                "{} values do not form rows of hidden size {hidden_size}",
+                hidden.len()
+            )));
+        }
+        let tokens = hidden.len() / hidden_size;
+        let output = self
+            .forward(
+                model,
+                layer,
+                encode(hidden, &[tokens, hidden_size], WireDtype::F32),
+            )
+            .await?;
+        let rows = decode_rows(Some(&output), hidden_size)
+            .map_err(|error| ClientError::BadReply(error.to_string()))?;
+        if rows.rows != tokens {
+            return Err(ClientError::BadReply(format!(
+                "{} output rows for {tokens} tokens",
+                rows.rows
+            )));
+        }
+        Ok(rows.values)
+    }
+}

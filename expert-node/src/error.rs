@@ -1,0 +1,39 @@
+use moemesh_core::CoreError;
+
+/// Errors of an expert node; each maps to one gRPC status code.
+#[derive(Debug, thiserror::Error)]
+pub enum ExpertNodeError {
+    /// The request is malformed or names something this node does not hold.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The work queue is full; the caller should try another replica.
+    #[error("expert node overloaded: {0}")]
+    Overloaded(String),
+    /// The checkpoint or config could not be loaded.
+    #[error(transparent)]
+    Core(#[from] CoreError),
+    /// The node is shutting down or its worker stopped.
+    #[error("expert node unavailable: {0}")]
+    Unavailable(String),
+    /// A bug or a failure of the runtime.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// Result alias of the expert node.
+pub type ExpertNodeResult<T> = Result<T, ExpertNodeError>;
+
+impl From<ExpertNodeError> for tonic::Status {
+    fn from(error: ExpertNodeError) -> Self {
+        let message = error.to_string();
+        match error {
+            ExpertNodeError::InvalidArgument(_) => Self::invalid_argument(message),
+            ExpertNodeError::Overloaded(_) => Self::resource_exhausted(message),
+            ExpertNodeError::Core(CoreError::InvalidTensor(_) | CoreError::NotFound(_)) => {
+                Self::invalid_argument(message)
+            }
+            ExpertNodeError::Core(_) | ExpertNodeError::Internal(_) => Self::internal(message),
+            ExpertNodeError::Unavailable(_) => Self::unavailable(message),
+        }
+    }
+}

@@ -1,0 +1,90 @@
+//! moemesh-expert-node: an expert node keeps the experts it is assigned
+//! resident on a compute backend and runs its share of each forward.
+//!
+//! - [`worker`]: the [`worker::DeviceWorker`] that owns the resident
+//!   experts and computes queued work on its own thread.
+//! - [`service`]: the `ExpertService` gRPC handlers, which validate
+//!   requests and hand them to the worker.
+//! - [`run`]: serves a node on a listener until shutdown.
+
+mod error;
+pub mod service;
+pub mod worker;
+
+use std::future::Future;
+use std::path::PathBuf;
+
+use moemesh_core::backend::CpuBackend;
+use moemesh_core::checkpoint::Checkpoint;
+use moemesh_proto::{ExpertServiceServer, MAX_MESSAGE_BYTES};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+pub use error::{ExpertNodeError, ExpertNodeResult};
+pub use service::ExpertNodeService;
+
+/// What an expert node serves and how.
+#[derive(Debug, Clone)]
+pub struct ExpertNodeConfig {
+    /// The Hugging Face model directory.
+    pub model_dir: PathBuf,
+    /// The model id requests use; empty requests match any.
+    pub model_id: String,
+    /// (layer, expert) pairs to hold; the shared expert is `num_experts`.
+    pub experts: Vec<(usize, u32)>,
+    /// Compute threads (0: one per core).
+    pub threads: usize,
+    /// Requests that may wait for the worker before new ones are refused.
+    pub queue_capacity: usize,
+}
+
+/// Loads the node's experts, then serves `ExpertService` (and gRPC health)
+/// on `listener` until `shutdown` completes; in-flight calls finish first.
+pub async fn run(
+    config: ExpertNodeConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> ExpertNodeResult<()> {
+    let service = load(config).await?;
+    serve(service, listener, shutdown).await
+}
+
+/// Loads the experts of `config` onto a CPU backend, off the async runtime.
+pub async fn load(config: ExpertNodeConfig) -> ExpertNodeResult<ExpertNodeService> {
+    tokio::task::spawn_blocking(move || {
+        let checkpoint = Checkpoint::open(&config.model_dir)?;
+        let backend = CpuBackend::new(config.threads)?;
+        ExpertNodeService::load(&checkpoint, &backend, &config)
+    })
+    .await
+    .map_err(|error| ExpertNodeError::Internal(format!("expert loading panicked: {error}")))?
+}
+
+/// Serves an already loaded node on `listener` until `shutdown` completes.
+pub async fn serve(
+    service: ExpertNodeService,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> ExpertNodeResult<()> {
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<ExpertServiceServer<ExpertNodeService>>()
+        .await;
+    let server = ExpertServiceServer::new(service)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let shutdown = async move {
+        shutdown.await;
+        health_reporter
+            .set_not_serving::<ExpertServiceServer<ExpertNodeService>>()
+            .await;
+        tracing::info!("expert node shutting down");
+    };
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(health_service)
+        .add_service(server)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+        .map_err(|error| ExpertNodeError::Internal(format!("server failed: {error}")))
+}

@@ -1,0 +1,143 @@
+//! The device worker: the one owner of the experts resident on a device.
+//!
+//! Work arrives through a bounded queue; a full queue is refused at once
+//! (the router then tries another replica) so memory never grows with load.
+//! The worker runs on its own OS thread, never on the async runtime, and
+//! drops work whose caller has already gone.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use moemesh_core::backend::Expert;
+use moemesh_core::layer::{ExpertWork, run_experts};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{ExpertNodeError, ExpertNodeResult};
+
+/// One expert's rows within a [`ComputeJob`].
+#[derive(Debug)]
+pub struct ExpertAssignment {
+    pub expert: u32,
+    pub rows: Vec<u32>,
+    pub weights: Vec<f32>,
+}
+
+/// This node's share of one layer's forward, already validated.
+#[derive(Debug)]
+pub struct ComputeJob {
+    pub layer: usize,
+    /// `[rows, hidden]`.
+    pub input: Vec<f32>,
+    /// By ascending expert id.
+    pub assignments: Vec<ExpertAssignment>,
+}
+
+struct QueuedJob {
+    job: ComputeJob,
+    /// The handler awaiting the combined rows.
+    reply_tx: oneshot::Sender<Vec<f32>>,
+}
+
+/// Per-expert counters the worker writes and `Info` reads.
+#[derive(Debug, Default)]
+pub struct WorkerStats {
+    /// Tokens processed, keyed like the worker's experts.
+    pub tokens: HashMap<(usize, u32), AtomicU64>,
+    /// Jobs dropped because their caller went away before they ran.
+    pub cancelled_jobs: AtomicU64,
+}
+
+/// Cloneable handle to a running [`DeviceWorker`].
+#[derive(Clone)]
+pub struct DeviceWorkerHandle {
+    job_tx: mpsc::Sender<QueuedJob>,
+    stats: Arc<WorkerStats>,
+}
+
+/// Owns the resident experts and computes queued jobs in order.
+pub struct DeviceWorker {
+    experts: HashMap<(usize, u32), Arc<dyn Expert>>,
+    hidden_size: usize,
+    stats: Arc<WorkerStats>,
+}
+
+impl DeviceWorker {
+    /// Starts the worker thread; it exits when every handle is dropped.
+    pub fn spawn(
+        experts: HashMap<(usize, u32), Arc<dyn Expert>>,
+        hidden_size: usize,
+        queue_capacity: usize,
+    ) -> DeviceWorkerHandle {
+        let stats = Arc::new(WorkerStats {
+            tokens: experts
+                .keys()
+                .map(|&key| (key, AtomicU64::new(0)))
+                .collect(),
+            cancelled_jobs: AtomicU64::new(0),
+        });
+        let worker = Self {
+            experts,
+            hidden_size,
+            stats: Arc::clone(&stats),
+        };
+        let (job_tx, job_rx) = mpsc::channel(queue_capacity.max(1));
+        std::thread::Builder::new()
+            .name("moemesh-device-worker".into())
+            .spawn(move || worker.run(job_rx))
+            .expect("the OS can start the device worker thread");
+        DeviceWorkerHandle { job_tx, stats }
+    }
+
+    fn run(self, mut job_rx: mpsc::Receiver<QueuedJob>) {
+        while let Some(QueuedJob { job, reply_tx }) = job_rx.blocking_recv() {
+            if reply_tx.is_closed() {
+                self.stats.cancelled_jobs.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            // A send error means the caller left while we computed: nothing to do.
+            let _ = reply_tx.send(self.compute(&job));
+        }
+    }
+
+    /// Runs every assigned expert and combines per row.
+    pub fn compute(&self, job: &ComputeJob) -> Vec<f32> {
+        let work = job.assignments.iter().map(|assignment| {
+            let key = (job.layer, assignment.expert);
+            self.stats.tokens[&key].fetch_add(assignment.rows.len() as u64, Ordering::Relaxed);
+            ExpertWork {
+                expert: self.experts[&key].as_ref(),
+                rows: &assignment.rows,
+                weights: &assignment.weights,
+            }
+        });
+        run_experts(&job.input, self.hidden_size, work)
+    }
+}
+
+impl DeviceWorkerHandle {
+    /// Queues a job and waits for its result; refuses at once when the
+    /// queue is full.
+    pub async fn compute(&self, job: ComputeJob) -> ExpertNodeResult<Vec<f32>> {
+        let (reply_tx, reply_rx) = oneshot::channel();
+        self.job_tx
+            .try_send(QueuedJob { job, reply_tx })
+            .map_err(|error| match error {
+                mpsc::error::TrySendError::Full(_) => ExpertNodeError::Overloaded(format!(
+                    "work queue full ({} jobs waiting)",
+                    self.job_tx.max_capacity()
+                )),
+                mpsc::error::TrySendError::Closed(_) => {
+                    ExpertNodeError::Unavailable("device worker stopped".into())
+                }
+            })?;
+        reply_rx
+            .await
+            .map_err(|_| ExpertNodeError::Unavailable("device worker stopped".into()))
+    }
+
+    /// Returns the worker's counters.
+    pub fn stats(&self) -> &WorkerStats {
+        &self.stats
+    }
+}

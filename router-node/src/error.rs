@@ -1,0 +1,39 @@
+use moemesh_core::CoreError;
+
+/// Errors of a router node; each maps to one gRPC status code.
+#[derive(Debug, thiserror::Error)]
+pub enum RouterError {
+    /// The request is malformed or names an unknown model or layer.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// An expert node needed for the request could not be reached.
+    #[error("{0}")]
+    Unavailable(String),
+    /// An expert node refused the work because its queue was full.
+    #[error("{0}")]
+    Overloaded(String),
+    /// The checkpoint, config or placement could not be loaded.
+    #[error(transparent)]
+    Core(#[from] CoreError),
+    /// A bug or a failure of the runtime, or an expert node misbehaving.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// Result alias of the router node.
+pub type RouterResult<T> = Result<T, RouterError>;
+
+impl From<RouterError> for tonic::Status {
+    fn from(error: RouterError) -> Self {
+        let message = error.to_string();
+        match error {
+            RouterError::InvalidArgument(_)
+            | RouterError::Core(CoreError::InvalidTensor(_) | CoreError::NotFound(_)) => {
+                Self::invalid_argument(message)
+            }
+            RouterError::Unavailable(_) => Self::unavailable(message),
+            RouterError::Overloaded(_) => Self::resource_exhausted(message),
+            RouterError::Core(_) | RouterError::Internal(_) => Self::internal(message),
+        }
+    }
+}

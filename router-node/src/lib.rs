@@ -1,0 +1,67 @@
+//! moemesh-router-node: serves `RouterService`. A router holds the gate
+//! weights of the layers it serves, routes each token, sends every expert
+//! node the rows it needs (one RPC per node, all in parallel) and sums the
+//! partial rows the nodes return.
+//!
+//! - [`dispatch`]: splitting a routed batch per node and combining.
+//! - [`service`]: the gRPC handlers and the expert node pool.
+//! - [`run`]: serves a router on a listener until shutdown.
+
+pub mod dispatch;
+mod error;
+pub mod service;
+
+use std::future::Future;
+use std::path::PathBuf;
+
+use moemesh_core::placement::PlacementFile;
+use moemesh_proto::{MAX_MESSAGE_BYTES, RouterServiceServer};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+pub use error::{RouterError, RouterResult};
+pub use service::RouterNodeService;
+
+/// What a router serves.
+#[derive(Debug, Clone)]
+pub struct RouterConfig {
+    /// The Hugging Face model directory (only gate weights are read).
+    pub model_dir: PathBuf,
+    /// The model id clients use; an empty id in a request also selects it.
+    pub model_id: String,
+    /// Expert nodes and which experts each holds.
+    pub placement: PlacementFile,
+}
+
+/// Loads the gates, then serves `RouterService` (and gRPC health) on
+/// `listener` until `shutdown` completes; in-flight calls finish first.
+pub async fn run(
+    config: RouterConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> RouterResult<()> {
+    let service = tokio::task::spawn_blocking(move || RouterNodeService::load(&config))
+        .await
+        .map_err(|error| RouterError::Internal(format!("gate loading panicked: {error}")))??;
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<RouterServiceServer<RouterNodeService>>()
+        .await;
+    let server = RouterServiceServer::new(service)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let shutdown = async move {
+        shutdown.await;
+        health_reporter
+            .set_not_serving::<RouterServiceServer<RouterNodeService>>()
+            .await;
+        tracing::info!("router shutting down");
+    };
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(health_service)
+        .add_service(server)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+        .map_err(|error| RouterError::Internal(format!("server failed: {error}")))
+}
