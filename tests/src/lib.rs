@@ -1,0 +1,255 @@
+//! Test helpers for whole moemesh clusters.
+//!
+//! [`ClusterSandbox`] starts expert nodes and a router in this process,
+//! each a real gRPC server on `127.0.0.1:0`, and stops them on
+//! [`ClusterSandbox::shutdown`]. [`Fixture`] opens the golden checkpoints
+//! under `tests/fixtures`, made by `make_fixtures.py` with transformers.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use moemesh_client::Client;
+use moemesh_core::checkpoint::Checkpoint;
+use moemesh_core::placement::{NodeEntry, Placement, PlacementFile};
+use moemesh_expert_node::ExpertNodeConfig;
+use moemesh_router_node::RouterConfig;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+/// Returns the directory of a committed fixture, for example `mixtral`.
+pub fn fixture_dir(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name)
+}
+
+/// Every golden fixture: (directory name, what it covers).
+pub const FIXTURES: [&str; 5] = [
+    "mixtral",
+    "mixtral_bf16_sharded",
+    "qwen2_moe",
+    "qwen3_moe_f16",
+    "deepseek_v3",
+];
+
+/// A golden case: a checkpoint and, per MoE layer, transformers' input and output.
+pub struct Fixture {
+    pub dir: PathBuf,
+    pub checkpoint: Checkpoint,
+    /// Layer to (input, expected output), both `[tokens, hidden]`.
+    pub cases: HashMap<usize, (Vec<f32>, Vec<f32>)>,
+}
+
+impl Fixture {
+    /// Opens fixture `name`.
+    pub fn open(name: &str) -> Self {
+        let dir = fixture_dir(name);
+        let checkpoint =
+            Checkpoint::open(&dir).unwrap_or_else(|error| panic!("fixture {name}: {error}"));
+        let bytes = std::fs::read(dir.join("expected.safetensors"))
+            .expect("fixture has expected.safetensors");
+        let expected =
+            safetensors::SafeTensors::deserialize(&bytes).expect("expected.safetensors parses");
+        let read = |tensor: &str| -> Vec<f32> {
+            let view = expected
+                .tensor(tensor)
+                .unwrap_or_else(|_| panic!("{name}: {tensor} missing"));
+            assert_eq!(view.dtype(), safetensors::Dtype::F32);
+            view.data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect()
+        };
+        let mut cases = HashMap::new();
+        for layer in checkpoint.config().moe_layers() {
+            cases.insert(
+                layer,
+                (
+                    read(&format!("layer{layer}.input")),
+                    read(&format!("layer{layer}.output")),
+                ),
+            );
+        }
+        Self {
+            dir,
+            checkpoint,
+            cases,
+        }
+    }
+
+    /// Returns the hidden size.
+    pub fn hidden_size(&self) -> usize {
+        self.checkpoint.config().hidden_size
+    }
+}
+
+/// Returns ‖got − want‖ / ‖want‖ in f64.
+pub fn relative_l2(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len(), "lengths differ");
+    let diff: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(g, w)| (*g as f64 - *w as f64).powi(2))
+        .sum();
+    let norm: f64 = want.iter().map(|w| (*w as f64).powi(2)).sum();
+    (diff / norm).sqrt()
+}
+
+/// An in-process cluster: expert nodes and one router on 127.0.0.1.
+pub struct ClusterSandbox {
+    pub router_url: String,
+    pub placement: Placement,
+    shutdown_tx: watch::Sender<bool>,
+    servers: JoinSet<Result<(), String>>,
+}
+
+async fn bind() -> (TcpListener, String) {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind 127.0.0.1:0");
+    let url = format!("http://{}", listener.local_addr().expect("bound address"));
+    (listener, url)
+}
+
+impl ClusterSandbox {
+    /// Starts `nodes` expert nodes holding the placement that `place`
+    /// builds from the node list, and a router over them.
+    pub async fn start(
+        model_dir: &Path,
+        nodes: usize,
+        place: impl FnOnce(Vec<NodeEntry>) -> PlacementFile,
+    ) -> Self {
+        let config = Checkpoint::open(model_dir)
+            .expect("model opens")
+            .config()
+            .clone();
+        let mut listeners = Vec::new();
+        let mut entries = Vec::new();
+        for index in 0..nodes {
+            let (listener, address) = bind().await;
+            listeners.push(listener);
+            entries.push(NodeEntry {
+                id: format!("expert-{index}"),
+                address,
+            });
+        }
+        let placement_file = place(entries.clone());
+        let placement = Placement::from_file(&placement_file, &config).expect("placement is valid");
+        let (shutdown_tx, _) = watch::channel(false);
+        let mut servers = JoinSet::new();
+        for (listener, entry) in listeners.into_iter().zip(&entries) {
+            let node_config = ExpertNodeConfig {
+                model_dir: model_dir.to_path_buf(),
+                model_id: "test-model".into(),
+                experts: placement.experts_of(&entry.id),
+                threads: 1,
+                queue_capacity: 64,
+            };
+            let service = moemesh_expert_node::load(node_config)
+                .await
+                .expect("expert node loads");
+            let shutdown = wait_for_shutdown(shutdown_tx.subscribe());
+            servers.spawn(async move {
+                moemesh_expert_node::serve(service, listener, shutdown)
+                    .await
+                    .map_err(|error| error.to_string())
+            });
+        }
+        let (listener, router_url) = bind().await;
+        let router_config = RouterConfig {
+            model_dir: model_dir.to_path_buf(),
+            model_id: "test-model".into(),
+            placement: placement_file,
+        };
+        let shutdown = wait_for_shutdown(shutdown_tx.subscribe());
+        servers.spawn(async move {
+            moemesh_router_node::run(router_config, listener, shutdown)
+                .await
+                .map_err(|error| error.to_string())
+        });
+        Self {
+            router_url,
+            placement,
+            shutdown_tx,
+            servers,
+        }
+    }
+
+    /// Starts a cluster with every expert spread round-robin over `nodes`
+    /// nodes, each `replicas` times.
+    pub async fn spread(model_dir: &Path, nodes: usize, replicas: usize) -> Self {
+        let config = Checkpoint::open(model_dir)
+            .expect("model opens")
+            .config()
+            .clone();
+        Self::start(model_dir, nodes, |entries| {
+            Placement::spread(&config, entries, replicas)
+                .expect("spread placement")
+                .to_file(&config, None)
+        })
+        .await
+    }
+
+    /// Connects a client to the router, retrying while it loads its gates.
+    pub async fn client(&self) -> Client {
+        for _ in 0..200 {
+            if let Ok(client) = Client::connect(self.router_url.clone()).await {
+                return client;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+        panic!("router at {} never accepted a connection", self.router_url);
+    }
+
+    /// Stops every server and checks that each exited cleanly.
+    pub async fn shutdown(mut self) {
+        self.shutdown_tx.send_replace(true);
+        while let Some(result) = self.servers.join_next().await {
+            result
+                .expect("server task panicked")
+                .expect("server exited with an error");
+        }
+    }
+}
+
+async fn wait_for_shutdown(mut shutdown_rx: watch::Receiver<bool>) {
+    // An error means the sandbox was dropped: shut down as well.
+    let _ = shutdown_rx.wait_for(|stop| *stop).await;
+}
+
+/// Builds a placement that spreads experts one per node round-robin and
+/// adds a second replica, on the next node, to every even-numbered expert.
+pub fn partly_replicated(model_dir: &Path) -> impl FnOnce(Vec<NodeEntry>) -> PlacementFile {
+    let config = Checkpoint::open(model_dir)
+        .expect("model opens")
+        .config()
+        .clone();
+    move |nodes| {
+        let node_count = nodes.len();
+        let mut file = Placement::spread(&config, nodes.clone(), 1)
+            .expect("spread")
+            .to_file(&config, None);
+        let next_node = |owner: &str| {
+            let index = nodes
+                .iter()
+                .position(|node| node.id == owner)
+                .expect("known node");
+            nodes[(index + 1) % node_count].id.clone()
+        };
+        for layer in &mut file.layers {
+            for (expert, replicas) in layer.experts.iter_mut().enumerate() {
+                if expert % 2 == 0 && node_count > 1 {
+                    let extra = next_node(&replicas[0]);
+                    replicas.push(extra);
+                }
+            }
+            if let Some(owner) = layer.shared.first().cloned()
+                && node_count > 1
+            {
+                layer.shared.push(next_node(&owner));
+            }
+        }
+        file
+    }
+}

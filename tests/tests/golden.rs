@@ -1,0 +1,72 @@
+//! Golden tests: moemesh against the transformers modules, in process and
+//! through a cluster, on every committed fixture.
+
+use moemesh_core::backend::CpuBackend;
+use moemesh_core::layer::MoeLayer;
+use moemesh_tests::{ClusterSandbox, FIXTURES, Fixture, partly_replicated, relative_l2};
+
+#[test]
+fn in_process_layers_match_transformers() {
+    let backend = CpuBackend::new(2).unwrap();
+    for name in FIXTURES {
+        let fixture = Fixture::open(name);
+        assert!(!fixture.cases.is_empty(), "{name} has no MoE layer");
+        for (&layer, (input, expected)) in &fixture.cases {
+            let moe = MoeLayer::load(&fixture.checkpoint, layer, &backend).unwrap();
+            let tokens = input.len() / fixture.hidden_size();
+            let output = moe.forward(input, tokens);
+            let error = relative_l2(&output, expected);
+            println!("{name} layer {layer}: relative L2 error {error:.2e}");
+            assert!(
+                error < 1e-5,
+                "{name} layer {layer}: relative L2 error {error:e}"
+            );
+        }
+    }
+}
+
+#[test]
+fn dense_layers_are_not_moe_layers() {
+    for (name, dense_layer) in [("qwen2_moe", 0), ("deepseek_v3", 0)] {
+        let fixture = Fixture::open(name);
+        assert!(!fixture.checkpoint.config().is_moe_layer(dense_layer));
+        let error = MoeLayer::load(
+            &fixture.checkpoint,
+            dense_layer,
+            &CpuBackend::new(1).unwrap(),
+        )
+        .err()
+        .unwrap();
+        assert!(error.to_string().contains("not an MoE layer"), "{error}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_matches_transformers_and_the_in_process_layer() {
+    let backend = CpuBackend::new(1).unwrap();
+    for name in FIXTURES {
+        let fixture = Fixture::open(name);
+        let cluster = ClusterSandbox::start(&fixture.dir, 3, partly_replicated(&fixture.dir)).await;
+        let mut client = cluster.client().await;
+        for (&layer, (input, expected)) in &fixture.cases {
+            let output = client
+                .forward_f32("", layer as u32, input, fixture.hidden_size())
+                .await
+                .unwrap();
+            let error = relative_l2(&output, expected);
+            assert!(
+                error < 1e-5,
+                "{name} layer {layer} through the cluster: relative L2 error {error:e}"
+            );
+            let in_process = MoeLayer::load(&fixture.checkpoint, layer, &backend)
+                .unwrap()
+                .forward(input, input.len() / fixture.hidden_size());
+            let error = relative_l2(&output, &in_process);
+            assert!(
+                error < 1e-6,
+                "{name} layer {layer}: cluster vs in process, relative L2 error {error:e}"
+            );
+        }
+        cluster.shutdown().await;
+    }
+}
