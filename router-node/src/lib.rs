@@ -40,9 +40,22 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> RouterResult<()> {
-    let service = tokio::task::spawn_blocking(move || RouterNodeService::load(&config))
+    serve(load(config).await?, listener, shutdown).await
+}
+
+/// Loads the gates and opens channels to the expert nodes, off the async runtime.
+pub async fn load(config: RouterConfig) -> RouterResult<RouterNodeService> {
+    tokio::task::spawn_blocking(move || RouterNodeService::load(&config))
         .await
-        .map_err(|error| RouterError::Internal(format!("gate loading panicked: {error}")))??;
+        .map_err(|error| RouterError::Internal(format!("gate loading panicked: {error}")))?
+}
+
+/// Serves an already loaded router on `listener` until `shutdown` completes.
+pub async fn serve(
+    service: RouterNodeService,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> RouterResult<()> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<RouterServiceServer<RouterNodeService>>()

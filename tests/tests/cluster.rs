@@ -18,7 +18,12 @@ fn random_rows(rng: &mut impl Rng, tokens: usize, hidden: usize) -> Vec<f32> {
 
 /// Builds a batch of `others` random tokens with the rows of `victim`
 /// inserted together at a random token position.
-fn batch_around(rng: &mut impl Rng, victim: &[f32], hidden: usize, others: usize) -> (Vec<f32>, usize) {
+fn batch_around(
+    rng: &mut impl Rng,
+    victim: &[f32],
+    hidden: usize,
+    others: usize,
+) -> (Vec<f32>, usize) {
     let position = rng.random_range(0..=others);
     let mut batch = random_rows(rng, others, hidden);
     batch.splice(position * hidden..position * hidden, victim.iter().copied());

@@ -1,0 +1,249 @@
+//! `moemesh up`: a real local cluster, one process per node on 127.0.0.1.
+//!
+//! Expert nodes start first on free ports; once each prints its address, a
+//! placement file is written with those addresses and the router starts on
+//! it. Children exit when their standard input closes, so they never
+//! outlive this process, and shutdown is graceful: close stdin, wait, and
+//! only kill what has not exited after a grace period.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use moemesh_core::checkpoint::Checkpoint;
+use moemesh_core::config::ModelConfig;
+use moemesh_core::placement::{NodeEntry, Placement};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, ChildStdin, Command};
+
+use crate::expert_spec::format_expert_specs;
+use crate::roles::{READY_LINE_PREFIX, default_model_id};
+
+#[derive(clap::Args, Clone)]
+pub struct UpArgs {
+    /// Hugging Face model directory (config.json and safetensors weights).
+    #[arg(long, env = "MOEMESH_MODEL")]
+    pub model: PathBuf,
+    /// Number of expert node processes; experts are spread over them round-robin.
+    #[arg(long, default_value_t = 2)]
+    pub expert_nodes: usize,
+    /// Replicas of every expert, on distinct nodes (capped at --expert-nodes).
+    #[arg(long, default_value_t = 1)]
+    pub replicas: usize,
+    /// Address of the router; port 0 picks a free port.
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    pub router_addr: String,
+    /// Compute threads per expert node; 0 divides the cores among the nodes.
+    #[arg(long, default_value_t = 0)]
+    pub threads_per_node: usize,
+    /// Model id clients use; defaults to the directory name.
+    #[arg(long)]
+    pub model_id: Option<String>,
+}
+
+/// One child process and the pipe whose closing tells it to exit.
+struct NodeProcess {
+    role: &'static str,
+    url: String,
+    child: Child,
+    /// Dropped to ask the child to shut down.
+    stdin: Option<ChildStdin>,
+}
+
+/// A running local cluster.
+pub struct LocalCluster {
+    pub router_url: String,
+    pub model_id: String,
+    pub config: ModelConfig,
+    pub placement: Placement,
+    /// Holds the placement file the router reads.
+    _workdir: tempfile::TempDir,
+    processes: Vec<NodeProcess>,
+}
+
+/// How long a node may take to load its weights and start serving.
+const START_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long nodes get to finish in-flight work after being asked to stop.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+async fn spawn_node(role: &'static str, args: &[String]) -> anyhow::Result<NodeProcess> {
+    let executable = std::env::current_exe().context("cannot find the moemesh executable")?;
+    let mut command = Command::new(executable);
+    command.arg(role).args(args).arg("--exit-with-parent");
+    command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true);
+    if std::env::var_os("RUST_LOG").is_none() {
+        command.env("RUST_LOG", "warn");
+    }
+    let mut child = command
+        .spawn()
+        .with_context(|| format!("cannot start the {role} process"))?;
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let mut lines = BufReader::new(stdout).lines();
+    let ready = async {
+        while let Some(line) = lines.next_line().await? {
+            if let Some(url) = line.strip_prefix(READY_LINE_PREFIX) {
+                return Ok::<_, std::io::Error>(Some(url.to_string()));
+            }
+        }
+        Ok(None)
+    };
+    let url = match tokio::time::timeout(START_TIMEOUT, ready).await {
+        Ok(Ok(Some(url))) => url,
+        Ok(Ok(None)) | Ok(Err(_)) => {
+            let status = child.wait().await?;
+            bail!("the {role} process exited before serving ({status}); its errors are above");
+        }
+        Err(_) => bail!("the {role} process did not start serving within {START_TIMEOUT:?}"),
+    };
+    // Keep draining stdout so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let stdin = child.stdin.take();
+    Ok(NodeProcess {
+        role,
+        url,
+        child,
+        stdin,
+    })
+}
+
+impl LocalCluster {
+    /// Starts the expert nodes, then the router; prints one line per process.
+    pub async fn start(args: &UpArgs) -> anyhow::Result<Self> {
+        if args.expert_nodes == 0 {
+            bail!("--expert-nodes must be at least 1");
+        }
+        let config = Checkpoint::open(&args.model)?.config().clone();
+        let model_id = args
+            .model_id
+            .clone()
+            .unwrap_or_else(|| default_model_id(&args.model));
+        let threads = if args.threads_per_node > 0 {
+            args.threads_per_node
+        } else {
+            let cores = std::thread::available_parallelism().map_or(1, |cores| cores.get());
+            (cores / args.expert_nodes).max(1)
+        };
+        // Place by node id first; addresses are known once the nodes serve.
+        let provisional: Vec<NodeEntry> = (0..args.expert_nodes)
+            .map(|index| NodeEntry {
+                id: format!("expert-{index}"),
+                address: String::new(),
+            })
+            .collect();
+        let provisional = Placement::spread(&config, provisional, args.replicas)?;
+        let model = args.model.to_string_lossy().into_owned();
+
+        let mut processes = Vec::new();
+        let mut nodes = Vec::new();
+        for entry in provisional.nodes() {
+            let mut node_args = vec![
+                "--model".into(),
+                model.clone(),
+                "--model-id".into(),
+                model_id.clone(),
+                "--listen".into(),
+                "127.0.0.1:0".into(),
+                "--threads".into(),
+                threads.to_string(),
+            ];
+            for spec in format_expert_specs(&provisional.experts_of(&entry.id)) {
+                node_args.extend(["--experts".into(), spec]);
+            }
+            let process = spawn_node("expert", &node_args).await?;
+            println!("expert {} {}", entry.id, process.url);
+            nodes.push(NodeEntry {
+                id: entry.id.clone(),
+                address: process.url.clone(),
+            });
+            processes.push(process);
+        }
+        let placement = Placement::spread(&config, nodes, args.replicas)?;
+        let workdir = tempfile::tempdir()?;
+        let placement_path = workdir.path().join("placement.toml");
+        std::fs::write(
+            &placement_path,
+            placement.to_file(&config, Some(model_id.clone())).to_toml(),
+        )?;
+        let router_args = vec![
+            "--model".into(),
+            model.clone(),
+            "--model-id".into(),
+            model_id.clone(),
+            "--placement".into(),
+            placement_path.to_string_lossy().into_owned(),
+            "--listen".into(),
+            args.router_addr.clone(),
+        ];
+        let router = spawn_node("router", &router_args).await?;
+        let router_url = router.url.clone();
+        println!("router {router_url}");
+        processes.push(router);
+        Ok(Self {
+            router_url,
+            model_id,
+            config,
+            placement,
+            _workdir: workdir,
+            processes,
+        })
+    }
+
+    /// Waits until any process exits on its own, and returns which.
+    pub async fn wait_for_exit(&mut self) -> String {
+        let waits = self.processes.iter_mut().map(|process| {
+            Box::pin(async move {
+                let status = process.child.wait().await;
+                format!("{} at {} exited: {status:?}", process.role, process.url)
+            })
+        });
+        futures::future::select_all(waits).await.0
+    }
+
+    /// Stops the router first, then the expert nodes, each gracefully.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        for process in self.processes.iter_mut().rev() {
+            process.stdin.take();
+            match tokio::time::timeout(STOP_GRACE, process.child.wait()).await {
+                Ok(status) => {
+                    let status = status?;
+                    if !status.success() {
+                        eprintln!("{} at {} exited with {status}", process.role, process.url);
+                    }
+                }
+                Err(_) => {
+                    eprintln!(
+                        "{} at {} did not stop within {STOP_GRACE:?}; killing it",
+                        process.role, process.url
+                    );
+                    process.child.kill().await?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+pub async fn run_up(args: UpArgs) -> anyhow::Result<()> {
+    let mut cluster = LocalCluster::start(&args).await?;
+    eprintln!(
+        "moemesh cluster up: {} expert nodes, model {:?} ({}, MoE layers {:?}); Ctrl-C stops it",
+        args.expert_nodes,
+        cluster.model_id,
+        cluster.config.family,
+        cluster.config.moe_layers()
+    );
+    eprintln!(
+        "try: moectl forward --router {} --layer N --input x.npy --output y.npy",
+        cluster.router_url
+    );
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => eprintln!("stopping the cluster"),
+        exited = cluster.wait_for_exit() => eprintln!("{exited}; stopping the cluster"),
+    }
+    cluster.shutdown().await
+}

@@ -1,0 +1,60 @@
+//! moemesh: one binary for every role of a moemesh cluster.
+//!
+//! - `moemesh expert`: an expert node serving the experts it is given.
+//! - `moemesh router`: a router in front of expert nodes.
+//! - `moemesh up`: a whole local cluster as separate processes on 127.0.0.1.
+//! - `moemesh demo`: `up` on a synthetic (or given) model, plus a workload
+//!   and a report.
+
+mod demo;
+mod expert_spec;
+mod local_cluster;
+mod roles;
+mod synthetic;
+
+use clap::{Parser, Subcommand};
+
+/// Serve the Mixture-of-Experts layers of large models across machines.
+#[derive(Parser)]
+#[command(name = "moemesh", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runs an expert node: holds experts and serves ExpertService.
+    Expert(roles::ExpertArgs),
+    /// Runs a router: gates tokens and dispatches them to expert nodes.
+    Router(roles::RouterArgs),
+    /// Starts a local cluster (one router, N expert nodes) as separate processes and serves until Ctrl-C.
+    Up(local_cluster::UpArgs),
+    /// Starts a local cluster on a synthetic Mixtral-shaped model, drives a workload through it and reports.
+    Demo(demo::DemoArgs),
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() -> anyhow::Result<()> {
+    init_tracing();
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Expert(args) => roles::run_expert(args).await,
+            Command::Router(args) => roles::run_router(args).await,
+            Command::Up(args) => local_cluster::run_up(args).await,
+            Command::Demo(args) => demo::run_demo(args).await,
+        }
+    })
+}
