@@ -18,7 +18,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
 
 use crate::expert_spec::format_expert_specs;
-use crate::roles::{READY_LINE_PREFIX, default_model_id};
+use crate::roles::{READY_LINE_PREFIX, default_model_id, shutdown_signal};
 
 #[derive(clap::Args, Clone)]
 pub struct UpArgs {
@@ -231,7 +231,7 @@ impl LocalCluster {
 pub async fn run_up(args: UpArgs) -> anyhow::Result<()> {
     let mut cluster = LocalCluster::start(&args).await?;
     eprintln!(
-        "moemesh cluster up: {} expert nodes, model {:?} ({}, MoE layers {:?}); Ctrl-C stops it",
+        "moemesh cluster up: {} expert nodes, model {:?} ({}, MoE layers {:?}); Ctrl-C or SIGTERM stops it",
         args.expert_nodes,
         cluster.model_id,
         cluster.config.family,
@@ -242,7 +242,7 @@ pub async fn run_up(args: UpArgs) -> anyhow::Result<()> {
         cluster.router_url
     );
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => eprintln!("stopping the cluster"),
+        _ = shutdown_signal(false) => eprintln!("stopping the cluster"),
         exited = cluster.wait_for_exit() => eprintln!("{exited}; stopping the cluster"),
     }
     cluster.shutdown().await

@@ -82,7 +82,7 @@ pub fn default_model_id(model_dir: &std::path::Path) -> String {
 }
 
 /// Completes on Ctrl-C, SIGTERM, or (with `exit_with_parent`) when stdin closes.
-async fn shutdown_signal(exit_with_parent: bool) {
+pub async fn shutdown_signal(exit_with_parent: bool) {
     let parent_gone = async {
         if exit_with_parent {
             let mut stdin = tokio::io::stdin();

@@ -1,0 +1,147 @@
+//! The `moemesh` binary as users run it: `up` and `demo` with real processes.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+use moemesh_client::Client;
+use moemesh_tests::{Fixture, relative_l2};
+
+const MOEMESH: &str = env!("CARGO_BIN_EXE_moemesh");
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_serves_a_checkpoint_from_separate_processes_and_stops_on_sigint() {
+    let fixture = Fixture::open("deepseek_v3");
+    let mut up = Command::new(MOEMESH)
+        .args(["up", "--model"])
+        .arg(&fixture.dir)
+        .args([
+            "--router-addr",
+            "127.0.0.1:0",
+            "--expert-nodes",
+            "3",
+            "--replicas",
+            "2",
+            "--threads-per-node",
+            "1",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("moemesh up starts");
+    let mut lines = BufReader::new(up.stdout.take().unwrap()).lines();
+    let mut printed = Vec::new();
+    let router_url = loop {
+        let line = lines
+            .next()
+            .expect("moemesh up prints its router before exiting")
+            .unwrap();
+        printed.push(line.clone());
+        if let Some(url) = line.strip_prefix("router ") {
+            break url.to_string();
+        }
+    };
+    assert_eq!(
+        printed
+            .iter()
+            .filter(|line| line.starts_with("expert expert-"))
+            .count(),
+        3,
+        "{printed:?}"
+    );
+
+    let mut client = Client::connect(router_url).await.unwrap();
+    for (&layer, (input, expected)) in &fixture.cases {
+        let output = client
+            .forward_f32("", layer as u32, input, fixture.hidden_size())
+            .await
+            .unwrap();
+        let error = relative_l2(&output, expected);
+        assert!(error < 1e-5, "layer {layer}: relative L2 error {error:e}");
+    }
+
+    let interrupted = Command::new("kill")
+        .args(["-INT", &up.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(interrupted.success());
+    let status = up.wait().unwrap();
+    assert!(status.success(), "moemesh up exited with {status}");
+}
+
+#[test]
+fn demo_runs_a_cluster_and_reports() {
+    let output = Command::new(MOEMESH)
+        .args([
+            "demo",
+            "--requests",
+            "12",
+            "--tokens",
+            "16",
+            "--concurrency",
+            "3",
+        ])
+        .output()
+        .expect("moemesh demo runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "demo failed:\n{stdout}\n{stderr}");
+    for expected in [
+        "check: layer 0",
+        "throughput:",
+        "latency per request: p50",
+        "tokens per node:",
+        "tokens per expert",
+    ] {
+        assert!(
+            stdout.contains(expected),
+            "demo output lacks {expected:?}:\n{stdout}"
+        );
+    }
+    assert!(stderr.contains("cluster stopped cleanly"), "{stderr}");
+    // Every routed token reached two experts: 12 requests x 16 tokens x top-2, plus the 16-token check.
+    let pairs: u64 = stdout
+        .lines()
+        .filter(|line| line.contains("token-expert pairs"))
+        .map(|line| {
+            line.split_whitespace()
+                .nth(1)
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
+        })
+        .sum();
+    assert_eq!(pairs, (12 * 16 + 16) * 2, "{stdout}");
+}
+
+#[test]
+fn bad_flags_get_a_clear_error() {
+    let output = Command::new(MOEMESH)
+        .args(["up", "--model", "/nonexistent/model"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("/nonexistent/model/config.json"),
+        "{stderr}"
+    );
+
+    let fixture = moemesh_tests::fixture_dir("mixtral");
+    let output = Command::new(MOEMESH)
+        .args([
+            "expert",
+            "--listen",
+            "127.0.0.1:0",
+            "--experts",
+            "0:0-9",
+            "--model",
+        ])
+        .arg(&fixture)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("0-9 is outside the experts 0..8"),
+        "{stderr}"
+    );
+}
