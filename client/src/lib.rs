@@ -110,7 +110,7 @@ impl Client {
         hidden: &[f32],
         hidden_size: usize,
     ) -> Result<Vec<f32>, ClientError> {
-        if hidden_size == 0 || hidden.len() % hidden_size != 0 {
+        if hidden_size == 0 || !hidden.len().is_multiple_of(hidden_size) {
             return Err(ClientError::InvalidArgument(format!(
                 "{} values do not form rows of hidden size {hidden_size}",
                 hidden.len()

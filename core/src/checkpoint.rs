@@ -310,3 +310,111 @@ impl Checkpoint {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use safetensors::tensor::TensorView;
+
+    use super::*;
+
+    const CONFIG: &str = r#"{"model_type":"qwen3_moe","hidden_size":2,"num_hidden_layers":1,
+        "moe_intermediate_size":3,"num_experts":2,"num_experts_per_tok":1}"#;
+
+    fn write(dir: &Path, file: &str, tensors: &[(&str, Dtype, Vec<usize>, Vec<u8>)]) {
+        let views: Vec<(String, TensorView<'_>)> = tensors
+            .iter()
+            .map(|(name, dtype, shape, bytes)| {
+                (
+                    name.to_string(),
+                    TensorView::new(*dtype, shape.clone(), bytes).unwrap(),
+                )
+            })
+            .collect();
+        safetensors::serialize_to_file(views, None, &dir.join(file)).unwrap();
+    }
+
+    fn f32_bytes(values: &[f32]) -> Vec<u8> {
+        values
+            .iter()
+            .flat_map(|value| value.to_le_bytes())
+            .collect()
+    }
+
+    #[test]
+    fn reads_each_storage_dtype_and_names_missing_or_misshapen_tensors() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("config.json"), CONFIG).unwrap();
+        let halves: Vec<u8> = [1.5f32, -2.0]
+            .iter()
+            .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
+            .collect();
+        let f16s: Vec<u8> = [0.25f32, 8.0]
+            .iter()
+            .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+            .collect();
+        write(
+            dir.path(),
+            "model.safetensors",
+            &[
+                ("a", Dtype::F32, vec![1, 2], f32_bytes(&[1.0, 2.0])),
+                ("b", Dtype::BF16, vec![2], halves),
+                ("c", Dtype::F16, vec![2], f16s),
+                ("d", Dtype::I64, vec![1], vec![0; 8]),
+            ],
+        );
+        let checkpoint = Checkpoint::open(dir.path()).unwrap();
+        assert_eq!(checkpoint.load_f32("a", &[1, 2]).unwrap(), vec![1.0, 2.0]);
+        assert_eq!(checkpoint.load_f32("b", &[2]).unwrap(), vec![1.5, -2.0]);
+        assert_eq!(checkpoint.load_f32("c", &[2]).unwrap(), vec![0.25, 8.0]);
+        let error =
+            |name: &str, shape: &[usize]| checkpoint.load_f32(name, shape).unwrap_err().to_string();
+        assert!(error("a", &[2, 1]).contains("has shape [1, 2], config.json implies [2, 1]"));
+        assert!(error("d", &[1]).contains("is I64"));
+        assert!(error("model.layers.0.mlp.gate.weight", &[2, 2]).contains("is missing"));
+        assert!(
+            checkpoint
+                .load_expert(0, 2)
+                .unwrap_err()
+                .to_string()
+                .contains("expert 2 does not exist")
+        );
+    }
+
+    #[test]
+    fn sharded_checkpoints_follow_their_index_and_stay_inside_the_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("config.json"), CONFIG).unwrap();
+        write(
+            dir.path(),
+            "part-1.safetensors",
+            &[("x", Dtype::F32, vec![1], f32_bytes(&[3.0]))],
+        );
+        write(
+            dir.path(),
+            "part-2.safetensors",
+            &[("y", Dtype::F32, vec![1], f32_bytes(&[4.0]))],
+        );
+        let index =
+            r#"{"metadata":{},"weight_map":{"x":"part-1.safetensors","y":"part-2.safetensors"}}"#;
+        std::fs::write(dir.path().join("model.safetensors.index.json"), index).unwrap();
+        let checkpoint = Checkpoint::open(dir.path()).unwrap();
+        assert_eq!(checkpoint.load_f32("y", &[1]).unwrap(), vec![4.0]);
+        assert_eq!(checkpoint.load_f32("x", &[1]).unwrap(), vec![3.0]);
+
+        let escaping = r#"{"weight_map":{"x":"../elsewhere.safetensors"}}"#;
+        std::fs::write(dir.path().join("model.safetensors.index.json"), escaping).unwrap();
+        let error = Checkpoint::open(dir.path()).err().unwrap().to_string();
+        assert!(error.contains("leaves the model directory"), "{error}");
+    }
+
+    #[test]
+    fn a_directory_without_weights_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("config.json"), CONFIG).unwrap();
+        let error = Checkpoint::open(dir.path()).err().unwrap().to_string();
+        assert!(
+            error.contains("neither model.safetensors nor model.safetensors.index.json"),
+            "{error}"
+        );
+    }
+}

@@ -141,3 +141,86 @@ impl DeviceWorkerHandle {
         &self.stats
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::sync::mpsc as std_mpsc;
+
+    use super::*;
+
+    /// An identity expert that waits for a go-ahead before each forward.
+    struct GatedExpert {
+        started_tx: Mutex<std_mpsc::Sender<()>>,
+        go_rx: Mutex<std_mpsc::Receiver<()>>,
+    }
+
+    impl Expert for GatedExpert {
+        fn hidden_size(&self) -> usize {
+            1
+        }
+        fn weight_bytes(&self) -> usize {
+            0
+        }
+        fn forward(&self, input: &[f32], _rows: usize, output: &mut [f32]) {
+            self.started_tx.lock().unwrap().send(()).unwrap();
+            self.go_rx.lock().unwrap().recv().unwrap();
+            output.copy_from_slice(input);
+        }
+    }
+
+    fn job(weight: f32) -> ComputeJob {
+        ComputeJob {
+            layer: 0,
+            input: vec![2.0],
+            assignments: vec![ExpertAssignment {
+                expert: 0,
+                rows: vec![0],
+                weights: vec![weight],
+            }],
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_refuses_at_once_and_abandoned_work_is_skipped() {
+        let (started_tx, started_rx) = std_mpsc::channel();
+        let (go_tx, go_rx) = std_mpsc::channel();
+        let expert: Arc<dyn Expert> = Arc::new(GatedExpert {
+            started_tx: Mutex::new(started_tx),
+            go_rx: Mutex::new(go_rx),
+        });
+        let worker = DeviceWorker::spawn(HashMap::from([((0, 0), expert)]), 1, 1);
+
+        let running = tokio::spawn({
+            let worker = worker.clone();
+            async move { worker.compute(job(1.5)).await }
+        });
+        tokio::task::spawn_blocking(move || started_rx.recv().unwrap())
+            .await
+            .unwrap();
+        // The worker is busy; one job fits in the queue, and its caller leaves.
+        let abandoned = tokio::spawn({
+            let worker = worker.clone();
+            async move { worker.compute(job(1.0)).await }
+        });
+        tokio::task::yield_now().await;
+        while worker.job_tx.capacity() > 0 {
+            tokio::task::yield_now().await;
+        }
+        let refused = worker.compute(job(1.0)).await.unwrap_err();
+        assert!(
+            matches!(refused, ExpertNodeError::Overloaded(_)),
+            "{refused:?}"
+        );
+        abandoned.abort();
+        let _ = abandoned.await;
+
+        go_tx.send(()).unwrap();
+        assert_eq!(running.await.unwrap().unwrap(), vec![3.0]);
+        // The abandoned job is dropped without running: the expert never starts again.
+        while worker.stats().cancelled_jobs.load(Ordering::Relaxed) == 0 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(worker.stats().tokens[&(0, 0)].load(Ordering::Relaxed), 1);
+    }
+}
