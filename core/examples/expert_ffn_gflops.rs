@@ -1,0 +1,110 @@
+//! Measures the CPU expert FFN: one Mixtral-shaped expert (hidden 1024,
+//! intermediate 2816) on a batch of tokens, as GFLOP/s.
+//!
+//!     cargo run --release -p moemesh-core --example expert_ffn_gflops -- [tokens] [threads] [repeats]
+
+use std::time::Instant;
+
+use moemesh_core::backend::{ComputeBackend, CpuBackend};
+use moemesh_core::checkpoint::ExpertWeights;
+
+fn main() {
+    let mut args = std::env::args()
+        .skip(1)
+        .map(|arg| arg.parse::<usize>().expect("numeric arguments"));
+    let tokens = args.next().unwrap_or(512);
+    let threads = args.next().unwrap_or(0);
+    let repeats = args.next().unwrap_or(20);
+    let (hidden, intermediate) = (1024, 2816);
+    let pseudo_random = |len: usize, seed: u32| -> Vec<f32> {
+        (0..len as u32)
+            .map(|i| ((i.wrapping_mul(2654435761) ^ seed) % 2000) as f32 / 10000.0 - 0.1)
+            .collect()
+    };
+    let backend = CpuBackend::new(threads).expect("thread pool");
+    let expert = backend
+        .load_expert(ExpertWeights {
+            hidden_size: hidden,
+            intermediate_size: intermediate,
+            gate_proj: pseudo_random(intermediate * hidden, 1),
+            up_proj: pseudo_random(intermediate * hidden, 2),
+            down_proj: pseudo_random(hidden * intermediate, 3),
+        })
+        .expect("expert loads");
+    let input = pseudo_random(tokens * hidden, 4);
+    let mut output = vec![0f32; tokens * hidden];
+    expert.forward(&input, tokens, &mut output);
+    let mut seconds = Vec::with_capacity(repeats);
+    for _ in 0..repeats {
+        let started = Instant::now();
+        expert.forward(&input, tokens, &mut output);
+        seconds.push(started.elapsed().as_secs_f64());
+    }
+    seconds.sort_by(f64::total_cmp);
+    report_plain_gemm(tokens, hidden, intermediate, threads, repeats);
+    let flops = 2.0 * tokens as f64 * 3.0 * hidden as f64 * intermediate as f64;
+    let gflops = |s: f64| flops / s / 1e9;
+    println!(
+        "expert FFN {tokens}x{hidden}x{intermediate} on {}: median {:.1} GFLOP/s (best {:.1}, worst {:.1}) over {repeats} runs",
+        backend.describe(),
+        gflops(seconds[seconds.len() / 2]),
+        gflops(seconds[0]),
+        gflops(seconds[seconds.len() - 1]),
+    );
+}
+
+/// The same GEMM library on one plain [tokens, hidden] x [hidden, intermediate]
+/// product, for comparison: the machine's practical ceiling.
+fn report_plain_gemm(m: usize, k: usize, n: usize, threads: usize, repeats: usize) {
+    let threads = if threads == 0 {
+        std::thread::available_parallelism().map_or(1, |c| c.get())
+    } else {
+        threads
+    };
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .expect("pool");
+    let lhs = vec![0.01f32; m * k];
+    let rhs = vec![0.02f32; k * n];
+    let mut dst = vec![0f32; m * n];
+    let mut seconds = Vec::with_capacity(repeats);
+    for repeat in 0..=repeats {
+        let started = Instant::now();
+        pool.install(|| {
+            // SAFETY: the three buffers hold exactly the row-major matrices described.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    n,
+                    k,
+                    dst.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    false,
+                    lhs.as_ptr(),
+                    1,
+                    k as isize,
+                    rhs.as_ptr(),
+                    1,
+                    n as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::Rayon(threads),
+                )
+            }
+        });
+        if repeat > 0 {
+            seconds.push(started.elapsed().as_secs_f64());
+        }
+    }
+    seconds.sort_by(f64::total_cmp);
+    let flops = 2.0 * (m * k * n) as f64;
+    println!(
+        "plain GEMM {m}x{k}x{n} on {threads} threads: median {:.1} GFLOP/s",
+        flops / seconds[seconds.len() / 2] / 1e9
+    );
+}
