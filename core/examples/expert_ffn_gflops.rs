@@ -5,7 +5,8 @@
 
 use std::time::Instant;
 
-use moemesh_core::backend::{ComputeBackend, CpuBackend};
+use gemm::Parallelism;
+use moemesh_core::backend::{ComputeBackend, CpuBackend, matmul};
 use moemesh_core::checkpoint::ExpertWeights;
 
 fn main() {
@@ -71,32 +72,7 @@ fn report_plain_gemm(m: usize, k: usize, n: usize, threads: usize, repeats: usiz
     let mut seconds = Vec::with_capacity(repeats);
     for repeat in 0..=repeats {
         let started = Instant::now();
-        pool.install(|| {
-            // SAFETY: the three buffers hold exactly the row-major matrices described.
-            unsafe {
-                gemm::gemm(
-                    m,
-                    n,
-                    k,
-                    dst.as_mut_ptr(),
-                    1,
-                    n as isize,
-                    false,
-                    lhs.as_ptr(),
-                    1,
-                    k as isize,
-                    rhs.as_ptr(),
-                    1,
-                    n as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::Rayon(threads),
-                )
-            }
-        });
+        pool.install(|| matmul(&mut dst, &lhs, &rhs, m, k, n, Parallelism::Rayon(threads)));
         if repeat > 0 {
             seconds.push(started.elapsed().as_secs_f64());
         }

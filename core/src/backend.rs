@@ -127,8 +127,10 @@ struct CpuExpert {
     threads: usize,
 }
 
-/// `dst[m, n] = lhs[m, k] · rhs[k, n]`, all row-major and contiguous.
-fn matmul(
+/// `dst[m, n] = lhs[m, k] · rhs[k, n]`, all row-major and contiguous, on
+/// the GEMM library the CPU experts use (call it inside a rayon pool to
+/// choose its threads).
+pub fn matmul(
     dst: &mut [f32],
     lhs: &[f32],
     rhs: &[f32],

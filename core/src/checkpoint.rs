@@ -8,12 +8,12 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use half::{bf16, f16};
 use memmap2::Mmap;
 use safetensors::tensor::{Dtype, Metadata};
 use serde::Deserialize;
 
 use crate::config::{Family, ModelConfig};
+use crate::tensor::{WireDtype, decode_values};
 use crate::{CoreError, CoreResult};
 
 /// One memory-mapped safetensors file and its parsed header.
@@ -183,25 +183,17 @@ impl Checkpoint {
                 ))
             })?;
         let elements: usize = shape.iter().product();
-        let values: Vec<f32> = match info.dtype {
-            Dtype::F32 => bytes
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            Dtype::BF16 => bytes
-                .chunks_exact(2)
-                .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            Dtype::F16 => bytes
-                .chunks_exact(2)
-                .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
+        let dtype = match info.dtype {
+            Dtype::F32 => WireDtype::F32,
+            Dtype::BF16 => WireDtype::Bf16,
+            Dtype::F16 => WireDtype::F16,
             other => {
                 return Err(CoreError::Checkpoint(format!(
                     "tensor {name} is {other:?}; moemesh reads F32, BF16 and F16"
                 )));
             }
         };
+        let values = decode_values(bytes, dtype);
         if values.len() != elements {
             return Err(CoreError::Checkpoint(format!(
                 "tensor {name} has {} bytes for {elements} elements",
@@ -313,6 +305,7 @@ impl Checkpoint {
 
 #[cfg(test)]
 mod tests {
+    use half::{bf16, f16};
     use safetensors::tensor::TensorView;
 
     use super::*;

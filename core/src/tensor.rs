@@ -102,7 +102,9 @@ pub fn decode_rows(tensor: Option<&Tensor>, width: usize) -> CoreResult<Rows> {
     })
 }
 
-fn decode_values(data: &[u8], dtype: WireDtype) -> Vec<f32> {
+/// Decodes little-endian elements of `dtype` to f32; a trailing partial
+/// element is ignored (callers check lengths first).
+pub(crate) fn decode_values(data: &[u8], dtype: WireDtype) -> Vec<f32> {
     match dtype {
         WireDtype::F32 => data
             .chunks_exact(4)
