@@ -36,7 +36,7 @@ pub struct ComputeJob {
 struct QueuedJob {
     job: ComputeJob,
     /// The handler awaiting the combined rows.
-    reply_tx: oneshot::Sender<Vec<f32>>,
+    reply_tx: oneshot::Sender<ExpertNodeResult<Vec<f32>>>,
 }
 
 /// Per-expert counters the worker writes and `Info` reads.
@@ -100,18 +100,30 @@ impl DeviceWorker {
         }
     }
 
-    /// Runs every assigned expert and combines per row.
-    pub fn compute(&self, job: &ComputeJob) -> Vec<f32> {
-        let work = job.assignments.iter().map(|assignment| {
+    /// Runs every assigned expert and combines per row. Jobs are validated
+    /// by the service; an unknown expert is still refused here rather than
+    /// taking the worker down.
+    pub fn compute(&self, job: &ComputeJob) -> ExpertNodeResult<Vec<f32>> {
+        let mut work = Vec::with_capacity(job.assignments.len());
+        for assignment in &job.assignments {
             let key = (job.layer, assignment.expert);
-            self.stats.tokens[&key].fetch_add(assignment.rows.len() as u64, Ordering::Relaxed);
-            ExpertWork {
-                expert: self.experts[&key].as_ref(),
+            let expert = self.experts.get(&key).ok_or_else(|| {
+                ExpertNodeError::InvalidArgument(format!(
+                    "expert {} of layer {} is not held here",
+                    assignment.expert, job.layer
+                ))
+            })?;
+            work.push(ExpertWork {
+                expert: expert.as_ref(),
                 rows: &assignment.rows,
                 weights: &assignment.weights,
-            }
-        });
-        run_experts(&job.input, self.hidden_size, work)
+            });
+        }
+        for assignment in &job.assignments {
+            let key = (job.layer, assignment.expert);
+            self.stats.tokens[&key].fetch_add(assignment.rows.len() as u64, Ordering::Relaxed);
+        }
+        Ok(run_experts(&job.input, self.hidden_size, work))
     }
 }
 
@@ -133,7 +145,7 @@ impl DeviceWorkerHandle {
             })?;
         reply_rx
             .await
-            .map_err(|_| ExpertNodeError::Unavailable("device worker stopped".into()))
+            .map_err(|_| ExpertNodeError::Unavailable("device worker stopped".into()))?
     }
 
     /// Returns the worker's counters.
