@@ -1,0 +1,16 @@
+//! moemesh-coordinator: the Raft-replicated source of truth for a cluster's
+//! membership, models and expert placement.
+//!
+//! - [`storage`]: the Raft log, hard state and snapshots in redb.
+//! - [`state`]: the replicated state machine and its commands.
+//! - [`node`]: the [`node::RaftNode`] actor that owns the raft-rs `RawNode`
+//!   and runs its Ready loop, and its handle.
+//! - [`transport`]: how raft messages reach other coordinators.
+
+mod error;
+pub mod node;
+pub mod state;
+pub mod storage;
+pub mod transport;
+
+pub use error::{CoordinatorError, CoordinatorResult};
