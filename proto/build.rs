@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/moemesh/v1/tensor.proto",
         "proto/moemesh/v1/router.proto",
         "proto/moemesh/v1/expert.proto",
+        "proto/moemesh/v1/coordinator.proto",
     ];
     tonic_prost_build::configure()
         // Tensor payloads decode into `bytes::Bytes`, sharing the receive buffer.

@@ -373,3 +373,143 @@ mod tests {
         assert!(counts.iter().all(|&count| count > 800), "{counts:?}");
     }
 }
+
+/// An expert node as the initial placement sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeCapacity {
+    pub id: String,
+    /// Topology group (host, rack); replicas of one expert prefer distinct groups.
+    pub group: String,
+    /// Bytes available for expert weights.
+    pub memory_bytes: u64,
+}
+
+/// One expert to place: (layer, expert id, bytes of its weights).
+pub type ExpertToPlace = (usize, u32, u64);
+
+/// Places every expert `replicas` times on distinct nodes: replicas of one
+/// expert go to distinct topology groups where possible, nodes never hold
+/// more than their memory, and expert counts stay balanced (ties to the
+/// node listed first). Returns (layer, expert, node index) triples.
+pub fn initial_assignment(
+    nodes: &[NodeCapacity],
+    experts: &[ExpertToPlace],
+    replicas: usize,
+) -> Result<Vec<(usize, u32, usize)>, String> {
+    if nodes.is_empty() {
+        return Err("no ready expert node to place experts on".into());
+    }
+    if replicas == 0 || replicas > nodes.len() {
+        return Err(format!(
+            "{replicas} replicas need between 1 and {} nodes",
+            nodes.len()
+        ));
+    }
+    let mut free: Vec<u64> = nodes.iter().map(|node| node.memory_bytes).collect();
+    let mut held = vec![0usize; nodes.len()];
+    let mut assignment = Vec::with_capacity(experts.len() * replicas);
+    for &(layer, expert, bytes) in experts {
+        let mut chosen: Vec<usize> = Vec::with_capacity(replicas);
+        for _ in 0..replicas {
+            let best = (0..nodes.len())
+                .filter(|&node| !chosen.contains(&node) && free[node] >= bytes)
+                .min_by_key(|&node| {
+                    let group_taken = chosen.iter().any(|&other| nodes[other].group == nodes[node].group);
+                    (group_taken, held[node], node)
+                })
+                .ok_or_else(|| {
+                    format!("no node has {bytes} bytes free for layer {layer} expert {expert} (replica {})", chosen.len() + 1)
+                })?;
+            free[best] -= bytes;
+            held[best] += 1;
+            chosen.push(best);
+            assignment.push((layer, expert, best));
+        }
+    }
+    Ok(assignment)
+}
+
+#[cfg(test)]
+mod initial_assignment_tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn nodes(groups: &[&str], memory: u64) -> Vec<NodeCapacity> {
+        groups
+            .iter()
+            .enumerate()
+            .map(|(index, group)| NodeCapacity {
+                id: format!("n{index}"),
+                group: group.to_string(),
+                memory_bytes: memory,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn replicas_spread_over_groups_and_counts_balance() {
+        let nodes = nodes(&["a", "a", "b", "b"], 1 << 30);
+        let experts: Vec<ExpertToPlace> = (0..8).map(|expert| (1, expert, 100)).collect();
+        let assignment = initial_assignment(&nodes, &experts, 2).unwrap();
+        for expert in 0..8 {
+            let owners: Vec<usize> = assignment
+                .iter()
+                .filter(|(_, e, _)| *e == expert)
+                .map(|(_, _, node)| *node)
+                .collect();
+            assert_eq!(owners.len(), 2);
+            assert_ne!(
+                nodes[owners[0]].group, nodes[owners[1]].group,
+                "expert {expert}: {owners:?}"
+            );
+        }
+        let mut counts = [0; 4];
+        assignment
+            .iter()
+            .for_each(|(_, _, node)| counts[*node] += 1);
+        assert_eq!(counts, [4, 4, 4, 4]);
+    }
+
+    #[test]
+    fn memory_limits_are_respected_and_named_when_short() {
+        let nodes = nodes(&["a", "b"], 250);
+        let experts: Vec<ExpertToPlace> = (0..4).map(|expert| (0, expert, 100)).collect();
+        assert_eq!(initial_assignment(&nodes, &experts, 1).unwrap().len(), 4);
+        let error = initial_assignment(&nodes, &experts, 2).unwrap_err();
+        assert!(error.contains("no node has 100 bytes free"), "{error}");
+    }
+
+    proptest! {
+        #[test]
+        fn every_expert_gets_its_replicas_on_distinct_nodes_and_groups(
+            node_count in 1usize..7, group_count in 1usize..4, experts in 1u32..40, replicas in 1usize..4,
+        ) {
+            let replicas = replicas.min(node_count);
+            let groups: Vec<String> = (0..node_count).map(|index| format!("g{}", index % group_count)).collect();
+            let distinct_groups = group_count.min(node_count);
+            let group_refs: Vec<&str> = groups.iter().map(String::as_str).collect();
+            let nodes = nodes(&group_refs, u64::MAX);
+            let to_place: Vec<ExpertToPlace> = (0..experts).map(|expert| (0, expert, 1)).collect();
+            let assignment = initial_assignment(&nodes, &to_place, replicas).unwrap();
+            prop_assert_eq!(assignment.len(), experts as usize * replicas);
+            let mut counts = vec![0usize; node_count];
+            for expert in 0..experts {
+                let owners: Vec<usize> = assignment.iter().filter(|(_, e, _)| *e == expert).map(|(_, _, n)| *n).collect();
+                let mut distinct = owners.clone();
+                distinct.sort_unstable();
+                distinct.dedup();
+                prop_assert_eq!(distinct.len(), replicas);
+                let mut owner_groups: Vec<&str> = owners.iter().map(|&node| groups[node].as_str()).collect();
+                owner_groups.sort_unstable();
+                owner_groups.dedup();
+                prop_assert_eq!(owner_groups.len(), replicas.min(distinct_groups));
+                owners.iter().for_each(|&node| counts[node] += 1);
+            }
+            if group_count == 1 {
+                let (min, max) = (counts.iter().min().unwrap(), counts.iter().max().unwrap());
+                prop_assert!(max - min <= 1, "unbalanced: {:?}", counts);
+            }
+        }
+    }
+}
