@@ -16,6 +16,12 @@ pub enum CoordinatorError {
         "proposal {request_id} was not committed within {timeout_ms} ms; its outcome is unknown, retry with the same request id"
     )]
     ProposalTimedOut { request_id: String, timeout_ms: u64 },
+    /// The leader changed while the proposal was in flight. It may still
+    /// commit: retry with the same request id, which commits at most once.
+    #[error(
+        "the leader changed while proposal {request_id} was in flight; its outcome is unknown, retry with the same request id"
+    )]
+    LeaderChanged { request_id: String },
     /// A linearizable read could not be confirmed by a quorum in time.
     #[error("read was not confirmed by a quorum within {0} ms")]
     ReadTimedOut(u64),

@@ -6,8 +6,10 @@
 //! - [`node`]: the [`node::RaftNode`] actor that owns the raft-rs `RawNode`
 //!   and runs its Ready loop, and its handle.
 //! - [`transport`]: how raft messages reach other coordinators.
+//! - [`grpc`]: the peer transport over gRPC and the admin API.
 
 mod error;
+pub mod grpc;
 pub mod node;
 pub mod state;
 pub mod storage;

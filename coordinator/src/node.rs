@@ -124,6 +124,9 @@ pub struct RaftNode {
     next_read_context: u64,
     /// Publishes the state after each applied batch; the handle reads it.
     applied_tx: watch::Sender<Arc<ClusterState>>,
+    /// The leader as of the last soft state; `None` during elections.
+    current_leader: Option<u64>,
+    /// The last leader known, kept through elections as a hint for errors.
     last_leader: Option<u64>,
 }
 
@@ -201,6 +204,7 @@ impl RaftNode {
             reads_awaiting_apply: Vec::new(),
             next_read_context: 0,
             applied_tx,
+            current_leader: None,
             last_leader: None,
         };
         tokio::spawn(node.run(command_rx));
@@ -359,6 +363,19 @@ impl RaftNode {
         }
     }
 
+    fn fail_pending_on_leader_change(&mut self) {
+        for (request_id, waiters) in self.pending_proposals.drain() {
+            for (_, reply_tx) in waiters {
+                let _ = reply_tx.send(Err(CoordinatorError::LeaderChanged {
+                    request_id: request_id.clone(),
+                }));
+            }
+        }
+        for (_, (_, reply_tx)) in self.pending_reads.drain() {
+            let _ = reply_tx.send(Err(CoordinatorError::NoLeader(self.current_leader)));
+        }
+    }
+
     fn fail_all_pending(&mut self, error: impl Fn() -> CoordinatorError) {
         for (_, waiters) in self.pending_proposals.drain() {
             for (_, reply_tx) in waiters {
@@ -381,6 +398,13 @@ impl RaftNode {
         let mut ready = self.raw_node.ready();
         if let Some(soft_state) = ready.ss() {
             let leader = (soft_state.leader_id != raft::INVALID_ID).then_some(soft_state.leader_id);
+            if leader != self.current_leader {
+                // Proposals forwarded to the old leader may be lost with it:
+                // answer now rather than at the deadline. Retrying with the
+                // same request id is safe whatever happened to them.
+                self.fail_pending_on_leader_change();
+                self.current_leader = leader;
+            }
             if leader.is_some() && leader != self.last_leader {
                 tracing::info!(
                     coordinator = self.config.id,

@@ -85,24 +85,9 @@ impl Group {
         }
     }
 
-    /// Proposes through coordinator `via`, retrying with the same request id
-    /// until the outcome is known.
+    /// Proposes through coordinator `via` until the outcome is known.
     async fn propose_until_known(&self, via: u64, request_id: &str, command: Command) -> Outcome {
-        let started = Instant::now();
-        loop {
-            let proposal = Proposal {
-                request_id: request_id.into(),
-                command: command.clone(),
-            };
-            match self.handles[&via].propose(proposal).await {
-                Ok(outcome) => return outcome,
-                Err(CoordinatorError::NoLeader(_) | CoordinatorError::ProposalTimedOut { .. }) => {
-                    assert!(started.elapsed() < PATIENCE, "{request_id} never committed");
-                    tokio::time::sleep(Duration::from_millis(30)).await;
-                }
-                Err(error) => panic!("{request_id}: unexpected error {error}"),
-            }
-        }
+        propose_until_known(self.handles[&via].clone(), request_id.to_string(), command).await
     }
 
     /// Waits until every running coordinator has applied the same state, and returns it.
@@ -125,6 +110,39 @@ impl Group {
     async fn shutdown(mut self) {
         for id in self.handles.keys().copied().collect::<Vec<_>>() {
             self.stop(id).await;
+        }
+    }
+}
+
+/// Returns whether a proposal's outcome is unknown, so that a retry with
+/// the same request id is the right response.
+fn outcome_unknown(error: &CoordinatorError) -> bool {
+    matches!(
+        error,
+        CoordinatorError::NoLeader(_)
+            | CoordinatorError::ProposalTimedOut { .. }
+            | CoordinatorError::LeaderChanged { .. }
+    )
+}
+
+/// Proposes, retrying with the same request id until the outcome is known.
+async fn propose_until_known(handle: RaftHandle, request_id: String, command: Command) -> Outcome {
+    let started = Instant::now();
+    loop {
+        let proposal = Proposal {
+            request_id: request_id.clone(),
+            command: command.clone(),
+        };
+        match handle.propose(proposal).await {
+            Ok(outcome) => return outcome,
+            Err(error) if outcome_unknown(&error) => {
+                assert!(
+                    started.elapsed() < PATIENCE,
+                    "{request_id} never committed: {error}"
+                );
+                tokio::time::sleep(Duration::from_millis(30)).await;
+            }
+            Err(error) => panic!("{request_id}: unexpected error {error}"),
         }
     }
 }
@@ -161,26 +179,11 @@ async fn a_new_leader_keeps_every_committed_change_and_nothing_commits_twice() {
     let proposals: Vec<_> = (0..6)
         .map(|index| {
             let handle = group.handles[&follower].clone();
-            tokio::spawn(async move {
-                let started = Instant::now();
-                loop {
-                    let proposal = Proposal {
-                        request_id: format!("during-{index}"),
-                        command: register(&format!("late-{index}")),
-                    };
-                    match handle.propose(proposal).await {
-                        Ok(outcome) => return outcome,
-                        Err(
-                            CoordinatorError::NoLeader(_)
-                            | CoordinatorError::ProposalTimedOut { .. },
-                        ) => {
-                            assert!(started.elapsed() < PATIENCE);
-                            tokio::time::sleep(Duration::from_millis(30)).await;
-                        }
-                        Err(error) => panic!("unexpected error {error}"),
-                    }
-                }
-            })
+            tokio::spawn(propose_until_known(
+                handle,
+                format!("during-{index}"),
+                register(&format!("late-{index}")),
+            ))
         })
         .collect();
     group.stop(leader).await;
@@ -289,10 +292,7 @@ async fn the_majority_commits_through_a_partition_and_the_minority_refuses_write
         })
         .await;
     assert!(
-        matches!(
-            minority_write,
-            Err(CoordinatorError::NoLeader(_) | CoordinatorError::ProposalTimedOut { .. })
-        ),
+        minority_write.as_ref().is_err_and(outcome_unknown),
         "the minority must refuse writes, got {minority_write:?}"
     );
     assert!(

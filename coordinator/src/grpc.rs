@@ -1,0 +1,515 @@
+//! The coordinator on the network: raft messages over gRPC between peers,
+//! and the admin API every coordinator serves.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use moemesh_core::config::ModelConfig;
+use moemesh_core::placement::{NodeCapacity, initial_assignment};
+use moemesh_proto::v1::{
+    ClusterStatusRequest, ClusterStatusResponse, CoordinatorStatus, ExpertPlacement,
+    LoadModelRequest, LoadModelResponse, NodeInfo, PeerStatusRequest, RaftAck, RaftBatch,
+    RegisterNodeRequest, RegisterNodeResponse, ReplicaInfo, ShowPlacementRequest,
+    ShowPlacementResponse,
+};
+use moemesh_proto::{
+    AdminServiceServer, CoordinatorPeerServiceClient, CoordinatorPeerServiceServer,
+    MAX_MESSAGE_BYTES,
+};
+use protobuf::Message as _;
+use raft::prelude::Message;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
+use tracing::instrument;
+
+use crate::node::{RaftHandle, RaftNode, RaftNodeConfig, RaftStatus};
+use crate::state::{
+    ClusterState, Command, ExpertKey, ModelRecord, NodeRecord, NodeStatus, Outcome, Proposal,
+};
+use crate::transport::RaftTransport;
+use crate::{CoordinatorError, CoordinatorResult};
+
+/// Raft messages queued per peer before new ones are dropped (raft resends).
+const PEER_QUEUE: usize = 4096;
+/// How long one peer call may take before the peer counts as unreachable.
+const PEER_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Where the other coordinators are.
+#[derive(Debug, Clone)]
+pub struct CoordinatorConfig {
+    pub raft: RaftNodeConfig,
+    /// Every coordinator's id and URL, this one included.
+    pub peers: BTreeMap<u64, String>,
+}
+
+/// Sends raft messages to peers over gRPC, one queue and task per peer.
+struct GrpcTransport {
+    queues: BTreeMap<u64, mpsc::Sender<Message>>,
+}
+
+impl GrpcTransport {
+    fn start(
+        own_id: u64,
+        peers: &BTreeMap<u64, String>,
+        node: Arc<OnceLock<RaftHandle>>,
+    ) -> CoordinatorResult<Self> {
+        let mut queues = BTreeMap::new();
+        for (&peer, address) in peers.iter().filter(|(id, _)| **id != own_id) {
+            let endpoint = Endpoint::from_shared(address.clone())
+                .map_err(|error| {
+                    CoordinatorError::Rejected(format!(
+                        "coordinator {peer} address {address:?}: {error}"
+                    ))
+                })?
+                .tcp_nodelay(true)
+                .connect_timeout(PEER_TIMEOUT)
+                .timeout(PEER_TIMEOUT);
+            let client = CoordinatorPeerServiceClient::new(endpoint.connect_lazy())
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES);
+            let (message_tx, message_rx) = mpsc::channel(PEER_QUEUE);
+            tokio::spawn(peer_sender_task(
+                peer,
+                client,
+                message_rx,
+                Arc::clone(&node),
+            ));
+            queues.insert(peer, message_tx);
+        }
+        Ok(Self { queues })
+    }
+}
+
+/// Sends one peer's messages in batches, in order; reports it unreachable on failure.
+async fn peer_sender_task(
+    peer: u64,
+    mut client: CoordinatorPeerServiceClient<Channel>,
+    mut message_rx: mpsc::Receiver<Message>,
+    node: Arc<OnceLock<RaftHandle>>,
+) {
+    while let Some(first) = message_rx.recv().await {
+        let mut messages = vec![first.write_to_bytes().expect("raft messages encode").into()];
+        while let Ok(message) = message_rx.try_recv() {
+            messages.push(
+                message
+                    .write_to_bytes()
+                    .expect("raft messages encode")
+                    .into(),
+            );
+        }
+        if let Err(status) = client.raft(RaftBatch { messages }).await {
+            tracing::debug!(peer, code = ?status.code(), "coordinator unreachable");
+            if let Some(handle) = node.get() {
+                handle.report_unreachable(peer);
+            }
+        }
+    }
+}
+
+impl RaftTransport for GrpcTransport {
+    fn send(&self, messages: Vec<Message>) {
+        for message in messages {
+            if let Some(queue) = self.queues.get(&message.to) {
+                // A full queue means the peer is slow or gone: raft resends.
+                let _ = queue.try_send(message);
+            }
+        }
+    }
+}
+
+/// The gRPC services of one coordinator.
+#[derive(Clone)]
+pub struct CoordinatorService {
+    id: u64,
+    peers: BTreeMap<u64, String>,
+    node: RaftHandle,
+}
+
+fn status_to_proto(status: &RaftStatus, address: &str) -> CoordinatorStatus {
+    CoordinatorStatus {
+        id: status.id,
+        address: address.to_string(),
+        role: status.role.to_string(),
+        term: status.term,
+        leader_id: status.leader_id.unwrap_or(0),
+        commit_index: status.commit_index,
+        applied_index: status.applied_index,
+    }
+}
+
+impl From<CoordinatorError> for Status {
+    fn from(error: CoordinatorError) -> Self {
+        let message = error.to_string();
+        match error {
+            CoordinatorError::NoLeader(_)
+            | CoordinatorError::LeaderChanged { .. }
+            | CoordinatorError::ShuttingDown => Status::unavailable(message),
+            CoordinatorError::ProposalTimedOut { .. } | CoordinatorError::ReadTimedOut(_) => {
+                Status::deadline_exceeded(message)
+            }
+            CoordinatorError::Rejected(_) => Status::failed_precondition(message),
+            CoordinatorError::Storage(_) | CoordinatorError::Raft(_) => Status::internal(message),
+        }
+    }
+}
+
+fn fresh_request_id(given: String, kind: &str) -> String {
+    if given.is_empty() {
+        format!("{kind}-{:032x}", rand::random::<u128>())
+    } else {
+        given
+    }
+}
+
+fn node_status_name(status: NodeStatus) -> &'static str {
+    match status {
+        NodeStatus::Joining => "joining",
+        NodeStatus::Ready => "ready",
+        NodeStatus::Draining => "draining",
+        NodeStatus::Dead => "dead",
+    }
+}
+
+impl CoordinatorService {
+    async fn propose(&self, request_id: String, command: Command) -> Result<u64, Status> {
+        match self
+            .node
+            .propose(Proposal {
+                request_id,
+                command,
+            })
+            .await?
+        {
+            Outcome::Applied { epoch } => Ok(epoch),
+            Outcome::Rejected { reason } => Err(Status::failed_precondition(reason)),
+        }
+    }
+
+    /// The state for an answer: linearizable when a quorum confirms it in time.
+    async fn current_state(&self) -> Result<Arc<ClusterState>, Status> {
+        Ok(self.node.read().await?)
+    }
+
+    async fn peer_statuses(&self) -> Vec<CoordinatorStatus> {
+        let calls = self.peers.iter().map(|(&id, address)| async move {
+            if id == self.id {
+                return match self.node.status().await {
+                    Ok(status) => status_to_proto(&status, address),
+                    Err(_) => unreachable_status(id, address),
+                };
+            }
+            let Ok(endpoint) = Endpoint::from_shared(address.clone()) else {
+                return unreachable_status(id, address);
+            };
+            let endpoint = endpoint
+                .connect_timeout(Duration::from_millis(500))
+                .timeout(Duration::from_millis(500));
+            let Ok(channel) = endpoint.connect().await else {
+                return unreachable_status(id, address);
+            };
+            match CoordinatorPeerServiceClient::new(channel)
+                .peer_status(PeerStatusRequest {})
+                .await
+            {
+                Ok(response) => response.into_inner(),
+                Err(_) => unreachable_status(id, address),
+            }
+        });
+        futures::future::join_all(calls).await
+    }
+}
+
+fn unreachable_status(id: u64, address: &str) -> CoordinatorStatus {
+    CoordinatorStatus {
+        id,
+        address: address.to_string(),
+        role: "unreachable".into(),
+        ..Default::default()
+    }
+}
+
+#[tonic::async_trait]
+impl moemesh_proto::CoordinatorPeerService for CoordinatorService {
+    async fn raft(&self, request: Request<RaftBatch>) -> Result<Response<RaftAck>, Status> {
+        for bytes in request.into_inner().messages {
+            let message = Message::parse_from_bytes(&bytes).map_err(|error| {
+                Status::invalid_argument(format!("undecodable raft message: {error}"))
+            })?;
+            self.node.step(message);
+        }
+        Ok(Response::new(RaftAck {}))
+    }
+
+    async fn peer_status(
+        &self,
+        _request: Request<PeerStatusRequest>,
+    ) -> Result<Response<CoordinatorStatus>, Status> {
+        let status = self.node.status().await?;
+        Ok(Response::new(status_to_proto(
+            &status,
+            &self.peers[&self.id],
+        )))
+    }
+}
+
+#[tonic::async_trait]
+impl moemesh_proto::AdminService for CoordinatorService {
+    #[instrument(skip_all)]
+    async fn cluster_status(
+        &self,
+        _request: Request<ClusterStatusRequest>,
+    ) -> Result<Response<ClusterStatusResponse>, Status> {
+        let own = self.node.status().await?;
+        // Diagnostics should work during an election: fall back to the
+        // state applied here when no quorum confirms a read.
+        let state = match self.node.read().await {
+            Ok(state) => state,
+            Err(_) => self.node.applied_state(),
+        };
+        let coordinators = self.peer_statuses().await;
+        Ok(Response::new(ClusterStatusResponse {
+            coordinators,
+            leader_id: own.leader_id.unwrap_or(0),
+            term: own.term,
+            epoch: state.epoch,
+            nodes: state
+                .nodes
+                .values()
+                .map(|node| NodeInfo {
+                    id: node.id.clone(),
+                    address: node.address.clone(),
+                    group: node.group.clone(),
+                    device: node.device.clone(),
+                    memory_bytes: node.memory_bytes,
+                    status: node_status_name(node.status).into(),
+                })
+                .collect(),
+            models: state.models.keys().cloned().collect(),
+        }))
+    }
+
+    #[instrument(skip_all, fields(node = request.get_ref().node.as_ref().map(|node| node.id.as_str())))]
+    async fn register_node(
+        &self,
+        request: Request<RegisterNodeRequest>,
+    ) -> Result<Response<RegisterNodeResponse>, Status> {
+        let RegisterNodeRequest { node, request_id } = request.into_inner();
+        let node = node.ok_or_else(|| Status::invalid_argument("node is missing"))?;
+        if node.id.is_empty() || node.address.is_empty() {
+            return Err(Status::invalid_argument("node id and address are required"));
+        }
+        let record = NodeRecord {
+            id: node.id,
+            address: node.address,
+            group: if node.group.is_empty() {
+                "default".into()
+            } else {
+                node.group
+            },
+            device: if node.device.is_empty() {
+                "cpu".into()
+            } else {
+                node.device
+            },
+            memory_bytes: node.memory_bytes,
+            status: NodeStatus::Ready,
+        };
+        let epoch = self
+            .propose(
+                fresh_request_id(request_id, "register"),
+                Command::RegisterNode { node: record },
+            )
+            .await?;
+        Ok(Response::new(RegisterNodeResponse { epoch }))
+    }
+
+    #[instrument(skip_all, fields(checkpoint = %request.get_ref().checkpoint))]
+    async fn load_model(
+        &self,
+        request: Request<LoadModelRequest>,
+    ) -> Result<Response<LoadModelResponse>, Status> {
+        let LoadModelRequest {
+            model,
+            checkpoint,
+            replicas,
+            request_id,
+        } = request.into_inner();
+        let request_id = fresh_request_id(request_id, "load");
+        let config = ModelConfig::from_dir(std::path::Path::new(&checkpoint))
+            .map_err(|error| Status::invalid_argument(error.to_string()))?;
+        let model = if model.is_empty() {
+            std::path::Path::new(&checkpoint)
+                .file_name()
+                .map(|name| name.to_string_lossy().into_owned())
+                .ok_or_else(|| {
+                    Status::invalid_argument(
+                        "give a model id: the checkpoint path has no directory name",
+                    )
+                })?
+        } else {
+            model
+        };
+        let record = ModelRecord {
+            id: model.clone(),
+            checkpoint: checkpoint.clone(),
+            family: config.family.to_string(),
+            moe_layers: config.moe_layers(),
+            experts_per_layer: config.experts_per_layer(),
+        };
+        let mut epoch = self
+            .propose(
+                format!("{request_id}/model"),
+                Command::AddModel { model: record },
+            )
+            .await?;
+
+        let state = self.current_state().await?;
+        let ready_nodes: Vec<NodeCapacity> = state
+            .nodes
+            .values()
+            .filter(|node| node.status == NodeStatus::Ready)
+            .map(|node| NodeCapacity {
+                id: node.id.clone(),
+                group: node.group.clone(),
+                memory_bytes: node.memory_bytes,
+            })
+            .collect();
+        let mut experts = Vec::new();
+        for layer in config.moe_layers() {
+            for expert in 0..config.experts_per_layer() as u32 {
+                let key = ExpertKey {
+                    model: model.clone(),
+                    layer,
+                    expert,
+                };
+                if state
+                    .replicas
+                    .get(&key)
+                    .is_some_and(|replicas| !replicas.is_empty())
+                {
+                    continue;
+                }
+                let bytes =
+                    3 * config.hidden_size * config.intermediate_size_of(expert) * size_of::<f32>();
+                experts.push((layer, expert, bytes as u64));
+            }
+        }
+        let assignment = initial_assignment(&ready_nodes, &experts, replicas.max(1) as usize)
+            .map_err(Status::failed_precondition)?;
+        for (layer, expert, node) in &assignment {
+            let key = ExpertKey {
+                model: model.clone(),
+                layer: *layer,
+                expert: *expert,
+            };
+            let node_id = ready_nodes[*node].id.clone();
+            let proposal_id = format!("{request_id}/{layer}/{expert}/{node_id}");
+            epoch = self
+                .propose(proposal_id, Command::AddReplica { key, node: node_id })
+                .await?;
+        }
+        Ok(Response::new(LoadModelResponse {
+            model,
+            replicas_added: assignment.len() as u32,
+            epoch,
+        }))
+    }
+
+    #[instrument(skip_all)]
+    async fn show_placement(
+        &self,
+        request: Request<ShowPlacementRequest>,
+    ) -> Result<Response<ShowPlacementResponse>, Status> {
+        let filter = request.into_inner();
+        let state = self.current_state().await?;
+        let experts = state
+            .replicas
+            .iter()
+            .filter(|(key, _)| filter.model.is_empty() || key.model == filter.model)
+            .filter(|(key, _)| !filter.has_layer || key.layer == filter.layer as usize)
+            .map(|(key, replicas)| ExpertPlacement {
+                model: key.model.clone(),
+                layer: key.layer as u32,
+                expert: key.expert,
+                replicas: replicas
+                    .iter()
+                    .map(|replica| ReplicaInfo {
+                        node: replica.node.clone(),
+                        state: format!("{:?}", replica.state).to_lowercase(),
+                    })
+                    .collect(),
+            })
+            .collect();
+        Ok(Response::new(ShowPlacementResponse {
+            epoch: state.epoch,
+            experts,
+        }))
+    }
+}
+
+/// A running coordinator: its Raft node and the services around it.
+pub struct Coordinator {
+    pub service: CoordinatorService,
+}
+
+impl Coordinator {
+    /// Opens the store, starts the Raft node and the peer transport.
+    pub fn start(config: CoordinatorConfig) -> CoordinatorResult<Self> {
+        let id = config.raft.id;
+        if !config.peers.contains_key(&id) {
+            return Err(CoordinatorError::Rejected(format!(
+                "--peers must include this coordinator's id {id}"
+            )));
+        }
+        let mut raft_config = config.raft.clone();
+        raft_config.voters = config.peers.keys().copied().collect();
+        let handle_slot = Arc::new(OnceLock::new());
+        let transport = GrpcTransport::start(id, &config.peers, Arc::clone(&handle_slot))?;
+        let node = RaftNode::spawn(raft_config, Arc::new(transport))?;
+        let _ = handle_slot.set(node.clone());
+        Ok(Self {
+            service: CoordinatorService {
+                id,
+                peers: config.peers,
+                node,
+            },
+        })
+    }
+
+    /// Returns the Raft node's handle.
+    pub fn node(&self) -> &RaftHandle {
+        &self.service.node
+    }
+
+    /// Serves the peer and admin services (and gRPC health) on `listener`
+    /// until `shutdown`, then stops the Raft node and closes its store.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> CoordinatorResult<()> {
+        let (health_reporter, health_service) = tonic_health::server::health_reporter();
+        health_reporter
+            .set_serving::<AdminServiceServer<CoordinatorService>>()
+            .await;
+        let node = self.service.node.clone();
+        let result = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(health_service)
+            .add_service(
+                CoordinatorPeerServiceServer::new(self.service.clone())
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            )
+            .add_service(AdminServiceServer::new(self.service))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+            .await;
+        node.shutdown().await;
+        result.map_err(|error| CoordinatorError::Storage(format!("server failed: {error}")))
+    }
+}
