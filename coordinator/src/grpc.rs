@@ -30,6 +30,7 @@ use tracing::instrument;
 use crate::node::{RaftHandle, RaftNode, RaftNodeConfig, RaftStatus};
 use crate::state::{
     ClusterState, Command, ExpertKey, ModelRecord, NodeRecord, NodeStatus, Outcome, Proposal,
+    ReplicaState,
 };
 use crate::transport::RaftTransport;
 use crate::{CoordinatorError, CoordinatorResult};
@@ -175,6 +176,32 @@ fn node_status_name(status: NodeStatus) -> &'static str {
     }
 }
 
+/// Reads a checkpoint's config and describes the model for the cluster state.
+fn describe_model(model: String, checkpoint: &str) -> Result<(ModelConfig, ModelRecord), Status> {
+    let config = ModelConfig::from_dir(std::path::Path::new(checkpoint))
+        .map_err(|error| Status::invalid_argument(error.to_string()))?;
+    let model = if model.is_empty() {
+        std::path::Path::new(checkpoint)
+            .file_name()
+            .map(|name| name.to_string_lossy().into_owned())
+            .ok_or_else(|| {
+                Status::invalid_argument(
+                    "give a model id: the checkpoint path has no directory name",
+                )
+            })?
+    } else {
+        model
+    };
+    let record = ModelRecord {
+        id: model,
+        checkpoint: checkpoint.to_string(),
+        family: config.family.to_string(),
+        moe_layers: config.moe_layers(),
+        experts_per_layer: config.experts_per_layer(),
+    };
+    Ok((config, record))
+}
+
 impl CoordinatorService {
     async fn propose(&self, request_id: String, command: Command) -> Result<u64, Status> {
         match self
@@ -298,11 +325,19 @@ impl moemesh_proto::AdminService for CoordinatorService {
         &self,
         request: Request<RegisterNodeRequest>,
     ) -> Result<Response<RegisterNodeResponse>, Status> {
-        let RegisterNodeRequest { node, request_id } = request.into_inner();
+        let RegisterNodeRequest {
+            node,
+            request_id,
+            model,
+            checkpoint,
+            serving,
+        } = request.into_inner();
         let node = node.ok_or_else(|| Status::invalid_argument("node is missing"))?;
         if node.id.is_empty() || node.address.is_empty() {
             return Err(Status::invalid_argument("node id and address are required"));
         }
+        let request_id = fresh_request_id(request_id, "register");
+        let node_id = node.id.clone();
         let record = NodeRecord {
             id: node.id,
             address: node.address,
@@ -319,12 +354,58 @@ impl moemesh_proto::AdminService for CoordinatorService {
             memory_bytes: node.memory_bytes,
             status: NodeStatus::Ready,
         };
-        let epoch = self
+        let mut epoch = self
             .propose(
-                fresh_request_id(request_id, "register"),
+                format!("{request_id}/node"),
                 Command::RegisterNode { node: record },
             )
             .await?;
+        if serving.is_empty() {
+            return Ok(Response::new(RegisterNodeResponse { epoch }));
+        }
+        // The node already serves these experts: record them as ready replicas.
+        let (_, model_record) = describe_model(model, &checkpoint)?;
+        let model = model_record.id.clone();
+        epoch = self
+            .propose(
+                format!("{request_id}/model"),
+                Command::AddModel {
+                    model: model_record,
+                },
+            )
+            .await?;
+        let state = self.current_state().await?;
+        // A retried registration may change nothing: report the epoch as it is.
+        epoch = epoch.max(state.epoch);
+        for layer_experts in serving {
+            for expert in layer_experts.experts {
+                let key = ExpertKey {
+                    model: model.clone(),
+                    layer: layer_experts.layer as usize,
+                    expert,
+                };
+                let existing = state
+                    .replicas
+                    .get(&key)
+                    .and_then(|replicas| replicas.iter().find(|replica| replica.node == node_id))
+                    .map(|replica| replica.state);
+                let step_id = format!("{request_id}/{}/{expert}", key.layer);
+                if existing.is_none() {
+                    let add = Command::AddReplica {
+                        key: key.clone(),
+                        node: node_id.clone(),
+                    };
+                    self.propose(format!("{step_id}/add"), add).await?;
+                }
+                if existing.is_none() || existing == Some(ReplicaState::Loading) {
+                    let ready = Command::ReplicaReady {
+                        key,
+                        node: node_id.clone(),
+                    };
+                    epoch = self.propose(format!("{step_id}/ready"), ready).await?;
+                }
+            }
+        }
         Ok(Response::new(RegisterNodeResponse { epoch }))
     }
 
@@ -340,27 +421,8 @@ impl moemesh_proto::AdminService for CoordinatorService {
             request_id,
         } = request.into_inner();
         let request_id = fresh_request_id(request_id, "load");
-        let config = ModelConfig::from_dir(std::path::Path::new(&checkpoint))
-            .map_err(|error| Status::invalid_argument(error.to_string()))?;
-        let model = if model.is_empty() {
-            std::path::Path::new(&checkpoint)
-                .file_name()
-                .map(|name| name.to_string_lossy().into_owned())
-                .ok_or_else(|| {
-                    Status::invalid_argument(
-                        "give a model id: the checkpoint path has no directory name",
-                    )
-                })?
-        } else {
-            model
-        };
-        let record = ModelRecord {
-            id: model.clone(),
-            checkpoint: checkpoint.clone(),
-            family: config.family.to_string(),
-            moe_layers: config.moe_layers(),
-            experts_per_layer: config.experts_per_layer(),
-        };
+        let (config, record) = describe_model(model, &checkpoint)?;
+        let model = record.id.clone();
         let mut epoch = self
             .propose(
                 format!("{request_id}/model"),

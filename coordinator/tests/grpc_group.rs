@@ -101,6 +101,7 @@ async fn any_coordinator_serves_the_admin_api_and_the_group_survives_its_leader(
         let request = RegisterNodeRequest {
             node: Some(node(&format!("expert-{index}"), group)),
             request_id: format!("reg-{index}"),
+            ..Default::default()
         };
         client.register_node(request).await.unwrap();
     }
@@ -187,6 +188,7 @@ async fn any_coordinator_serves_the_admin_api_and_the_group_survives_its_leader(
         let request = RegisterNodeRequest {
             node: Some(node("expert-3", "rack-b")),
             request_id: "reg-after".into(),
+            ..Default::default()
         };
         match survivor.register_node(request).await {
             Ok(_) => break,
@@ -228,6 +230,81 @@ async fn any_coordinator_serves_the_admin_api_and_the_group_survives_its_leader(
         1
     );
 
+    for (_, coordinator) in running {
+        let _ = coordinator.stop_tx.send(());
+        coordinator.server.await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_already_serves_experts_registers_them_as_ready() {
+    let data = tempfile::tempdir().unwrap();
+    let (peers, running) = start_group(data.path()).await;
+    wait_for_leader(&peers[&2], &[1, 2, 3]).await;
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/qwen2_moe");
+    let mut client = admin(&peers[&3]).await;
+    let serving = vec![moemesh_proto::v1::LayerExperts {
+        layer: 1,
+        experts: vec![0, 1, 8],
+    }];
+    let request = RegisterNodeRequest {
+        node: Some(node("expert-0", "rack-a")),
+        request_id: "boot-expert-0".into(),
+        model: "qwen".into(),
+        checkpoint: fixture.to_string_lossy().into_owned(),
+        serving: serving.clone(),
+    };
+    let first = client
+        .register_node(request.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.epoch, 3, "each ready replica publishes an epoch");
+    // A retry of the same registration changes nothing.
+    let again = client.register_node(request).await.unwrap().into_inner();
+    assert_eq!(again.epoch, 3);
+    let placement = client
+        .show_placement(ShowPlacementRequest {
+            model: "qwen".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let listed: Vec<(u32, u32, String, String)> = placement
+        .experts
+        .iter()
+        .flat_map(|expert| {
+            expert
+                .replicas
+                .iter()
+                .map(|r| (expert.layer, expert.expert, r.node.clone(), r.state.clone()))
+        })
+        .collect();
+    assert_eq!(
+        listed,
+        [0, 1, 8]
+            .map(|expert| (1, expert, "expert-0".to_string(), "ready".to_string()))
+            .to_vec()
+    );
+    // An expert the model does not have is refused.
+    let bad = RegisterNodeRequest {
+        node: Some(node("expert-1", "rack-a")),
+        model: "qwen".into(),
+        checkpoint: fixture.to_string_lossy().into_owned(),
+        serving: vec![moemesh_proto::v1::LayerExperts {
+            layer: 1,
+            experts: vec![42],
+        }],
+        ..Default::default()
+    };
+    let error = client.register_node(bad).await.unwrap_err();
+    assert_eq!(error.code(), Code::FailedPrecondition);
+    assert!(
+        error.message().contains("expert 42 does not exist"),
+        "{}",
+        error.message()
+    );
     for (_, coordinator) in running {
         let _ = coordinator.stop_tx.send(());
         coordinator.server.await.unwrap();
