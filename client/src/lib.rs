@@ -1,4 +1,5 @@
-//! moemesh-client: the Rust SDK for moemesh routers, and `moectl`.
+//! moemesh-client: the Rust SDK for moemesh routers ([`Client`]) and
+//! coordinators ([`AdminClient`]), and `moectl`.
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), moemesh_client::ClientError> {
@@ -9,7 +10,10 @@
 //! # Ok(()) }
 //! ```
 
+pub mod admin;
 pub mod npy;
+
+pub use admin::AdminClient;
 
 use moemesh_core::tensor::{WireDtype, decode_rows, encode};
 use moemesh_proto::v1::{ForwardRequest, Tensor};

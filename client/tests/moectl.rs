@@ -98,3 +98,137 @@ async fn moectl_reports_refused_requests() {
     );
     cluster.shutdown().await;
 }
+
+fn moectl(args: &[&str]) -> std::process::Output {
+    Command::new(MOECTL)
+        .args(args)
+        .output()
+        .expect("moectl runs")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moectl_manages_and_shows_the_cluster_through_any_coordinator() {
+    let group = moemesh_tests::CoordinatorSandbox::start(3).await;
+    let leader = group.leader(1).await;
+    let follower = group.urls.keys().copied().find(|&id| id != leader).unwrap();
+    let via = group.urls[&follower].clone();
+    let mut admin = moemesh_proto::AdminServiceClient::connect(via.clone())
+        .await
+        .unwrap();
+    for (index, group_name) in ["rack-a", "rack-b"].iter().enumerate() {
+        let node = moemesh_proto::v1::NodeInfo {
+            id: format!("expert-{index}"),
+            address: format!("http://10.0.0.{index}:50061"),
+            group: group_name.to_string(),
+            device: "cpu".into(),
+            memory_bytes: 1 << 30,
+            status: String::new(),
+        };
+        admin
+            .register_node(moemesh_proto::v1::RegisterNodeRequest {
+                node: Some(node),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    let fixture = moemesh_tests::fixture_dir("mixtral")
+        .to_string_lossy()
+        .into_owned();
+    let output = tokio::task::spawn_blocking({
+        let via = via.clone();
+        move || {
+            moectl(&[
+                "model",
+                "load",
+                &fixture,
+                "--model",
+                "mx",
+                "--replicas",
+                "2",
+                "--coordinator",
+                &via,
+                "--json",
+            ])
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let loaded: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(loaded["replicas_added"], 2 * 8 * 2);
+
+    let output = tokio::task::spawn_blocking({
+        let via = via.clone();
+        move || {
+            moectl(&[
+                "placement",
+                "show",
+                "--layer",
+                "1",
+                "--coordinator",
+                &via,
+                "--json",
+            ])
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let placement: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let experts = placement["experts"].as_array().unwrap();
+    assert_eq!(experts.len(), 8);
+    for expert in experts {
+        assert_eq!(expert["layer"], 1);
+        let nodes: Vec<&str> = expert["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["node"].as_str().unwrap())
+            .collect();
+        assert_eq!(nodes.len(), 2);
+        assert_ne!(
+            nodes[0], nodes[1],
+            "replicas of one expert on distinct nodes (and racks)"
+        );
+    }
+
+    let output =
+        tokio::task::spawn_blocking(move || moectl(&["cluster", "status", "--coordinator", &via]))
+            .await
+            .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let table = String::from_utf8_lossy(&output.stdout);
+    assert!(table.contains(&format!("leader {leader},")), "{table}");
+    assert_eq!(table.matches("follower").count(), 2, "{table}");
+    assert!(
+        table.contains("expert-1") && table.contains("rack-b") && table.contains("ready"),
+        "{table}"
+    );
+
+    let output = tokio::task::spawn_blocking(|| {
+        moectl(&["cluster", "status", "--coordinator", "http://127.0.0.1:1"])
+    })
+    .await
+    .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("cannot connect to http://127.0.0.1:1"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("MOEMESH_COORDINATOR"), "{stderr}");
+    group.shutdown().await;
+}

@@ -5,9 +5,11 @@
 //!   experts and computes queued work on its own thread.
 //! - [`service`]: the `ExpertService` gRPC handlers, which validate
 //!   requests and hand them to the worker.
+//! - [`registration`]: joining a cluster through its coordinators.
 //! - [`run`]: serves a node on a listener until shutdown.
 
 mod error;
+pub mod registration;
 pub mod service;
 pub mod worker;
 

@@ -73,6 +73,22 @@ impl ExpertNodeService {
         })
     }
 
+    /// Returns the experts this node serves, per layer.
+    pub fn serving(&self) -> Vec<LayerExperts> {
+        self.held
+            .iter()
+            .map(|(&layer, experts)| LayerExperts {
+                layer: layer as u32,
+                experts: experts.iter().copied().collect(),
+            })
+            .collect()
+    }
+
+    /// Returns the model id this node serves.
+    pub fn model_id(&self) -> &str {
+        &self.model_id
+    }
+
     /// Checks a request against what this node holds and turns it into a job.
     fn validate(&self, request: ComputeRequest) -> ExpertNodeResult<ComputeJob> {
         if !request.model.is_empty() && request.model != self.model_id {
@@ -166,14 +182,7 @@ impl ExpertNodeService {
             family: self.config.family.to_string(),
             hidden_size: self.config.hidden_size as u32,
             num_experts: self.config.num_experts as u32,
-            layers: self
-                .held
-                .iter()
-                .map(|(&layer, experts)| LayerExperts {
-                    layer: layer as u32,
-                    experts: experts.iter().copied().collect(),
-                })
-                .collect(),
+            layers: self.serving(),
             load,
             backend: self.backend_description.clone(),
             weight_bytes: self.weight_bytes,

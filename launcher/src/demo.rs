@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
-use moemesh_client::Client;
+use moemesh_client::{AdminClient, Client};
 use moemesh_core::backend::CpuBackend;
 use moemesh_core::checkpoint::Checkpoint;
 use moemesh_core::layer::MoeLayer;
@@ -41,6 +41,9 @@ pub struct DemoArgs {
     /// Compute threads per expert node; 0 divides the cores among the nodes.
     #[arg(long, default_value_t = 0)]
     threads_per_node: usize,
+    /// Coordinator processes the expert nodes register with; 0 runs without.
+    #[arg(long, default_value_t = 3)]
+    coordinators: usize,
     /// Compare the cluster's output with the layer computed in this process
     /// (on by default for the synthetic model; loads one layer's experts here).
     #[arg(long)]
@@ -91,6 +94,7 @@ pub async fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
         router_addr: "127.0.0.1:0".into(),
         threads_per_node: args.threads_per_node,
         model_id: Some("demo".into()),
+        coordinators: args.coordinators,
     };
     let cluster = LocalCluster::start(&up).await?;
     let result = drive(&cluster, &args, &model, verify).await;
@@ -233,6 +237,25 @@ async fn report(
         for load in info.load {
             *per_expert.entry((load.layer, load.expert)).or_default() += load.tokens;
         }
+    }
+    if let Some(coordinator) = cluster.coordinator_urls.first() {
+        let status = AdminClient::connect(coordinator.clone())
+            .await?
+            .cluster_status()
+            .await?;
+        let ready = status
+            .nodes
+            .iter()
+            .filter(|node| node.status == "ready")
+            .count();
+        println!(
+            "coordinators: {} (leader {}, term {}), placement epoch {}, expert nodes ready {ready}/{}",
+            status.coordinators.len(),
+            status.leader_id,
+            status.term,
+            status.epoch,
+            status.nodes.len()
+        );
     }
     println!("tokens per expert (all requests, including the check):");
     let experts = cluster.config.experts_per_layer();

@@ -40,6 +40,9 @@ pub struct UpArgs {
     /// Model id clients use; defaults to the directory name.
     #[arg(long)]
     pub model_id: Option<String>,
+    /// Coordinator processes (a Raft group) the expert nodes register with; 0 runs without.
+    #[arg(long, default_value_t = 3)]
+    pub coordinators: usize,
 }
 
 /// One child process and the pipe whose closing tells it to exit.
@@ -54,10 +57,12 @@ struct NodeProcess {
 /// A running local cluster.
 pub struct LocalCluster {
     pub router_url: String,
+    /// The coordinators' URLs, by id starting at 1.
+    pub coordinator_urls: Vec<String>,
     pub model_id: String,
     pub config: ModelConfig,
     pub placement: Placement,
-    /// Holds the placement file the router reads.
+    /// Holds the placement file the router reads and the coordinators' data.
     _workdir: tempfile::TempDir,
     processes: Vec<NodeProcess>,
 }
@@ -111,6 +116,48 @@ async fn spawn_node(role: &'static str, args: &[String]) -> anyhow::Result<NodeP
     })
 }
 
+/// Starts `count` coordinators on free local ports as one Raft group;
+/// prints and returns their URLs.
+async fn start_coordinators(
+    count: usize,
+    data_dir: &std::path::Path,
+    processes: &mut Vec<NodeProcess>,
+) -> anyhow::Result<Vec<String>> {
+    // Peers must know each other's addresses before any starts: reserve ports.
+    let mut urls = Vec::with_capacity(count);
+    for _ in 0..count {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").context("no free local port")?;
+        urls.push(format!("http://{}", probe.local_addr()?));
+    }
+    let peers = urls
+        .iter()
+        .enumerate()
+        .map(|(index, url)| format!("{}={url}", index + 1))
+        .collect::<Vec<_>>()
+        .join(",");
+    for (index, url) in urls.iter().enumerate() {
+        let id = index + 1;
+        let listen = url.trim_start_matches("http://").to_string();
+        let args = vec![
+            "--id".into(),
+            id.to_string(),
+            "--peers".into(),
+            peers.clone(),
+            "--listen".into(),
+            listen,
+            "--data-dir".into(),
+            data_dir
+                .join(format!("coordinator-{id}"))
+                .to_string_lossy()
+                .into_owned(),
+        ];
+        let process = spawn_node("coordinator", &args).await?;
+        println!("coordinator {}", process.url);
+        processes.push(process);
+    }
+    Ok(urls)
+}
+
 impl LocalCluster {
     /// Starts the expert nodes, then the router; prints one line per process.
     pub async fn start(args: &UpArgs) -> anyhow::Result<Self> {
@@ -137,8 +184,11 @@ impl LocalCluster {
             .collect();
         let provisional = Placement::spread(&config, provisional, args.replicas)?;
         let model = args.model.to_string_lossy().into_owned();
+        let workdir = tempfile::tempdir()?;
 
         let mut processes = Vec::new();
+        let coordinator_urls =
+            start_coordinators(args.coordinators, workdir.path(), &mut processes).await?;
         let mut nodes = Vec::new();
         for entry in provisional.nodes() {
             let mut node_args = vec![
@@ -154,6 +204,14 @@ impl LocalCluster {
             for spec in format_expert_specs(&provisional.experts_of(&entry.id)) {
                 node_args.extend(["--experts".into(), spec]);
             }
+            if let Some(coordinator) = coordinator_urls.first() {
+                node_args.extend([
+                    "--coordinator".into(),
+                    coordinator.clone(),
+                    "--node-id".into(),
+                    entry.id.clone(),
+                ]);
+            }
             let process = spawn_node("expert", &node_args).await?;
             println!("expert {} {}", entry.id, process.url);
             nodes.push(NodeEntry {
@@ -163,7 +221,6 @@ impl LocalCluster {
             processes.push(process);
         }
         let placement = Placement::spread(&config, nodes, args.replicas)?;
-        let workdir = tempfile::tempdir()?;
         let placement_path = workdir.path().join("placement.toml");
         std::fs::write(
             &placement_path,
@@ -185,6 +242,7 @@ impl LocalCluster {
         processes.push(router);
         Ok(Self {
             router_url,
+            coordinator_urls,
             model_id,
             config,
             placement,
@@ -241,6 +299,10 @@ pub async fn run_up(args: UpArgs) -> anyhow::Result<()> {
         "try: moectl forward --router {} --layer N --input x.npy --output y.npy",
         cluster.router_url
     );
+    if let Some(coordinator) = cluster.coordinator_urls.first() {
+        eprintln!("     moectl cluster status --coordinator {coordinator}");
+        eprintln!("     moectl placement show --coordinator {coordinator}");
+    }
     tokio::select! {
         _ = shutdown_signal(false) => eprintln!("stopping the cluster"),
         exited = cluster.wait_for_exit() => eprintln!("{exited}; stopping the cluster"),

@@ -1,5 +1,6 @@
 //! moemesh: one binary for every role of a moemesh cluster.
 //!
+//! - `moemesh coordinator`: one member of the Raft-replicated coordinator group.
 //! - `moemesh expert`: an expert node serving the experts it is given.
 //! - `moemesh router`: a router in front of expert nodes.
 //! - `moemesh up`: a whole local cluster as separate processes on 127.0.0.1.
@@ -24,6 +25,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Runs a coordinator: one member of the Raft group that owns membership and placement.
+    Coordinator(roles::CoordinatorArgs),
     /// Runs an expert node: holds experts and serves ExpertService.
     Expert(roles::ExpertArgs),
     /// Runs a router: gates tokens and dispatches them to expert nodes.
@@ -51,6 +54,7 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async move {
         match cli.command {
+            Command::Coordinator(args) => roles::run_coordinator(args).await,
             Command::Expert(args) => roles::run_expert(args).await,
             Command::Router(args) => roles::run_router(args).await,
             Command::Up(args) => local_cluster::run_up(args).await,

@@ -1,11 +1,16 @@
 //! `moemesh expert` and `moemesh router`: one node each.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
+use moemesh_coordinator::grpc::{Coordinator, CoordinatorConfig};
+use moemesh_coordinator::node::RaftNodeConfig;
 use moemesh_core::checkpoint::Checkpoint;
 use moemesh_core::placement::{Placement, PlacementFile};
 use moemesh_expert_node::ExpertNodeConfig;
+use moemesh_expert_node::registration::{Registration, register};
 use moemesh_router_node::RouterConfig;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpListener;
@@ -45,6 +50,39 @@ pub struct ExpertArgs {
     /// Requests that may wait for compute before new ones get RESOURCE_EXHAUSTED.
     #[arg(long, env = "MOEMESH_QUEUE_CAPACITY", default_value_t = 64)]
     queue_capacity: usize,
+    /// A coordinator to register with (any of the group); the node then
+    /// appears in `moectl cluster status` with the experts it serves.
+    #[arg(long, env = "MOEMESH_COORDINATOR")]
+    coordinator: Option<String>,
+    /// Topology group (host or rack) reported to the coordinators.
+    #[arg(long, env = "MOEMESH_GROUP", default_value = "default")]
+    group: String,
+    /// URL routers use to reach this node; defaults to the listening address.
+    #[arg(long, env = "MOEMESH_ADVERTISE")]
+    advertise: Option<String>,
+    /// Exit when standard input closes (used by `moemesh up` for its children).
+    #[arg(long, hide = true)]
+    exit_with_parent: bool,
+}
+
+#[derive(clap::Args)]
+pub struct CoordinatorArgs {
+    /// This coordinator's id in --peers.
+    #[arg(long, env = "MOEMESH_COORDINATOR_ID")]
+    id: u64,
+    /// Every coordinator of the group as ID=URL, comma-separated, this one included:
+    /// `1=http://c1:7000,2=http://c2:7000,3=http://c3:7000`.
+    #[arg(long, env = "MOEMESH_PEERS", value_delimiter = ',')]
+    peers: Vec<String>,
+    /// Address to serve the peer and admin services on.
+    #[arg(long, env = "MOEMESH_LISTEN", default_value = "127.0.0.1:7000")]
+    listen: String,
+    /// Directory for the Raft log and snapshots; keep it across restarts.
+    #[arg(long, env = "MOEMESH_DATA_DIR")]
+    data_dir: PathBuf,
+    /// Raft tick in milliseconds; elections start after 10 to 20 ticks of silence.
+    #[arg(long, env = "MOEMESH_TICK_MS", default_value_t = 100)]
+    tick_ms: u64,
     /// Exit when standard input closes (used by `moemesh up` for its children).
     #[arg(long, hide = true)]
     exit_with_parent: bool,
@@ -145,9 +183,76 @@ pub async fn run_expert(args: ExpertArgs) -> anyhow::Result<()> {
         queue_capacity: args.queue_capacity,
     };
     let service = moemesh_expert_node::load(node_config).await?;
+    if let Some(coordinator) = &args.coordinator {
+        let registration = Registration {
+            coordinator: coordinator.clone(),
+            node_id: args
+                .node_id
+                .clone()
+                .unwrap_or_else(|| format!("expert-{}", url.rsplit(':').next().unwrap_or("0"))),
+            address: args.advertise.clone().unwrap_or_else(|| url.clone()),
+            group: args.group.clone(),
+            memory_bytes: physical_memory_bytes(),
+            checkpoint: args
+                .model
+                .canonicalize()
+                .unwrap_or_else(|_| args.model.clone())
+                .to_string_lossy()
+                .into_owned(),
+        };
+        let epoch = register(&service, &registration, Duration::from_secs(60))
+            .await
+            .map_err(|error| anyhow::anyhow!("registration with {coordinator} failed: {error}"))?;
+        tracing::info!(node = %registration.node_id, epoch, "registered with the coordinators");
+    }
     println!("{READY_LINE_PREFIX}{url}");
     tracing::info!(%url, "expert node serving");
     moemesh_expert_node::serve(service, listener, shutdown_signal(args.exit_with_parent)).await?;
+    Ok(())
+}
+
+/// Returns the machine's memory, the default budget for expert weights.
+fn physical_memory_bytes() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            let line = text.lines().find(|line| line.starts_with("MemTotal:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib * 1024)
+        })
+        .unwrap_or(16 << 30)
+}
+
+pub async fn run_coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
+    let mut peers = BTreeMap::new();
+    for peer in &args.peers {
+        let (id, url) = peer
+            .split_once('=')
+            .with_context(|| format!("--peers entry {peer:?}: expected ID=URL"))?;
+        let id: u64 = id
+            .parse()
+            .with_context(|| format!("--peers entry {peer:?}: bad id"))?;
+        if id == 0 {
+            bail!("--peers entry {peer:?}: coordinator ids start at 1");
+        }
+        peers.insert(id, url.to_string());
+    }
+    if !peers.contains_key(&args.id) {
+        bail!("--peers must list this coordinator's --id {}", args.id);
+    }
+    let (listener, url) = bind(&args.listen).await?;
+    let mut raft = RaftNodeConfig::new(
+        args.id,
+        peers.keys().copied().collect(),
+        args.data_dir.clone(),
+    );
+    raft.tick_interval = Duration::from_millis(args.tick_ms.max(1));
+    let coordinator = Coordinator::start(CoordinatorConfig { raft, peers })?;
+    println!("{READY_LINE_PREFIX}{url}");
+    tracing::info!(%url, id = args.id, "coordinator serving");
+    coordinator
+        .serve(listener, shutdown_signal(args.exit_with_parent))
+        .await?;
     Ok(())
 }
 

@@ -3,7 +3,7 @@
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
-use moemesh_client::Client;
+use moemesh_client::{AdminClient, Client};
 use moemesh_tests::{Fixture, relative_l2};
 
 const MOEMESH: &str = env!("CARGO_BIN_EXE_moemesh");
@@ -57,6 +57,44 @@ async fn up_serves_a_checkpoint_from_separate_processes_and_stops_on_sigint() {
         let error = relative_l2(&output, expected);
         assert!(error < 1e-5, "layer {layer}: relative L2 error {error:e}");
     }
+
+    // The expert nodes registered with the coordinators, with what they serve.
+    let coordinator = printed
+        .iter()
+        .find_map(|line| line.strip_prefix("coordinator "))
+        .expect("a coordinator line")
+        .to_string();
+    let mut admin = AdminClient::connect(coordinator).await.unwrap();
+    let status = admin.cluster_status().await.unwrap();
+    assert_eq!(status.coordinators.len(), 3, "{status:?}");
+    assert_eq!(
+        status
+            .coordinators
+            .iter()
+            .filter(|c| c.role == "leader")
+            .count(),
+        1,
+        "{status:?}"
+    );
+    assert_eq!(
+        status
+            .nodes
+            .iter()
+            .filter(|node| node.status == "ready")
+            .count(),
+        3,
+        "{status:?}"
+    );
+    let placement = admin.show_placement("", None).await.unwrap();
+    // Two MoE layers of 16 routed experts and a shared one, each on two nodes.
+    assert_eq!(placement.experts.len(), 2 * 17);
+    assert!(placement.experts.iter().all(|expert| {
+        expert.replicas.len() == 2
+            && expert
+                .replicas
+                .iter()
+                .all(|replica| replica.state == "ready")
+    }));
 
     let interrupted = Command::new("kill")
         .args(["-INT", &up.id().to_string()])

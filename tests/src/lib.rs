@@ -2,13 +2,17 @@
 //!
 //! [`ClusterSandbox`] starts expert nodes and a router in this process,
 //! each a real gRPC server on `127.0.0.1:0`, and stops them on
-//! [`ClusterSandbox::shutdown`]. [`Fixture`] opens the golden checkpoints
+//! [`ClusterSandbox::shutdown`]. [`CoordinatorSandbox`] does the same for a
+//! group of coordinators. [`Fixture`] opens the golden checkpoints
 //! under `tests/fixtures`, made by `make_fixtures.py` with transformers.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use moemesh_client::Client;
+use moemesh_client::{AdminClient, Client};
+use moemesh_coordinator::grpc::{Coordinator, CoordinatorConfig};
+use moemesh_coordinator::node::RaftNodeConfig;
 use moemesh_core::checkpoint::Checkpoint;
 use moemesh_core::placement::{NodeEntry, Placement, PlacementFile};
 use moemesh_expert_node::ExpertNodeConfig;
@@ -251,5 +255,101 @@ pub fn partly_replicated(model_dir: &Path) -> impl FnOnce(Vec<NodeEntry>) -> Pla
             }
         }
         file
+    }
+}
+
+/// A server task and the switch that stops it.
+struct RunningServer {
+    stop_tx: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), String>>,
+}
+
+/// A group of coordinators in this process, each a gRPC server on 127.0.0.1.
+pub struct CoordinatorSandbox {
+    /// Coordinator URLs by id.
+    pub urls: BTreeMap<u64, String>,
+    running: BTreeMap<u64, RunningServer>,
+    _data: tempfile::TempDir,
+}
+
+impl CoordinatorSandbox {
+    /// Starts `size` coordinators with short ticks.
+    pub async fn start(size: u64) -> Self {
+        let data = tempfile::tempdir().expect("temporary directory");
+        let mut listeners = BTreeMap::new();
+        let mut urls = BTreeMap::new();
+        for id in 1..=size {
+            let (listener, url) = bind().await;
+            listeners.insert(id, listener);
+            urls.insert(id, url);
+        }
+        let mut running = BTreeMap::new();
+        for (id, listener) in listeners {
+            let mut raft = RaftNodeConfig::new(
+                id,
+                Vec::new(),
+                data.path().join(format!("coordinator-{id}")),
+            );
+            raft.tick_interval = Duration::from_millis(25);
+            let coordinator = Coordinator::start(CoordinatorConfig {
+                raft,
+                peers: urls.clone(),
+            })
+            .expect("coordinator starts");
+            let (stop_tx, stop_rx) = watch::channel(false);
+            let server = tokio::spawn(async move {
+                coordinator
+                    .serve(listener, wait_for_shutdown(stop_rx))
+                    .await
+                    .map_err(|error| error.to_string())
+            });
+            running.insert(
+                id,
+                RunningServer {
+                    stop_tx,
+                    task: server,
+                },
+            );
+        }
+        Self {
+            urls,
+            running,
+            _data: data,
+        }
+    }
+
+    /// Waits until coordinator `via` reports a running leader, and returns its id.
+    pub async fn leader(&self, via: u64) -> u64 {
+        let started = std::time::Instant::now();
+        loop {
+            if let Ok(mut admin) = AdminClient::connect(self.urls[&via].clone()).await
+                && let Ok(status) = admin.cluster_status().await
+                && self.running.contains_key(&status.leader_id)
+            {
+                return status.leader_id;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "no leader elected"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops one coordinator, as if its process had ended.
+    pub async fn stop(&mut self, id: u64) {
+        let (stop_tx, server) = self.running.remove(&id).expect("a running coordinator");
+        stop_tx.send_replace(true);
+        server
+            .await
+            .expect("coordinator task")
+            .expect("coordinator exits cleanly");
+    }
+
+    /// Stops every coordinator.
+    pub async fn shutdown(mut self) {
+        for id in self.running.keys().copied().collect::<Vec<_>>() {
+            self.stop(id).await;
+        }
     }
 }

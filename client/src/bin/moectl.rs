@@ -4,10 +4,12 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use moemesh_client::Client;
 use moemesh_client::npy::{Matrix, read_matrix, write_matrix};
+use moemesh_client::{AdminClient, Client};
+use serde_json::json;
 
-/// Talk to a moemesh cluster.
+/// Talk to a moemesh cluster: run layers through a router, inspect and
+/// manage the cluster through any coordinator.
 #[derive(Parser)]
 #[command(name = "moectl", version, about)]
 struct Cli {
@@ -19,6 +21,73 @@ struct Cli {
 enum Command {
     /// Runs one MoE layer on hidden states from a .npy file and writes the output as .npy.
     Forward(ForwardArgs),
+    /// The cluster as a whole.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+    /// Models served by the cluster.
+    #[command(subcommand)]
+    Model(ModelCommand),
+    /// Which node holds which expert.
+    #[command(subcommand)]
+    Placement(PlacementCommand),
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Shows the coordinators, the leader and term, the placement epoch and the expert nodes.
+    Status(AdminArgs),
+}
+
+#[derive(Subcommand)]
+enum ModelCommand {
+    /// Registers a model from its checkpoint directory and places its experts on the ready nodes.
+    Load(LoadArgs),
+}
+
+#[derive(Subcommand)]
+enum PlacementCommand {
+    /// Lists every expert's replicas and their state.
+    Show(ShowArgs),
+}
+
+#[derive(clap::Args)]
+struct AdminArgs {
+    /// Any coordinator's URL.
+    #[arg(
+        long,
+        env = "MOEMESH_COORDINATOR",
+        default_value = "http://127.0.0.1:7000"
+    )]
+    coordinator: String,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+struct LoadArgs {
+    /// The checkpoint directory, as the coordinators and nodes see it.
+    dir: PathBuf,
+    /// Model id; defaults to the directory name.
+    #[arg(long, default_value = "")]
+    model: String,
+    /// Replicas per expert.
+    #[arg(long, default_value_t = 1)]
+    replicas: u32,
+    #[command(flatten)]
+    admin: AdminArgs,
+}
+
+#[derive(clap::Args)]
+struct ShowArgs {
+    /// Only this model.
+    #[arg(long, default_value = "")]
+    model: String,
+    /// Only this layer.
+    #[arg(long)]
+    layer: Option<u32>,
+    #[command(flatten)]
+    admin: AdminArgs,
 }
 
 #[derive(clap::Args)]
@@ -44,6 +113,9 @@ struct ForwardArgs {
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Forward(args) => forward(args).await,
+        Command::Cluster(ClusterCommand::Status(args)) => cluster_status(args).await,
+        Command::Model(ModelCommand::Load(args)) => load_model(args).await,
+        Command::Placement(PlacementCommand::Show(args)) => show_placement(args).await,
     }
 }
 
@@ -68,5 +140,163 @@ async fn forward(args: ForwardArgs) -> anyhow::Result<()> {
         input.columns,
         args.output.display()
     );
+    Ok(())
+}
+
+async fn admin(args: &AdminArgs) -> anyhow::Result<AdminClient> {
+    AdminClient::connect(&args.coordinator)
+        .await
+        .context("set --coordinator or MOEMESH_COORDINATOR to any coordinator's URL")
+}
+
+async fn cluster_status(args: AdminArgs) -> anyhow::Result<()> {
+    let status = admin(&args).await?.cluster_status().await?;
+    if args.json {
+        let value = json!({
+            "leader_id": status.leader_id,
+            "term": status.term,
+            "epoch": status.epoch,
+            "models": status.models,
+            "coordinators": status.coordinators.iter().map(|c| json!({
+                "id": c.id, "address": c.address, "role": c.role, "term": c.term,
+                "leader_id": c.leader_id, "commit_index": c.commit_index, "applied_index": c.applied_index,
+            })).collect::<Vec<_>>(),
+            "nodes": status.nodes.iter().map(|n| json!({
+                "id": n.id, "address": n.address, "group": n.group, "device": n.device,
+                "memory_bytes": n.memory_bytes, "status": n.status,
+            })).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(());
+    }
+    let leader = if status.leader_id == 0 {
+        "none (election running)".to_string()
+    } else {
+        status.leader_id.to_string()
+    };
+    println!(
+        "leader {leader}, term {}, placement epoch {}, models: {}",
+        status.term,
+        status.epoch,
+        status.models.join(", ")
+    );
+    println!();
+    println!(
+        "{:<4} {:<28} {:<13} {:>6} {:>8} {:>8}",
+        "ID", "COORDINATOR", "ROLE", "TERM", "COMMIT", "APPLIED"
+    );
+    for coordinator in &status.coordinators {
+        println!(
+            "{:<4} {:<28} {:<13} {:>6} {:>8} {:>8}",
+            coordinator.id,
+            coordinator.address,
+            coordinator.role,
+            coordinator.term,
+            coordinator.commit_index,
+            coordinator.applied_index
+        );
+    }
+    println!();
+    if status.nodes.is_empty() {
+        println!("no expert nodes registered");
+        return Ok(());
+    }
+    println!(
+        "{:<14} {:<28} {:<10} {:<8} {:>10} {:<8}",
+        "NODE", "ADDRESS", "GROUP", "DEVICE", "MEMORY", "STATUS"
+    );
+    for node in &status.nodes {
+        println!(
+            "{:<14} {:<28} {:<10} {:<8} {:>8.1}Gi {:<8}",
+            node.id,
+            node.address,
+            node.group,
+            node.device,
+            node.memory_bytes as f64 / (1u64 << 30) as f64,
+            node.status
+        );
+    }
+    Ok(())
+}
+
+async fn load_model(args: LoadArgs) -> anyhow::Result<()> {
+    let dir = args
+        .dir
+        .canonicalize()
+        .with_context(|| format!("cannot find {}", args.dir.display()))?;
+    let request_id = format!(
+        "moectl-load-{}-{:x}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_nanos()
+    );
+    let loaded = admin(&args.admin)
+        .await?
+        .load_model(
+            &args.model,
+            &dir.to_string_lossy(),
+            args.replicas,
+            &request_id,
+        )
+        .await?;
+    if args.admin.json {
+        println!(
+            "{}",
+            json!({"model": loaded.model, "replicas_added": loaded.replicas_added, "epoch": loaded.epoch})
+        );
+    } else {
+        println!(
+            "model {} loaded: {} replicas placed, placement epoch {}",
+            loaded.model, loaded.replicas_added, loaded.epoch
+        );
+    }
+    Ok(())
+}
+
+async fn show_placement(args: ShowArgs) -> anyhow::Result<()> {
+    let placement = admin(&args.admin)
+        .await?
+        .show_placement(&args.model, args.layer)
+        .await?;
+    if args.admin.json {
+        let experts: Vec<_> = placement
+            .experts
+            .iter()
+            .map(|expert| {
+                json!({
+                    "model": expert.model, "layer": expert.layer, "expert": expert.expert,
+                    "replicas": expert.replicas.iter().map(|r| json!({"node": r.node, "state": r.state})).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({"epoch": placement.epoch, "experts": experts}))?
+        );
+        return Ok(());
+    }
+    println!("placement epoch {}", placement.epoch);
+    println!("{:<16} {:>5} {:>6}  REPLICAS", "MODEL", "LAYER", "EXPERT");
+    for expert in &placement.experts {
+        let replicas: Vec<String> = expert
+            .replicas
+            .iter()
+            .map(|replica| {
+                if replica.state == "ready" {
+                    replica.node.clone()
+                } else {
+                    format!("{} ({})", replica.node, replica.state)
+                }
+            })
+            .collect();
+        println!(
+            "{:<16} {:>5} {:>6}  {}",
+            expert.model,
+            expert.layer,
+            expert.expert,
+            replicas.join(", ")
+        );
+    }
     Ok(())
 }

@@ -1,80 +1,21 @@
 //! Three coordinators as gRPC servers on 127.0.0.1: the admin API from any
 //! of them, and losing the leader.
 
-use std::collections::BTreeMap;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use moemesh_coordinator::grpc::{Coordinator, CoordinatorConfig};
-use moemesh_coordinator::node::RaftNodeConfig;
 use moemesh_proto::AdminServiceClient;
 use moemesh_proto::v1::{
     ClusterStatusRequest, LoadModelRequest, NodeInfo, RegisterNodeRequest, ShowPlacementRequest,
 };
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use moemesh_tests::{CoordinatorSandbox, fixture_dir};
 use tonic::Code;
 
 const PATIENCE: Duration = Duration::from_secs(60);
-
-struct RunningCoordinator {
-    stop_tx: oneshot::Sender<()>,
-    server: tokio::task::JoinHandle<()>,
-}
-
-async fn start_group(
-    data_dir: &Path,
-) -> (BTreeMap<u64, String>, BTreeMap<u64, RunningCoordinator>) {
-    let mut listeners = BTreeMap::new();
-    let mut peers = BTreeMap::new();
-    for id in 1..=3u64 {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        peers.insert(id, format!("http://{}", listener.local_addr().unwrap()));
-        listeners.insert(id, listener);
-    }
-    let mut running = BTreeMap::new();
-    for (id, listener) in listeners {
-        let mut raft = RaftNodeConfig::new(id, Vec::new(), data_dir.join(format!("c{id}")));
-        raft.tick_interval = Duration::from_millis(25);
-        let coordinator = Coordinator::start(CoordinatorConfig {
-            raft,
-            peers: peers.clone(),
-        })
-        .unwrap();
-        let (stop_tx, stop_rx) = oneshot::channel();
-        let server = tokio::spawn(async move {
-            coordinator
-                .serve(listener, async {
-                    let _ = stop_rx.await;
-                })
-                .await
-                .unwrap();
-        });
-        running.insert(id, RunningCoordinator { stop_tx, server });
-    }
-    (peers, running)
-}
 
 async fn admin(address: &str) -> AdminServiceClient<tonic::transport::Channel> {
     AdminServiceClient::connect(address.to_string())
         .await
         .unwrap()
-}
-
-/// Waits until coordinator `via` reports a leader among `alive`, and returns it.
-async fn wait_for_leader(address: &str, alive: &[u64]) -> u64 {
-    let started = Instant::now();
-    let mut client = admin(address).await;
-    loop {
-        if let Ok(status) = client.cluster_status(ClusterStatusRequest {}).await {
-            let status = status.into_inner();
-            if alive.contains(&status.leader_id) {
-                return status.leader_id;
-            }
-        }
-        assert!(started.elapsed() < PATIENCE, "no leader");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 fn node(id: &str, group: &str) -> NodeInfo {
@@ -90,9 +31,9 @@ fn node(id: &str, group: &str) -> NodeInfo {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn any_coordinator_serves_the_admin_api_and_the_group_survives_its_leader() {
-    let data = tempfile::tempdir().unwrap();
-    let (peers, mut running) = start_group(data.path()).await;
-    let leader = wait_for_leader(&peers[&1], &[1, 2, 3]).await;
+    let mut group = CoordinatorSandbox::start(3).await;
+    let peers = group.urls.clone();
+    let leader = group.leader(1).await;
     let follower = *peers.keys().find(|&&id| id != leader).unwrap();
 
     // Writes through a follower.
@@ -105,7 +46,7 @@ async fn any_coordinator_serves_the_admin_api_and_the_group_survives_its_leader(
         };
         client.register_node(request).await.unwrap();
     }
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/deepseek_v3");
+    let fixture = fixture_dir("deepseek_v3");
     let loaded = client
         .load_model(LoadModelRequest {
             model: "ds".into(),
@@ -177,9 +118,7 @@ async fn any_coordinator_serves_the_admin_api_and_the_group_survives_its_leader(
 
     // Stop the leader; the survivors elect another and keep committing.
     let stopped_at = Instant::now();
-    let stopping = running.remove(&leader).unwrap();
-    let _ = stopping.stop_tx.send(());
-    stopping.server.await.unwrap();
+    group.stop(leader).await;
     let survivors: Vec<u64> = peers.keys().copied().filter(|&id| id != leader).collect();
     let mut survivor = admin(&peers[&survivors[0]]).await;
     let mut attempt = 0;
@@ -209,7 +148,7 @@ async fn any_coordinator_serves_the_admin_api_and_the_group_survives_its_leader(
         "first commit {:?} after stopping the leader ({attempt} attempts)",
         stopped_at.elapsed()
     );
-    let new_leader = wait_for_leader(&peers[&survivors[1]], &survivors).await;
+    let new_leader = group.leader(survivors[1]).await;
     assert_ne!(new_leader, leader);
     let status = survivor
         .cluster_status(ClusterStatusRequest {})
@@ -229,19 +168,15 @@ async fn any_coordinator_serves_the_admin_api_and_the_group_survives_its_leader(
             .count(),
         1
     );
-
-    for (_, coordinator) in running {
-        let _ = coordinator.stop_tx.send(());
-        coordinator.server.await.unwrap();
-    }
+    group.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_already_serves_experts_registers_them_as_ready() {
-    let data = tempfile::tempdir().unwrap();
-    let (peers, running) = start_group(data.path()).await;
-    wait_for_leader(&peers[&2], &[1, 2, 3]).await;
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/qwen2_moe");
+    let group = CoordinatorSandbox::start(3).await;
+    let peers = group.urls.clone();
+    group.leader(2).await;
+    let fixture = fixture_dir("qwen2_moe");
     let mut client = admin(&peers[&3]).await;
     let serving = vec![moemesh_proto::v1::LayerExperts {
         layer: 1,
@@ -305,8 +240,5 @@ async fn a_node_that_already_serves_experts_registers_them_as_ready() {
         "{}",
         error.message()
     );
-    for (_, coordinator) in running {
-        let _ = coordinator.stop_tx.send(());
-        coordinator.server.await.unwrap();
-    }
+    group.shutdown().await;
 }

@@ -1,0 +1,76 @@
+//! The admin side of the SDK: talks to any coordinator of a cluster.
+
+use moemesh_proto::AdminServiceClient;
+use moemesh_proto::v1::{
+    ClusterStatusRequest, ClusterStatusResponse, LoadModelRequest, LoadModelResponse,
+    ShowPlacementRequest, ShowPlacementResponse,
+};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::ClientError;
+
+/// A connection to one coordinator; any coordinator of the group answers.
+#[derive(Clone)]
+pub struct AdminClient {
+    admin: AdminServiceClient<Channel>,
+}
+
+impl AdminClient {
+    /// Connects to a coordinator, for example `http://127.0.0.1:7000`.
+    pub async fn connect(address: impl Into<String>) -> Result<Self, ClientError> {
+        let address = address.into();
+        let connect_error = |message: String| ClientError::Connect {
+            address: address.clone(),
+            message,
+        };
+        let channel = Endpoint::from_shared(address.clone())
+            .map_err(|error| connect_error(error.to_string()))?
+            .connect()
+            .await
+            .map_err(|error| connect_error(format!("{error:?}")))?;
+        Ok(Self {
+            admin: AdminServiceClient::new(channel),
+        })
+    }
+
+    /// Returns the coordinators, the leader, the epoch and the expert nodes.
+    pub async fn cluster_status(&mut self) -> Result<ClusterStatusResponse, ClientError> {
+        Ok(self
+            .admin
+            .cluster_status(ClusterStatusRequest {})
+            .await?
+            .into_inner())
+    }
+
+    /// Returns the placement, optionally of one model and one layer.
+    pub async fn show_placement(
+        &mut self,
+        model: &str,
+        layer: Option<u32>,
+    ) -> Result<ShowPlacementResponse, ClientError> {
+        let request = ShowPlacementRequest {
+            model: model.to_string(),
+            has_layer: layer.is_some(),
+            layer: layer.unwrap_or(0),
+        };
+        Ok(self.admin.show_placement(request).await?.into_inner())
+    }
+
+    /// Registers a model from a checkpoint directory and places its experts.
+    /// `request_id` makes a retry apply once.
+    pub async fn load_model(
+        &mut self,
+        model: &str,
+        checkpoint: &str,
+        replicas: u32,
+        request_id: &str,
+    ) -> Result<LoadModelResponse, ClientError> {
+        let request = LoadModelRequest {
+            model: model.to_string(),
+            checkpoint: checkpoint.to_string(),
+            replicas,
+            request_id: request_id.to_string(),
+        };
+        Ok(self.admin.load_model(request).await?.into_inner())
+    }
+}
