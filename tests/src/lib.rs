@@ -338,9 +338,10 @@ impl CoordinatorSandbox {
 
     /// Stops one coordinator, as if its process had ended.
     pub async fn stop(&mut self, id: u64) {
-        let (stop_tx, server) = self.running.remove(&id).expect("a running coordinator");
-        stop_tx.send_replace(true);
-        server
+        let running = self.running.remove(&id).expect("a running coordinator");
+        running.stop_tx.send_replace(true);
+        running
+            .task
             .await
             .expect("coordinator task")
             .expect("coordinator exits cleanly");
