@@ -16,7 +16,9 @@ pub mod worker;
 use std::future::Future;
 use std::path::PathBuf;
 
-use moemesh_core::backend::CpuBackend;
+use std::sync::Arc;
+
+use moemesh_core::backend::{ComputeBackend, CpuBackend};
 use moemesh_core::checkpoint::Checkpoint;
 use moemesh_proto::{ExpertServiceServer, MAX_MESSAGE_BYTES};
 use tokio::net::TcpListener;
@@ -54,9 +56,9 @@ pub async fn run(
 /// Loads the experts of `config` onto a CPU backend, off the async runtime.
 pub async fn load(config: ExpertNodeConfig) -> ExpertNodeResult<ExpertNodeService> {
     tokio::task::spawn_blocking(move || {
-        let checkpoint = Checkpoint::open(&config.model_dir)?;
-        let backend = CpuBackend::new(config.threads)?;
-        ExpertNodeService::load(&checkpoint, &backend, &config)
+        let checkpoint = Arc::new(Checkpoint::open(&config.model_dir)?);
+        let backend: Arc<dyn ComputeBackend> = Arc::new(CpuBackend::new(config.threads)?);
+        ExpertNodeService::load(checkpoint, backend, &config)
     })
     .await
     .map_err(|error| ExpertNodeError::Internal(format!("expert loading panicked: {error}")))?

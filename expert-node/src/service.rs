@@ -2,7 +2,8 @@
 //! device worker, so that a bad request is refused with a clear message and
 //! never disturbs other work.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use moemesh_core::backend::ComputeBackend;
@@ -19,14 +20,18 @@ use tracing::instrument;
 use crate::worker::{ComputeJob, DeviceWorker, DeviceWorkerHandle, ExpertAssignment};
 use crate::{ExpertNodeConfig, ExpertNodeError, ExpertNodeResult};
 
-/// The gRPC face of an expert node.
+/// The gRPC face of an expert node; cheap to clone, all clones share one node.
+#[derive(Clone)]
 pub struct ExpertNodeService {
+    inner: Arc<NodeInner>,
+}
+
+struct NodeInner {
     model_id: String,
     config: ModelConfig,
-    /// Experts held per layer; fixed once loaded.
-    held: BTreeMap<usize, BTreeSet<u32>>,
-    backend_description: String,
-    weight_bytes: u64,
+    /// Where experts are loaded from when the placement adds one.
+    checkpoint: Arc<Checkpoint>,
+    backend: Arc<dyn ComputeBackend>,
     worker: DeviceWorkerHandle,
 }
 
@@ -34,8 +39,8 @@ impl ExpertNodeService {
     /// Loads the configured experts from `checkpoint` onto `backend` and
     /// starts the device worker.
     pub fn load(
-        checkpoint: &Checkpoint,
-        backend: &dyn ComputeBackend,
+        checkpoint: Arc<Checkpoint>,
+        backend: Arc<dyn ComputeBackend>,
         node_config: &ExpertNodeConfig,
     ) -> ExpertNodeResult<Self> {
         let config = checkpoint.config().clone();
@@ -44,38 +49,74 @@ impl ExpertNodeService {
                 "no experts assigned to this node".into(),
             ));
         }
-        let mut held: BTreeMap<usize, BTreeSet<u32>> = BTreeMap::new();
         let mut experts = HashMap::new();
-        let mut weight_bytes = 0u64;
         for &(layer, expert) in &node_config.experts {
-            if !held.entry(layer).or_default().insert(expert) {
-                continue;
+            if let std::collections::hash_map::Entry::Vacant(slot) = experts.entry((layer, expert))
+            {
+                slot.insert(backend.load_expert(checkpoint.load_expert(layer, expert)?)?);
             }
-            let resident = backend.load_expert(checkpoint.load_expert(layer, expert)?)?;
-            weight_bytes += resident.weight_bytes() as u64;
-            experts.insert((layer, expert), resident);
         }
+        let worker = DeviceWorker::spawn(experts, config.hidden_size, node_config.queue_capacity);
         tracing::info!(
-            experts = experts.len(),
-            layers = held.len(),
-            weight_mib = weight_bytes / (1 << 20),
+            experts = node_config.experts.len(),
+            weight_mib = worker.stats().weight_bytes.load(Ordering::Relaxed) >> 20,
             backend = %backend.describe(),
             "experts resident"
         );
-        let worker = DeviceWorker::spawn(experts, config.hidden_size, node_config.queue_capacity);
-        Ok(Self {
+        let inner = NodeInner {
             model_id: node_config.model_id.clone(),
             config,
-            held,
-            backend_description: backend.describe(),
-            weight_bytes,
+            checkpoint,
+            backend,
             worker,
+        };
+        Ok(Self {
+            inner: Arc::new(inner),
         })
+    }
+
+    /// Loads an expert from the checkpoint and makes it resident (a no-op
+    /// if it already is). Loading runs off the async runtime.
+    pub async fn add_expert(&self, layer: usize, expert: u32) -> ExpertNodeResult<()> {
+        if self
+            .inner
+            .worker
+            .held()
+            .get(&layer)
+            .is_some_and(|experts| experts.contains(&expert))
+        {
+            return Ok(());
+        }
+        let inner = Arc::clone(&self.inner);
+        let resident = tokio::task::spawn_blocking(move || {
+            inner
+                .backend
+                .load_expert(inner.checkpoint.load_expert(layer, expert)?)
+        })
+        .await
+        .map_err(|error| {
+            ExpertNodeError::Internal(format!("expert loading panicked: {error}"))
+        })??;
+        self.inner
+            .worker
+            .add_expert(layer, expert, resident)
+            .await?;
+        tracing::info!(layer, expert, "expert loaded");
+        Ok(())
+    }
+
+    /// Drops an expert after the work already queued for it.
+    pub async fn remove_expert(&self, layer: usize, expert: u32) -> ExpertNodeResult<()> {
+        self.inner.worker.remove_expert(layer, expert).await?;
+        tracing::info!(layer, expert, "expert unloaded");
+        Ok(())
     }
 
     /// Returns the experts this node serves, per layer.
     pub fn serving(&self) -> Vec<LayerExperts> {
-        self.held
+        self.inner
+            .worker
+            .held()
             .iter()
             .map(|(&layer, experts)| LayerExperts {
                 layer: layer as u32,
@@ -86,25 +127,27 @@ impl ExpertNodeService {
 
     /// Returns the model id this node serves.
     pub fn model_id(&self) -> &str {
-        &self.model_id
+        &self.inner.model_id
     }
 
     /// Checks a request against what this node holds and turns it into a job.
     fn validate(&self, request: ComputeRequest) -> ExpertNodeResult<ComputeJob> {
-        if !request.model.is_empty() && request.model != self.model_id {
+        let inner = &self.inner;
+        if !request.model.is_empty() && request.model != inner.model_id {
             return Err(ExpertNodeError::InvalidArgument(format!(
                 "unknown model {:?}; this node serves {:?}",
-                request.model, self.model_id
+                request.model, inner.model_id
             )));
         }
         let layer = request.layer as usize;
-        let held = self.held.get(&layer).ok_or_else(|| {
+        let all_held = inner.worker.held();
+        let held = all_held.get(&layer).ok_or_else(|| {
             ExpertNodeError::InvalidArgument(format!(
                 "layer {layer} is not held here; this node holds layers {:?}",
-                self.held.keys().collect::<Vec<_>>()
+                all_held.keys().collect::<Vec<_>>()
             ))
         })?;
-        let rows = decode_rows(request.rows.as_ref(), self.config.hidden_size)?;
+        let rows = decode_rows(request.rows.as_ref(), inner.config.hidden_size)?;
         let mut assignments = Vec::with_capacity(request.experts.len());
         let mut previous_expert = None;
         for ExpertRows {
@@ -166,26 +209,28 @@ impl ExpertNodeService {
     }
 
     fn describe(&self) -> InfoResponse {
-        let stats = self.worker.stats();
-        let mut load: Vec<ExpertLoad> = stats
+        let inner = &self.inner;
+        let stats = inner.worker.stats();
+        let load = stats
             .tokens
+            .lock()
+            .expect("worker stats")
             .iter()
-            .map(|(&(layer, expert), tokens)| ExpertLoad {
+            .map(|(&(layer, expert), &tokens)| ExpertLoad {
                 layer: layer as u32,
                 expert,
-                tokens: tokens.load(Ordering::Relaxed),
+                tokens,
             })
             .collect();
-        load.sort_by_key(|entry| (entry.layer, entry.expert));
         InfoResponse {
-            model: self.model_id.clone(),
-            family: self.config.family.to_string(),
-            hidden_size: self.config.hidden_size as u32,
-            num_experts: self.config.num_experts as u32,
+            model: inner.model_id.clone(),
+            family: inner.config.family.to_string(),
+            hidden_size: inner.config.hidden_size as u32,
+            num_experts: inner.config.num_experts as u32,
             layers: self.serving(),
             load,
-            backend: self.backend_description.clone(),
-            weight_bytes: self.weight_bytes,
+            backend: inner.backend.describe(),
+            weight_bytes: stats.weight_bytes.load(Ordering::Relaxed),
         }
     }
 }
@@ -198,14 +243,11 @@ impl moemesh_proto::ExpertService for ExpertNodeService {
         request: Request<ComputeRequest>,
     ) -> Result<Response<ComputeResponse>, Status> {
         let job = self.validate(request.into_inner())?;
-        let rows = job.input.len() / self.config.hidden_size;
-        let combined = self.worker.compute(job).await?;
+        let hidden_size = self.inner.config.hidden_size;
+        let rows = job.input.len() / hidden_size;
+        let combined = self.inner.worker.compute(job).await?;
         Ok(Response::new(ComputeResponse {
-            output: Some(encode(
-                &combined,
-                &[rows, self.config.hidden_size],
-                WireDtype::F32,
-            )),
+            output: Some(encode(&combined, &[rows, hidden_size], WireDtype::F32)),
         }))
     }
 

@@ -1,17 +1,19 @@
 //! The device worker: the one owner of the experts resident on a device.
 //!
-//! Work arrives through a bounded queue; a full queue is refused at once
-//! (the router then tries another replica) so memory never grows with load.
-//! The worker runs on its own OS thread, never on the async runtime, and
-//! drops work whose caller has already gone.
+//! Compute work arrives through a bounded queue; a full queue is refused at
+//! once (the router then tries another replica) so memory never grows with
+//! load. Experts are added and removed through the same queue, so a change
+//! of placement takes effect between two jobs, never during one. The worker
+//! runs on its own OS thread, never on the async runtime, and drops work
+//! whose caller has already gone.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use moemesh_core::backend::Expert;
 use moemesh_core::layer::{ExpertWork, run_experts};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::{ExpertNodeError, ExpertNodeResult};
 
@@ -33,26 +35,45 @@ pub struct ComputeJob {
     pub assignments: Vec<ExpertAssignment>,
 }
 
-struct QueuedJob {
-    job: ComputeJob,
-    /// The handler awaiting the combined rows.
-    reply_tx: oneshot::Sender<ExpertNodeResult<Vec<f32>>>,
+/// The experts a worker holds, per layer.
+pub type HeldExperts = BTreeMap<usize, BTreeSet<u32>>;
+
+enum WorkerCommand {
+    Compute {
+        job: ComputeJob,
+        /// The handler awaiting the combined rows.
+        reply_tx: oneshot::Sender<ExpertNodeResult<Vec<f32>>>,
+    },
+    AddExpert {
+        layer: usize,
+        expert: u32,
+        resident: Arc<dyn Expert>,
+        done_tx: oneshot::Sender<()>,
+    },
+    RemoveExpert {
+        layer: usize,
+        expert: u32,
+        done_tx: oneshot::Sender<()>,
+    },
 }
 
-/// Per-expert counters the worker writes and `Info` reads.
+/// Counters the worker writes and `Info` reads.
 #[derive(Debug, Default)]
 pub struct WorkerStats {
-    /// Tokens processed, keyed like the worker's experts.
-    pub tokens: HashMap<(usize, u32), AtomicU64>,
+    /// Tokens processed per resident (layer, expert).
+    pub tokens: Mutex<BTreeMap<(usize, u32), u64>>,
     /// Jobs dropped because their caller went away before they ran.
     pub cancelled_jobs: AtomicU64,
+    /// Bytes of resident expert weights.
+    pub weight_bytes: AtomicU64,
 }
 
 /// Cloneable handle to a running [`DeviceWorker`].
 #[derive(Clone)]
 pub struct DeviceWorkerHandle {
-    job_tx: mpsc::Sender<QueuedJob>,
+    command_tx: mpsc::Sender<WorkerCommand>,
     stats: Arc<WorkerStats>,
+    held_rx: watch::Receiver<Arc<HeldExperts>>,
 }
 
 /// Owns the resident experts and computes queued jobs in order.
@@ -60,6 +81,8 @@ pub struct DeviceWorker {
     experts: HashMap<(usize, u32), Arc<dyn Expert>>,
     hidden_size: usize,
     stats: Arc<WorkerStats>,
+    /// Publishes the held set after every change; the service validates against it.
+    held_tx: watch::Sender<Arc<HeldExperts>>,
 }
 
 impl DeviceWorker {
@@ -69,59 +92,124 @@ impl DeviceWorker {
         hidden_size: usize,
         queue_capacity: usize,
     ) -> DeviceWorkerHandle {
-        let stats = Arc::new(WorkerStats {
-            tokens: experts
-                .keys()
-                .map(|&key| (key, AtomicU64::new(0)))
-                .collect(),
-            cancelled_jobs: AtomicU64::new(0),
-        });
-        let worker = Self {
-            experts,
+        let stats = Arc::new(WorkerStats::default());
+        let (held_tx, held_rx) = watch::channel(Arc::new(HeldExperts::new()));
+        let mut worker = Self {
+            experts: HashMap::new(),
             hidden_size,
             stats: Arc::clone(&stats),
+            held_tx,
         };
-        let (job_tx, job_rx) = mpsc::channel(queue_capacity.max(1));
+        for ((layer, expert), resident) in experts {
+            worker.add(layer, expert, resident);
+        }
+        let (command_tx, command_rx) = mpsc::channel(queue_capacity.max(1));
         std::thread::Builder::new()
             .name("moemesh-device-worker".into())
-            .spawn(move || worker.run(job_rx))
+            .spawn(move || worker.run(command_rx))
             .expect("the OS can start the device worker thread");
-        DeviceWorkerHandle { job_tx, stats }
-    }
-
-    fn run(self, mut job_rx: mpsc::Receiver<QueuedJob>) {
-        while let Some(QueuedJob { job, reply_tx }) = job_rx.blocking_recv() {
-            if reply_tx.is_closed() {
-                self.stats.cancelled_jobs.fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
-            // A send error means the caller left while we computed: nothing to do.
-            let _ = reply_tx.send(self.compute(&job));
+        DeviceWorkerHandle {
+            command_tx,
+            stats,
+            held_rx,
         }
     }
 
-    /// Runs every assigned expert and combines per row. Jobs are validated
-    /// by the service; an unknown expert is still refused here rather than
-    /// taking the worker down.
+    fn run(mut self, mut command_rx: mpsc::Receiver<WorkerCommand>) {
+        while let Some(command) = command_rx.blocking_recv() {
+            match command {
+                WorkerCommand::Compute { job, reply_tx } => {
+                    if reply_tx.is_closed() {
+                        self.stats.cancelled_jobs.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    // A send error means the caller left while we computed: nothing to do.
+                    let _ = reply_tx.send(self.compute(&job));
+                }
+                WorkerCommand::AddExpert {
+                    layer,
+                    expert,
+                    resident,
+                    done_tx,
+                } => {
+                    self.add(layer, expert, resident);
+                    let _ = done_tx.send(());
+                }
+                WorkerCommand::RemoveExpert {
+                    layer,
+                    expert,
+                    done_tx,
+                } => {
+                    if let Some(resident) = self.experts.remove(&(layer, expert)) {
+                        self.stats
+                            .weight_bytes
+                            .fetch_sub(resident.weight_bytes() as u64, Ordering::Relaxed);
+                        self.stats
+                            .tokens
+                            .lock()
+                            .expect("worker stats")
+                            .remove(&(layer, expert));
+                        self.publish_held();
+                    }
+                    let _ = done_tx.send(());
+                }
+            }
+        }
+    }
+
+    fn add(&mut self, layer: usize, expert: u32, resident: Arc<dyn Expert>) {
+        self.stats
+            .weight_bytes
+            .fetch_add(resident.weight_bytes() as u64, Ordering::Relaxed);
+        if let Some(previous) = self.experts.insert((layer, expert), resident) {
+            self.stats
+                .weight_bytes
+                .fetch_sub(previous.weight_bytes() as u64, Ordering::Relaxed);
+        }
+        self.stats
+            .tokens
+            .lock()
+            .expect("worker stats")
+            .entry((layer, expert))
+            .or_insert(0);
+        self.publish_held();
+    }
+
+    fn publish_held(&self) {
+        let mut held = HeldExperts::new();
+        for &(layer, expert) in self.experts.keys() {
+            held.entry(layer).or_default().insert(expert);
+        }
+        self.held_tx.send_replace(Arc::new(held));
+    }
+
+    /// Runs every assigned expert and combines per row. The service
+    /// validates jobs, but an expert removed since is refused here rather
+    /// than taking the worker down.
     pub fn compute(&self, job: &ComputeJob) -> ExpertNodeResult<Vec<f32>> {
         let mut work = Vec::with_capacity(job.assignments.len());
         for assignment in &job.assignments {
-            let key = (job.layer, assignment.expert);
-            let expert = self.experts.get(&key).ok_or_else(|| {
-                ExpertNodeError::InvalidArgument(format!(
-                    "expert {} of layer {} is not held here",
-                    assignment.expert, job.layer
-                ))
-            })?;
+            let expert = self
+                .experts
+                .get(&(job.layer, assignment.expert))
+                .ok_or_else(|| {
+                    ExpertNodeError::InvalidArgument(format!(
+                        "expert {} of layer {} is not held here",
+                        assignment.expert, job.layer
+                    ))
+                })?;
             work.push(ExpertWork {
                 expert: expert.as_ref(),
                 rows: &assignment.rows,
                 weights: &assignment.weights,
             });
         }
-        for assignment in &job.assignments {
-            let key = (job.layer, assignment.expert);
-            self.stats.tokens[&key].fetch_add(assignment.rows.len() as u64, Ordering::Relaxed);
+        {
+            let mut tokens = self.stats.tokens.lock().expect("worker stats");
+            for assignment in &job.assignments {
+                *tokens.entry((job.layer, assignment.expert)).or_insert(0) +=
+                    assignment.rows.len() as u64;
+            }
         }
         Ok(run_experts(&job.input, self.hidden_size, work))
     }
@@ -132,12 +220,12 @@ impl DeviceWorkerHandle {
     /// queue is full.
     pub async fn compute(&self, job: ComputeJob) -> ExpertNodeResult<Vec<f32>> {
         let (reply_tx, reply_rx) = oneshot::channel();
-        self.job_tx
-            .try_send(QueuedJob { job, reply_tx })
+        self.command_tx
+            .try_send(WorkerCommand::Compute { job, reply_tx })
             .map_err(|error| match error {
                 mpsc::error::TrySendError::Full(_) => ExpertNodeError::Overloaded(format!(
                     "work queue full ({} jobs waiting)",
-                    self.job_tx.max_capacity()
+                    self.command_tx.max_capacity()
                 )),
                 mpsc::error::TrySendError::Closed(_) => {
                     ExpertNodeError::Unavailable("device worker stopped".into())
@@ -146,6 +234,51 @@ impl DeviceWorkerHandle {
         reply_rx
             .await
             .map_err(|_| ExpertNodeError::Unavailable("device worker stopped".into()))?
+    }
+
+    /// Makes an expert resident; waits behind queued work, never refused.
+    pub async fn add_expert(
+        &self,
+        layer: usize,
+        expert: u32,
+        resident: Arc<dyn Expert>,
+    ) -> ExpertNodeResult<()> {
+        let (done_tx, done_rx) = oneshot::channel();
+        let command = WorkerCommand::AddExpert {
+            layer,
+            expert,
+            resident,
+            done_tx,
+        };
+        self.command_tx
+            .send(command)
+            .await
+            .map_err(|_| ExpertNodeError::Unavailable("device worker stopped".into()))?;
+        done_rx
+            .await
+            .map_err(|_| ExpertNodeError::Unavailable("device worker stopped".into()))
+    }
+
+    /// Drops an expert once the work queued before this call is done.
+    pub async fn remove_expert(&self, layer: usize, expert: u32) -> ExpertNodeResult<()> {
+        let (done_tx, done_rx) = oneshot::channel();
+        let command = WorkerCommand::RemoveExpert {
+            layer,
+            expert,
+            done_tx,
+        };
+        self.command_tx
+            .send(command)
+            .await
+            .map_err(|_| ExpertNodeError::Unavailable("device worker stopped".into()))?;
+        done_rx
+            .await
+            .map_err(|_| ExpertNodeError::Unavailable("device worker stopped".into()))
+    }
+
+    /// Returns the experts held now.
+    pub fn held(&self) -> Arc<HeldExperts> {
+        self.held_rx.borrow().clone()
     }
 
     /// Returns the worker's counters.
@@ -216,7 +349,7 @@ mod tests {
             async move { worker.compute(job(1.0)).await }
         });
         tokio::task::yield_now().await;
-        while worker.job_tx.capacity() > 0 {
+        while worker.command_tx.capacity() > 0 {
             tokio::task::yield_now().await;
         }
         let refused = worker.compute(job(1.0)).await.unwrap_err();
@@ -233,6 +366,6 @@ mod tests {
         while worker.stats().cancelled_jobs.load(Ordering::Relaxed) == 0 {
             tokio::task::yield_now().await;
         }
-        assert_eq!(worker.stats().tokens[&(0, 0)].load(Ordering::Relaxed), 1);
+        assert_eq!(worker.stats().tokens.lock().unwrap()[&(0, 0)], 1);
     }
 }
