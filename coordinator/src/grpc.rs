@@ -9,14 +9,16 @@ use std::time::Duration;
 use moemesh_core::config::ModelConfig;
 use moemesh_core::placement::{NodeCapacity, initial_assignment};
 use moemesh_proto::v1::{
-    ClusterStatusRequest, ClusterStatusResponse, CoordinatorStatus, ExpertPlacement,
-    LoadModelRequest, LoadModelResponse, NodeInfo, PeerStatusRequest, RaftAck, RaftBatch,
-    RegisterNodeRequest, RegisterNodeResponse, ReplicaInfo, ShowPlacementRequest,
-    ShowPlacementResponse,
+    AddReplicaRequest, AddReplicaResponse, ClusterStatusRequest, ClusterStatusResponse,
+    CoordinatorStatus, ExpertPlacement, HeartbeatRequest, HeartbeatResponse, LoadModelRequest,
+    LoadModelResponse, MoveReplicaRequest, MoveReplicaResponse, NodeInfo, PeerStatusRequest,
+    PlacementSnapshot, RaftAck, RaftBatch, RegisterNodeRequest, RegisterNodeResponse, ReplicaInfo,
+    ReportReplicaReadyRequest, ReportReplicaReadyResponse, ShowPlacementRequest,
+    ShowPlacementResponse, WatchPlacementRequest,
 };
 use moemesh_proto::{
-    AdminServiceServer, CoordinatorPeerServiceClient, CoordinatorPeerServiceServer,
-    MAX_MESSAGE_BYTES,
+    AdminServiceClient, AdminServiceServer, CoordinatorPeerServiceClient,
+    CoordinatorPeerServiceServer, MAX_MESSAGE_BYTES,
 };
 use protobuf::Message as _;
 use raft::prelude::Message;
@@ -27,6 +29,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
+use crate::membership::{self, Membership};
 use crate::node::{RaftHandle, RaftNode, RaftNodeConfig, RaftStatus};
 use crate::state::{
     ClusterState, Command, ExpertKey, ModelRecord, NodeRecord, NodeStatus, Outcome, Proposal,
@@ -40,12 +43,28 @@ const PEER_QUEUE: usize = 4096;
 /// How long one peer call may take before the peer counts as unreachable.
 const PEER_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Where the other coordinators are.
+/// Where the other coordinators are, and membership timing.
 #[derive(Debug, Clone)]
 pub struct CoordinatorConfig {
     pub raft: RaftNodeConfig,
     /// Every coordinator's id and URL, this one included.
     pub peers: BTreeMap<u64, String>,
+    /// Silence after which the leader declares an expert node dead.
+    pub dead_after: Duration,
+    /// How long a drained replica stays before removal during a move.
+    pub drain_grace: Duration,
+}
+
+impl CoordinatorConfig {
+    /// Defaults: nodes are dead after 5 s of silence; moves drain for 2 s.
+    pub fn new(raft: RaftNodeConfig, peers: BTreeMap<u64, String>) -> Self {
+        Self {
+            raft,
+            peers,
+            dead_after: Duration::from_secs(5),
+            drain_grace: membership::DRAIN_GRACE,
+        }
+    }
 }
 
 /// Sends raft messages to peers over gRPC, one queue and task per peer.
@@ -129,6 +148,12 @@ pub struct CoordinatorService {
     id: u64,
     peers: BTreeMap<u64, String>,
     node: RaftHandle,
+    membership: Arc<Membership>,
+    /// Lazily connected admin clients of the other coordinators, for
+    /// forwarding heartbeats to the leader.
+    peer_admin: BTreeMap<u64, AdminServiceClient<Channel>>,
+    /// How long a drained replica stays before removal during a move.
+    drain_grace: Duration,
 }
 
 fn status_to_proto(status: &RaftStatus, address: &str) -> CoordinatorStatus {
@@ -284,8 +309,205 @@ impl moemesh_proto::CoordinatorPeerService for CoordinatorService {
     }
 }
 
+fn node_info(node: &NodeRecord) -> NodeInfo {
+    NodeInfo {
+        id: node.id.clone(),
+        address: node.address.clone(),
+        group: node.group.clone(),
+        device: node.device.clone(),
+        memory_bytes: node.memory_bytes,
+        status: node_status_name(node.status).into(),
+    }
+}
+
+fn replica_state_name(state: ReplicaState) -> &'static str {
+    match state {
+        ReplicaState::Loading => "loading",
+        ReplicaState::Ready => "ready",
+        ReplicaState::Draining => "draining",
+    }
+}
+
+/// The placement of `model` (all models when empty) with every node.
+fn placement_snapshot(
+    state: &ClusterState,
+    model: &str,
+    layer: Option<usize>,
+) -> PlacementSnapshot {
+    let experts = state
+        .replicas
+        .iter()
+        .filter(|(key, _)| model.is_empty() || key.model == model)
+        .filter(|(key, _)| layer.is_none_or(|layer| key.layer == layer))
+        .map(|(key, replicas)| ExpertPlacement {
+            model: key.model.clone(),
+            layer: key.layer as u32,
+            expert: key.expert,
+            replicas: replicas
+                .iter()
+                .map(|replica| ReplicaInfo {
+                    node: replica.node.clone(),
+                    state: replica_state_name(replica.state).into(),
+                })
+                .collect(),
+        })
+        .collect();
+    PlacementSnapshot {
+        epoch: state.epoch,
+        nodes: state.nodes.values().map(node_info).collect(),
+        experts,
+    }
+}
+
+fn expert_key(model: String, layer: u32, expert: u32) -> Result<ExpertKey, Status> {
+    if model.is_empty() {
+        return Err(Status::invalid_argument("model is required"));
+    }
+    Ok(ExpertKey {
+        model,
+        layer: layer as usize,
+        expert,
+    })
+}
+
 #[tonic::async_trait]
 impl moemesh_proto::AdminService for CoordinatorService {
+    type WatchPlacementStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<PlacementSnapshot, Status>> + Send + 'static>,
+    >;
+
+    async fn watch_placement(
+        &self,
+        request: Request<WatchPlacementRequest>,
+    ) -> Result<Response<Self::WatchPlacementStream>, Status> {
+        let model = request.into_inner().model;
+        let mut applied = self.node.watch_applied();
+        let (snapshot_tx, snapshot_rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            let mut last_sent: Option<PlacementSnapshot> = None;
+            loop {
+                let snapshot = placement_snapshot(&applied.borrow_and_update(), &model, None);
+                if last_sent.as_ref() != Some(&snapshot) {
+                    if snapshot_tx.send(Ok(snapshot.clone())).await.is_err() {
+                        return;
+                    }
+                    last_sent = Some(snapshot);
+                }
+                tokio::select! {
+                    changed = applied.changed() => if changed.is_err() { return },
+                    _ = snapshot_tx.closed() => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(snapshot_rx),
+        )))
+    }
+
+    #[instrument(skip_all, fields(node = %request.get_ref().node))]
+    async fn report_replica_ready(
+        &self,
+        request: Request<ReportReplicaReadyRequest>,
+    ) -> Result<Response<ReportReplicaReadyResponse>, Status> {
+        let ReportReplicaReadyRequest {
+            node,
+            model,
+            layer,
+            expert,
+        } = request.into_inner();
+        let key = expert_key(model, layer, expert)?;
+        let state = self.current_state().await?;
+        let replica_state = state
+            .replicas
+            .get(&key)
+            .and_then(|replicas| replicas.iter().find(|replica| replica.node == node))
+            .map(|replica| replica.state)
+            .ok_or_else(|| {
+                Status::failed_precondition(format!("{node} has no replica of {key:?}"))
+            })?;
+        let epoch = if replica_state == ReplicaState::Loading {
+            let request_id = format!(
+                "ready/{node}/{}/{layer}/{expert}/{}",
+                key.model, state.epoch
+            );
+            self.propose(request_id, Command::ReplicaReady { key, node })
+                .await?
+        } else {
+            state.epoch
+        };
+        Ok(Response::new(ReportReplicaReadyResponse { epoch }))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatResponse>, Status> {
+        let node = request.into_inner().node;
+        self.membership.heard_from(&node);
+        // Only the leader acts on heartbeats: hand it this one.
+        let status = self.node.status().await?;
+        if let Some(leader) = status.leader_id.filter(|&leader| leader != self.id)
+            && let Some(client) = self.peer_admin.get(&leader)
+        {
+            let _ = client.clone().heartbeat(HeartbeatRequest { node }).await;
+        }
+        Ok(Response::new(HeartbeatResponse {}))
+    }
+
+    #[instrument(skip_all, fields(expert = request.get_ref().expert, from = %request.get_ref().from_node, to = %request.get_ref().to_node))]
+    async fn move_replica(
+        &self,
+        request: Request<MoveReplicaRequest>,
+    ) -> Result<Response<MoveReplicaResponse>, Status> {
+        let MoveReplicaRequest {
+            model,
+            layer,
+            expert,
+            from_node,
+            to_node,
+            request_id,
+        } = request.into_inner();
+        let key = expert_key(model, layer, expert)?;
+        let request_id = fresh_request_id(request_id, "move");
+        let started = std::time::Instant::now();
+        tracing::info!(?key, from = %from_node, to = %to_node, "moving a replica");
+        let result = membership::move_replica(
+            &self.node,
+            &request_id,
+            key.clone(),
+            &from_node,
+            &to_node,
+            self.drain_grace,
+        )
+        .await;
+        match &result {
+            Ok(_) => tracing::info!(?key, took = ?started.elapsed(), "move done"),
+            Err(error) => tracing::warn!(?key, %error, "move failed"),
+        }
+        Ok(Response::new(MoveReplicaResponse {
+            epoch: result?,
+            took_ms: started.elapsed().as_millis() as u64,
+        }))
+    }
+
+    #[instrument(skip_all, fields(expert = request.get_ref().expert, node = %request.get_ref().node))]
+    async fn add_replica(
+        &self,
+        request: Request<AddReplicaRequest>,
+    ) -> Result<Response<AddReplicaResponse>, Status> {
+        let AddReplicaRequest {
+            model,
+            layer,
+            expert,
+            node,
+            request_id,
+        } = request.into_inner();
+        let key = expert_key(model, layer, expert)?;
+        let request_id = fresh_request_id(request_id, "replicate");
+        let epoch = membership::add_replica(&self.node, &request_id, key, &node).await?;
+        Ok(Response::new(AddReplicaResponse { epoch }))
+    }
+
     #[instrument(skip_all)]
     async fn cluster_status(
         &self,
@@ -304,18 +526,7 @@ impl moemesh_proto::AdminService for CoordinatorService {
             leader_id: own.leader_id.unwrap_or(0),
             term: own.term,
             epoch: state.epoch,
-            nodes: state
-                .nodes
-                .values()
-                .map(|node| NodeInfo {
-                    id: node.id.clone(),
-                    address: node.address.clone(),
-                    group: node.group.clone(),
-                    device: node.device.clone(),
-                    memory_bytes: node.memory_bytes,
-                    status: node_status_name(node.status).into(),
-                })
-                .collect(),
+            nodes: state.nodes.values().map(node_info).collect(),
             models: state.models.keys().cloned().collect(),
         }))
     }
@@ -489,27 +700,11 @@ impl moemesh_proto::AdminService for CoordinatorService {
     ) -> Result<Response<ShowPlacementResponse>, Status> {
         let filter = request.into_inner();
         let state = self.current_state().await?;
-        let experts = state
-            .replicas
-            .iter()
-            .filter(|(key, _)| filter.model.is_empty() || key.model == filter.model)
-            .filter(|(key, _)| !filter.has_layer || key.layer == filter.layer as usize)
-            .map(|(key, replicas)| ExpertPlacement {
-                model: key.model.clone(),
-                layer: key.layer as u32,
-                expert: key.expert,
-                replicas: replicas
-                    .iter()
-                    .map(|replica| ReplicaInfo {
-                        node: replica.node.clone(),
-                        state: format!("{:?}", replica.state).to_lowercase(),
-                    })
-                    .collect(),
-            })
-            .collect();
+        let layer = filter.has_layer.then_some(filter.layer as usize);
+        let snapshot = placement_snapshot(&state, &filter.model, layer);
         Ok(Response::new(ShowPlacementResponse {
-            epoch: state.epoch,
-            experts,
+            epoch: snapshot.epoch,
+            experts: snapshot.experts,
         }))
     }
 }
@@ -534,13 +729,28 @@ impl Coordinator {
         let transport = GrpcTransport::start(id, &config.peers, Arc::clone(&handle_slot))?;
         let node = RaftNode::spawn(raft_config, Arc::new(transport))?;
         let _ = handle_slot.set(node.clone());
-        Ok(Self {
-            service: CoordinatorService {
-                id,
-                peers: config.peers,
-                node,
-            },
-        })
+        let membership = Membership::new(node.clone(), config.dead_after);
+        tokio::spawn(Arc::clone(&membership).monitor_task());
+        let mut peer_admin = BTreeMap::new();
+        for (&peer, address) in config.peers.iter().filter(|(peer, _)| **peer != id) {
+            let endpoint = Endpoint::from_shared(address.clone())
+                .map_err(|error| {
+                    CoordinatorError::Rejected(format!(
+                        "coordinator {peer} address {address:?}: {error}"
+                    ))
+                })?
+                .timeout(PEER_TIMEOUT);
+            peer_admin.insert(peer, AdminServiceClient::new(endpoint.connect_lazy()));
+        }
+        let service = CoordinatorService {
+            id,
+            peers: config.peers,
+            node,
+            membership,
+            peer_admin,
+            drain_grace: config.drain_grace,
+        };
+        Ok(Self { service })
     }
 
     /// Returns the Raft node's handle.

@@ -7,9 +7,11 @@
 //!   and runs its Ready loop, and its handle.
 //! - [`transport`]: how raft messages reach other coordinators.
 //! - [`grpc`]: the peer transport over gRPC and the admin API.
+//! - [`membership`]: heartbeats, dead nodes, and moving replicas safely.
 
 mod error;
 pub mod grpc;
+pub mod membership;
 pub mod node;
 pub mod state;
 pub mod storage;

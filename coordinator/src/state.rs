@@ -195,10 +195,15 @@ impl ClusterState {
                 self.nodes.insert(node.id.clone(), node);
             }
             Command::SetNodeStatus { node, status } => {
-                self.nodes
+                let record = self
+                    .nodes
                     .get_mut(&node)
-                    .ok_or_else(|| format!("unknown node {node:?}"))?
-                    .status = status;
+                    .ok_or_else(|| format!("unknown node {node:?}"))?;
+                if record.status != status {
+                    record.status = status;
+                    // Routers stop or resume using the node's replicas.
+                    self.epoch += 1;
+                }
             }
             Command::AddModel { model } => {
                 if let Some(existing) = self.models.get(&model.id)

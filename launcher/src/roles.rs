@@ -83,6 +83,10 @@ pub struct CoordinatorArgs {
     /// Raft tick in milliseconds; elections start after 10 to 20 ticks of silence.
     #[arg(long, env = "MOEMESH_TICK_MS", default_value_t = 100)]
     tick_ms: u64,
+    /// Milliseconds without a heartbeat after which an expert node is dead
+    /// and its experts are placed elsewhere.
+    #[arg(long, env = "MOEMESH_DEAD_AFTER_MS", default_value_t = 5000)]
+    dead_after_ms: u64,
     /// Exit when standard input closes (used by `moemesh up` for its children).
     #[arg(long, hide = true)]
     exit_with_parent: bool,
@@ -247,7 +251,9 @@ pub async fn run_coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
         args.data_dir.clone(),
     );
     raft.tick_interval = Duration::from_millis(args.tick_ms.max(1));
-    let coordinator = Coordinator::start(CoordinatorConfig { raft, peers })?;
+    let mut config = CoordinatorConfig::new(raft, peers);
+    config.dead_after = Duration::from_millis(args.dead_after_ms);
+    let coordinator = Coordinator::start(config)?;
     println!("{READY_LINE_PREFIX}{url}");
     tracing::info!(%url, id = args.id, "coordinator serving");
     coordinator

@@ -273,8 +273,15 @@ pub struct CoordinatorSandbox {
 }
 
 impl CoordinatorSandbox {
-    /// Starts `size` coordinators with short ticks.
+    /// Starts `size` coordinators with short ticks that never declare a
+    /// node dead (tests of membership use [`CoordinatorSandbox::with_timing`]).
     pub async fn start(size: u64) -> Self {
+        Self::with_timing(size, Duration::from_secs(3600), Duration::from_millis(300)).await
+    }
+
+    /// Starts `size` coordinators that declare silent nodes dead after
+    /// `dead_after` and let drained replicas linger for `drain_grace`.
+    pub async fn with_timing(size: u64, dead_after: Duration, drain_grace: Duration) -> Self {
         let data = tempfile::tempdir().expect("temporary directory");
         let mut listeners = BTreeMap::new();
         let mut urls = BTreeMap::new();
@@ -291,11 +298,10 @@ impl CoordinatorSandbox {
                 data.path().join(format!("coordinator-{id}")),
             );
             raft.tick_interval = Duration::from_millis(25);
-            let coordinator = Coordinator::start(CoordinatorConfig {
-                raft,
-                peers: urls.clone(),
-            })
-            .expect("coordinator starts");
+            let mut config = CoordinatorConfig::new(raft, urls.clone());
+            config.dead_after = dead_after;
+            config.drain_grace = drain_grace;
+            let coordinator = Coordinator::start(config).expect("coordinator starts");
             let (stop_tx, stop_rx) = watch::channel(false);
             let server = tokio::spawn(async move {
                 coordinator
