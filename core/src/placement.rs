@@ -206,6 +206,20 @@ impl Placement {
         Ok(Self { nodes, layers })
     }
 
+    /// Builds a placement as the coordinators publish it: per layer and
+    /// expert, the indices into `nodes` of its serving replicas. An expert
+    /// may have none for a while (its only node died); routing reports it.
+    pub fn from_parts(nodes: Vec<NodeEntry>, layers: HashMap<usize, Vec<Vec<usize>>>) -> Self {
+        debug_assert!(
+            layers
+                .values()
+                .flatten()
+                .flatten()
+                .all(|&node| node < nodes.len())
+        );
+        Self { nodes, layers }
+    }
+
     /// Returns the expert nodes.
     pub fn nodes(&self) -> &[NodeEntry] {
         &self.nodes

@@ -226,16 +226,23 @@ impl LocalCluster {
             &placement_path,
             placement.to_file(&config, Some(model_id.clone())).to_toml(),
         )?;
-        let router_args = vec![
+        let mut router_args = vec![
             "--model".into(),
             model.clone(),
             "--model-id".into(),
             model_id.clone(),
-            "--placement".into(),
-            placement_path.to_string_lossy().into_owned(),
             "--listen".into(),
             args.router_addr.clone(),
         ];
+        if coordinator_urls.is_empty() {
+            router_args.extend([
+                "--placement".into(),
+                placement_path.to_string_lossy().into_owned(),
+            ]);
+        } else {
+            // The router follows the coordinators, so placement changes reach it.
+            router_args.extend(["--coordinator".into(), coordinator_urls.join(",")]);
+        }
         let router = spawn_node("router", &router_args).await?;
         let router_url = router.url.clone();
         println!("router {router_url}");

@@ -10,8 +10,10 @@ use moemesh_coordinator::node::RaftNodeConfig;
 use moemesh_core::checkpoint::Checkpoint;
 use moemesh_core::placement::{Placement, PlacementFile};
 use moemesh_expert_node::ExpertNodeConfig;
-use moemesh_expert_node::registration::{Registration, register};
-use moemesh_router_node::RouterConfig;
+use moemesh_expert_node::registration::{
+    Registration, follow_placement_task, heartbeat_task, register,
+};
+use moemesh_router_node::{PlacementSource, RouterConfig};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpListener;
 
@@ -50,10 +52,18 @@ pub struct ExpertArgs {
     /// Requests that may wait for compute before new ones get RESOURCE_EXHAUSTED.
     #[arg(long, env = "MOEMESH_QUEUE_CAPACITY", default_value_t = 64)]
     queue_capacity: usize,
-    /// A coordinator to register with (any of the group); the node then
-    /// appears in `moectl cluster status` with the experts it serves.
-    #[arg(long, env = "MOEMESH_COORDINATOR")]
-    coordinator: Option<String>,
+    /// Coordinators to join (comma-separated; any one will do, the others
+    /// are fallbacks). The node registers the experts it serves, heartbeats,
+    /// and loads or drops experts as the placement changes.
+    #[arg(
+        long = "coordinator",
+        env = "MOEMESH_COORDINATOR",
+        value_delimiter = ','
+    )]
+    coordinators: Vec<String>,
+    /// Milliseconds between heartbeats to the coordinators.
+    #[arg(long, env = "MOEMESH_HEARTBEAT_MS", default_value_t = 1000)]
+    heartbeat_ms: u64,
     /// Topology group (host or rack) reported to the coordinators.
     #[arg(long, env = "MOEMESH_GROUP", default_value = "default")]
     group: String,
@@ -101,8 +111,20 @@ pub struct RouterArgs {
     #[arg(long, env = "MOEMESH_MODEL_ID")]
     model_id: Option<String>,
     /// Placement file: the expert nodes and which experts each holds.
-    #[arg(long, env = "MOEMESH_PLACEMENT")]
-    placement: PathBuf,
+    #[arg(
+        long,
+        env = "MOEMESH_PLACEMENT",
+        required_unless_present = "coordinators",
+        conflicts_with = "coordinators"
+    )]
+    placement: Option<PathBuf>,
+    /// Follow the coordinators' placement instead (comma-separated URLs; any one will do).
+    #[arg(
+        long = "coordinator",
+        env = "MOEMESH_COORDINATOR",
+        value_delimiter = ','
+    )]
+    coordinators: Vec<String>,
     /// Address to serve on; port 0 picks a free port (printed once ready).
     #[arg(long, env = "MOEMESH_LISTEN", default_value = "127.0.0.1:50051")]
     listen: String,
@@ -187,9 +209,9 @@ pub async fn run_expert(args: ExpertArgs) -> anyhow::Result<()> {
         queue_capacity: args.queue_capacity,
     };
     let service = moemesh_expert_node::load(node_config).await?;
-    if let Some(coordinator) = &args.coordinator {
+    if !args.coordinators.is_empty() {
         let registration = Registration {
-            coordinator: coordinator.clone(),
+            coordinators: args.coordinators.clone(),
             node_id: args
                 .node_id
                 .clone()
@@ -203,11 +225,16 @@ pub async fn run_expert(args: ExpertArgs) -> anyhow::Result<()> {
                 .unwrap_or_else(|_| args.model.clone())
                 .to_string_lossy()
                 .into_owned(),
+            heartbeat_interval: Duration::from_millis(args.heartbeat_ms.max(10)),
         };
         let epoch = register(&service, &registration, Duration::from_secs(60))
             .await
-            .map_err(|error| anyhow::anyhow!("registration with {coordinator} failed: {error}"))?;
+            .map_err(|error| {
+                anyhow::anyhow!("registration with the coordinators failed: {error}")
+            })?;
         tracing::info!(node = %registration.node_id, epoch, "registered with the coordinators");
+        tokio::spawn(heartbeat_task(registration.clone()));
+        tokio::spawn(follow_placement_task(service.clone(), registration, epoch));
     }
     println!("{READY_LINE_PREFIX}{url}");
     tracing::info!(%url, "expert node serving");
@@ -263,11 +290,21 @@ pub async fn run_coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
 }
 
 pub async fn run_router(args: RouterArgs) -> anyhow::Result<()> {
-    let placement = PlacementFile::read(&args.placement)?;
+    let (placement, placement_model) = match &args.placement {
+        Some(path) => {
+            let file = PlacementFile::read(path)?;
+            let model = file.model.clone();
+            (PlacementSource::File(file), model)
+        }
+        None => (
+            PlacementSource::Coordinators(args.coordinators.clone()),
+            None,
+        ),
+    };
     let model_id = args
         .model_id
         .clone()
-        .or_else(|| placement.model.clone())
+        .or(placement_model)
         .unwrap_or_else(|| default_model_id(&args.model));
     let (listener, url) = bind(&args.listen).await?;
     let config = RouterConfig {

@@ -36,14 +36,16 @@ impl NodeBatch {
 ///
 /// `replicas[e]` lists the node indices holding expert `e` (shared last);
 /// the replica is chosen from the token's own values, so a token's
-/// dispatch never depends on the rest of its batch.
+/// dispatch never depends on the rest of its batch. Returns the experts
+/// that were needed but have no replica, if any.
 pub fn split_by_node(
     routing: &Routing,
     hidden: &[f32],
     hidden_size: usize,
     replicas: &[Vec<usize>],
     node_count: usize,
-) -> Vec<NodeBatch> {
+) -> Result<Vec<NodeBatch>, Vec<u32>> {
+    let mut unplaced = Vec::new();
     let mut batches = vec![NodeBatch::default(); node_count];
     let shared_expert = routing
         .shared_weights
@@ -56,6 +58,12 @@ pub fn split_by_node(
             .map(|(expert, weights)| (expert, weights[token]));
         for (expert, weight) in routing.token(token).chain(shared) {
             let owners = &replicas[expert as usize];
+            if owners.is_empty() {
+                if !unplaced.contains(&expert) {
+                    unplaced.push(expert);
+                }
+                continue;
+            }
             let node = owners[replica_for_token(row, expert, owners.len())];
             let batch = &mut batches[node];
             if batch.tokens.last() != Some(&(token as u32)) {
@@ -67,7 +75,12 @@ pub fn split_by_node(
             weights.push(weight);
         }
     }
-    batches
+    if unplaced.is_empty() {
+        Ok(batches)
+    } else {
+        unplaced.sort_unstable();
+        Err(unplaced)
+    }
 }
 
 /// Adds one node's partial rows (`[batch.tokens.len(), hidden]`) into the
@@ -100,7 +113,7 @@ mod tests {
         // Node 0 holds experts 0 and 1, node 1 holds expert 2 and the shared one.
         let replicas = vec![vec![0], vec![0], vec![1], vec![1]];
         let hidden = [1.0, 2.0, 3.0, 4.0];
-        let batches = split_by_node(&routing, &hidden, 2, &replicas, 2);
+        let batches = split_by_node(&routing, &hidden, 2, &replicas, 2).unwrap();
         assert_eq!(batches[0].tokens, vec![0, 1]);
         assert_eq!(batches[0].experts[&0], (vec![0], vec![0.6]));
         assert_eq!(batches[0].experts[&1], (vec![0, 1], vec![0.4, 0.7]));
@@ -115,6 +128,21 @@ mod tests {
     }
 
     #[test]
+    fn experts_without_a_replica_are_named() {
+        let routing = Routing {
+            top_k: 2,
+            experts: vec![0, 2, 1, 2],
+            weights: vec![0.5; 4],
+            shared_weights: None,
+        };
+        let replicas = vec![vec![0], vec![], vec![]];
+        assert_eq!(
+            split_by_node(&routing, &[1.0, 2.0], 1, &replicas, 1),
+            Err(vec![1, 2])
+        );
+    }
+
+    #[test]
     fn nodes_without_work_get_an_empty_batch() {
         let routing = Routing {
             top_k: 1,
@@ -122,7 +150,7 @@ mod tests {
             weights: vec![1.0],
             shared_weights: None,
         };
-        let batches = split_by_node(&routing, &[1.0], 1, &[vec![1], vec![0]], 3);
+        let batches = split_by_node(&routing, &[1.0], 1, &[vec![1], vec![0]], 3).unwrap();
         assert!(batches[0].tokens.is_empty() && batches[2].tokens.is_empty());
         assert_eq!(batches[1].tokens, vec![0]);
     }

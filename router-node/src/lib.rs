@@ -4,12 +4,14 @@
 //! partial rows the nodes return.
 //!
 //! - [`dispatch`]: splitting a routed batch per node and combining.
-//! - [`service`]: the gRPC handlers and the expert node pool.
+//! - [`service`]: the gRPC handlers.
+//! - [`table`]: the routing table and how it follows the coordinators.
 //! - [`run`]: serves a router on a listener until shutdown.
 
 pub mod dispatch;
 mod error;
 pub mod service;
+pub mod table;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -22,6 +24,16 @@ use tokio_stream::wrappers::TcpListenerStream;
 pub use error::{RouterError, RouterResult};
 pub use service::RouterNodeService;
 
+/// Where a router learns which node holds which expert.
+#[derive(Debug, Clone)]
+pub enum PlacementSource {
+    /// A fixed placement file.
+    File(PlacementFile),
+    /// The coordinators' placement stream (any of these URLs); the router
+    /// follows every new epoch.
+    Coordinators(Vec<String>),
+}
+
 /// What a router serves.
 #[derive(Debug, Clone)]
 pub struct RouterConfig {
@@ -30,7 +42,7 @@ pub struct RouterConfig {
     /// The model id clients use; an empty id in a request also selects it.
     pub model_id: String,
     /// Expert nodes and which experts each holds.
-    pub placement: PlacementFile,
+    pub placement: PlacementSource,
 }
 
 /// Loads the gates, then serves `RouterService` (and gRPC health) on
@@ -43,11 +55,9 @@ pub async fn run(
     serve(load(config).await?, listener, shutdown).await
 }
 
-/// Loads the gates and opens channels to the expert nodes, off the async runtime.
+/// Loads the gates and the first routing table.
 pub async fn load(config: RouterConfig) -> RouterResult<RouterNodeService> {
-    tokio::task::spawn_blocking(move || RouterNodeService::load(&config))
-        .await
-        .map_err(|error| RouterError::Internal(format!("gate loading panicked: {error}")))?
+    RouterNodeService::load(config).await
 }
 
 /// Serves an already loaded router on `listener` until `shutdown` completes.

@@ -2,45 +2,23 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use moemesh_core::checkpoint::Checkpoint;
 use moemesh_core::config::ModelConfig;
 use moemesh_core::gating::Gate;
-use moemesh_core::placement::{NodeEntry, Placement};
+use moemesh_core::placement::Placement;
 use moemesh_core::tensor::{Rows, WireDtype, decode_rows, encode};
 use moemesh_proto::v1::{ComputeRequest, ForwardRequest, ForwardResponse};
-use moemesh_proto::{ExpertServiceClient, MAX_MESSAGE_BYTES};
-use tonic::transport::{Channel, Endpoint};
+use tokio::sync::watch;
 use tonic::{Code, Request, Response, Status};
 use tracing::instrument;
 
 use crate::dispatch::{NodeBatch, add_partials, split_by_node};
-use crate::{RouterConfig, RouterError, RouterResult};
-
-/// One long-lived channel to an expert node.
-#[derive(Clone)]
-struct NodeLink {
-    node: NodeEntry,
-    client: ExpertServiceClient<Channel>,
-}
+use crate::table::{NodeLink, RoutingTable, follow_coordinators_task};
+use crate::{PlacementSource, RouterConfig, RouterError, RouterResult};
 
 impl NodeLink {
-    fn connect_lazy(node: NodeEntry) -> RouterResult<Self> {
-        let endpoint = Endpoint::from_shared(node.address.clone())
-            .map_err(|error| {
-                RouterError::InvalidArgument(format!(
-                    "node {} address {:?}: {error}",
-                    node.id, node.address
-                ))
-            })?
-            .tcp_nodelay(true)
-            .http2_adaptive_window(true);
-        let client = ExpertServiceClient::new(endpoint.connect_lazy())
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        Ok(Self { node, client })
-    }
-
     /// Sends this node its share of a batch and returns its partial rows.
     async fn compute(
         mut self,
@@ -92,41 +70,82 @@ pub struct RouterNodeService {
     config: ModelConfig,
     /// The gate of every layer this router serves.
     gates: HashMap<usize, Arc<Gate>>,
-    placement: Arc<Placement>,
-    links: Vec<NodeLink>,
+    /// The current routing table; a placement file sets it once, the
+    /// coordinators' placement stream replaces it at every epoch.
+    table_rx: watch::Receiver<Arc<RoutingTable>>,
 }
 
+/// How long a router waits for the coordinators' first placement.
+const FIRST_PLACEMENT_TIMEOUT: Duration = Duration::from_secs(60);
+
 impl RouterNodeService {
-    /// Loads the gates of every placed layer and opens lazy channels to the
-    /// expert nodes.
-    pub fn load(router_config: &RouterConfig) -> RouterResult<Self> {
-        let checkpoint = Checkpoint::open(&router_config.model_dir)?;
+    /// Loads the gates of the layers to serve and the first routing table:
+    /// from the placement file, or from the coordinators (then following them).
+    pub async fn load(router_config: RouterConfig) -> RouterResult<Self> {
+        let model_dir = router_config.model_dir.clone();
+        let checkpoint = tokio::task::spawn_blocking(move || Checkpoint::open(&model_dir))
+            .await
+            .map_err(|error| {
+                RouterError::Internal(format!("checkpoint loading panicked: {error}"))
+            })??;
         let config = checkpoint.config().clone();
-        let placement = Placement::from_file(&router_config.placement, &config)?;
-        let gates = placement
-            .layers()
-            .into_iter()
-            .map(|layer| {
-                Ok((
-                    layer,
-                    Arc::new(Gate::new(&config, checkpoint.load_gate(layer)?)),
-                ))
-            })
-            .collect::<RouterResult<HashMap<_, _>>>()?;
-        let links = placement
-            .nodes()
-            .iter()
-            .cloned()
-            .map(NodeLink::connect_lazy)
-            .collect::<RouterResult<_>>()?;
-        tracing::info!(model = %router_config.model_id, layers = gates.len(), nodes = placement.nodes().len(), "router ready");
+        let (layers, table_rx) = match router_config.placement {
+            PlacementSource::File(file) => {
+                let placement = Placement::from_file(&file, &config)?;
+                let layers = placement.layers();
+                let table = RoutingTable::new(0, placement, None)?;
+                let (_, table_rx) = watch::channel(Arc::new(table));
+                (layers, table_rx)
+            }
+            PlacementSource::Coordinators(coordinators) => {
+                if coordinators.is_empty() {
+                    return Err(RouterError::InvalidArgument("no coordinator given".into()));
+                }
+                let empty =
+                    RoutingTable::new(0, Placement::from_parts(Vec::new(), HashMap::new()), None)?;
+                let (table_tx, mut table_rx) = watch::channel(Arc::new(empty));
+                tokio::spawn(follow_coordinators_task(
+                    coordinators,
+                    router_config.model_id.clone(),
+                    config.clone(),
+                    table_tx,
+                ));
+                tokio::time::timeout(FIRST_PLACEMENT_TIMEOUT, table_rx.changed())
+                    .await
+                    .map_err(|_| {
+                        RouterError::Unavailable(
+                            "no placement from the coordinators within 60 s".into(),
+                        )
+                    })?
+                    .map_err(|_| RouterError::Internal("placement follower stopped".into()))?;
+                (config.moe_layers(), table_rx)
+            }
+        };
+        let gates = tokio::task::spawn_blocking(move || {
+            layers
+                .into_iter()
+                .map(|layer| {
+                    Ok((
+                        layer,
+                        Arc::new(Gate::new(checkpoint.config(), checkpoint.load_gate(layer)?)),
+                    ))
+                })
+                .collect::<RouterResult<HashMap<_, _>>>()
+        })
+        .await
+        .map_err(|error| RouterError::Internal(format!("gate loading panicked: {error}")))??;
+        tracing::info!(model = %router_config.model_id, layers = gates.len(), epoch = table_rx.borrow().epoch, "router ready");
         Ok(Self {
-            model_id: router_config.model_id.clone(),
+            model_id: router_config.model_id,
             config,
             gates,
-            placement: Arc::new(placement),
-            links,
+            table_rx,
         })
+    }
+
+    /// Returns the placement epoch the router routes by now.
+    pub fn epoch(&self) -> u64 {
+        self.table_rx.borrow().epoch
     }
 
     /// Computes one layer's output for a decoded batch.
@@ -140,21 +159,33 @@ impl RouterNodeService {
                 .get(&layer)
                 .ok_or_else(|| self.unknown_layer(layer))?,
         );
-        let placement = Arc::clone(&self.placement);
-        let node_count = self.links.len();
+        // This request keeps this table to its end, whatever epochs come meanwhile.
+        let table = self.table_rx.borrow().clone();
+        let routing_table = Arc::clone(&table);
         // Gating is CPU work: keep it off the async workers.
         let (rows, batches) = tokio::task::spawn_blocking(move || {
             let routing = gate.route(&rows.values, rows.rows);
-            let replicas = placement
-                .replicas(layer)
-                .expect("every gated layer is placed");
-            let batches = split_by_node(&routing, &rows.values, hidden_size, replicas, node_count);
+            let node_count = routing_table.links.len();
+            let batches = match routing_table.placement.replicas(layer) {
+                Some(replicas) => {
+                    split_by_node(&routing, &rows.values, hidden_size, replicas, node_count)
+                }
+                None => Err(routing.experts.clone()),
+            };
             (rows, batches)
         })
         .await
         .map_err(|error| RouterError::Internal(format!("gating panicked: {error}")))?;
+        let batches = batches.map_err(|mut experts| {
+            experts.sort_unstable();
+            experts.dedup();
+            RouterError::Unavailable(format!(
+                "no live replica of layer {layer} experts {experts:?} (placement epoch {})",
+                table.epoch
+            ))
+        })?;
 
-        let calls = self
+        let calls = table
             .links
             .iter()
             .zip(&batches)

@@ -16,7 +16,7 @@ use moemesh_coordinator::node::RaftNodeConfig;
 use moemesh_core::checkpoint::Checkpoint;
 use moemesh_core::placement::{NodeEntry, Placement, PlacementFile};
 use moemesh_expert_node::ExpertNodeConfig;
-use moemesh_router_node::RouterConfig;
+use moemesh_router_node::{PlacementSource, RouterConfig};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -164,7 +164,7 @@ impl ClusterSandbox {
         let router_config = RouterConfig {
             model_dir: model_dir.to_path_buf(),
             model_id: "test-model".into(),
-            placement: placement_file,
+            placement: PlacementSource::File(placement_file),
         };
         let shutdown = wait_for_shutdown(shutdown_tx.subscribe());
         servers.spawn(async move {

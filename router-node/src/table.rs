@@ -1,0 +1,185 @@
+//! The routing table: the placement a router routes by, with one channel
+//! per expert node, replaced whole when the placement changes.
+//!
+//! A request takes the table current when it starts and keeps it to the
+//! end, so a new epoch never changes a request half-way; the old table
+//! (and channels only it uses) goes away with its last request.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use moemesh_core::config::ModelConfig;
+use moemesh_core::placement::{NodeEntry, Placement};
+use moemesh_proto::v1::{PlacementSnapshot, WatchPlacementRequest};
+use moemesh_proto::{AdminServiceClient, ExpertServiceClient, MAX_MESSAGE_BYTES};
+use tokio::sync::watch;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::{RouterError, RouterResult};
+
+/// One long-lived channel to an expert node.
+#[derive(Clone)]
+pub struct NodeLink {
+    pub node: NodeEntry,
+    pub client: ExpertServiceClient<Channel>,
+}
+
+impl NodeLink {
+    /// Opens a channel that connects on first use and reconnects as needed.
+    pub fn connect_lazy(node: NodeEntry) -> RouterResult<Self> {
+        let endpoint = Endpoint::from_shared(node.address.clone())
+            .map_err(|error| {
+                RouterError::InvalidArgument(format!(
+                    "node {} address {:?}: {error}",
+                    node.id, node.address
+                ))
+            })?
+            .tcp_nodelay(true)
+            .http2_adaptive_window(true);
+        let client = ExpertServiceClient::new(endpoint.connect_lazy())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        Ok(Self { node, client })
+    }
+}
+
+/// A placement and the channels to its nodes, `links[i]` for `placement.nodes()[i]`.
+pub struct RoutingTable {
+    /// The coordinators' epoch; 0 for a placement file.
+    pub epoch: u64,
+    pub placement: Placement,
+    pub links: Vec<NodeLink>,
+}
+
+impl RoutingTable {
+    /// Builds a table, reusing the channels of `previous` for unchanged nodes.
+    pub fn new(
+        epoch: u64,
+        placement: Placement,
+        previous: Option<&RoutingTable>,
+    ) -> RouterResult<Self> {
+        let mut reusable: HashMap<(&str, &str), &NodeLink> = HashMap::new();
+        if let Some(previous) = previous {
+            for link in &previous.links {
+                reusable.insert((link.node.id.as_str(), link.node.address.as_str()), link);
+            }
+        }
+        let links = placement
+            .nodes()
+            .iter()
+            .map(
+                |node| match reusable.get(&(node.id.as_str(), node.address.as_str())) {
+                    Some(link) => Ok((*link).clone()),
+                    None => NodeLink::connect_lazy(node.clone()),
+                },
+            )
+            .collect::<RouterResult<_>>()?;
+        Ok(Self {
+            epoch,
+            placement,
+            links,
+        })
+    }
+}
+
+/// Turns a published placement into the routable one: live nodes, and per
+/// MoE layer and expert the replicas that are ready (loading ones are not
+/// yet routable; draining ones take no new requests).
+pub fn placement_from_snapshot(snapshot: &PlacementSnapshot, config: &ModelConfig) -> Placement {
+    let nodes: Vec<NodeEntry> = snapshot
+        .nodes
+        .iter()
+        .filter(|node| node.status != "dead")
+        .map(|node| NodeEntry {
+            id: node.id.clone(),
+            address: node.address.clone(),
+        })
+        .collect();
+    let index_of: HashMap<&str, usize> = nodes
+        .iter()
+        .enumerate()
+        .map(|(index, node)| (node.id.as_str(), index))
+        .collect();
+    let mut layers: HashMap<usize, Vec<Vec<usize>>> = config
+        .moe_layers()
+        .into_iter()
+        .map(|layer| (layer, vec![Vec::new(); config.experts_per_layer()]))
+        .collect();
+    for expert in &snapshot.experts {
+        let Some(replicas) = layers
+            .get_mut(&(expert.layer as usize))
+            .and_then(|layer| layer.get_mut(expert.expert as usize))
+        else {
+            continue;
+        };
+        for replica in expert
+            .replicas
+            .iter()
+            .filter(|replica| replica.state == "ready")
+        {
+            if let Some(&node) = index_of.get(replica.node.as_str()) {
+                replicas.push(node);
+            }
+        }
+        // Replica order must not depend on publication order: it picks nodes for tokens.
+        replicas.sort_unstable();
+    }
+    Placement::from_parts(nodes, layers)
+}
+
+/// Follows the coordinators' placement of `model_id` forever, publishing a
+/// new table on `table_tx` for every new epoch.
+pub async fn follow_coordinators_task(
+    coordinators: Vec<String>,
+    model_id: String,
+    config: ModelConfig,
+    table_tx: watch::Sender<Arc<RoutingTable>>,
+) {
+    let mut next = 0usize;
+    loop {
+        let address = coordinators[next % coordinators.len()].clone();
+        let followed = async {
+            let mut client = AdminServiceClient::connect(address.clone())
+                .await
+                .map_err(|error| error.to_string())?;
+            let request = WatchPlacementRequest {
+                model: model_id.clone(),
+            };
+            let mut stream = client
+                .watch_placement(request)
+                .await
+                .map_err(|status| status.message().to_string())?
+                .into_inner();
+            while let Some(snapshot) = stream
+                .message()
+                .await
+                .map_err(|status| status.message().to_string())?
+            {
+                let current = table_tx.borrow().clone();
+                if snapshot.epoch < current.epoch {
+                    // A lagging coordinator: never go back to an older epoch.
+                    continue;
+                }
+                let placement = placement_from_snapshot(&snapshot, &config);
+                match RoutingTable::new(snapshot.epoch, placement, Some(&current)) {
+                    Ok(table) => {
+                        tracing::info!(
+                            epoch = table.epoch,
+                            nodes = table.links.len(),
+                            "placement epoch"
+                        );
+                        table_tx.send_replace(Arc::new(table));
+                    }
+                    Err(error) => tracing::warn!(%error, "ignoring an unusable placement"),
+                }
+            }
+            Ok::<(), String>(())
+        };
+        if let Err(error) = followed.await {
+            tracing::debug!(%address, %error, "placement stream ended; trying the next coordinator");
+        }
+        next += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
