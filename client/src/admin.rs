@@ -2,7 +2,8 @@
 
 use moemesh_proto::AdminServiceClient;
 use moemesh_proto::v1::{
-    ClusterStatusRequest, ClusterStatusResponse, LoadModelRequest, LoadModelResponse,
+    AddReplicaRequest, AddReplicaResponse, ClusterStatusRequest, ClusterStatusResponse,
+    LoadModelRequest, LoadModelResponse, MoveReplicaRequest, MoveReplicaResponse,
     ShowPlacementRequest, ShowPlacementResponse,
 };
 use tonic::transport::{Channel, Endpoint};
@@ -72,5 +73,44 @@ impl AdminClient {
             request_id: request_id.to_string(),
         };
         Ok(self.admin.load_model(request).await?.into_inner())
+    }
+
+    /// Moves one replica of an expert to another node without failing
+    /// requests; returns when the old replica is gone.
+    pub async fn move_replica(
+        &mut self,
+        model: &str,
+        layer: u32,
+        expert: u32,
+        from_node: &str,
+        to_node: &str,
+    ) -> Result<MoveReplicaResponse, ClientError> {
+        let request = MoveReplicaRequest {
+            model: model.to_string(),
+            layer,
+            expert,
+            from_node: from_node.to_string(),
+            to_node: to_node.to_string(),
+            request_id: String::new(),
+        };
+        Ok(self.admin.move_replica(request).await?.into_inner())
+    }
+
+    /// Adds a replica of an expert on a node; returns once it serves.
+    pub async fn add_replica(
+        &mut self,
+        model: &str,
+        layer: u32,
+        expert: u32,
+        node: &str,
+    ) -> Result<AddReplicaResponse, ClientError> {
+        let request = AddReplicaRequest {
+            model: model.to_string(),
+            layer,
+            expert,
+            node: node.to_string(),
+            request_id: String::new(),
+        };
+        Ok(self.admin.add_replica(request).await?.into_inner())
     }
 }

@@ -23,7 +23,7 @@ use moemesh_proto::{
 use protobuf::Message as _;
 use raft::prelude::Message;
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
@@ -154,6 +154,9 @@ pub struct CoordinatorService {
     peer_admin: BTreeMap<u64, AdminServiceClient<Channel>>,
     /// How long a drained replica stays before removal during a move.
     drain_grace: Duration,
+    /// Turns true when the server shuts down, ending placement streams,
+    /// which would otherwise hold the graceful shutdown open forever.
+    streams_closing: Arc<watch::Sender<bool>>,
 }
 
 fn status_to_proto(status: &RaftStatus, address: &str) -> CoordinatorStatus {
@@ -382,6 +385,7 @@ impl moemesh_proto::AdminService for CoordinatorService {
     ) -> Result<Response<Self::WatchPlacementStream>, Status> {
         let model = request.into_inner().model;
         let mut applied = self.node.watch_applied();
+        let mut closing = self.streams_closing.subscribe();
         let (snapshot_tx, snapshot_rx) = mpsc::channel(16);
         tokio::spawn(async move {
             let mut last_sent: Option<PlacementSnapshot> = None;
@@ -396,6 +400,7 @@ impl moemesh_proto::AdminService for CoordinatorService {
                 tokio::select! {
                     changed = applied.changed() => if changed.is_err() { return },
                     _ = snapshot_tx.closed() => return,
+                    _ = closing.wait_for(|closing| *closing) => return,
                 }
             }
         });
@@ -743,6 +748,7 @@ impl Coordinator {
             peer_admin.insert(peer, AdminServiceClient::new(endpoint.connect_lazy()));
         }
         let service = CoordinatorService {
+            streams_closing: Arc::new(watch::channel(false).0),
             id,
             peers: config.peers,
             node,
@@ -770,6 +776,11 @@ impl Coordinator {
             .set_serving::<AdminServiceServer<CoordinatorService>>()
             .await;
         let node = self.service.node.clone();
+        let streams_closing = Arc::clone(&self.service.streams_closing);
+        let shutdown = async move {
+            shutdown.await;
+            streams_closing.send_replace(true);
+        };
         let result = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .add_service(health_service)

@@ -176,8 +176,12 @@ pub async fn follow_coordinators_task(
             }
             Ok::<(), String>(())
         };
-        if let Err(error) = followed.await {
-            tracing::debug!(%address, %error, "placement stream ended; trying the next coordinator");
+        // Stop once the router is gone: nobody reads the tables any more.
+        tokio::select! {
+            result = followed => if let Err(error) = result {
+                tracing::debug!(%address, %error, "placement stream ended; trying the next coordinator");
+            },
+            _ = table_tx.closed() => return,
         }
         next += 1;
         tokio::time::sleep(Duration::from_millis(200)).await;

@@ -3,7 +3,8 @@
 //! [`ClusterSandbox`] starts expert nodes and a router in this process,
 //! each a real gRPC server on `127.0.0.1:0`, and stops them on
 //! [`ClusterSandbox::shutdown`]. [`CoordinatorSandbox`] does the same for a
-//! group of coordinators. [`Fixture`] opens the golden checkpoints
+//! group of coordinators, and [`ManagedCluster`] a whole cluster whose
+//! placement the coordinators own. [`Fixture`] opens the golden checkpoints
 //! under `tests/fixtures`, made by `make_fixtures.py` with transformers.
 
 use std::collections::{BTreeMap, HashMap};
@@ -16,6 +17,9 @@ use moemesh_coordinator::node::RaftNodeConfig;
 use moemesh_core::checkpoint::Checkpoint;
 use moemesh_core::placement::{NodeEntry, Placement, PlacementFile};
 use moemesh_expert_node::ExpertNodeConfig;
+use moemesh_expert_node::registration::{
+    Registration, follow_placement_task, heartbeat_task, register,
+};
 use moemesh_router_node::{PlacementSource, RouterConfig};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -358,5 +362,170 @@ impl CoordinatorSandbox {
         for id in self.running.keys().copied().collect::<Vec<_>>() {
             self.stop(id).await;
         }
+    }
+}
+
+/// An expert node of a [`ManagedCluster`] and what keeps it alive.
+struct ManagedNode {
+    id: String,
+    stop_tx: watch::Sender<bool>,
+    server: tokio::task::JoinHandle<Result<(), String>>,
+    /// Heartbeat and placement-following tasks.
+    membership_tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// A whole cluster run the way production runs it: coordinators own the
+/// placement, expert nodes register, heartbeat and follow it, and the
+/// router follows it too. Everything in this process on 127.0.0.1.
+pub struct ManagedCluster {
+    pub coordinators: CoordinatorSandbox,
+    pub router_url: String,
+    nodes: Vec<ManagedNode>,
+    router: (
+        watch::Sender<bool>,
+        tokio::task::JoinHandle<Result<(), String>>,
+    ),
+}
+
+impl ManagedCluster {
+    /// Starts three coordinators (nodes are dead after `dead_after` of
+    /// silence), `nodes` expert nodes holding every expert `replicas`
+    /// times round-robin, and a router.
+    pub async fn start(
+        model_dir: &Path,
+        nodes: usize,
+        replicas: usize,
+        dead_after: Duration,
+    ) -> Self {
+        let coordinators =
+            CoordinatorSandbox::with_timing(3, dead_after, Duration::from_millis(300)).await;
+        coordinators.leader(1).await;
+        let coordinator_urls: Vec<String> = coordinators.urls.values().cloned().collect();
+        let config = Checkpoint::open(model_dir)
+            .expect("model opens")
+            .config()
+            .clone();
+        let mut listeners = Vec::new();
+        let mut entries = Vec::new();
+        for index in 0..nodes {
+            let (listener, address) = bind().await;
+            listeners.push(listener);
+            entries.push(NodeEntry {
+                id: format!("expert-{index}"),
+                address,
+            });
+        }
+        let placement =
+            Placement::spread(&config, entries.clone(), replicas).expect("spread placement");
+        let mut managed = Vec::new();
+        for (listener, entry) in listeners.into_iter().zip(&entries) {
+            let node_config = ExpertNodeConfig {
+                model_dir: model_dir.to_path_buf(),
+                model_id: "test-model".into(),
+                experts: placement.experts_of(&entry.id),
+                threads: 1,
+                queue_capacity: 64,
+            };
+            let service = moemesh_expert_node::load(node_config)
+                .await
+                .expect("expert node loads");
+            let registration = Registration {
+                coordinators: coordinator_urls.clone(),
+                node_id: entry.id.clone(),
+                address: entry.address.clone(),
+                group: "rack-1".into(),
+                memory_bytes: 1 << 34,
+                checkpoint: model_dir.to_string_lossy().into_owned(),
+                heartbeat_interval: Duration::from_millis(200),
+            };
+            let epoch = register(&service, &registration, Duration::from_secs(60))
+                .await
+                .expect("node registers");
+            let membership_tasks = vec![
+                tokio::spawn(heartbeat_task(registration.clone())),
+                tokio::spawn(follow_placement_task(service.clone(), registration, epoch)),
+            ];
+            let (stop_tx, stop_rx) = watch::channel(false);
+            let server = tokio::spawn(async move {
+                moemesh_expert_node::serve(service, listener, wait_for_shutdown(stop_rx))
+                    .await
+                    .map_err(|error| error.to_string())
+            });
+            managed.push(ManagedNode {
+                id: entry.id.clone(),
+                stop_tx,
+                server,
+                membership_tasks,
+            });
+        }
+        let (listener, router_url) = bind().await;
+        let router_config = RouterConfig {
+            model_dir: model_dir.to_path_buf(),
+            model_id: "test-model".into(),
+            placement: PlacementSource::Coordinators(coordinator_urls),
+        };
+        let service = moemesh_router_node::load(router_config)
+            .await
+            .expect("router loads");
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let router = tokio::spawn(async move {
+            moemesh_router_node::serve(service, listener, wait_for_shutdown(stop_rx))
+                .await
+                .map_err(|error| error.to_string())
+        });
+        Self {
+            coordinators,
+            router_url,
+            nodes: managed,
+            router: (stop_tx, router),
+        }
+    }
+
+    /// Connects a client to the router.
+    pub async fn client(&self) -> Client {
+        Client::connect(self.router_url.clone())
+            .await
+            .expect("router accepts connections")
+    }
+
+    /// Connects an admin client to coordinator `id`.
+    pub async fn admin(&self, id: u64) -> AdminClient {
+        AdminClient::connect(self.coordinators.urls[&id].clone())
+            .await
+            .expect("coordinator accepts connections")
+    }
+
+    /// Returns the expert node ids.
+    pub fn node_ids(&self) -> Vec<String> {
+        self.nodes.iter().map(|node| node.id.clone()).collect()
+    }
+
+    /// Stops an expert node abruptly: it stops serving and heartbeating.
+    pub async fn kill_node(&mut self, id: &str) {
+        let position = self
+            .nodes
+            .iter()
+            .position(|node| node.id == id)
+            .expect("a running node");
+        let node = self.nodes.remove(position);
+        node.membership_tasks
+            .iter()
+            .for_each(tokio::task::JoinHandle::abort);
+        node.stop_tx.send_replace(true);
+        let _ = node.server.await;
+    }
+
+    /// Stops everything.
+    pub async fn shutdown(self) {
+        self.router.0.send_replace(true);
+        let _ = self.router.1.await;
+        for node in self.nodes {
+            node.membership_tasks
+                .iter()
+                .for_each(tokio::task::JoinHandle::abort);
+            node.stop_tx.send_replace(true);
+            let _ = node.server.await;
+        }
+        self.coordinators.shutdown().await;
     }
 }

@@ -1,0 +1,169 @@
+//! Placement owned by the coordinators: moves under load, and dead nodes.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use moemesh_core::backend::CpuBackend;
+use moemesh_core::layer::MoeLayer;
+use moemesh_tests::{Fixture, ManagedCluster, relative_l2};
+
+const PATIENCE: Duration = Duration::from_secs(60);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moves_under_continuous_load_fail_no_request() {
+    let fixture = Fixture::open("deepseek_v3");
+    let hidden = fixture.hidden_size();
+    let (input, _) = fixture.cases[&1].clone();
+    let reference = MoeLayer::load(&fixture.checkpoint, 1, &CpuBackend::new(1).unwrap())
+        .unwrap()
+        .forward(&input, input.len() / hidden);
+    let cluster = ManagedCluster::start(&fixture.dir, 3, 1, Duration::from_secs(3600)).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let served = Arc::new(AtomicUsize::new(0));
+    let load = {
+        let mut client = cluster.client().await;
+        let (stop, served, input, reference) = (
+            Arc::clone(&stop),
+            Arc::clone(&served),
+            input.clone(),
+            reference.clone(),
+        );
+        tokio::spawn(async move {
+            let mut failures = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                match client.forward_f32("", 1, &input, hidden).await {
+                    Ok(output) => {
+                        let error = relative_l2(&output, &reference);
+                        if error >= 1e-6 {
+                            failures.push(format!("relative L2 error {error:e}"));
+                        }
+                        served.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(error) => failures.push(error.to_string()),
+                }
+            }
+            failures
+        })
+    };
+
+    let mut admin = cluster.admin(2).await;
+    let before = admin.show_placement("test-model", Some(1)).await.unwrap();
+    let nodes = cluster.node_ids();
+    let mut move_times = Vec::new();
+    for expert in [0u32, 5, 16] {
+        let holder = before
+            .experts
+            .iter()
+            .find(|e| e.expert == expert)
+            .unwrap()
+            .replicas[0]
+            .node
+            .clone();
+        let target = nodes.iter().find(|node| **node != holder).unwrap().clone();
+        let moved = admin
+            .move_replica("test-model", 1, expert, &holder, &target)
+            .await
+            .unwrap();
+        move_times.push(moved.took_ms);
+        let after = admin.show_placement("test-model", Some(1)).await.unwrap();
+        let replicas = &after
+            .experts
+            .iter()
+            .find(|e| e.expert == expert)
+            .unwrap()
+            .replicas;
+        assert_eq!(replicas.len(), 1);
+        assert_eq!(
+            (replicas[0].node.as_str(), replicas[0].state.as_str()),
+            (target.as_str(), "ready")
+        );
+    }
+    // Keep the load on a little after the last move.
+    let served_at_last_move = served.load(Ordering::Relaxed);
+    let started = Instant::now();
+    while served.load(Ordering::Relaxed) < served_at_last_move + 20 {
+        assert!(started.elapsed() < PATIENCE);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let failures = load.await.unwrap();
+    println!(
+        "3 moves took {move_times:?} ms end to end; {} requests served meanwhile",
+        served.load(Ordering::Relaxed)
+    );
+    assert!(
+        failures.is_empty(),
+        "failed requests during moves: {failures:?}"
+    );
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_node_is_declared_dead_and_its_experts_move_to_live_nodes() {
+    let fixture = Fixture::open("qwen2_moe");
+    let hidden = fixture.hidden_size();
+    let (input, expected) = fixture.cases[&1].clone();
+    let mut cluster = ManagedCluster::start(&fixture.dir, 3, 1, Duration::from_millis(1500)).await;
+    let mut client = cluster.client().await;
+    let output = client.forward_f32("", 1, &input, hidden).await.unwrap();
+    assert!(relative_l2(&output, &expected) < 1e-5);
+
+    let victim = cluster.node_ids()[0].clone();
+    let killed_at = Instant::now();
+    cluster.kill_node(&victim).await;
+
+    // The cluster heals: the victim is dead, every expert is ready on a live node.
+    let mut admin = cluster.admin(3).await;
+    loop {
+        let status = admin.cluster_status().await.unwrap();
+        let placement = admin.show_placement("test-model", None).await.unwrap();
+        let victim_dead = status
+            .nodes
+            .iter()
+            .any(|node| node.id == victim && node.status == "dead");
+        let healed = placement.experts.len() == 2 * 9
+            && placement.experts.iter().all(|expert| {
+                expert
+                    .replicas
+                    .iter()
+                    .any(|replica| replica.state == "ready")
+                    && expert.replicas.iter().all(|replica| replica.node != victim)
+            });
+        if victim_dead && healed {
+            break;
+        }
+        assert!(
+            killed_at.elapsed() < PATIENCE,
+            "the cluster never healed: {status:?} {placement:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!(
+        "healthy again {:?} after the node stopped",
+        killed_at.elapsed()
+    );
+
+    // The router follows the new epoch and serves every layer correctly.
+    let started = Instant::now();
+    loop {
+        match client.forward_f32("", 1, &input, hidden).await {
+            Ok(output) => {
+                assert!(relative_l2(&output, &expected) < 1e-5);
+                break;
+            }
+            Err(error) => {
+                assert!(
+                    started.elapsed() < PATIENCE,
+                    "router never recovered: {error}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    let (input, expected) = &fixture.cases[&2];
+    let output = client.forward_f32("", 2, input, hidden).await.unwrap();
+    assert!(relative_l2(&output, expected) < 1e-5);
+    cluster.shutdown().await;
+}
