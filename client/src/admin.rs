@@ -3,8 +3,8 @@
 use moemesh_proto::AdminServiceClient;
 use moemesh_proto::v1::{
     AddReplicaRequest, AddReplicaResponse, ClusterStatusRequest, ClusterStatusResponse,
-    LoadModelRequest, LoadModelResponse, MoveReplicaRequest, MoveReplicaResponse,
-    ShowPlacementRequest, ShowPlacementResponse,
+    DrainNodeRequest, DrainNodeResponse, LoadModelRequest, LoadModelResponse, MoveReplicaRequest,
+    MoveReplicaResponse, ShowPlacementRequest, ShowPlacementResponse,
 };
 use tonic::transport::{Channel, Endpoint};
 
@@ -112,5 +112,16 @@ impl AdminClient {
             request_id: String::new(),
         };
         Ok(self.admin.add_replica(request).await?.into_inner())
+    }
+
+    /// Moves every replica off a node, one at a time; returns when it is empty.
+    pub async fn drain_node(&mut self, node: &str) -> Result<DrainNodeResponse, ClientError> {
+        Ok(self
+            .admin
+            .drain_node(DrainNodeRequest {
+                node: node.to_string(),
+            })
+            .await?
+            .into_inner())
     }
 }

@@ -232,3 +232,158 @@ async fn moectl_manages_and_shows_the_cluster_through_any_coordinator() {
     assert!(stderr.contains("MOEMESH_COORDINATOR"), "{stderr}");
     group.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moectl_moves_replicates_and_drains_while_the_cluster_serves() {
+    let fixture = Fixture::open("mixtral");
+    let hidden = fixture.hidden_size();
+    let (input, expected) = fixture.cases[&0].clone();
+    let cluster = moemesh_tests::ManagedCluster::start(
+        &fixture.dir,
+        3,
+        1,
+        std::time::Duration::from_secs(3600),
+    )
+    .await;
+    let coordinator = cluster.coordinators.urls[&1].clone();
+    let run = |args: Vec<String>| {
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            moectl(&args)
+        })
+    };
+    let placement_of = |json: &serde_json::Value, expert: u64| -> Vec<String> {
+        json["experts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|entry| entry["layer"] == 0 && entry["expert"] == expert)
+            .map(|entry| {
+                entry["replicas"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|r| r["node"].as_str().unwrap().to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let show = || {
+        run(vec![
+            "placement".into(),
+            "show".into(),
+            "--coordinator".into(),
+            coordinator.clone(),
+            "--json".into(),
+        ])
+    };
+
+    let before: serde_json::Value = serde_json::from_slice(&show().await.unwrap().stdout).unwrap();
+    let holder = placement_of(&before, 0)[0].clone();
+    let others: Vec<String> = cluster
+        .node_ids()
+        .into_iter()
+        .filter(|node| *node != holder)
+        .collect();
+
+    let output = run(vec![
+        "placement".into(),
+        "replicate".into(),
+        "--layer".into(),
+        "0".into(),
+        "--expert".into(),
+        "0".into(),
+        "--to".into(),
+        others[0].clone(),
+        "--coordinator".into(),
+        coordinator.clone(),
+    ])
+    .await
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let output = run(vec![
+        "placement".into(),
+        "move".into(),
+        "--layer".into(),
+        "0".into(),
+        "--expert".into(),
+        "0".into(),
+        "--from".into(),
+        holder.clone(),
+        "--to".into(),
+        others[1].clone(),
+        "--coordinator".into(),
+        coordinator.clone(),
+    ])
+    .await
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let after: serde_json::Value = serde_json::from_slice(&show().await.unwrap().stdout).unwrap();
+    let mut replicas = placement_of(&after, 0);
+    replicas.sort();
+    let mut want = others.clone();
+    want.sort();
+    assert_eq!(replicas, want);
+
+    let output = run(vec![
+        "node".into(),
+        "drain".into(),
+        holder.clone(),
+        "--coordinator".into(),
+        coordinator.clone(),
+        "--json".into(),
+    ])
+    .await
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let drained: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert!(drained["moved"].as_u64().unwrap() > 0);
+    let after: serde_json::Value = serde_json::from_slice(&show().await.unwrap().stdout).unwrap();
+    assert!(after["experts"].as_array().unwrap().iter().all(|entry| {
+        entry["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|replica| replica["node"] != holder.as_str())
+    }));
+
+    let mut client = cluster.client().await;
+    let output = client.forward_f32("", 0, &input, hidden).await.unwrap();
+    assert!(relative_l2(&output, &expected) < 1e-5);
+
+    let output = run(vec![
+        "placement".into(),
+        "move".into(),
+        "--layer".into(),
+        "0".into(),
+        "--expert".into(),
+        "1".into(),
+        "--from".into(),
+        "nobody".into(),
+        "--to".into(),
+        others[0].clone(),
+        "--coordinator".into(),
+        coordinator.clone(),
+    ])
+    .await
+    .unwrap();
+    assert!(!output.status.success());
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("nobody holds no replica"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    cluster.shutdown().await;
+}

@@ -10,11 +10,11 @@ use moemesh_core::config::ModelConfig;
 use moemesh_core::placement::{NodeCapacity, initial_assignment};
 use moemesh_proto::v1::{
     AddReplicaRequest, AddReplicaResponse, ClusterStatusRequest, ClusterStatusResponse,
-    CoordinatorStatus, ExpertPlacement, HeartbeatRequest, HeartbeatResponse, LoadModelRequest,
-    LoadModelResponse, MoveReplicaRequest, MoveReplicaResponse, NodeInfo, PeerStatusRequest,
-    PlacementSnapshot, RaftAck, RaftBatch, RegisterNodeRequest, RegisterNodeResponse, ReplicaInfo,
-    ReportReplicaReadyRequest, ReportReplicaReadyResponse, ShowPlacementRequest,
-    ShowPlacementResponse, WatchPlacementRequest,
+    CoordinatorStatus, DrainNodeRequest, DrainNodeResponse, ExpertPlacement, HeartbeatRequest,
+    HeartbeatResponse, LoadModelRequest, LoadModelResponse, MoveReplicaRequest,
+    MoveReplicaResponse, NodeInfo, PeerStatusRequest, PlacementSnapshot, RaftAck, RaftBatch,
+    RegisterNodeRequest, RegisterNodeResponse, ReplicaInfo, ReportReplicaReadyRequest,
+    ReportReplicaReadyResponse, ShowPlacementRequest, ShowPlacementResponse, WatchPlacementRequest,
 };
 use moemesh_proto::{
     AdminServiceClient, AdminServiceServer, CoordinatorPeerServiceClient,
@@ -492,6 +492,21 @@ impl moemesh_proto::AdminService for CoordinatorService {
         Ok(Response::new(MoveReplicaResponse {
             epoch: result?,
             took_ms: started.elapsed().as_millis() as u64,
+        }))
+    }
+
+    #[instrument(skip_all, fields(node = %request.get_ref().node))]
+    async fn drain_node(
+        &self,
+        request: Request<DrainNodeRequest>,
+    ) -> Result<Response<DrainNodeResponse>, Status> {
+        let node = request.into_inner().node;
+        tracing::info!(%node, "draining a node");
+        let moved = membership::drain_node(&self.node, &node, self.drain_grace).await?;
+        tracing::info!(%node, moved, "node drained");
+        Ok(Response::new(DrainNodeResponse {
+            moved,
+            epoch: self.node.applied_state().epoch,
         }))
     }
 

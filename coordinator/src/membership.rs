@@ -177,6 +177,49 @@ pub async fn move_replica(
     propose_applied(raft, format!("{request_id}/remove"), remove).await
 }
 
+/// Empties a node: no new replicas go to it, and each of its replicas
+/// moves to another node through [`move_replica`]. Returns how many moved.
+pub async fn drain_node(
+    raft: &RaftHandle,
+    node_id: &str,
+    drain_grace: Duration,
+) -> CoordinatorResult<u32> {
+    let state = raft.read().await?;
+    if !state.nodes.contains_key(node_id) {
+        return Err(CoordinatorError::Rejected(format!(
+            "unknown node {node_id:?}"
+        )));
+    }
+    let command = Command::SetNodeStatus {
+        node: node_id.to_string(),
+        status: NodeStatus::Draining,
+    };
+    propose_applied(raft, format!("drain/{node_id}/{}", state.epoch), command).await?;
+    let mut moved = 0;
+    loop {
+        let state = raft.read().await?;
+        let Some(key) = state
+            .replicas
+            .iter()
+            .find(|(_, replicas)| replicas.iter().any(|replica| replica.node == node_id))
+            .map(|(key, _)| key.clone())
+        else {
+            return Ok(moved);
+        };
+        let target = choose_target(&state, &key).ok_or_else(|| {
+            CoordinatorError::Rejected(format!(
+                "no other node can take {key:?}; {node_id} stays draining"
+            ))
+        })?;
+        let request_id = format!(
+            "drain/{node_id}/{}/{}/{}/{}",
+            key.model, key.layer, key.expert, state.epoch
+        );
+        move_replica(raft, &request_id, key, node_id, &target, drain_grace).await?;
+        moved += 1;
+    }
+}
+
 /// Heartbeats and dead-node detection. Heartbeats are soft state: each
 /// coordinator records those it receives (followers forward theirs to the
 /// leader), and only the leader acts on silence.

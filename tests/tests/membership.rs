@@ -22,7 +22,9 @@ async fn moves_under_continuous_load_fail_no_request() {
 
     let stop = Arc::new(AtomicBool::new(false));
     let served = Arc::new(AtomicUsize::new(0));
-    let load = {
+    // Three clients keep requests in flight through every step of every move.
+    let mut load = Vec::new();
+    for _ in 0..3 {
         let mut client = cluster.client().await;
         let (stop, served, input, reference) = (
             Arc::clone(&stop),
@@ -30,7 +32,7 @@ async fn moves_under_continuous_load_fail_no_request() {
             input.clone(),
             reference.clone(),
         );
-        tokio::spawn(async move {
+        load.push(tokio::spawn(async move {
             let mut failures = Vec::new();
             while !stop.load(Ordering::Relaxed) {
                 match client.forward_f32("", 1, &input, hidden).await {
@@ -45,8 +47,8 @@ async fn moves_under_continuous_load_fail_no_request() {
                 }
             }
             failures
-        })
-    };
+        }));
+    }
 
     let mut admin = cluster.admin(2).await;
     let before = admin.show_placement("test-model", Some(1)).await.unwrap();
@@ -88,7 +90,10 @@ async fn moves_under_continuous_load_fail_no_request() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     stop.store(true, Ordering::Relaxed);
-    let failures = load.await.unwrap();
+    let mut failures = Vec::new();
+    for task in load {
+        failures.extend(task.await.unwrap());
+    }
     println!(
         "3 moves took {move_times:?} ms end to end; {} requests served meanwhile",
         served.load(Ordering::Relaxed)

@@ -30,6 +30,61 @@ enum Command {
     /// Which node holds which expert.
     #[command(subcommand)]
     Placement(PlacementCommand),
+    /// Expert nodes.
+    #[command(subcommand)]
+    Node(NodeCommand),
+}
+
+#[derive(Subcommand)]
+enum NodeCommand {
+    /// Moves every replica off a node (one at a time, no request fails) and keeps new ones away.
+    Drain(DrainArgs),
+}
+
+#[derive(clap::Args)]
+struct DrainArgs {
+    /// The node's id.
+    node: String,
+    #[command(flatten)]
+    admin: AdminArgs,
+}
+
+#[derive(clap::Args)]
+struct ExpertArgs {
+    /// Model id; defaults to the cluster's only model.
+    #[arg(long, default_value = "")]
+    model: String,
+    /// Decoder layer index.
+    #[arg(long)]
+    layer: u32,
+    /// Expert id (the shared expert is the one after the routed experts).
+    #[arg(long)]
+    expert: u32,
+}
+
+#[derive(clap::Args)]
+struct MoveArgs {
+    #[command(flatten)]
+    expert: ExpertArgs,
+    /// The node whose replica moves.
+    #[arg(long)]
+    from: String,
+    /// The node it moves to.
+    #[arg(long)]
+    to: String,
+    #[command(flatten)]
+    admin: AdminArgs,
+}
+
+#[derive(clap::Args)]
+struct ReplicateArgs {
+    #[command(flatten)]
+    expert: ExpertArgs,
+    /// The node that gets one more replica.
+    #[arg(long)]
+    to: String,
+    #[command(flatten)]
+    admin: AdminArgs,
 }
 
 #[derive(Subcommand)]
@@ -48,6 +103,10 @@ enum ModelCommand {
 enum PlacementCommand {
     /// Lists every expert's replicas and their state.
     Show(ShowArgs),
+    /// Moves one replica to another node: add, wait until it serves, drain the old one, remove it.
+    Move(MoveArgs),
+    /// Adds one more replica of an expert on a node and waits until it serves.
+    Replicate(ReplicateArgs),
 }
 
 #[derive(clap::Args)]
@@ -116,6 +175,9 @@ async fn main() -> anyhow::Result<()> {
         Command::Cluster(ClusterCommand::Status(args)) => cluster_status(args).await,
         Command::Model(ModelCommand::Load(args)) => load_model(args).await,
         Command::Placement(PlacementCommand::Show(args)) => show_placement(args).await,
+        Command::Placement(PlacementCommand::Move(args)) => move_replica(args).await,
+        Command::Placement(PlacementCommand::Replicate(args)) => replicate(args).await,
+        Command::Node(NodeCommand::Drain(args)) => drain_node(args).await,
     }
 }
 
@@ -296,6 +358,78 @@ async fn show_placement(args: ShowArgs) -> anyhow::Result<()> {
             expert.layer,
             expert.expert,
             replicas.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// Returns the model to act on: the one given, or the cluster's only one.
+async fn model_or_only(admin: &mut AdminClient, model: &str) -> anyhow::Result<String> {
+    if !model.is_empty() {
+        return Ok(model.to_string());
+    }
+    let models = admin.cluster_status().await?.models;
+    match &models[..] {
+        [only] => Ok(only.clone()),
+        [] => anyhow::bail!("the cluster has no model yet; load one with `moectl model load DIR`"),
+        _ => anyhow::bail!(
+            "the cluster serves several models ({}); say which with --model",
+            models.join(", ")
+        ),
+    }
+}
+
+async fn move_replica(args: MoveArgs) -> anyhow::Result<()> {
+    let mut admin = admin(&args.admin).await?;
+    let model = model_or_only(&mut admin, &args.expert.model).await?;
+    let ExpertArgs { layer, expert, .. } = args.expert;
+    let moved = admin
+        .move_replica(&model, layer, expert, &args.from, &args.to)
+        .await?;
+    if args.admin.json {
+        println!(
+            "{}",
+            json!({"model": model, "layer": layer, "expert": expert, "from": args.from, "to": args.to, "epoch": moved.epoch, "took_ms": moved.took_ms})
+        );
+    } else {
+        println!(
+            "moved {model} layer {layer} expert {expert} from {} to {} in {} ms; placement epoch {}",
+            args.from, args.to, moved.took_ms, moved.epoch
+        );
+    }
+    Ok(())
+}
+
+async fn replicate(args: ReplicateArgs) -> anyhow::Result<()> {
+    let mut admin = admin(&args.admin).await?;
+    let model = model_or_only(&mut admin, &args.expert.model).await?;
+    let ExpertArgs { layer, expert, .. } = args.expert;
+    let added = admin.add_replica(&model, layer, expert, &args.to).await?;
+    if args.admin.json {
+        println!(
+            "{}",
+            json!({"model": model, "layer": layer, "expert": expert, "node": args.to, "epoch": added.epoch})
+        );
+    } else {
+        println!(
+            "{} now serves {model} layer {layer} expert {expert}; placement epoch {}",
+            args.to, added.epoch
+        );
+    }
+    Ok(())
+}
+
+async fn drain_node(args: DrainArgs) -> anyhow::Result<()> {
+    let drained = admin(&args.admin).await?.drain_node(&args.node).await?;
+    if args.admin.json {
+        println!(
+            "{}",
+            json!({"node": args.node, "moved": drained.moved, "epoch": drained.epoch})
+        );
+    } else {
+        println!(
+            "{} drained: {} replicas moved; placement epoch {}",
+            args.node, drained.moved, drained.epoch
         );
     }
     Ok(())
