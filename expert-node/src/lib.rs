@@ -34,7 +34,8 @@ pub struct ExpertNodeConfig {
     pub model_dir: PathBuf,
     /// The model id requests use; empty requests match any.
     pub model_id: String,
-    /// (layer, expert) pairs to hold; the shared expert is `num_experts`.
+    /// (layer, expert) pairs to hold at start; the shared expert is
+    /// `num_experts`. Empty for a node that takes its experts from the coordinators.
     pub experts: Vec<(usize, u32)>,
     /// Compute threads (0: one per core).
     pub threads: usize,

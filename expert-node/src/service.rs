@@ -37,18 +37,14 @@ struct NodeInner {
 
 impl ExpertNodeService {
     /// Loads the configured experts from `checkpoint` onto `backend` and
-    /// starts the device worker.
+    /// starts the device worker. A node may start empty and take experts
+    /// as the coordinators place them.
     pub fn load(
         checkpoint: Arc<Checkpoint>,
         backend: Arc<dyn ComputeBackend>,
         node_config: &ExpertNodeConfig,
     ) -> ExpertNodeResult<Self> {
         let config = checkpoint.config().clone();
-        if node_config.experts.is_empty() {
-            return Err(ExpertNodeError::InvalidArgument(
-                "no experts assigned to this node".into(),
-            ));
-        }
         let mut experts = HashMap::new();
         for &(layer, expert) in &node_config.experts {
             if let std::collections::hash_map::Entry::Vacant(slot) = experts.entry((layer, expert))

@@ -191,8 +191,9 @@ pub async fn run_expert(args: ExpertArgs) -> anyhow::Result<()> {
             }
             held
         }
-        _ if args.experts.is_empty() => bail!(
-            "say which experts to hold: --experts LAYER:EXPERTS or --placement FILE --node-id ID"
+        // Joining coordinators, a node may start empty and take what they place on it.
+        _ if args.experts.is_empty() && args.coordinators.is_empty() => bail!(
+            "say which experts to hold: --experts LAYER:EXPERTS, --placement FILE --node-id ID, or --coordinator URL to take them from the coordinators"
         ),
         _ => parse_expert_specs(&args.experts, &config)?,
     };

@@ -390,7 +390,9 @@ pub struct ManagedCluster {
 impl ManagedCluster {
     /// Starts three coordinators (nodes are dead after `dead_after` of
     /// silence), `nodes` expert nodes holding every expert `replicas`
-    /// times round-robin, and a router.
+    /// times round-robin, and a router. With `replicas` 0 the nodes start
+    /// empty and the model is loaded through the coordinators, which place
+    /// every expert twice.
     pub async fn start(
         model_dir: &Path,
         nodes: usize,
@@ -422,7 +424,11 @@ impl ManagedCluster {
             let node_config = ExpertNodeConfig {
                 model_dir: model_dir.to_path_buf(),
                 model_id: "test-model".into(),
-                experts: placement.experts_of(&entry.id),
+                experts: if replicas == 0 {
+                    Vec::new()
+                } else {
+                    placement.experts_of(&entry.id)
+                },
                 threads: 1,
                 queue_capacity: 64,
             };
@@ -457,6 +463,15 @@ impl ManagedCluster {
                 server,
                 membership_tasks,
             });
+        }
+        if replicas == 0 {
+            let mut admin = AdminClient::connect(coordinator_urls[0].clone())
+                .await
+                .expect("coordinator answers");
+            admin
+                .load_model("test-model", &model_dir.to_string_lossy(), 2, "test-load")
+                .await
+                .expect("model loads through the coordinators");
         }
         let (listener, router_url) = bind().await;
         let router_config = RouterConfig {

@@ -172,3 +172,44 @@ async fn a_silent_node_is_declared_dead_and_its_experts_move_to_live_nodes() {
     assert!(relative_l2(&output, expected) < 1e-5);
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_loaded_through_the_coordinators_is_placed_loaded_and_served() {
+    let fixture = Fixture::open("deepseek_v3");
+    let hidden = fixture.hidden_size();
+    // Empty nodes; the coordinators place every expert twice and the nodes load them.
+    let cluster = ManagedCluster::start(&fixture.dir, 3, 0, Duration::from_secs(3600)).await;
+    let mut admin = cluster.admin(1).await;
+    let started = Instant::now();
+    loop {
+        let placement = admin.show_placement("test-model", None).await.unwrap();
+        let all_ready = placement.experts.len() == 2 * 17
+            && placement.experts.iter().all(|expert| {
+                expert.replicas.len() == 2 && expert.replicas.iter().all(|r| r.state == "ready")
+            });
+        if all_ready {
+            break;
+        }
+        assert!(
+            started.elapsed() < PATIENCE,
+            "experts never became ready: {placement:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut client = cluster.client().await;
+    for (&layer, (input, expected)) in &fixture.cases {
+        let started = Instant::now();
+        let output = loop {
+            match client.forward_f32("", layer as u32, input, hidden).await {
+                Ok(output) => break output,
+                Err(error) => {
+                    // The router may still be on the epoch before the last replica became ready.
+                    assert!(started.elapsed() < PATIENCE, "{error}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        };
+        assert!(relative_l2(&output, expected) < 1e-5, "layer {layer}");
+    }
+    cluster.shutdown().await;
+}
