@@ -1,11 +1,55 @@
-//! `moectl forward` against a cluster, on checkpoints of every family.
+//! `moectl` against real clusters: forward on checkpoints of every family,
+//! and cluster administration through the coordinators.
 
-use std::process::Command;
+use std::process::{Command, Output};
+use std::time::Duration;
 
 use moemesh_client::npy::{Matrix, read_matrix, write_matrix};
-use moemesh_tests::{ClusterSandbox, FIXTURES, Fixture, partly_replicated, relative_l2};
+use moemesh_tests::{
+    ClusterSandbox, CoordinatorSandbox, FIXTURES, Fixture, ManagedCluster, partly_replicated,
+    relative_l2,
+};
+use serde_json::Value;
 
 const MOECTL: &str = env!("CARGO_BIN_EXE_moectl");
+
+/// Runs moectl off the async runtime.
+async fn run_moectl(args: &[&str]) -> Output {
+    let args: Vec<String> = args.iter().map(|arg| arg.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        Command::new(MOECTL)
+            .args(&args)
+            .output()
+            .expect("moectl runs")
+    })
+    .await
+    .expect("moectl task")
+}
+
+/// Runs moectl, checks that it succeeded and returns its standard output.
+async fn moectl_ok(args: &[&str]) -> String {
+    let output = run_moectl(args).await;
+    assert!(
+        output.status.success(),
+        "moectl {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("utf-8 output")
+}
+
+/// Runs moectl with `--json` and parses what it prints.
+async fn moectl_json(args: &[&str]) -> Value {
+    let mut args = args.to_vec();
+    args.push("--json");
+    serde_json::from_str(&moectl_ok(&args).await).expect("moectl prints JSON")
+}
+
+/// Runs moectl, checks that it failed and returns its standard error.
+async fn moectl_err(args: &[&str]) -> String {
+    let output = run_moectl(args).await;
+    assert!(!output.status.success(), "moectl {args:?} should fail");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn moectl_forward_matches_transformers_for_every_family() {
@@ -14,10 +58,10 @@ async fn moectl_forward_matches_transformers_for_every_family() {
         let fixture = Fixture::open(name);
         let cluster = ClusterSandbox::start(&fixture.dir, 2, partly_replicated(&fixture.dir)).await;
         let _ready = cluster.client().await;
+        let hidden = fixture.hidden_size();
         for (&layer, (input, expected)) in &fixture.cases {
             let input_path = scratch.path().join(format!("{name}-{layer}-in.npy"));
             let output_path = scratch.path().join(format!("{name}-{layer}-out.npy"));
-            let hidden = fixture.hidden_size();
             write_matrix(
                 &input_path,
                 &Matrix {
@@ -27,27 +71,19 @@ async fn moectl_forward_matches_transformers_for_every_family() {
                 },
             )
             .unwrap();
-            let router = cluster.router_url.clone();
             let layer_arg = layer.to_string();
-            let (input_arg, output_arg) = (input_path.clone(), output_path.clone());
-            let output = tokio::task::spawn_blocking(move || {
-                Command::new(MOECTL)
-                    .args([
-                        "forward", "--router", &router, "--layer", &layer_arg, "--input",
-                    ])
-                    .arg(&input_arg)
-                    .arg("--output")
-                    .arg(&output_arg)
-                    .output()
-                    .unwrap()
-            })
-            .await
-            .unwrap();
-            assert!(
-                output.status.success(),
-                "{}",
-                String::from_utf8_lossy(&output.stderr)
-            );
+            moectl_ok(&[
+                "forward",
+                "--router",
+                &cluster.router_url,
+                "--layer",
+                &layer_arg,
+                "--input",
+                &input_path.to_string_lossy(),
+                "--output",
+                &output_path.to_string_lossy(),
+            ])
+            .await;
             let result = read_matrix(&output_path).unwrap();
             assert_eq!(
                 (result.rows, result.columns),
@@ -79,19 +115,19 @@ async fn moectl_reports_refused_requests() {
         },
     )
     .unwrap();
-    let router = cluster.router_url.clone();
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new(MOECTL)
-            .args(["forward", "--router", &router, "--layer", "0", "--input"])
-            .arg(&input_path)
-            .args(["--output", "/dev/null"])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let input = input_path.to_string_lossy();
+    let stderr = moectl_err(&[
+        "forward",
+        "--router",
+        &cluster.router_url,
+        "--layer",
+        "0",
+        "--input",
+        &input,
+        "--output",
+        "/dev/null",
+    ])
+    .await;
     assert!(
         stderr.contains("hidden size is 3, this model's is 64"),
         "{stderr}"
@@ -99,16 +135,9 @@ async fn moectl_reports_refused_requests() {
     cluster.shutdown().await;
 }
 
-fn moectl(args: &[&str]) -> std::process::Output {
-    Command::new(MOECTL)
-        .args(args)
-        .output()
-        .expect("moectl runs")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn moectl_manages_and_shows_the_cluster_through_any_coordinator() {
-    let group = moemesh_tests::CoordinatorSandbox::start(3).await;
+    let group = CoordinatorSandbox::start(3).await;
     let leader = group.leader(1).await;
     let follower = group.urls.keys().copied().find(|&id| id != leader).unwrap();
     let via = group.urls[&follower].clone();
@@ -135,55 +164,22 @@ async fn moectl_manages_and_shows_the_cluster_through_any_coordinator() {
     let fixture = moemesh_tests::fixture_dir("mixtral")
         .to_string_lossy()
         .into_owned();
-    let output = tokio::task::spawn_blocking({
-        let via = via.clone();
-        move || {
-            moectl(&[
-                "model",
-                "load",
-                &fixture,
-                "--model",
-                "mx",
-                "--replicas",
-                "2",
-                "--coordinator",
-                &via,
-                "--json",
-            ])
-        }
-    })
-    .await
-    .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let loaded: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let loaded = moectl_json(&[
+        "model",
+        "load",
+        &fixture,
+        "--model",
+        "mx",
+        "--replicas",
+        "2",
+        "--coordinator",
+        &via,
+    ])
+    .await;
     assert_eq!(loaded["replicas_added"], 2 * 8 * 2);
 
-    let output = tokio::task::spawn_blocking({
-        let via = via.clone();
-        move || {
-            moectl(&[
-                "placement",
-                "show",
-                "--layer",
-                "1",
-                "--coordinator",
-                &via,
-                "--json",
-            ])
-        }
-    })
-    .await
-    .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let placement: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let placement =
+        moectl_json(&["placement", "show", "--layer", "1", "--coordinator", &via]).await;
     let experts = placement["experts"].as_array().unwrap();
     assert_eq!(experts.len(), 8);
     for expert in experts {
@@ -201,16 +197,7 @@ async fn moectl_manages_and_shows_the_cluster_through_any_coordinator() {
         );
     }
 
-    let output =
-        tokio::task::spawn_blocking(move || moectl(&["cluster", "status", "--coordinator", &via]))
-            .await
-            .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let table = String::from_utf8_lossy(&output.stdout);
+    let table = moectl_ok(&["cluster", "status", "--coordinator", &via]).await;
     assert!(table.contains(&format!("leader {leader},")), "{table}");
     assert_eq!(table.matches("follower").count(), 2, "{table}");
     assert!(
@@ -218,13 +205,7 @@ async fn moectl_manages_and_shows_the_cluster_through_any_coordinator() {
         "{table}"
     );
 
-    let output = tokio::task::spawn_blocking(|| {
-        moectl(&["cluster", "status", "--coordinator", "http://127.0.0.1:1"])
-    })
-    .await
-    .unwrap();
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = moectl_err(&["cluster", "status", "--coordinator", "http://127.0.0.1:1"]).await;
     assert!(
         stderr.contains("cannot connect to http://127.0.0.1:1"),
         "{stderr}"
@@ -233,157 +214,95 @@ async fn moectl_manages_and_shows_the_cluster_through_any_coordinator() {
     group.shutdown().await;
 }
 
+/// The nodes holding layer 0's `expert` in a `placement show --json` answer.
+fn holders(placement: &Value, expert: u64) -> Vec<String> {
+    let entry = placement["experts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|entry| entry["layer"] == 0 && entry["expert"] == expert);
+    let mut nodes: Vec<String> = entry
+        .map(|entry| {
+            entry["replicas"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r["node"].as_str().unwrap().to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    nodes.sort();
+    nodes
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn moectl_moves_replicates_and_drains_while_the_cluster_serves() {
     let fixture = Fixture::open("mixtral");
     let hidden = fixture.hidden_size();
     let (input, expected) = fixture.cases[&0].clone();
-    let cluster = moemesh_tests::ManagedCluster::start(
-        &fixture.dir,
-        3,
-        1,
-        std::time::Duration::from_secs(3600),
-    )
-    .await;
+    let cluster = ManagedCluster::start(&fixture.dir, 3, 1, Duration::from_secs(3600)).await;
     let coordinator = cluster.coordinators.urls[&1].clone();
-    let run = |args: Vec<String>| {
-        tokio::task::spawn_blocking(move || {
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            moectl(&args)
-        })
-    };
-    let placement_of = |json: &serde_json::Value, expert: u64| -> Vec<String> {
-        json["experts"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|entry| entry["layer"] == 0 && entry["expert"] == expert)
-            .map(|entry| {
-                entry["replicas"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|r| r["node"].as_str().unwrap().to_string())
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
-    let show = || {
-        run(vec![
-            "placement".into(),
-            "show".into(),
-            "--coordinator".into(),
-            coordinator.clone(),
-            "--json".into(),
-        ])
-    };
+    let show = ["placement", "show", "--coordinator", coordinator.as_str()];
 
-    let before: serde_json::Value = serde_json::from_slice(&show().await.unwrap().stdout).unwrap();
-    let holder = placement_of(&before, 0)[0].clone();
-    let others: Vec<String> = cluster
+    let holder = holders(&moectl_json(&show).await, 0)[0].clone();
+    let mut others: Vec<String> = cluster
         .node_ids()
         .into_iter()
         .filter(|node| *node != holder)
         .collect();
+    others.sort();
+    let expert_0 = [
+        "--layer",
+        "0",
+        "--expert",
+        "0",
+        "--coordinator",
+        coordinator.as_str(),
+    ];
+    moectl_ok(
+        &[
+            &["placement", "replicate", "--to", &others[0]][..],
+            &expert_0,
+        ]
+        .concat(),
+    )
+    .await;
+    moectl_ok(
+        &[
+            &["placement", "move", "--from", &holder, "--to", &others[1]][..],
+            &expert_0,
+        ]
+        .concat(),
+    )
+    .await;
+    assert_eq!(holders(&moectl_json(&show).await, 0), others);
 
-    let output = run(vec![
-        "placement".into(),
-        "replicate".into(),
-        "--layer".into(),
-        "0".into(),
-        "--expert".into(),
-        "0".into(),
-        "--to".into(),
-        others[0].clone(),
-        "--coordinator".into(),
-        coordinator.clone(),
-    ])
-    .await
-    .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let output = run(vec![
-        "placement".into(),
-        "move".into(),
-        "--layer".into(),
-        "0".into(),
-        "--expert".into(),
-        "0".into(),
-        "--from".into(),
-        holder.clone(),
-        "--to".into(),
-        others[1].clone(),
-        "--coordinator".into(),
-        coordinator.clone(),
-    ])
-    .await
-    .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let after: serde_json::Value = serde_json::from_slice(&show().await.unwrap().stdout).unwrap();
-    let mut replicas = placement_of(&after, 0);
-    replicas.sort();
-    let mut want = others.clone();
-    want.sort();
-    assert_eq!(replicas, want);
-
-    let output = run(vec![
-        "node".into(),
-        "drain".into(),
-        holder.clone(),
-        "--coordinator".into(),
-        coordinator.clone(),
-        "--json".into(),
-    ])
-    .await
-    .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let drained: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let drained = moectl_json(&["node", "drain", &holder, "--coordinator", &coordinator]).await;
     assert!(drained["moved"].as_u64().unwrap() > 0);
-    let after: serde_json::Value = serde_json::from_slice(&show().await.unwrap().stdout).unwrap();
-    assert!(after["experts"].as_array().unwrap().iter().all(|entry| {
-        entry["replicas"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|replica| replica["node"] != holder.as_str())
-    }));
+    let placement = moectl_json(&show).await;
+    let mut replicas = placement["experts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|entry| entry["replicas"].as_array().unwrap());
+    assert!(replicas.all(|replica| replica["node"] != holder.as_str()));
 
-    let mut client = cluster.client().await;
-    let output = client.forward_f32("", 0, &input, hidden).await.unwrap();
+    let output = cluster
+        .client()
+        .await
+        .forward_f32("", 0, &input, hidden)
+        .await
+        .unwrap();
     assert!(relative_l2(&output, &expected) < 1e-5);
 
-    let output = run(vec![
-        "placement".into(),
-        "move".into(),
-        "--layer".into(),
-        "0".into(),
-        "--expert".into(),
-        "1".into(),
-        "--from".into(),
-        "nobody".into(),
-        "--to".into(),
-        others[0].clone(),
-        "--coordinator".into(),
-        coordinator.clone(),
-    ])
-    .await
-    .unwrap();
-    assert!(!output.status.success());
-    assert!(
-        String::from_utf8_lossy(&output.stderr).contains("nobody holds no replica"),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let stderr = moectl_err(
+        &[
+            &["placement", "move", "--from", "nobody", "--to", &others[0]][..],
+            &expert_0,
+        ]
+        .concat(),
+    )
+    .await;
+    assert!(stderr.contains("nobody holds no replica"), "{stderr}");
     cluster.shutdown().await;
 }

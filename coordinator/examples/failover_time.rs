@@ -19,10 +19,17 @@ struct Running {
     node: moemesh_coordinator::node::RaftHandle,
 }
 
-async fn start(id: u64, listener: TcpListener, peers: &BTreeMap<u64, String>, dir: &std::path::Path, tick: Duration) -> Running {
+async fn start(
+    id: u64,
+    listener: TcpListener,
+    peers: &BTreeMap<u64, String>,
+    dir: &std::path::Path,
+    tick: Duration,
+) -> Running {
     let mut raft = RaftNodeConfig::new(id, Vec::new(), dir.join(format!("c{id}")));
     raft.tick_interval = tick;
-    let coordinator = Coordinator::start(CoordinatorConfig::new(raft, peers.clone())).expect("coordinator starts");
+    let coordinator = Coordinator::start(CoordinatorConfig::new(raft, peers.clone()))
+        .expect("coordinator starts");
     let node = coordinator.node().clone();
     let (stop_tx, stop_rx) = oneshot::channel();
     let server = tokio::spawn(async move {
@@ -33,7 +40,11 @@ async fn start(id: u64, listener: TcpListener, peers: &BTreeMap<u64, String>, di
             .await
             .expect("coordinator serves");
     });
-    Running { stop_tx, server, node }
+    Running {
+        stop_tx,
+        server,
+        node,
+    }
 }
 
 fn register(index: usize) -> Proposal {
@@ -45,12 +56,17 @@ fn register(index: usize) -> Proposal {
         memory_bytes: 1,
         status: NodeStatus::Ready,
     };
-    Proposal { request_id: format!("failover-{index}"), command: Command::RegisterNode { node } }
+    Proposal {
+        request_id: format!("failover-{index}"),
+        command: Command::RegisterNode { node },
+    }
 }
 
 #[tokio::main]
 async fn main() {
-    let mut args = std::env::args().skip(1).map(|arg| arg.parse::<u64>().expect("numeric arguments"));
+    let mut args = std::env::args()
+        .skip(1)
+        .map(|arg| arg.parse::<u64>().expect("numeric arguments"));
     let runs = args.next().unwrap_or(7) as usize;
     let tick = Duration::from_millis(args.next().unwrap_or(100));
     let dir = tempfile::tempdir().expect("temporary directory");
@@ -58,7 +74,10 @@ async fn main() {
     let mut listeners = BTreeMap::new();
     for id in 1..=3u64 {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        peers.insert(id, format!("http://{}", listener.local_addr().expect("address")));
+        peers.insert(
+            id,
+            format!("http://{}", listener.local_addr().expect("address")),
+        );
         listeners.insert(id, listener);
     }
     let mut running = BTreeMap::new();
@@ -69,9 +88,22 @@ async fn main() {
     for run in 0..runs {
         // Wait for a leader and a commit under it.
         let leader = loop {
-            let status = running.values().next().expect("a coordinator").node.status().await.expect("status");
-            if let Some(leader) = status.leader_id.filter(|leader| running.contains_key(leader))
-                && running[&leader].node.propose(register(1000 + run)).await.is_ok()
+            let status = running
+                .values()
+                .next()
+                .expect("a coordinator")
+                .node
+                .status()
+                .await
+                .expect("status");
+            if let Some(leader) = status
+                .leader_id
+                .filter(|leader| running.contains_key(leader))
+                && running[&leader]
+                    .node
+                    .propose(register(1000 + run))
+                    .await
+                    .is_ok()
             {
                 break leader;
             }
@@ -90,8 +122,13 @@ async fn main() {
         times.push(took);
         // Bring it back from its data directory for the next run.
         let address = peers[&leader].trim_start_matches("http://").to_string();
-        let listener = TcpListener::bind(&address).await.expect("rebind the stopped coordinator's port");
-        running.insert(leader, start(leader, listener, &peers, dir.path(), tick).await);
+        let listener = TcpListener::bind(&address)
+            .await
+            .expect("rebind the stopped coordinator's port");
+        running.insert(
+            leader,
+            start(leader, listener, &peers, dir.path(), tick).await,
+        );
     }
     times.sort();
     println!(

@@ -132,16 +132,7 @@ impl ClusterSandbox {
             .expect("model opens")
             .config()
             .clone();
-        let mut listeners = Vec::new();
-        let mut entries = Vec::new();
-        for index in 0..nodes {
-            let (listener, address) = bind().await;
-            listeners.push(listener);
-            entries.push(NodeEntry {
-                id: format!("expert-{index}"),
-                address,
-            });
-        }
+        let (listeners, entries) = bind_expert_nodes(nodes).await;
         let placement_file = place(entries.clone());
         let placement = Placement::from_file(&placement_file, &config).expect("placement is valid");
         let (shutdown_tx, _) = watch::channel(false);
@@ -219,6 +210,21 @@ impl ClusterSandbox {
                 .expect("server exited with an error");
         }
     }
+}
+
+/// Binds `count` expert node listeners and names them `expert-0`, `expert-1`, ...
+async fn bind_expert_nodes(count: usize) -> (Vec<TcpListener>, Vec<NodeEntry>) {
+    let mut listeners = Vec::new();
+    let mut entries = Vec::new();
+    for index in 0..count {
+        let (listener, address) = bind().await;
+        listeners.push(listener);
+        entries.push(NodeEntry {
+            id: format!("expert-{index}"),
+            address,
+        });
+    }
+    (listeners, entries)
 }
 
 async fn wait_for_shutdown(mut shutdown_rx: watch::Receiver<bool>) {
@@ -407,16 +413,7 @@ impl ManagedCluster {
             .expect("model opens")
             .config()
             .clone();
-        let mut listeners = Vec::new();
-        let mut entries = Vec::new();
-        for index in 0..nodes {
-            let (listener, address) = bind().await;
-            listeners.push(listener);
-            entries.push(NodeEntry {
-                id: format!("expert-{index}"),
-                address,
-            });
-        }
+        let (listeners, entries) = bind_expert_nodes(nodes).await;
         let placement =
             Placement::spread(&config, entries.clone(), replicas).expect("spread placement");
         let mut managed = Vec::new();
