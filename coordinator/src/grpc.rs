@@ -792,9 +792,19 @@ impl Coordinator {
             .await;
         let node = self.service.node.clone();
         let streams_closing = Arc::clone(&self.service.streams_closing);
-        let shutdown = async move {
-            shutdown.await;
-            streams_closing.send_replace(true);
+        let raft_stopped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let shutdown = {
+            let node = node.clone();
+            let raft_stopped = Arc::clone(&raft_stopped);
+            async move {
+                tokio::select! {
+                    _ = shutdown => {}
+                    // Without its Raft node a coordinator can only refuse: stop
+                    // serving so that a supervisor restarts it from its store.
+                    _ = node.stopped() => raft_stopped.store(true, std::sync::atomic::Ordering::Relaxed),
+                }
+                streams_closing.send_replace(true);
+            }
         };
         let result = tonic::transport::Server::builder()
             .tcp_nodelay(true)
@@ -808,6 +818,12 @@ impl Coordinator {
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
             .await;
         node.shutdown().await;
-        result.map_err(|error| CoordinatorError::Storage(format!("server failed: {error}")))
+        result.map_err(|error| CoordinatorError::Storage(format!("server failed: {error}")))?;
+        if raft_stopped.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(CoordinatorError::Storage(
+                "the raft node stopped; see the errors above".into(),
+            ));
+        }
+        Ok(())
     }
 }

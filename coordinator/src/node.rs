@@ -602,6 +602,11 @@ impl RaftHandle {
         }
     }
 
+    /// Completes when the actor has stopped, on request or because its store failed.
+    pub async fn stopped(&self) {
+        self.command_tx.closed().await;
+    }
+
     /// Returns whether the actor has stopped.
     pub fn is_stopped(&self) -> bool {
         self.command_tx.is_closed()

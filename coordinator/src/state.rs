@@ -123,6 +123,8 @@ pub struct ClusterState {
     pub models: BTreeMap<String, ModelRecord>,
     /// Increases whenever the set of routable replicas changes.
     pub epoch: u64,
+    /// Stored as a list of pairs: snapshots are JSON, whose keys are strings.
+    #[serde(with = "replica_list")]
     pub replicas: BTreeMap<ExpertKey, Vec<Replica>>,
     /// Commands applied so far; a retry answered from memory does not count.
     pub applied_commands: u64,
@@ -275,6 +277,29 @@ impl ClusterState {
     }
 }
 
+/// Serialises the replica map as a list of (key, replicas) pairs.
+mod replica_list {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use super::{ExpertKey, Replica};
+
+    pub fn serialize<S: Serializer>(
+        map: &BTreeMap<ExpertKey, Vec<Replica>>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(map.iter())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<BTreeMap<ExpertKey, Vec<Replica>>, D::Error> {
+        let pairs: Vec<(ExpertKey, Vec<Replica>)> = Vec::deserialize(deserializer)?;
+        Ok(pairs.into_iter().collect())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -385,6 +410,43 @@ mod tests {
                 node: "b".into(),
                 state: ReplicaState::Ready
             }]
+        );
+    }
+
+    #[test]
+    fn the_state_round_trips_through_a_json_snapshot() {
+        let mut state = cluster();
+        propose(
+            &mut state,
+            "1",
+            Command::AddReplica {
+                key: key(0),
+                node: "a".into(),
+            },
+        );
+        propose(
+            &mut state,
+            "2",
+            Command::ReplicaReady {
+                key: key(0),
+                node: "a".into(),
+            },
+        );
+        let snapshot = serde_json::to_vec(&state).unwrap();
+        let restored: ClusterState = serde_json::from_slice(&snapshot).unwrap();
+        assert_eq!(restored, state);
+        // Deduplication survives the snapshot too.
+        let mut restored = restored;
+        assert_eq!(
+            propose(
+                &mut restored,
+                "2",
+                Command::ReplicaReady {
+                    key: key(0),
+                    node: "a".into()
+                }
+            ),
+            Outcome::Applied { epoch: 1 }
         );
     }
 
