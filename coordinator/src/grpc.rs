@@ -569,6 +569,8 @@ impl moemesh_proto::AdminService for CoordinatorService {
         }
         let request_id = fresh_request_id(request_id, "register");
         let node_id = node.id.clone();
+        // Registering counts as being heard from.
+        self.membership.heard_from(&node_id);
         let record = NodeRecord {
             id: node.id,
             address: node.address,
@@ -585,7 +587,7 @@ impl moemesh_proto::AdminService for CoordinatorService {
             memory_bytes: node.memory_bytes,
             status: NodeStatus::Ready,
         };
-        let mut epoch = self
+        let epoch = self
             .propose(
                 format!("{request_id}/node"),
                 Command::RegisterNode { node: record },
@@ -597,46 +599,33 @@ impl moemesh_proto::AdminService for CoordinatorService {
         // The node already serves these experts: record them as ready replicas.
         let (_, model_record) = describe_model(model, &checkpoint)?;
         let model = model_record.id.clone();
-        epoch = self
+        self.propose(
+            format!("{request_id}/model"),
+            Command::AddModel {
+                model: model_record,
+            },
+        )
+        .await?;
+        let keys: Vec<ExpertKey> = serving
+            .into_iter()
+            .flat_map(|layer| {
+                let model = model.clone();
+                layer.experts.into_iter().map(move |expert| ExpertKey {
+                    model: model.clone(),
+                    layer: layer.layer as usize,
+                    expert,
+                })
+            })
+            .collect();
+        let epoch = self
             .propose(
-                format!("{request_id}/model"),
-                Command::AddModel {
-                    model: model_record,
+                format!("{request_id}/serving"),
+                Command::AddServingReplicas {
+                    node: node_id,
+                    keys,
                 },
             )
             .await?;
-        let state = self.current_state().await?;
-        // A retried registration may change nothing: report the epoch as it is.
-        epoch = epoch.max(state.epoch);
-        for layer_experts in serving {
-            for expert in layer_experts.experts {
-                let key = ExpertKey {
-                    model: model.clone(),
-                    layer: layer_experts.layer as usize,
-                    expert,
-                };
-                let existing = state
-                    .replicas
-                    .get(&key)
-                    .and_then(|replicas| replicas.iter().find(|replica| replica.node == node_id))
-                    .map(|replica| replica.state);
-                let step_id = format!("{request_id}/{}/{expert}", key.layer);
-                if existing.is_none() {
-                    let add = Command::AddReplica {
-                        key: key.clone(),
-                        node: node_id.clone(),
-                    };
-                    self.propose(format!("{step_id}/add"), add).await?;
-                }
-                if existing.is_none() || existing == Some(ReplicaState::Loading) {
-                    let ready = Command::ReplicaReady {
-                        key,
-                        node: node_id.clone(),
-                    };
-                    epoch = self.propose(format!("{step_id}/ready"), ready).await?;
-                }
-            }
-        }
         Ok(Response::new(RegisterNodeResponse { epoch }))
     }
 

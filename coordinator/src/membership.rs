@@ -276,7 +276,11 @@ impl Membership {
         let state = self.raft.applied_state();
         let now = Instant::now();
         let (silent, revived): (Vec<String>, Vec<String>) = {
-            let last_heard = self.last_heard.lock().expect("heartbeats");
+            let mut last_heard = self.last_heard.lock().expect("heartbeats");
+            // A node this leader has never heard of gets a full period from now.
+            for node in state.nodes.keys() {
+                last_heard.entry(node.clone()).or_insert(now);
+            }
             let heard_recently = |id: &str| {
                 last_heard
                     .get(id)

@@ -97,6 +97,9 @@ pub enum Command {
     DrainReplica { key: ExpertKey, node: String },
     /// Removes a replica; publishes a new epoch.
     RemoveReplica { key: ExpertKey, node: String },
+    /// Records experts a node already serves as ready replicas, all at
+    /// once (a node joining with experts loaded); publishes one epoch.
+    AddServingReplicas { node: String, keys: Vec<ExpertKey> },
 }
 
 /// A command with the id its client chose for it.
@@ -262,6 +265,35 @@ impl ClusterState {
                 }
                 self.replica_mut(&key, &node)?.state = ReplicaState::Draining;
                 self.epoch += 1;
+            }
+            Command::AddServingReplicas { node, keys } => {
+                if !self.nodes.contains_key(&node) {
+                    return Err(format!("unknown node {node:?}"));
+                }
+                for key in &keys {
+                    self.check_expert(key)?;
+                }
+                let mut changed = false;
+                for key in keys {
+                    let replicas = self.replicas.entry(key).or_default();
+                    match replicas.iter_mut().find(|replica| replica.node == node) {
+                        Some(replica) if replica.state == ReplicaState::Ready => {}
+                        Some(replica) => {
+                            replica.state = ReplicaState::Ready;
+                            changed = true;
+                        }
+                        None => {
+                            replicas.push(Replica {
+                                node: node.clone(),
+                                state: ReplicaState::Ready,
+                            });
+                            changed = true;
+                        }
+                    }
+                }
+                if changed {
+                    self.epoch += 1;
+                }
             }
             Command::RemoveReplica { key, node } => {
                 self.replica_mut(&key, &node)?;

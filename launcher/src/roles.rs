@@ -228,13 +228,14 @@ pub async fn run_expert(args: ExpertArgs) -> anyhow::Result<()> {
                 .into_owned(),
             heartbeat_interval: Duration::from_millis(args.heartbeat_ms.max(10)),
         };
+        // Heartbeats start first: registering many experts can take a while.
+        tokio::spawn(heartbeat_task(registration.clone()));
         let epoch = register(&service, &registration, Duration::from_secs(60))
             .await
             .map_err(|error| {
                 anyhow::anyhow!("registration with the coordinators failed: {error}")
             })?;
         tracing::info!(node = %registration.node_id, epoch, "registered with the coordinators");
-        tokio::spawn(heartbeat_task(registration.clone()));
         tokio::spawn(follow_placement_task(service.clone(), registration, epoch));
     }
     println!("{READY_LINE_PREFIX}{url}");

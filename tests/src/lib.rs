@@ -441,11 +441,12 @@ impl ManagedCluster {
                 checkpoint: model_dir.to_string_lossy().into_owned(),
                 heartbeat_interval: Duration::from_millis(200),
             };
+            let heartbeats = tokio::spawn(heartbeat_task(registration.clone()));
             let epoch = register(&service, &registration, Duration::from_secs(60))
                 .await
                 .expect("node registers");
             let membership_tasks = vec![
-                tokio::spawn(heartbeat_task(registration.clone())),
+                heartbeats,
                 tokio::spawn(follow_placement_task(service.clone(), registration, epoch)),
             ];
             let (stop_tx, stop_rx) = watch::channel(false);
