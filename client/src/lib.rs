@@ -36,6 +36,9 @@ pub enum ClientError {
     /// A node needed for the request is unavailable.
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// The cluster refused a change that cannot be made in its current state.
+    #[error("refused: {0}")]
+    Refused(String),
     /// Any other failure the router reported.
     #[error("{code:?}: {message}")]
     Other { code: Code, message: String },
@@ -51,6 +54,7 @@ impl From<tonic::Status> for ClientError {
             Code::InvalidArgument => Self::InvalidArgument(message),
             Code::ResourceExhausted => Self::Overloaded(message),
             Code::Unavailable => Self::Unavailable(message),
+            Code::FailedPrecondition => Self::Refused(message),
             code => Self::Other { code, message },
         }
     }

@@ -428,7 +428,7 @@ impl moemesh_proto::AdminService for CoordinatorService {
             .and_then(|replicas| replicas.iter().find(|replica| replica.node == node))
             .map(|replica| replica.state)
             .ok_or_else(|| {
-                Status::failed_precondition(format!("{node} has no replica of {key:?}"))
+                Status::failed_precondition(format!("{node} has no replica of {key}"))
             })?;
         let epoch = if replica_state == ReplicaState::Loading {
             let request_id = format!(
@@ -475,7 +475,7 @@ impl moemesh_proto::AdminService for CoordinatorService {
         let key = expert_key(model, layer, expert)?;
         let request_id = fresh_request_id(request_id, "move");
         let started = std::time::Instant::now();
-        tracing::info!(?key, from = %from_node, to = %to_node, "moving a replica");
+        tracing::info!(%key, from = %from_node, to = %to_node, "moving a replica");
         let result = membership::move_replica(
             &self.node,
             &request_id,
@@ -486,8 +486,8 @@ impl moemesh_proto::AdminService for CoordinatorService {
         )
         .await;
         match &result {
-            Ok(_) => tracing::info!(?key, took = ?started.elapsed(), "move done"),
-            Err(error) => tracing::warn!(?key, %error, "move failed"),
+            Ok(_) => tracing::info!(%key, took = ?started.elapsed(), "move done"),
+            Err(error) => tracing::warn!(%key, %error, "move failed"),
         }
         Ok(Response::new(MoveReplicaResponse {
             epoch: result?,

@@ -89,7 +89,7 @@ pub async fn wait_until_ready(
             Some(true) => return Ok(()),
             None => {
                 return Err(CoordinatorError::Rejected(format!(
-                    "the replica of {key:?} on {node_id} disappeared while loading"
+                    "the replica of {key} on {node_id} disappeared while loading"
                 )));
             }
             Some(false) => {}
@@ -97,7 +97,7 @@ pub async fn wait_until_ready(
         let remaining = deadline.saturating_duration_since(Instant::now());
         if remaining.is_zero() {
             return Err(CoordinatorError::Rejected(format!(
-                "{node_id} did not load {key:?} within {timeout:?}"
+                "{node_id} did not load {key} within {timeout:?}"
             )));
         }
         if tokio::time::timeout(remaining, applied.changed())
@@ -160,7 +160,7 @@ pub async fn move_replica(
         .is_some_and(|replicas| replicas.iter().any(|replica| replica.node == from_node));
     if !holds_source {
         return Err(CoordinatorError::Rejected(format!(
-            "{from_node} holds no replica of {key:?}"
+            "{from_node} holds no replica of {key}"
         )));
     }
     add_replica(raft, request_id, key.clone(), to_node).await?;
@@ -208,7 +208,7 @@ pub async fn drain_node(
         };
         let target = choose_target(&state, &key).ok_or_else(|| {
             CoordinatorError::Rejected(format!(
-                "no other node can take {key:?}; {node_id} stays draining"
+                "no other node can take {key}; {node_id} stays draining"
             ))
         })?;
         let request_id = format!(
@@ -356,7 +356,7 @@ impl Membership {
             );
             let Some(target) = choose_target(&state, &key) else {
                 tracing::warn!(
-                    ?key,
+                    %key,
                     "no live node can take this expert; retrying when one can"
                 );
                 continue;
@@ -366,7 +366,7 @@ impl Membership {
                 node: target.clone(),
             };
             propose_applied(&self.raft, format!("{tag}/add"), add).await?;
-            tracing::info!(?key, from = dead, to = %target, "re-placing an expert of a dead node");
+            tracing::info!(%key, from = dead, to = %target, "re-placing an expert of a dead node");
             // The dead node serves nothing; forget its replica now rather than after the load.
             let remove = Command::RemoveReplica {
                 key,

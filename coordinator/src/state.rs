@@ -79,6 +79,16 @@ pub struct ExpertKey {
     pub expert: u32,
 }
 
+impl std::fmt::Display for ExpertKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} layer {} expert {}",
+            self.model, self.layer, self.expert
+        )
+    }
+}
+
 /// A change to the cluster state; the payload of a Raft log entry.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -168,7 +178,7 @@ impl ClusterState {
         self.replicas
             .get_mut(key)
             .and_then(|replicas| replicas.iter_mut().find(|replica| replica.node == node))
-            .ok_or_else(|| format!("node {node} has no replica of {key:?}"))
+            .ok_or_else(|| format!("node {node} has no replica of {key}"))
     }
 
     fn check_expert(&self, key: &ExpertKey) -> Result<(), String> {
@@ -234,7 +244,7 @@ impl ClusterState {
                 }
                 let replicas = self.replicas.entry(key.clone()).or_default();
                 if replicas.iter().any(|replica| replica.node == node) {
-                    return Err(format!("node {node} already holds {key:?}"));
+                    return Err(format!("node {node} already holds {key}"));
                 }
                 replicas.push(Replica {
                     node,
@@ -245,7 +255,7 @@ impl ClusterState {
                 let replica = self.replica_mut(&key, &node)?;
                 if replica.state != ReplicaState::Loading {
                     return Err(format!(
-                        "replica of {key:?} on {node} is {:?}, not loading",
+                        "replica of {key} on {node} is {:?}, not loading",
                         replica.state
                     ));
                 }
@@ -260,7 +270,7 @@ impl ClusterState {
                 });
                 if !ready_elsewhere {
                     return Err(format!(
-                        "{key:?} has no other ready replica; draining {node} would leave it unserved"
+                        "{key} has no other ready replica; draining {node} would leave it unserved"
                     ));
                 }
                 self.replica_mut(&key, &node)?.state = ReplicaState::Draining;
