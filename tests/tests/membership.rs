@@ -50,6 +50,27 @@ async fn moves_under_continuous_load_fail_no_request() {
         }));
     }
 
+    // Every placement a router could receive during the moves must route
+    // every expert to a ready replica.
+    let mut watcher =
+        moemesh_proto::AdminServiceClient::connect(cluster.coordinators.urls[&3].clone())
+            .await
+            .unwrap();
+    let mut stream = watcher
+        .watch_placement(moemesh_proto::v1::WatchPlacementRequest {
+            model: "test-model".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let snapshots = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        while let Ok(Some(snapshot)) = stream.message().await {
+            seen.push(snapshot);
+        }
+        seen
+    });
+
     let mut admin = cluster.admin(2).await;
     let before = admin.show_placement("test-model", Some(1)).await.unwrap();
     let nodes = cluster.node_ids();
@@ -103,6 +124,26 @@ async fn moves_under_continuous_load_fail_no_request() {
         "failed requests during moves: {failures:?}"
     );
     cluster.shutdown().await;
+    let snapshots = snapshots.await.unwrap();
+    assert!(
+        snapshots.len() >= 3 * 3,
+        "expected an epoch per step of each move, saw {}",
+        snapshots.len()
+    );
+    for snapshot in &snapshots {
+        for expert in snapshot.experts.iter().filter(|expert| expert.layer == 1) {
+            assert!(
+                expert
+                    .replicas
+                    .iter()
+                    .any(|replica| replica.state == "ready"),
+                "epoch {}: expert {} had no ready replica: {:?}",
+                snapshot.epoch,
+                expert.expert,
+                expert.replicas
+            );
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
