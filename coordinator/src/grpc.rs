@@ -683,16 +683,26 @@ impl moemesh_proto::AdminService for CoordinatorService {
         }
         let assignment = initial_assignment(&ready_nodes, &experts, replicas.max(1) as usize)
             .map_err(Status::failed_precondition)?;
-        for (layer, expert, node) in &assignment {
-            let key = ExpertKey {
-                model: model.clone(),
-                layer: *layer,
-                expert: *expert,
-            };
-            let node_id = ready_nodes[*node].id.clone();
-            let proposal_id = format!("{request_id}/{layer}/{expert}/{node_id}");
+        let replicas: Vec<(ExpertKey, String)> = assignment
+            .iter()
+            .map(|&(layer, expert, node)| {
+                (
+                    ExpertKey {
+                        model: model.clone(),
+                        layer,
+                        expert,
+                    },
+                    ready_nodes[node].id.clone(),
+                )
+            })
+            .collect();
+        // One log entry for the whole model, however many experts it has.
+        if !replicas.is_empty() {
             epoch = self
-                .propose(proposal_id, Command::AddReplica { key, node: node_id })
+                .propose(
+                    format!("{request_id}/replicas"),
+                    Command::AddReplicas { replicas },
+                )
                 .await?;
         }
         Ok(Response::new(LoadModelResponse {

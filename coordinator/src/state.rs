@@ -107,6 +107,8 @@ pub enum Command {
     DrainReplica { key: ExpertKey, node: String },
     /// Removes a replica; publishes a new epoch.
     RemoveReplica { key: ExpertKey, node: String },
+    /// Starts many new replicas at once, all or none (a model being placed).
+    AddReplicas { replicas: Vec<(ExpertKey, String)> },
     /// Records experts a node already serves as ready replicas, all at
     /// once (a node joining with experts loaded); publishes one epoch.
     AddServingReplicas { node: String, keys: Vec<ExpertKey> },
@@ -275,6 +277,14 @@ impl ClusterState {
                 }
                 self.replica_mut(&key, &node)?.state = ReplicaState::Draining;
                 self.epoch += 1;
+            }
+            Command::AddReplicas { replicas } => {
+                // Check all first so that a refusal leaves nothing half done.
+                let mut staged = self.clone();
+                for (key, node) in replicas {
+                    staged.apply_command(Command::AddReplica { key, node })?;
+                }
+                *self = staged;
             }
             Command::AddServingReplicas { node, keys } => {
                 if !self.nodes.contains_key(&node) {
@@ -489,6 +499,32 @@ mod tests {
                 }
             ),
             Outcome::Applied { epoch: 1 }
+        );
+    }
+
+    #[test]
+    fn placing_many_replicas_is_all_or_nothing() {
+        let mut state = cluster();
+        let good = vec![(key(0), "a".to_string()), (key(1), "b".to_string())];
+        assert_eq!(
+            propose(&mut state, "1", Command::AddReplicas { replicas: good }),
+            Outcome::Applied { epoch: 0 }
+        );
+        assert_eq!(state.replicas.len(), 2);
+        let partly_bad = vec![(key(2), "a".to_string()), (key(7), "a".to_string())];
+        let Outcome::Rejected { reason } = propose(
+            &mut state,
+            "2",
+            Command::AddReplicas {
+                replicas: partly_bad,
+            },
+        ) else {
+            panic!("an unknown expert must refuse the whole batch");
+        };
+        assert!(reason.contains("expert 7 does not exist"), "{reason}");
+        assert!(
+            !state.replicas.contains_key(&key(2)),
+            "nothing of a refused batch is applied"
         );
     }
 
