@@ -204,10 +204,11 @@ impl LocalCluster {
             for spec in format_expert_specs(&provisional.experts_of(&entry.id)) {
                 node_args.extend(["--experts".into(), spec]);
             }
-            if let Some(coordinator) = coordinator_urls.first() {
+            if !coordinator_urls.is_empty() {
+                // Every coordinator, so heartbeats survive the loss of any one.
                 node_args.extend([
                     "--coordinator".into(),
-                    coordinator.clone(),
+                    coordinator_urls.join(","),
                     "--node-id".into(),
                     entry.id.clone(),
                 ]);
