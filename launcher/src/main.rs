@@ -17,7 +17,7 @@ use clap::{Parser, Subcommand};
 
 /// Serve the Mixture-of-Experts layers of large models across machines.
 #[derive(Parser)]
-#[command(name = "moemesh", version, about, long_about = None)]
+#[command(name = "moemesh", version)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -31,7 +31,7 @@ enum Command {
     Expert(roles::ExpertArgs),
     /// Runs a router: gates tokens and dispatches them to expert nodes.
     Router(roles::RouterArgs),
-    /// Starts a local cluster (one router, N expert nodes) as separate processes and serves until Ctrl-C.
+    /// Starts a local cluster (three coordinators, N expert nodes, a router) as separate processes and serves until Ctrl-C.
     Up(local_cluster::UpArgs),
     /// Starts a local cluster on a synthetic Mixtral-shaped model, drives a workload through it and reports.
     Demo(demo::DemoArgs),

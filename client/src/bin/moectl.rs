@@ -11,7 +11,7 @@ use serde_json::json;
 /// Talk to a moemesh cluster: run layers through a router, inspect and
 /// manage the cluster through any coordinator.
 #[derive(Parser)]
-#[command(name = "moectl", version, about)]
+#[command(name = "moectl", version)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
