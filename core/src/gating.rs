@@ -74,14 +74,33 @@ fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
 }
 
-/// Returns the indices of the `k` largest finite-or-not values, largest
-/// first, ties to the lowest index. NaN never occurs: inputs are validated.
-fn top_k_indices(values: &[f32], k: usize) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..values.len()).collect();
-    // A stable sort keeps equal values in index order: ties go to the lowest id.
-    order.sort_by(|&a, &b| values[b].total_cmp(&values[a]));
-    order.truncate(k);
-    order
+/// Puts into `order` the indices of the `k` largest values, largest first,
+/// ties to the lowest index, by selection rather than a full sort. NaN
+/// never occurs: inputs are validated.
+fn top_k_into(values: &[f32], k: usize, order: &mut Vec<usize>) {
+    // A total order: value descending, then index ascending.
+    let larger_first = |&a: &usize, &b: &usize| values[b].total_cmp(&values[a]).then(a.cmp(&b));
+    order.clear();
+    order.extend(0..values.len());
+    if k < order.len() {
+        order.select_nth_unstable_by(k, larger_first);
+        order.truncate(k);
+    }
+    order.sort_unstable_by(larger_first);
+}
+
+/// Buffers reused from token to token while routing a batch.
+#[derive(Default)]
+struct Scratch {
+    logits: Vec<f32>,
+    /// Probabilities (softmax) or sigmoid scores.
+    scores: Vec<f32>,
+    /// DeepSeek-V3's biased scores used for selection.
+    scores_for_choice: Vec<f32>,
+    group_scores: Vec<f32>,
+    order: Vec<usize>,
+    kept_groups: Vec<usize>,
+    chosen: Vec<(u32, f32)>,
 }
 
 impl Gate {
@@ -110,22 +129,25 @@ impl Gate {
         let mut experts = Vec::with_capacity(tokens * self.top_k);
         let mut weights = Vec::with_capacity(tokens * self.top_k);
         let mut shared_weights = self.has_shared_expert.then(|| Vec::with_capacity(tokens));
-        let mut logits = vec![0f32; self.num_experts];
-        let mut chosen: Vec<(u32, f32)> = Vec::with_capacity(self.top_k);
+        let mut scratch = Scratch {
+            logits: vec![0f32; self.num_experts],
+            ..Scratch::default()
+        };
         for row in hidden.chunks_exact(self.hidden_size) {
-            for (logit, expert_weight) in logits
+            for (logit, expert_weight) in scratch
+                .logits
                 .iter_mut()
                 .zip(self.weights.weight.chunks_exact(self.hidden_size))
             {
                 *logit = dot(row, expert_weight);
             }
-            chosen.clear();
             match self.family {
                 Family::Mixtral | Family::Qwen2Moe | Family::Qwen3Moe => {
-                    self.softmax_top_k(&logits, &mut chosen)
+                    self.softmax_top_k(&mut scratch)
                 }
-                Family::DeepseekV3 => self.sigmoid_group_top_k(&logits, &mut chosen),
+                Family::DeepseekV3 => self.sigmoid_group_top_k(&mut scratch),
             }
+            let chosen = &mut scratch.chosen;
             chosen.sort_by_key(|&(expert, _)| expert);
             experts.extend(chosen.iter().map(|&(expert, _)| expert));
             weights.extend(chosen.iter().map(|&(_, weight)| weight));
@@ -146,16 +168,22 @@ impl Gate {
 
     /// Mixtral, Qwen2-MoE and Qwen3-MoE: softmax over all experts, top-k of
     /// the probabilities, divided by their sum where `norm_topk_prob`.
-    fn softmax_top_k(&self, logits: &[f32], chosen: &mut Vec<(u32, f32)>) {
+    fn softmax_top_k(&self, scratch: &mut Scratch) {
+        let Scratch {
+            logits,
+            scores: probs,
+            order,
+            chosen,
+            ..
+        } = scratch;
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let exps: Vec<f32> = logits.iter().map(|logit| (logit - max).exp()).collect();
-        let total: f32 = exps.iter().sum();
-        let probs: Vec<f32> = exps.iter().map(|exp| exp / total).collect();
-        chosen.extend(
-            top_k_indices(&probs, self.top_k)
-                .into_iter()
-                .map(|expert| (expert as u32, probs[expert])),
-        );
+        probs.clear();
+        probs.extend(logits.iter().map(|logit| (logit - max).exp()));
+        let total: f32 = probs.iter().sum();
+        probs.iter_mut().for_each(|prob| *prob /= total);
+        top_k_into(probs, self.top_k, order);
+        chosen.clear();
+        chosen.extend(order.iter().map(|&expert| (expert as u32, probs[expert])));
         if self.norm_topk_prob {
             let sum: f32 = chosen.iter().map(|&(_, weight)| weight).sum();
             chosen.iter_mut().for_each(|(_, weight)| *weight /= sum);
@@ -166,39 +194,42 @@ impl Gate {
     /// are ranked by the sum of their two best biased scores and only the
     /// best `topk_group` groups compete; the chosen experts' unbiased scores
     /// are renormalised (plus 1e-20) and multiplied by `routed_scaling_factor`.
-    fn sigmoid_group_top_k(&self, logits: &[f32], chosen: &mut Vec<(u32, f32)>) {
-        let scores: Vec<f32> = logits.iter().map(|&logit| sigmoid(logit)).collect();
-        let mut scores_for_choice: Vec<f32> = match &self.weights.score_correction_bias {
-            Some(bias) => scores
-                .iter()
-                .zip(bias)
-                .map(|(score, bias)| score + bias)
-                .collect(),
-            None => scores.clone(),
-        };
+    fn sigmoid_group_top_k(&self, scratch: &mut Scratch) {
+        let Scratch {
+            logits,
+            scores,
+            scores_for_choice,
+            group_scores,
+            order,
+            kept_groups,
+            chosen,
+        } = scratch;
+        scores.clear();
+        scores.extend(logits.iter().map(|&logit| sigmoid(logit)));
+        scores_for_choice.clear();
+        match &self.weights.score_correction_bias {
+            Some(bias) => {
+                scores_for_choice.extend(scores.iter().zip(bias).map(|(score, bias)| score + bias))
+            }
+            None => scores_for_choice.extend_from_slice(scores),
+        }
         if let Some(GroupLimit { groups, top_groups }) = self.group_limit {
             let group_size = self.num_experts / groups;
-            let group_scores: Vec<f32> = scores_for_choice
-                .chunks_exact(group_size)
-                .map(|group| {
-                    top_k_indices(group, 2)
-                        .iter()
-                        .map(|&index| group[index])
-                        .sum()
-                })
-                .collect();
-            let kept_groups = top_k_indices(&group_scores, top_groups);
+            group_scores.clear();
+            for group in scores_for_choice.chunks_exact(group_size) {
+                top_k_into(group, 2, order);
+                group_scores.push(order.iter().map(|&index| group[index]).sum());
+            }
+            top_k_into(group_scores, top_groups, kept_groups);
             for (group, members) in scores_for_choice.chunks_exact_mut(group_size).enumerate() {
                 if !kept_groups.contains(&group) {
                     members.fill(f32::NEG_INFINITY);
                 }
             }
         }
-        chosen.extend(
-            top_k_indices(&scores_for_choice, self.top_k)
-                .into_iter()
-                .map(|expert| (expert as u32, scores[expert])),
-        );
+        top_k_into(scores_for_choice, self.top_k, order);
+        chosen.clear();
+        chosen.extend(order.iter().map(|&expert| (expert as u32, scores[expert])));
         if self.norm_topk_prob {
             let denominator: f32 = chosen.iter().map(|&(_, weight)| weight).sum::<f32>() + 1e-20;
             chosen
@@ -290,6 +321,22 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn selection_matches_a_stable_sort_even_with_ties(
+            // Few distinct values, so ties are common.
+            values in proptest::collection::vec(0u8..4, 1..40),
+            k in 1usize..40,
+        ) {
+            let values: Vec<f32> = values.into_iter().map(f32::from).collect();
+            let k = k.min(values.len());
+            let mut expected: Vec<usize> = (0..values.len()).collect();
+            expected.sort_by(|&a, &b| values[b].total_cmp(&values[a]));
+            expected.truncate(k);
+            let mut order = Vec::new();
+            top_k_into(&values, k, &mut order);
+            prop_assert_eq!(order, expected);
+        }
+
         #[test]
         fn routing_of_a_token_does_not_depend_on_its_batch(
             batch in proptest::collection::vec(-3f32..3.0, 2 * 6),
