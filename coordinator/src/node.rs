@@ -606,9 +606,4 @@ impl RaftHandle {
     pub async fn stopped(&self) {
         self.command_tx.closed().await;
     }
-
-    /// Returns whether the actor has stopped.
-    pub fn is_stopped(&self) -> bool {
-        self.command_tx.is_closed()
-    }
 }

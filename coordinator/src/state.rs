@@ -171,11 +171,6 @@ impl ClusterState {
         outcome
     }
 
-    /// Returns whether a request id has been applied (and is still remembered).
-    pub fn has_applied(&self, request_id: &str) -> bool {
-        self.recent_requests.contains_key(request_id)
-    }
-
     fn replica_mut(&mut self, key: &ExpertKey, node: &str) -> Result<&mut Replica, String> {
         self.replicas
             .get_mut(key)

@@ -61,11 +61,6 @@ impl CpuBackend {
             threads,
         })
     }
-
-    /// Returns the number of compute threads.
-    pub fn threads(&self) -> usize {
-        self.threads
-    }
 }
 
 impl ComputeBackend for CpuBackend {

@@ -141,16 +141,6 @@ impl Checkpoint {
         &self.config
     }
 
-    /// Returns the directory the checkpoint was opened from.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
-    /// Returns whether the checkpoint has a tensor of this name.
-    pub fn contains(&self, name: &str) -> bool {
-        self.tensor_shard.contains_key(name)
-    }
-
     /// Reads one tensor as f32, checking its shape; f32, bf16 and f16 are accepted.
     pub fn load_f32(&self, name: &str, shape: &[usize]) -> CoreResult<Vec<f32>> {
         let &shard_index = self.tensor_shard.get(name).ok_or_else(|| {

@@ -243,37 +243,38 @@ impl DeviceWorkerHandle {
         expert: u32,
         resident: Arc<dyn Expert>,
     ) -> ExpertNodeResult<()> {
-        let (done_tx, done_rx) = oneshot::channel();
-        let command = WorkerCommand::AddExpert {
+        self.send_and_wait(|done_tx| WorkerCommand::AddExpert {
             layer,
             expert,
             resident,
             done_tx,
-        };
-        self.command_tx
-            .send(command)
-            .await
-            .map_err(|_| ExpertNodeError::Unavailable("device worker stopped".into()))?;
-        done_rx
-            .await
-            .map_err(|_| ExpertNodeError::Unavailable("device worker stopped".into()))
+        })
+        .await
     }
 
     /// Drops an expert once the work queued before this call is done.
     pub async fn remove_expert(&self, layer: usize, expert: u32) -> ExpertNodeResult<()> {
-        let (done_tx, done_rx) = oneshot::channel();
-        let command = WorkerCommand::RemoveExpert {
+        self.send_and_wait(|done_tx| WorkerCommand::RemoveExpert {
             layer,
             expert,
             done_tx,
-        };
+        })
+        .await
+    }
+
+    /// Queues a management command (waiting for room, never refused) and
+    /// waits until the worker has carried it out.
+    async fn send_and_wait(
+        &self,
+        command: impl FnOnce(oneshot::Sender<()>) -> WorkerCommand,
+    ) -> ExpertNodeResult<()> {
+        let stopped = || ExpertNodeError::Unavailable("device worker stopped".into());
+        let (done_tx, done_rx) = oneshot::channel();
         self.command_tx
-            .send(command)
+            .send(command(done_tx))
             .await
-            .map_err(|_| ExpertNodeError::Unavailable("device worker stopped".into()))?;
-        done_rx
-            .await
-            .map_err(|_| ExpertNodeError::Unavailable("device worker stopped".into()))
+            .map_err(|_| stopped())?;
+        done_rx.await.map_err(|_| stopped())
     }
 
     /// Returns the experts held now.

@@ -18,14 +18,15 @@ pub struct NodeBatch {
 }
 
 impl NodeBatch {
-    /// Returns the experts in wire form, by ascending id.
-    pub fn expert_rows(&self) -> Vec<ExpertRows> {
-        self.experts
-            .iter()
-            .map(|(&expert, (rows, weights))| ExpertRows {
+    /// Moves the experts out in wire form, by ascending id; the tokens
+    /// stay for combining the reply.
+    pub fn take_expert_rows(&mut self) -> Vec<ExpertRows> {
+        std::mem::take(&mut self.experts)
+            .into_iter()
+            .map(|(expert, (rows, weights))| ExpertRows {
                 expert,
-                rows: rows.clone(),
-                weights: weights.clone(),
+                rows,
+                weights,
             })
             .collect()
     }

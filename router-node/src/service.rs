@@ -143,11 +143,6 @@ impl RouterNodeService {
         })
     }
 
-    /// Returns the placement epoch the router routes by now.
-    pub fn epoch(&self) -> u64 {
-        self.table_rx.borrow().epoch
-    }
-
     /// Computes one layer's output for a decoded batch.
     pub async fn forward_rows(&self, layer: usize, rows: Rows) -> RouterResult<Vec<f32>> {
         let hidden_size = self.config.hidden_size;
@@ -176,7 +171,7 @@ impl RouterNodeService {
         })
         .await
         .map_err(|error| RouterError::Internal(format!("gating panicked: {error}")))?;
-        let batches = batches.map_err(|mut experts| {
+        let mut batches = batches.map_err(|mut experts| {
             experts.sort_unstable();
             experts.dedup();
             RouterError::Unavailable(format!(
@@ -188,14 +183,14 @@ impl RouterNodeService {
         let calls = table
             .links
             .iter()
-            .zip(&batches)
+            .zip(&mut batches)
             .filter(|(_, batch)| !batch.tokens.is_empty())
             .map(|(link, batch)| {
                 let request = ComputeRequest {
                     model: self.model_id.clone(),
                     layer: layer as u32,
                     rows: Some(gather_rows(&rows.values, hidden_size, batch)),
-                    experts: batch.expert_rows(),
+                    experts: batch.take_expert_rows(),
                 };
                 link.clone()
                     .compute(request, hidden_size, batch.tokens.len())
