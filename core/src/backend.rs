@@ -34,16 +34,59 @@ pub trait Expert: Send + Sync {
     fn forward(&self, input: &[f32], rows: usize, output: &mut [f32]);
 }
 
+/// How the CPU backend keeps expert weights resident.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightFormat {
+    /// Four bytes per weight; the format the GEMM kernel runs on directly.
+    #[default]
+    F32,
+    /// Two bytes per weight (half the memory), widened to f32 one cache-sized
+    /// panel at a time during each GEMM. Exact for bf16 checkpoints; f32
+    /// checkpoints are rounded to nearest even once, at load.
+    Bf16,
+}
+
+impl std::fmt::Display for WeightFormat {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+        })
+    }
+}
+
+impl std::str::FromStr for WeightFormat {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text.to_ascii_lowercase().as_str() {
+            "f32" => Ok(Self::F32),
+            "bf16" => Ok(Self::Bf16),
+            other => Err(format!(
+                "unknown weight format {other:?}; expected f32 or bf16"
+            )),
+        }
+    }
+}
+
 /// The multi-threaded CPU backend.
 pub struct CpuBackend {
     /// Runs every GEMM of this backend's experts; sized once at start.
     pool: Arc<rayon::ThreadPool>,
     threads: usize,
+    format: WeightFormat,
 }
 
 impl CpuBackend {
-    /// Creates a backend with `threads` compute threads (0: one per core).
+    /// Creates a backend with `threads` compute threads (0: one per core)
+    /// that keeps weights in f32.
     pub fn new(threads: usize) -> CoreResult<Self> {
+        Self::with_format(threads, WeightFormat::F32)
+    }
+
+    /// Creates a backend with `threads` compute threads (0: one per core)
+    /// that keeps weights in `format`.
+    pub fn with_format(threads: usize, format: WeightFormat) -> CoreResult<Self> {
         let threads = if threads == 0 {
             std::thread::available_parallelism().map_or(1, |cores| cores.get())
         } else {
@@ -59,13 +102,19 @@ impl CpuBackend {
         Ok(Self {
             pool: Arc::new(pool),
             threads,
+            format,
         })
+    }
+
+    /// Returns the number of compute threads.
+    pub fn threads(&self) -> usize {
+        self.threads
     }
 }
 
 impl ComputeBackend for CpuBackend {
     fn describe(&self) -> String {
-        format!("cpu ({} threads)", self.threads)
+        format!("cpu ({} threads, {} weights)", self.threads, self.format)
     }
 
     fn load_expert(&self, weights: ExpertWeights) -> CoreResult<Arc<dyn Expert>> {
@@ -85,29 +134,204 @@ impl ComputeBackend for CpuBackend {
             ));
         }
         // [in=hidden, out=2*intermediate]: columns 0..I are gate, I..2I are up.
-        let mut gate_up = vec![0f32; hidden * 2 * intermediate];
-        for out in 0..intermediate {
-            for input in 0..hidden {
-                gate_up[input * 2 * intermediate + out] = gate_proj[out * hidden + input];
-                gate_up[input * 2 * intermediate + intermediate + out] =
-                    up_proj[out * hidden + input];
+        let gate_up = PackedMatrix::pack(self.format, hidden, 2 * intermediate, |input, out| {
+            if out < intermediate {
+                gate_proj[out * hidden + input]
+            } else {
+                up_proj[(out - intermediate) * hidden + input]
             }
-        }
+        });
+        drop((gate_proj, up_proj));
         // [in=intermediate, out=hidden].
-        let mut down = vec![0f32; intermediate * hidden];
-        for out in 0..hidden {
-            for input in 0..intermediate {
-                down[input * hidden + out] = down_proj[out * intermediate + input];
-            }
-        }
+        let down = PackedMatrix::pack(self.format, intermediate, hidden, |input, out| {
+            down_proj[out * intermediate + input]
+        });
+        let gate_up_columns = match (self.format, 2 * intermediate) {
+            (WeightFormat::Bf16, columns) => panel_bounds(columns, 0).1,
+            (WeightFormat::F32, columns) => columns,
+        };
+        let down_columns = match self.format {
+            WeightFormat::Bf16 => panel_bounds(hidden, 0).1,
+            WeightFormat::F32 => hidden,
+        };
+        let min_rows = min_invariant_rows(gate_up_columns, hidden)
+            .max(min_invariant_rows(down_columns, intermediate));
         Ok(Arc::new(CpuExpert {
             hidden,
             intermediate,
             gate_up,
             down,
+            min_rows,
             pool: Arc::clone(&self.pool),
             threads: self.threads,
         }))
+    }
+}
+
+/// Columns per bf16 panel (the last panel also takes the remainder). Wide
+/// enough that gemm never takes its small-matrix paths on a panel, narrow
+/// enough that a widened panel of the larger projection stays in L2/L3.
+const PANEL_COLUMNS: usize = 128;
+
+/// The panels of a matrix with `n` columns.
+fn panel_count(n: usize) -> usize {
+    (n / PANEL_COLUMNS).max(1)
+}
+
+/// The first column and the width of panel `index` of `n` columns.
+fn panel_bounds(n: usize, index: usize) -> (usize, usize) {
+    let start = index * PANEL_COLUMNS;
+    if index + 1 == panel_count(n) {
+        (start, n - start)
+    } else {
+        (start, PANEL_COLUMNS)
+    }
+}
+
+/// The fewest rows a product with `columns` output columns and inner
+/// dimension `depth` must have for every row to be computed by the same
+/// kernel with the same depth blocking whatever the batch; smaller batches
+/// are padded. gemm (which computes row-major products transposed) takes a
+/// matrix-vector path for one row, a horizontal kernel when rows × columns
+/// ≤ 256, and blocks the depth by 512 instead of its cache-derived block
+/// when both dimensions are ≤ 64.
+fn min_invariant_rows(columns: usize, depth: usize) -> usize {
+    let mut rows = 2.max(256 / columns.max(1) + 1);
+    if columns <= 64 && depth > 512 {
+        rows = rows.max(65);
+    }
+    rows
+}
+
+/// A weight matrix `[k, n]` (inputs by outputs) laid out for the kernel.
+enum PackedMatrix {
+    /// Row-major f32.
+    F32 { values: Vec<f32>, n: usize },
+    /// bf16 in column panels: panel `p` holds columns `p * PANEL_COLUMNS..`
+    /// of every row, row-major and contiguous, so that it widens in one
+    /// sequential pass.
+    Bf16Panels {
+        values: Vec<half::bf16>,
+        k: usize,
+        n: usize,
+    },
+}
+
+impl PackedMatrix {
+    /// Lays out `[k, n]` from `at(row, column)`, visiting the source in
+    /// column order (checkpoints store `[out, in]`, so that reads it in order).
+    fn pack(format: WeightFormat, k: usize, n: usize, at: impl Fn(usize, usize) -> f32) -> Self {
+        match format {
+            WeightFormat::F32 => {
+                let mut values = vec![0f32; k * n];
+                for column in 0..n {
+                    for row in 0..k {
+                        values[row * n + column] = at(row, column);
+                    }
+                }
+                Self::F32 { values, n }
+            }
+            WeightFormat::Bf16 => {
+                let mut values = vec![half::bf16::ZERO; k * n];
+                for column in 0..n {
+                    let panel = (column / PANEL_COLUMNS).min(panel_count(n) - 1);
+                    let (panel_start, width) = panel_bounds(n, panel);
+                    let base = panel_start * k + column - panel_start;
+                    for row in 0..k {
+                        values[base + row * width] = half::bf16::from_f32(at(row, column));
+                    }
+                }
+                Self::Bf16Panels { values, k, n }
+            }
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            Self::F32 { values, .. } => values.len() * size_of::<f32>(),
+            Self::Bf16Panels { values, .. } => values.len() * size_of::<half::bf16>(),
+        }
+    }
+
+    /// `dst[m, n] = lhs[m, k] · self`; call inside the backend's pool.
+    fn multiply(&self, dst: &mut [f32], lhs: &[f32], m: usize, threads: usize) {
+        match self {
+            Self::F32 { values, n } => {
+                let k = values.len() / n;
+                let parallelism = if threads > 1 {
+                    Parallelism::Rayon(threads)
+                } else {
+                    Parallelism::None
+                };
+                matmul(dst, lhs, values, m, k, *n, parallelism);
+            }
+            Self::Bf16Panels { values, k, n } => {
+                let (k, n) = (*k, *n);
+                assert!(dst.len() >= m * n && lhs.len() >= m * k);
+                let destination = SharedColumns(dst.as_mut_ptr());
+                let panel = |index: usize| {
+                    let (start, width) = panel_bounds(n, index);
+                    let packed = &values[start * k..start * k + k * width];
+                    WIDENED_PANEL.with_borrow_mut(|widened| {
+                        widened.clear();
+                        widened.extend(packed.iter().map(|value| value.to_f32()));
+                        // SAFETY: panel `index` writes columns start..start+width
+                        // of rows 0..m, inside `dst` (asserted above) and disjoint
+                        // from every other panel's columns.
+                        unsafe {
+                            gemm::gemm(
+                                m,
+                                width,
+                                k,
+                                destination.at(start),
+                                1,
+                                n as isize,
+                                false,
+                                lhs.as_ptr(),
+                                1,
+                                k as isize,
+                                widened.as_ptr(),
+                                1,
+                                width as isize,
+                                0.0,
+                                1.0,
+                                false,
+                                false,
+                                false,
+                                Parallelism::None,
+                            );
+                        }
+                    });
+                };
+                let panels = panel_count(n);
+                if threads > 1 {
+                    use rayon::prelude::*;
+                    (0..panels).into_par_iter().for_each(panel);
+                } else {
+                    (0..panels).for_each(panel);
+                }
+            }
+        }
+    }
+}
+
+thread_local! {
+    /// One bf16 panel widened to f32, reused by every GEMM on this thread.
+    static WIDENED_PANEL: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The output matrix shared by panels that write disjoint columns of it.
+#[derive(Clone, Copy)]
+struct SharedColumns(*mut f32);
+
+// SAFETY: every user writes a column range no other user writes.
+unsafe impl Send for SharedColumns {}
+unsafe impl Sync for SharedColumns {}
+
+impl SharedColumns {
+    /// Pointer to column `column` of row 0.
+    fn at(self, column: usize) -> *mut f32 {
+        self.0.wrapping_add(column)
     }
 }
 
@@ -115,9 +339,12 @@ struct CpuExpert {
     hidden: usize,
     intermediate: usize,
     /// `[hidden, 2 * intermediate]`, gate columns then up columns.
-    gate_up: Vec<f32>,
+    gate_up: PackedMatrix,
     /// `[intermediate, hidden]`.
-    down: Vec<f32>,
+    down: PackedMatrix,
+    /// Batches smaller than this are padded, so that each row's result is
+    /// the same in every batch (see [`min_invariant_rows`]).
+    min_rows: usize,
     pool: Arc<rayon::ThreadPool>,
     threads: usize,
 }
@@ -172,7 +399,7 @@ impl Expert for CpuExpert {
     }
 
     fn weight_bytes(&self) -> usize {
-        (self.gate_up.len() + self.down.len()) * size_of::<f32>()
+        self.gate_up.bytes() + self.down.bytes()
     }
 
     fn forward(&self, input: &[f32], rows: usize, output: &mut [f32]) {
@@ -182,39 +409,30 @@ impl Expert for CpuExpert {
         if rows == 0 {
             return;
         }
-        // gemm takes a matrix-vector path for a single row, whose summation
-        // order differs from the batched kernel's: pad a lone row to two so
-        // that a token's result never depends on how many others came along.
-        let padded_rows = rows.max(2);
+        // Small batches would take other gemm kernels, whose summation order
+        // differs: pad them (with zero rows) so that a token's result never
+        // depends on how many others came along.
+        let padded_rows = rows.max(self.min_rows);
+        let padded = padded_rows > rows;
         let padded_input;
-        let input = if rows == 1 {
-            padded_input = [input, input].concat();
+        let input = if padded {
+            let mut buffer = vec![0f32; padded_rows * hidden];
+            buffer[..input.len()].copy_from_slice(input);
+            padded_input = buffer;
             &padded_input[..]
         } else {
             input
         };
-        let parallelism = if self.threads > 1 {
-            Parallelism::Rayon(self.threads)
-        } else {
-            Parallelism::None
-        };
         let mut gate_up = vec![0f32; padded_rows * 2 * intermediate];
         let mut activated = vec![0f32; padded_rows * intermediate];
-        let mut result = if rows == 1 {
+        let mut result = if padded {
             vec![0f32; padded_rows * hidden]
         } else {
             Vec::new()
         };
         self.pool.install(|| {
-            matmul(
-                &mut gate_up,
-                input,
-                &self.gate_up,
-                padded_rows,
-                hidden,
-                2 * intermediate,
-                parallelism,
-            );
+            self.gate_up
+                .multiply(&mut gate_up, input, padded_rows, self.threads);
             for (row_out, row_in) in activated
                 .chunks_exact_mut(intermediate)
                 .zip(gate_up.chunks_exact(2 * intermediate))
@@ -224,23 +442,16 @@ impl Expert for CpuExpert {
                     *out = silu(g) * u;
                 }
             }
-            let dst = if rows == 1 {
+            let dst = if padded {
                 &mut result[..]
             } else {
                 &mut output[..]
             };
-            matmul(
-                dst,
-                &activated,
-                &self.down,
-                padded_rows,
-                intermediate,
-                hidden,
-                parallelism,
-            );
+            self.down
+                .multiply(dst, &activated, padded_rows, self.threads);
         });
-        if rows == 1 {
-            output.copy_from_slice(&result[..hidden]);
+        if padded {
+            output.copy_from_slice(&result[..rows * hidden]);
         }
     }
 }
@@ -310,10 +521,80 @@ pub(crate) mod tests {
         }
     }
 
+    fn round_to_bf16(values: &[f32]) -> Vec<f32> {
+        values
+            .iter()
+            .map(|&value| half::bf16::from_f32(value).to_f32())
+            .collect()
+    }
+
+    #[test]
+    fn bf16_weights_compute_what_f32_computes_on_the_rounded_weights() {
+        // 200 output columns: three full panels and a partial one.
+        let (hidden, intermediate) = (200, 136);
+        let weights = random_expert(hidden, intermediate, 11);
+        let rounded = ExpertWeights {
+            gate_proj: round_to_bf16(&weights.gate_proj),
+            up_proj: round_to_bf16(&weights.up_proj),
+            down_proj: round_to_bf16(&weights.down_proj),
+            ..weights.clone()
+        };
+        for threads in [1, 2] {
+            let bf16 = CpuBackend::with_format(threads, WeightFormat::Bf16)
+                .unwrap()
+                .load_expert(weights.clone())
+                .unwrap();
+            let f32 = CpuBackend::new(threads)
+                .unwrap()
+                .load_expert(rounded.clone())
+                .unwrap();
+            assert_eq!(bf16.weight_bytes() * 2, f32.weight_bytes());
+            for rows in [1, 2, 9, 70] {
+                let mut rng = rand::rngs::StdRng::seed_from_u64(rows as u64);
+                let input: Vec<f32> = (0..rows * hidden)
+                    .map(|_| rng.random_range(-1f32..1.0))
+                    .collect();
+                let (mut got, mut want) = (vec![0f32; rows * hidden], vec![0f32; rows * hidden]);
+                bf16.forward(&input, rows, &mut got);
+                f32.forward(&input, rows, &mut want);
+                let error: f64 = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| ((a - b) as f64).powi(2))
+                    .sum::<f64>()
+                    .sqrt();
+                let norm: f64 = want.iter().map(|&b| (b as f64).powi(2)).sum::<f64>().sqrt();
+                assert!(
+                    error <= 1e-6 * norm,
+                    "{threads} threads, {rows} rows: relative error {}",
+                    error / norm
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn weight_formats_parse_and_print() {
+        for format in [WeightFormat::F32, WeightFormat::Bf16] {
+            assert_eq!(format.to_string().parse::<WeightFormat>(), Ok(format));
+        }
+        assert_eq!("BF16".parse::<WeightFormat>(), Ok(WeightFormat::Bf16));
+        assert!("fp8".parse::<WeightFormat>().unwrap_err().contains("fp8"));
+    }
+
     #[test]
     fn cpu_expert_rows_are_batch_invariant() {
-        let (hidden, intermediate) = (1024, 1408);
-        let backend = CpuBackend::new(2).unwrap();
+        // Real shapes, the fixtures' tiny ones (the horizontal kernel), and a
+        // narrow output over a deep input (gemm's small-shape depth blocking).
+        for (hidden, intermediate) in [(1024, 1408), (64, 96), (48, 600)] {
+            for format in [WeightFormat::F32, WeightFormat::Bf16] {
+                rows_are_batch_invariant(format, hidden, intermediate);
+            }
+        }
+    }
+
+    fn rows_are_batch_invariant(format: WeightFormat, hidden: usize, intermediate: usize) {
+        let backend = CpuBackend::with_format(2, format).unwrap();
         let expert = backend
             .load_expert(random_expert(hidden, intermediate, 3))
             .unwrap();
@@ -325,13 +606,13 @@ pub(crate) mod tests {
         let probe = 0;
         let mut alone = vec![0f32; hidden];
         expert.forward(&input[..hidden], 1, &mut alone);
-        for rows in [2, 3, 7, 8, 16, 31, 64, 65, 97, 128, 200] {
+        for rows in [2, 3, 4, 5, 7, 8, 16, 31, 64, 65, 66, 97, 128, 200] {
             let mut output = vec![0f32; rows * hidden];
             expert.forward(&input[..rows * hidden], rows, &mut output);
             assert_eq!(
                 &output[probe..hidden],
                 &alone[..],
-                "row 0 differs in a batch of {rows}"
+                "{format} {hidden}x{intermediate}: row 0 differs in a batch of {rows}"
             );
         }
     }

@@ -18,7 +18,7 @@ use std::path::PathBuf;
 
 use std::sync::Arc;
 
-use moemesh_core::backend::{ComputeBackend, CpuBackend};
+use moemesh_core::backend::{ComputeBackend, CpuBackend, WeightFormat};
 use moemesh_core::checkpoint::Checkpoint;
 use moemesh_proto::{ExpertServiceServer, MAX_MESSAGE_BYTES};
 use tokio::net::TcpListener;
@@ -41,6 +41,8 @@ pub struct ExpertNodeConfig {
     pub threads: usize,
     /// Requests that may wait for the worker before new ones are refused.
     pub queue_capacity: usize,
+    /// How the experts' weights are kept in memory.
+    pub weight_format: WeightFormat,
 }
 
 /// Loads the node's experts, then serves `ExpertService` (and gRPC health)
@@ -58,7 +60,10 @@ pub async fn run(
 pub async fn load(config: ExpertNodeConfig) -> ExpertNodeResult<ExpertNodeService> {
     tokio::task::spawn_blocking(move || {
         let checkpoint = Arc::new(Checkpoint::open(&config.model_dir)?);
-        let backend: Arc<dyn ComputeBackend> = Arc::new(CpuBackend::new(config.threads)?);
+        let backend: Arc<dyn ComputeBackend> = Arc::new(CpuBackend::with_format(
+            config.threads,
+            config.weight_format,
+        )?);
         ExpertNodeService::load(checkpoint, backend, &config)
     })
     .await

@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use moemesh_coordinator::grpc::{Coordinator, CoordinatorConfig};
 use moemesh_coordinator::node::RaftNodeConfig;
+use moemesh_core::backend::WeightFormat;
 use moemesh_core::checkpoint::Checkpoint;
 use moemesh_core::placement::{Placement, PlacementFile};
 use moemesh_expert_node::ExpertNodeConfig;
@@ -52,6 +53,10 @@ pub struct ExpertArgs {
     /// Requests that may wait for compute before new ones get RESOURCE_EXHAUSTED.
     #[arg(long, env = "MOEMESH_QUEUE_CAPACITY", default_value_t = 64)]
     queue_capacity: usize,
+    /// How to keep expert weights in memory: f32, or bf16 (half the memory,
+    /// widened to f32 inside each GEMM; exact for bf16 checkpoints).
+    #[arg(long, env = "MOEMESH_WEIGHTS", default_value = "f32")]
+    weights: WeightFormat,
     /// Coordinators to join (comma-separated; any one will do, the others
     /// are fallbacks). The node registers the experts it serves, heartbeats,
     /// and loads or drops experts as the placement changes.
@@ -208,6 +213,7 @@ pub async fn run_expert(args: ExpertArgs) -> anyhow::Result<()> {
         experts,
         threads: args.threads,
         queue_capacity: args.queue_capacity,
+        weight_format: args.weights,
     };
     let service = moemesh_expert_node::load(node_config).await?;
     if !args.coordinators.is_empty() {

@@ -14,6 +14,7 @@ use std::time::Duration;
 use moemesh_client::{AdminClient, Client};
 use moemesh_coordinator::grpc::{Coordinator, CoordinatorConfig};
 use moemesh_coordinator::node::RaftNodeConfig;
+use moemesh_core::backend::WeightFormat;
 use moemesh_core::checkpoint::Checkpoint;
 use moemesh_core::placement::{NodeEntry, Placement, PlacementFile};
 use moemesh_expert_node::ExpertNodeConfig;
@@ -144,6 +145,7 @@ impl ClusterSandbox {
                 experts: placement.experts_of(&entry.id),
                 threads: 1,
                 queue_capacity: 64,
+                weight_format: WeightFormat::F32,
             };
             let service = moemesh_expert_node::load(node_config)
                 .await
@@ -428,6 +430,7 @@ impl ManagedCluster {
                 },
                 threads: 1,
                 queue_capacity: 64,
+                weight_format: WeightFormat::F32,
             };
             let service = moemesh_expert_node::load(node_config)
                 .await
