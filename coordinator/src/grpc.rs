@@ -24,7 +24,6 @@ use protobuf::Message as _;
 use raft::prelude::Message;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 use tracing::instrument;
@@ -806,7 +805,6 @@ impl Coordinator {
             }
         };
         let result = tonic::transport::Server::builder()
-            .tcp_nodelay(true)
             .add_service(health_service)
             .add_service(
                 CoordinatorPeerServiceServer::new(self.service.clone())
@@ -814,7 +812,7 @@ impl Coordinator {
                     .max_encoding_message_size(MAX_MESSAGE_BYTES),
             )
             .add_service(AdminServiceServer::new(self.service))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+            .serve_with_incoming_shutdown(moemesh_proto::incoming_without_delay(listener), shutdown)
             .await;
         node.shutdown().await;
         result.map_err(|error| CoordinatorError::Storage(format!("server failed: {error}")))?;

@@ -22,7 +22,6 @@ use moemesh_core::backend::{ComputeBackend, CpuBackend, WeightFormat};
 use moemesh_core::checkpoint::Checkpoint;
 use moemesh_proto::{ExpertServiceServer, MAX_MESSAGE_BYTES};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 
 pub use error::{ExpertNodeError, ExpertNodeResult};
 pub use service::ExpertNodeService;
@@ -91,10 +90,9 @@ pub async fn serve(
         tracing::info!("expert node shutting down");
     };
     tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .add_service(health_service)
         .add_service(server)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(moemesh_proto::incoming_without_delay(listener), shutdown)
         .await
         .map_err(|error| ExpertNodeError::Internal(format!("server failed: {error}")))
 }

@@ -29,3 +29,13 @@ pub use v1::{
 /// Largest message a moemesh server or client accepts, in bytes. A batch of
 /// 4096 tokens at hidden size 7168 in f32 is 117 MiB.
 pub const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
+
+/// The connections `listener` accepts, with Nagle's algorithm off, for
+/// `Server::serve_with_incoming*`: small replies (a decode step's few
+/// tokens) leave at once instead of waiting up to 40 ms for the peer's
+/// delayed ACK. `Server::tcp_nodelay` only covers listeners tonic binds itself.
+pub fn incoming_without_delay(
+    listener: tokio::net::TcpListener,
+) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+}

@@ -19,7 +19,6 @@ use std::path::PathBuf;
 use moemesh_core::placement::PlacementFile;
 use moemesh_proto::{MAX_MESSAGE_BYTES, RouterServiceServer};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 
 pub use error::{RouterError, RouterResult};
 pub use service::RouterNodeService;
@@ -81,10 +80,9 @@ pub async fn serve(
         tracing::info!("router shutting down");
     };
     tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .add_service(health_service)
         .add_service(server)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(moemesh_proto::incoming_without_delay(listener), shutdown)
         .await
         .map_err(|error| RouterError::Internal(format!("server failed: {error}")))
 }
