@@ -52,7 +52,12 @@ impl ExpertNodeService {
                 slot.insert(backend.load_expert(checkpoint.load_expert(layer, expert)?)?);
             }
         }
-        let worker = DeviceWorker::spawn(experts, config.hidden_size, node_config.queue_capacity);
+        let worker = DeviceWorker::spawn(
+            experts,
+            Arc::clone(&backend),
+            config.hidden_size,
+            node_config.queue_capacity,
+        );
         tracing::info!(
             experts = node_config.experts.len(),
             weight_mib = worker.stats().weight_bytes.load(Ordering::Relaxed) >> 20,

@@ -11,8 +11,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use moemesh_core::backend::Expert;
-use moemesh_core::layer::{ExpertWork, run_experts};
+use moemesh_core::backend::{ComputeBackend, Expert, ExpertWork};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::{ExpertNodeError, ExpertNodeResult};
@@ -79,6 +78,8 @@ pub struct DeviceWorkerHandle {
 /// Owns the resident experts and computes queued jobs in order.
 pub struct DeviceWorker {
     experts: HashMap<(usize, u32), Arc<dyn Expert>>,
+    /// Runs the experts' work (they all live on it).
+    backend: Arc<dyn ComputeBackend>,
     hidden_size: usize,
     stats: Arc<WorkerStats>,
     /// Publishes the held set after every change; the service validates against it.
@@ -89,6 +90,7 @@ impl DeviceWorker {
     /// Starts the worker thread; it exits when every handle is dropped.
     pub fn spawn(
         experts: HashMap<(usize, u32), Arc<dyn Expert>>,
+        backend: Arc<dyn ComputeBackend>,
         hidden_size: usize,
         queue_capacity: usize,
     ) -> DeviceWorkerHandle {
@@ -96,6 +98,7 @@ impl DeviceWorker {
         let (held_tx, held_rx) = watch::channel(Arc::new(HeldExperts::new()));
         let mut worker = Self {
             experts: HashMap::new(),
+            backend,
             hidden_size,
             stats: Arc::clone(&stats),
             held_tx,
@@ -211,7 +214,9 @@ impl DeviceWorker {
                     assignment.rows.len() as u64;
             }
         }
-        Ok(run_experts(&job.input, self.hidden_size, work))
+        Ok(self
+            .backend
+            .run_experts(&job.input, self.hidden_size, &work))
     }
 }
 
@@ -335,7 +340,8 @@ mod tests {
             started_tx: Mutex::new(started_tx),
             go_rx: Mutex::new(go_rx),
         });
-        let worker = DeviceWorker::spawn(HashMap::from([((0, 0), expert)]), 1, 1);
+        let backend = Arc::new(moemesh_core::backend::CpuBackend::new(1).unwrap());
+        let worker = DeviceWorker::spawn(HashMap::from([((0, 0), expert)]), backend, 1, 1);
 
         let running = tokio::spawn({
             let worker = worker.clone();
