@@ -13,9 +13,10 @@ use moemesh_core::checkpoint::Checkpoint;
 use moemesh_core::layer::MoeLayer;
 use moemesh_proto::ExpertServiceClient;
 use moemesh_proto::v1::InfoRequest;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 
 use crate::local_cluster::{LocalCluster, UpArgs};
+use crate::stats::{percentile, random_hidden, relative_l2};
 use crate::synthetic::{SyntheticShape, write_mixtral};
 
 #[derive(clap::Args)]
@@ -48,17 +49,6 @@ pub struct DemoArgs {
     /// (on by default for the synthetic model; loads one layer's experts here).
     #[arg(long)]
     verify: Option<bool>,
-}
-
-fn random_hidden(rng: &mut impl Rng, tokens: usize, hidden: usize) -> Vec<f32> {
-    (0..tokens * hidden)
-        .map(|_| rng.random_range(-1.7f32..1.7))
-        .collect()
-}
-
-fn percentile(sorted: &[Duration], fraction: f64) -> Duration {
-    let index = ((sorted.len() as f64 - 1.0) * fraction).round() as usize;
-    sorted[index.min(sorted.len() - 1)]
 }
 
 pub async fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
@@ -128,13 +118,7 @@ async fn drive(
             .clone()
             .forward_f32("", layer as u32, &input, hidden)
             .await?;
-        let diff: f64 = got
-            .iter()
-            .zip(&want)
-            .map(|(g, w)| (*g as f64 - *w as f64).powi(2))
-            .sum();
-        let norm: f64 = want.iter().map(|w| (*w as f64).powi(2)).sum();
-        let error = (diff / norm).sqrt();
+        let error = relative_l2(&got, &want);
         println!(
             "check: layer {layer} through the cluster vs in process, relative L2 error {error:.2e}"
         );

@@ -259,6 +259,15 @@ impl LocalCluster {
         })
     }
 
+    /// The process id and URL of every process in `role` (`expert`, `router`, `coordinator`).
+    pub fn processes(&self, role: &str) -> Vec<(Option<u32>, String)> {
+        self.processes
+            .iter()
+            .filter(|process| process.role == role)
+            .map(|process| (process.child.id(), process.url.clone()))
+            .collect()
+    }
+
     /// Waits until any process exits on its own, and returns which.
     pub async fn wait_for_exit(&mut self) -> String {
         let waits = self.processes.iter_mut().map(|process| {

@@ -6,11 +6,14 @@
 //! - `moemesh up`: a whole local cluster as separate processes on 127.0.0.1.
 //! - `moemesh demo`: `up` on a synthetic (or given) model, plus a workload
 //!   and a report.
+//! - `moemesh bench`: moemesh beside the GEMM ceiling and PyTorch.
 
+mod bench;
 mod demo;
 mod expert_spec;
 mod local_cluster;
 mod roles;
+mod stats;
 mod synthetic;
 
 use clap::{Parser, Subcommand};
@@ -35,6 +38,8 @@ enum Command {
     Up(local_cluster::UpArgs),
     /// Starts a local cluster on a synthetic Mixtral-shaped model, drives a workload through it and reports.
     Demo(demo::DemoArgs),
+    /// Measures moemesh beside the machine's GEMM ceiling and PyTorch: in process, through a local cluster, decode latency, bf16 weights, memory.
+    Bench(bench::BenchArgs),
 }
 
 fn init_tracing() {
@@ -59,6 +64,7 @@ fn main() -> anyhow::Result<()> {
             Command::Router(args) => roles::run_router(args).await,
             Command::Up(args) => local_cluster::run_up(args).await,
             Command::Demo(args) => demo::run_demo(args).await,
+            Command::Bench(args) => bench::run_bench(args).await,
         }
     })
 }
