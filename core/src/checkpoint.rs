@@ -184,6 +184,19 @@ impl Checkpoint {
             }
         };
         let values = decode_values(bytes, dtype);
+        // The values are copied out: drop the mapped pages from this
+        // process's resident memory (they stay in the page cache), so that
+        // a node holds its weights once rather than twice.
+        #[cfg(unix)]
+        // SAFETY: the mapping is read-only; dropping its pages only makes
+        // the next read of them fault them back in from the file.
+        unsafe {
+            let _ = shard.mmap.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                shard.data_start + start,
+                end - start,
+            );
+        }
         if values.len() != elements {
             return Err(CoreError::Checkpoint(format!(
                 "tensor {name} has {} bytes for {elements} elements",

@@ -34,7 +34,7 @@ use crate::synthetic::{SyntheticShape, write_mixtral};
 const TORCH_SCRIPT: &str = include_str!("../bench/torch_mixtral_block.py");
 
 /// The layer every contestant computes.
-const SHAPE: SyntheticShape = SyntheticShape {
+const MIXTRAL_SHAPED: SyntheticShape = SyntheticShape {
     hidden_size: 1024,
     intermediate_size: 2816,
     layers: 1,
@@ -77,6 +77,25 @@ pub struct BenchArgs {
     /// Prints one JSON object on stdout instead of the table.
     #[arg(long)]
     json: bool,
+    /// A tiny layer instead, to check that the bench itself runs.
+    #[arg(long, hide = true)]
+    small: bool,
+}
+
+impl BenchArgs {
+    fn shape(&self) -> SyntheticShape {
+        if self.small {
+            SyntheticShape {
+                hidden_size: 64,
+                intermediate_size: 96,
+                layers: 1,
+                experts: 8,
+                top_k: 2,
+            }
+        } else {
+            MIXTRAL_SHAPED
+        }
+    }
 }
 
 /// One figure measured once per round.
@@ -121,11 +140,13 @@ struct Ceiling {
     rhs: Vec<f32>,
     dst: Vec<f32>,
     m: usize,
+    k: usize,
+    n: usize,
 }
 
 impl Ceiling {
-    fn new(threads: usize, m: usize) -> anyhow::Result<Self> {
-        let (k, n) = (SHAPE.hidden_size, SHAPE.intermediate_size);
+    fn new(threads: usize, m: usize, shape: SyntheticShape) -> anyhow::Result<Self> {
+        let (k, n) = (shape.hidden_size, shape.intermediate_size);
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .build()?;
@@ -137,16 +158,17 @@ impl Ceiling {
             rhs: random_hidden(&mut rng, k, n),
             dst: vec![0f32; m * n],
             m,
+            k,
+            n,
         })
     }
 
     fn flops(&self) -> f64 {
-        2.0 * self.m as f64 * SHAPE.hidden_size as f64 * SHAPE.intermediate_size as f64
+        2.0 * self.m as f64 * self.k as f64 * self.n as f64
     }
 
     /// Runs the product `count` times and returns the seconds they took.
     fn run(&mut self, count: usize) -> f64 {
-        let (k, n) = (SHAPE.hidden_size, SHAPE.intermediate_size);
         let parallelism = if self.threads > 1 {
             Parallelism::Rayon(self.threads)
         } else {
@@ -158,12 +180,14 @@ impl Ceiling {
             rhs,
             dst,
             m,
+            k,
+            n,
             ..
         } = self;
         let started = Instant::now();
         pool.install(|| {
             for _ in 0..count {
-                matmul(dst, lhs, rhs, *m, k, n, parallelism);
+                matmul(dst, lhs, rhs, *m, *k, *n, parallelism);
             }
         });
         started.elapsed().as_secs_f64()
@@ -297,18 +321,19 @@ pub async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
     let workdir = tempfile::Builder::new()
         .prefix("moemesh-bench-")
         .tempdir()?;
+    let shape = args.shape();
     let model = workdir.path().join("model");
     std::fs::create_dir(&model)?;
     eprintln!(
         "writing a Mixtral-shaped layer (hidden {}, intermediate {}, {} experts, top-{}, f32) to {}",
-        SHAPE.hidden_size,
-        SHAPE.intermediate_size,
-        SHAPE.experts,
-        SHAPE.top_k,
+        shape.hidden_size,
+        shape.intermediate_size,
+        shape.experts,
+        shape.top_k,
         model.display()
     );
-    write_mixtral(&model, SHAPE, 11)?;
-    let hidden = SHAPE.hidden_size;
+    write_mixtral(&model, shape, 11)?;
+    let hidden = shape.hidden_size;
     let mut rng = rand::rngs::StdRng::seed_from_u64(5);
     let input = random_hidden(&mut rng, args.tokens, hidden);
     let decode_inputs: Vec<Vec<f32>> = (0..16)
@@ -328,8 +353,12 @@ pub async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         &CpuBackend::with_format(threads, WeightFormat::Bf16)?,
     )?;
     let reference = f32_layer.forward(&input, args.tokens);
+    let mut expert_loads = vec![0usize; shape.experts];
+    for &expert in &f32_layer.gate().route(&input, args.tokens).experts {
+        expert_loads[expert as usize] += 1;
+    }
     let bf16_error = relative_l2(&bf16_layer.forward(&input, args.tokens), &reference);
-    let mut ceiling = Ceiling::new(threads, args.tokens)?;
+    let mut ceiling = Ceiling::new(threads, args.tokens, shape)?;
 
     let input_path = workdir.path().join("input.npy");
     let torch_output_path = workdir.path().join("torch_output.npy");
@@ -381,6 +410,7 @@ pub async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         threads_per_node,
         model_id: Some("bench".into()),
         coordinators: 0,
+        announce: !args.json,
     })
     .await?;
     let result = measure(
@@ -410,7 +440,8 @@ pub async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         cluster_error,
         bf16_error,
         memory: memory?,
-        inprocess_flops: layer_flops(args.tokens),
+        expert_loads,
+        inprocess_flops: layer_flops(shape, args.tokens),
     };
     if args.json {
         println!(
@@ -425,13 +456,13 @@ pub async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
 
 /// FLOPs of one forward of `tokens` tokens: 2·T·k·3·H·F for the experts
 /// plus 2·T·H·E for the gate.
-fn layer_flops(tokens: usize) -> f64 {
+fn layer_flops(shape: SyntheticShape, tokens: usize) -> f64 {
     let (t, h, f) = (
         tokens as f64,
-        SHAPE.hidden_size as f64,
-        SHAPE.intermediate_size as f64,
+        shape.hidden_size as f64,
+        shape.intermediate_size as f64,
     );
-    2.0 * t * SHAPE.top_k as f64 * 3.0 * h * f + 2.0 * t * h * SHAPE.experts as f64
+    2.0 * t * shape.top_k as f64 * 3.0 * h * f + 2.0 * t * h * shape.experts as f64
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -445,7 +476,7 @@ async fn measure(
     reference: &[f32],
     decode_inputs: &[Vec<f32>],
 ) -> anyhow::Result<(Figures, f64)> {
-    let hidden = SHAPE.hidden_size;
+    let hidden = args.shape().hidden_size;
     let mut client = Client::connect(cluster.router_url.clone()).await?;
     let cluster_output = client.forward_f32("", 0, input, hidden).await?;
     let cluster_error = relative_l2(&cluster_output, reference);
@@ -558,6 +589,8 @@ struct RunContext<'a> {
     cluster_error: f64,
     bf16_error: f64,
     memory: Vec<NodeMemory>,
+    /// Tokens routed to each expert in the full batch.
+    expert_loads: Vec<usize>,
     inprocess_flops: f64,
 }
 
@@ -627,6 +660,7 @@ fn to_json(context: &RunContext<'_>, figures: &Figures) -> serde_json::Value {
     json!({
         "threads": context.threads,
         "threads_per_expert_node": context.threads_per_node,
+        "tokens_per_expert": context.expert_loads,
         "rounds": context.args.rounds,
         "tokens": context.args.tokens,
         "decode_tokens": context.args.decode_tokens,
@@ -678,6 +712,7 @@ fn verdict(value: f64, goal: f64) -> &'static str {
 fn print_table(context: &RunContext<'_>, figures: &Figures) {
     let summary = Summary::new(context, figures);
     let args = context.args;
+    let shape = args.shape();
     let range = |samples: &Samples, scale: f64| {
         samples.range().map_or(String::new(), |(low, high)| {
             format!("{:.0}-{:.0}", low * scale, high * scale)
@@ -685,10 +720,10 @@ fn print_table(context: &RunContext<'_>, figures: &Figures) {
     };
     println!(
         "moemesh bench: Mixtral-shaped layer (hidden {}, intermediate {}, {} experts, top-{}, f32), {} threads, {} rounds (median, range)",
-        SHAPE.hidden_size,
-        SHAPE.intermediate_size,
-        SHAPE.experts,
-        SHAPE.top_k,
+        shape.hidden_size,
+        shape.intermediate_size,
+        shape.experts,
+        shape.top_k,
         context.threads,
         args.rounds
     );
@@ -702,7 +737,7 @@ fn print_table(context: &RunContext<'_>, figures: &Figures) {
         "{:<44} {:>12} {:>15}",
         format!(
             "ceiling: GEMM {}x{}x{}",
-            args.tokens, SHAPE.hidden_size, SHAPE.intermediate_size
+            args.tokens, shape.hidden_size, shape.intermediate_size
         ),
         format!("{ceiling:.1} GFLOP/s"),
         range(&figures.ceiling_gflops, 1.0)
@@ -800,6 +835,10 @@ fn print_table(context: &RunContext<'_>, figures: &Figures) {
             .torch_error
             .map_or("skipped".to_string(), |error| format!("{error:.1e}")),
         context.bf16_error
+    );
+    println!(
+        "tokens per expert in the {}-token batch: {:?}",
+        args.tokens, context.expert_loads
     );
     if let Some(version) = &context.torch_version {
         println!("PyTorch: {version}");

@@ -85,6 +85,7 @@ pub async fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
         threads_per_node: args.threads_per_node,
         model_id: Some("demo".into()),
         coordinators: args.coordinators,
+        announce: true,
     };
     let cluster = LocalCluster::start(&up).await?;
     let result = drive(&cluster, &args, &model, verify).await;

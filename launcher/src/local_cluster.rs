@@ -43,6 +43,9 @@ pub struct UpArgs {
     /// Coordinator processes (a Raft group) the expert nodes register with; 0 runs without.
     #[arg(long, default_value_t = 3)]
     pub coordinators: usize,
+    /// Print one line per process started (`router URL`, ...) on stdout.
+    #[arg(skip = true)]
+    pub announce: bool,
 }
 
 /// One child process and the pipe whose closing tells it to exit.
@@ -122,6 +125,7 @@ async fn start_coordinators(
     count: usize,
     data_dir: &std::path::Path,
     processes: &mut Vec<NodeProcess>,
+    announce: bool,
 ) -> anyhow::Result<Vec<String>> {
     // Peers must know each other's addresses before any starts: reserve ports.
     let mut urls = Vec::with_capacity(count);
@@ -152,7 +156,9 @@ async fn start_coordinators(
                 .into_owned(),
         ];
         let process = spawn_node("coordinator", &args).await?;
-        println!("coordinator {}", process.url);
+        if announce {
+            println!("coordinator {}", process.url);
+        }
         processes.push(process);
     }
     Ok(urls)
@@ -187,8 +193,13 @@ impl LocalCluster {
         let workdir = tempfile::tempdir()?;
 
         let mut processes = Vec::new();
-        let coordinator_urls =
-            start_coordinators(args.coordinators, workdir.path(), &mut processes).await?;
+        let coordinator_urls = start_coordinators(
+            args.coordinators,
+            workdir.path(),
+            &mut processes,
+            args.announce,
+        )
+        .await?;
         let mut nodes = Vec::new();
         for entry in provisional.nodes() {
             let mut node_args = vec![
@@ -214,7 +225,9 @@ impl LocalCluster {
                 ]);
             }
             let process = spawn_node("expert", &node_args).await?;
-            println!("expert {} {}", entry.id, process.url);
+            if args.announce {
+                println!("expert {} {}", entry.id, process.url);
+            }
             nodes.push(NodeEntry {
                 id: entry.id.clone(),
                 address: process.url.clone(),
@@ -246,7 +259,9 @@ impl LocalCluster {
         }
         let router = spawn_node("router", &router_args).await?;
         let router_url = router.url.clone();
-        println!("router {router_url}");
+        if args.announce {
+            println!("router {router_url}");
+        }
         processes.push(router);
         Ok(Self {
             router_url,

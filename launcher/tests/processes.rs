@@ -106,6 +106,68 @@ async fn up_serves_a_checkpoint_from_separate_processes_and_stops_on_sigint() {
 }
 
 #[test]
+fn bench_measures_every_contestant_and_reports_json() {
+    let output = Command::new(MOEMESH)
+        .args([
+            "bench",
+            "--small",
+            "--json",
+            "--rounds",
+            "2",
+            "--forwards",
+            "1",
+            "--tokens",
+            "64",
+            "--decode-steps",
+            "3",
+            "--python",
+            "/nonexistent/python3",
+        ])
+        .output()
+        .expect("moemesh bench runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "bench failed:\n{stdout}\n{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).expect("one JSON object");
+    for key in [
+        "ceiling_gflops",
+        "inprocess_tokens_per_s",
+        "inprocess_gflops",
+        "cluster_tokens_per_s",
+        "decode_p50_us_inprocess",
+        "decode_p50_us_cluster",
+        "decode_p99_us_cluster",
+        "bf16_tokens_per_s",
+        "expert_node_rss_bytes",
+        "expert_node_weight_bytes",
+    ] {
+        let value = report[key].as_f64();
+        assert!(
+            value.is_some_and(|value| value > 0.0),
+            "{key} is {:?}",
+            report[key]
+        );
+    }
+    // Without a usable Python the PyTorch contestant is skipped, with the reason.
+    assert!(report["torch_tokens_per_s"].is_null());
+    let skipped = report["torch_skipped"].as_str().unwrap_or_default();
+    assert!(skipped.contains("/nonexistent/python3"), "{skipped}");
+    assert!(stderr.contains("skipping PyTorch"), "{stderr}");
+    // The cluster computes exactly what the layer computes in process.
+    let cluster_error = report["relative_l2_vs_inprocess"]["cluster"]
+        .as_f64()
+        .unwrap();
+    assert!(cluster_error < 1e-6, "cluster error {cluster_error}");
+    let loads: u64 = report["tokens_per_expert"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|load| load.as_u64().unwrap())
+        .sum();
+    assert_eq!(loads, 64 * 2);
+}
+
+#[test]
 fn demo_runs_a_cluster_and_reports() {
     let output = Command::new(MOEMESH)
         .args([
