@@ -729,8 +729,8 @@ fn print_table(context: &RunContext<'_>, figures: &Figures) {
     );
     println!();
     println!(
-        "{:<44} {:>12} {:>15}   {}",
-        "contestant", "median", "range", "ratio (goal)"
+        "{:<44} {:>12} {:>15}   ratio (goal)",
+        "contestant", "median", "range"
     );
     let ceiling = summary.ceiling_gflops;
     println!(
