@@ -48,9 +48,28 @@ pub struct Gate {
     weights: GateWeights,
 }
 
-/// Dot product with eight independent accumulators, so that it vectorises;
-/// its summation order depends only on the length.
+/// Dot product with eight independent fused accumulators, so that it
+/// vectorises; its summation order depends only on the length, and its
+/// result is the same with or without FMA hardware (`mul_add` is exact).
 fn dot(lhs: &[f32], rhs: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("fma") && std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports FMA and AVX2, checked just above.
+        return unsafe { dot_fma(lhs, rhs) };
+    }
+    dot_portable(lhs, rhs)
+}
+
+/// [`dot`] compiled for FMA: without the feature each `mul_add` is a call
+/// into a software fused multiply-add.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn dot_fma(lhs: &[f32], rhs: &[f32]) -> f32 {
+    dot_portable(lhs, rhs)
+}
+
+#[inline(always)]
+fn dot_portable(lhs: &[f32], rhs: &[f32]) -> f32 {
     debug_assert_eq!(lhs.len(), rhs.len());
     let mut lanes = [0f32; 8];
     let chunks = lhs.len() / 8 * 8;
@@ -257,6 +276,23 @@ mod tests {
             r#"{{"model_type":"mixtral","hidden_size":2,"num_hidden_layers":1,"intermediate_size":4,
                 "num_local_experts":{experts},"num_experts_per_tok":{top_k}}}"#
         ))
+    }
+
+    #[test]
+    fn dot_gives_the_same_bits_with_and_without_fma_hardware() {
+        let lhs: Vec<f32> = (0..1027)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013)
+            .collect();
+        let rhs: Vec<f32> = (0..1027)
+            .map(|i| ((i * 53 % 97) as f32 - 48.0) * 0.021)
+            .collect();
+        for len in [0, 1, 7, 8, 9, 64, 1027] {
+            assert_eq!(
+                dot(&lhs[..len], &rhs[..len]).to_bits(),
+                dot_portable(&lhs[..len], &rhs[..len]).to_bits(),
+                "length {len}"
+            );
+        }
     }
 
     #[test]
