@@ -75,10 +75,8 @@ impl Client {
             message,
         };
         let endpoint = Endpoint::from_shared(address.clone())
-            .map_err(|error| connect_error(error.to_string()))?
-            .tcp_nodelay(true)
-            .http2_adaptive_window(true);
-        let channel = endpoint
+            .map_err(|error| connect_error(error.to_string()))?;
+        let channel = moemesh_proto::data_path_endpoint(endpoint)
             .connect()
             .await
             .map_err(|error| connect_error(format!("{error:?}")))?;

@@ -44,13 +44,12 @@ const MIXTRAL_SHAPED: SyntheticShape = SyntheticShape {
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    /// Compute threads for every contestant, each expert node of the
-    /// cluster included; 0 uses every core.
+    /// Compute threads for every contestant; 0 uses every core. The
+    /// cluster's two expert nodes share them, half each, since they share
+    /// this machine's cores.
     #[arg(long, default_value_t = 0)]
     threads: usize,
-    /// Compute threads of each expert node instead (0: --threads). Two
-    /// nodes on one machine share its cores; in a deployment each node
-    /// has its own.
+    /// Compute threads of each expert node instead of half of --threads.
     #[arg(long, default_value_t = 0)]
     node_threads: usize,
     /// Rounds; each runs every contestant once, in turn.
@@ -397,7 +396,7 @@ pub async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
     };
 
     let threads_per_node = if args.node_threads == 0 {
-        threads
+        (threads / 2).max(1)
     } else {
         args.node_threads
     };

@@ -39,3 +39,31 @@ pub fn incoming_without_delay(
 ) -> tonic::transport::server::TcpIncoming {
     tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
 }
+
+/// HTTP/2 flow-control window per stream on the data path: a whole batch
+/// of activations (megabytes) in flight without waiting for window updates.
+pub const DATA_STREAM_WINDOW_BYTES: u32 = 16 << 20;
+/// HTTP/2 flow-control window per connection on the data path.
+pub const DATA_CONNECTION_WINDOW_BYTES: u32 = 64 << 20;
+/// Largest HTTP/2 frame on the data path; the default (16 KiB) cuts a batch
+/// into hundreds of frames.
+pub const DATA_MAX_FRAME_BYTES: u32 = 1 << 20;
+
+/// A server for the data path (routers, expert nodes): windows and frames
+/// sized for megabyte messages.
+pub fn data_path_server() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .initial_stream_window_size(DATA_STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(DATA_CONNECTION_WINDOW_BYTES)
+        .max_frame_size(DATA_MAX_FRAME_BYTES)
+}
+
+/// `endpoint` set up for the data path: no Nagle delay, windows and frames
+/// sized for megabyte messages.
+pub fn data_path_endpoint(endpoint: tonic::transport::Endpoint) -> tonic::transport::Endpoint {
+    endpoint
+        .tcp_nodelay(true)
+        .initial_stream_window_size(DATA_STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(DATA_CONNECTION_WINDOW_BYTES)
+        .max_frame_size(DATA_MAX_FRAME_BYTES)
+}

@@ -79,7 +79,7 @@ pub async fn serve(
             .await;
         tracing::info!("router shutting down");
     };
-    tonic::transport::Server::builder()
+    moemesh_proto::data_path_server()
         .add_service(health_service)
         .add_service(server)
         .serve_with_incoming_shutdown(moemesh_proto::incoming_without_delay(listener), shutdown)

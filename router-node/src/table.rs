@@ -12,7 +12,9 @@ use std::time::Duration;
 use moemesh_core::config::ModelConfig;
 use moemesh_core::placement::{NodeEntry, Placement};
 use moemesh_proto::v1::{PlacementSnapshot, WatchPlacementRequest};
-use moemesh_proto::{AdminServiceClient, ExpertServiceClient, MAX_MESSAGE_BYTES};
+use moemesh_proto::{
+    AdminServiceClient, ExpertServiceClient, MAX_MESSAGE_BYTES, data_path_endpoint,
+};
 use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint};
 
@@ -28,16 +30,13 @@ pub struct NodeLink {
 impl NodeLink {
     /// Opens a channel that connects on first use and reconnects as needed.
     pub fn connect_lazy(node: NodeEntry) -> RouterResult<Self> {
-        let endpoint = Endpoint::from_shared(node.address.clone())
-            .map_err(|error| {
-                RouterError::InvalidArgument(format!(
-                    "node {} address {:?}: {error}",
-                    node.id, node.address
-                ))
-            })?
-            .tcp_nodelay(true)
-            .http2_adaptive_window(true);
-        let client = ExpertServiceClient::new(endpoint.connect_lazy())
+        let endpoint = Endpoint::from_shared(node.address.clone()).map_err(|error| {
+            RouterError::InvalidArgument(format!(
+                "node {} address {:?}: {error}",
+                node.id, node.address
+            ))
+        })?;
+        let client = ExpertServiceClient::new(data_path_endpoint(endpoint).connect_lazy())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         Ok(Self { node, client })
