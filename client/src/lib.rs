@@ -18,7 +18,9 @@ pub use admin::AdminClient;
 use moemesh_core::tensor::{WireDtype, decode_rows, encode};
 use moemesh_proto::v1::{ForwardRequest, Tensor};
 use moemesh_proto::{MAX_MESSAGE_BYTES, RouterServiceClient};
+use std::time::Duration;
 use tonic::Code;
+
 use tonic::transport::{Channel, Endpoint};
 
 /// Errors the SDK returns.
@@ -95,16 +97,30 @@ impl Client {
         layer: u32,
         hidden: Tensor,
     ) -> Result<Tensor, ClientError> {
+        Ok(self.forward_timed(model, layer, hidden).await?.0)
+    }
+
+    /// Like [`Client::forward`], also returning how long the slowest expert
+    /// node computed (the rest of the latency is dispatch).
+    pub async fn forward_timed(
+        &mut self,
+        model: &str,
+        layer: u32,
+        hidden: Tensor,
+    ) -> Result<(Tensor, Duration), ClientError> {
         let request = ForwardRequest {
             model: model.to_string(),
             layer,
             hidden: Some(hidden),
         };
-        let response = self.router.forward(request).await?;
-        response
-            .into_inner()
+        let response = self.router.forward(request).await?.into_inner();
+        let output = response
             .output
-            .ok_or_else(|| ClientError::BadReply("reply has no output tensor".into()))
+            .ok_or_else(|| ClientError::BadReply("reply has no output tensor".into()))?;
+        Ok((
+            output,
+            Duration::from_micros(response.expert_compute_micros),
+        ))
     }
 
     /// Like [`Client::forward`] for f32 rows: `hidden` is `[tokens,
@@ -116,6 +132,20 @@ impl Client {
         hidden: &[f32],
         hidden_size: usize,
     ) -> Result<Vec<f32>, ClientError> {
+        Ok(self
+            .forward_f32_timed(model, layer, hidden, hidden_size)
+            .await?
+            .0)
+    }
+
+    /// [`Client::forward_f32`] with the slowest expert node's compute time.
+    pub async fn forward_f32_timed(
+        &mut self,
+        model: &str,
+        layer: u32,
+        hidden: &[f32],
+        hidden_size: usize,
+    ) -> Result<(Vec<f32>, Duration), ClientError> {
         if hidden_size == 0 || !hidden.len().is_multiple_of(hidden_size) {
             return Err(ClientError::InvalidArgument(format!(
                 "{} values do not form rows of hidden size {hidden_size}",
@@ -123,8 +153,8 @@ impl Client {
             )));
         }
         let tokens = hidden.len() / hidden_size;
-        let output = self
-            .forward(
+        let (output, compute) = self
+            .forward_timed(
                 model,
                 layer,
                 encode(hidden, &[tokens, hidden_size], WireDtype::F32),
@@ -138,6 +168,6 @@ impl Client {
                 rows.rows
             )));
         }
-        Ok(rows.values)
+        Ok((rows.values, compute))
     }
 }

@@ -246,9 +246,14 @@ impl moemesh_proto::ExpertService for ExpertNodeService {
         let job = self.validate(request.into_inner())?;
         let hidden_size = self.inner.config.hidden_size;
         let rows = job.input.len() / hidden_size;
-        let combined = self.inner.worker.compute(job).await?;
+        let computed = self.inner.worker.compute(job).await?;
         Ok(Response::new(ComputeResponse {
-            output: Some(encode(&combined, &[rows, hidden_size], WireDtype::F32)),
+            output: Some(encode(
+                &computed.output,
+                &[rows, hidden_size],
+                WireDtype::F32,
+            )),
+            compute_micros: computed.compute_time.as_micros() as u64,
         }))
     }
 

@@ -37,11 +37,20 @@ pub struct ComputeJob {
 /// The experts a worker holds, per layer.
 pub type HeldExperts = BTreeMap<usize, BTreeSet<u32>>;
 
+/// A job's result and the time the worker spent computing it.
+#[derive(Debug)]
+pub struct Computed {
+    /// Per row, the weighted sum of the outputs of the experts that took it.
+    pub output: Vec<f32>,
+    /// Compute time alone: the wait in the queue is not counted.
+    pub compute_time: std::time::Duration,
+}
+
 enum WorkerCommand {
     Compute {
         job: ComputeJob,
         /// The handler awaiting the combined rows.
-        reply_tx: oneshot::Sender<ExpertNodeResult<Vec<f32>>>,
+        reply_tx: oneshot::Sender<ExpertNodeResult<Computed>>,
     },
     AddExpert {
         layer: usize,
@@ -127,7 +136,12 @@ impl DeviceWorker {
                         continue;
                     }
                     // A send error means the caller left while we computed: nothing to do.
-                    let _ = reply_tx.send(self.compute(&job));
+                    let started = std::time::Instant::now();
+                    let result = self.compute(&job).map(|output| Computed {
+                        output,
+                        compute_time: started.elapsed(),
+                    });
+                    let _ = reply_tx.send(result);
                 }
                 WorkerCommand::AddExpert {
                     layer,
@@ -223,7 +237,7 @@ impl DeviceWorker {
 impl DeviceWorkerHandle {
     /// Queues a job and waits for its result; refuses at once when the
     /// queue is full.
-    pub async fn compute(&self, job: ComputeJob) -> ExpertNodeResult<Vec<f32>> {
+    pub async fn compute(&self, job: ComputeJob) -> ExpertNodeResult<Computed> {
         let (reply_tx, reply_rx) = oneshot::channel();
         self.command_tx
             .try_send(WorkerCommand::Compute { job, reply_tx })
@@ -368,7 +382,7 @@ mod tests {
         let _ = abandoned.await;
 
         go_tx.send(()).unwrap();
-        assert_eq!(running.await.unwrap().unwrap(), vec![3.0]);
+        assert_eq!(running.await.unwrap().unwrap().output, vec![3.0]);
         // The abandoned job is dropped without running: the expert never starts again.
         while worker.stats().cancelled_jobs.load(Ordering::Relaxed) == 0 {
             tokio::task::yield_now().await;

@@ -25,7 +25,7 @@ impl NodeLink {
         request: ComputeRequest,
         hidden_size: usize,
         rows: usize,
-    ) -> RouterResult<Vec<f32>> {
+    ) -> RouterResult<(Vec<f32>, u64)> {
         let layer = request.layer;
         let experts: Vec<u32> = request.experts.iter().map(|rows| rows.expert).collect();
         let describe = |status: &Status| {
@@ -47,22 +47,26 @@ impl NodeLink {
                     }
                     _ => RouterError::Unavailable(describe(&status)),
                 })?;
-        let partials =
-            decode_rows(response.into_inner().output.as_ref(), hidden_size).map_err(|error| {
-                RouterError::Internal(format!(
-                    "expert node {} sent a bad reply: {error}",
-                    self.node.id
-                ))
-            })?;
+        let response = response.into_inner();
+        let partials = decode_rows(response.output.as_ref(), hidden_size).map_err(|error| {
+            RouterError::Internal(format!(
+                "expert node {} sent a bad reply: {error}",
+                self.node.id
+            ))
+        })?;
         if partials.rows != rows {
             return Err(RouterError::Internal(format!(
                 "expert node {} returned {} rows for {rows}",
                 self.node.id, partials.rows
             )));
         }
-        Ok(partials.values)
+        Ok((partials.values, response.compute_micros))
     }
 }
+
+/// Gates with at most this many multiply-adds (about 50 µs of work) run
+/// on the async worker that received the request.
+const INLINE_GATING_MACS: usize = 1 << 20;
 
 /// The gRPC face of a router.
 pub struct RouterNodeService {
@@ -144,10 +148,12 @@ impl RouterNodeService {
     }
 
     /// Computes one layer's output for a decoded batch.
-    pub async fn forward_rows(&self, layer: usize, rows: Rows) -> RouterResult<Vec<f32>> {
+    /// Computes layer `layer` for `rows`; returns the output and the
+    /// slowest expert node's compute time in microseconds.
+    pub async fn forward_rows(&self, layer: usize, rows: Rows) -> RouterResult<(Vec<f32>, u64)> {
         let hidden_size = self.config.hidden_size;
         if rows.rows == 0 {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), 0));
         }
         let gate = Arc::clone(
             self.gates
@@ -157,8 +163,8 @@ impl RouterNodeService {
         // This request keeps this table to its end, whatever epochs come meanwhile.
         let table = self.table_rx.borrow().clone();
         let routing_table = Arc::clone(&table);
-        // Gating is CPU work: keep it off the async workers.
-        let (rows, batches) = tokio::task::spawn_blocking(move || {
+        let gate_macs = rows.values.len() * self.config.num_experts;
+        let gate_and_split = move || {
             let routing = gate.route(&rows.values, rows.rows);
             let node_count = routing_table.links.len();
             let batches = match routing_table.placement.replicas(layer) {
@@ -168,9 +174,16 @@ impl RouterNodeService {
                 None => Err(routing.experts.clone()),
             };
             (rows, batches)
-        })
-        .await
-        .map_err(|error| RouterError::Internal(format!("gating panicked: {error}")))?;
+        };
+        // Gating is CPU work: large batches leave the async workers for it;
+        // a decode step's few tokens take less than the handoff would.
+        let (rows, batches) = if gate_macs <= INLINE_GATING_MACS {
+            gate_and_split()
+        } else {
+            tokio::task::spawn_blocking(gate_and_split)
+                .await
+                .map_err(|error| RouterError::Internal(format!("gating panicked: {error}")))?
+        };
         let mut batches = batches.map_err(|mut experts| {
             experts.sort_unstable();
             experts.dedup();
@@ -200,10 +213,12 @@ impl RouterNodeService {
         // Node order is fixed, so every token's sum is added in the same order.
         let mut output = vec![0f32; rows.values.len()];
         let busy_batches = batches.iter().filter(|batch| !batch.tokens.is_empty());
-        for (batch, partial) in busy_batches.zip(&partials) {
+        let mut slowest_compute = 0;
+        for (batch, (partial, compute_micros)) in busy_batches.zip(&partials) {
             add_partials(&mut output, hidden_size, batch, partial);
+            slowest_compute = slowest_compute.max(*compute_micros);
         }
-        Ok(output)
+        Ok((output, slowest_compute))
     }
 
     fn unknown_layer(&self, layer: usize) -> RouterError {
@@ -251,9 +266,10 @@ impl moemesh_proto::RouterService for RouterNodeService {
         let rows =
             decode_rows(hidden.as_ref(), self.config.hidden_size).map_err(RouterError::from)?;
         let (tokens, dtype) = (rows.rows, rows.wire_dtype);
-        let output = self.forward_rows(layer, rows).await?;
+        let (output, expert_compute_micros) = self.forward_rows(layer, rows).await?;
         Ok(Response::new(ForwardResponse {
             output: Some(encode(&output, &[tokens, self.config.hidden_size], dtype)),
+            expert_compute_micros,
         }))
     }
 }

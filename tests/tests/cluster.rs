@@ -369,3 +369,29 @@ async fn every_replica_serves_and_results_agree() {
     assert_eq!(nodes_used, 3, "every node should have served some tokens");
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_say_how_long_the_slowest_node_computed() {
+    let fixture = Fixture::open("mixtral");
+    let hidden = fixture.hidden_size();
+    let cluster = ClusterSandbox::start(&fixture.dir, 2, partly_replicated(&fixture.dir)).await;
+    let mut client = cluster.client().await;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(21);
+    let input = random_rows(&mut rng, 64, hidden);
+    let started = std::time::Instant::now();
+    let (output, compute) = client
+        .forward_f32_timed("", 0, &input, hidden)
+        .await
+        .unwrap();
+    let latency = started.elapsed();
+    assert_eq!(output.len(), input.len());
+    assert!(
+        compute > std::time::Duration::ZERO,
+        "no compute time reported"
+    );
+    assert!(
+        compute < latency,
+        "compute {compute:?} exceeds latency {latency:?}"
+    );
+    cluster.shutdown().await;
+}
