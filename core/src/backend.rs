@@ -204,34 +204,33 @@ impl ComputeBackend for CpuBackend {
                 "expert projections do not match their sizes".into(),
             ));
         }
-        // [in=hidden, out=2*intermediate]: columns 0..I are gate, I..2I are up.
-        let gate_up = PackedMatrix::pack(self.format, hidden, 2 * intermediate, |input, out| {
-            if out < intermediate {
-                gate_proj[out * hidden + input]
-            } else {
-                up_proj[(out - intermediate) * hidden + input]
-            }
-        });
-        drop((gate_proj, up_proj));
-        // [in=intermediate, out=hidden].
-        let down = PackedMatrix::pack(self.format, intermediate, hidden, |input, out| {
-            down_proj[out * intermediate + input]
-        });
-        let gate_up_columns = match (self.format, 2 * intermediate) {
-            (WeightFormat::Bf16, columns) => panel_bounds(columns, 0).1,
-            (WeightFormat::F32, columns) => columns,
-        };
-        let down_columns = match self.format {
-            WeightFormat::Bf16 => panel_bounds(hidden, 0).1,
-            WeightFormat::F32 => hidden,
-        };
-        let min_rows = min_invariant_rows(gate_up_columns, hidden)
-            .max(min_invariant_rows(down_columns, intermediate));
+        let mut slices = Vec::new();
+        let mut min_rows = 1;
+        for (first, width) in intermediate_slices(intermediate) {
+            // [in=hidden, out=2*width]: gate columns, then up columns.
+            let gate_up = PackedMatrix::pack(self.format, hidden, 2 * width, |input, out| {
+                if out < width {
+                    gate_proj[(first + out) * hidden + input]
+                } else {
+                    up_proj[(first + out - width) * hidden + input]
+                }
+            });
+            // [in=width, out=hidden]: rows first..first+width of down^T.
+            let down = PackedMatrix::pack(self.format, width, hidden, |input, out| {
+                down_proj[out * intermediate + first + input]
+            });
+            min_rows = min_rows
+                .max(min_invariant_rows(gate_up.kernel_columns(), hidden))
+                .max(min_invariant_rows(down.kernel_columns(), width));
+            slices.push(FfnSlice {
+                width,
+                gate_up,
+                down,
+            });
+        }
         Ok(Arc::new(CpuExpert {
             hidden,
-            intermediate,
-            gate_up,
-            down,
+            slices,
             min_rows,
             pool: Arc::clone(&self.pool),
             threads: self.threads,
@@ -403,6 +402,15 @@ impl PackedMatrix {
         }
     }
 
+    /// The widest output the GEMM kernel sees in one call: the whole
+    /// matrix in f32, a panel in bf16.
+    fn kernel_columns(&self) -> usize {
+        match self {
+            Self::F32 { n, .. } => *n,
+            Self::Bf16Panels { n, .. } => panel_bounds(*n, 0).1,
+        }
+    }
+
     fn bytes(&self) -> usize {
         match self {
             Self::F32 { values, .. } => values.len() * size_of::<f32>(),
@@ -410,8 +418,9 @@ impl PackedMatrix {
         }
     }
 
-    /// `dst[m, n] = lhs[m, k] · self`; call inside the backend's pool.
-    fn multiply(&self, dst: &mut [f32], lhs: &[f32], m: usize, threads: usize) {
+    /// `dst[m, n] = lhs[m, k] · self`, or `dst += lhs · self` when
+    /// `accumulate`; call inside the backend's pool.
+    fn multiply(&self, dst: &mut [f32], lhs: &[f32], m: usize, threads: usize, accumulate: bool) {
         match self {
             Self::F32 { values, n } => {
                 let k = values.len() / n;
@@ -420,7 +429,32 @@ impl PackedMatrix {
                 } else {
                     Parallelism::None
                 };
-                matmul(dst, lhs, values, m, k, *n, parallelism);
+                assert!(dst.len() >= m * n && lhs.len() >= m * k && values.len() >= k * n);
+                // SAFETY: the assert keeps every access inside the three
+                // slices, whose strides describe contiguous row-major matrices.
+                unsafe {
+                    gemm::gemm(
+                        m,
+                        *n,
+                        k,
+                        dst.as_mut_ptr(),
+                        1,
+                        *n as isize,
+                        accumulate,
+                        lhs.as_ptr(),
+                        1,
+                        k as isize,
+                        values.as_ptr(),
+                        1,
+                        *n as isize,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        parallelism,
+                    );
+                }
             }
             Self::Bf16Panels { values, k, n } => {
                 let (k, n) = (*k, *n);
@@ -443,14 +477,14 @@ impl PackedMatrix {
                                 destination.at(start),
                                 1,
                                 n as isize,
-                                false,
+                                accumulate,
                                 lhs.as_ptr(),
                                 1,
                                 k as isize,
                                 widened.as_ptr(),
                                 1,
                                 width as isize,
-                                0.0,
+                                1.0,
                                 1.0,
                                 false,
                                 false,
@@ -492,13 +526,37 @@ impl SharedColumns {
     }
 }
 
+/// The FFN restricted to a range of the intermediate dimension: summed
+/// over all slices, the outputs make the whole FFN.
+struct FfnSlice {
+    /// Intermediate columns in this slice.
+    width: usize,
+    /// `[hidden, 2 * width]`, gate columns then up columns.
+    gate_up: PackedMatrix,
+    /// `[width, hidden]`.
+    down: PackedMatrix,
+}
+
+/// Splits the intermediate dimension into slices of about
+/// [`SLICE_TARGET`] columns (a multiple of 32 but for the last), so that a
+/// slice's activations stay in cache and a thread's scratch stays small
+/// whatever the intermediate size.
+fn intermediate_slices(intermediate: usize) -> Vec<(usize, usize)> {
+    let count = intermediate.div_ceil(SLICE_TARGET).max(1);
+    let width = intermediate.div_ceil(count).next_multiple_of(32);
+    (0..intermediate)
+        .step_by(width)
+        .map(|first| (first, width.min(intermediate - first)))
+        .collect()
+}
+
+/// About how many intermediate columns one FFN slice takes.
+const SLICE_TARGET: usize = 768;
+
 struct CpuExpert {
     hidden: usize,
-    intermediate: usize,
-    /// `[hidden, 2 * intermediate]`, gate columns then up columns.
-    gate_up: PackedMatrix,
-    /// `[intermediate, hidden]`.
-    down: PackedMatrix,
+    /// The FFN by slices of the intermediate dimension, in order.
+    slices: Vec<FfnSlice>,
     /// Batches smaller than this are padded, so that each row's result is
     /// the same in every batch (see [`min_invariant_rows`]).
     min_rows: usize,
@@ -616,10 +674,10 @@ thread_local! {
 
 impl CpuExpert {
     /// The FFN on `threads` threads of the pool (1: the calling thread).
-    fn compute(&self, input: &[f32], rows: usize, output: &mut [f32], threads: usize) {
-        let (hidden, intermediate) = (self.hidden, self.intermediate);
+    fn compute(&self, input: &[f32], rows: usize, output_rows: &mut [f32], threads: usize) {
+        let hidden = self.hidden;
         debug_assert_eq!(input.len(), rows * hidden);
-        debug_assert_eq!(output.len(), rows * hidden);
+        debug_assert_eq!(output_rows.len(), rows * hidden);
         if rows == 0 {
             return;
         }
@@ -645,23 +703,34 @@ impl CpuExpert {
         } else {
             input
         };
-        gate_up.resize(padded_rows * 2 * intermediate, 0.0);
-        activated.resize(padded_rows * intermediate, 0.0);
-        self.gate_up.multiply(gate_up, input, padded_rows, threads);
-        for (row_out, row_in) in activated
-            .chunks_exact_mut(intermediate)
-            .zip(gate_up.chunks_exact(2 * intermediate))
-        {
-            let (gate, up) = row_in.split_at(intermediate);
-            silu_mul(row_out, gate, up);
+        let output = if padded {
+            padded_output.resize(padded_rows * hidden, 0.0);
+            &mut padded_output[..]
+        } else {
+            &mut *output_rows
+        };
+        // Slice by slice: this slice's activations, then its share of the
+        // down projection added into the output.
+        for (index, slice) in self.slices.iter().enumerate() {
+            let width = slice.width;
+            gate_up.resize(padded_rows * 2 * width, 0.0);
+            activated.resize(padded_rows * width, 0.0);
+            slice
+                .gate_up
+                .multiply(gate_up, input, padded_rows, threads, false);
+            for (row_out, row_in) in activated
+                .chunks_exact_mut(width)
+                .zip(gate_up.chunks_exact(2 * width))
+            {
+                let (gate, up) = row_in.split_at(width);
+                silu_mul(row_out, gate, up);
+            }
+            slice
+                .down
+                .multiply(output, activated, padded_rows, threads, index > 0);
         }
         if padded {
-            padded_output.resize(padded_rows * hidden, 0.0);
-            self.down
-                .multiply(padded_output, activated, padded_rows, threads);
-            output.copy_from_slice(&padded_output[..rows * hidden]);
-        } else {
-            self.down.multiply(output, activated, padded_rows, threads);
+            output_rows.copy_from_slice(&padded_output[..rows * hidden]);
         }
         SCRATCH.set(scratch);
     }
@@ -673,7 +742,10 @@ impl Expert for CpuExpert {
     }
 
     fn weight_bytes(&self) -> usize {
-        self.gate_up.bytes() + self.down.bytes()
+        self.slices
+            .iter()
+            .map(|slice| slice.gate_up.bytes() + slice.down.bytes())
+            .sum()
     }
 
     fn forward(&self, input: &[f32], rows: usize, output: &mut [f32]) {
@@ -733,22 +805,44 @@ pub(crate) mod tests {
 
     #[test]
     fn cpu_expert_matches_the_naive_ffn() {
-        let weights = random_expert(96, 160, 7);
-        let backend = CpuBackend::new(2).unwrap();
-        let expert = backend.load_expert(weights.clone()).unwrap();
-        let rows = 5;
-        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
-        let input: Vec<f32> = (0..rows * 96)
-            .map(|_| rng.random_range(-1f32..1.0))
-            .collect();
-        let mut output = vec![0f32; rows * 96];
-        expert.forward(&input, rows, &mut output);
-        for row in 0..rows {
-            let want = naive_ffn(&weights, &input[row * 96..(row + 1) * 96]);
-            for (got, want) in output[row * 96..(row + 1) * 96].iter().zip(&want) {
-                assert!((*got as f64 - want).abs() < 1e-5, "{got} vs {want}");
+        // One intermediate slice, and three with a narrower last one.
+        for (intermediate, slices) in [(160, 1), (1600, 3)] {
+            assert_eq!(intermediate_slices(intermediate).len(), slices);
+            let weights = random_expert(96, intermediate, 7);
+            let backend = CpuBackend::new(2).unwrap();
+            let expert = backend.load_expert(weights.clone()).unwrap();
+            let rows = 5;
+            let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+            let input: Vec<f32> = (0..rows * 96)
+                .map(|_| rng.random_range(-1f32..1.0))
+                .collect();
+            let mut output = vec![0f32; rows * 96];
+            expert.forward(&input, rows, &mut output);
+            for row in 0..rows {
+                let want = naive_ffn(&weights, &input[row * 96..(row + 1) * 96]);
+                for (got, want) in output[row * 96..(row + 1) * 96].iter().zip(&want) {
+                    assert!((*got as f64 - want).abs() < 1e-5, "{got} vs {want}");
+                }
             }
         }
+    }
+
+    #[test]
+    fn intermediate_slices_cover_the_dimension_once() {
+        for intermediate in [1, 96, 768, 769, 1408, 2048, 2816, 14336] {
+            let slices = intermediate_slices(intermediate);
+            let mut next = 0;
+            for &(first, width) in &slices {
+                assert_eq!(first, next);
+                assert!(width > 0 && width <= SLICE_TARGET + 32);
+                next = first + width;
+            }
+            assert_eq!(next, intermediate, "{slices:?}");
+        }
+        assert_eq!(
+            intermediate_slices(2816),
+            vec![(0, 704), (704, 704), (1408, 704), (2112, 704)]
+        );
     }
 
     fn round_to_bf16(values: &[f32]) -> Vec<f32> {
@@ -760,8 +854,8 @@ pub(crate) mod tests {
 
     #[test]
     fn bf16_weights_compute_what_f32_computes_on_the_rounded_weights() {
-        // 200 output columns: three full panels and a partial one.
-        let (hidden, intermediate) = (200, 136);
+        // 200 output columns: a panel and a remainder; two intermediate slices.
+        let (hidden, intermediate) = (200, 900);
         let weights = random_expert(hidden, intermediate, 11);
         let rounded = ExpertWeights {
             gate_proj: round_to_bf16(&weights.gate_proj),

@@ -52,6 +52,7 @@ impl ExpertNodeService {
                 slot.insert(backend.load_expert(checkpoint.load_expert(layer, expert)?)?);
             }
         }
+        crate::release_freed_memory();
         let worker = DeviceWorker::spawn(
             experts,
             Arc::clone(&backend),
@@ -102,6 +103,7 @@ impl ExpertNodeService {
             .worker
             .add_expert(layer, expert, resident)
             .await?;
+        crate::release_freed_memory();
         tracing::info!(layer, expert, "expert loaded");
         Ok(())
     }

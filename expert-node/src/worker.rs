@@ -8,7 +8,7 @@
 //! whose caller has already gone.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use moemesh_core::backend::{ComputeBackend, Expert, ExpertWork};
@@ -72,6 +72,8 @@ pub struct WorkerStats {
     pub tokens: Mutex<BTreeMap<(usize, u32), u64>>,
     /// Jobs dropped because their caller went away before they ran.
     pub cancelled_jobs: AtomicU64,
+    /// Jobs computed.
+    pub completed_jobs: AtomicU64,
     /// Bytes of resident expert weights.
     pub weight_bytes: AtomicU64,
 }
@@ -95,6 +97,28 @@ pub struct DeviceWorker {
     held_tx: watch::Sender<Arc<HeldExperts>>,
 }
 
+/// How long the worker must have finished no job before the memory its
+/// jobs freed goes back to the OS.
+const IDLE_BEFORE_TRIM: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Returns the allocator's free memory to the OS each time the worker
+/// falls idle: a batch's activations are megabytes, which the allocator
+/// would keep after a burst of traffic. Under steady traffic it never
+/// runs, so requests never pay for faulting the memory back in.
+fn trim_memory_when_idle(stats: &WorkerStats, stopped: &AtomicBool) {
+    let mut trimmed_at = 0;
+    let mut seen = 0;
+    while !stopped.load(Ordering::Relaxed) {
+        std::thread::sleep(IDLE_BEFORE_TRIM);
+        let completed = stats.completed_jobs.load(Ordering::Relaxed);
+        if completed == seen && completed != trimmed_at {
+            crate::release_freed_memory();
+            trimmed_at = completed;
+        }
+        seen = completed;
+    }
+}
+
 impl DeviceWorker {
     /// Starts the worker thread; it exits when every handle is dropped.
     pub fn spawn(
@@ -116,10 +140,24 @@ impl DeviceWorker {
             worker.add(layer, expert, resident);
         }
         let (command_tx, command_rx) = mpsc::channel(queue_capacity.max(1));
+        let stopped = Arc::new(AtomicBool::new(false));
         std::thread::Builder::new()
             .name("moemesh-device-worker".into())
-            .spawn(move || worker.run(command_rx))
+            .spawn({
+                let stopped = Arc::clone(&stopped);
+                move || {
+                    worker.run(command_rx);
+                    stopped.store(true, Ordering::Relaxed);
+                }
+            })
             .expect("the OS can start the device worker thread");
+        std::thread::Builder::new()
+            .name("moemesh-memory-trimmer".into())
+            .spawn({
+                let stats = Arc::clone(&stats);
+                move || trim_memory_when_idle(&stats, &stopped)
+            })
+            .expect("the OS can start the memory trimmer thread");
         DeviceWorkerHandle {
             command_tx,
             stats,
@@ -142,6 +180,7 @@ impl DeviceWorker {
                         compute_time: started.elapsed(),
                     });
                     let _ = reply_tx.send(result);
+                    self.stats.completed_jobs.fetch_add(1, Ordering::Relaxed);
                 }
                 WorkerCommand::AddExpert {
                     layer,

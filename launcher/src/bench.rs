@@ -566,7 +566,12 @@ async fn measure(
     Ok((figures, cluster_error))
 }
 
+/// How long the nodes rest after the run before their memory is read:
+/// idle nodes hand the buffers of past batches back to the OS.
+const REST_BEFORE_MEMORY: Duration = Duration::from_secs(1);
+
 async fn node_memory(cluster: &LocalCluster) -> anyhow::Result<Vec<NodeMemory>> {
+    tokio::time::sleep(REST_BEFORE_MEMORY).await;
     let mut nodes = Vec::new();
     for (pid, url) in cluster.processes("expert") {
         let mut client = ExpertServiceClient::connect(url.clone())
@@ -835,7 +840,7 @@ fn print_table(context: &RunContext<'_>, figures: &Figures) {
                 let ratio = rss as f64 / node.weight_bytes.max(1) as f64;
                 println!(
                     "{:<44} {:>12} {:>15}   {ratio:.3} of its {:.0} MiB of weights (<= 1.15: {})",
-                    format!("expert node {index}: resident memory"),
+                    format!("expert node {index}: resident memory at rest"),
                     format!("{:.0} MiB", mib(rss)),
                     format!("peak {:.0} MiB", mib(peak)),
                     mib(node.weight_bytes),

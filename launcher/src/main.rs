@@ -51,7 +51,23 @@ fn init_tracing() {
         .init();
 }
 
+/// Keeps glibc to two malloc arenas unless the operator chose with
+/// MALLOC_ARENA_MAX. By default each thread that allocates may get its own
+/// arena, and buffers freed on another thread than they were allocated on
+/// (request bytes, activations) stay in them: an expert node's resident
+/// memory grew by a sixth of its weights under load, for no speed gain.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only changes allocator tuning; called before any thread starts.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 2);
+        }
+    }
+}
+
 fn main() -> anyhow::Result<()> {
+    limit_malloc_arenas();
     init_tracing();
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
