@@ -306,3 +306,104 @@ async fn moectl_moves_replicates_and_drains_while_the_cluster_serves() {
     assert!(stderr.contains("nobody holds no replica"), "{stderr}");
     cluster.shutdown().await;
 }
+
+#[tokio::test]
+async fn moectl_plans_a_balanced_placement_from_recorded_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    // Zipf(1.2) popularity over 64 experts, and a second, uniform layer.
+    let weights: Vec<f64> = (1..=64).map(|rank| 1.0 / (rank as f64).powf(1.2)).collect();
+    let total: f64 = weights.iter().sum();
+    let skewed: Vec<f64> = weights.iter().map(|weight| weight / total * 1e5).collect();
+    let loads = dir.path().join("loads.json");
+    std::fs::write(
+        &loads,
+        serde_json::json!({"layers": [skewed, vec![10.0; 64]]}).to_string(),
+    )
+    .unwrap();
+    let loads = loads.to_str().unwrap();
+    let plan = moectl_json(&[
+        "placement",
+        "plan",
+        "--loads",
+        loads,
+        "--nodes",
+        "4",
+        "--slots",
+        "20",
+        "--groups",
+        "2",
+    ])
+    .await;
+    let layers = plan["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 2);
+    for layer in layers {
+        assert!(layer["max_over_mean"].as_f64().unwrap() <= 1.10, "{layer}");
+        let nodes = layer["nodes"].as_array().unwrap();
+        assert_eq!(nodes.len(), 4);
+        let mut seen = std::collections::BTreeSet::new();
+        for node in nodes {
+            let experts: Vec<u64> = node
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|expert| expert.as_u64().unwrap())
+                .collect();
+            assert!(experts.len() <= 20);
+            let distinct: std::collections::BTreeSet<_> = experts.iter().collect();
+            assert_eq!(distinct.len(), experts.len(), "an expert twice on a node");
+            seen.extend(experts);
+        }
+        assert_eq!(seen, (0..64).collect());
+    }
+    // The hottest expert got a replica on every node.
+    let hottest = layers[0]["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|node| node.as_array().unwrap().contains(&Value::from(0)))
+        .count();
+    assert_eq!(hottest, 4);
+
+    let table = moectl_ok(&[
+        "placement",
+        "plan",
+        "--loads",
+        loads,
+        "--nodes",
+        "4",
+        "--slots",
+        "20",
+    ])
+    .await;
+    assert!(table.contains("max/mean node load"), "{table}");
+
+    let too_small = moectl_err(&[
+        "placement",
+        "plan",
+        "--loads",
+        loads,
+        "--nodes",
+        "2",
+        "--slots",
+        "20",
+    ])
+    .await;
+    assert!(
+        too_small.contains("64 experts need 64 slots"),
+        "{too_small}"
+    );
+    let bad = dir.path().join("bad.json");
+    std::fs::write(&bad, r#"{"experts": [1, 2]}"#).unwrap();
+    let missing = moectl_err(&[
+        "placement",
+        "plan",
+        "--loads",
+        bad.to_str().unwrap(),
+        "--nodes",
+        "2",
+        "--slots",
+        "2",
+    ])
+    .await;
+    assert!(missing.contains("\"layers\""), "{missing}");
+}

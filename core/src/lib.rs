@@ -19,6 +19,7 @@ mod error;
 pub mod gating;
 pub mod layer;
 pub mod placement;
+pub mod planner;
 pub mod tensor;
 
 pub use error::{CoreError, CoreResult};

@@ -107,6 +107,34 @@ enum PlacementCommand {
     Move(MoveArgs),
     /// Adds one more replica of an expert on a node and waits until it serves.
     Replicate(ReplicateArgs),
+    /// Plans a balanced placement offline from recorded expert loads: how
+    /// many replicas each expert gets and which node holds each.
+    Plan(PlanArgs),
+}
+
+#[derive(clap::Args)]
+struct PlanArgs {
+    /// JSON of per-layer expert loads: `moectl stats export`'s output, or
+    /// simply {"layers": [[load of expert 0, load of expert 1, ...], ...]}.
+    #[arg(long)]
+    loads: PathBuf,
+    /// Expert nodes to plan for.
+    #[arg(long)]
+    nodes: usize,
+    /// Expert slots per node (the experts its memory holds).
+    #[arg(long)]
+    slots: usize,
+    /// Topology groups (hosts, racks) the nodes fall in: node i in group i mod G.
+    /// Replicas of one expert spread over groups.
+    #[arg(long, default_value_t = 1)]
+    groups: usize,
+    /// Routing groups of the model's experts (DeepSeek-V3's n_group); each
+    /// group is kept on as few nodes as balance allows.
+    #[arg(long)]
+    routing_groups: Option<usize>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -177,6 +205,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Placement(PlacementCommand::Show(args)) => show_placement(args).await,
         Command::Placement(PlacementCommand::Move(args)) => move_replica(args).await,
         Command::Placement(PlacementCommand::Replicate(args)) => replicate(args).await,
+        Command::Placement(PlacementCommand::Plan(args)) => plan(args),
         Command::Node(NodeCommand::Drain(args)) => drain_node(args).await,
     }
 }
@@ -431,6 +460,99 @@ async fn drain_node(args: DrainArgs) -> anyhow::Result<()> {
             "{} drained: {} replicas moved; placement epoch {}",
             args.node, drained.moved, drained.epoch
         );
+    }
+    Ok(())
+}
+
+/// Reads `{"layers": [[load, ...], ...]}` (other keys are ignored).
+fn read_loads(path: &std::path::Path) -> anyhow::Result<Vec<Vec<f64>>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
+    let layers = value
+        .get("layers")
+        .and_then(|layers| layers.as_array())
+        .with_context(|| {
+            format!(
+                "{} has no \"layers\" list; expected {{\"layers\": [[load of expert 0, ...], ...]}}",
+                path.display()
+            )
+        })?;
+    layers
+        .iter()
+        .enumerate()
+        .map(|(index, layer)| {
+            let loads = layer
+                .as_array()
+                .with_context(|| format!("layers[{index}] is not a list of loads"))?;
+            loads
+                .iter()
+                .enumerate()
+                .map(|(expert, load)| {
+                    load.as_f64().with_context(|| {
+                        format!("layers[{index}][{expert}] is {load}, not a number")
+                    })
+                })
+                .collect()
+        })
+        .collect()
+}
+
+fn plan(args: PlanArgs) -> anyhow::Result<()> {
+    use moemesh_core::planner::{PlanNode, PlanOptions, node_loads, plan_layer};
+    if args.nodes == 0 || args.groups == 0 {
+        anyhow::bail!("--nodes and --groups must be at least 1");
+    }
+    let layers = read_loads(&args.loads)?;
+    let nodes: Vec<PlanNode> = (0..args.nodes)
+        .map(|index| PlanNode {
+            slots: args.slots,
+            group: index % args.groups,
+        })
+        .collect();
+    let options = PlanOptions {
+        routing_groups: args.routing_groups,
+        ..PlanOptions::default()
+    };
+    let mut planned = Vec::with_capacity(layers.len());
+    for (index, loads) in layers.iter().enumerate() {
+        let plan = plan_layer(loads, &nodes, None, &options)
+            .map_err(|error| anyhow::anyhow!("layers[{index}]: {error}"))?;
+        planned.push(plan);
+    }
+    if args.json {
+        let layers: Vec<_> = planned
+            .iter()
+            .map(|plan| json!({"nodes": plan.nodes, "max_over_mean": plan.max_over_mean}))
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({"layers": layers}))?
+        );
+        return Ok(());
+    }
+    for (index, (plan, loads)) in planned.iter().zip(&layers).enumerate() {
+        let per_node = node_loads(loads, &plan.nodes);
+        let total: f64 = per_node.iter().sum();
+        let replicas: usize = plan.nodes.iter().map(Vec::len).sum();
+        println!(
+            "layers[{index}]: {} experts, {replicas} replicas on {} nodes, max/mean node load {:.3}",
+            loads.len(),
+            args.nodes,
+            plan.max_over_mean
+        );
+        for (node, (experts, load)) in plan.nodes.iter().zip(&per_node).enumerate() {
+            let share = if total > 0.0 {
+                load / total * 100.0
+            } else {
+                0.0
+            };
+            println!(
+                "  node {node:<3} group {:<3} {share:>5.1}% of the load   experts {experts:?}",
+                node % args.groups
+            );
+        }
     }
     Ok(())
 }

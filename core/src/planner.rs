@@ -1,0 +1,673 @@
+//! The placement planner: given each expert's load, the nodes with their
+//! expert slots, and the current placement, decides how many replicas each
+//! expert gets and which node holds each, so that the busiest node carries
+//! as little more than the mean as possible.
+//!
+//! Pure functions, one MoE layer at a time; the coordinator's rebalancer
+//! and `moectl placement plan` both call [`plan_layer`].
+//!
+//! The plan works like the expert-parallel load balancers of production
+//! MoE servers (DeepSeek's EPLB): hot experts get extra replicas while slots
+//! remain, each replica taking an equal share of its expert's load, and
+//! replicas are packed largest first onto the least loaded node. On top of
+//! that it keeps a replica where it already is when that node can take it
+//! (fewer bytes moved), keeps an expert's routing group together where the
+//! model limits routing to a few groups, spreads an expert's replicas over
+//! topology groups, and returns the current placement unchanged unless the
+//! plan gains more than a threshold.
+
+use std::collections::BTreeSet;
+
+/// One expert node as the planner sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlanNode {
+    /// Experts it may hold (its memory divided by an expert's bytes).
+    pub slots: usize,
+    /// Topology group (host, rack): replicas of one expert spread over them.
+    pub group: usize,
+}
+
+/// What the planner may trade.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PlanOptions {
+    /// The least gain in max/mean node load worth moving experts for; the
+    /// current placement is kept when it is within this of balanced, or
+    /// when the plan improves it by less.
+    pub threshold: f64,
+    /// Routing groups of the layer's experts (DeepSeek-V3's `n_group`):
+    /// experts `g·E/n .. (g+1)·E/n` form group `g`. With group-limited
+    /// routing a token visits few groups, so a group kept on few nodes
+    /// means few nodes per token.
+    pub routing_groups: Option<usize>,
+}
+
+impl Default for PlanOptions {
+    fn default() -> Self {
+        Self {
+            threshold: 0.05,
+            routing_groups: None,
+        }
+    }
+}
+
+/// A layer's placement: per node, the ids of the experts it holds (one
+/// entry per replica).
+pub type Assignment = Vec<Vec<u32>>;
+
+/// The planner's answer for one layer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerPlan {
+    /// Per node, the experts it should hold.
+    pub nodes: Assignment,
+    /// Busiest node's load over the mean node load, under this plan.
+    pub max_over_mean: f64,
+    /// The same for the current placement, when one was given.
+    pub current_max_over_mean: Option<f64>,
+    /// Replicas the plan adds to nodes (loads), against the current placement.
+    pub added: usize,
+    /// Replicas the plan removes from nodes (drops).
+    pub removed: usize,
+}
+
+impl LayerPlan {
+    /// Whether carrying out the plan changes anything.
+    pub fn moves(&self) -> bool {
+        self.added + self.removed > 0
+    }
+}
+
+/// Why no plan could be made.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    #[error("{0}")]
+    BadInput(String),
+}
+
+/// The load each node carries under `assignment`, each replica taking an
+/// equal share of its expert's load.
+pub fn node_loads(loads: &[f64], assignment: &[Vec<u32>]) -> Vec<f64> {
+    let mut replicas = vec![0usize; loads.len()];
+    for experts in assignment {
+        for &expert in experts {
+            if let Some(count) = replicas.get_mut(expert as usize) {
+                *count += 1;
+            }
+        }
+    }
+    assignment
+        .iter()
+        .map(|experts| {
+            experts
+                .iter()
+                .filter_map(|&expert| {
+                    let expert = expert as usize;
+                    (expert < loads.len()).then(|| loads[expert] / replicas[expert] as f64)
+                })
+                .sum()
+        })
+        .collect()
+}
+
+/// The busiest node's load over the mean node load (1 when all load is
+/// zero: nothing is unbalanced).
+pub fn max_over_mean(loads: &[f64], assignment: &[Vec<u32>]) -> f64 {
+    let per_node = node_loads(loads, assignment);
+    let total: f64 = per_node.iter().sum();
+    if per_node.is_empty() || total <= 0.0 {
+        return 1.0;
+    }
+    let mean = total / per_node.len() as f64;
+    per_node.iter().copied().fold(0.0, f64::max) / mean
+}
+
+/// Checks that `assignment` places every expert of `experts` at least
+/// once, replicas of one expert on distinct nodes, no node over its slots.
+pub fn check_assignment(
+    experts: usize,
+    nodes: &[PlanNode],
+    assignment: &[Vec<u32>],
+) -> Result<(), String> {
+    if assignment.len() != nodes.len() {
+        return Err(format!(
+            "{} node lists for {} nodes",
+            assignment.len(),
+            nodes.len()
+        ));
+    }
+    let mut placed = vec![false; experts];
+    for (index, (held, node)) in assignment.iter().zip(nodes).enumerate() {
+        if held.len() > node.slots {
+            return Err(format!(
+                "node {index} holds {} experts in {} slots",
+                held.len(),
+                node.slots
+            ));
+        }
+        let distinct: BTreeSet<u32> = held.iter().copied().collect();
+        if distinct.len() != held.len() {
+            return Err(format!("node {index} holds an expert twice"));
+        }
+        for &expert in held {
+            *placed.get_mut(expert as usize).ok_or_else(|| {
+                format!("node {index} holds expert {expert} of a layer with {experts}")
+            })? = true;
+        }
+    }
+    match placed.iter().position(|&placed| !placed) {
+        Some(expert) => Err(format!("expert {expert} has no replica")),
+        None => Ok(()),
+    }
+}
+
+/// Plans one layer. `loads[e]` is expert `e`'s load (tokens in a window);
+/// `current`, when given, is the placement now, per node.
+pub fn plan_layer(
+    loads: &[f64],
+    nodes: &[PlanNode],
+    current: Option<&[Vec<u32>]>,
+    options: &PlanOptions,
+) -> Result<LayerPlan, PlanError> {
+    let bad = |message: String| Err(PlanError::BadInput(message));
+    let experts = loads.len();
+    if experts == 0 {
+        return bad("no experts to place".into());
+    }
+    if nodes.is_empty() {
+        return bad("no nodes to place experts on".into());
+    }
+    if let Some(expert) = loads
+        .iter()
+        .position(|load| !load.is_finite() || *load < 0.0)
+    {
+        return bad(format!(
+            "expert {expert} has load {}; loads are finite and not negative",
+            loads[expert]
+        ));
+    }
+    let total_slots: usize = nodes.iter().map(|node| node.slots).sum();
+    if total_slots < experts {
+        return bad(format!(
+            "{experts} experts need {experts} slots; the nodes have {total_slots}"
+        ));
+    }
+    if !(options.threshold >= 0.0 && options.threshold.is_finite()) {
+        return bad(format!(
+            "threshold {} is not a non-negative number",
+            options.threshold
+        ));
+    }
+    if let Some(groups) = options.routing_groups
+        && (groups == 0 || !experts.is_multiple_of(groups))
+    {
+        return bad(format!(
+            "{groups} routing groups do not divide {experts} experts"
+        ));
+    }
+    let current = match current {
+        Some(current) => {
+            check_assignment(experts, nodes, current)
+                .map_err(|error| PlanError::BadInput(format!("current placement: {error}")))?;
+            Some(current)
+        }
+        None => None,
+    };
+    let current_max_over_mean = current.map(|current| max_over_mean(loads, current));
+    let unchanged = |current: &[Vec<u32>], max_over_mean: f64| LayerPlan {
+        nodes: current.to_vec(),
+        max_over_mean,
+        current_max_over_mean: Some(max_over_mean),
+        added: 0,
+        removed: 0,
+    };
+    if let (Some(current), Some(before)) = (current, current_max_over_mean)
+        && before <= 1.0 + options.threshold
+    {
+        return Ok(unchanged(current, before));
+    }
+
+    let replicas = replica_counts(loads, nodes, total_slots);
+    let assignment = pack(loads, &replicas, nodes, current, options);
+    let after = max_over_mean(loads, &assignment);
+    if let (Some(current), Some(before)) = (current, current_max_over_mean)
+        && before - after < options.threshold
+    {
+        return Ok(unchanged(current, before));
+    }
+    let (added, removed) = match current {
+        Some(current) => differences(current, &assignment),
+        None => (assignment.iter().map(Vec::len).sum(), 0),
+    };
+    Ok(LayerPlan {
+        nodes: assignment,
+        max_over_mean: after,
+        current_max_over_mean,
+        added,
+        removed,
+    })
+}
+
+/// Replicas per expert: one each, then one more at a time to the expert
+/// whose replicas carry the most load each, while the slots can still hold
+/// every replica on distinct nodes.
+fn replica_counts(loads: &[f64], nodes: &[PlanNode], slots: usize) -> Vec<usize> {
+    let mut counts = vec![1usize; loads.len()];
+    for _ in loads.len()..slots {
+        let mut by_share: Vec<usize> = (0..loads.len())
+            .filter(|&expert| counts[expert] < nodes.len() && loads[expert] > 0.0)
+            .collect();
+        by_share.sort_by(|&a, &b| {
+            let share = |expert: usize| loads[expert] / counts[expert] as f64;
+            share(b).total_cmp(&share(a)).then(a.cmp(&b))
+        });
+        let added = by_share.into_iter().find(|&expert| {
+            counts[expert] += 1;
+            let fits = fits_on_distinct_nodes(&counts, nodes);
+            if !fits {
+                counts[expert] -= 1;
+            }
+            fits
+        });
+        if added.is_none() {
+            break;
+        }
+    }
+    counts
+}
+
+/// Whether replicas in these counts can sit on distinct nodes within the
+/// slots (the Gale-Ryser condition: the k largest counts together need at
+/// most what k replicas per node can offer, for every k).
+fn fits_on_distinct_nodes(counts: &[usize], nodes: &[PlanNode]) -> bool {
+    let mut sorted = counts.to_vec();
+    sorted.sort_unstable_by(|a, b| b.cmp(a));
+    let mut needed = 0;
+    sorted.iter().enumerate().all(|(index, &count)| {
+        needed += count;
+        let k = index + 1;
+        needed <= nodes.iter().map(|node| node.slots.min(k)).sum::<usize>()
+    })
+}
+
+/// An assignment that honours the counts whatever the loads: the experts
+/// with most replicas first, each onto the nodes with most free slots
+/// (the constructive side of the Gale-Ryser condition).
+fn feasible_assignment(counts: &[usize], nodes: &[PlanNode]) -> Assignment {
+    let mut order: Vec<usize> = (0..counts.len()).collect();
+    order.sort_by(|&a, &b| counts[b].cmp(&counts[a]).then(a.cmp(&b)));
+    let mut assignment: Assignment = vec![Vec::new(); nodes.len()];
+    for expert in order {
+        let mut by_room: Vec<usize> = (0..nodes.len()).collect();
+        by_room.sort_by_key(|&node| {
+            (
+                std::cmp::Reverse(nodes[node].slots - assignment[node].len()),
+                node,
+            )
+        });
+        for &node in by_room.iter().take(counts[expert]) {
+            assignment[node].push(expert as u32);
+        }
+    }
+    assignment
+}
+
+/// Packs the replicas largest first, each onto the best node that has a
+/// free slot and no replica of that expert yet.
+fn pack(
+    loads: &[f64],
+    replicas: &[usize],
+    nodes: &[PlanNode],
+    current: Option<&[Vec<u32>]>,
+    options: &PlanOptions,
+) -> Assignment {
+    let experts = loads.len();
+    let group_of = |expert: usize| {
+        options
+            .routing_groups
+            .map_or(0, |groups| expert / (experts / groups))
+    };
+    let held_now =
+        |node: usize, expert: u32| current.is_some_and(|current| current[node].contains(&expert));
+    let mut items: Vec<(u32, f64)> = replicas
+        .iter()
+        .enumerate()
+        .flat_map(|(expert, &count)| {
+            std::iter::repeat_n((expert as u32, loads[expert] / count as f64), count)
+        })
+        .collect();
+    // Largest first; ties by expert id, so the plan is deterministic.
+    items.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    let total: f64 = loads.iter().sum();
+    let mean = total / nodes.len() as f64;
+    // A node may go this far above the mean to keep a replica in place or
+    // a routing group together.
+    let target = mean * (1.0 + options.threshold / 2.0);
+
+    let mut assignment: Assignment = vec![Vec::new(); nodes.len()];
+    let mut node_load = vec![0f64; nodes.len()];
+    let mut groups_on: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); nodes.len()];
+    for (expert, share) in items {
+        let candidates: Vec<usize> = (0..nodes.len())
+            .filter(|&node| {
+                assignment[node].len() < nodes[node].slots && !assignment[node].contains(&expert)
+            })
+            .collect();
+        let node = match candidates.is_empty() {
+            false => {
+                let fits = |node: usize| node_load[node] + share <= target;
+                let topology_taken = |node: usize| {
+                    (0..nodes.len()).any(|other| {
+                        other != node
+                            && nodes[other].group == nodes[node].group
+                            && assignment[other].contains(&expert)
+                    })
+                };
+                let group = group_of(expert as usize);
+                *candidates
+                    .iter()
+                    .min_by(|&&a, &&b| {
+                        // Within the target: keep it where it is, keep its
+                        // routing group together, spread over topology
+                        // groups; then the least loaded node.
+                        let key = |node: usize| {
+                            (
+                                !fits(node),
+                                !(fits(node) && held_now(node, expert)),
+                                !(fits(node)
+                                    && options.routing_groups.is_some()
+                                    && groups_on[node].contains(&group)),
+                                topology_taken(node),
+                            )
+                        };
+                        key(a)
+                            .cmp(&key(b))
+                            .then(node_load[a].total_cmp(&node_load[b]))
+                            .then(a.cmp(&b))
+                    })
+                    .expect("candidates is not empty")
+            }
+            // Every node with a free slot holds this expert already: move
+            // another expert from a full node to such a node to make room.
+            true => match make_room(
+                &mut assignment,
+                &mut node_load,
+                loads,
+                replicas,
+                nodes,
+                expert,
+            ) {
+                Some(node) => node,
+                None => {
+                    let mut assignment = feasible_assignment(replicas, nodes);
+                    for held in &mut assignment {
+                        held.sort_unstable();
+                    }
+                    return assignment;
+                }
+            },
+        };
+        assignment[node].push(expert);
+        node_load[node] += share;
+        groups_on[node].insert(group_of(expert as usize));
+    }
+    for held in &mut assignment {
+        held.sort_unstable();
+    }
+    assignment
+}
+
+/// Frees a slot for `expert` on a node that lacks it, by moving one of
+/// that node's replicas to a node with a free slot; returns the node, or
+/// None when no single move makes room.
+fn make_room(
+    assignment: &mut Assignment,
+    node_load: &mut [f64],
+    loads: &[f64],
+    replicas: &[usize],
+    nodes: &[PlanNode],
+    expert: u32,
+) -> Option<usize> {
+    for full in 0..nodes.len() {
+        if assignment[full].contains(&expert) || nodes[full].slots == 0 {
+            continue;
+        }
+        for free in 0..nodes.len() {
+            if assignment[free].len() >= nodes[free].slots {
+                continue;
+            }
+            let movable = assignment[full]
+                .iter()
+                .position(|other| !assignment[free].contains(other));
+            if let Some(position) = movable {
+                let other = assignment[full].remove(position);
+                let share = loads[other as usize] / replicas[other as usize] as f64;
+                node_load[full] -= share;
+                node_load[free] += share;
+                assignment[free].push(other);
+                return Some(full);
+            }
+        }
+    }
+    None
+}
+
+/// Replicas in `to` that `from` lacks, and the reverse, per node.
+fn differences(from: &[Vec<u32>], to: &[Vec<u32>]) -> (usize, usize) {
+    from.iter()
+        .zip(to)
+        .fold((0, 0), |(added, removed), (from, to)| {
+            let from: BTreeSet<u32> = from.iter().copied().collect();
+            let to: BTreeSet<u32> = to.iter().copied().collect();
+            (
+                added + to.difference(&from).count(),
+                removed + from.difference(&to).count(),
+            )
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn nodes(count: usize, slots: usize, groups: usize) -> Vec<PlanNode> {
+        (0..count)
+            .map(|index| PlanNode {
+                slots,
+                group: index % groups.max(1),
+            })
+            .collect()
+    }
+
+    /// Zipf(s) popularity over `experts`, scaled to `tokens`.
+    fn zipf(experts: usize, exponent: f64, tokens: f64) -> Vec<f64> {
+        let weights: Vec<f64> = (1..=experts)
+            .map(|rank| 1.0 / (rank as f64).powf(exponent))
+            .collect();
+        let total: f64 = weights.iter().sum();
+        weights
+            .iter()
+            .map(|weight| weight / total * tokens)
+            .collect()
+    }
+
+    #[test]
+    fn skewed_loads_get_replicas_and_balance() {
+        let loads = zipf(64, 1.2, 100_000.0);
+        let cluster = nodes(4, 20, 1);
+        let round_robin: Assignment = (0..4)
+            .map(|node| (0..64u32).filter(|expert| expert % 4 == node).collect())
+            .collect();
+        let plan = plan_layer(
+            &loads,
+            &cluster,
+            Some(&round_robin),
+            &PlanOptions::default(),
+        )
+        .unwrap();
+        check_assignment(64, &cluster, &plan.nodes).unwrap();
+        let before = plan.current_max_over_mean.unwrap();
+        assert!(before > 1.5, "round robin under Zipf 1.2 is {before}");
+        assert!(plan.max_over_mean <= 1.10, "planned {}", plan.max_over_mean);
+        // The hottest expert got the most replicas.
+        let replicas = |expert: u32| {
+            plan.nodes
+                .iter()
+                .filter(|held| held.contains(&expert))
+                .count()
+        };
+        assert_eq!(replicas(0), 4);
+        assert_eq!(replicas(63), 1);
+        assert!(plan.moves());
+    }
+
+    #[test]
+    fn a_balanced_layer_is_left_alone() {
+        let loads = vec![100.0; 16];
+        let cluster = nodes(4, 6, 2);
+        let current: Assignment = (0..4)
+            .map(|node| (0..16u32).filter(|expert| expert % 4 == node).collect())
+            .collect();
+        let plan = plan_layer(&loads, &cluster, Some(&current), &PlanOptions::default()).unwrap();
+        assert_eq!(plan.nodes, current);
+        assert!(!plan.moves());
+        assert_eq!(plan.max_over_mean, 1.0);
+    }
+
+    #[test]
+    fn routing_groups_stay_on_few_nodes() {
+        // 8 groups of 4 experts, 4 nodes of 8 slots: each node can hold two
+        // whole groups, and equal loads let it.
+        let loads = vec![10.0; 32];
+        let cluster = nodes(4, 8, 1);
+        let options = PlanOptions {
+            routing_groups: Some(8),
+            ..PlanOptions::default()
+        };
+        let plan = plan_layer(&loads, &cluster, None, &options).unwrap();
+        for group in 0..8u32 {
+            let holders = plan
+                .nodes
+                .iter()
+                .filter(|held| held.iter().any(|expert| expert / 4 == group))
+                .count();
+            assert_eq!(holders, 1, "group {group} is split: {:?}", plan.nodes);
+        }
+        assert!((plan.max_over_mean - 1.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn bad_input_is_named() {
+        let cluster = nodes(2, 2, 1);
+        let error = |loads: &[f64], nodes: &[PlanNode], options: PlanOptions| {
+            plan_layer(loads, nodes, None, &options)
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(error(&[1.0; 5], &cluster, PlanOptions::default()).contains("5 slots"));
+        assert!(error(&[1.0, f64::NAN], &cluster, PlanOptions::default()).contains("expert 1"));
+        assert!(error(&[], &cluster, PlanOptions::default()).contains("no experts"));
+        let groups = PlanOptions {
+            routing_groups: Some(3),
+            ..PlanOptions::default()
+        };
+        assert!(error(&[1.0; 4], &cluster, groups).contains("routing groups"));
+        let overfull = vec![vec![0, 1, 2], vec![3]];
+        let message = plan_layer(
+            &[1.0; 4],
+            &cluster,
+            Some(&overfull),
+            &PlanOptions::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(message.contains("current placement"), "{message}");
+    }
+
+    fn layer_case() -> impl Strategy<Value = (Vec<f64>, Vec<PlanNode>, f64)> {
+        (2usize..6, 1usize..4, 1usize..40, 0u32..3).prop_flat_map(
+            |(node_count, groups, experts, skew)| {
+                let min_slots = experts.div_ceil(node_count);
+                (
+                    prop::collection::vec(0f64..1000.0, experts).prop_map(move |loads| {
+                        // Skew 0: as drawn; 1 and 2: one expert much hotter.
+                        let mut loads = loads;
+                        if skew > 0 {
+                            loads[0] *= 20.0 * skew as f64;
+                        }
+                        loads
+                    }),
+                    prop::collection::vec(min_slots..min_slots + 6, node_count).prop_map(
+                        move |slots| {
+                            slots
+                                .into_iter()
+                                .enumerate()
+                                .map(|(index, slots)| PlanNode {
+                                    slots,
+                                    group: index % groups,
+                                })
+                                .collect::<Vec<_>>()
+                        },
+                    ),
+                    prop_oneof![Just(0.0), Just(0.05), Just(0.2)],
+                )
+            },
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn plans_are_valid_and_never_worse(
+            (loads, cluster, threshold) in layer_case(),
+            seed in any::<u64>(),
+        ) {
+            let options = PlanOptions { threshold, routing_groups: None };
+            let fresh = plan_layer(&loads, &cluster, None, &options).unwrap();
+            prop_assert!(check_assignment(loads.len(), &cluster, &fresh.nodes).is_ok(),
+                "{:?}", check_assignment(loads.len(), &cluster, &fresh.nodes));
+
+            // A current placement: experts dealt to nodes from a seed.
+            let mut current: Assignment = vec![Vec::new(); cluster.len()];
+            let mut node = (seed as usize) % cluster.len();
+            for expert in 0..loads.len() as u32 {
+                while current[node].len() >= cluster[node].slots {
+                    node = (node + 1) % cluster.len();
+                }
+                current[node].push(expert);
+                node = (node + 1 + (seed as usize >> (expert % 32))) % cluster.len();
+            }
+            let plan = plan_layer(&loads, &cluster, Some(&current), &options).unwrap();
+            prop_assert!(check_assignment(loads.len(), &cluster, &plan.nodes).is_ok());
+            let before = max_over_mean(&loads, &current);
+            prop_assert_eq!(plan.current_max_over_mean, Some(before));
+            prop_assert!((plan.max_over_mean - max_over_mean(&loads, &plan.nodes)).abs() < 1e-9);
+            // Never worse, and only moves for a gain of at least the threshold.
+            prop_assert!(plan.max_over_mean <= before + 1e-9);
+            if plan.moves() {
+                prop_assert!(before - plan.max_over_mean >= threshold - 1e-9);
+            } else {
+                prop_assert_eq!(&plan.nodes, &current);
+            }
+            // Planning again from the plan moves nothing more.
+            let again = plan_layer(&loads, &cluster, Some(&plan.nodes), &options).unwrap();
+            prop_assert!(!again.moves() || again.max_over_mean < plan.max_over_mean - threshold + 1e-9);
+        }
+
+        #[test]
+        fn equal_loads_in_a_full_balance_yield_no_moves(
+            node_count in 1usize..6,
+            per_node in 1usize..8,
+            spare in 0usize..4,
+        ) {
+            let experts = node_count * per_node;
+            let loads = vec![42.0; experts];
+            let cluster = nodes(node_count, per_node + spare, 2);
+            let current: Assignment = (0..node_count)
+                .map(|node| (0..experts as u32).filter(|expert| *expert as usize % node_count == node).collect())
+                .collect();
+            let plan = plan_layer(&loads, &cluster, Some(&current), &PlanOptions::default()).unwrap();
+            prop_assert!(!plan.moves());
+            prop_assert_eq!(plan.nodes, current);
+        }
+    }
+}
