@@ -30,24 +30,61 @@ pub trait ComputeBackend: Send + Sync {
     fn load_expert(&self, weights: ExpertWeights) -> CoreResult<Arc<dyn Expert>>;
 
     /// Runs each expert of `work` on its rows of `input` (`[rows, width]`)
-    /// and returns, per row, the sum of the weighted expert outputs.
+    /// and returns its outputs, unweighted: item after item in the order of
+    /// `work`, each item's rows in its order (`[Σ rows, width]`).
+    ///
+    /// Backends may run the experts in any order or at once, as long as
+    /// each row's result stays the same.
+    fn expert_outputs(&self, input: &[f32], width: usize, work: &[ExpertWork<'_>]) -> Vec<f32> {
+        let mut outputs = Vec::new();
+        for item in work {
+            let gathered = gather_rows(input, width, item.rows);
+            let start = outputs.len();
+            outputs.resize(start + gathered.len(), 0f32);
+            item.expert
+                .forward(&gathered, item.rows.len(), &mut outputs[start..]);
+        }
+        outputs
+    }
+
+    /// Returns, per row of `input`, the sum of the weighted expert outputs.
     ///
     /// Sums are taken in the order of `work`; callers pass it by ascending
-    /// expert id so that every row's sum has a fixed order. Backends may
-    /// run the experts in any order or at once, as long as each row's
-    /// result stays the same.
+    /// expert id so that every row's sum has a fixed order, the order a
+    /// router also follows when experts answer from several nodes.
     fn run_experts(&self, input: &[f32], width: usize, work: &[ExpertWork<'_>]) -> Vec<f32> {
-        let outputs: Vec<Vec<f32>> = work
-            .iter()
-            .map(|item| {
-                let gathered = gather_rows(input, width, item.rows);
-                let mut output = vec![0f32; gathered.len()];
-                item.expert.forward(&gathered, item.rows.len(), &mut output);
-                output
-            })
-            .collect();
-        let slices: Vec<&[f32]> = outputs.iter().map(Vec::as_slice).collect();
-        combine(input.len(), width, work, &slices)
+        let outputs = self.expert_outputs(input, width, work);
+        let mut combined = vec![0f32; input.len()];
+        let mut offset = 0;
+        for item in work {
+            for (&row, &weight) in item.rows.iter().zip(item.weights) {
+                let row = row as usize;
+                add_weighted(
+                    &mut combined[row * width..(row + 1) * width],
+                    &outputs[offset..offset + width],
+                    weight,
+                );
+                offset += width;
+            }
+        }
+        combined
+    }
+}
+
+/// `sum += value · weight`, element by element: the one way every path
+/// (in process, an expert node weighting its rows, a router adding them)
+/// forms a weighted contribution, so that all give the same bits.
+pub fn add_weighted(sum: &mut [f32], value: &[f32], weight: f32) {
+    for (sum, value) in sum.iter_mut().zip(value) {
+        *sum += value * weight;
+    }
+}
+
+/// `value · weight`, element by element, in place (see [`add_weighted`]:
+/// adding the result to zero gives the same bits as adding it directly).
+pub fn scale_by_weight(values: &mut [f32], weight: f32) {
+    for value in values {
+        *value *= weight;
     }
 }
 
@@ -59,30 +96,6 @@ fn gather_rows(input: &[f32], width: usize, rows: &[u32]) -> Vec<f32> {
         gathered.extend_from_slice(&input[row * width..(row + 1) * width]);
     }
     gathered
-}
-
-/// Adds each work item's weighted output rows (`outputs[i]` is
-/// `[work[i].rows.len(), width]`) into a zeroed `[len / width, width]`,
-/// item by item in the order given.
-fn combine(len: usize, width: usize, work: &[ExpertWork<'_>], outputs: &[&[f32]]) -> Vec<f32> {
-    let mut combined = vec![0f32; len];
-    for (item, output) in work.iter().zip(outputs) {
-        for ((&row, &weight), output_row) in item
-            .rows
-            .iter()
-            .zip(item.weights)
-            .zip(output.chunks_exact(width))
-        {
-            let row = row as usize;
-            for (sum, value) in combined[row * width..(row + 1) * width]
-                .iter_mut()
-                .zip(output_row)
-            {
-                *sum += value * weight;
-            }
-        }
-    }
-    combined
 }
 
 /// One resident expert.
@@ -241,7 +254,7 @@ impl ComputeBackend for CpuBackend {
     /// ranges) and runs them at once, one per compute thread, largest
     /// first: small per-expert batches keep every thread busy without the
     /// synchronisation a multi-threaded GEMM pays inside each product.
-    fn run_experts(&self, input: &[f32], width: usize, work: &[ExpertWork<'_>]) -> Vec<f32> {
+    fn expert_outputs(&self, input: &[f32], width: usize, work: &[ExpertWork<'_>]) -> Vec<f32> {
         let total_rows: usize = work.iter().map(|item| item.rows.len()).sum();
         let mut outputs = vec![0f32; total_rows * width];
         // Cut experts into pieces of at most `max_rows`, enough pieces for
@@ -295,14 +308,7 @@ impl ComputeBackend for CpuBackend {
                 }
             });
         }
-        let mut slices = Vec::with_capacity(work.len());
-        let mut rest = &outputs[..];
-        for item in work {
-            let (output, tail) = rest.split_at(item.rows.len() * width);
-            slices.push(output);
-            rest = tail;
-        }
-        combine(input.len(), width, work, &slices)
+        outputs
     }
 }
 

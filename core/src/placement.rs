@@ -292,6 +292,11 @@ pub fn replica_for_token(token: &[f32], expert: u32, replica_count: usize) -> us
     if replica_count <= 1 {
         return 0;
     }
+    (token_hash(token, expert) % replica_count as u64) as usize
+}
+
+/// A well-mixed 64-bit hash of a token's values and an expert id.
+pub fn token_hash(token: &[f32], expert: u32) -> u64 {
     // FNV-1a over the bits, finished with a splitmix64 mix.
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325 ^ u64::from(expert);
     for value in token {
@@ -302,7 +307,7 @@ pub fn replica_for_token(token: &[f32], expert: u32, replica_count: usize) -> us
     hash ^= hash >> 27;
     hash = hash.wrapping_mul(0x94d0_49bb_1331_11eb);
     hash ^= hash >> 31;
-    (hash % replica_count as u64) as usize
+    hash
 }
 
 #[cfg(test)]

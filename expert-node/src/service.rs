@@ -247,7 +247,11 @@ impl moemesh_proto::ExpertService for ExpertNodeService {
     ) -> Result<Response<ComputeResponse>, Status> {
         let job = self.validate(request.into_inner())?;
         let hidden_size = self.inner.config.hidden_size;
-        let rows = job.input.len() / hidden_size;
+        let rows: usize = job
+            .assignments
+            .iter()
+            .map(|assignment| assignment.rows.len())
+            .sum();
         let computed = self.inner.worker.compute(job).await?;
         Ok(Response::new(ComputeResponse {
             output: Some(encode(

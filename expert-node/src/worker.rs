@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use moemesh_core::backend::{ComputeBackend, Expert, ExpertWork};
+use moemesh_core::backend::{ComputeBackend, Expert, ExpertWork, scale_by_weight};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::{ExpertNodeError, ExpertNodeResult};
@@ -40,7 +40,8 @@ pub type HeldExperts = BTreeMap<usize, BTreeSet<u32>>;
 /// A job's result and the time the worker spent computing it.
 #[derive(Debug)]
 pub struct Computed {
-    /// Per row, the weighted sum of the outputs of the experts that took it.
+    /// Per expert of the job in order, each of its rows in order, the
+    /// expert's output times the row's routing weight: `[Σ rows, hidden]`.
     pub output: Vec<f32>,
     /// Compute time alone: the wait in the queue is not counted.
     pub compute_time: std::time::Duration,
@@ -239,9 +240,10 @@ impl DeviceWorker {
         self.held_tx.send_replace(Arc::new(held));
     }
 
-    /// Runs every assigned expert and combines per row. The service
-    /// validates jobs, but an expert removed since is refused here rather
-    /// than taking the worker down.
+    /// Runs every assigned expert on its rows and weights each output row
+    /// (see [`Computed::output`]); the router adds them up in expert order.
+    /// The service validates jobs, but an expert removed since is refused
+    /// here rather than taking the worker down.
     pub fn compute(&self, job: &ComputeJob) -> ExpertNodeResult<Vec<f32>> {
         let mut work = Vec::with_capacity(job.assignments.len());
         for assignment in &job.assignments {
@@ -267,9 +269,17 @@ impl DeviceWorker {
                     assignment.rows.len() as u64;
             }
         }
-        Ok(self
+        let mut outputs = self
             .backend
-            .run_experts(&job.input, self.hidden_size, &work))
+            .expert_outputs(&job.input, self.hidden_size, &work);
+        let weights = job
+            .assignments
+            .iter()
+            .flat_map(|assignment| &assignment.weights);
+        for (row, &weight) in outputs.chunks_exact_mut(self.hidden_size).zip(weights) {
+            scale_by_weight(row, weight);
+        }
+        Ok(outputs)
     }
 }
 

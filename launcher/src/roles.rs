@@ -133,6 +133,10 @@ pub struct RouterArgs {
     /// Address to serve on; port 0 picks a free port (printed once ready).
     #[arg(long, env = "MOEMESH_LISTEN", default_value = "127.0.0.1:50051")]
     listen: String,
+    /// Topology group (host or rack) of this router: among equally busy
+    /// replicas, those on expert nodes of the same group are preferred.
+    #[arg(long, env = "MOEMESH_GROUP", default_value = "")]
+    group: String,
     /// Exit when standard input closes (used by `moemesh up` for its children).
     #[arg(long, hide = true)]
     exit_with_parent: bool,
@@ -319,6 +323,7 @@ pub async fn run_router(args: RouterArgs) -> anyhow::Result<()> {
         model_dir: args.model.clone(),
         model_id,
         placement,
+        group: args.group.clone(),
     };
     let service = moemesh_router_node::load(config).await?;
     println!("{READY_LINE_PREFIX}{url}");

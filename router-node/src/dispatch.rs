@@ -1,11 +1,67 @@
 //! Splitting a routed batch into one request per expert node, and summing
-//! the nodes' partial rows back into one output row per token.
+//! the experts' answers back into one output row per token, in expert order.
 
 use std::collections::BTreeMap;
 
 use moemesh_core::gating::Routing;
-use moemesh_core::placement::replica_for_token;
+use moemesh_core::placement::token_hash;
 use moemesh_proto::v1::ExpertRows;
+
+/// Chooses among an expert's replicas by outstanding work: of two
+/// candidates drawn from the token's own hash ("power of two choices"),
+/// the node with fewer token-expert pairs in flight (this router's other
+/// requests, plus what this batch already gave it); on a tie, the node
+/// that already receives the token (no extra bytes), then one in the
+/// router's own topology group.
+#[derive(Debug, Clone)]
+pub struct ReplicaPicker {
+    /// Per node: pairs in flight when the batch started, plus the batch's own.
+    load: Vec<u64>,
+    /// Per node: whether it is in the router's topology group.
+    local: Vec<bool>,
+}
+
+impl ReplicaPicker {
+    /// `in_flight[n]`: node `n`'s outstanding pairs; `local[n]`: in the
+    /// router's topology group.
+    pub fn new(in_flight: Vec<u64>, local: Vec<bool>) -> Self {
+        debug_assert_eq!(in_flight.len(), local.len());
+        Self {
+            load: in_flight,
+            local,
+        }
+    }
+
+    /// Node count.
+    pub fn nodes(&self) -> usize {
+        self.load.len()
+    }
+
+    /// Picks the node for `expert` of the token `row` among `owners`, and
+    /// counts the pair against it; `has_token(n)` says whether node `n`
+    /// already receives this token.
+    fn pick(
+        &mut self,
+        row: &[f32],
+        expert: u32,
+        owners: &[usize],
+        has_token: impl Fn(usize) -> bool,
+    ) -> usize {
+        let node = match owners.len() {
+            1 => owners[0],
+            count => {
+                let hash = token_hash(row, expert);
+                let first = (hash % count as u64) as usize;
+                let step = 1 + ((hash / count as u64) % (count as u64 - 1)) as usize;
+                let (a, b) = (owners[first], owners[(first + step) % count]);
+                let key = |node: usize| (self.load[node], !has_token(node), !self.local[node]);
+                if key(b) < key(a) { b } else { a }
+            }
+        };
+        self.load[node] += 1;
+        node
+    }
+}
 
 /// The share of a batch that goes to one expert node.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -18,17 +74,22 @@ pub struct NodeBatch {
 }
 
 impl NodeBatch {
-    /// Moves the experts out in wire form, by ascending id; the tokens
-    /// stay for combining the reply.
-    pub fn take_expert_rows(&mut self) -> Vec<ExpertRows> {
-        std::mem::take(&mut self.experts)
-            .into_iter()
-            .map(|(expert, (rows, weights))| ExpertRows {
+    /// The experts in wire form, by ascending id (the order the node
+    /// answers in).
+    pub fn expert_rows(&self) -> Vec<ExpertRows> {
+        self.experts
+            .iter()
+            .map(|(&expert, (rows, weights))| ExpertRows {
                 expert,
-                rows,
-                weights,
+                rows: rows.clone(),
+                weights: weights.clone(),
             })
             .collect()
+    }
+
+    /// Token-expert pairs in this batch: the rows the node answers with.
+    pub fn pairs(&self) -> usize {
+        self.experts.values().map(|(rows, _)| rows.len()).sum()
     }
 }
 
@@ -36,18 +97,18 @@ impl NodeBatch {
 /// groups the pairs per node, each token sent once to each node it needs.
 ///
 /// `replicas[e]` lists the node indices holding expert `e` (shared last);
-/// the replica is chosen from the token's own values, so a token's
-/// dispatch never depends on the rest of its batch. Returns the experts
-/// that were needed but have no replica, if any.
+/// `picker` chooses among them by outstanding work. Replicas compute the
+/// same bits, so the choice never changes a token's output. Returns the
+/// experts that were needed but have no replica, if any.
 pub fn split_by_node(
     routing: &Routing,
     hidden: &[f32],
     hidden_size: usize,
     replicas: &[Vec<usize>],
-    node_count: usize,
+    picker: &mut ReplicaPicker,
 ) -> Result<Vec<NodeBatch>, Vec<u32>> {
     let mut unplaced = Vec::new();
-    let mut batches = vec![NodeBatch::default(); node_count];
+    let mut batches = vec![NodeBatch::default(); picker.nodes()];
     let shared_expert = routing
         .shared_weights
         .as_ref()
@@ -65,7 +126,10 @@ pub fn split_by_node(
                 }
                 continue;
             }
-            let node = owners[replica_for_token(row, expert, owners.len())];
+            let token_id = token as u32;
+            let node = picker.pick(row, expert, owners, |node| {
+                batches[node].tokens.last() == Some(&token_id)
+            });
             let batch = &mut batches[node];
             if batch.tokens.last() != Some(&(token as u32)) {
                 batch.tokens.push(token as u32);
@@ -84,16 +148,40 @@ pub fn split_by_node(
     }
 }
 
-/// Adds one node's partial rows (`[batch.tokens.len(), hidden]`) into the
-/// output rows of its tokens. Callers add nodes in a fixed order.
-pub fn add_partials(output: &mut [f32], hidden_size: usize, batch: &NodeBatch, partials: &[f32]) {
-    for (&token, partial) in batch.tokens.iter().zip(partials.chunks_exact(hidden_size)) {
-        let token = token as usize;
-        for (sum, value) in output[token * hidden_size..(token + 1) * hidden_size]
-            .iter_mut()
-            .zip(partial)
-        {
-            *sum += value;
+/// Adds the nodes' weighted expert rows (`replies[i]` answers
+/// `batches[i]`: per expert by ascending id, its rows in order) into the
+/// output rows of their tokens. Each token's contributions are added in
+/// ascending expert order, the order the in-process layer sums in, so the
+/// output is the same bits whichever replicas served the token.
+pub fn add_expert_rows(
+    output: &mut [f32],
+    hidden_size: usize,
+    batches: &[&NodeBatch],
+    replies: &[&[f32]],
+) {
+    // (expert, batch, first row of the expert in that batch's reply)
+    let mut items = Vec::new();
+    for (index, batch) in batches.iter().enumerate() {
+        let mut offset = 0;
+        for (&expert, (rows, _)) in &batch.experts {
+            items.push((expert, index, offset));
+            offset += rows.len();
+        }
+    }
+    items.sort_unstable();
+    for (expert, index, offset) in items {
+        let batch = batches[index];
+        let (rows, _) = &batch.experts[&expert];
+        let reply = replies[index];
+        for (pair, &request_row) in rows.iter().enumerate() {
+            let token = batch.tokens[request_row as usize] as usize;
+            let value = &reply[(offset + pair) * hidden_size..(offset + pair + 1) * hidden_size];
+            for (sum, value) in output[token * hidden_size..(token + 1) * hidden_size]
+                .iter_mut()
+                .zip(value)
+            {
+                *sum += value;
+            }
         }
     }
 }
@@ -101,6 +189,66 @@ pub fn add_partials(output: &mut [f32], hidden_size: usize, batch: &NodeBatch, p
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn picker(nodes: usize) -> ReplicaPicker {
+        ReplicaPicker::new(vec![0; nodes], vec![false; nodes])
+    }
+
+    /// `tokens` one-expert tokens all routed to expert 0.
+    fn to_expert_zero(tokens: usize) -> (Routing, Vec<f32>) {
+        let routing = Routing {
+            top_k: 1,
+            experts: vec![0; tokens],
+            weights: vec![1.0; tokens],
+            shared_weights: None,
+        };
+        let hidden = (0..tokens).map(|token| token as f32 * 0.37).collect();
+        (routing, hidden)
+    }
+
+    #[test]
+    fn a_hot_expert_spreads_evenly_over_its_replicas() {
+        let (routing, hidden) = to_expert_zero(400);
+        let replicas = vec![vec![0, 1, 2, 3]];
+        let batches = split_by_node(&routing, &hidden, 1, &replicas, &mut picker(4)).unwrap();
+        for batch in &batches {
+            let rows = batch.tokens.len();
+            assert!((90..=110).contains(&rows), "uneven: {rows} of 400");
+        }
+    }
+
+    #[test]
+    fn busy_nodes_get_less_and_local_nodes_win_ties() {
+        let (routing, hidden) = to_expert_zero(100);
+        let replicas = vec![vec![0, 1]];
+        // Node 0 has 60 pairs in flight: it gets only what evens the load.
+        let mut busy = ReplicaPicker::new(vec![60, 0], vec![false, false]);
+        let batches = split_by_node(&routing, &hidden, 1, &replicas, &mut busy).unwrap();
+        assert!(batches[0].tokens.len() <= 25, "{}", batches[0].tokens.len());
+        assert!(batches[1].tokens.len() >= 75);
+        // Equal load: the router's own topology group takes the first pick.
+        let (routing, hidden) = to_expert_zero(1);
+        let mut local_second = ReplicaPicker::new(vec![0, 0], vec![false, true]);
+        let batches = split_by_node(&routing, &hidden, 1, &replicas, &mut local_second).unwrap();
+        assert_eq!(batches[1].tokens, vec![0]);
+    }
+
+    #[test]
+    fn a_token_joins_a_node_it_already_goes_to_when_loads_tie() {
+        // One token, experts 0 and 1, each on both nodes: both pairs land on
+        // one node, so the token is sent once.
+        let routing = Routing {
+            top_k: 2,
+            experts: vec![0, 1],
+            weights: vec![0.5, 0.5],
+            shared_weights: None,
+        };
+        let replicas = vec![vec![0, 1], vec![0, 1]];
+        let mut tied = ReplicaPicker::new(vec![5, 4], vec![false, false]);
+        let batches = split_by_node(&routing, &[0.25, 0.5], 2, &replicas, &mut tied).unwrap();
+        let busy: Vec<usize> = batches.iter().map(|batch| batch.tokens.len()).collect();
+        assert_eq!(busy, vec![0, 1], "{busy:?}");
+    }
 
     #[test]
     fn a_token_goes_once_to_each_node_it_needs() {
@@ -114,7 +262,7 @@ mod tests {
         // Node 0 holds experts 0 and 1, node 1 holds expert 2 and the shared one.
         let replicas = vec![vec![0], vec![0], vec![1], vec![1]];
         let hidden = [1.0, 2.0, 3.0, 4.0];
-        let batches = split_by_node(&routing, &hidden, 2, &replicas, 2).unwrap();
+        let batches = split_by_node(&routing, &hidden, 2, &replicas, &mut picker(2)).unwrap();
         assert_eq!(batches[0].tokens, vec![0, 1]);
         assert_eq!(batches[0].experts[&0], (vec![0], vec![0.6]));
         assert_eq!(batches[0].experts[&1], (vec![0, 1], vec![0.4, 0.7]));
@@ -122,10 +270,22 @@ mod tests {
         assert_eq!(batches[1].experts[&2], (vec![1], vec![0.3]));
         assert_eq!(batches[1].experts[&3], (vec![0, 1], vec![0.5, 0.25]));
 
+        // Node 0 answers expert 0 (token 0), then expert 1 (tokens 0, 1);
+        // node 1 expert 2 (token 1), then the shared expert (tokens 0, 1).
         let mut output = vec![0.0; 4];
-        add_partials(&mut output, 2, &batches[0], &[1.0, 1.0, 2.0, 2.0]);
-        add_partials(&mut output, 2, &batches[1], &[10.0, 10.0, 20.0, 20.0]);
-        assert_eq!(output, vec![11.0, 11.0, 22.0, 22.0]);
+        let node_0 = [1.0, 1.0, 2.0, 2.0, 3.0, 3.0];
+        let node_1 = [10.0, 10.0, 20.0, 20.0, 30.0, 30.0];
+        assert_eq!((batches[0].pairs(), batches[1].pairs()), (3, 3));
+        add_expert_rows(
+            &mut output,
+            2,
+            &[&batches[0], &batches[1]],
+            &[&node_0, &node_1],
+        );
+        assert_eq!(
+            output,
+            vec![1.0 + 2.0 + 20.0, 23.0, 3.0 + 10.0 + 30.0, 43.0]
+        );
     }
 
     #[test]
@@ -138,7 +298,7 @@ mod tests {
         };
         let replicas = vec![vec![0], vec![], vec![]];
         assert_eq!(
-            split_by_node(&routing, &[1.0, 2.0], 1, &replicas, 1),
+            split_by_node(&routing, &[1.0, 2.0], 1, &replicas, &mut picker(1)),
             Err(vec![1, 2])
         );
     }
@@ -151,7 +311,8 @@ mod tests {
             weights: vec![1.0],
             shared_weights: None,
         };
-        let batches = split_by_node(&routing, &[1.0], 1, &[vec![1], vec![0]], 3).unwrap();
+        let batches =
+            split_by_node(&routing, &[1.0], 1, &[vec![1], vec![0]], &mut picker(3)).unwrap();
         assert!(batches[0].tokens.is_empty() && batches[2].tokens.is_empty());
         assert_eq!(batches[1].tokens, vec![0]);
     }

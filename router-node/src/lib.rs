@@ -42,6 +42,9 @@ pub struct RouterConfig {
     pub model_id: String,
     /// Expert nodes and which experts each holds.
     pub placement: PlacementSource,
+    /// This router's topology group (host or rack): among equally busy
+    /// replicas it prefers nodes of its own group. Empty: no preference.
+    pub group: String,
 }
 
 /// Loads the gates, then serves `RouterService` (and gRPC health) on

@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use moemesh_core::checkpoint::Checkpoint;
@@ -14,7 +15,7 @@ use tokio::sync::watch;
 use tonic::{Code, Request, Response, Status};
 use tracing::instrument;
 
-use crate::dispatch::{NodeBatch, add_partials, split_by_node};
+use crate::dispatch::{NodeBatch, ReplicaPicker, add_expert_rows, split_by_node};
 use crate::table::{NodeLink, RoutingTable, follow_coordinators_task};
 use crate::{PlacementSource, RouterConfig, RouterError, RouterResult};
 
@@ -28,6 +29,12 @@ impl NodeLink {
     ) -> RouterResult<(Vec<f32>, u64)> {
         let layer = request.layer;
         let experts: Vec<u32> = request.experts.iter().map(|rows| rows.expert).collect();
+        let pairs: u64 = request
+            .experts
+            .iter()
+            .map(|rows| rows.rows.len() as u64)
+            .sum();
+        let _in_flight = InFlight::count(&self.in_flight, pairs);
         let describe = |status: &Status| {
             format!(
                 "expert node {} ({}) failed layer {layer} experts {experts:?}: {}",
@@ -64,6 +71,26 @@ impl NodeLink {
     }
 }
 
+/// Token-expert pairs counted as outstanding at a node while a call to it
+/// runs, however the call ends.
+struct InFlight<'a> {
+    counter: &'a AtomicU64,
+    pairs: u64,
+}
+
+impl<'a> InFlight<'a> {
+    fn count(counter: &'a AtomicU64, pairs: u64) -> Self {
+        counter.fetch_add(pairs, Ordering::Relaxed);
+        Self { counter, pairs }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.counter.fetch_sub(self.pairs, Ordering::Relaxed);
+    }
+}
+
 /// Gates with at most this many multiply-adds (about 50 µs of work) run
 /// on the async worker that received the request.
 const INLINE_GATING_MACS: usize = 1 << 20;
@@ -71,6 +98,8 @@ const INLINE_GATING_MACS: usize = 1 << 20;
 /// The gRPC face of a router.
 pub struct RouterNodeService {
     model_id: String,
+    /// This router's topology group: replicas there win ties. Empty: none.
+    group: String,
     config: ModelConfig,
     /// The gate of every layer this router serves.
     gates: HashMap<usize, Arc<Gate>>,
@@ -97,7 +126,7 @@ impl RouterNodeService {
             PlacementSource::File(file) => {
                 let placement = Placement::from_file(&file, &config)?;
                 let layers = placement.layers();
-                let table = RoutingTable::new(0, placement, None)?;
+                let table = RoutingTable::new(0, placement, &[], None)?;
                 let (_, table_rx) = watch::channel(Arc::new(table));
                 (layers, table_rx)
             }
@@ -105,8 +134,12 @@ impl RouterNodeService {
                 if coordinators.is_empty() {
                     return Err(RouterError::InvalidArgument("no coordinator given".into()));
                 }
-                let empty =
-                    RoutingTable::new(0, Placement::from_parts(Vec::new(), HashMap::new()), None)?;
+                let empty = RoutingTable::new(
+                    0,
+                    Placement::from_parts(Vec::new(), HashMap::new()),
+                    &[],
+                    None,
+                )?;
                 let (table_tx, mut table_rx) = watch::channel(Arc::new(empty));
                 tokio::spawn(follow_coordinators_task(
                     coordinators,
@@ -141,13 +174,13 @@ impl RouterNodeService {
         tracing::info!(model = %router_config.model_id, layers = gates.len(), epoch = table_rx.borrow().epoch, "router ready");
         Ok(Self {
             model_id: router_config.model_id,
+            group: router_config.group,
             config,
             gates,
             table_rx,
         })
     }
 
-    /// Computes one layer's output for a decoded batch.
     /// Computes layer `layer` for `rows`; returns the output and the
     /// slowest expert node's compute time in microseconds.
     pub async fn forward_rows(&self, layer: usize, rows: Rows) -> RouterResult<(Vec<f32>, u64)> {
@@ -164,12 +197,23 @@ impl RouterNodeService {
         let table = self.table_rx.borrow().clone();
         let routing_table = Arc::clone(&table);
         let gate_macs = rows.values.len() * self.config.num_experts;
+        let mut picker = ReplicaPicker::new(
+            table
+                .links
+                .iter()
+                .map(|link| link.in_flight.load(Ordering::Relaxed))
+                .collect(),
+            table
+                .links
+                .iter()
+                .map(|link| !self.group.is_empty() && link.group == self.group)
+                .collect(),
+        );
         let gate_and_split = move || {
             let routing = gate.route(&rows.values, rows.rows);
-            let node_count = routing_table.links.len();
             let batches = match routing_table.placement.replicas(layer) {
                 Some(replicas) => {
-                    split_by_node(&routing, &rows.values, hidden_size, replicas, node_count)
+                    split_by_node(&routing, &rows.values, hidden_size, replicas, &mut picker)
                 }
                 None => Err(routing.experts.clone()),
             };
@@ -184,7 +228,7 @@ impl RouterNodeService {
                 .await
                 .map_err(|error| RouterError::Internal(format!("gating panicked: {error}")))?
         };
-        let mut batches = batches.map_err(|mut experts| {
+        let batches = batches.map_err(|mut experts| {
             experts.sort_unstable();
             experts.dedup();
             RouterError::Unavailable(format!(
@@ -193,31 +237,28 @@ impl RouterNodeService {
             ))
         })?;
 
-        let calls = table
+        let busy: Vec<(&NodeLink, &NodeBatch)> = table
             .links
             .iter()
-            .zip(&mut batches)
+            .zip(&batches)
             .filter(|(_, batch)| !batch.tokens.is_empty())
-            .map(|(link, batch)| {
-                let request = ComputeRequest {
-                    model: self.model_id.clone(),
-                    layer: layer as u32,
-                    rows: Some(gather_rows(&rows.values, hidden_size, batch)),
-                    experts: batch.take_expert_rows(),
-                };
-                link.clone()
-                    .compute(request, hidden_size, batch.tokens.len())
-            });
-        let partials = futures::future::try_join_all(calls).await?;
+            .collect();
+        let calls = busy.iter().map(|&(link, batch)| {
+            let request = ComputeRequest {
+                model: self.model_id.clone(),
+                layer: layer as u32,
+                rows: Some(gather_rows(&rows.values, hidden_size, batch)),
+                experts: batch.expert_rows(),
+            };
+            link.clone().compute(request, hidden_size, batch.pairs())
+        });
+        let replies = futures::future::try_join_all(calls).await?;
 
-        // Node order is fixed, so every token's sum is added in the same order.
         let mut output = vec![0f32; rows.values.len()];
-        let busy_batches = batches.iter().filter(|batch| !batch.tokens.is_empty());
-        let mut slowest_compute = 0;
-        for (batch, (partial, compute_micros)) in busy_batches.zip(&partials) {
-            add_partials(&mut output, hidden_size, batch, partial);
-            slowest_compute = slowest_compute.max(*compute_micros);
-        }
+        let busy_batches: Vec<&NodeBatch> = busy.iter().map(|&(_, batch)| batch).collect();
+        let reply_rows: Vec<&[f32]> = replies.iter().map(|(rows, _)| rows.as_slice()).collect();
+        add_expert_rows(&mut output, hidden_size, &busy_batches, &reply_rows);
+        let slowest_compute = replies.iter().map(|&(_, micros)| micros).max().unwrap_or(0);
         Ok((output, slowest_compute))
     }
 

@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use moemesh_core::config::ModelConfig;
@@ -24,12 +25,17 @@ use crate::{RouterError, RouterResult};
 #[derive(Clone)]
 pub struct NodeLink {
     pub node: NodeEntry,
+    /// The node's topology group as the coordinators know it; empty when unknown.
+    pub group: String,
     pub client: ExpertServiceClient<Channel>,
+    /// Token-expert pairs sent to the node and not yet answered, by every
+    /// request of this router; kept across placement epochs.
+    pub in_flight: Arc<AtomicU64>,
 }
 
 impl NodeLink {
     /// Opens a channel that connects on first use and reconnects as needed.
-    pub fn connect_lazy(node: NodeEntry) -> RouterResult<Self> {
+    pub fn connect_lazy(node: NodeEntry, group: String) -> RouterResult<Self> {
         let endpoint = Endpoint::from_shared(node.address.clone()).map_err(|error| {
             RouterError::InvalidArgument(format!(
                 "node {} address {:?}: {error}",
@@ -39,7 +45,12 @@ impl NodeLink {
         let client = ExpertServiceClient::new(data_path_endpoint(endpoint).connect_lazy())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        Ok(Self { node, client })
+        Ok(Self {
+            node,
+            group,
+            client,
+            in_flight: Arc::new(AtomicU64::new(0)),
+        })
     }
 }
 
@@ -52,10 +63,12 @@ pub struct RoutingTable {
 }
 
 impl RoutingTable {
-    /// Builds a table, reusing the channels of `previous` for unchanged nodes.
+    /// Builds a table, reusing the channels of `previous` for unchanged
+    /// nodes; `groups` gives each node's topology group (empty: unknown).
     pub fn new(
         epoch: u64,
         placement: Placement,
+        groups: &[String],
         previous: Option<&RoutingTable>,
     ) -> RouterResult<Self> {
         let mut reusable: HashMap<(&str, &str), &NodeLink> = HashMap::new();
@@ -67,12 +80,17 @@ impl RoutingTable {
         let links = placement
             .nodes()
             .iter()
-            .map(
-                |node| match reusable.get(&(node.id.as_str(), node.address.as_str())) {
-                    Some(link) => Ok((*link).clone()),
-                    None => NodeLink::connect_lazy(node.clone()),
-                },
-            )
+            .enumerate()
+            .map(|(index, node)| {
+                let group = groups.get(index).cloned().unwrap_or_default();
+                match reusable.get(&(node.id.as_str(), node.address.as_str())) {
+                    Some(link) => Ok(NodeLink {
+                        group,
+                        ..(*link).clone()
+                    }),
+                    None => NodeLink::connect_lazy(node.clone(), group),
+                }
+            })
             .collect::<RouterResult<_>>()?;
         Ok(Self {
             epoch,
@@ -84,12 +102,20 @@ impl RoutingTable {
 
 /// Turns a published placement into the routable one: live nodes, and per
 /// MoE layer and expert the replicas that are ready (loading ones are not
-/// yet routable; draining ones take no new requests).
-pub fn placement_from_snapshot(snapshot: &PlacementSnapshot, config: &ModelConfig) -> Placement {
-    let nodes: Vec<NodeEntry> = snapshot
+/// yet routable; draining ones take no new requests). Also returns each
+/// node's topology group.
+pub fn placement_from_snapshot(
+    snapshot: &PlacementSnapshot,
+    config: &ModelConfig,
+) -> (Placement, Vec<String>) {
+    let live: Vec<_> = snapshot
         .nodes
         .iter()
         .filter(|node| node.status != "dead")
+        .collect();
+    let groups = live.iter().map(|node| node.group.clone()).collect();
+    let nodes: Vec<NodeEntry> = live
+        .iter()
         .map(|node| NodeEntry {
             id: node.id.clone(),
             address: node.address.clone(),
@@ -124,7 +150,7 @@ pub fn placement_from_snapshot(snapshot: &PlacementSnapshot, config: &ModelConfi
         // Replica order must not depend on publication order: it picks nodes for tokens.
         replicas.sort_unstable();
     }
-    Placement::from_parts(nodes, layers)
+    (Placement::from_parts(nodes, layers), groups)
 }
 
 /// Follows the coordinators' placement of `model_id` forever, publishing a
@@ -160,8 +186,8 @@ pub async fn follow_coordinators_task(
                     // A lagging coordinator: never go back to an older epoch.
                     continue;
                 }
-                let placement = placement_from_snapshot(&snapshot, &config);
-                match RoutingTable::new(snapshot.epoch, placement, Some(&current)) {
+                let (placement, groups) = placement_from_snapshot(&snapshot, &config);
+                match RoutingTable::new(snapshot.epoch, placement, &groups, Some(&current)) {
                     Ok(table) => {
                         tracing::info!(
                             epoch = table.epoch,

@@ -162,6 +162,7 @@ impl ClusterSandbox {
             model_dir: model_dir.to_path_buf(),
             model_id: "test-model".into(),
             placement: PlacementSource::File(placement_file),
+            group: String::new(),
         };
         let shutdown = wait_for_shutdown(shutdown_tx.subscribe());
         servers.spawn(async move {
@@ -479,6 +480,7 @@ impl ManagedCluster {
             model_dir: model_dir.to_path_buf(),
             model_id: "test-model".into(),
             placement: PlacementSource::Coordinators(coordinator_urls),
+            group: String::new(),
         };
         let service = moemesh_router_node::load(router_config)
             .await

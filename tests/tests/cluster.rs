@@ -306,14 +306,18 @@ async fn expert_nodes_refuse_malformed_work_and_report_their_load() {
         .compute(request(vec![work(expert, vec![0, 2], vec![0.5, 1.0])]))
         .await
         .unwrap();
+    // One answer row per assigned row: rows 0 and 2, weighted 0.5 and 1.0.
     let output = decode_rows(reply.into_inner().output.as_ref(), hidden).unwrap();
-    assert_eq!(output.rows, 3);
-    assert!(
-        output.values[hidden..2 * hidden]
-            .iter()
-            .all(|&value| value == 0.0),
-        "row 1 was not assigned"
-    );
+    assert_eq!(output.rows, 2);
+    let doubled = expert_client
+        .compute(request(vec![work(expert, vec![0, 2], vec![1.0, 1.0])]))
+        .await
+        .unwrap();
+    let doubled = decode_rows(doubled.into_inner().output.as_ref(), hidden).unwrap();
+    assert_eq!(&output.values[hidden..], &doubled.values[hidden..]);
+    for (half, full) in output.values[..hidden].iter().zip(&doubled.values[..hidden]) {
+        assert_eq!(*half, full * 0.5);
+    }
     let info = expert_client
         .info(InfoRequest {})
         .await
@@ -326,7 +330,7 @@ async fn expert_nodes_refuse_malformed_work_and_report_their_load() {
         .iter()
         .find(|entry| (entry.layer as usize, entry.expert) == (layer, expert))
         .unwrap();
-    assert_eq!(load.tokens, 2);
+    assert_eq!(load.tokens, 4);
     assert!(info.weight_bytes > 0);
     cluster.shutdown().await;
 }
