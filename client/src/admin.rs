@@ -3,8 +3,9 @@
 use moemesh_proto::AdminServiceClient;
 use moemesh_proto::v1::{
     AddReplicaRequest, AddReplicaResponse, ClusterStatusRequest, ClusterStatusResponse,
-    DrainNodeRequest, DrainNodeResponse, LoadModelRequest, LoadModelResponse, MoveReplicaRequest,
-    MoveReplicaResponse, ShowPlacementRequest, ShowPlacementResponse,
+    DrainNodeRequest, DrainNodeResponse, LoadModelRequest, LoadModelResponse, LoadStatsRequest,
+    LoadStatsResponse, MoveReplicaRequest, MoveReplicaResponse, ShowPlacementRequest,
+    ShowPlacementResponse,
 };
 use tonic::transport::{Channel, Endpoint};
 
@@ -41,6 +42,15 @@ impl AdminClient {
             .cluster_status(ClusterStatusRequest {})
             .await?
             .into_inner())
+    }
+
+    /// Returns the load window of `model` (empty: the only model): tokens
+    /// per layer and expert, and each expert node's recent work.
+    pub async fn load_stats(&mut self, model: &str) -> Result<LoadStatsResponse, ClientError> {
+        let request = LoadStatsRequest {
+            model: model.to_string(),
+        };
+        Ok(self.admin.load_stats(request).await?.into_inner())
     }
 
     /// Returns the placement, optionally of one model and one layer.

@@ -11,10 +11,11 @@ use moemesh_core::placement::{NodeCapacity, initial_assignment};
 use moemesh_proto::v1::{
     AddReplicaRequest, AddReplicaResponse, ClusterStatusRequest, ClusterStatusResponse,
     CoordinatorStatus, DrainNodeRequest, DrainNodeResponse, ExpertPlacement, HeartbeatRequest,
-    HeartbeatResponse, LoadModelRequest, LoadModelResponse, MoveReplicaRequest,
-    MoveReplicaResponse, NodeInfo, PeerStatusRequest, PlacementSnapshot, RaftAck, RaftBatch,
-    RegisterNodeRequest, RegisterNodeResponse, ReplicaInfo, ReportReplicaReadyRequest,
-    ReportReplicaReadyResponse, ShowPlacementRequest, ShowPlacementResponse, WatchPlacementRequest,
+    HeartbeatResponse, LoadModelRequest, LoadModelResponse, LoadStatsRequest, LoadStatsResponse,
+    MoveReplicaRequest, MoveReplicaResponse, NodeInfo, PeerStatusRequest, PlacementSnapshot,
+    RaftAck, RaftBatch, RegisterNodeRequest, RegisterNodeResponse, ReplicaInfo, ReportLoadRequest,
+    ReportLoadResponse, ReportReplicaReadyRequest, ReportReplicaReadyResponse,
+    ShowPlacementRequest, ShowPlacementResponse, WatchPlacementRequest,
 };
 use moemesh_proto::{
     AdminServiceClient, AdminServiceServer, CoordinatorPeerServiceClient,
@@ -28,6 +29,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
+use crate::load::LoadTracker;
 use crate::membership::{self, Membership};
 use crate::node::{RaftHandle, RaftNode, RaftNodeConfig, RaftStatus};
 use crate::state::{
@@ -52,16 +54,20 @@ pub struct CoordinatorConfig {
     pub dead_after: Duration,
     /// How long a drained replica stays before removal during a move.
     pub drain_grace: Duration,
+    /// How far back the load statistics reach.
+    pub load_window: Duration,
 }
 
 impl CoordinatorConfig {
-    /// Defaults: nodes are dead after 5 s of silence; moves drain for 2 s.
+    /// Defaults: nodes are dead after 5 s of silence; moves drain for 2 s;
+    /// load statistics cover a minute.
     pub fn new(raft: RaftNodeConfig, peers: BTreeMap<u64, String>) -> Self {
         Self {
             raft,
             peers,
             dead_after: Duration::from_secs(5),
             drain_grace: membership::DRAIN_GRACE,
+            load_window: Duration::from_secs(60),
         }
     }
 }
@@ -153,6 +159,8 @@ pub struct CoordinatorService {
     peer_admin: BTreeMap<u64, AdminServiceClient<Channel>>,
     /// How long a drained replica stays before removal during a move.
     drain_grace: Duration,
+    /// What routers and expert nodes report of their load.
+    load: Arc<LoadTracker>,
     /// Turns true when the server shuts down, ending placement streams,
     /// which would otherwise hold the graceful shutdown open forever.
     streams_closing: Arc<watch::Sender<bool>>,
@@ -229,7 +237,38 @@ fn describe_model(model: String, checkpoint: &str) -> Result<(ModelConfig, Model
     Ok((config, record))
 }
 
+/// The model `requested` names; empty names the only model loaded.
+fn resolve_model(state: &ClusterState, requested: &str) -> Result<String, Status> {
+    if !requested.is_empty() {
+        return if state.models.contains_key(requested) {
+            Ok(requested.to_string())
+        } else {
+            Err(Status::not_found(format!(
+                "no model {requested:?}; loaded: {:?}",
+                state.models.keys().collect::<Vec<_>>()
+            )))
+        };
+    }
+    match state.models.keys().collect::<Vec<_>>()[..] {
+        [only] => Ok(only.clone()),
+        [] => Err(Status::failed_precondition("no model is loaded")),
+        ref several => Err(Status::invalid_argument(format!(
+            "several models are loaded ({several:?}); name one"
+        ))),
+    }
+}
+
 impl CoordinatorService {
+    /// A client of the leader when it is another coordinator; None when
+    /// this coordinator leads or no leader is known.
+    async fn leader_if_not_self(&self) -> Result<Option<AdminServiceClient<Channel>>, Status> {
+        let status = self.node.status().await?;
+        Ok(status
+            .leader_id
+            .filter(|&leader| leader != self.id)
+            .and_then(|leader| self.peer_admin.get(&leader).cloned()))
+    }
+
     async fn propose(&self, request_id: String, command: Command) -> Result<u64, Status> {
         match self
             .node
@@ -446,16 +485,56 @@ impl moemesh_proto::AdminService for CoordinatorService {
         &self,
         request: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatResponse>, Status> {
-        let node = request.into_inner().node;
-        self.membership.heard_from(&node);
+        let heartbeat = request.into_inner();
+        self.membership.heard_from(&heartbeat.node);
+        self.load.record_node(
+            &heartbeat.node,
+            heartbeat.queue_depth,
+            heartbeat.busy_micros,
+            heartbeat.pairs,
+        );
         // Only the leader acts on heartbeats: hand it this one.
-        let status = self.node.status().await?;
-        if let Some(leader) = status.leader_id.filter(|&leader| leader != self.id)
-            && let Some(client) = self.peer_admin.get(&leader)
-        {
-            let _ = client.clone().heartbeat(HeartbeatRequest { node }).await;
+        if let Some(mut client) = self.leader_if_not_self().await? {
+            let _ = client.heartbeat(heartbeat).await;
         }
         Ok(Response::new(HeartbeatResponse {}))
+    }
+
+    async fn report_load(
+        &self,
+        request: Request<ReportLoadRequest>,
+    ) -> Result<Response<ReportLoadResponse>, Status> {
+        let report = request.into_inner();
+        self.load
+            .record_router(&report.model, &report.router, &report.layers);
+        // The leader's window is the one the rebalancer plans with.
+        if let Some(mut client) = self.leader_if_not_self().await? {
+            let _ = client.report_load(report).await;
+        }
+        Ok(Response::new(ReportLoadResponse {}))
+    }
+
+    async fn load_stats(
+        &self,
+        request: Request<LoadStatsRequest>,
+    ) -> Result<Response<LoadStatsResponse>, Status> {
+        let request = request.into_inner();
+        // The leader hears every report; ask it, and answer from here only
+        // when it cannot be reached.
+        if let Some(mut client) = self.leader_if_not_self().await?
+            && let Ok(reply) = client.load_stats(request.clone()).await
+        {
+            return Ok(reply);
+        }
+        let state = self.current_state().await?;
+        let model = resolve_model(&state, &request.model)?;
+        let (window_seconds, layers) = self.load.layer_loads(&model);
+        Ok(Response::new(LoadStatsResponse {
+            model,
+            window_seconds,
+            layers,
+            nodes: self.load.node_loads(),
+        }))
     }
 
     #[instrument(skip_all, fields(expert = request.get_ref().expert, from = %request.get_ref().from_node, to = %request.get_ref().to_node))]
@@ -768,6 +847,7 @@ impl Coordinator {
             membership,
             peer_admin,
             drain_grace: config.drain_grace,
+            load: Arc::new(LoadTracker::new(config.load_window)),
         };
         Ok(Self { service })
     }

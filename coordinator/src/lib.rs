@@ -11,6 +11,7 @@
 
 mod error;
 pub mod grpc;
+pub mod load;
 pub mod membership;
 pub mod node;
 pub mod state;

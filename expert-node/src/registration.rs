@@ -102,7 +102,7 @@ fn process_nonce() -> u64 {
 
 /// Sends a heartbeat every interval, forever, moving to another coordinator
 /// when one stops answering.
-pub async fn heartbeat_task(registration: Registration) {
+pub async fn heartbeat_task(registration: Registration, service: ExpertNodeService) {
     let mut next = 0;
     let mut client = None;
     let mut interval = tokio::time::interval(registration.heartbeat_interval);
@@ -116,8 +116,12 @@ pub async fn heartbeat_task(registration: Registration) {
         let Some(connected) = client.as_mut() else {
             continue;
         };
+        let (queue_depth, busy_micros, pairs) = service.work_counters();
         let request = HeartbeatRequest {
             node: registration.node_id.clone(),
+            queue_depth,
+            busy_micros,
+            pairs,
         };
         if tokio::time::timeout(
             registration.heartbeat_interval,

@@ -115,6 +115,18 @@ impl ExpertNodeService {
         Ok(())
     }
 
+    /// Jobs waiting now, and cumulative compute microseconds and
+    /// token-expert pairs: what heartbeats report.
+    pub fn work_counters(&self) -> (u64, u64, u64) {
+        let worker = &self.inner.worker;
+        let stats = worker.stats();
+        (
+            worker.queue_depth() as u64,
+            stats.busy_micros.load(Ordering::Relaxed),
+            stats.pairs.load(Ordering::Relaxed),
+        )
+    }
+
     /// Returns the experts this node serves, per layer.
     pub fn serving(&self) -> Vec<LayerExperts> {
         self.inner

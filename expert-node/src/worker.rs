@@ -75,6 +75,10 @@ pub struct WorkerStats {
     pub cancelled_jobs: AtomicU64,
     /// Jobs computed.
     pub completed_jobs: AtomicU64,
+    /// Microseconds spent computing jobs.
+    pub busy_micros: AtomicU64,
+    /// Token-expert pairs computed.
+    pub pairs: AtomicU64,
     /// Bytes of resident expert weights.
     pub weight_bytes: AtomicU64,
 }
@@ -180,7 +184,13 @@ impl DeviceWorker {
                         output,
                         compute_time: started.elapsed(),
                     });
+                    let elapsed = started.elapsed();
                     let _ = reply_tx.send(result);
+                    let pairs: usize = job.assignments.iter().map(|a| a.rows.len()).sum();
+                    self.stats.pairs.fetch_add(pairs as u64, Ordering::Relaxed);
+                    self.stats
+                        .busy_micros
+                        .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
                     self.stats.completed_jobs.fetch_add(1, Ordering::Relaxed);
                 }
                 WorkerCommand::AddExpert {
@@ -348,6 +358,11 @@ impl DeviceWorkerHandle {
     /// Returns the experts held now.
     pub fn held(&self) -> Arc<HeldExperts> {
         self.held_rx.borrow().clone()
+    }
+
+    /// Jobs waiting in the queue now.
+    pub fn queue_depth(&self) -> usize {
+        self.command_tx.max_capacity() - self.command_tx.capacity()
     }
 
     /// Returns the worker's counters.

@@ -239,7 +239,7 @@ pub async fn run_expert(args: ExpertArgs) -> anyhow::Result<()> {
             heartbeat_interval: Duration::from_millis(args.heartbeat_ms.max(10)),
         };
         // Heartbeats start first: registering many experts can take a while.
-        tokio::spawn(heartbeat_task(registration.clone()));
+        tokio::spawn(heartbeat_task(registration.clone(), service.clone()));
         let epoch = register(&service, &registration, Duration::from_secs(60))
             .await
             .map_err(|error| {

@@ -10,6 +10,7 @@
 
 pub mod dispatch;
 mod error;
+pub mod load;
 pub mod service;
 pub mod table;
 

@@ -16,6 +16,7 @@ use tonic::{Code, Request, Response, Status};
 use tracing::instrument;
 
 use crate::dispatch::{NodeBatch, ReplicaPicker, add_expert_rows, split_by_node};
+use crate::load::{LoadCounters, report_load_task, router_id};
 use crate::table::{NodeLink, RoutingTable, follow_coordinators_task};
 use crate::{PlacementSource, RouterConfig, RouterError, RouterResult};
 
@@ -106,6 +107,8 @@ pub struct RouterNodeService {
     /// The current routing table; a placement file sets it once, the
     /// coordinators' placement stream replaces it at every epoch.
     table_rx: watch::Receiver<Arc<RoutingTable>>,
+    /// Tokens sent to each expert, reported to the coordinators.
+    load: Arc<LoadCounters>,
 }
 
 /// How long a router waits for the coordinators' first placement.
@@ -122,6 +125,10 @@ impl RouterNodeService {
                 RouterError::Internal(format!("checkpoint loading panicked: {error}"))
             })??;
         let config = checkpoint.config().clone();
+        let load = Arc::new(LoadCounters::new(
+            &config.moe_layers(),
+            config.experts_per_layer(),
+        ));
         let (layers, table_rx) = match router_config.placement {
             PlacementSource::File(file) => {
                 let placement = Placement::from_file(&file, &config)?;
@@ -141,6 +148,12 @@ impl RouterNodeService {
                     None,
                 )?;
                 let (table_tx, mut table_rx) = watch::channel(Arc::new(empty));
+                tokio::spawn(report_load_task(
+                    coordinators.clone(),
+                    router_config.model_id.clone(),
+                    router_id(),
+                    Arc::downgrade(&load),
+                ));
                 tokio::spawn(follow_coordinators_task(
                     coordinators,
                     router_config.model_id.clone(),
@@ -178,6 +191,7 @@ impl RouterNodeService {
             config,
             gates,
             table_rx,
+            load,
         })
     }
 
@@ -209,8 +223,10 @@ impl RouterNodeService {
                 .map(|link| !self.group.is_empty() && link.group == self.group)
                 .collect(),
         );
+        let load = Arc::clone(&self.load);
         let gate_and_split = move || {
             let routing = gate.route(&rows.values, rows.rows);
+            load.count(layer, &routing);
             let batches = match routing_table.placement.replicas(layer) {
                 Some(replicas) => {
                     split_by_node(&routing, &rows.values, hidden_size, replicas, &mut picker)

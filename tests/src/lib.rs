@@ -445,7 +445,7 @@ impl ManagedCluster {
                 checkpoint: model_dir.to_string_lossy().into_owned(),
                 heartbeat_interval: Duration::from_millis(200),
             };
-            let heartbeats = tokio::spawn(heartbeat_task(registration.clone()));
+            let heartbeats = tokio::spawn(heartbeat_task(registration.clone(), service.clone()));
             let epoch = register(&service, &registration, Duration::from_secs(60))
                 .await
                 .expect("node registers");

@@ -315,7 +315,10 @@ async fn expert_nodes_refuse_malformed_work_and_report_their_load() {
         .unwrap();
     let doubled = decode_rows(doubled.into_inner().output.as_ref(), hidden).unwrap();
     assert_eq!(&output.values[hidden..], &doubled.values[hidden..]);
-    for (half, full) in output.values[..hidden].iter().zip(&doubled.values[..hidden]) {
+    for (half, full) in output.values[..hidden]
+        .iter()
+        .zip(&doubled.values[..hidden])
+    {
         assert_eq!(*half, full * 0.5);
     }
     let info = expert_client
