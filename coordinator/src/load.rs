@@ -17,6 +17,9 @@ use moemesh_proto::v1::{LayerLoad, NodeLoad};
 /// One router's cumulative counts at one moment: per layer, per expert.
 type Counts = BTreeMap<u32, Vec<u64>>;
 
+/// A router's samples, oldest first.
+type RouterSamples = VecDeque<(Instant, Counts)>;
+
 /// Cumulative work counters of one expert node at one moment.
 #[derive(Debug, Clone, Copy)]
 struct NodeSample {
@@ -35,7 +38,7 @@ struct NodeSamples {
 pub struct LoadTracker {
     window: Duration,
     /// Per (model, router): samples, oldest first.
-    routers: Mutex<HashMap<(String, String), VecDeque<(Instant, Counts)>>>,
+    routers: Mutex<HashMap<(String, String), RouterSamples>>,
     nodes: Mutex<HashMap<String, NodeSamples>>,
 }
 
