@@ -4,8 +4,8 @@ use moemesh_proto::AdminServiceClient;
 use moemesh_proto::v1::{
     AddReplicaRequest, AddReplicaResponse, ClusterStatusRequest, ClusterStatusResponse,
     DrainNodeRequest, DrainNodeResponse, LoadModelRequest, LoadModelResponse, LoadStatsRequest,
-    LoadStatsResponse, MoveReplicaRequest, MoveReplicaResponse, ShowPlacementRequest,
-    ShowPlacementResponse,
+    LoadStatsResponse, MoveReplicaRequest, MoveReplicaResponse, RebalanceRequest,
+    RebalanceResponse, ShowPlacementRequest, ShowPlacementResponse,
 };
 use tonic::transport::{Channel, Endpoint};
 
@@ -51,6 +51,20 @@ impl AdminClient {
             model: model.to_string(),
         };
         Ok(self.admin.load_stats(request).await?.into_inner())
+    }
+
+    /// Plans every MoE layer of `model` from the load window and, unless
+    /// `dry_run`, carries the plan out; returns what it planned and did.
+    pub async fn rebalance(
+        &mut self,
+        model: &str,
+        dry_run: bool,
+    ) -> Result<RebalanceResponse, ClientError> {
+        let request = RebalanceRequest {
+            model: model.to_string(),
+            dry_run,
+        };
+        Ok(self.admin.rebalance(request).await?.into_inner())
     }
 
     /// Returns the placement, optionally of one model and one layer.

@@ -11,9 +11,10 @@ use moemesh_core::placement::{NodeCapacity, initial_assignment};
 use moemesh_proto::v1::{
     AddReplicaRequest, AddReplicaResponse, ClusterStatusRequest, ClusterStatusResponse,
     CoordinatorStatus, DrainNodeRequest, DrainNodeResponse, ExpertPlacement, HeartbeatRequest,
-    HeartbeatResponse, LoadModelRequest, LoadModelResponse, LoadStatsRequest, LoadStatsResponse,
-    MoveReplicaRequest, MoveReplicaResponse, NodeInfo, PeerStatusRequest, PlacementSnapshot,
-    RaftAck, RaftBatch, RegisterNodeRequest, RegisterNodeResponse, ReplicaInfo, ReportLoadRequest,
+    HeartbeatResponse, LayerRebalance, LoadModelRequest, LoadModelResponse, LoadStatsRequest,
+    LoadStatsResponse, MoveReplicaRequest, MoveReplicaResponse, NodeInfo, PeerStatusRequest,
+    PlacementSnapshot, RaftAck, RaftBatch, RebalanceRequest, RebalanceResponse,
+    RegisterNodeRequest, RegisterNodeResponse, ReplicaInfo, ReplicaMove, ReportLoadRequest,
     ReportLoadResponse, ReportReplicaReadyRequest, ReportReplicaReadyResponse,
     ShowPlacementRequest, ShowPlacementResponse, WatchPlacementRequest,
 };
@@ -32,6 +33,7 @@ use tracing::instrument;
 use crate::load::LoadTracker;
 use crate::membership::{self, Membership};
 use crate::node::{RaftHandle, RaftNode, RaftNodeConfig, RaftStatus};
+use crate::rebalance::{self, RebalanceCounters, RebalanceOptions, RebalanceOutcome};
 use crate::state::{
     ClusterState, Command, ExpertKey, ModelRecord, NodeRecord, NodeStatus, Outcome, Proposal,
     ReplicaState,
@@ -56,6 +58,10 @@ pub struct CoordinatorConfig {
     pub drain_grace: Duration,
     /// How far back the load statistics reach.
     pub load_window: Duration,
+    /// How the rebalancer plans and moves.
+    pub rebalance: RebalanceOptions,
+    /// Rebalance every model this often on the leader; None: only on request.
+    pub rebalance_interval: Option<Duration>,
 }
 
 impl CoordinatorConfig {
@@ -68,6 +74,8 @@ impl CoordinatorConfig {
             dead_after: Duration::from_secs(5),
             drain_grace: membership::DRAIN_GRACE,
             load_window: Duration::from_secs(60),
+            rebalance: RebalanceOptions::default(),
+            rebalance_interval: None,
         }
     }
 }
@@ -161,6 +169,7 @@ pub struct CoordinatorService {
     drain_grace: Duration,
     /// What routers and expert nodes report of their load.
     load: Arc<LoadTracker>,
+    rebalancer: Rebalancer,
     /// Turns true when the server shuts down, ending placement streams,
     /// which would otherwise hold the graceful shutdown open forever.
     streams_closing: Arc<watch::Sender<bool>>,
@@ -235,6 +244,70 @@ fn describe_model(model: String, checkpoint: &str) -> Result<(ModelConfig, Model
         experts_per_layer: config.experts_per_layer(),
     };
     Ok((config, record))
+}
+
+/// What a rebalance needs, cloneable into the periodic task.
+#[derive(Clone)]
+struct Rebalancer {
+    raft: RaftHandle,
+    load: Arc<LoadTracker>,
+    options: RebalanceOptions,
+    counters: Arc<RebalanceCounters>,
+    /// Held while a rebalance runs: one at a time.
+    running: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Rebalancer {
+    async fn rebalance_model(
+        &self,
+        model: &str,
+        dry_run: bool,
+    ) -> CoordinatorResult<RebalanceOutcome> {
+        let _one_at_a_time = self.running.lock().await;
+        rebalance::rebalance(
+            &self.raft,
+            &self.load,
+            model,
+            &self.options,
+            dry_run,
+            &self.counters,
+        )
+        .await
+    }
+}
+
+/// On the leader, rebalances every model each `interval`.
+async fn periodic_rebalance_task(rebalancer: Rebalancer, interval: Duration) {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.tick().await;
+    loop {
+        ticks.tick().await;
+        let Ok(status) = rebalancer.raft.status().await else {
+            return;
+        };
+        if status.leader_id != Some(status.id) {
+            continue;
+        }
+        let Ok(state) = rebalancer.raft.read().await else {
+            continue;
+        };
+        for model in state.models.keys() {
+            match rebalancer.rebalance_model(model, false).await {
+                Ok(outcome) => tracing::info!(
+                    model,
+                    layers_changed = outcome
+                        .layers
+                        .iter()
+                        .filter(|layer| !layer.added.is_empty() || !layer.removed.is_empty())
+                        .count(),
+                    moves_done = outcome.moves_done,
+                    moves_failed = outcome.moves_failed,
+                    "periodic rebalance"
+                ),
+                Err(error) => tracing::warn!(model, %error, "periodic rebalance failed"),
+            }
+        }
+    }
 }
 
 /// The model `requested` names; empty names the only model loaded.
@@ -537,6 +610,52 @@ impl moemesh_proto::AdminService for CoordinatorService {
         }))
     }
 
+    async fn rebalance(
+        &self,
+        request: Request<RebalanceRequest>,
+    ) -> Result<Response<RebalanceResponse>, Status> {
+        let request = request.into_inner();
+        // The leader holds the load window and carries out moves.
+        if let Some(mut client) = self.leader_if_not_self().await? {
+            return client.rebalance(request).await;
+        }
+        let state = self.current_state().await?;
+        let model = resolve_model(&state, &request.model)?;
+        let outcome = self
+            .rebalancer
+            .rebalance_model(&model, request.dry_run)
+            .await
+            .map_err(Status::from)?;
+        let moves = |moves: &[(String, u32)]| {
+            moves
+                .iter()
+                .map(|(node, expert)| ReplicaMove {
+                    expert: *expert,
+                    node: node.clone(),
+                })
+                .collect()
+        };
+        Ok(Response::new(RebalanceResponse {
+            model,
+            window_seconds: outcome.window_seconds,
+            layers: outcome
+                .layers
+                .iter()
+                .map(|layer| LayerRebalance {
+                    layer: layer.layer as u32,
+                    max_over_mean_before: layer.before,
+                    max_over_mean_after: layer.after,
+                    added: moves(&layer.added),
+                    removed: moves(&layer.removed),
+                })
+                .collect(),
+            dry_run: request.dry_run,
+            moves_done: outcome.moves_done,
+            moves_failed: outcome.moves_failed,
+            errors: outcome.errors,
+        }))
+    }
+
     #[instrument(skip_all, fields(expert = request.get_ref().expert, from = %request.get_ref().from_node, to = %request.get_ref().to_node))]
     async fn move_replica(
         &self,
@@ -626,6 +745,21 @@ impl moemesh_proto::AdminService for CoordinatorService {
             epoch: state.epoch,
             nodes: state.nodes.values().map(node_info).collect(),
             models: state.models.keys().cloned().collect(),
+            rebalance_runs: self
+                .rebalancer
+                .counters
+                .runs
+                .load(std::sync::atomic::Ordering::Relaxed),
+            rebalance_moves_done: self
+                .rebalancer
+                .counters
+                .moves_done
+                .load(std::sync::atomic::Ordering::Relaxed),
+            rebalance_moves_failed: self
+                .rebalancer
+                .counters
+                .moves_failed
+                .load(std::sync::atomic::Ordering::Relaxed),
         }))
     }
 
@@ -839,6 +973,17 @@ impl Coordinator {
                 .timeout(PEER_TIMEOUT);
             peer_admin.insert(peer, AdminServiceClient::new(endpoint.connect_lazy()));
         }
+        let load = Arc::new(LoadTracker::new(config.load_window));
+        let rebalancer = Rebalancer {
+            raft: node.clone(),
+            load: Arc::clone(&load),
+            options: RebalanceOptions {
+                drain_grace: config.drain_grace,
+                ..config.rebalance
+            },
+            counters: Arc::new(RebalanceCounters::default()),
+            running: Arc::new(tokio::sync::Mutex::new(())),
+        };
         let service = CoordinatorService {
             streams_closing: Arc::new(watch::channel(false).0),
             id,
@@ -847,8 +992,12 @@ impl Coordinator {
             membership,
             peer_admin,
             drain_grace: config.drain_grace,
-            load: Arc::new(LoadTracker::new(config.load_window)),
+            load: Arc::clone(&load),
+            rebalancer: rebalancer.clone(),
         };
+        if let Some(interval) = config.rebalance_interval {
+            tokio::spawn(periodic_rebalance_task(rebalancer, interval));
+        }
         Ok(Self { service })
     }
 

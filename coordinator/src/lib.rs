@@ -14,6 +14,7 @@ pub mod grpc;
 pub mod load;
 pub mod membership;
 pub mod node;
+pub mod rebalance;
 pub mod state;
 pub mod storage;
 pub mod transport;

@@ -39,6 +39,9 @@ pub struct PlanOptions {
     /// routing a token visits few groups, so a group kept on few nodes
     /// means few nodes per token.
     pub routing_groups: Option<usize>,
+    /// At most this many replicas beyond one per expert; None fills the
+    /// slots.
+    pub max_extra_replicas: Option<usize>,
 }
 
 impl Default for PlanOptions {
@@ -46,6 +49,7 @@ impl Default for PlanOptions {
         Self {
             threshold: 0.05,
             routing_groups: None,
+            max_extra_replicas: None,
         }
     }
 }
@@ -225,7 +229,10 @@ pub fn plan_layer(
         return Ok(unchanged(current, before));
     }
 
-    let replicas = replica_counts(loads, nodes, total_slots);
+    let budget = options
+        .max_extra_replicas
+        .map_or(total_slots, |extra| total_slots.min(experts + extra));
+    let replicas = replica_counts(loads, nodes, budget);
     let assignment = pack(loads, &replicas, nodes, current, options);
     let after = max_over_mean(loads, &assignment);
     if let (Some(current), Some(before)) = (current, current_max_over_mean)
@@ -519,6 +526,14 @@ mod tests {
         assert_eq!(replicas(0), 4);
         assert_eq!(replicas(63), 1);
         assert!(plan.moves());
+        // A budget of extra replicas caps the copies.
+        let capped = PlanOptions {
+            max_extra_replicas: Some(4),
+            ..PlanOptions::default()
+        };
+        let plan = plan_layer(&loads, &cluster, Some(&round_robin), &capped).unwrap();
+        assert_eq!(plan.nodes.iter().map(Vec::len).sum::<usize>(), 68);
+        check_assignment(64, &cluster, &plan.nodes).unwrap();
     }
 
     #[test]
@@ -621,7 +636,7 @@ mod tests {
             (loads, cluster, threshold) in layer_case(),
             seed in any::<u64>(),
         ) {
-            let options = PlanOptions { threshold, routing_groups: None };
+            let options = PlanOptions { threshold, ..PlanOptions::default() };
             let fresh = plan_layer(&loads, &cluster, None, &options).unwrap();
             prop_assert!(check_assignment(loads.len(), &cluster, &fresh.nodes).is_ok(),
                 "{:?}", check_assignment(loads.len(), &cluster, &fresh.nodes));

@@ -102,6 +102,16 @@ pub struct CoordinatorArgs {
     /// and its experts are placed elsewhere.
     #[arg(long, env = "MOEMESH_DEAD_AFTER_MS", default_value_t = 5000)]
     dead_after_ms: u64,
+    /// Seconds of load statistics the rebalancer plans from.
+    #[arg(long, env = "MOEMESH_LOAD_WINDOW_S", default_value_t = 60)]
+    load_window_s: u64,
+    /// Rebalance every model this often (seconds) on the leader; 0 only
+    /// on request (`moectl placement rebalance`).
+    #[arg(long, env = "MOEMESH_REBALANCE_INTERVAL_S", default_value_t = 0)]
+    rebalance_interval_s: u64,
+    /// The least gain in max/mean node load worth moving experts for.
+    #[arg(long, env = "MOEMESH_REBALANCE_THRESHOLD", default_value_t = 0.05)]
+    rebalance_threshold: f64,
     /// Exit when standard input closes (used by `moemesh up` for its children).
     #[arg(long, hide = true)]
     exit_with_parent: bool,
@@ -292,6 +302,10 @@ pub async fn run_coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     raft.tick_interval = Duration::from_millis(args.tick_ms.max(1));
     let mut config = CoordinatorConfig::new(raft, peers);
     config.dead_after = Duration::from_millis(args.dead_after_ms);
+    config.load_window = Duration::from_secs(args.load_window_s.max(1));
+    config.rebalance.threshold = args.rebalance_threshold;
+    config.rebalance_interval =
+        (args.rebalance_interval_s > 0).then(|| Duration::from_secs(args.rebalance_interval_s));
     let coordinator = Coordinator::start(config)?;
     println!("{READY_LINE_PREFIX}{url}");
     tracing::info!(%url, id = args.id, "coordinator serving");

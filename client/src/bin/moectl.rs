@@ -150,6 +150,21 @@ enum PlacementCommand {
     /// Plans a balanced placement offline from recorded expert loads: how
     /// many replicas each expert gets and which node holds each.
     Plan(PlanArgs),
+    /// Plans from the live load window and moves replicas to follow it,
+    /// without pausing serving (--dry-run: only show the plan).
+    Rebalance(RebalanceArgs),
+}
+
+#[derive(clap::Args)]
+struct RebalanceArgs {
+    #[command(flatten)]
+    admin: AdminArgs,
+    /// Model id; defaults to the only model.
+    #[arg(long, default_value = "")]
+    model: String,
+    /// Show the plan without moving anything.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 #[derive(clap::Args)]
@@ -246,6 +261,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Placement(PlacementCommand::Move(args)) => move_replica(args).await,
         Command::Placement(PlacementCommand::Replicate(args)) => replicate(args).await,
         Command::Placement(PlacementCommand::Plan(args)) => plan(args),
+        Command::Placement(PlacementCommand::Rebalance(args)) => rebalance(args).await,
         Command::Top(args) => top(args).await,
         Command::Stats(StatsCommand::Export(args)) => export_stats(args).await,
         Command::Node(NodeCommand::Drain(args)) => drain_node(args).await,
@@ -290,6 +306,11 @@ async fn cluster_status(args: AdminArgs) -> anyhow::Result<()> {
             "term": status.term,
             "epoch": status.epoch,
             "models": status.models,
+            "rebalance": {
+                "runs": status.rebalance_runs,
+                "moves_done": status.rebalance_moves_done,
+                "moves_failed": status.rebalance_moves_failed,
+            },
             "coordinators": status.coordinators.iter().map(|c| json!({
                 "id": c.id, "address": c.address, "role": c.role, "term": c.term,
                 "leader_id": c.leader_id, "commit_index": c.commit_index, "applied_index": c.applied_index,
@@ -312,6 +333,10 @@ async fn cluster_status(args: AdminArgs) -> anyhow::Result<()> {
         status.term,
         status.epoch,
         status.models.join(", ")
+    );
+    println!(
+        "rebalances on this coordinator: {} runs, {} replica moves done, {} failed",
+        status.rebalance_runs, status.rebalance_moves_done, status.rebalance_moves_failed
     );
     println!();
     println!(
@@ -699,4 +724,78 @@ fn print_top(stats: &moemesh_proto::v1::LoadStatsResponse, experts: usize) {
             );
         }
     }
+}
+
+async fn rebalance(args: RebalanceArgs) -> anyhow::Result<()> {
+    let outcome = admin(&args.admin)
+        .await?
+        .rebalance(&args.model, args.dry_run)
+        .await?;
+    if args.admin.json {
+        let moves = |moves: &[moemesh_proto::v1::ReplicaMove]| {
+            moves
+                .iter()
+                .map(|m| json!({"expert": m.expert, "node": m.node}))
+                .collect::<Vec<_>>()
+        };
+        let value = json!({
+            "model": outcome.model,
+            "dry_run": outcome.dry_run,
+            "window_seconds": outcome.window_seconds,
+            "moves_done": outcome.moves_done,
+            "moves_failed": outcome.moves_failed,
+            "errors": outcome.errors,
+            "layers": outcome.layers.iter().map(|layer| json!({
+                "layer": layer.layer,
+                "max_over_mean_before": layer.max_over_mean_before,
+                "max_over_mean_after": layer.max_over_mean_after,
+                "added": moves(&layer.added),
+                "removed": moves(&layer.removed),
+            })).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        println!(
+            "{} {}: planned from {:.0} s of load",
+            if outcome.dry_run {
+                "plan for"
+            } else {
+                "rebalanced"
+            },
+            outcome.model,
+            outcome.window_seconds
+        );
+        if outcome.layers.is_empty() {
+            println!("  no layer had load in the window; nothing to do");
+        }
+        for layer in &outcome.layers {
+            println!(
+                "  layer {}: max/mean node load {:.3} -> {:.3}, {} replicas added, {} removed",
+                layer.layer,
+                layer.max_over_mean_before,
+                layer.max_over_mean_after,
+                layer.added.len(),
+                layer.removed.len()
+            );
+            for added in &layer.added {
+                println!("    + expert {} on {}", added.expert, added.node);
+            }
+            for removed in &layer.removed {
+                println!("    - expert {} on {}", removed.expert, removed.node);
+            }
+        }
+        if !outcome.dry_run {
+            println!(
+                "{} moves done, {} failed",
+                outcome.moves_done, outcome.moves_failed
+            );
+        }
+        for error in &outcome.errors {
+            eprintln!("failed: {error}");
+        }
+    }
+    if outcome.moves_failed > 0 {
+        anyhow::bail!("{} moves failed", outcome.moves_failed);
+    }
+    Ok(())
 }

@@ -1,0 +1,166 @@
+//! Load statistics and live rebalancing: skewed traffic is counted, the
+//! rebalancer gives the hot expert more replicas, and every request before,
+//! during and after matches the in-process layer.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use moemesh_core::backend::CpuBackend;
+use moemesh_core::layer::MoeLayer;
+use moemesh_tests::{Fixture, ManagedCluster, relative_l2};
+use rand::{Rng, SeedableRng};
+
+const PATIENCE: Duration = Duration::from_secs(60);
+const LAYER: usize = 0;
+const HOT: u32 = 5;
+
+/// Tokens whose gate puts expert `hot` first: a scaled copy of its gate
+/// row plus unit noise (which varies the second expert).
+fn skewed_tokens(fixture: &Fixture, hot: u32, tokens: usize, seed: u64) -> Vec<f32> {
+    let hidden = fixture.hidden_size();
+    let gate = fixture.checkpoint.load_gate(LAYER).unwrap().weight;
+    let row = &gate[hot as usize * hidden..(hot as usize + 1) * hidden];
+    let norm2: f32 = row.iter().map(|value| value * value).sum();
+    let scale = 8.0 / norm2;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    (0..tokens * hidden)
+        .map(|index| row[index % hidden] * scale + rng.random_range(-1.0f32..1.0))
+        .collect()
+}
+
+fn replicas_of(placement: &moemesh_proto::v1::ShowPlacementResponse, expert: u32) -> usize {
+    placement
+        .experts
+        .iter()
+        .find(|entry| entry.layer as usize == LAYER && entry.expert == expert)
+        .map_or(0, |entry| {
+            entry
+                .replicas
+                .iter()
+                .filter(|replica| replica.state == "ready")
+                .count()
+        })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skewed_load_is_counted_and_the_rebalancer_replicates_the_hot_expert() {
+    let fixture = Fixture::open("mixtral");
+    let hidden = fixture.hidden_size();
+    let input = skewed_tokens(&fixture, HOT, 48, 1);
+    let tokens = input.len() / hidden;
+    let layer = MoeLayer::load(&fixture.checkpoint, LAYER, &CpuBackend::new(1).unwrap()).unwrap();
+    let routing = layer.gate().route(&input, tokens);
+    assert!(
+        (0..tokens).all(|token| routing.token(token).any(|(expert, _)| expert == HOT)),
+        "the crafted tokens must all reach expert {HOT}"
+    );
+    let reference = layer.forward(&input, tokens);
+    let cluster = ManagedCluster::start(&fixture.dir, 3, 1, Duration::from_secs(3600)).await;
+    let mut admin = cluster.admin(1).await;
+    let before = admin.show_placement("", Some(LAYER as u32)).await.unwrap();
+    assert_eq!(replicas_of(&before, HOT), 1);
+
+    // Two clients send the skewed batch without pause, before, during and
+    // after the rebalance, and check every answer.
+    let stop = Arc::new(AtomicBool::new(false));
+    let served = Arc::new(AtomicUsize::new(0));
+    let mut load = Vec::new();
+    for _ in 0..2 {
+        let mut client = cluster.client().await;
+        let (stop, served, input, reference) = (
+            Arc::clone(&stop),
+            Arc::clone(&served),
+            input.clone(),
+            reference.clone(),
+        );
+        load.push(tokio::spawn(async move {
+            let mut failures = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                match client.forward_f32("", LAYER as u32, &input, hidden).await {
+                    Ok(output) => {
+                        let error = relative_l2(&output, &reference);
+                        if error >= 1e-6 {
+                            failures.push(format!("relative L2 error {error:e}"));
+                        }
+                        served.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(error) => failures.push(error.to_string()),
+                }
+            }
+            failures
+        }));
+    }
+
+    // The window fills: expert HOT carries the most tokens.
+    let started = Instant::now();
+    let stats = loop {
+        let stats = admin.load_stats("").await.unwrap();
+        let hottest = stats
+            .layers
+            .iter()
+            .find(|entry| entry.layer as usize == LAYER)
+            .filter(|entry| entry.tokens.iter().sum::<u64>() > 0)
+            .map(|entry| {
+                (0..entry.tokens.len())
+                    .max_by_key(|&expert| entry.tokens[expert])
+                    .unwrap()
+            });
+        if hottest == Some(HOT as usize)
+            && stats.nodes.iter().any(|node| node.pairs_per_second > 0.0)
+        {
+            break stats;
+        }
+        assert!(started.elapsed() < PATIENCE, "no load window: {stats:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert!(stats.window_seconds > 0.0);
+    assert_eq!(stats.nodes.len(), 3, "{stats:?}");
+
+    // A dry run plans more replicas of HOT and moves nothing.
+    let dry = admin.rebalance("", true).await.unwrap();
+    let planned = dry
+        .layers
+        .iter()
+        .find(|entry| entry.layer as usize == LAYER)
+        .expect("layer 0 is planned");
+    assert!(
+        planned.max_over_mean_after < planned.max_over_mean_before,
+        "{planned:?}"
+    );
+    assert!(
+        planned.added.iter().any(|added| added.expert == HOT),
+        "{planned:?}"
+    );
+    assert_eq!((dry.moves_done, dry.moves_failed), (0, 0));
+    let unchanged = admin.show_placement("", Some(LAYER as u32)).await.unwrap();
+    assert_eq!(unchanged.epoch, before.epoch);
+
+    // The real thing, through another coordinator.
+    let mut other = cluster.admin(2).await;
+    let done = other.rebalance("", false).await.unwrap();
+    assert_eq!(done.moves_failed, 0, "{:?}", done.errors);
+    assert!(done.moves_done > 0);
+    let after = admin.show_placement("", Some(LAYER as u32)).await.unwrap();
+    assert!(replicas_of(&after, HOT) >= 2, "{after:?}");
+    for expert in 0..8 {
+        assert!(
+            replicas_of(&after, expert) >= 1,
+            "expert {expert} lost its replicas"
+        );
+    }
+    let status = admin.cluster_status().await.unwrap();
+    assert!(status.rebalance_moves_done >= done.moves_done, "{status:?}");
+
+    // Serving went on throughout, and still does on the new placement.
+    let served_at_rebalance = served.load(Ordering::Relaxed);
+    while served.load(Ordering::Relaxed) < served_at_rebalance + 5 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for task in load {
+        let failures = task.await.unwrap();
+        assert!(failures.is_empty(), "{failures:?}");
+    }
+    cluster.shutdown().await;
+}
