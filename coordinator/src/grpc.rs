@@ -578,8 +578,12 @@ impl moemesh_proto::AdminService for CoordinatorService {
         request: Request<ReportLoadRequest>,
     ) -> Result<Response<ReportLoadResponse>, Status> {
         let report = request.into_inner();
-        self.load
-            .record_router(&report.model, &report.router, &report.layers);
+        self.load.record_router(
+            &report.model,
+            &report.router,
+            &report.layers,
+            [report.tokens, report.node_sends, report.bytes_sent],
+        );
         // The leader's window is the one the rebalancer plans with.
         if let Some(mut client) = self.leader_if_not_self().await? {
             let _ = client.report_load(report).await;
@@ -602,11 +606,14 @@ impl moemesh_proto::AdminService for CoordinatorService {
         let state = self.current_state().await?;
         let model = resolve_model(&state, &request.model)?;
         let (window_seconds, layers) = self.load.layer_loads(&model);
+        let (nodes_per_token, bytes_per_token) = self.load.dispatch(&model);
         Ok(Response::new(LoadStatsResponse {
-            model,
             window_seconds,
             layers,
             nodes: self.load.node_loads(),
+            nodes_per_token,
+            bytes_per_token,
+            model,
         }))
     }
 

@@ -17,8 +17,11 @@ use moemesh_proto::v1::{LayerLoad, NodeLoad};
 /// One router's cumulative counts at one moment: per layer, per expert.
 type Counts = BTreeMap<u32, Vec<u64>>;
 
+/// A router's cumulative dispatch totals: tokens, (token, node) sends, bytes.
+type Dispatch = [u64; 3];
+
 /// A router's samples, oldest first.
-type RouterSamples = VecDeque<(Instant, Counts)>;
+type RouterSamples = VecDeque<(Instant, (Counts, Dispatch))>;
 
 /// Cumulative work counters of one expert node at one moment.
 #[derive(Debug, Clone, Copy)]
@@ -69,8 +72,15 @@ impl LoadTracker {
         now.checked_sub(self.window).unwrap_or(now)
     }
 
-    /// Records a router's cumulative counts for `model`.
-    pub fn record_router(&self, model: &str, router: &str, layers: &[LayerLoad]) {
+    /// Records a router's cumulative counts for `model`, and its dispatch
+    /// totals (tokens, (token, node) sends, bytes sent).
+    pub fn record_router(
+        &self,
+        model: &str,
+        router: &str,
+        layers: &[LayerLoad],
+        dispatch: Dispatch,
+    ) {
         let now = Instant::now();
         let counts: Counts = layers
             .iter()
@@ -80,7 +90,7 @@ impl LoadTracker {
         let samples = routers
             .entry((model.to_string(), router.to_string()))
             .or_default();
-        samples.push_back((now, counts));
+        samples.push_back((now, (counts, dispatch)));
         trim(samples, self.window_start(now));
     }
 
@@ -104,24 +114,47 @@ impl LoadTracker {
     /// Tokens per layer and expert within the window, summed over the
     /// routers that reported for `model`, and the seconds the counts cover.
     pub fn layer_loads(&self, model: &str) -> (f64, Vec<LayerLoad>) {
+        let (covered, layers, _) = self.sums(model);
+        (covered, layers)
+    }
+
+    /// Over the window: mean nodes a token reached, and bytes sent per token.
+    pub fn dispatch(&self, model: &str) -> (f64, f64) {
+        let (_, _, [tokens, sends, bytes]) = self.sums(model);
+        if tokens == 0 {
+            return (0.0, 0.0);
+        }
+        (sends as f64 / tokens as f64, bytes as f64 / tokens as f64)
+    }
+
+    /// The window's sums for `model`: seconds covered, tokens per layer and
+    /// expert, dispatch totals.
+    fn sums(&self, model: &str) -> (f64, Vec<LayerLoad>, Dispatch) {
         let now = Instant::now();
         let start = self.window_start(now);
         let mut routers = self.routers.lock().expect("load tracker");
         // A router silent for a whole window has stopped: forget it.
         routers.retain(|_, samples| samples.back().is_some_and(|(at, _)| *at > start));
         let mut totals: Counts = BTreeMap::new();
+        let mut dispatch: Dispatch = [0; 3];
         let mut covered = 0f64;
         for ((router_model, _), samples) in routers.iter_mut() {
             if router_model != model {
                 continue;
             }
             trim(samples, start);
-            let (Some((first_at, first)), Some((last_at, last))) =
+            let (Some((first_at, (first, first_dispatch))), Some((last_at, (last, last_dispatch)))) =
                 (samples.front(), samples.back())
             else {
                 continue;
             };
             covered = covered.max(last_at.duration_since(*first_at).as_secs_f64());
+            for (total, (now, then)) in dispatch
+                .iter_mut()
+                .zip(last_dispatch.iter().zip(first_dispatch))
+            {
+                *total += now.saturating_sub(*then);
+            }
             for (&layer, tokens) in last {
                 let before = first.get(&layer);
                 let total = totals.entry(layer).or_default();
@@ -142,7 +175,7 @@ impl LoadTracker {
             .into_iter()
             .map(|(layer, tokens)| LayerLoad { layer, tokens })
             .collect();
-        (covered, layers)
+        (covered, layers, dispatch)
     }
 
     /// Each node's queue depth, busy share and throughput over the window.
@@ -195,18 +228,25 @@ mod tests {
     #[test]
     fn the_window_sums_routers_differences() {
         let tracker = LoadTracker::new(Duration::from_secs(60));
-        tracker.record_router("m", "r1", &[layer(0, &[10, 0, 5])]);
-        tracker.record_router("m", "r2", &[layer(0, &[100, 100, 100])]);
-        tracker.record_router("other", "r3", &[layer(0, &[1, 1, 1])]);
+        tracker.record_router("m", "r1", &[layer(0, &[10, 0, 5])], [10, 15, 150]);
+        tracker.record_router("m", "r2", &[layer(0, &[100, 100, 100])], [0; 3]);
+        tracker.record_router("other", "r3", &[layer(0, &[1, 1, 1])], [0; 3]);
         std::thread::sleep(Duration::from_millis(5));
-        tracker.record_router("m", "r1", &[layer(0, &[30, 4, 5]), layer(1, &[7])]);
-        tracker.record_router("m", "r2", &[layer(0, &[101, 110, 100])]);
-        tracker.record_router("other", "r3", &[layer(0, &[9, 9, 9])]);
+        tracker.record_router(
+            "m",
+            "r1",
+            &[layer(0, &[30, 4, 5]), layer(1, &[7])],
+            [30, 45, 450],
+        );
+        tracker.record_router("m", "r2", &[layer(0, &[101, 110, 100])], [0; 3]);
+        tracker.record_router("other", "r3", &[layer(0, &[9, 9, 9])], [0; 3]);
         let (covered, layers) = tracker.layer_loads("m");
         assert!(covered > 0.0);
         assert_eq!(layers, vec![layer(0, &[21, 14, 0]), layer(1, &[7])]);
+        // r1 sent 20 tokens 30 times (1.5 nodes each), 300 bytes.
+        assert_eq!(tracker.dispatch("m"), (1.5, 15.0));
         // A restarted router (counters back to low values) adds nothing negative.
-        tracker.record_router("m", "r2", &[layer(0, &[1, 1, 1])]);
+        tracker.record_router("m", "r2", &[layer(0, &[1, 1, 1])], [0; 3]);
         let (_, layers) = tracker.layer_loads("m");
         assert_eq!(layers[0].tokens, vec![20, 4, 0]);
     }
@@ -214,10 +254,10 @@ mod tests {
     #[test]
     fn old_samples_and_silent_routers_leave_the_window() {
         let tracker = LoadTracker::new(Duration::from_millis(600));
-        tracker.record_router("m", "r1", &[layer(0, &[0, 0])]);
-        tracker.record_router("m", "r1", &[layer(0, &[10, 0])]);
+        tracker.record_router("m", "r1", &[layer(0, &[0, 0])], [0; 3]);
+        tracker.record_router("m", "r1", &[layer(0, &[10, 0])], [0; 3]);
         std::thread::sleep(Duration::from_millis(700));
-        tracker.record_router("m", "r1", &[layer(0, &[10, 3])]);
+        tracker.record_router("m", "r1", &[layer(0, &[10, 3])], [0; 3]);
         // The baseline is now the newest sample before the window: [10, 0].
         assert_eq!(tracker.layer_loads("m").1, vec![layer(0, &[0, 3])]);
         std::thread::sleep(Duration::from_millis(700));

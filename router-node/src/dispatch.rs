@@ -7,12 +7,17 @@ use moemesh_core::gating::Routing;
 use moemesh_core::placement::token_hash;
 use moemesh_proto::v1::ExpertRows;
 
+/// What sending a token to one more node is worth, in token-expert pairs
+/// of load: a node already receiving the token wins unless it is busier
+/// than the other candidate by more than this.
+pub const AFFINITY_PAIRS: u64 = 64;
+
 /// Chooses among an expert's replicas by outstanding work: of two
 /// candidates drawn from the token's own hash ("power of two choices"),
 /// the node with fewer token-expert pairs in flight (this router's other
-/// requests, plus what this batch already gave it); on a tie, the node
-/// that already receives the token (no extra bytes), then one in the
-/// router's own topology group.
+/// requests, plus what this batch already gave it), a node that already
+/// receives the token counting [`AFFINITY_PAIRS`] less (and joining the
+/// candidates); on a tie, one in the router's own topology group.
 #[derive(Debug, Clone)]
 pub struct ReplicaPicker {
     /// Per node: pairs in flight when the batch started, plus the batch's own.
@@ -40,22 +45,43 @@ impl ReplicaPicker {
     /// Picks the node for `expert` of the token `row` among `owners`, and
     /// counts the pair against it; `has_token(n)` says whether node `n`
     /// already receives this token.
+    /// With `follow_token` (the shared expert, which every token needs) a
+    /// node already receiving the token is taken whenever one holds the
+    /// expert, as expert-parallel servers run shared experts where the
+    /// token is.
     fn pick(
         &mut self,
         row: &[f32],
         expert: u32,
         owners: &[usize],
+        follow_token: bool,
         has_token: impl Fn(usize) -> bool,
     ) -> usize {
-        let node = match owners.len() {
-            1 => owners[0],
-            count => {
+        let receiving = owners
+            .iter()
+            .copied()
+            .filter(|&node| has_token(node))
+            .min_by_key(|&node| (self.load[node], !self.local[node]));
+        let node = match (owners.len(), receiving) {
+            (_, Some(node)) if follow_token => node,
+            (1, _) => owners[0],
+            (count, _) => {
                 let hash = token_hash(row, expert);
                 let first = (hash % count as u64) as usize;
                 let step = 1 + ((hash / count as u64) % (count as u64 - 1)) as usize;
                 let (a, b) = (owners[first], owners[(first + step) % count]);
-                let key = |node: usize| (self.load[node], !has_token(node), !self.local[node]);
-                if key(b) < key(a) { b } else { a }
+                // Sending the token to one more node costs a row of bytes
+                // and a share of a call: count it as AFFINITY_PAIRS of load.
+                let cost = |node: usize| {
+                    self.load[node] + if has_token(node) { 0 } else { AFFINITY_PAIRS }
+                };
+                let key = |node: usize| (cost(node), !self.local[node]);
+                // The best node already receiving the token is a candidate too.
+                [a, b]
+                    .into_iter()
+                    .chain(receiving)
+                    .min_by_key(|&node| key(node))
+                    .expect("two candidates at least")
             }
         };
         self.load[node] += 1;
@@ -127,7 +153,8 @@ pub fn split_by_node(
                 continue;
             }
             let token_id = token as u32;
-            let node = picker.pick(row, expert, owners, |node| {
+            let follow_token = Some(expert) == shared_expert;
+            let node = picker.pick(row, expert, owners, follow_token, |node| {
                 batches[node].tokens.last() == Some(&token_id)
             });
             let batch = &mut batches[node];

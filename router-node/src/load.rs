@@ -19,6 +19,12 @@ pub const REPORT_INTERVAL: Duration = Duration::from_secs(1);
 pub struct LoadCounters {
     /// Per MoE layer, per expert id (the shared expert last).
     layers: BTreeMap<usize, Vec<AtomicU64>>,
+    /// Tokens forwarded.
+    tokens: AtomicU64,
+    /// (token, node) sends: each token goes once to each node it needs.
+    node_sends: AtomicU64,
+    /// Activation bytes sent to expert nodes.
+    bytes_sent: AtomicU64,
 }
 
 impl LoadCounters {
@@ -32,7 +38,19 @@ impl LoadCounters {
                     (layer, counters)
                 })
                 .collect(),
+            tokens: AtomicU64::new(0),
+            node_sends: AtomicU64::new(0),
+            bytes_sent: AtomicU64::new(0),
         }
+    }
+
+    /// Counts one forward's dispatch: `tokens` tokens sent `node_sends`
+    /// times in all, `bytes` of activations.
+    pub fn count_dispatch(&self, tokens: usize, node_sends: usize, bytes: usize) {
+        self.tokens.fetch_add(tokens as u64, Ordering::Relaxed);
+        self.node_sends
+            .fetch_add(node_sends as u64, Ordering::Relaxed);
+        self.bytes_sent.fetch_add(bytes as u64, Ordering::Relaxed);
     }
 
     /// Counts one routed batch of `layer`.
@@ -95,6 +113,9 @@ pub async fn report_load_task(
             router: router.clone(),
             model: model.clone(),
             layers: counters.snapshot(),
+            tokens: counters.tokens.load(Ordering::Relaxed),
+            node_sends: counters.node_sends.load(Ordering::Relaxed),
+            bytes_sent: counters.bytes_sent.load(Ordering::Relaxed),
         };
         drop(counters);
         if client.is_none() {

@@ -268,6 +268,12 @@ impl RouterNodeService {
             };
             link.clone().compute(request, hidden_size, batch.pairs())
         });
+        let node_sends: usize = busy.iter().map(|(_, batch)| batch.tokens.len()).sum();
+        self.load.count_dispatch(
+            rows.rows,
+            node_sends,
+            node_sends * hidden_size * size_of::<f32>(),
+        );
         let replies = futures::future::try_join_all(calls).await?;
 
         let mut output = vec![0f32; rows.values.len()];

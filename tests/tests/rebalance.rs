@@ -116,6 +116,11 @@ async fn skewed_load_is_counted_and_the_rebalancer_replicates_the_hot_expert() {
     };
     assert!(stats.window_seconds > 0.0);
     assert_eq!(stats.nodes.len(), 3, "{stats:?}");
+    // Top-2 over three nodes: a token reaches one or two of them, and each
+    // node it reaches gets its row of f32s once.
+    assert!((1.0..=2.0).contains(&stats.nodes_per_token), "{stats:?}");
+    let row_bytes = (hidden * size_of::<f32>()) as f64;
+    assert!((stats.bytes_per_token - stats.nodes_per_token * row_bytes).abs() < 1e-6 * row_bytes);
 
     // A dry run plans more replicas of HOT and moves nothing.
     let dry = admin.rebalance("", true).await.unwrap();
@@ -166,4 +171,47 @@ async fn skewed_load_is_counted_and_the_rebalancer_replicates_the_hot_expert() {
         assert!(failures.is_empty(), "{failures:?}");
     }
     cluster.shutdown().await;
+}
+
+/// DeepSeek-V3 limits each token to `topk_group` expert groups; with each
+/// group on its own node and the shared experts on every node, a token
+/// reaches at most `topk_group` nodes, and its output is unchanged.
+#[test]
+fn group_limited_routing_reaches_at_most_topk_group_nodes() {
+    use moemesh_router_node::dispatch::{ReplicaPicker, split_by_node};
+
+    let fixture = Fixture::open("deepseek_v3");
+    let config = fixture.checkpoint.config().clone();
+    let limit = config.group_limit.expect("the fixture limits groups");
+    let (groups, top_groups) = (limit.groups, limit.top_groups);
+    let hidden = fixture.hidden_size();
+    let per_group = config.num_experts / groups;
+    // Routed expert e on node e / per_group; the shared expert on every node.
+    let mut replicas: Vec<Vec<usize>> = (0..config.num_experts)
+        .map(|expert| vec![expert / per_group])
+        .collect();
+    replicas.push((0..groups).collect());
+    let layer = MoeLayer::load(&fixture.checkpoint, 1, &CpuBackend::new(1).unwrap()).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let tokens = 300;
+    let input: Vec<f32> = (0..tokens * hidden)
+        .map(|_| rng.random_range(-2.0f32..2.0))
+        .collect();
+    let routing = layer.gate().route(&input, tokens);
+    let mut picker = ReplicaPicker::new(vec![0; groups], vec![false; groups]);
+    let batches = split_by_node(&routing, &input, hidden, &replicas, &mut picker).unwrap();
+    let mut nodes_per_token = vec![0usize; tokens];
+    for batch in &batches {
+        for &token in &batch.tokens {
+            nodes_per_token[token as usize] += 1;
+        }
+    }
+    assert!(
+        nodes_per_token
+            .iter()
+            .all(|&nodes| (1..=top_groups).contains(&nodes)),
+        "{nodes_per_token:?}"
+    );
+    let mean = nodes_per_token.iter().sum::<usize>() as f64 / tokens as f64;
+    assert!(mean <= top_groups as f64, "{mean}");
 }

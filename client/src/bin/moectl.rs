@@ -628,6 +628,8 @@ fn stats_json(stats: &moemesh_proto::v1::LoadStatsResponse) -> serde_json::Value
     json!({
         "model": stats.model,
         "window_seconds": stats.window_seconds,
+        "nodes_per_token": stats.nodes_per_token,
+        "bytes_per_token": stats.bytes_per_token,
         "layer_ids": stats.layers.iter().map(|layer| layer.layer).collect::<Vec<_>>(),
         "layers": stats.layers.iter().map(|layer| &layer.tokens).collect::<Vec<_>>(),
         "nodes": stats.nodes.iter().map(|node| json!({
@@ -684,8 +686,8 @@ async fn top(args: TopArgs) -> anyhow::Result<()> {
 fn print_top(stats: &moemesh_proto::v1::LoadStatsResponse, experts: usize) {
     let seconds = stats.window_seconds.max(f64::MIN_POSITIVE);
     println!(
-        "model {}, last {:.0} s (tokens per second over the window)",
-        stats.model, stats.window_seconds
+        "model {}, last {:.0} s (tokens per second over the window); a token reached {:.2} nodes, {:.0} bytes sent per token",
+        stats.model, stats.window_seconds, stats.nodes_per_token, stats.bytes_per_token
     );
     println!();
     println!(
