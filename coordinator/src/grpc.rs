@@ -622,8 +622,15 @@ impl moemesh_proto::AdminService for CoordinatorService {
         request: Request<RebalanceRequest>,
     ) -> Result<Response<RebalanceResponse>, Status> {
         let request = request.into_inner();
-        // The leader holds the load window and carries out moves.
-        if let Some(mut client) = self.leader_if_not_self().await? {
+        // The leader holds the load window and carries out moves, which
+        // take longer than the peer clients' timeout: call it afresh.
+        let status = self.node.status().await?;
+        if let Some(leader) = status.leader_id.filter(|&leader| leader != self.id)
+            && let Some(address) = self.peers.get(&leader)
+        {
+            let mut client = AdminServiceClient::connect(address.clone())
+                .await
+                .map_err(|error| Status::unavailable(format!("leader {leader}: {error}")))?;
             return client.rebalance(request).await;
         }
         let state = self.current_state().await?;

@@ -424,6 +424,7 @@ pub async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         model_id: Some("bench".into()),
         coordinators: 0,
         announce: !args.json,
+        node_memory_bytes: None,
     })
     .await?;
     let result = measure(

@@ -86,6 +86,7 @@ pub async fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
         model_id: Some("demo".into()),
         coordinators: args.coordinators,
         announce: true,
+        node_memory_bytes: None,
     };
     let cluster = LocalCluster::start(&up).await?;
     let result = drive(&cluster, &args, &model, verify).await;

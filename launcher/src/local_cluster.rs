@@ -46,6 +46,9 @@ pub struct UpArgs {
     /// Print one line per process started (`router URL`, ...) on stdout.
     #[arg(skip = true)]
     pub announce: bool,
+    /// Memory each expert node offers for weights; None: the machine's.
+    #[arg(skip)]
+    pub node_memory_bytes: Option<u64>,
 }
 
 /// One child process and the pipe whose closing tells it to exit.
@@ -212,6 +215,9 @@ impl LocalCluster {
                 "--threads".into(),
                 threads.to_string(),
             ];
+            if let Some(bytes) = args.node_memory_bytes {
+                node_args.extend(["--memory-bytes".into(), bytes.to_string()]);
+            }
             for spec in format_expert_specs(&provisional.experts_of(&entry.id)) {
                 node_args.extend(["--experts".into(), spec]);
             }

@@ -9,6 +9,7 @@
 //! - `moemesh bench`: moemesh beside the GEMM ceiling and PyTorch.
 
 mod bench;
+mod bench_rebalance;
 mod demo;
 mod expert_spec;
 mod local_cluster;
@@ -40,6 +41,8 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Measures moemesh beside the machine's GEMM ceiling and PyTorch: in process, through a local cluster, decode latency, bf16 weights, memory.
     Bench(bench::BenchArgs),
+    /// Runs a skewed (Zipf) workload on a local cluster before, during and after one live rebalance, and reports node balance, throughput and latency.
+    BenchRebalance(bench_rebalance::BenchRebalanceArgs),
 }
 
 fn init_tracing() {
@@ -81,6 +84,7 @@ fn main() -> anyhow::Result<()> {
             Command::Up(args) => local_cluster::run_up(args).await,
             Command::Demo(args) => demo::run_demo(args).await,
             Command::Bench(args) => bench::run_bench(args).await,
+            Command::BenchRebalance(args) => bench_rebalance::run_bench_rebalance(args).await,
         }
     })
 }

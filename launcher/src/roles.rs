@@ -72,6 +72,10 @@ pub struct ExpertArgs {
     /// Topology group (host or rack) reported to the coordinators.
     #[arg(long, env = "MOEMESH_GROUP", default_value = "default")]
     group: String,
+    /// Bytes of memory this node offers for expert weights (placement and
+    /// rebalancing keep within it); defaults to the machine's memory.
+    #[arg(long, env = "MOEMESH_MEMORY_BYTES")]
+    memory_bytes: Option<u64>,
     /// URL routers use to reach this node; defaults to the listening address.
     #[arg(long, env = "MOEMESH_ADVERTISE")]
     advertise: Option<String>,
@@ -239,7 +243,7 @@ pub async fn run_expert(args: ExpertArgs) -> anyhow::Result<()> {
                 .unwrap_or_else(|| format!("expert-{}", url.rsplit(':').next().unwrap_or("0"))),
             address: args.advertise.clone().unwrap_or_else(|| url.clone()),
             group: args.group.clone(),
-            memory_bytes: physical_memory_bytes(),
+            memory_bytes: args.memory_bytes.unwrap_or_else(physical_memory_bytes),
             checkpoint: args
                 .model
                 .canonicalize()

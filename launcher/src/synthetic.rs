@@ -38,6 +38,17 @@ fn random_matrix(rng: &mut impl Rng, rows: usize, columns: usize, scale: f32) ->
 
 /// Writes `config.json` and `model.safetensors` (MoE blocks only) to `dir`.
 pub fn write_mixtral(dir: &Path, shape: SyntheticShape, seed: u64) -> anyhow::Result<()> {
+    write_mixtral_with_gate(dir, shape, seed, None)
+}
+
+/// Like [`write_mixtral`], with `gate` (`[experts, hidden]`, f32) as every
+/// layer's gate instead of a random one.
+pub fn write_mixtral_with_gate(
+    dir: &Path,
+    shape: SyntheticShape,
+    seed: u64,
+    gate: Option<&[f32]>,
+) -> anyhow::Result<()> {
     let SyntheticShape {
         hidden_size: hidden,
         intermediate_size: intermediate,
@@ -71,10 +82,17 @@ pub fn write_mixtral(dir: &Path, shape: SyntheticShape, seed: u64) -> anyhow::Re
     for layer in 0..layers {
         let prefix = format!("model.layers.{layer}.block_sparse_moe");
         // A larger gate scale gives the uneven expert loads real routers see.
+        let gate_bytes = match gate {
+            Some(gate) => {
+                anyhow::ensure!(gate.len() == experts * hidden, "gate has the wrong size");
+                gate.iter().flat_map(|value| value.to_le_bytes()).collect()
+            }
+            None => random_matrix(&mut rng, experts, hidden, 4.0 * scale_for(hidden)),
+        };
         tensors.push((
             format!("{prefix}.gate.weight"),
             vec![experts, hidden],
-            random_matrix(&mut rng, experts, hidden, 4.0 * scale_for(hidden)),
+            gate_bytes,
         ));
         for expert in 0..experts {
             for (name, rows, columns) in [
