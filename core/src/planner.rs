@@ -232,9 +232,23 @@ pub fn plan_layer(
     let budget = options
         .max_extra_replicas
         .map_or(total_slots, |extra| total_slots.min(experts + extra));
-    let replicas = replica_counts(loads, nodes, budget);
-    let assignment = pack(loads, &replicas, nodes, current, options);
-    let after = max_over_mean(loads, &assignment);
+    // One replica each, then one more at a time for the expert whose
+    // replicas carry the most, until the packing is balanced: every extra
+    // replica costs memory, a load, and its weights streamed per batch.
+    let mut replicas = vec![1usize; experts];
+    let mut assignment = pack(loads, &replicas, nodes, current, options);
+    let mut after = max_over_mean(loads, &assignment);
+    while after > 1.0 + options.threshold / 2.0
+        && replicas.iter().sum::<usize>() < budget
+        && add_replica(loads, nodes, &mut replicas)
+    {
+        let candidate = pack(loads, &replicas, nodes, current, options);
+        let candidate_after = max_over_mean(loads, &candidate);
+        if candidate_after < after {
+            assignment = candidate;
+            after = candidate_after;
+        }
+    }
     if let (Some(current), Some(before)) = (current, current_max_over_mean)
         && before - after < options.threshold
     {
@@ -253,32 +267,25 @@ pub fn plan_layer(
     })
 }
 
-/// Replicas per expert: one each, then one more at a time to the expert
-/// whose replicas carry the most load each, while the slots can still hold
-/// every replica on distinct nodes.
-fn replica_counts(loads: &[f64], nodes: &[PlanNode], slots: usize) -> Vec<usize> {
-    let mut counts = vec![1usize; loads.len()];
-    for _ in loads.len()..slots {
-        let mut by_share: Vec<usize> = (0..loads.len())
-            .filter(|&expert| counts[expert] < nodes.len() && loads[expert] > 0.0)
-            .collect();
-        by_share.sort_by(|&a, &b| {
-            let share = |expert: usize| loads[expert] / counts[expert] as f64;
-            share(b).total_cmp(&share(a)).then(a.cmp(&b))
-        });
-        let added = by_share.into_iter().find(|&expert| {
-            counts[expert] += 1;
-            let fits = fits_on_distinct_nodes(&counts, nodes);
-            if !fits {
-                counts[expert] -= 1;
-            }
-            fits
-        });
-        if added.is_none() {
-            break;
+/// Gives one more replica to the expert whose replicas carry the most
+/// load each, among those whose replicas still fit on distinct nodes
+/// within the slots; false when none can take one.
+fn add_replica(loads: &[f64], nodes: &[PlanNode], counts: &mut [usize]) -> bool {
+    let mut by_share: Vec<usize> = (0..loads.len())
+        .filter(|&expert| counts[expert] < nodes.len() && loads[expert] > 0.0)
+        .collect();
+    by_share.sort_by(|&a, &b| {
+        let share = |expert: usize| loads[expert] / counts[expert] as f64;
+        share(b).total_cmp(&share(a)).then(a.cmp(&b))
+    });
+    by_share.into_iter().any(|expert| {
+        counts[expert] += 1;
+        let fits = fits_on_distinct_nodes(counts, nodes);
+        if !fits {
+            counts[expert] -= 1;
         }
-    }
-    counts
+        fits
+    })
 }
 
 /// Whether replicas in these counts can sit on distinct nodes within the
@@ -523,16 +530,19 @@ mod tests {
                 .filter(|held| held.contains(&expert))
                 .count()
         };
-        assert_eq!(replicas(0), 4);
+        assert!(replicas(0) >= 2);
         assert_eq!(replicas(63), 1);
+        // No more extra replicas than balance needs.
+        let total: usize = plan.nodes.iter().map(Vec::len).sum();
+        assert!(total < 80, "{total} replicas: every slot filled");
         assert!(plan.moves());
         // A budget of extra replicas caps the copies.
         let capped = PlanOptions {
-            max_extra_replicas: Some(4),
+            max_extra_replicas: Some(1),
             ..PlanOptions::default()
         };
         let plan = plan_layer(&loads, &cluster, Some(&round_robin), &capped).unwrap();
-        assert_eq!(plan.nodes.iter().map(Vec::len).sum::<usize>(), 68);
+        assert!(plan.nodes.iter().map(Vec::len).sum::<usize>() <= 65);
         check_assignment(64, &cluster, &plan.nodes).unwrap();
     }
 
