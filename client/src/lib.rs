@@ -66,6 +66,26 @@ impl From<tonic::Status> for ClientError {
 #[derive(Clone)]
 pub struct Client {
     router: RouterServiceClient<Channel>,
+    /// How long one forward may take, retries included.
+    deadline: Duration,
+}
+
+/// A forward's deadline unless [`Client::with_deadline`] says otherwise.
+pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(30);
+
+/// The first wait before retrying a refused (overloaded) forward; each
+/// retry doubles it, up to [`MAX_BACKOFF`], with up to half again of jitter.
+const FIRST_BACKOFF: Duration = Duration::from_millis(20);
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+
+/// A pseudo-random fraction in [0, 1) from the clock: spreads the retries
+/// of clients refused at the same moment.
+fn jitter() -> f64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.subsec_nanos());
+    let mixed = (u64::from(nanos) ^ 0x9e37_79b9_7f4a_7c15).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    (mixed >> 11) as f64 / (1u64 << 53) as f64
 }
 
 impl Client {
@@ -85,7 +105,17 @@ impl Client {
         let router = RouterServiceClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        Ok(Self { router })
+        Ok(Self {
+            router,
+            deadline: DEFAULT_DEADLINE,
+        })
+    }
+
+    /// Sets how long each forward may take, retries included (the router
+    /// receives it as the call's deadline).
+    pub fn with_deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = deadline;
+        self
     }
 
     /// Computes MoE layer `layer` of `model` (empty: the router's only
@@ -113,7 +143,27 @@ impl Client {
             layer,
             hidden: Some(hidden),
         };
-        let response = self.router.forward(request).await?.into_inner();
+        // Overloaded routers and nodes refuse at once; try again after a
+        // growing, jittered pause while the deadline allows.
+        let deadline = std::time::Instant::now() + self.deadline;
+        let mut backoff = FIRST_BACKOFF;
+        let response = loop {
+            let remaining = deadline.saturating_duration_since(std::time::Instant::now());
+            let mut call = tonic::Request::new(request.clone());
+            call.set_timeout(remaining.max(Duration::from_millis(1)));
+            match self.router.forward(call).await {
+                Ok(response) => break response.into_inner(),
+                Err(status) if status.code() == tonic::Code::ResourceExhausted => {
+                    let pause = backoff.mul_f64(1.0 + 0.5 * jitter());
+                    if std::time::Instant::now() + pause >= deadline {
+                        return Err(status.into());
+                    }
+                    tokio::time::sleep(pause).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+                Err(status) => return Err(status.into()),
+            }
+        };
         let output = response
             .output
             .ok_or_else(|| ClientError::BadReply("reply has no output tensor".into()))?;

@@ -117,6 +117,51 @@ impl NodeBatch {
     pub fn pairs(&self) -> usize {
         self.experts.values().map(|(rows, _)| rows.len()).sum()
     }
+
+    /// The batch's pairs again, grouped by ascending token: what another
+    /// node must compute when this one fails.
+    pub fn to_pairs(&self) -> Vec<Pair> {
+        let mut pairs: Vec<Pair> = self
+            .experts
+            .iter()
+            .flat_map(|(&expert, (rows, weights))| {
+                rows.iter().zip(weights).map(move |(&row, &weight)| Pair {
+                    token: self.tokens[row as usize],
+                    expert,
+                    weight,
+                })
+            })
+            .collect();
+        pairs.sort_by_key(|pair| (pair.token, pair.expert));
+        pairs
+    }
+}
+
+/// One token's need of one expert.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Pair {
+    pub token: u32,
+    pub expert: u32,
+    pub weight: f32,
+}
+
+/// The pairs of `routing`, token by token, each token's routed experts in
+/// order and then the shared expert (`shared_expert`) if the model has one.
+pub fn routing_pairs(routing: &Routing, shared_expert: Option<u32>) -> Vec<Pair> {
+    let mut pairs = Vec::with_capacity(routing.experts.len() + routing.tokens());
+    for token in 0..routing.tokens() {
+        let shared = shared_expert
+            .zip(routing.shared_weights.as_ref())
+            .map(|(expert, weights)| (expert, weights[token]));
+        for (expert, weight) in routing.token(token).chain(shared) {
+            pairs.push(Pair {
+                token: token as u32,
+                expert,
+                weight,
+            });
+        }
+    }
+    pairs
 }
 
 /// Assigns every (token, expert) pair of `routing` to a replica's node and
@@ -133,39 +178,69 @@ pub fn split_by_node(
     replicas: &[Vec<usize>],
     picker: &mut ReplicaPicker,
 ) -> Result<Vec<NodeBatch>, Vec<u32>> {
-    let mut unplaced = Vec::new();
-    let mut batches = vec![NodeBatch::default(); picker.nodes()];
     let shared_expert = routing
         .shared_weights
         .as_ref()
         .map(|_| (replicas.len() - 1) as u32);
-    for token in 0..routing.tokens() {
-        let row = &hidden[token * hidden_size..(token + 1) * hidden_size];
-        let shared = shared_expert
-            .zip(routing.shared_weights.as_ref())
-            .map(|(expert, weights)| (expert, weights[token]));
-        for (expert, weight) in routing.token(token).chain(shared) {
-            let owners = &replicas[expert as usize];
-            if owners.is_empty() {
-                if !unplaced.contains(&expert) {
-                    unplaced.push(expert);
-                }
-                continue;
+    let pairs = routing_pairs(routing, shared_expert);
+    let excluded = vec![false; picker.nodes()];
+    split_pairs(
+        &pairs,
+        hidden,
+        hidden_size,
+        replicas,
+        shared_expert,
+        picker,
+        &excluded,
+    )
+}
+
+/// [`split_by_node`] for `pairs` (grouped by ascending token), never
+/// choosing a node marked in `excluded`.
+pub fn split_pairs(
+    pairs: &[Pair],
+    hidden: &[f32],
+    hidden_size: usize,
+    replicas: &[Vec<usize>],
+    shared_expert: Option<u32>,
+    picker: &mut ReplicaPicker,
+    excluded: &[bool],
+) -> Result<Vec<NodeBatch>, Vec<u32>> {
+    let mut unplaced = Vec::new();
+    let mut batches = vec![NodeBatch::default(); picker.nodes()];
+    let mut owners = Vec::new();
+    for &Pair {
+        token,
+        expert,
+        weight,
+    } in pairs
+    {
+        let row = &hidden[token as usize * hidden_size..(token as usize + 1) * hidden_size];
+        owners.clear();
+        owners.extend(
+            replicas[expert as usize]
+                .iter()
+                .copied()
+                .filter(|&node| !excluded[node]),
+        );
+        if owners.is_empty() {
+            if !unplaced.contains(&expert) {
+                unplaced.push(expert);
             }
-            let token_id = token as u32;
-            let follow_token = Some(expert) == shared_expert;
-            let node = picker.pick(row, expert, owners, follow_token, |node| {
-                batches[node].tokens.last() == Some(&token_id)
-            });
-            let batch = &mut batches[node];
-            if batch.tokens.last() != Some(&(token as u32)) {
-                batch.tokens.push(token as u32);
-            }
-            let request_row = (batch.tokens.len() - 1) as u32;
-            let (rows, weights) = batch.experts.entry(expert).or_default();
-            rows.push(request_row);
-            weights.push(weight);
+            continue;
         }
+        let follow_token = Some(expert) == shared_expert;
+        let node = picker.pick(row, expert, &owners, follow_token, |node| {
+            batches[node].tokens.last() == Some(&token)
+        });
+        let batch = &mut batches[node];
+        if batch.tokens.last() != Some(&token) {
+            batch.tokens.push(token);
+        }
+        let request_row = (batch.tokens.len() - 1) as u32;
+        let (rows, weights) = batch.experts.entry(expert).or_default();
+        rows.push(request_row);
+        weights.push(weight);
     }
     if unplaced.is_empty() {
         Ok(batches)

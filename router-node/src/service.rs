@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use moemesh_core::checkpoint::Checkpoint;
 use moemesh_core::config::ModelConfig;
@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use tonic::{Code, Request, Response, Status};
 use tracing::instrument;
 
-use crate::dispatch::{NodeBatch, ReplicaPicker, add_expert_rows, split_by_node};
+use crate::dispatch::{NodeBatch, ReplicaPicker, add_expert_rows, routing_pairs, split_pairs};
 use crate::load::{LoadCounters, report_load_task, router_id};
 use crate::table::{NodeLink, RoutingTable, follow_coordinators_task};
 use crate::{PlacementSource, RouterConfig, RouterError, RouterResult};
@@ -27,6 +27,7 @@ impl NodeLink {
         request: ComputeRequest,
         hidden_size: usize,
         rows: usize,
+        timeout: Duration,
     ) -> RouterResult<(Vec<f32>, u64)> {
         let layer = request.layer;
         let experts: Vec<u32> = request.experts.iter().map(|rows| rows.expert).collect();
@@ -44,6 +45,8 @@ impl NodeLink {
                 status.message()
             )
         };
+        let mut request = Request::new(request);
+        request.set_timeout(timeout.max(Duration::from_millis(1)));
         let response =
             self.client
                 .compute(request)
@@ -197,7 +200,12 @@ impl RouterNodeService {
 
     /// Computes layer `layer` for `rows`; returns the output and the
     /// slowest expert node's compute time in microseconds.
-    pub async fn forward_rows(&self, layer: usize, rows: Rows) -> RouterResult<(Vec<f32>, u64)> {
+    pub async fn forward_rows(
+        &self,
+        layer: usize,
+        rows: Rows,
+        deadline: Instant,
+    ) -> RouterResult<(Vec<f32>, u64)> {
         let hidden_size = self.config.hidden_size;
         if rows.rows == 0 {
             return Ok((Vec::new(), 0));
@@ -224,27 +232,59 @@ impl RouterNodeService {
                 .collect(),
         );
         let load = Arc::clone(&self.load);
+        // Nodes that failed recently are left out while another replica
+        // can take their work.
+        let now = health_clock();
+        let unhealthy: Vec<bool> = table
+            .links
+            .iter()
+            .map(|link| link.unhealthy_until.load(Ordering::Relaxed) > now)
+            .collect();
         let gate_and_split = move || {
             let routing = gate.route(&rows.values, rows.rows);
             load.count(layer, &routing);
             let batches = match routing_table.placement.replicas(layer) {
                 Some(replicas) => {
-                    split_by_node(&routing, &rows.values, hidden_size, replicas, &mut picker)
+                    let shared = routing
+                        .shared_weights
+                        .as_ref()
+                        .map(|_| (replicas.len() - 1) as u32);
+                    let pairs = routing_pairs(&routing, shared);
+                    let split = |picker: &mut ReplicaPicker, excluded: &[bool]| {
+                        split_pairs(
+                            &pairs,
+                            &rows.values,
+                            hidden_size,
+                            replicas,
+                            shared,
+                            picker,
+                            excluded,
+                        )
+                    };
+                    let mut trial = picker.clone();
+                    match split(&mut trial, &unhealthy) {
+                        Ok(batches) => {
+                            picker = trial;
+                            Ok((batches, shared))
+                        }
+                        Err(_) => split(&mut picker, &vec![false; unhealthy.len()])
+                            .map(|batches| (batches, shared)),
+                    }
                 }
                 None => Err(routing.experts.clone()),
             };
-            (rows, batches)
+            (rows, batches, picker)
         };
         // Gating is CPU work: large batches leave the async workers for it;
         // a decode step's few tokens take less than the handoff would.
-        let (rows, batches) = if gate_macs <= INLINE_GATING_MACS {
+        let (rows, batches, mut picker) = if gate_macs <= INLINE_GATING_MACS {
             gate_and_split()
         } else {
             tokio::task::spawn_blocking(gate_and_split)
                 .await
                 .map_err(|error| RouterError::Internal(format!("gating panicked: {error}")))?
         };
-        let batches = batches.map_err(|mut experts| {
+        let (batches, shared) = batches.map_err(|mut experts| {
             experts.sort_unstable();
             experts.dedup();
             RouterError::Unavailable(format!(
@@ -253,34 +293,96 @@ impl RouterNodeService {
             ))
         })?;
 
-        let busy: Vec<(&NodeLink, &NodeBatch)> = table
-            .links
-            .iter()
-            .zip(&batches)
-            .filter(|(_, batch)| !batch.tokens.is_empty())
-            .collect();
-        let calls = busy.iter().map(|&(link, batch)| {
-            let request = ComputeRequest {
-                model: self.model_id.clone(),
-                layer: layer as u32,
-                rows: Some(gather_rows(&rows.values, hidden_size, batch)),
-                experts: batch.expert_rows(),
-            };
-            link.clone().compute(request, hidden_size, batch.pairs())
-        });
-        let node_sends: usize = busy.iter().map(|(_, batch)| batch.tokens.len()).sum();
+        let node_sends: usize = batches.iter().map(|batch| batch.tokens.len()).sum();
         self.load.count_dispatch(
             rows.rows,
             node_sends,
             node_sends * hidden_size * size_of::<f32>(),
         );
-        let replies = futures::future::try_join_all(calls).await?;
+        let replicas = table
+            .placement
+            .replicas(layer)
+            .ok_or_else(|| self.unknown_layer(layer))?;
+        // A node that fails or refuses has its share sent to other replicas
+        // of the same experts, until the deadline: expert compute has no
+        // side effects, so a retry is always safe.
+        let mut failed = vec![false; table.links.len()];
+        let mut pending: Vec<(usize, NodeBatch)> = busy_batches(batches);
+        let mut answered: Vec<(NodeBatch, Vec<f32>)> = Vec::new();
+        let mut slowest_compute = 0;
+        for attempt in 0.. {
+            let calls = pending.iter().map(|(node, batch)| {
+                let request = ComputeRequest {
+                    model: self.model_id.clone(),
+                    layer: layer as u32,
+                    rows: Some(gather_rows(&rows.values, hidden_size, batch)),
+                    experts: batch.expert_rows(),
+                };
+                let remaining = deadline.saturating_duration_since(Instant::now());
+                table.links[*node]
+                    .clone()
+                    .compute(request, hidden_size, batch.pairs(), remaining)
+            });
+            let results = futures::future::join_all(calls).await;
+            let mut retry = Vec::new();
+            let mut last_error = None;
+            for ((node, batch), result) in std::mem::take(&mut pending).into_iter().zip(results) {
+                match result {
+                    Ok((reply, micros)) => {
+                        slowest_compute = slowest_compute.max(micros);
+                        answered.push((batch, reply));
+                    }
+                    Err(error @ (RouterError::Unavailable(_) | RouterError::Overloaded(_))) => {
+                        failed[node] = true;
+                        let link = &table.links[node];
+                        if matches!(error, RouterError::Unavailable(_)) {
+                            link.unhealthy_until
+                                .store(health_clock() + UNHEALTHY_FOR_MS, Ordering::Relaxed);
+                            tracing::warn!(node = %link.node.id, %error, "expert node failed; retrying its share elsewhere");
+                        }
+                        retry.extend(batch.to_pairs());
+                        last_error = Some(error);
+                    }
+                    Err(error) => return Err(error),
+                }
+            }
+            let Some(last_error) = last_error else {
+                break;
+            };
+            if attempt >= MAX_RETRIES || Instant::now() >= deadline {
+                return Err(last_error);
+            }
+            retry.sort_by_key(|pair| (pair.token, pair.expert));
+            let batches = split_pairs(
+                &retry,
+                &rows.values,
+                hidden_size,
+                replicas,
+                shared,
+                &mut picker,
+                &failed,
+            )
+            .map_err(|experts| {
+                let reason = match &last_error {
+                    RouterError::Overloaded(_) => "every replica is overloaded",
+                    _ => "no live replica left",
+                };
+                let error = format!(
+                    "layer {layer} experts {experts:?}: {reason} (placement epoch {}); last failure: {last_error}",
+                    table.epoch
+                );
+                match last_error {
+                    RouterError::Overloaded(_) => RouterError::Overloaded(error),
+                    _ => RouterError::Unavailable(error),
+                }
+            })?;
+            pending = busy_batches(batches);
+        }
 
         let mut output = vec![0f32; rows.values.len()];
-        let busy_batches: Vec<&NodeBatch> = busy.iter().map(|&(_, batch)| batch).collect();
-        let reply_rows: Vec<&[f32]> = replies.iter().map(|(rows, _)| rows.as_slice()).collect();
-        add_expert_rows(&mut output, hidden_size, &busy_batches, &reply_rows);
-        let slowest_compute = replies.iter().map(|&(_, micros)| micros).max().unwrap_or(0);
+        let batches: Vec<&NodeBatch> = answered.iter().map(|(batch, _)| batch).collect();
+        let replies: Vec<&[f32]> = answered.iter().map(|(_, reply)| reply.as_slice()).collect();
+        add_expert_rows(&mut output, hidden_size, &batches, &replies);
         Ok((output, slowest_compute))
     }
 
@@ -291,6 +393,43 @@ impl RouterNodeService {
             "layer {layer} is not served; this router serves MoE layers {served:?}"
         ))
     }
+}
+
+/// The batches that have work, with their node index.
+fn busy_batches(batches: Vec<NodeBatch>) -> Vec<(usize, NodeBatch)> {
+    batches
+        .into_iter()
+        .enumerate()
+        .filter(|(_, batch)| !batch.tokens.is_empty())
+        .collect()
+}
+
+/// Retries of a node's share after the first try, at most.
+const MAX_RETRIES: usize = 3;
+/// How long a node that failed is avoided while other replicas can serve.
+const UNHEALTHY_FOR_MS: u64 = 2_000;
+/// The time a request may take when the client sets no deadline.
+pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Milliseconds on a clock shared by the router's node health marks.
+pub fn health_clock() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+}
+
+/// The client's deadline from a `grpc-timeout` header (`30S`, `500m`, ...).
+pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    let amount: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount * 3600),
+        "M" => Duration::from_secs(amount * 60),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
 }
 
 /// Packs the rows of the batch's tokens into one f32 tensor.
@@ -310,6 +449,13 @@ impl moemesh_proto::RouterService for RouterNodeService {
         &self,
         request: Request<ForwardRequest>,
     ) -> Result<Response<ForwardResponse>, Status> {
+        let deadline = Instant::now()
+            + request
+                .metadata()
+                .get("grpc-timeout")
+                .and_then(|value| value.to_str().ok())
+                .and_then(parse_grpc_timeout)
+                .unwrap_or(DEFAULT_DEADLINE);
         let ForwardRequest {
             model,
             layer,
@@ -329,7 +475,7 @@ impl moemesh_proto::RouterService for RouterNodeService {
         let rows =
             decode_rows(hidden.as_ref(), self.config.hidden_size).map_err(RouterError::from)?;
         let (tokens, dtype) = (rows.rows, rows.wire_dtype);
-        let (output, expert_compute_micros) = self.forward_rows(layer, rows).await?;
+        let (output, expert_compute_micros) = self.forward_rows(layer, rows, deadline).await?;
         Ok(Response::new(ForwardResponse {
             output: Some(encode(&output, &[tokens, self.config.hidden_size], dtype)),
             expert_compute_micros,

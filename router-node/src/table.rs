@@ -31,6 +31,9 @@ pub struct NodeLink {
     /// Token-expert pairs sent to the node and not yet answered, by every
     /// request of this router; kept across placement epochs.
     pub in_flight: Arc<AtomicU64>,
+    /// Until when (on [`crate::service::health_clock`]) the node is avoided
+    /// after a failure; kept across placement epochs.
+    pub unhealthy_until: Arc<AtomicU64>,
 }
 
 impl NodeLink {
@@ -50,6 +53,7 @@ impl NodeLink {
             group,
             client,
             in_flight: Arc::new(AtomicU64::new(0)),
+            unhealthy_until: Arc::new(AtomicU64::new(0)),
         })
     }
 }
