@@ -151,6 +151,10 @@ pub struct RouterArgs {
     /// replicas, those on expert nodes of the same group are preferred.
     #[arg(long, env = "MOEMESH_GROUP", default_value = "")]
     group: String,
+    /// Forwards in progress at once; more get RESOURCE_EXHAUSTED and the
+    /// client SDK backs off and retries.
+    #[arg(long, env = "MOEMESH_MAX_IN_FLIGHT", default_value_t = 256)]
+    max_in_flight: usize,
     /// Exit when standard input closes (used by `moemesh up` for its children).
     #[arg(long, hide = true)]
     exit_with_parent: bool,
@@ -342,6 +346,7 @@ pub async fn run_router(args: RouterArgs) -> anyhow::Result<()> {
         model_id,
         placement,
         group: args.group.clone(),
+        max_in_flight: args.max_in_flight,
     };
     let service = moemesh_router_node::load(config).await?;
     println!("{READY_LINE_PREFIX}{url}");

@@ -46,6 +46,9 @@ pub struct RouterConfig {
     /// This router's topology group (host or rack): among equally busy
     /// replicas it prefers nodes of its own group. Empty: no preference.
     pub group: String,
+    /// Forwards in progress at once; more are refused with
+    /// RESOURCE_EXHAUSTED (clients back off and retry). 0: 256.
+    pub max_in_flight: usize,
 }
 
 /// Loads the gates, then serves `RouterService` (and gRPC health) on

@@ -112,6 +112,9 @@ pub struct RouterNodeService {
     table_rx: watch::Receiver<Arc<RoutingTable>>,
     /// Tokens sent to each expert, reported to the coordinators.
     load: Arc<LoadCounters>,
+    /// Admission control: one permit per forward in progress.
+    admission: Arc<tokio::sync::Semaphore>,
+    max_in_flight: usize,
 }
 
 /// How long a router waits for the coordinators' first placement.
@@ -128,6 +131,10 @@ impl RouterNodeService {
                 RouterError::Internal(format!("checkpoint loading panicked: {error}"))
             })??;
         let config = checkpoint.config().clone();
+        let max_in_flight = match router_config.max_in_flight {
+            0 => DEFAULT_MAX_IN_FLIGHT,
+            limit => limit,
+        };
         let load = Arc::new(LoadCounters::new(
             &config.moe_layers(),
             config.experts_per_layer(),
@@ -195,6 +202,8 @@ impl RouterNodeService {
             gates,
             table_rx,
             load,
+            admission: Arc::new(tokio::sync::Semaphore::new(max_in_flight)),
+            max_in_flight,
         })
     }
 
@@ -404,6 +413,9 @@ fn busy_batches(batches: Vec<NodeBatch>) -> Vec<(usize, NodeBatch)> {
         .collect()
 }
 
+/// Forwards a router runs at once unless configured otherwise.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 256;
+
 /// Retries of a node's share after the first try, at most.
 const MAX_RETRIES: usize = 3;
 /// How long a node that failed is avoided while other replicas can serve.
@@ -449,6 +461,14 @@ impl moemesh_proto::RouterService for RouterNodeService {
         &self,
         request: Request<ForwardRequest>,
     ) -> Result<Response<ForwardResponse>, Status> {
+        // Refuse at once rather than queue without bound: memory stays
+        // bounded under any load, and the client backs off.
+        let _admitted = self.admission.try_acquire().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "router busy: {} forwards in progress; retry shortly",
+                self.max_in_flight
+            ))
+        })?;
         let deadline = Instant::now()
             + request
                 .metadata()

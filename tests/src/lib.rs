@@ -163,6 +163,7 @@ impl ClusterSandbox {
             model_id: "test-model".into(),
             placement: PlacementSource::File(placement_file),
             group: String::new(),
+            max_in_flight: 0,
         };
         let shutdown = wait_for_shutdown(shutdown_tx.subscribe());
         servers.spawn(async move {
@@ -481,6 +482,7 @@ impl ManagedCluster {
             model_id: "test-model".into(),
             placement: PlacementSource::Coordinators(coordinator_urls),
             group: String::new(),
+            max_in_flight: 0,
         };
         let service = moemesh_router_node::load(router_config)
             .await

@@ -104,3 +104,137 @@ async fn killing_a_node_under_load_fails_no_request_when_experts_have_two_replic
     assert!(served.load(Ordering::Relaxed) > served_before);
     cluster.shutdown().await;
 }
+
+/// Routers and expert nodes need no coordinator on the data path: losing
+/// the coordinators' leader under load fails no request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_the_coordinator_leader_under_load_fails_no_request() {
+    let fixture = Fixture::open("mixtral");
+    let hidden = fixture.hidden_size();
+    let (input, expected) = fixture.cases[&0].clone();
+    let mut cluster = ManagedCluster::start(&fixture.dir, 2, 1, Duration::from_secs(3600)).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let served = Arc::new(AtomicUsize::new(0));
+    let mut load = Vec::new();
+    for _ in 0..2 {
+        let mut client = cluster.client().await;
+        let (stop, served, input, expected) = (
+            Arc::clone(&stop),
+            Arc::clone(&served),
+            input.clone(),
+            expected.clone(),
+        );
+        load.push(tokio::spawn(async move {
+            let mut failures = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                match client.forward_f32("", 0, &input, hidden).await {
+                    Ok(output) if relative_l2(&output, &expected) < 1e-5 => {
+                        served.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(_) => failures.push("wrong output".to_string()),
+                    Err(error) => failures.push(error.to_string()),
+                }
+            }
+            failures
+        }));
+    }
+    while served.load(Ordering::Relaxed) < 20 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let leader = cluster.coordinators.leader(1).await;
+    cluster.coordinators.stop(leader).await;
+    let served_at_loss = served.load(Ordering::Relaxed);
+    // Serve on for a while with the leader gone, through the election.
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(2)
+        || served.load(Ordering::Relaxed) < served_at_loss + 50
+    {
+        assert!(
+            started.elapsed() < PATIENCE,
+            "serving stalled without the leader"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut failures = Vec::new();
+    for task in load {
+        failures.extend(task.await.unwrap());
+    }
+    assert!(failures.is_empty(), "{failures:?}");
+    cluster.shutdown().await;
+}
+
+/// More clients than a router admits: each request succeeds or is refused
+/// with RESOURCE_EXHAUSTED (after the SDK's retries), and none hangs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_is_refused_quickly_and_nothing_hangs() {
+    use moemesh_client::{Client, ClientError};
+    use moemesh_router_node::{PlacementSource, RouterConfig};
+
+    let fixture = Fixture::open("mixtral");
+    let hidden = fixture.hidden_size();
+    let (input, expected) = fixture.cases[&0].clone();
+    let cluster = moemesh_tests::ClusterSandbox::spread(&fixture.dir, 1, 1).await;
+    let config = fixture.checkpoint.config().clone();
+    let placement_file = cluster
+        .placement
+        .to_file(&config, Some("test-model".into()));
+    // A router that admits two forwards at a time.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let router_config = RouterConfig {
+        model_dir: fixture.dir.clone(),
+        model_id: "test-model".into(),
+        placement: PlacementSource::File(placement_file),
+        group: String::new(),
+        max_in_flight: 2,
+    };
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let router = tokio::spawn(moemesh_router_node::run(router_config, listener, async {
+        let _ = stop_rx.await;
+    }));
+    let deadline = Duration::from_millis(40);
+    let mut calls = Vec::new();
+    for _ in 0..32 {
+        let mut client = loop {
+            match Client::connect(url.clone()).await {
+                Ok(client) => break client.with_deadline(deadline),
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        };
+        let input = input.clone();
+        calls.push(tokio::spawn(async move {
+            let started = Instant::now();
+            let mut outcomes = Vec::new();
+            for _ in 0..5 {
+                outcomes.push(client.forward_f32("", 0, &input, hidden).await);
+            }
+            (outcomes, started.elapsed())
+        }));
+    }
+    let (mut succeeded, mut refused) = (0, 0);
+    for call in calls {
+        let (outcomes, took) = call.await.unwrap();
+        // Five calls of a 40 ms budget each; generous slack for a slow machine.
+        assert!(took < Duration::from_secs(10), "a client hung for {took:?}");
+        for outcome in outcomes {
+            match outcome {
+                Ok(output) => {
+                    assert!(relative_l2(&output, &expected) < 1e-5);
+                    succeeded += 1;
+                }
+                Err(ClientError::Overloaded(message)) => {
+                    assert!(message.contains("busy"), "{message}");
+                    refused += 1;
+                }
+                Err(other) => panic!("neither served nor refused: {other}"),
+            }
+        }
+    }
+    println!("{succeeded} served, {refused} refused");
+    assert!(succeeded > 0);
+    assert_eq!(succeeded + refused, 32 * 5);
+    stop_tx.send(()).unwrap();
+    router.await.unwrap().unwrap();
+    cluster.shutdown().await;
+}
