@@ -146,10 +146,10 @@ fn arbitrary_requests_are_answered_and_never_wedge_a_node() {
     // request the router answers.
     runner
         .run(&prop::collection::vec(any::<u8>(), 0..512), |bytes| {
-            if let Ok(request) = ForwardRequest::decode(&bytes[..]) {
-                if let Err(status) = runtime.block_on(router.clone().forward(request)) {
-                    prop_assert!(accepted_codes(status.code()), "{status:?}");
-                }
+            if let Ok(request) = ForwardRequest::decode(&bytes[..])
+                && let Err(status) = runtime.block_on(router.clone().forward(request))
+            {
+                prop_assert!(accepted_codes(status.code()), "{status:?}");
             }
             Ok(())
         })
