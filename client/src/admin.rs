@@ -15,6 +15,8 @@ use crate::ClientError;
 #[derive(Clone)]
 pub struct AdminClient {
     admin: AdminServiceClient<Channel>,
+    /// Sent as `authorization: Bearer <token>` with every call.
+    token: Option<String>,
 }
 
 impl AdminClient {
@@ -32,14 +34,34 @@ impl AdminClient {
             .map_err(|error| connect_error(format!("{error:?}")))?;
         Ok(Self {
             admin: AdminServiceClient::new(channel),
+            token: None,
         })
+    }
+
+    /// Sends `token` with every call, for coordinators started with
+    /// `--admin-token` (an empty token sends none).
+    pub fn with_token(mut self, token: impl Into<String>) -> Self {
+        let token = token.into();
+        self.token = (!token.is_empty()).then_some(token);
+        self
+    }
+
+    /// Wraps a message, with the token when there is one.
+    fn authorized<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        if let Some(token) = &self.token
+            && let Ok(value) = format!("Bearer {token}").parse()
+        {
+            request.metadata_mut().insert("authorization", value);
+        }
+        request
     }
 
     /// Returns the coordinators, the leader, the epoch and the expert nodes.
     pub async fn cluster_status(&mut self) -> Result<ClusterStatusResponse, ClientError> {
         Ok(self
             .admin
-            .cluster_status(ClusterStatusRequest {})
+            .cluster_status(self.authorized(ClusterStatusRequest {}))
             .await?
             .into_inner())
     }
@@ -50,7 +72,11 @@ impl AdminClient {
         let request = LoadStatsRequest {
             model: model.to_string(),
         };
-        Ok(self.admin.load_stats(request).await?.into_inner())
+        Ok(self
+            .admin
+            .load_stats(self.authorized(request))
+            .await?
+            .into_inner())
     }
 
     /// Plans every MoE layer of `model` from the load window and, unless
@@ -64,7 +90,11 @@ impl AdminClient {
             model: model.to_string(),
             dry_run,
         };
-        Ok(self.admin.rebalance(request).await?.into_inner())
+        Ok(self
+            .admin
+            .rebalance(self.authorized(request))
+            .await?
+            .into_inner())
     }
 
     /// Returns the placement, optionally of one model and one layer.
@@ -78,7 +108,11 @@ impl AdminClient {
             has_layer: layer.is_some(),
             layer: layer.unwrap_or(0),
         };
-        Ok(self.admin.show_placement(request).await?.into_inner())
+        Ok(self
+            .admin
+            .show_placement(self.authorized(request))
+            .await?
+            .into_inner())
     }
 
     /// Registers a model from a checkpoint directory and places its experts.
@@ -96,7 +130,11 @@ impl AdminClient {
             replicas,
             request_id: request_id.to_string(),
         };
-        Ok(self.admin.load_model(request).await?.into_inner())
+        Ok(self
+            .admin
+            .load_model(self.authorized(request))
+            .await?
+            .into_inner())
     }
 
     /// Moves one replica of an expert to another node without failing
@@ -117,7 +155,11 @@ impl AdminClient {
             to_node: to_node.to_string(),
             request_id: String::new(),
         };
-        Ok(self.admin.move_replica(request).await?.into_inner())
+        Ok(self
+            .admin
+            .move_replica(self.authorized(request))
+            .await?
+            .into_inner())
     }
 
     /// Adds a replica of an expert on a node; returns once it serves.
@@ -135,7 +177,11 @@ impl AdminClient {
             node: node.to_string(),
             request_id: String::new(),
         };
-        Ok(self.admin.add_replica(request).await?.into_inner())
+        Ok(self
+            .admin
+            .add_replica(self.authorized(request))
+            .await?
+            .into_inner())
     }
 
     /// Moves every replica off a node, one at a time; returns when it is empty.

@@ -62,6 +62,9 @@ pub struct CoordinatorConfig {
     pub rebalance: RebalanceOptions,
     /// Rebalance every model this often on the leader; None: only on request.
     pub rebalance_interval: Option<Duration>,
+    /// Operators' calls (status, placement, loading, moves, statistics,
+    /// rebalancing) must carry `authorization: Bearer <token>`; None: open.
+    pub admin_token: Option<String>,
 }
 
 impl CoordinatorConfig {
@@ -76,6 +79,7 @@ impl CoordinatorConfig {
             load_window: Duration::from_secs(60),
             rebalance: RebalanceOptions::default(),
             rebalance_interval: None,
+            admin_token: None,
         }
     }
 }
@@ -170,6 +174,8 @@ pub struct CoordinatorService {
     /// What routers and expert nodes report of their load.
     load: Arc<LoadTracker>,
     rebalancer: Rebalancer,
+    /// See [`CoordinatorConfig::admin_token`].
+    admin_token: Option<String>,
     /// Turns true when the server shuts down, ending placement streams,
     /// which would otherwise hold the graceful shutdown open forever.
     streams_closing: Arc<watch::Sender<bool>>,
@@ -244,6 +250,12 @@ fn describe_model(model: String, checkpoint: &str) -> Result<(ModelConfig, Model
         experts_per_layer: config.experts_per_layer(),
     };
     Ok((config, record))
+}
+
+/// Compares without an early exit, so the time taken says nothing of
+/// where a wrong token differs.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// What a rebalance needs, cloneable into the periodic task.
@@ -332,6 +344,39 @@ fn resolve_model(state: &ClusterState, requested: &str) -> Result<String, Status
 }
 
 impl CoordinatorService {
+    /// Refuses an operator's call without the admin token, when one is set.
+    fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let Some(token) = &self.admin_token else {
+            return Ok(());
+        };
+        let presented = request
+            .metadata()
+            .get("authorization")
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.strip_prefix("Bearer "));
+        if presented
+            .is_some_and(|presented| constant_time_eq(presented.as_bytes(), token.as_bytes()))
+        {
+            Ok(())
+        } else {
+            Err(Status::unauthenticated(
+                "this coordinator requires an admin token: moectl --token or MOEMESH_ADMIN_TOKEN",
+            ))
+        }
+    }
+
+    /// `message` as a request to another coordinator, with this one's
+    /// admin token.
+    fn to_peer<T>(&self, message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        if let Some(token) = &self.admin_token
+            && let Ok(value) = format!("Bearer {token}").parse()
+        {
+            request.metadata_mut().insert("authorization", value);
+        }
+        request
+    }
+
     /// A client of the leader when it is another coordinator; None when
     /// this coordinator leads or no leader is known.
     async fn leader_if_not_self(&self) -> Result<Option<AdminServiceClient<Channel>>, Status> {
@@ -595,11 +640,12 @@ impl moemesh_proto::AdminService for CoordinatorService {
         &self,
         request: Request<LoadStatsRequest>,
     ) -> Result<Response<LoadStatsResponse>, Status> {
+        self.authorize(&request)?;
         let request = request.into_inner();
         // The leader hears every report; ask it, and answer from here only
         // when it cannot be reached.
         if let Some(mut client) = self.leader_if_not_self().await?
-            && let Ok(reply) = client.load_stats(request.clone()).await
+            && let Ok(reply) = client.load_stats(self.to_peer(request.clone())).await
         {
             return Ok(reply);
         }
@@ -621,6 +667,7 @@ impl moemesh_proto::AdminService for CoordinatorService {
         &self,
         request: Request<RebalanceRequest>,
     ) -> Result<Response<RebalanceResponse>, Status> {
+        self.authorize(&request)?;
         let request = request.into_inner();
         // The leader holds the load window and carries out moves, which
         // take longer than the peer clients' timeout: call it afresh.
@@ -631,7 +678,7 @@ impl moemesh_proto::AdminService for CoordinatorService {
             let mut client = AdminServiceClient::connect(address.clone())
                 .await
                 .map_err(|error| Status::unavailable(format!("leader {leader}: {error}")))?;
-            return client.rebalance(request).await;
+            return client.rebalance(self.to_peer(request)).await;
         }
         let state = self.current_state().await?;
         let model = resolve_model(&state, &request.model)?;
@@ -675,6 +722,7 @@ impl moemesh_proto::AdminService for CoordinatorService {
         &self,
         request: Request<MoveReplicaRequest>,
     ) -> Result<Response<MoveReplicaResponse>, Status> {
+        self.authorize(&request)?;
         let MoveReplicaRequest {
             model,
             layer,
@@ -711,6 +759,7 @@ impl moemesh_proto::AdminService for CoordinatorService {
         &self,
         request: Request<DrainNodeRequest>,
     ) -> Result<Response<DrainNodeResponse>, Status> {
+        self.authorize(&request)?;
         let node = request.into_inner().node;
         tracing::info!(%node, "draining a node");
         let moved = membership::drain_node(&self.node, &node, self.drain_grace).await?;
@@ -726,6 +775,7 @@ impl moemesh_proto::AdminService for CoordinatorService {
         &self,
         request: Request<AddReplicaRequest>,
     ) -> Result<Response<AddReplicaResponse>, Status> {
+        self.authorize(&request)?;
         let AddReplicaRequest {
             model,
             layer,
@@ -742,8 +792,9 @@ impl moemesh_proto::AdminService for CoordinatorService {
     #[instrument(skip_all)]
     async fn cluster_status(
         &self,
-        _request: Request<ClusterStatusRequest>,
+        request: Request<ClusterStatusRequest>,
     ) -> Result<Response<ClusterStatusResponse>, Status> {
+        self.authorize(&request)?;
         let own = self.node.status().await?;
         // Diagnostics should work during an election: fall back to the
         // state applied here when no quorum confirms a read.
@@ -860,6 +911,7 @@ impl moemesh_proto::AdminService for CoordinatorService {
         &self,
         request: Request<LoadModelRequest>,
     ) -> Result<Response<LoadModelResponse>, Status> {
+        self.authorize(&request)?;
         let LoadModelRequest {
             model,
             checkpoint,
@@ -943,6 +995,7 @@ impl moemesh_proto::AdminService for CoordinatorService {
         &self,
         request: Request<ShowPlacementRequest>,
     ) -> Result<Response<ShowPlacementResponse>, Status> {
+        self.authorize(&request)?;
         let filter = request.into_inner();
         let state = self.current_state().await?;
         let layer = filter.has_layer.then_some(filter.layer as usize);
@@ -1008,6 +1061,7 @@ impl Coordinator {
             drain_grace: config.drain_grace,
             load: Arc::clone(&load),
             rebalancer: rebalancer.clone(),
+            admin_token: config.admin_token.clone(),
         };
         if let Some(interval) = config.rebalance_interval {
             tokio::spawn(periodic_rebalance_task(rebalancer, interval));

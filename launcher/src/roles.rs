@@ -116,6 +116,11 @@ pub struct CoordinatorArgs {
     /// The least gain in max/mean node load worth moving experts for.
     #[arg(long, env = "MOEMESH_REBALANCE_THRESHOLD", default_value_t = 0.05)]
     rebalance_threshold: f64,
+    /// Require this bearer token on operators' calls (status, placement,
+    /// model loading, moves, statistics, rebalancing); give it to moectl
+    /// with --token or MOEMESH_ADMIN_TOKEN.
+    #[arg(long, env = "MOEMESH_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
     /// Exit when standard input closes (used by `moemesh up` for its children).
     #[arg(long, hide = true)]
     exit_with_parent: bool,
@@ -312,6 +317,7 @@ pub async fn run_coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     config.dead_after = Duration::from_millis(args.dead_after_ms);
     config.load_window = Duration::from_secs(args.load_window_s.max(1));
     config.rebalance.threshold = args.rebalance_threshold;
+    config.admin_token = args.admin_token.clone().filter(|token| !token.is_empty());
     config.rebalance_interval =
         (args.rebalance_interval_s > 0).then(|| Duration::from_secs(args.rebalance_interval_s));
     let coordinator = Coordinator::start(config)?;

@@ -296,6 +296,26 @@ impl CoordinatorSandbox {
     /// Starts `size` coordinators that declare silent nodes dead after
     /// `dead_after` and let drained replicas linger for `drain_grace`.
     pub async fn with_timing(size: u64, dead_after: Duration, drain_grace: Duration) -> Self {
+        Self::with_options(size, dead_after, drain_grace, None).await
+    }
+
+    /// Starts `size` coordinators that require `admin_token` on operators' calls.
+    pub async fn with_admin_token(size: u64, admin_token: &str) -> Self {
+        Self::with_options(
+            size,
+            Duration::from_secs(3600),
+            Duration::from_millis(300),
+            Some(admin_token.to_string()),
+        )
+        .await
+    }
+
+    async fn with_options(
+        size: u64,
+        dead_after: Duration,
+        drain_grace: Duration,
+        admin_token: Option<String>,
+    ) -> Self {
         let data = tempfile::tempdir().expect("temporary directory");
         let mut listeners = BTreeMap::new();
         let mut urls = BTreeMap::new();
@@ -315,6 +335,7 @@ impl CoordinatorSandbox {
             let mut config = CoordinatorConfig::new(raft, urls.clone());
             config.dead_after = dead_after;
             config.drain_grace = drain_grace;
+            config.admin_token = admin_token.clone();
             let coordinator = Coordinator::start(config).expect("coordinator starts");
             let (stop_tx, stop_rx) = watch::channel(false);
             let server = tokio::spawn(async move {
@@ -344,6 +365,24 @@ impl CoordinatorSandbox {
         loop {
             if let Ok(mut admin) = AdminClient::connect(self.urls[&via].clone()).await
                 && let Ok(status) = admin.cluster_status().await
+                && self.running.contains_key(&status.leader_id)
+            {
+                return status.leader_id;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "no leader elected"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Like [`CoordinatorSandbox::leader`], for coordinators that require `token`.
+    pub async fn leader_with_token(&self, via: u64, token: &str) -> u64 {
+        let started = std::time::Instant::now();
+        loop {
+            if let Ok(admin) = AdminClient::connect(self.urls[&via].clone()).await
+                && let Ok(status) = admin.with_token(token).cluster_status().await
                 && self.running.contains_key(&status.leader_id)
             {
                 return status.leader_id;

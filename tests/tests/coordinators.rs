@@ -245,3 +245,42 @@ async fn a_node_that_already_serves_experts_registers_them_as_ready() {
     );
     group.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_calls_need_the_admin_token_and_membership_does_not() {
+    let coordinators = CoordinatorSandbox::with_admin_token(3, "s3cret-token").await;
+    let leader = coordinators.leader_with_token(1, "s3cret-token").await;
+    let url = coordinators.urls[&leader].clone();
+    let mut anonymous = moemesh_client::AdminClient::connect(url.clone())
+        .await
+        .unwrap();
+    let refused = anonymous.cluster_status().await.unwrap_err().to_string();
+    assert!(refused.contains("admin token"), "{refused}");
+    let mut wrong = moemesh_client::AdminClient::connect(url.clone())
+        .await
+        .unwrap()
+        .with_token("s3cret-tokem");
+    assert!(wrong.show_placement("", None).await.is_err());
+    let mut operator = moemesh_client::AdminClient::connect(url.clone())
+        .await
+        .unwrap()
+        .with_token("s3cret-token");
+    assert_eq!(operator.cluster_status().await.unwrap().leader_id, leader);
+    // Expert nodes join without it (mutual TLS is what guards the cluster's own calls).
+    let mut raw = admin(&url).await;
+    raw.register_node(RegisterNodeRequest {
+        node: Some(node("expert-a", "rack-1")),
+        request_id: String::new(),
+        ..RegisterNodeRequest::default()
+    })
+    .await
+    .unwrap();
+    let status = raw
+        .cluster_status(ClusterStatusRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+    let nodes = operator.cluster_status().await.unwrap().nodes;
+    assert!(nodes.iter().any(|node| node.id == "expert-a"));
+    coordinators.shutdown().await;
+}

@@ -201,6 +201,9 @@ struct AdminArgs {
         default_value = "http://127.0.0.1:7000"
     )]
     coordinator: String,
+    /// The coordinators' admin token, when they were started with one.
+    #[arg(long, env = "MOEMESH_ADMIN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -293,9 +296,10 @@ async fn forward(args: ForwardArgs) -> anyhow::Result<()> {
 }
 
 async fn admin(args: &AdminArgs) -> anyhow::Result<AdminClient> {
-    AdminClient::connect(&args.coordinator)
+    Ok(AdminClient::connect(&args.coordinator)
         .await
-        .context("set --coordinator or MOEMESH_COORDINATOR to any coordinator's URL")
+        .context("set --coordinator or MOEMESH_COORDINATOR to any coordinator's URL")?
+        .with_token(args.token.clone().unwrap_or_default()))
 }
 
 async fn cluster_status(args: AdminArgs) -> anyhow::Result<()> {
