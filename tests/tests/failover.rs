@@ -238,3 +238,81 @@ async fn overload_is_refused_quickly_and_nothing_hangs() {
     router.await.unwrap().unwrap();
     cluster.shutdown().await;
 }
+
+/// With one replica per expert, losing a node fails only the requests
+/// that need its experts, with UNAVAILABLE naming the layer and experts,
+/// and full service returns once the coordinators re-place them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_single_replicas_only_requests_needing_the_lost_node_fail_until_it_is_replaced() {
+    use moemesh_client::ClientError;
+
+    let fixture = Fixture::open("mixtral");
+    let hidden = fixture.hidden_size();
+    let (input, expected) = fixture.cases[&0].clone();
+    let mut cluster = ManagedCluster::start(&fixture.dir, 3, 1, Duration::from_millis(1500)).await;
+    let mut client = cluster.client().await;
+    let layer = MoeLayer::load(&fixture.checkpoint, 0, &CpuBackend::new(1).unwrap()).unwrap();
+    let victim = cluster.node_ids()[0].clone();
+    let mut admin = cluster.admin(1).await;
+    let placement = admin.show_placement("test-model", Some(0)).await.unwrap();
+    let lost: Vec<u32> = placement
+        .experts
+        .iter()
+        .filter(|expert| expert.replicas.iter().all(|replica| replica.node == victim))
+        .map(|expert| expert.expert)
+        .collect();
+    assert!(!lost.is_empty());
+    // One token at a time: which tokens need a lost expert is known here.
+    let tokens = input.len() / hidden;
+    let needs_lost: Vec<bool> = (0..tokens)
+        .map(|token| {
+            let row = &input[token * hidden..(token + 1) * hidden];
+            layer
+                .gate()
+                .route(row, 1)
+                .token(0)
+                .any(|(expert, _)| lost.contains(&expert))
+        })
+        .collect();
+    assert!(needs_lost.iter().any(|&needs| needs) && needs_lost.iter().any(|&needs| !needs));
+
+    cluster.kill_node(&victim).await;
+    let killed_at = Instant::now();
+    // Before the coordinators re-place the lost experts (1.5 s of silence
+    // first), tokens that need them fail clearly and the others are served.
+    let (mut failed, mut served) = (0, 0);
+    for token in 0..tokens {
+        let row = &input[token * hidden..(token + 1) * hidden];
+        match client.forward_f32("", 0, row, hidden).await {
+            Ok(output) => {
+                assert!(!needs_lost[token] || killed_at.elapsed() > Duration::from_millis(1000));
+                let want = &expected[token * hidden..(token + 1) * hidden];
+                assert!(relative_l2(&output, want) < 1e-5);
+                served += 1;
+            }
+            Err(ClientError::Unavailable(message)) => {
+                assert!(needs_lost[token], "token {token} failed needlessly: {message}");
+                assert!(message.contains("layer 0"), "{message}");
+                failed += 1;
+            }
+            Err(other) => panic!("unexpected error: {other}"),
+        }
+    }
+    println!("single replicas: {failed} requests failed, {served} served after the node was lost");
+    // Then everything is served again.
+    let started = Instant::now();
+    loop {
+        match client.forward_f32("", 0, &input, hidden).await {
+            Ok(output) => {
+                assert!(relative_l2(&output, &expected) < 1e-5);
+                break;
+            }
+            Err(error) => {
+                assert!(started.elapsed() < PATIENCE, "never recovered: {error}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    println!("full service again {:?} after the node was lost", killed_at.elapsed());
+    cluster.shutdown().await;
+}
