@@ -27,7 +27,7 @@ use rand::SeedableRng;
 use serde_json::json;
 
 use crate::local_cluster::{LocalCluster, UpArgs};
-use crate::stats::{percentile, random_hidden, relative_l2};
+use crate::stats::{percentile, random_hidden, relative_l2, resident_bytes};
 use crate::synthetic::{SyntheticShape, write_mixtral};
 
 /// The PyTorch contestant, run by the bench when torch and transformers are installed.
@@ -281,17 +281,6 @@ impl Drop for TorchContestant {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// Resident and peak resident memory of a process, from /proc.
-fn resident_bytes(pid: u32) -> Option<(u64, u64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let field = |name: &str| -> Option<u64> {
-        let line = status.lines().find(|line| line.starts_with(name))?;
-        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-        Some(kib * 1024)
-    };
-    Some((field("VmRSS:")?, field("VmHWM:")?))
 }
 
 /// Memory of one expert node after the run.

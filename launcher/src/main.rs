@@ -14,6 +14,7 @@ mod demo;
 mod expert_spec;
 mod local_cluster;
 mod roles;
+mod soak;
 mod stats;
 mod synthetic;
 
@@ -43,6 +44,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Runs a skewed (Zipf) workload on a local cluster before, during and after one live rebalance, and reports node balance, throughput and latency.
     BenchRebalance(bench_rebalance::BenchRebalanceArgs),
+    /// Runs many clients against a local cluster for a bounded time and reports errors, throughput and memory over time.
+    Soak(soak::SoakArgs),
 }
 
 fn init_tracing() {
@@ -85,6 +88,7 @@ fn main() -> anyhow::Result<()> {
             Command::Demo(args) => demo::run_demo(args).await,
             Command::Bench(args) => bench::run_bench(args).await,
             Command::BenchRebalance(args) => bench_rebalance::run_bench_rebalance(args).await,
+            Command::Soak(args) => soak::run_soak(args).await,
         }
     })
 }

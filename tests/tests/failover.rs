@@ -291,7 +291,10 @@ async fn with_single_replicas_only_requests_needing_the_lost_node_fail_until_it_
                 served += 1;
             }
             Err(ClientError::Unavailable(message)) => {
-                assert!(needs_lost[token], "token {token} failed needlessly: {message}");
+                assert!(
+                    needs_lost[token],
+                    "token {token} failed needlessly: {message}"
+                );
                 assert!(message.contains("layer 0"), "{message}");
                 failed += 1;
             }
@@ -313,6 +316,9 @@ async fn with_single_replicas_only_requests_needing_the_lost_node_fail_until_it_
             }
         }
     }
-    println!("full service again {:?} after the node was lost", killed_at.elapsed());
+    println!(
+        "full service again {:?} after the node was lost",
+        killed_at.elapsed()
+    );
     cluster.shutdown().await;
 }
