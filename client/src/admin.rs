@@ -7,7 +7,7 @@ use moemesh_proto::v1::{
     LoadStatsResponse, MoveReplicaRequest, MoveReplicaResponse, RebalanceRequest,
     RebalanceResponse, ShowPlacementRequest, ShowPlacementResponse,
 };
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::ClientError;
 
@@ -27,7 +27,7 @@ impl AdminClient {
             address: address.clone(),
             message,
         };
-        let channel = Endpoint::from_shared(address.clone())
+        let channel = moemesh_proto::tls::endpoint(address.clone())
             .map_err(|error| connect_error(error.to_string()))?
             .connect()
             .await

@@ -21,7 +21,7 @@ use moemesh_proto::{MAX_MESSAGE_BYTES, RouterServiceClient};
 use std::time::Duration;
 use tonic::Code;
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 /// Errors the SDK returns.
 #[derive(Debug, thiserror::Error)]
@@ -96,7 +96,7 @@ impl Client {
             address: address.clone(),
             message,
         };
-        let endpoint = Endpoint::from_shared(address.clone())
+        let endpoint = moemesh_proto::tls::endpoint(address.clone())
             .map_err(|error| connect_error(error.to_string()))?;
         let channel = moemesh_proto::data_path_endpoint(endpoint)
             .connect()

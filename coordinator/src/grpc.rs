@@ -26,7 +26,7 @@ use protobuf::Message as _;
 use raft::prelude::Message;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
@@ -97,7 +97,7 @@ impl GrpcTransport {
     ) -> CoordinatorResult<Self> {
         let mut queues = BTreeMap::new();
         for (&peer, address) in peers.iter().filter(|(id, _)| **id != own_id) {
-            let endpoint = Endpoint::from_shared(address.clone())
+            let endpoint = moemesh_proto::tls::endpoint(address.clone())
                 .map_err(|error| {
                     CoordinatorError::Rejected(format!(
                         "coordinator {peer} address {address:?}: {error}"
@@ -414,7 +414,7 @@ impl CoordinatorService {
                     Err(_) => unreachable_status(id, address),
                 };
             }
-            let Ok(endpoint) = Endpoint::from_shared(address.clone()) else {
+            let Ok(endpoint) = moemesh_proto::tls::endpoint(address.clone()) else {
                 return unreachable_status(id, address);
             };
             let endpoint = endpoint
@@ -675,9 +675,12 @@ impl moemesh_proto::AdminService for CoordinatorService {
         if let Some(leader) = status.leader_id.filter(|&leader| leader != self.id)
             && let Some(address) = self.peers.get(&leader)
         {
-            let mut client = AdminServiceClient::connect(address.clone())
+            let channel = moemesh_proto::tls::endpoint(address.clone())
+                .map_err(|error| Status::internal(format!("leader {leader} address: {error}")))?
+                .connect()
                 .await
                 .map_err(|error| Status::unavailable(format!("leader {leader}: {error}")))?;
+            let mut client = AdminServiceClient::new(channel);
             return client.rebalance(self.to_peer(request)).await;
         }
         let state = self.current_state().await?;
@@ -1031,7 +1034,7 @@ impl Coordinator {
         tokio::spawn(Arc::clone(&membership).monitor_task());
         let mut peer_admin = BTreeMap::new();
         for (&peer, address) in config.peers.iter().filter(|(peer, _)| **peer != id) {
-            let endpoint = Endpoint::from_shared(address.clone())
+            let endpoint = moemesh_proto::tls::endpoint(address.clone())
                 .map_err(|error| {
                     CoordinatorError::Rejected(format!(
                         "coordinator {peer} address {address:?}: {error}"
@@ -1101,7 +1104,8 @@ impl Coordinator {
                 streams_closing.send_replace(true);
             }
         };
-        let result = tonic::transport::Server::builder()
+        let result = moemesh_proto::tls::server()
+            .map_err(|error| CoordinatorError::Rejected(format!("TLS setup failed: {error}")))?
             .add_service(health_service)
             .add_service(
                 CoordinatorPeerServiceServer::new(self.service.clone())

@@ -90,6 +90,7 @@ pub async fn serve(
         tracing::info!("expert node shutting down");
     };
     moemesh_proto::data_path_server()
+        .map_err(|error| ExpertNodeError::Internal(format!("TLS setup failed: {error}")))?
         .add_service(health_service)
         .add_service(server)
         .serve_with_incoming_shutdown(moemesh_proto::incoming_without_delay(listener), shutdown)

@@ -40,7 +40,10 @@ async fn connect_any(
     let mut last_error = String::from("no coordinator given");
     for _ in 0..coordinators.len() {
         let address = &coordinators[*next % coordinators.len()];
-        match AdminServiceClient::connect(address.clone()).await {
+        match moemesh_proto::tls::connect(address.clone())
+            .await
+            .map(AdminServiceClient::new)
+        {
             Ok(client) => return Ok(client),
             Err(error) => last_error = format!("cannot reach coordinator {address}: {error}"),
         }

@@ -134,7 +134,11 @@ async fn start_coordinators(
     let mut urls = Vec::with_capacity(count);
     for _ in 0..count {
         let probe = std::net::TcpListener::bind("127.0.0.1:0").context("no free local port")?;
-        urls.push(format!("http://{}", probe.local_addr()?));
+        urls.push(format!(
+            "{}://{}",
+            moemesh_proto::tls::scheme(),
+            probe.local_addr()?
+        ));
     }
     let peers = urls
         .iter()
@@ -144,7 +148,7 @@ async fn start_coordinators(
         .join(",");
     for (index, url) in urls.iter().enumerate() {
         let id = index + 1;
-        let listen = url.trim_start_matches("http://").to_string();
+        let listen = url.split("://").nth(1).unwrap_or(url).to_string();
         let args = vec![
             "--id".into(),
             id.to_string(),

@@ -207,7 +207,11 @@ async fn bind(listen: &str) -> anyhow::Result<(TcpListener, String)> {
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
-    let url = format!("http://{}", listener.local_addr()?);
+    let url = format!(
+        "{}://{}",
+        moemesh_proto::tls::scheme(),
+        listener.local_addr()?
+    );
     Ok((listener, url))
 }
 

@@ -6,6 +6,8 @@
 //! are `bytes::Bytes`, so payloads decode without a copy.
 
 /// Generated messages, clients and servers of package `moemesh.v1`.
+pub mod tls;
+
 pub mod v1 {
     #![allow(clippy::all, missing_docs)]
     tonic::include_proto!("moemesh.v1");
@@ -51,11 +53,11 @@ pub const DATA_MAX_FRAME_BYTES: u32 = 1 << 20;
 
 /// A server for the data path (routers, expert nodes): windows and frames
 /// sized for megabyte messages.
-pub fn data_path_server() -> tonic::transport::Server {
-    tonic::transport::Server::builder()
+pub fn data_path_server() -> Result<tonic::transport::Server, tonic::transport::Error> {
+    Ok(tls::server()?
         .initial_stream_window_size(DATA_STREAM_WINDOW_BYTES)
         .initial_connection_window_size(DATA_CONNECTION_WINDOW_BYTES)
-        .max_frame_size(DATA_MAX_FRAME_BYTES)
+        .max_frame_size(DATA_MAX_FRAME_BYTES))
 }
 
 /// `endpoint` set up for the data path: no Nagle delay, windows and frames

@@ -87,6 +87,7 @@ pub async fn serve(
         tracing::info!("router shutting down");
     };
     moemesh_proto::data_path_server()
+        .map_err(|error| RouterError::Internal(format!("TLS setup failed: {error}")))?
         .add_service(health_service)
         .add_service(server)
         .serve_with_incoming_shutdown(moemesh_proto::incoming_without_delay(listener), shutdown)

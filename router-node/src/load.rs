@@ -120,7 +120,10 @@ pub async fn report_load_task(
         drop(counters);
         if client.is_none() {
             let address = coordinators[next % coordinators.len()].clone();
-            client = AdminServiceClient::connect(address).await.ok();
+            client = moemesh_proto::tls::connect(address)
+                .await
+                .ok()
+                .map(AdminServiceClient::new);
         }
         let delivered = match client.as_mut() {
             Some(connected) => {

@@ -17,7 +17,7 @@ use moemesh_proto::{
     AdminServiceClient, ExpertServiceClient, MAX_MESSAGE_BYTES, data_path_endpoint,
 };
 use tokio::sync::watch;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::{RouterError, RouterResult};
 
@@ -39,7 +39,7 @@ pub struct NodeLink {
 impl NodeLink {
     /// Opens a channel that connects on first use and reconnects as needed.
     pub fn connect_lazy(node: NodeEntry, group: String) -> RouterResult<Self> {
-        let endpoint = Endpoint::from_shared(node.address.clone()).map_err(|error| {
+        let endpoint = moemesh_proto::tls::endpoint(node.address.clone()).map_err(|error| {
             RouterError::InvalidArgument(format!(
                 "node {} address {:?}: {error}",
                 node.id, node.address
@@ -169,8 +169,9 @@ pub async fn follow_coordinators_task(
     loop {
         let address = coordinators[next % coordinators.len()].clone();
         let followed = async {
-            let mut client = AdminServiceClient::connect(address.clone())
+            let mut client = moemesh_proto::tls::connect(address.clone())
                 .await
+                .map(AdminServiceClient::new)
                 .map_err(|error| error.to_string())?;
             let request = WatchPlacementRequest {
                 model: model_id.clone(),

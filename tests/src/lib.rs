@@ -117,7 +117,11 @@ async fn bind() -> (TcpListener, String) {
     let listener = TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind 127.0.0.1:0");
-    let url = format!("http://{}", listener.local_addr().expect("bound address"));
+    let url = format!(
+        "{}://{}",
+        moemesh_proto::tls::scheme(),
+        listener.local_addr().expect("bound address")
+    );
     (listener, url)
 }
 
