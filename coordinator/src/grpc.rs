@@ -16,7 +16,8 @@ use moemesh_proto::v1::{
     PlacementSnapshot, RaftAck, RaftBatch, RebalanceRequest, RebalanceResponse,
     RegisterNodeRequest, RegisterNodeResponse, ReplicaInfo, ReplicaMove, ReportLoadRequest,
     ReportLoadResponse, ReportReplicaReadyRequest, ReportReplicaReadyResponse,
-    ShowPlacementRequest, ShowPlacementResponse, WatchPlacementRequest,
+    ReportUnreachableRequest, ReportUnreachableResponse, ShowPlacementRequest,
+    ShowPlacementResponse, WatchPlacementRequest,
 };
 use moemesh_proto::{
     AdminServiceClient, AdminServiceServer, CoordinatorPeerServiceClient,
@@ -616,6 +617,19 @@ impl moemesh_proto::AdminService for CoordinatorService {
             let _ = client.heartbeat(heartbeat).await;
         }
         Ok(Response::new(HeartbeatResponse {}))
+    }
+
+    async fn report_unreachable(
+        &self,
+        request: Request<ReportUnreachableRequest>,
+    ) -> Result<Response<ReportUnreachableResponse>, Status> {
+        let report = request.into_inner();
+        tracing::warn!(node = %report.node, reporter = %report.reporter, reason = %report.reason, "expert node reported unreachable");
+        self.membership.suspect(&report.node);
+        if let Some(mut client) = self.leader_if_not_self().await? {
+            let _ = client.report_unreachable(report).await;
+        }
+        Ok(Response::new(ReportUnreachableResponse {}))
     }
 
     async fn report_load(

@@ -226,6 +226,8 @@ pub async fn drain_node(
 pub struct Membership {
     raft: RaftHandle,
     last_heard: Mutex<HashMap<String, Instant>>,
+    /// When routers last reported each node unreachable.
+    suspected: Mutex<HashMap<String, Instant>>,
     dead_after: Duration,
 }
 
@@ -234,8 +236,18 @@ impl Membership {
         Arc::new(Self {
             raft,
             last_heard: Mutex::new(HashMap::new()),
+            suspected: Mutex::new(HashMap::new()),
             dead_after,
         })
+    }
+
+    /// Records that a router could not reach `node_id`: if it has also
+    /// been silent for half the usual time, it is declared dead then.
+    pub fn suspect(&self, node_id: &str) {
+        self.suspected
+            .lock()
+            .expect("suspicions")
+            .insert(node_id.to_string(), Instant::now());
     }
 
     /// Records that `node_id` is alive.
@@ -281,10 +293,16 @@ impl Membership {
             for node in state.nodes.keys() {
                 last_heard.entry(node.clone()).or_insert(now);
             }
+            let suspected = self.suspected.lock().expect("suspicions");
             let heard_recently = |id: &str| {
+                // A node a router could not reach gets half the silence.
+                let limit = match suspected.get(id) {
+                    Some(at) if now.duration_since(*at) < self.dead_after => self.dead_after / 2,
+                    _ => self.dead_after,
+                };
                 last_heard
                     .get(id)
-                    .is_some_and(|at| now.duration_since(*at) < self.dead_after)
+                    .is_some_and(|at| now.duration_since(*at) < limit)
             };
             (
                 state

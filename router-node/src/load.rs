@@ -140,6 +140,46 @@ pub async fn report_load_task(
     }
 }
 
+/// Tells the coordinators about expert nodes this router failed to reach,
+/// so that the leader declares them dead sooner; ends with the router.
+pub async fn report_unreachable_task(
+    coordinators: Vec<String>,
+    router: String,
+    mut reports: tokio::sync::mpsc::Receiver<(String, String)>,
+) {
+    let mut next = 0;
+    let mut client: Option<AdminServiceClient<tonic::transport::Channel>> = None;
+    while let Some((node, reason)) = reports.recv().await {
+        for _ in 0..coordinators.len() {
+            if client.is_none() {
+                let address = coordinators[next % coordinators.len()].clone();
+                client = moemesh_proto::tls::connect(address)
+                    .await
+                    .ok()
+                    .map(AdminServiceClient::new);
+            }
+            let request = moemesh_proto::v1::ReportUnreachableRequest {
+                node: node.clone(),
+                reporter: router.clone(),
+                reason: reason.clone(),
+            };
+            let delivered = match client.as_mut() {
+                Some(connected) => {
+                    tokio::time::timeout(REPORT_INTERVAL, connected.report_unreachable(request))
+                        .await
+                        .is_ok_and(|reply| reply.is_ok())
+                }
+                None => false,
+            };
+            if delivered {
+                break;
+            }
+            client = None;
+            next += 1;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;

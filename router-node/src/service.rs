@@ -16,7 +16,7 @@ use tonic::{Code, Request, Response, Status};
 use tracing::instrument;
 
 use crate::dispatch::{NodeBatch, ReplicaPicker, add_expert_rows, routing_pairs, split_pairs};
-use crate::load::{LoadCounters, report_load_task, router_id};
+use crate::load::{LoadCounters, report_load_task, report_unreachable_task, router_id};
 use crate::table::{NodeLink, RoutingTable, follow_coordinators_task};
 use crate::{PlacementSource, RouterConfig, RouterError, RouterResult};
 
@@ -112,6 +112,8 @@ pub struct RouterNodeService {
     table_rx: watch::Receiver<Arc<RoutingTable>>,
     /// Tokens sent to each expert, reported to the coordinators.
     load: Arc<LoadCounters>,
+    /// Expert nodes this router failed to reach, for the coordinators.
+    unreachable_tx: Option<tokio::sync::mpsc::Sender<(String, String)>>,
     /// Admission control: one permit per forward in progress.
     admission: Arc<tokio::sync::Semaphore>,
     max_in_flight: usize,
@@ -139,6 +141,7 @@ impl RouterNodeService {
             &config.moe_layers(),
             config.experts_per_layer(),
         ));
+        let mut unreachable_tx = None;
         let (layers, table_rx) = match router_config.placement {
             PlacementSource::File(file) => {
                 let placement = Placement::from_file(&file, &config)?;
@@ -158,12 +161,16 @@ impl RouterNodeService {
                     None,
                 )?;
                 let (table_tx, mut table_rx) = watch::channel(Arc::new(empty));
+                let router = router_id();
                 tokio::spawn(report_load_task(
                     coordinators.clone(),
                     router_config.model_id.clone(),
-                    router_id(),
+                    router.clone(),
                     Arc::downgrade(&load),
                 ));
+                let (tx, rx) = tokio::sync::mpsc::channel(64);
+                unreachable_tx = Some(tx);
+                tokio::spawn(report_unreachable_task(coordinators.clone(), router, rx));
                 tokio::spawn(follow_coordinators_task(
                     coordinators,
                     router_config.model_id.clone(),
@@ -202,6 +209,7 @@ impl RouterNodeService {
             gates,
             table_rx,
             load,
+            unreachable_tx,
             admission: Arc::new(tokio::sync::Semaphore::new(max_in_flight)),
             max_in_flight,
         })
@@ -345,8 +353,14 @@ impl RouterNodeService {
                         failed[node] = true;
                         let link = &table.links[node];
                         if matches!(error, RouterError::Unavailable(_)) {
-                            link.unhealthy_until
-                                .store(health_clock() + UNHEALTHY_FOR_MS, Ordering::Relaxed);
+                            let now = health_clock();
+                            let was_healthy = link
+                                .unhealthy_until
+                                .swap(now + UNHEALTHY_FOR_MS, Ordering::Relaxed)
+                                <= now;
+                            if was_healthy && let Some(tx) = &self.unreachable_tx {
+                                let _ = tx.try_send((link.node.id.clone(), error.to_string()));
+                            }
                             tracing::warn!(node = %link.node.id, %error, "expert node failed; retrying its share elsewhere");
                         }
                         retry.extend(batch.to_pairs());

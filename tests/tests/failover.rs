@@ -322,3 +322,27 @@ async fn with_single_replicas_only_requests_needing_the_lost_node_fail_until_it_
     );
     cluster.shutdown().await;
 }
+
+/// A router's report that it cannot reach a node only shortens the silence
+/// the leader waits for: a node that keeps heartbeating stays alive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_report_does_not_kill_a_node_that_still_heartbeats() {
+    let fixture = Fixture::open("mixtral");
+    let cluster = ManagedCluster::start(&fixture.dir, 2, 1, Duration::from_millis(1500)).await;
+    let node = cluster.node_ids()[0].clone();
+    let mut raw = moemesh_proto::AdminServiceClient::connect(cluster.coordinators.urls[&2].clone())
+        .await
+        .unwrap();
+    raw.report_unreachable(moemesh_proto::v1::ReportUnreachableRequest {
+        node: node.clone(),
+        reporter: "test".into(),
+        reason: "connection refused".into(),
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    let status = cluster.admin(1).await.cluster_status().await.unwrap();
+    let reported = status.nodes.iter().find(|entry| entry.id == node).unwrap();
+    assert_eq!(reported.status, "ready", "{status:?}");
+    cluster.shutdown().await;
+}
