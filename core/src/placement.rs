@@ -284,18 +284,9 @@ impl Placement {
     }
 }
 
-/// Picks one of `replica_count` replicas of `expert` for a token, from the
-/// token's own values only: the choice spreads tokens over replicas yet
-/// never depends on what else is in the batch, so outputs stay
-/// bit-identical whatever a request is batched with.
-pub fn replica_for_token(token: &[f32], expert: u32, replica_count: usize) -> usize {
-    if replica_count <= 1 {
-        return 0;
-    }
-    (token_hash(token, expert) % replica_count as u64) as usize
-}
-
-/// A well-mixed 64-bit hash of a token's values and an expert id.
+/// A well-mixed 64-bit hash of a token's values and an expert id: routers
+/// draw a token's candidate replicas from it, so the draw depends on the
+/// token alone.
 pub fn token_hash(token: &[f32], expert: u32) -> u64 {
     // FNV-1a over the bits, finished with a splitmix64 mix.
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325 ^ u64::from(expert);
@@ -381,13 +372,14 @@ mod tests {
     }
 
     #[test]
-    fn replica_choice_depends_on_the_token_and_spreads() {
+    fn token_hashes_depend_on_the_token_and_spread() {
         let mut counts = [0usize; 3];
         for token in 0..3000 {
             let row = [token as f32, 0.5];
-            let replica = replica_for_token(&row, 4, 3);
-            assert_eq!(replica, replica_for_token(&row, 4, 3));
-            counts[replica] += 1;
+            let hash = token_hash(&row, 4);
+            assert_eq!(hash, token_hash(&row, 4));
+            assert_ne!(hash, token_hash(&row, 5));
+            counts[(hash % 3) as usize] += 1;
         }
         assert!(counts.iter().all(|&count| count > 800), "{counts:?}");
     }
