@@ -592,3 +592,87 @@ impl ManagedCluster {
         self.coordinators.shutdown().await;
     }
 }
+
+/// Clients that keep sending the same request without pause until stopped,
+/// checking every answer against the expected output.
+pub struct SteadyLoad {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    served: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    tasks: Vec<tokio::task::JoinHandle<Vec<String>>>,
+}
+
+impl SteadyLoad {
+    /// Starts one task per client, each forwarding `input` through layer
+    /// `layer`; an answer further than `tolerance` (relative L2) from
+    /// `expected`, or an error, is recorded as a failure.
+    pub fn start(
+        clients: Vec<Client>,
+        layer: u32,
+        input: Vec<f32>,
+        expected: Vec<f32>,
+        hidden: usize,
+        tolerance: f64,
+    ) -> Self {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (input, expected) = (std::sync::Arc::new(input), std::sync::Arc::new(expected));
+        let tasks = clients
+            .into_iter()
+            .map(|mut client| {
+                let (stop, served) = (stop.clone(), served.clone());
+                let (input, expected) = (input.clone(), expected.clone());
+                tokio::spawn(async move {
+                    let mut failures = Vec::new();
+                    while !stop.load(Ordering::Relaxed) {
+                        match client.forward_f32("", layer, &input, hidden).await {
+                            Ok(output) => {
+                                let error = relative_l2(&output, &expected);
+                                if error >= tolerance {
+                                    failures.push(format!("relative L2 error {error:e}"));
+                                }
+                                served.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(error) => failures.push(error.to_string()),
+                        }
+                    }
+                    failures
+                })
+            })
+            .collect();
+        Self {
+            stop,
+            served,
+            tasks,
+        }
+    }
+
+    /// Requests answered correctly or not, so far.
+    pub fn served(&self) -> usize {
+        self.served.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Waits until `more` requests past now have been answered (a minute at most).
+    pub async fn wait_for(&self, more: usize) {
+        let target = self.served() + more;
+        let started = std::time::Instant::now();
+        while self.served() < target {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "serving stalled at {} requests",
+                self.served()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Stops the clients and returns every failure they saw.
+    pub async fn stop(self) -> Vec<String> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut failures = Vec::new();
+        for task in self.tasks {
+            failures.extend(task.await.expect("load task"));
+        }
+        failures
+    }
+}

@@ -1,13 +1,11 @@
 //! Losing an expert node under load: with every expert on two nodes no
 //! request fails, and the cluster heals itself while serving.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use moemesh_core::backend::CpuBackend;
 use moemesh_core::layer::MoeLayer;
-use moemesh_tests::{Fixture, ManagedCluster, relative_l2};
+use moemesh_tests::{Fixture, ManagedCluster, SteadyLoad, relative_l2};
 
 const PATIENCE: Duration = Duration::from_secs(60);
 
@@ -21,41 +19,16 @@ async fn killing_a_node_under_load_fails_no_request_when_experts_have_two_replic
         .forward(&input, input.len() / hidden);
     let mut cluster = ManagedCluster::start(&fixture.dir, 3, 2, Duration::from_millis(1500)).await;
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let served = Arc::new(AtomicUsize::new(0));
-    let mut load = Vec::new();
+    let mut clients = Vec::new();
     for _ in 0..3 {
-        let mut client = cluster.client().await;
-        let (stop, served, input, reference) = (
-            Arc::clone(&stop),
-            Arc::clone(&served),
-            input.clone(),
-            reference.clone(),
-        );
-        load.push(tokio::spawn(async move {
-            let mut failures = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                match client.forward_f32("", 1, &input, hidden).await {
-                    Ok(output) => {
-                        let error = relative_l2(&output, &reference);
-                        if error >= 1e-6 {
-                            failures.push(format!("relative L2 error {error:e}"));
-                        }
-                        served.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(error) => failures.push(error.to_string()),
-                }
-            }
-            failures
-        }));
+        clients.push(cluster.client().await);
     }
-    while served.load(Ordering::Relaxed) < 20 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let load = SteadyLoad::start(clients, 1, input, reference, hidden, 1e-6);
+    load.wait_for(20).await;
 
     let victim = cluster.node_ids()[1].clone();
     let killed_at = Instant::now();
-    let served_before = served.load(Ordering::Relaxed);
+    let served_before = load.served();
     cluster.kill_node(&victim).await;
 
     // The cluster heals while serving: the victim is dead and every expert
@@ -86,22 +59,14 @@ async fn killing_a_node_under_load_fails_no_request_when_experts_have_two_replic
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let healed_after = killed_at.elapsed();
-    let served_at_heal = served.load(Ordering::Relaxed);
-    while served.load(Ordering::Relaxed) < served_at_heal + 10 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    stop.store(true, Ordering::Relaxed);
-    let mut failures = Vec::new();
-    for task in load {
-        failures.extend(task.await.unwrap());
-    }
+    load.wait_for(10).await;
+    let served = load.served() - served_before;
+    let failures = load.stop().await;
     println!(
-        "node killed under load: {} requests served meanwhile, {} failed; healthy again after {healed_after:?}",
-        served.load(Ordering::Relaxed) - served_before,
+        "node killed under load: {served} requests served meanwhile, {} failed; healthy again after {healed_after:?}",
         failures.len()
     );
     assert!(failures.is_empty(), "{failures:?}");
-    assert!(served.load(Ordering::Relaxed) > served_before);
     cluster.shutdown().await;
 }
 
@@ -113,53 +78,16 @@ async fn losing_the_coordinator_leader_under_load_fails_no_request() {
     let hidden = fixture.hidden_size();
     let (input, expected) = fixture.cases[&0].clone();
     let mut cluster = ManagedCluster::start(&fixture.dir, 2, 1, Duration::from_secs(3600)).await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let served = Arc::new(AtomicUsize::new(0));
-    let mut load = Vec::new();
-    for _ in 0..2 {
-        let mut client = cluster.client().await;
-        let (stop, served, input, expected) = (
-            Arc::clone(&stop),
-            Arc::clone(&served),
-            input.clone(),
-            expected.clone(),
-        );
-        load.push(tokio::spawn(async move {
-            let mut failures = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                match client.forward_f32("", 0, &input, hidden).await {
-                    Ok(output) if relative_l2(&output, &expected) < 1e-5 => {
-                        served.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Ok(_) => failures.push("wrong output".to_string()),
-                    Err(error) => failures.push(error.to_string()),
-                }
-            }
-            failures
-        }));
-    }
-    while served.load(Ordering::Relaxed) < 20 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let clients = vec![cluster.client().await, cluster.client().await];
+    let load = SteadyLoad::start(clients, 0, input, expected, hidden, 1e-5);
+    load.wait_for(20).await;
     let leader = cluster.coordinators.leader(1).await;
     cluster.coordinators.stop(leader).await;
-    let served_at_loss = served.load(Ordering::Relaxed);
     // Serve on for a while with the leader gone, through the election.
     let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(2)
-        || served.load(Ordering::Relaxed) < served_at_loss + 50
-    {
-        assert!(
-            started.elapsed() < PATIENCE,
-            "serving stalled without the leader"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    stop.store(true, Ordering::Relaxed);
-    let mut failures = Vec::new();
-    for task in load {
-        failures.extend(task.await.unwrap());
-    }
+    load.wait_for(50).await;
+    tokio::time::sleep(Duration::from_secs(2).saturating_sub(started.elapsed())).await;
+    let failures = load.stop().await;
     assert!(failures.is_empty(), "{failures:?}");
     cluster.shutdown().await;
 }

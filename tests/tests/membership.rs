@@ -1,12 +1,10 @@
 //! Placement owned by the coordinators: moves under load, and dead nodes.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use moemesh_core::backend::CpuBackend;
 use moemesh_core::layer::MoeLayer;
-use moemesh_tests::{Fixture, ManagedCluster, relative_l2};
+use moemesh_tests::{Fixture, ManagedCluster, SteadyLoad, relative_l2};
 
 const PATIENCE: Duration = Duration::from_secs(60);
 
@@ -20,35 +18,12 @@ async fn moves_under_continuous_load_fail_no_request() {
         .forward(&input, input.len() / hidden);
     let cluster = ManagedCluster::start(&fixture.dir, 3, 1, Duration::from_secs(3600)).await;
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let served = Arc::new(AtomicUsize::new(0));
     // Three clients keep requests in flight through every step of every move.
-    let mut load = Vec::new();
+    let mut clients = Vec::new();
     for _ in 0..3 {
-        let mut client = cluster.client().await;
-        let (stop, served, input, reference) = (
-            Arc::clone(&stop),
-            Arc::clone(&served),
-            input.clone(),
-            reference.clone(),
-        );
-        load.push(tokio::spawn(async move {
-            let mut failures = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                match client.forward_f32("", 1, &input, hidden).await {
-                    Ok(output) => {
-                        let error = relative_l2(&output, &reference);
-                        if error >= 1e-6 {
-                            failures.push(format!("relative L2 error {error:e}"));
-                        }
-                        served.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(error) => failures.push(error.to_string()),
-                }
-            }
-            failures
-        }));
+        clients.push(cluster.client().await);
     }
+    let load = SteadyLoad::start(clients, 1, input.clone(), reference.clone(), hidden, 1e-6);
 
     // Every placement a router could receive during the moves must route
     // every expert to a ready replica.
@@ -104,21 +79,10 @@ async fn moves_under_continuous_load_fail_no_request() {
         );
     }
     // Keep the load on a little after the last move.
-    let served_at_last_move = served.load(Ordering::Relaxed);
-    let started = Instant::now();
-    while served.load(Ordering::Relaxed) < served_at_last_move + 20 {
-        assert!(started.elapsed() < PATIENCE);
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    stop.store(true, Ordering::Relaxed);
-    let mut failures = Vec::new();
-    for task in load {
-        failures.extend(task.await.unwrap());
-    }
-    println!(
-        "3 moves took {move_times:?} ms end to end; {} requests served meanwhile",
-        served.load(Ordering::Relaxed)
-    );
+    load.wait_for(20).await;
+    let served = load.served();
+    let failures = load.stop().await;
+    println!("3 moves took {move_times:?} ms end to end; {served} requests served meanwhile");
     assert!(
         failures.is_empty(),
         "failed requests during moves: {failures:?}"

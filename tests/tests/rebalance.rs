@@ -2,13 +2,11 @@
 //! rebalancer gives the hot expert more replicas, and every request before,
 //! during and after matches the in-process layer.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use moemesh_core::backend::CpuBackend;
 use moemesh_core::layer::MoeLayer;
-use moemesh_tests::{Fixture, ManagedCluster, relative_l2};
+use moemesh_tests::{Fixture, ManagedCluster, SteadyLoad};
 use rand::{Rng, SeedableRng};
 
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -63,34 +61,18 @@ async fn skewed_load_is_counted_and_the_rebalancer_replicates_the_hot_expert() {
 
     // Two clients send the skewed batch without pause, before, during and
     // after the rebalance, and check every answer.
-    let stop = Arc::new(AtomicBool::new(false));
-    let served = Arc::new(AtomicUsize::new(0));
-    let mut load = Vec::new();
+    let mut clients = Vec::new();
     for _ in 0..2 {
-        let mut client = cluster.client().await;
-        let (stop, served, input, reference) = (
-            Arc::clone(&stop),
-            Arc::clone(&served),
-            input.clone(),
-            reference.clone(),
-        );
-        load.push(tokio::spawn(async move {
-            let mut failures = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                match client.forward_f32("", LAYER as u32, &input, hidden).await {
-                    Ok(output) => {
-                        let error = relative_l2(&output, &reference);
-                        if error >= 1e-6 {
-                            failures.push(format!("relative L2 error {error:e}"));
-                        }
-                        served.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(error) => failures.push(error.to_string()),
-                }
-            }
-            failures
-        }));
+        clients.push(cluster.client().await);
     }
+    let load = SteadyLoad::start(
+        clients,
+        LAYER as u32,
+        input.clone(),
+        reference.clone(),
+        hidden,
+        1e-6,
+    );
 
     // The window fills: expert HOT carries the most tokens.
     let started = Instant::now();
@@ -161,15 +143,9 @@ async fn skewed_load_is_counted_and_the_rebalancer_replicates_the_hot_expert() {
     assert!(status.rebalance_moves_done >= done.moves_done, "{status:?}");
 
     // Serving went on throughout, and still does on the new placement.
-    let served_at_rebalance = served.load(Ordering::Relaxed);
-    while served.load(Ordering::Relaxed) < served_at_rebalance + 5 {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    stop.store(true, Ordering::Relaxed);
-    for task in load {
-        let failures = task.await.unwrap();
-        assert!(failures.is_empty(), "{failures:?}");
-    }
+    load.wait_for(5).await;
+    let failures = load.stop().await;
+    assert!(failures.is_empty(), "{failures:?}");
     cluster.shutdown().await;
 }
 
