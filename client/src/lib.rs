@@ -12,8 +12,10 @@
 
 pub mod admin;
 pub mod npy;
+mod tls_args;
 
 pub use admin::AdminClient;
+pub use tls_args::TlsArgs;
 
 use moemesh_core::tensor::{WireDtype, decode_rows, encode};
 use moemesh_proto::v1::{ForwardRequest, Tensor};

@@ -63,11 +63,6 @@ impl LoadTracker {
         }
     }
 
-    /// The window's length.
-    pub fn window(&self) -> Duration {
-        self.window
-    }
-
     fn window_start(&self, now: Instant) -> Instant {
         now.checked_sub(self.window).unwrap_or(now)
     }

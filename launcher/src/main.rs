@@ -24,34 +24,10 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(name = "moemesh", version)]
 struct Cli {
-    /// This process's TLS certificate (PEM). With --tls-key and --tls-ca,
-    /// every connection is mutual TLS: servers demand a client certificate
-    /// signed by the CA, clients present theirs; peers are https:// URLs.
-    #[arg(long, global = true, env = "MOEMESH_TLS_CERT")]
-    tls_cert: Option<std::path::PathBuf>,
-    /// This process's TLS private key (PEM).
-    #[arg(long, global = true, env = "MOEMESH_TLS_KEY")]
-    tls_key: Option<std::path::PathBuf>,
-    /// The CA certificate (PEM) that signs every member of the cluster.
-    #[arg(long, global = true, env = "MOEMESH_TLS_CA")]
-    tls_ca: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    tls: moemesh_client::TlsArgs,
     #[command(subcommand)]
     command: Command,
-}
-
-/// Turns mutual TLS on when all three files are given, and refuses some.
-fn install_tls(
-    cert: Option<&std::path::Path>,
-    key: Option<&std::path::Path>,
-    ca: Option<&std::path::Path>,
-) -> anyhow::Result<()> {
-    match (cert, key, ca) {
-        (None, None, None) => Ok(()),
-        (Some(cert), Some(key), Some(ca)) => {
-            moemesh_proto::tls::install(cert, key, ca).map_err(anyhow::Error::msg)
-        }
-        _ => anyhow::bail!("mutual TLS needs all of --tls-cert, --tls-key and --tls-ca"),
-    }
 }
 
 #[derive(Subcommand)]
@@ -102,11 +78,7 @@ fn main() -> anyhow::Result<()> {
     limit_malloc_arenas();
     init_tracing();
     let cli = Cli::parse();
-    install_tls(
-        cli.tls_cert.as_deref(),
-        cli.tls_key.as_deref(),
-        cli.tls_ca.as_deref(),
-    )?;
+    cli.tls.install()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

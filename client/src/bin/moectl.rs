@@ -13,34 +13,10 @@ use serde_json::json;
 #[derive(Parser)]
 #[command(name = "moectl", version)]
 struct Cli {
-    /// This process's TLS certificate (PEM). With --tls-key and --tls-ca,
-    /// every connection is mutual TLS: servers demand a client certificate
-    /// signed by the CA, clients present theirs; peers are https:// URLs.
-    #[arg(long, global = true, env = "MOEMESH_TLS_CERT")]
-    tls_cert: Option<std::path::PathBuf>,
-    /// This process's TLS private key (PEM).
-    #[arg(long, global = true, env = "MOEMESH_TLS_KEY")]
-    tls_key: Option<std::path::PathBuf>,
-    /// The CA certificate (PEM) that signs every member of the cluster.
-    #[arg(long, global = true, env = "MOEMESH_TLS_CA")]
-    tls_ca: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    tls: moemesh_client::TlsArgs,
     #[command(subcommand)]
     command: Command,
-}
-
-/// Turns mutual TLS on when all three files are given, and refuses some.
-fn install_tls(
-    cert: Option<&std::path::Path>,
-    key: Option<&std::path::Path>,
-    ca: Option<&std::path::Path>,
-) -> anyhow::Result<()> {
-    match (cert, key, ca) {
-        (None, None, None) => Ok(()),
-        (Some(cert), Some(key), Some(ca)) => {
-            moemesh_proto::tls::install(cert, key, ca).map_err(anyhow::Error::msg)
-        }
-        _ => anyhow::bail!("mutual TLS needs all of --tls-cert, --tls-key and --tls-ca"),
-    }
 }
 
 #[derive(Subcommand)]
@@ -283,11 +259,7 @@ struct ForwardArgs {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    install_tls(
-        cli.tls_cert.as_deref(),
-        cli.tls_key.as_deref(),
-        cli.tls_ca.as_deref(),
-    )?;
+    cli.tls.install()?;
     match cli.command {
         Command::Forward(args) => forward(args).await,
         Command::Cluster(ClusterCommand::Status(args)) => cluster_status(args).await,
