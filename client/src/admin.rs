@@ -1,69 +1,30 @@
-//! The admin side of the SDK: talks to any coordinator of a cluster.
+//! Operators' calls on a coordinator group: status, placement, loading
+//! models, moves, load statistics and rebalancing.
 
-use moemesh_proto::AdminServiceClient;
 use moemesh_proto::v1::{
     AddReplicaRequest, AddReplicaResponse, ClusterStatusRequest, ClusterStatusResponse,
     DrainNodeRequest, DrainNodeResponse, LoadModelRequest, LoadModelResponse, LoadStatsRequest,
     LoadStatsResponse, MoveReplicaRequest, MoveReplicaResponse, RebalanceRequest,
     RebalanceResponse, ShowPlacementRequest, ShowPlacementResponse,
 };
-use tonic::transport::Channel;
 
-use crate::ClientError;
+use crate::coordinator::call_rpc;
+use crate::{ClientError, CoordinatorClient};
 
-/// A connection to one coordinator; any coordinator of the group answers.
-#[derive(Clone)]
-pub struct AdminClient {
-    admin: AdminServiceClient<Channel>,
-    /// Sent as `authorization: Bearer <token>` with every call.
-    token: Option<String>,
+/// A request id no other call uses, so that a call retried on another
+/// coordinator applies once.
+pub(crate) fn fresh_request_id(kind: &str) -> String {
+    use std::hash::{BuildHasher, RandomState};
+    let state = RandomState::new();
+    let high = state.hash_one(std::time::SystemTime::now());
+    let low = state.hash_one(std::process::id());
+    format!("{kind}-{high:016x}{low:016x}")
 }
 
-impl AdminClient {
-    /// Connects to a coordinator, for example `http://127.0.0.1:7000`.
-    pub async fn connect(address: impl Into<String>) -> Result<Self, ClientError> {
-        let address = address.into();
-        let connect_error = |message: String| ClientError::Connect {
-            address: address.clone(),
-            message,
-        };
-        let channel = moemesh_proto::tls::endpoint(address.clone())
-            .map_err(|error| connect_error(error.to_string()))?
-            .connect()
-            .await
-            .map_err(|error| connect_error(format!("{error:?}")))?;
-        Ok(Self {
-            admin: AdminServiceClient::new(channel),
-            token: None,
-        })
-    }
-
-    /// Sends `token` with every call, for coordinators started with
-    /// `--admin-token` (an empty token sends none).
-    pub fn with_token(mut self, token: impl Into<String>) -> Self {
-        let token = token.into();
-        self.token = (!token.is_empty()).then_some(token);
-        self
-    }
-
-    /// Wraps a message, with the token when there is one.
-    fn authorized<T>(&self, message: T) -> tonic::Request<T> {
-        let mut request = tonic::Request::new(message);
-        if let Some(token) = &self.token
-            && let Ok(value) = format!("Bearer {token}").parse()
-        {
-            request.metadata_mut().insert("authorization", value);
-        }
-        request
-    }
-
+impl CoordinatorClient {
     /// Returns the coordinators, the leader, the epoch and the expert nodes.
     pub async fn cluster_status(&mut self) -> Result<ClusterStatusResponse, ClientError> {
-        Ok(self
-            .admin
-            .cluster_status(self.authorized(ClusterStatusRequest {}))
-            .await?
-            .into_inner())
+        call_rpc!(self, cluster_status, ClusterStatusRequest {})
     }
 
     /// Returns the load window of `model` (empty: the only model): tokens
@@ -72,11 +33,7 @@ impl AdminClient {
         let request = LoadStatsRequest {
             model: model.to_string(),
         };
-        Ok(self
-            .admin
-            .load_stats(self.authorized(request))
-            .await?
-            .into_inner())
+        call_rpc!(self, load_stats, request)
     }
 
     /// Plans every MoE layer of `model` from the load window and, unless
@@ -90,11 +47,7 @@ impl AdminClient {
             model: model.to_string(),
             dry_run,
         };
-        Ok(self
-            .admin
-            .rebalance(self.authorized(request))
-            .await?
-            .into_inner())
+        call_rpc!(self, rebalance, request)
     }
 
     /// Returns the placement, optionally of one model and one layer.
@@ -108,11 +61,7 @@ impl AdminClient {
             has_layer: layer.is_some(),
             layer: layer.unwrap_or(0),
         };
-        Ok(self
-            .admin
-            .show_placement(self.authorized(request))
-            .await?
-            .into_inner())
+        call_rpc!(self, show_placement, request)
     }
 
     /// Registers a model from a checkpoint directory and places its experts.
@@ -130,11 +79,7 @@ impl AdminClient {
             replicas,
             request_id: request_id.to_string(),
         };
-        Ok(self
-            .admin
-            .load_model(self.authorized(request))
-            .await?
-            .into_inner())
+        call_rpc!(self, load_model, request)
     }
 
     /// Moves one replica of an expert to another node without failing
@@ -153,13 +98,9 @@ impl AdminClient {
             expert,
             from_node: from_node.to_string(),
             to_node: to_node.to_string(),
-            request_id: String::new(),
+            request_id: fresh_request_id("move"),
         };
-        Ok(self
-            .admin
-            .move_replica(self.authorized(request))
-            .await?
-            .into_inner())
+        call_rpc!(self, move_replica, request)
     }
 
     /// Adds a replica of an expert on a node; returns once it serves.
@@ -175,23 +116,16 @@ impl AdminClient {
             layer,
             expert,
             node: node.to_string(),
-            request_id: String::new(),
+            request_id: fresh_request_id("replicate"),
         };
-        Ok(self
-            .admin
-            .add_replica(self.authorized(request))
-            .await?
-            .into_inner())
+        call_rpc!(self, add_replica, request)
     }
 
     /// Moves every replica off a node, one at a time; returns when it is empty.
     pub async fn drain_node(&mut self, node: &str) -> Result<DrainNodeResponse, ClientError> {
-        Ok(self
-            .admin
-            .drain_node(DrainNodeRequest {
-                node: node.to_string(),
-            })
-            .await?
-            .into_inner())
+        let request = DrainNodeRequest {
+            node: node.to_string(),
+        };
+        call_rpc!(self, drain_node, request)
     }
 }

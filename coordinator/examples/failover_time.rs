@@ -7,8 +7,8 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use moemesh_coordinator::grpc::{Coordinator, CoordinatorConfig};
 use moemesh_coordinator::node::RaftNodeConfig;
+use moemesh_coordinator::server::{Coordinator, CoordinatorConfig};
 use moemesh_coordinator::state::{Command, NodeRecord, NodeStatus, Proposal};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;

@@ -1,3 +1,9 @@
+//! The coordinator's errors, and the one place each becomes a gRPC status.
+
+use tonic::Status;
+
+use crate::placement::PlacementError;
+
 /// Errors of the coordinator.
 #[derive(Debug, thiserror::Error)]
 pub enum CoordinatorError {
@@ -41,3 +47,35 @@ fn leader_hint(leader: Option<u64>) -> String {
 
 /// Result alias of the coordinator.
 pub type CoordinatorResult<T> = Result<T, CoordinatorError>;
+
+impl From<CoordinatorError> for Status {
+    fn from(error: CoordinatorError) -> Self {
+        let message = error.to_string();
+        match error {
+            CoordinatorError::NoLeader(_)
+            | CoordinatorError::LeaderChanged { .. }
+            | CoordinatorError::ShuttingDown => Status::unavailable(message),
+            CoordinatorError::ProposalTimedOut { .. } | CoordinatorError::ReadTimedOut(_) => {
+                Status::deadline_exceeded(message)
+            }
+            CoordinatorError::Rejected(_) => Status::failed_precondition(message),
+            CoordinatorError::Storage(_) | CoordinatorError::Raft(_) => Status::internal(message),
+        }
+    }
+}
+
+impl From<PlacementError> for Status {
+    fn from(error: PlacementError) -> Self {
+        let message = error.to_string();
+        match error {
+            PlacementError::UnreadableConfig(_)
+            | PlacementError::NoModelId
+            | PlacementError::MissingModel
+            | PlacementError::SeveralModels(_) => Status::invalid_argument(message),
+            PlacementError::UnknownModel { .. } => Status::not_found(message),
+            PlacementError::NoModelLoaded | PlacementError::NoRoom(_) => {
+                Status::failed_precondition(message)
+            }
+        }
+    }
+}

@@ -1,20 +1,47 @@
 //! moemesh-coordinator: the Raft-replicated source of truth for a cluster's
 //! membership, models and expert placement.
 //!
-//! - [`storage`]: the Raft log, hard state and snapshots in redb.
-//! - [`state`]: the replicated state machine and its commands.
+//! Start reading at [`server`]: [`server::run`] serves a coordinator on a
+//! listener until shutdown; [`server::Coordinator`] starts one first when
+//! the caller needs its [`node::RaftHandle`]. [`server::CoordinatorConfig`]
+//! says where the other coordinators are and how the cluster is timed.
+//!
+//! The replicated core:
 //! - [`node`]: the [`node::RaftNode`] actor that owns the raft-rs `RawNode`
-//!   and runs its Ready loop, and its handle.
-//! - [`transport`]: how raft messages reach other coordinators.
-//! - [`grpc`]: the peer transport over gRPC and the admin API.
+//!   and runs its Ready loop; [`node::RaftHandle`], through which everything
+//!   else proposes (once per request id) and reads; and the
+//!   [`node::RaftTransport`] trait it sends raft messages through.
+//! - [`state`]: the replicated state machine and its commands.
+//! - [`storage`]: the Raft log, hard state and snapshots in redb.
+//! - [`transport`]: the transports: gRPC between coordinators, and a
+//!   simulated network with faults for tests.
+//!
+//! What the coordinator does with it:
+//! - [`placement`]: placement policy as plain functions over the state
+//!   (describing models, first replicas, the placement on the wire).
 //! - [`membership`]: heartbeats, dead nodes, and moving replicas safely.
+//! - [`rebalance`]: planning from the load window and carrying plans out,
+//!   on request or periodically on the leader.
+//! - [`load`]: the load window routers and expert nodes report into.
+//!
+//! On the network (private): `peer` serves the peer service (raft messages,
+//! status); `admin` serves the admin service with thin handlers;
+//! `registration` handles what expert nodes report; `auth` checks
+//! operators' admin token; `forward` hands calls to the leader. `error`
+//! maps errors to gRPC status codes in one place.
 
+mod admin;
+mod auth;
 mod error;
-pub mod grpc;
+mod forward;
 pub mod load;
 pub mod membership;
 pub mod node;
+mod peer;
+pub mod placement;
 pub mod rebalance;
+mod registration;
+pub mod server;
 pub mod state;
 pub mod storage;
 pub mod transport;

@@ -1,5 +1,5 @@
-//! The load window: how many tokens routers sent each expert, and how busy
-//! each expert node was, over the last minute or so.
+//! The load window: how many tokens routers sent each expert (the load),
+//! and how busy each expert node was (its work), over the last minute or so.
 //!
 //! Soft state, in memory: routers and nodes report cumulative counters
 //! every second or so, and the window is the difference between the newest
@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use moemesh_proto::v1::{LayerLoad, NodeLoad};
+use moemesh_proto::v1::{LayerLoad, NodeWork};
 
 /// One router's cumulative counts at one moment: per layer, per expert.
 type Counts = BTreeMap<u32, Vec<u64>>;
@@ -35,6 +35,23 @@ struct NodeSample {
 struct NodeSamples {
     samples: VecDeque<NodeSample>,
     queue_depth: u64,
+}
+
+/// The tokens routed to each expert of a model within the window.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerLoads {
+    /// How many seconds the counts cover (less than the window while it fills).
+    pub seconds: f64,
+    pub layers: Vec<LayerLoad>,
+}
+
+/// Over the window, per token routed: the first routing level's figures.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct DispatchPerToken {
+    /// Expert nodes a token reached, on average.
+    pub nodes: f64,
+    /// Activation bytes sent to expert nodes.
+    pub bytes: f64,
 }
 
 /// The load window of one coordinator.
@@ -108,18 +125,21 @@ impl LoadTracker {
 
     /// Tokens per layer and expert within the window, summed over the
     /// routers that reported for `model`, and the seconds the counts cover.
-    pub fn layer_loads(&self, model: &str) -> (f64, Vec<LayerLoad>) {
-        let (covered, layers, _) = self.sums(model);
-        (covered, layers)
+    pub fn layer_loads(&self, model: &str) -> LayerLoads {
+        let (seconds, layers, _) = self.sums(model);
+        LayerLoads { seconds, layers }
     }
 
-    /// Over the window: mean nodes a token reached, and bytes sent per token.
-    pub fn dispatch(&self, model: &str) -> (f64, f64) {
+    /// How `model`'s tokens were dispatched over the window.
+    pub fn dispatch(&self, model: &str) -> DispatchPerToken {
         let (_, _, [tokens, sends, bytes]) = self.sums(model);
         if tokens == 0 {
-            return (0.0, 0.0);
+            return DispatchPerToken::default();
         }
-        (sends as f64 / tokens as f64, bytes as f64 / tokens as f64)
+        DispatchPerToken {
+            nodes: sends as f64 / tokens as f64,
+            bytes: bytes as f64 / tokens as f64,
+        }
     }
 
     /// The window's sums for `model`: seconds covered, tokens per layer and
@@ -174,12 +194,12 @@ impl LoadTracker {
     }
 
     /// Each node's queue depth, busy share and throughput over the window.
-    pub fn node_loads(&self) -> Vec<NodeLoad> {
+    pub fn node_work(&self) -> Vec<NodeWork> {
         let now = Instant::now();
         let start = self.window_start(now);
         let mut nodes = self.nodes.lock().expect("load tracker");
         nodes.retain(|_, entry| entry.samples.back().is_some_and(|sample| sample.at > start));
-        let mut loads: Vec<NodeLoad> = nodes
+        let mut work: Vec<NodeWork> = nodes
             .iter()
             .map(|(node, entry)| {
                 let (first, last) = (entry.samples.front(), entry.samples.back());
@@ -196,7 +216,7 @@ impl LoadTracker {
                     }
                     _ => (0.0, 0.0),
                 };
-                NodeLoad {
+                NodeWork {
                     node: node.clone(),
                     queue_depth: entry.queue_depth,
                     busy_fraction,
@@ -204,8 +224,8 @@ impl LoadTracker {
                 }
             })
             .collect();
-        loads.sort_by(|a, b| a.node.cmp(&b.node));
-        loads
+        work.sort_by(|a, b| a.node.cmp(&b.node));
+        work
     }
 }
 
@@ -235,14 +255,23 @@ mod tests {
         );
         tracker.record_router("m", "r2", &[layer(0, &[101, 110, 100])], [0; 3]);
         tracker.record_router("other", "r3", &[layer(0, &[9, 9, 9])], [0; 3]);
-        let (covered, layers) = tracker.layer_loads("m");
+        let LayerLoads {
+            seconds: covered,
+            layers,
+        } = tracker.layer_loads("m");
         assert!(covered > 0.0);
         assert_eq!(layers, vec![layer(0, &[21, 14, 0]), layer(1, &[7])]);
         // r1 sent 20 tokens 30 times (1.5 nodes each), 300 bytes.
-        assert_eq!(tracker.dispatch("m"), (1.5, 15.0));
+        assert_eq!(
+            tracker.dispatch("m"),
+            DispatchPerToken {
+                nodes: 1.5,
+                bytes: 15.0
+            }
+        );
         // A restarted router (counters back to low values) adds nothing negative.
         tracker.record_router("m", "r2", &[layer(0, &[1, 1, 1])], [0; 3]);
-        let (_, layers) = tracker.layer_loads("m");
+        let layers = tracker.layer_loads("m").layers;
         assert_eq!(layers[0].tokens, vec![20, 4, 0]);
     }
 
@@ -254,9 +283,9 @@ mod tests {
         std::thread::sleep(Duration::from_millis(700));
         tracker.record_router("m", "r1", &[layer(0, &[10, 3])], [0; 3]);
         // The baseline is now the newest sample before the window: [10, 0].
-        assert_eq!(tracker.layer_loads("m").1, vec![layer(0, &[0, 3])]);
+        assert_eq!(tracker.layer_loads("m").layers, vec![layer(0, &[0, 3])]);
         std::thread::sleep(Duration::from_millis(700));
-        assert!(tracker.layer_loads("m").1.is_empty());
+        assert!(tracker.layer_loads("m").layers.is_empty());
     }
 
     #[test]
@@ -265,15 +294,15 @@ mod tests {
         tracker.record_node("n1", 0, 0, 0);
         std::thread::sleep(Duration::from_millis(100));
         tracker.record_node("n1", 3, 50_000, 1000);
-        let loads = tracker.node_loads();
-        assert_eq!(loads.len(), 1);
-        assert_eq!(loads[0].queue_depth, 3);
+        let work = tracker.node_work();
+        assert_eq!(work.len(), 1);
+        assert_eq!(work[0].queue_depth, 3);
         // 50 ms of work in at least 100 ms.
         assert!(
-            loads[0].busy_fraction > 0.0 && loads[0].busy_fraction <= 0.5,
+            work[0].busy_fraction > 0.0 && work[0].busy_fraction <= 0.5,
             "{}",
-            loads[0].busy_fraction
+            work[0].busy_fraction
         );
-        assert!(loads[0].pairs_per_second > 1000.0 && loads[0].pairs_per_second <= 10_000.0);
+        assert!(work[0].pairs_per_second > 1000.0 && work[0].pairs_per_second <= 10_000.0);
     }
 }

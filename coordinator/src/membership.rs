@@ -7,31 +7,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::node::RaftHandle;
-use crate::state::{ClusterState, Command, ExpertKey, NodeStatus, Outcome, Proposal, ReplicaState};
+use crate::state::{ClusterState, Command, ExpertKey, NodeStatus, ReplicaState};
 use crate::{CoordinatorError, CoordinatorResult};
 
 /// How long routers get to leave a drained replica before it is removed.
 pub const DRAIN_GRACE: Duration = Duration::from_secs(2);
 /// How long a new replica may take to load before a move gives up.
 pub const LOAD_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// Proposes and turns a refusal into an error.
-pub async fn propose_applied(
-    node: &RaftHandle,
-    request_id: String,
-    command: Command,
-) -> CoordinatorResult<u64> {
-    match node
-        .propose(Proposal {
-            request_id,
-            command,
-        })
-        .await?
-    {
-        Outcome::Applied { epoch } => Ok(epoch),
-        Outcome::Rejected { reason } => Err(CoordinatorError::Rejected(reason)),
-    }
-}
 
 /// Picks a live node for a new replica of `key`: one that does not hold it,
 /// preferably in a topology group its live replicas do not use, then the
@@ -123,8 +105,7 @@ pub async fn add_replica(
         .and_then(|replicas| replicas.iter().find(|replica| replica.node == node_id))
         .map(|replica| replica.state);
     if existing.is_none() {
-        propose_applied(
-            raft,
+        raft.propose_applied(
             format!("{request_id}/add"),
             Command::AddReplica {
                 key: key.clone(),
@@ -168,13 +149,15 @@ pub async fn move_replica(
         key: key.clone(),
         node: from_node.to_string(),
     };
-    propose_applied(raft, format!("{request_id}/drain"), drain).await?;
+    raft.propose_applied(format!("{request_id}/drain"), drain)
+        .await?;
     tokio::time::sleep(drain_grace).await;
     let remove = Command::RemoveReplica {
         key,
         node: from_node.to_string(),
     };
-    propose_applied(raft, format!("{request_id}/remove"), remove).await
+    raft.propose_applied(format!("{request_id}/remove"), remove)
+        .await
 }
 
 /// Empties a node: no new replicas go to it, and each of its replicas
@@ -194,7 +177,8 @@ pub async fn drain_node(
         node: node_id.to_string(),
         status: NodeStatus::Draining,
     };
-    propose_applied(raft, format!("drain/{node_id}/{}", state.epoch), command).await?;
+    raft.propose_applied(format!("drain/{node_id}/{}", state.epoch), command)
+        .await?;
     let mut moved = 0;
     loop {
         let state = raft.read().await?;
@@ -325,12 +309,9 @@ impl Membership {
                 node: node_id.clone(),
                 status: NodeStatus::Ready,
             };
-            propose_applied(
-                &self.raft,
-                format!("revive/{node_id}/{}", state.epoch),
-                command,
-            )
-            .await?;
+            self.raft
+                .propose_applied(format!("revive/{node_id}/{}", state.epoch), command)
+                .await?;
         }
         for node_id in silent {
             tracing::warn!(node = %node_id, silent_for = ?self.dead_after, "expert node is dead; re-placing its experts");
@@ -338,12 +319,9 @@ impl Membership {
                 node: node_id.clone(),
                 status: NodeStatus::Dead,
             };
-            propose_applied(
-                &self.raft,
-                format!("dead/{node_id}/{}", state.epoch),
-                command,
-            )
-            .await?;
+            self.raft
+                .propose_applied(format!("dead/{node_id}/{}", state.epoch), command)
+                .await?;
         }
         // Also retries replicas that found no new home in an earlier round.
         let state = self.raft.applied_state();
@@ -383,14 +361,16 @@ impl Membership {
                 key: key.clone(),
                 node: target.clone(),
             };
-            propose_applied(&self.raft, format!("{tag}/add"), add).await?;
+            self.raft.propose_applied(format!("{tag}/add"), add).await?;
             tracing::info!(%key, from = dead, to = %target, "re-placing an expert of a dead node");
             // The dead node serves nothing; forget its replica now rather than after the load.
             let remove = Command::RemoveReplica {
                 key,
                 node: dead.to_string(),
             };
-            propose_applied(&self.raft, format!("{tag}/remove"), remove).await?;
+            self.raft
+                .propose_applied(format!("{tag}/remove"), remove)
+                .await?;
         }
         Ok(())
     }

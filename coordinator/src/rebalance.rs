@@ -1,6 +1,6 @@
 //! The rebalancer: plans each MoE layer of a model from the load window
-//! (`moemesh_core::planner`) and carries the plan out through the move
-//! protocol, so serving never pauses.
+//! (`moemesh_core::model::placement::planner`) and carries the plan out
+//! through the move protocol, so serving never pauses.
 //!
 //! Order of work: every new replica is added and loaded first (a bounded
 //! number at a time), then the replicas the plan drops are drained, given
@@ -8,19 +8,26 @@
 //! never has fewer serving replicas than the plan gives it. Every move and
 //! its outcome is logged and counted; a failed move is reported, never
 //! dropped silently.
+//!
+//! A [`Rebalancer`] runs one rebalance at a time, on an operator's request
+//! or from [`periodic_rebalance_task`] on the leader.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
-use moemesh_core::config::ModelConfig;
-use moemesh_core::planner::{PlanNode, PlanOptions, plan_layer};
+use moemesh_core::model::config::ModelConfig;
+use moemesh_core::model::placement::planner::{PlanError, PlanNode, PlanOptions, plan_layer};
+use moemesh_proto::v1::LayerLoad;
 
 use crate::load::LoadTracker;
-use crate::membership::{add_replica, propose_applied};
+use crate::membership::add_replica;
 use crate::node::RaftHandle;
-use crate::state::{ClusterState, Command, ExpertKey, NodeStatus, ReplicaState};
+use crate::placement::expert_bytes;
+use crate::state::{ClusterState, Command, ExpertKey, NodeRecord, NodeStatus, ReplicaState};
 use crate::{CoordinatorError, CoordinatorResult};
 
 /// What the rebalancer may do.
@@ -80,9 +87,102 @@ pub struct RebalanceCounters {
     pub moves_failed: AtomicU64,
 }
 
-/// Bytes of one expert's weights in f32, as placement counts them.
-fn expert_bytes(config: &ModelConfig, expert: u32) -> u64 {
-    (3 * config.hidden_size * config.intermediate_size_of(expert) * size_of::<f32>()) as u64
+impl RebalanceOutcome {
+    fn record_done(&mut self, counters: &RebalanceCounters) {
+        self.moves_done += 1;
+        counters.moves_done.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn record_failure(&mut self, counters: &RebalanceCounters, error: String) {
+        self.moves_failed += 1;
+        counters.moves_failed.fetch_add(1, Ordering::Relaxed);
+        self.errors.push(error);
+    }
+
+    /// Layers whose plan adds or drops replicas.
+    fn layers_changed(&self) -> usize {
+        self.layers
+            .iter()
+            .filter(|layer| !layer.added.is_empty() || !layer.removed.is_empty())
+            .count()
+    }
+}
+
+/// What a rebalance needs, cloneable into the periodic task.
+#[derive(Clone)]
+pub struct Rebalancer {
+    raft: RaftHandle,
+    /// The load window routers and nodes report into; plans come from it.
+    load: Arc<LoadTracker>,
+    options: RebalanceOptions,
+    counters: Arc<RebalanceCounters>,
+    /// Held while a rebalance runs: one at a time.
+    running: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Rebalancer {
+    pub fn new(raft: RaftHandle, load: Arc<LoadTracker>, options: RebalanceOptions) -> Self {
+        Self {
+            raft,
+            load,
+            options,
+            counters: Arc::new(RebalanceCounters::default()),
+            running: Arc::new(tokio::sync::Mutex::new(())),
+        }
+    }
+
+    /// Runs, moves done and moves failed since the coordinator started.
+    pub fn counters(&self) -> &RebalanceCounters {
+        &self.counters
+    }
+
+    /// Rebalances `model` (see [`rebalance`]) once no other rebalance runs.
+    pub async fn rebalance_model(
+        &self,
+        model: &str,
+        dry_run: bool,
+    ) -> CoordinatorResult<RebalanceOutcome> {
+        let _one_at_a_time = self.running.lock().await;
+        rebalance(
+            &self.raft,
+            &self.load,
+            model,
+            &self.options,
+            dry_run,
+            &self.counters,
+        )
+        .await
+    }
+}
+
+/// On the leader, rebalances every model each `interval`.
+pub async fn periodic_rebalance_task(rebalancer: Rebalancer, interval: Duration) {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.tick().await;
+    loop {
+        ticks.tick().await;
+        let Ok(status) = rebalancer.raft.status().await else {
+            return;
+        };
+        if status.leader_id != Some(status.id) {
+            continue;
+        }
+        let Ok(state) = rebalancer.raft.read().await else {
+            continue;
+        };
+        for model in state.models.keys() {
+            match rebalancer.rebalance_model(model, false).await {
+                Ok(outcome) => tracing::info!(
+                    model,
+                    layers_changed = outcome.layers_changed(),
+                    moves_done = outcome.moves_done,
+                    moves_failed = outcome.moves_failed,
+                    "periodic rebalance"
+                ),
+                Err(error) => tracing::warn!(model, %error, "periodic rebalance failed"),
+            }
+        }
+    }
 }
 
 /// Bytes of weights each node holds now, over every model.
@@ -102,83 +202,90 @@ fn used_bytes(
     used
 }
 
-/// Plans every MoE layer of `model` from the load window; with `dry_run`
-/// stops there, otherwise carries the plans out.
-pub async fn rebalance(
-    raft: &RaftHandle,
-    load: &LoadTracker,
-    model: &str,
-    options: &RebalanceOptions,
-    dry_run: bool,
-    counters: &RebalanceCounters,
-) -> CoordinatorResult<RebalanceOutcome> {
-    let state = raft.read().await?;
-    let record = state
-        .models
-        .get(model)
-        .ok_or_else(|| CoordinatorError::Rejected(format!("no model {model:?}")))?;
-    let config =
-        ModelConfig::from_dir(std::path::Path::new(&record.checkpoint)).map_err(|error| {
+/// Tokens per expert of `layer` in the window, over `experts` experts;
+/// None when the layer saw no traffic, so there is nothing to balance.
+fn window_loads(window: &[LayerLoad], layer: usize, experts: usize) -> Option<Vec<f64>> {
+    let entry = window.iter().find(|entry| entry.layer as usize == layer)?;
+    if !entry.tokens.iter().any(|&tokens| tokens > 0) {
+        return None;
+    }
+    let mut loads: Vec<f64> = entry.tokens.iter().map(|&tokens| tokens as f64).collect();
+    loads.resize(experts, 0.0);
+    Some(loads)
+}
+
+/// The model being rebalanced and the ready nodes it may use.
+struct ModelPlanning<'a> {
+    state: &'a ClusterState,
+    model: &'a str,
+    config: ModelConfig,
+    nodes: Vec<&'a NodeRecord>,
+    /// Index of each ready node's topology group, as the planner counts them.
+    groups: BTreeMap<&'a str, usize>,
+    /// Bytes of weights each node holds, over every model.
+    used: BTreeMap<String, u64>,
+}
+
+impl<'a> ModelPlanning<'a> {
+    fn new(state: &'a ClusterState, model: &'a str) -> CoordinatorResult<Self> {
+        let record = state
+            .models
+            .get(model)
+            .ok_or_else(|| CoordinatorError::Rejected(format!("no model {model:?}")))?;
+        let config = ModelConfig::from_dir(Path::new(&record.checkpoint)).map_err(|error| {
             CoordinatorError::Rejected(format!(
                 "cannot read {model}'s config at {}: {error}",
                 record.checkpoint
             ))
         })?;
-    let mut configs = BTreeMap::new();
-    for (id, other) in &state.models {
-        if let Ok(config) = ModelConfig::from_dir(std::path::Path::new(&other.checkpoint)) {
-            configs.insert(id.clone(), config);
-        }
-    }
-    configs.insert(model.to_string(), config.clone());
-    let (window_seconds, window) = load.layer_loads(model);
-    let mut outcome = RebalanceOutcome {
-        window_seconds,
-        ..RebalanceOutcome::default()
-    };
-    let nodes: Vec<&crate::state::NodeRecord> = state
-        .nodes
-        .values()
-        .filter(|node| node.status == NodeStatus::Ready)
-        .collect();
-    if nodes.is_empty() {
-        return Err(CoordinatorError::Rejected("no ready expert node".into()));
-    }
-    let groups: BTreeMap<&str, usize> = nodes
-        .iter()
-        .map(|node| node.group.as_str())
-        .collect::<BTreeSet<_>>()
-        .into_iter()
-        .enumerate()
-        .map(|(index, group)| (group, index))
-        .collect();
-    let used = used_bytes(&state, &configs);
-    let experts = config.experts_per_layer();
-    let layers = config.moe_layers();
-    let routing_groups = config.group_limit.map(|limit| limit.groups);
-    for &layer in &layers {
-        let loads: Vec<f64> = match window.iter().find(|entry| entry.layer as usize == layer) {
-            Some(entry) if entry.tokens.iter().any(|&tokens| tokens > 0) => {
-                let mut loads: Vec<f64> =
-                    entry.tokens.iter().map(|&tokens| tokens as f64).collect();
-                loads.resize(experts, 0.0);
-                loads
+        let mut configs = BTreeMap::new();
+        for (id, other) in &state.models {
+            if let Ok(config) = ModelConfig::from_dir(Path::new(&other.checkpoint)) {
+                configs.insert(id.clone(), config);
             }
-            // No traffic on this layer in the window: nothing to balance.
-            _ => continue,
-        };
-        // The layer's replicas now (loading or ready; draining ones are on their way out).
-        let current: Vec<Vec<u32>> = nodes
+        }
+        configs.insert(model.to_string(), config.clone());
+        let nodes: Vec<&NodeRecord> = state
+            .nodes
+            .values()
+            .filter(|node| node.status == NodeStatus::Ready)
+            .collect();
+        if nodes.is_empty() {
+            return Err(CoordinatorError::Rejected("no ready expert node".into()));
+        }
+        let groups = nodes
+            .iter()
+            .map(|node| node.group.as_str())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .enumerate()
+            .map(|(index, group)| (group, index))
+            .collect();
+        Ok(Self {
+            state,
+            model,
+            used: used_bytes(state, &configs),
+            config,
+            nodes,
+            groups,
+        })
+    }
+
+    /// Per ready node, the experts of `layer` it holds (loading or ready;
+    /// draining ones are on their way out).
+    fn held_experts(&self, layer: usize) -> Vec<Vec<u32>> {
+        let experts = self.config.experts_per_layer() as u32;
+        self.nodes
             .iter()
             .map(|node| {
-                (0..experts as u32)
+                (0..experts)
                     .filter(|&expert| {
                         let key = ExpertKey {
-                            model: model.to_string(),
+                            model: self.model.to_string(),
                             layer,
                             expert,
                         };
-                        state.replicas.get(&key).is_some_and(|replicas| {
+                        self.state.replicas.get(&key).is_some_and(|replicas| {
                             replicas.iter().any(|replica| {
                                 replica.node == node.id && replica.state != ReplicaState::Draining
                             })
@@ -186,42 +293,56 @@ pub async fn rebalance(
                     })
                     .collect()
             })
-            .collect();
-        if current.iter().map(Vec::len).sum::<usize>() == 0 {
-            continue;
-        }
-        // Slots: what the node holds of this layer now, plus its free
-        // memory shared out over the model's layers.
-        let typical_bytes = expert_bytes(&config, 0).max(1);
-        let plan_nodes: Vec<PlanNode> = nodes
+            .collect()
+    }
+
+    /// The planner's view of each ready node. Slots: what the node holds of
+    /// this layer now, plus its free memory shared out over the model's layers.
+    fn plan_nodes(&self, held: &[Vec<u32>]) -> Vec<PlanNode> {
+        let typical_bytes = expert_bytes(&self.config, 0).max(1);
+        let layers = self.config.moe_layers().len().max(1);
+        self.nodes
             .iter()
-            .zip(&current)
+            .zip(held)
             .map(|(node, held)| {
                 let free = node
                     .memory_bytes
-                    .saturating_sub(used.get(&node.id).copied().unwrap_or(0));
-                let spare = (free / typical_bytes) as usize / layers.len().max(1);
+                    .saturating_sub(self.used.get(&node.id).copied().unwrap_or(0));
+                let spare = (free / typical_bytes) as usize / layers;
                 PlanNode {
                     slots: held.len() + spare,
-                    group: groups[node.group.as_str()],
+                    group: self.groups[node.group.as_str()],
                 }
             })
-            .collect();
+            .collect()
+    }
+
+    /// Plans one layer from its `loads`; None when the layer has no replicas.
+    fn plan_layer(
+        &self,
+        layer: usize,
+        loads: &[f64],
+        options: &RebalanceOptions,
+    ) -> Result<Option<LayerOutcome>, PlanError> {
+        let held = self.held_experts(layer);
+        if held.iter().map(Vec::len).sum::<usize>() == 0 {
+            return Ok(None);
+        }
+        let experts = self.config.experts_per_layer();
         let options_for_layer = PlanOptions {
             threshold: options.threshold,
-            routing_groups,
+            routing_groups: self.config.group_limit.map(|limit| limit.groups),
             max_extra_replicas: Some((experts as f64 * options.redundant_fraction).ceil() as usize),
         };
-        let plan = match plan_layer(&loads, &plan_nodes, Some(&current), &options_for_layer) {
-            Ok(plan) => plan,
-            Err(error) => {
-                outcome.errors.push(format!("layer {layer}: {error}"));
-                continue;
-            }
-        };
+        let plan = plan_layer(
+            loads,
+            &self.plan_nodes(&held),
+            Some(&held),
+            &options_for_layer,
+        )?;
         let mut added = Vec::new();
         let mut removed = Vec::new();
-        for ((node, now), planned) in nodes.iter().zip(&current).zip(&plan.nodes) {
+        for ((node, now), planned) in self.nodes.iter().zip(&held).zip(&plan.nodes) {
             let now: BTreeSet<u32> = now.iter().copied().collect();
             let planned: BTreeSet<u32> = planned.iter().copied().collect();
             added.extend(
@@ -234,141 +355,206 @@ pub async fn rebalance(
                     .map(|&expert| (node.id.clone(), expert)),
             );
         }
-        tracing::info!(
-            model,
-            layer,
-            before = plan.current_max_over_mean.unwrap_or(plan.max_over_mean),
-            after = plan.max_over_mean,
-            added = added.len(),
-            removed = removed.len(),
-            dry_run,
-            "rebalance plan"
-        );
-        outcome.layers.push(LayerOutcome {
+        Ok(Some(LayerOutcome {
             layer,
             before: plan.current_max_over_mean.unwrap_or(plan.max_over_mean),
             after: plan.max_over_mean,
             added,
             removed,
-        });
+        }))
+    }
+}
+
+/// Plans every MoE layer of `model` from the load window; with `dry_run`
+/// stops there, otherwise carries the plans out.
+pub async fn rebalance(
+    raft: &RaftHandle,
+    load: &LoadTracker,
+    model: &str,
+    options: &RebalanceOptions,
+    dry_run: bool,
+    counters: &RebalanceCounters,
+) -> CoordinatorResult<RebalanceOutcome> {
+    let state = raft.read().await?;
+    let planning = ModelPlanning::new(&state, model)?;
+    let window = load.layer_loads(model);
+    let mut outcome = RebalanceOutcome {
+        window_seconds: window.seconds,
+        ..RebalanceOutcome::default()
+    };
+    let experts = planning.config.experts_per_layer();
+    for layer in planning.config.moe_layers() {
+        let Some(loads) = window_loads(&window.layers, layer, experts) else {
+            continue;
+        };
+        match planning.plan_layer(layer, &loads, options) {
+            Ok(Some(layer_outcome)) => {
+                tracing::info!(
+                    model,
+                    layer,
+                    before = layer_outcome.before,
+                    after = layer_outcome.after,
+                    added = layer_outcome.added.len(),
+                    removed = layer_outcome.removed.len(),
+                    dry_run,
+                    "rebalance plan"
+                );
+                outcome.layers.push(layer_outcome);
+            }
+            Ok(None) => {}
+            Err(error) => outcome.errors.push(format!("layer {layer}: {error}")),
+        }
     }
     if dry_run {
         return Ok(outcome);
     }
     counters.runs.fetch_add(1, Ordering::Relaxed);
-    let epoch = state.epoch;
-    carry_out(raft, model, epoch, options, &mut outcome, counters).await;
+    let moves = PlannedMoves {
+        raft,
+        model,
+        epoch: state.epoch,
+        counters,
+    };
+    moves.carry_out(options, &mut outcome).await;
     Ok(outcome)
 }
 
-/// Adds every new replica (a few at a time, each waiting until it
-/// serves), then drains and removes the dropped ones.
-async fn carry_out(
-    raft: &RaftHandle,
-    model: &str,
+/// Carries out the plans of one rebalance; request ids derive from the
+/// epoch it planned at, so a retried rebalance of the same plan applies once.
+struct PlannedMoves<'a> {
+    raft: &'a RaftHandle,
+    model: &'a str,
     epoch: u64,
-    options: &RebalanceOptions,
-    outcome: &mut RebalanceOutcome,
-    counters: &RebalanceCounters,
-) {
-    let key = |layer: usize, expert: u32| ExpertKey {
-        model: model.to_string(),
-        layer,
-        expert,
-    };
-    let additions: Vec<(ExpertKey, String)> = outcome
-        .layers
-        .iter()
-        .flat_map(|layer| {
-            layer
-                .added
-                .iter()
-                .map(move |(node, expert)| (key(layer.layer, *expert), node.clone()))
-        })
-        .collect();
-    let results: Vec<(ExpertKey, String, CoordinatorResult<u64>)> =
-        futures::stream::iter(additions)
-            .map(|(key, node)| async move {
-                let request_id = format!("rebalance/{epoch}/add/{key}/{node}");
-                tracing::info!(%key, %node, reason = "rebalance", "adding a replica");
-                let result = add_replica(raft, &request_id, key.clone(), &node).await;
-                (key, node, result)
-            })
-            .buffer_unordered(options.concurrent_moves.max(1))
-            .collect()
+    counters: &'a RebalanceCounters,
+}
+
+impl PlannedMoves<'_> {
+    /// Adds every new replica (a few at a time, each waiting until it
+    /// serves), then drains and removes the dropped ones.
+    async fn carry_out(&self, options: &RebalanceOptions, outcome: &mut RebalanceOutcome) {
+        let additions = self.replicas(outcome, |layer| &layer.added);
+        let failed_experts = self
+            .add_replicas(additions, options.concurrent_moves, outcome)
             .await;
-    let mut failed_experts = BTreeSet::new();
-    for (key, node, result) in results {
-        match result {
-            Ok(_) => {
-                outcome.moves_done += 1;
-                counters.moves_done.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(%key, %node, "replica added");
-            }
-            Err(error) => {
-                outcome.moves_failed += 1;
-                counters.moves_failed.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(%key, %node, %error, "adding a replica failed");
-                outcome.errors.push(format!("add {key} on {node}: {error}"));
-                failed_experts.insert(key);
+        // Drop replicas only of experts whose new replicas all arrived, so a
+        // failed addition never leaves an expert short.
+        let mut removals = self.replicas(outcome, |layer| &layer.removed);
+        removals.retain(|(key, _)| !failed_experts.contains(key));
+        let drained = self.drain_replicas(removals, outcome).await;
+        if drained.is_empty() {
+            return;
+        }
+        tokio::time::sleep(options.drain_grace).await;
+        self.remove_replicas(drained, outcome).await;
+    }
+
+    /// The (expert, node) replicas `side` of each layer's outcome names.
+    fn replicas(
+        &self,
+        outcome: &RebalanceOutcome,
+        side: impl Fn(&LayerOutcome) -> &Vec<(String, u32)>,
+    ) -> Vec<(ExpertKey, String)> {
+        outcome
+            .layers
+            .iter()
+            .flat_map(|layer| {
+                side(layer).iter().map(move |(node, expert)| {
+                    let key = ExpertKey {
+                        model: self.model.to_string(),
+                        layer: layer.layer,
+                        expert: *expert,
+                    };
+                    (key, node.clone())
+                })
+            })
+            .collect()
+    }
+
+    /// Adds the replicas, `concurrent` at a time; returns the experts
+    /// whose addition failed.
+    async fn add_replicas(
+        &self,
+        additions: Vec<(ExpertKey, String)>,
+        concurrent: usize,
+        outcome: &mut RebalanceOutcome,
+    ) -> BTreeSet<ExpertKey> {
+        let (raft, epoch) = (self.raft, self.epoch);
+        let results: Vec<(ExpertKey, String, CoordinatorResult<u64>)> =
+            futures::stream::iter(additions)
+                .map(|(key, node)| async move {
+                    let request_id = format!("rebalance/{epoch}/add/{key}/{node}");
+                    tracing::info!(%key, %node, reason = "rebalance", "adding a replica");
+                    let result = add_replica(raft, &request_id, key.clone(), &node).await;
+                    (key, node, result)
+                })
+                .buffer_unordered(concurrent.max(1))
+                .collect()
+                .await;
+        let mut failed_experts = BTreeSet::new();
+        for (key, node, result) in results {
+            match result {
+                Ok(_) => {
+                    outcome.record_done(self.counters);
+                    tracing::info!(%key, %node, "replica added");
+                }
+                Err(error) => {
+                    tracing::warn!(%key, %node, %error, "adding a replica failed");
+                    let line = format!("add {key} on {node}: {error}");
+                    outcome.record_failure(self.counters, line);
+                    failed_experts.insert(key);
+                }
             }
         }
+        failed_experts
     }
-    // Drop replicas only of experts whose new replicas all arrived, so a
-    // failed addition never leaves an expert short.
-    let removals: Vec<(ExpertKey, String)> = outcome
-        .layers
-        .iter()
-        .flat_map(|layer| {
-            layer
-                .removed
-                .iter()
-                .map(move |(node, expert)| (key(layer.layer, *expert), node.clone()))
-        })
-        .filter(|(key, _)| !failed_experts.contains(key))
-        .collect();
-    let mut drained = Vec::new();
-    for (key, node) in removals {
-        let request_id = format!("rebalance/{epoch}/drain/{key}/{node}");
-        let command = Command::DrainReplica {
-            key: key.clone(),
-            node: node.clone(),
-        };
-        match propose_applied(raft, request_id, command).await {
-            Ok(_) => drained.push((key, node)),
-            Err(error) => {
-                outcome.moves_failed += 1;
-                counters.moves_failed.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(%key, %node, %error, "draining a replica failed");
-                outcome
-                    .errors
-                    .push(format!("drain {key} on {node}: {error}"));
+
+    /// Drains the replicas so routers leave them; returns those drained.
+    async fn drain_replicas(
+        &self,
+        removals: Vec<(ExpertKey, String)>,
+        outcome: &mut RebalanceOutcome,
+    ) -> Vec<(ExpertKey, String)> {
+        let mut drained = Vec::new();
+        for (key, node) in removals {
+            let request_id = format!("rebalance/{}/drain/{key}/{node}", self.epoch);
+            let command = Command::DrainReplica {
+                key: key.clone(),
+                node: node.clone(),
+            };
+            match self.raft.propose_applied(request_id, command).await {
+                Ok(_) => drained.push((key, node)),
+                Err(error) => {
+                    tracing::warn!(%key, %node, %error, "draining a replica failed");
+                    let line = format!("drain {key} on {node}: {error}");
+                    outcome.record_failure(self.counters, line);
+                }
             }
         }
+        drained
     }
-    if drained.is_empty() {
-        return;
-    }
-    tokio::time::sleep(options.drain_grace).await;
-    for (key, node) in drained {
-        let request_id = format!("rebalance/{epoch}/remove/{key}/{node}");
-        let command = Command::RemoveReplica {
-            key: key.clone(),
-            node: node.clone(),
-        };
-        match propose_applied(raft, request_id, command).await {
-            Ok(_) => {
-                outcome.moves_done += 1;
-                counters.moves_done.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(%key, %node, reason = "rebalance", "replica removed");
-            }
-            Err(error) => {
-                outcome.moves_failed += 1;
-                counters.moves_failed.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(%key, %node, %error, "removing a replica failed");
-                outcome
-                    .errors
-                    .push(format!("remove {key} on {node}: {error}"));
+
+    /// Removes drained replicas, once routers have had time to leave them.
+    async fn remove_replicas(
+        &self,
+        drained: Vec<(ExpertKey, String)>,
+        outcome: &mut RebalanceOutcome,
+    ) {
+        for (key, node) in drained {
+            let request_id = format!("rebalance/{}/remove/{key}/{node}", self.epoch);
+            let command = Command::RemoveReplica {
+                key: key.clone(),
+                node: node.clone(),
+            };
+            match self.raft.propose_applied(request_id, command).await {
+                Ok(_) => {
+                    outcome.record_done(self.counters);
+                    tracing::info!(%key, %node, reason = "rebalance", "replica removed");
+                }
+                Err(error) => {
+                    tracing::warn!(%key, %node, %error, "removing a replica failed");
+                    let line = format!("remove {key} on {node}: {error}");
+                    outcome.record_failure(self.counters, line);
+                }
             }
         }
     }

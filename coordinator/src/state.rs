@@ -198,127 +198,158 @@ impl ClusterState {
         Ok(())
     }
 
+    /// Applies one command; each kind has its own method below.
     fn apply_command(&mut self, command: Command) -> Result<(), String> {
         match command {
-            Command::RegisterNode { node } => {
-                if node.id.is_empty() {
-                    return Err("node id is empty".into());
-                }
-                self.nodes.insert(node.id.clone(), node);
+            Command::RegisterNode { node } => self.register_node(node),
+            Command::SetNodeStatus { node, status } => self.set_node_status(&node, status),
+            Command::AddModel { model } => self.add_model(model),
+            Command::AddReplica { key, node } => self.add_replica(key, node),
+            Command::ReplicaReady { key, node } => self.mark_replica_ready(&key, &node),
+            Command::DrainReplica { key, node } => self.drain_replica(&key, &node),
+            Command::RemoveReplica { key, node } => self.remove_replica(&key, &node),
+            Command::AddReplicas { replicas } => self.add_replicas(replicas),
+            Command::AddServingReplicas { node, keys } => self.add_serving_replicas(&node, keys),
+        }
+    }
+
+    // Nodes and models.
+
+    fn register_node(&mut self, node: NodeRecord) -> Result<(), String> {
+        if node.id.is_empty() {
+            return Err("node id is empty".into());
+        }
+        self.nodes.insert(node.id.clone(), node);
+        Ok(())
+    }
+
+    fn set_node_status(&mut self, node: &str, status: NodeStatus) -> Result<(), String> {
+        let record = self
+            .nodes
+            .get_mut(node)
+            .ok_or_else(|| format!("unknown node {node:?}"))?;
+        if record.status != status {
+            record.status = status;
+            // Routers stop or resume using the node's replicas.
+            self.epoch += 1;
+        }
+        Ok(())
+    }
+
+    fn add_model(&mut self, model: ModelRecord) -> Result<(), String> {
+        if let Some(existing) = self.models.get(&model.id)
+            && existing != &model
+        {
+            return Err(format!(
+                "model {:?} is already loaded with a different checkpoint or shape",
+                model.id
+            ));
+        }
+        self.models.insert(model.id.clone(), model);
+        Ok(())
+    }
+
+    // Replicas, through their life: added (loading), ready, draining, removed.
+
+    fn add_replica(&mut self, key: ExpertKey, node: String) -> Result<(), String> {
+        self.check_expert(&key)?;
+        match self.nodes.get(&node).map(|record| record.status) {
+            None => return Err(format!("unknown node {node:?}")),
+            Some(NodeStatus::Ready | NodeStatus::Joining) => {}
+            Some(status) => {
+                return Err(format!(
+                    "node {node} is {status:?} and takes no new replicas"
+                ));
             }
-            Command::SetNodeStatus { node, status } => {
-                let record = self
-                    .nodes
-                    .get_mut(&node)
-                    .ok_or_else(|| format!("unknown node {node:?}"))?;
-                if record.status != status {
-                    record.status = status;
-                    // Routers stop or resume using the node's replicas.
-                    self.epoch += 1;
+        }
+        let replicas = self.replicas.entry(key.clone()).or_default();
+        if replicas.iter().any(|replica| replica.node == node) {
+            return Err(format!("node {node} already holds {key}"));
+        }
+        replicas.push(Replica {
+            node,
+            state: ReplicaState::Loading,
+        });
+        Ok(())
+    }
+
+    fn mark_replica_ready(&mut self, key: &ExpertKey, node: &str) -> Result<(), String> {
+        let replica = self.replica_mut(key, node)?;
+        if replica.state != ReplicaState::Loading {
+            return Err(format!(
+                "replica of {key} on {node} is {:?}, not loading",
+                replica.state
+            ));
+        }
+        replica.state = ReplicaState::Ready;
+        self.epoch += 1;
+        Ok(())
+    }
+
+    fn drain_replica(&mut self, key: &ExpertKey, node: &str) -> Result<(), String> {
+        let ready_elsewhere = self.replicas.get(key).is_some_and(|replicas| {
+            replicas
+                .iter()
+                .any(|replica| replica.node != node && replica.state == ReplicaState::Ready)
+        });
+        if !ready_elsewhere {
+            return Err(format!(
+                "{key} has no other ready replica; draining {node} would leave it unserved"
+            ));
+        }
+        self.replica_mut(key, node)?.state = ReplicaState::Draining;
+        self.epoch += 1;
+        Ok(())
+    }
+
+    fn remove_replica(&mut self, key: &ExpertKey, node: &str) -> Result<(), String> {
+        self.replica_mut(key, node)?;
+        let replicas = self.replicas.get_mut(key).expect("checked above");
+        replicas.retain(|replica| replica.node != node);
+        if replicas.is_empty() {
+            self.replicas.remove(key);
+        }
+        self.epoch += 1;
+        Ok(())
+    }
+
+    fn add_replicas(&mut self, replicas: Vec<(ExpertKey, String)>) -> Result<(), String> {
+        // Check all first so that a refusal leaves nothing half done.
+        let mut staged = self.clone();
+        for (key, node) in replicas {
+            staged.add_replica(key, node)?;
+        }
+        *self = staged;
+        Ok(())
+    }
+
+    fn add_serving_replicas(&mut self, node: &str, keys: Vec<ExpertKey>) -> Result<(), String> {
+        if !self.nodes.contains_key(node) {
+            return Err(format!("unknown node {node:?}"));
+        }
+        for key in &keys {
+            self.check_expert(key)?;
+        }
+        let mut changed = false;
+        for key in keys {
+            let replicas = self.replicas.entry(key).or_default();
+            match replicas.iter_mut().find(|replica| replica.node == node) {
+                Some(replica) if replica.state == ReplicaState::Ready => {}
+                Some(replica) => {
+                    replica.state = ReplicaState::Ready;
+                    changed = true;
+                }
+                None => {
+                    replicas.push(Replica {
+                        node: node.to_string(),
+                        state: ReplicaState::Ready,
+                    });
+                    changed = true;
                 }
             }
-            Command::AddModel { model } => {
-                if let Some(existing) = self.models.get(&model.id)
-                    && existing != &model
-                {
-                    return Err(format!(
-                        "model {:?} is already loaded with a different checkpoint or shape",
-                        model.id
-                    ));
-                }
-                self.models.insert(model.id.clone(), model);
-            }
-            Command::AddReplica { key, node } => {
-                self.check_expert(&key)?;
-                match self.nodes.get(&node).map(|record| record.status) {
-                    None => return Err(format!("unknown node {node:?}")),
-                    Some(NodeStatus::Ready | NodeStatus::Joining) => {}
-                    Some(status) => {
-                        return Err(format!(
-                            "node {node} is {status:?} and takes no new replicas"
-                        ));
-                    }
-                }
-                let replicas = self.replicas.entry(key.clone()).or_default();
-                if replicas.iter().any(|replica| replica.node == node) {
-                    return Err(format!("node {node} already holds {key}"));
-                }
-                replicas.push(Replica {
-                    node,
-                    state: ReplicaState::Loading,
-                });
-            }
-            Command::ReplicaReady { key, node } => {
-                let replica = self.replica_mut(&key, &node)?;
-                if replica.state != ReplicaState::Loading {
-                    return Err(format!(
-                        "replica of {key} on {node} is {:?}, not loading",
-                        replica.state
-                    ));
-                }
-                replica.state = ReplicaState::Ready;
-                self.epoch += 1;
-            }
-            Command::DrainReplica { key, node } => {
-                let ready_elsewhere = self.replicas.get(&key).is_some_and(|replicas| {
-                    replicas
-                        .iter()
-                        .any(|replica| replica.node != node && replica.state == ReplicaState::Ready)
-                });
-                if !ready_elsewhere {
-                    return Err(format!(
-                        "{key} has no other ready replica; draining {node} would leave it unserved"
-                    ));
-                }
-                self.replica_mut(&key, &node)?.state = ReplicaState::Draining;
-                self.epoch += 1;
-            }
-            Command::AddReplicas { replicas } => {
-                // Check all first so that a refusal leaves nothing half done.
-                let mut staged = self.clone();
-                for (key, node) in replicas {
-                    staged.apply_command(Command::AddReplica { key, node })?;
-                }
-                *self = staged;
-            }
-            Command::AddServingReplicas { node, keys } => {
-                if !self.nodes.contains_key(&node) {
-                    return Err(format!("unknown node {node:?}"));
-                }
-                for key in &keys {
-                    self.check_expert(key)?;
-                }
-                let mut changed = false;
-                for key in keys {
-                    let replicas = self.replicas.entry(key).or_default();
-                    match replicas.iter_mut().find(|replica| replica.node == node) {
-                        Some(replica) if replica.state == ReplicaState::Ready => {}
-                        Some(replica) => {
-                            replica.state = ReplicaState::Ready;
-                            changed = true;
-                        }
-                        None => {
-                            replicas.push(Replica {
-                                node: node.clone(),
-                                state: ReplicaState::Ready,
-                            });
-                            changed = true;
-                        }
-                    }
-                }
-                if changed {
-                    self.epoch += 1;
-                }
-            }
-            Command::RemoveReplica { key, node } => {
-                self.replica_mut(&key, &node)?;
-                let replicas = self.replicas.get_mut(&key).expect("checked above");
-                replicas.retain(|replica| replica.node != node);
-                if replicas.is_empty() {
-                    self.replicas.remove(&key);
-                }
-                self.epoch += 1;
-            }
+        }
+        if changed {
+            self.epoch += 1;
         }
         Ok(())
     }

@@ -6,8 +6,8 @@
 use std::time::Instant;
 
 use gemm::Parallelism;
-use moemesh_core::backend::{ComputeBackend, CpuBackend, matmul};
-use moemesh_core::checkpoint::ExpertWeights;
+use moemesh_core::compute::{ComputeBackend, CpuBackend, matmul};
+use moemesh_core::model::checkpoint::ExpertWeights;
 
 fn main() {
     let mut args = std::env::args()

@@ -1,6 +1,7 @@
 use std::path::PathBuf;
 
-/// Errors of moemesh-core: bad checkpoints, bad configs and bad requests.
+/// Errors of moemesh-core: bad checkpoints, configs and placements, and
+/// requests for what is not served here.
 #[derive(Debug, thiserror::Error)]
 pub enum CoreError {
     /// A file could not be read.
@@ -15,9 +16,6 @@ pub enum CoreError {
     /// A safetensors file or its index is malformed, or lacks a tensor we need.
     #[error("invalid checkpoint: {0}")]
     Checkpoint(String),
-    /// A tensor handed to moemesh has the wrong shape, dtype, length or values.
-    #[error("invalid tensor: {0}")]
-    InvalidTensor(String),
     /// A request names a model, layer or expert that is not served here.
     #[error("not found: {0}")]
     NotFound(String),

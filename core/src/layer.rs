@@ -4,10 +4,10 @@
 use std::sync::Arc;
 
 use crate::CoreResult;
-use crate::backend::{ComputeBackend, Expert, ExpertWork};
-use crate::checkpoint::Checkpoint;
-use crate::config::ModelConfig;
-use crate::gating::{Gate, Routing};
+use crate::compute::{ComputeBackend, Expert, ExpertWork};
+use crate::model::checkpoint::Checkpoint;
+use crate::model::config::ModelConfig;
+use crate::model::gating::{Gate, Routing};
 
 /// Per expert id (shared expert last), the tokens routed to it and their
 /// weights, tokens ascending.

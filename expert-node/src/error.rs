@@ -1,4 +1,5 @@
 use moemesh_core::CoreError;
+use moemesh_proto::codec::CodecError;
 
 /// Errors of an expert node; each maps to one gRPC status code.
 #[derive(Debug, thiserror::Error)]
@@ -9,6 +10,9 @@ pub enum ExpertNodeError {
     /// The work queue is full; the caller should try another replica.
     #[error("expert node overloaded: {0}")]
     Overloaded(String),
+    /// A tensor in the request is missing or malformed.
+    #[error(transparent)]
+    Codec(#[from] CodecError),
     /// The checkpoint or config could not be loaded.
     #[error(transparent)]
     Core(#[from] CoreError),
@@ -29,7 +33,7 @@ impl From<ExpertNodeError> for tonic::Status {
         match error {
             ExpertNodeError::InvalidArgument(_) => Self::invalid_argument(message),
             ExpertNodeError::Overloaded(_) => Self::resource_exhausted(message),
-            ExpertNodeError::Core(CoreError::InvalidTensor(_) | CoreError::NotFound(_)) => {
+            ExpertNodeError::Codec(_) | ExpertNodeError::Core(CoreError::NotFound(_)) => {
                 Self::invalid_argument(message)
             }
             ExpertNodeError::Core(_) | ExpertNodeError::Internal(_) => Self::internal(message),

@@ -5,8 +5,10 @@
 //!   experts and computes queued work on its own thread.
 //! - [`service`]: the `ExpertService` gRPC handlers, which validate
 //!   requests and hand them to the worker.
-//! - [`registration`]: joining a cluster through its coordinators.
-//! - [`run`]: serves a node on a listener until shutdown.
+//! - [`registration`]: joining a cluster through its coordinators:
+//!   registering, heartbeats, following the placement.
+//! - [`ExpertNode`]: a loaded (and registered) node; [`run`] starts one
+//!   and serves it on a listener until shutdown.
 
 mod error;
 pub mod registration;
@@ -18,13 +20,18 @@ use std::path::PathBuf;
 
 use std::sync::Arc;
 
-use moemesh_core::backend::{ComputeBackend, CpuBackend, WeightFormat};
-use moemesh_core::checkpoint::Checkpoint;
+use moemesh_client::CoordinatorClient;
+use moemesh_core::compute::{ComputeBackend, CpuBackend, WeightFormat};
+use moemesh_core::model::checkpoint::Checkpoint;
+use moemesh_core::model::placement::LayerExpert;
+use moemesh_proto::tls::TlsConfig;
 use moemesh_proto::{ExpertServiceServer, MAX_MESSAGE_BYTES};
 use tokio::net::TcpListener;
 
+use crate::registration::{Registration, follow_placement_task, heartbeat_task, register};
+
 pub use error::{ExpertNodeError, ExpertNodeResult};
-pub use service::ExpertNodeService;
+pub use service::{ExpertNodeService, WorkCounters};
 
 /// What an expert node serves and how.
 #[derive(Debug, Clone)]
@@ -33,30 +40,137 @@ pub struct ExpertNodeConfig {
     pub model_dir: PathBuf,
     /// The model id requests use; empty requests match any.
     pub model_id: String,
-    /// (layer, expert) pairs to hold at start; the shared expert is
-    /// `num_experts`. Empty for a node that takes its experts from the coordinators.
-    pub experts: Vec<(usize, u32)>,
+    /// Experts to hold at start. Empty for a node that takes its experts
+    /// from the coordinators.
+    pub experts: Vec<LayerExpert>,
     /// Compute threads (0: one per core).
     pub threads: usize,
     /// Requests that may wait for the worker before new ones are refused.
     pub queue_capacity: usize,
     /// How the experts' weights are kept in memory.
     pub weight_format: WeightFormat,
+    /// How connections to and from this node are secured.
+    pub tls: TlsConfig,
+    /// The coordinators this node joins; None for a node that serves its
+    /// `experts` alone (a placement file names it to routers).
+    pub registration: Option<Registration>,
 }
 
-/// Loads the node's experts, then serves `ExpertService` (and gRPC health)
-/// on `listener` until `shutdown` completes; in-flight calls finish first.
+/// An expert node with its experts loaded and, when it has coordinators,
+/// registered with them, heartbeating and following their placement.
+pub struct ExpertNode {
+    service: ExpertNodeService,
+    /// Taken by [`ExpertNode::serve`].
+    listener: Option<TcpListener>,
+    tls: TlsConfig,
+    /// The epoch that holds this node's registration; None without coordinators.
+    registered_epoch: Option<u64>,
+    /// Heartbeats and placement following; they end when the node stops
+    /// serving or is dropped.
+    membership_tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl ExpertNode {
+    /// Loads the node's experts and, with coordinators, registers them
+    /// (heartbeats start first: registering many experts can take a while).
+    /// Connections on `listener` wait until [`ExpertNode::serve`].
+    pub async fn start(config: ExpertNodeConfig, listener: TcpListener) -> ExpertNodeResult<Self> {
+        let tls = config.tls.clone();
+        let registration = config.registration.clone();
+        let service = load(config).await?;
+        let mut node = Self {
+            service,
+            listener: Some(listener),
+            tls,
+            registered_epoch: None,
+            membership_tasks: Vec::new(),
+        };
+        if let Some(registration) = registration {
+            node.join(registration).await?;
+        }
+        Ok(node)
+    }
+
+    async fn join(&mut self, registration: Registration) -> ExpertNodeResult<()> {
+        let mut coordinators =
+            CoordinatorClient::new(registration.coordinators.clone(), self.tls.clone())
+                .map_err(|error| ExpertNodeError::InvalidArgument(error.to_string()))?;
+        self.membership_tasks.push(tokio::spawn(heartbeat_task(
+            registration.clone(),
+            self.service.clone(),
+            coordinators.clone(),
+        )));
+        let epoch = match register(&self.service, &registration, &mut coordinators).await {
+            Ok(epoch) => epoch,
+            Err(error) => {
+                self.stop_membership();
+                return Err(ExpertNodeError::Internal(format!(
+                    "registration with the coordinators failed: {error}"
+                )));
+            }
+        };
+        tracing::info!(node = %registration.node_id, epoch, "registered with the coordinators");
+        self.registered_epoch = Some(epoch);
+        self.membership_tasks
+            .push(tokio::spawn(follow_placement_task(
+                self.service.clone(),
+                registration.node_id,
+                coordinators,
+                epoch,
+            )));
+        Ok(())
+    }
+
+    /// The node's gRPC service, for calling it in process.
+    pub fn service(&self) -> &ExpertNodeService {
+        &self.service
+    }
+
+    /// The placement epoch that holds this node's registration; None for a
+    /// node without coordinators.
+    pub fn registered_epoch(&self) -> Option<u64> {
+        self.registered_epoch
+    }
+
+    /// Serves `ExpertService` (and gRPC health) until `shutdown` completes
+    /// and in-flight calls finish; then stops heartbeating, so the
+    /// coordinators soon count the node dead.
+    pub async fn serve(
+        mut self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> ExpertNodeResult<()> {
+        let listener = self.listener.take().expect("a node serves once");
+        serve(self.service.clone(), listener, &self.tls, shutdown).await
+    }
+
+    fn stop_membership(&mut self) {
+        self.membership_tasks
+            .drain(..)
+            .for_each(|task| task.abort());
+    }
+}
+
+impl Drop for ExpertNode {
+    fn drop(&mut self) {
+        self.stop_membership();
+    }
+}
+
+/// Starts a node ([`ExpertNode::start`]) and serves it on `listener` until
+/// `shutdown` completes; in-flight calls finish first.
 pub async fn run(
     config: ExpertNodeConfig,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> ExpertNodeResult<()> {
-    let service = load(config).await?;
-    serve(service, listener, shutdown).await
+    ExpertNode::start(config, listener)
+        .await?
+        .serve(shutdown)
+        .await
 }
 
 /// Loads the experts of `config` onto a CPU backend, off the async runtime.
-pub async fn load(config: ExpertNodeConfig) -> ExpertNodeResult<ExpertNodeService> {
+async fn load(config: ExpertNodeConfig) -> ExpertNodeResult<ExpertNodeService> {
     tokio::task::spawn_blocking(move || {
         let checkpoint = Arc::new(Checkpoint::open(&config.model_dir)?);
         let backend: Arc<dyn ComputeBackend> = Arc::new(CpuBackend::with_format(
@@ -69,10 +183,11 @@ pub async fn load(config: ExpertNodeConfig) -> ExpertNodeResult<ExpertNodeServic
     .map_err(|error| ExpertNodeError::Internal(format!("expert loading panicked: {error}")))?
 }
 
-/// Serves an already loaded node on `listener` until `shutdown` completes.
-pub async fn serve(
+/// Serves a loaded node on `listener` until `shutdown` completes.
+async fn serve(
     service: ExpertNodeService,
     listener: TcpListener,
+    tls: &TlsConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> ExpertNodeResult<()> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -89,7 +204,7 @@ pub async fn serve(
             .await;
         tracing::info!("expert node shutting down");
     };
-    moemesh_proto::data_path_server()
+    moemesh_proto::data_path_server(tls)
         .map_err(|error| ExpertNodeError::Internal(format!("TLS setup failed: {error}")))?
         .add_service(health_service)
         .add_service(server)

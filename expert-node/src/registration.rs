@@ -5,12 +5,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use moemesh_proto::AdminServiceClient;
+use futures::StreamExt;
+use moemesh_client::CoordinatorClient;
 use moemesh_proto::v1::{
     HeartbeatRequest, NodeInfo, PlacementSnapshot, RegisterNodeRequest, ReportReplicaReadyRequest,
-    WatchPlacementRequest,
 };
-use tonic::transport::Channel;
+use moemesh_proto::{NodeStatus, ReplicaState};
 
 use crate::ExpertNodeService;
 
@@ -30,34 +30,18 @@ pub struct Registration {
     pub checkpoint: String,
     /// Time between heartbeats.
     pub heartbeat_interval: Duration,
-}
-
-/// Connects to the first coordinator that answers, starting at `*next`.
-async fn connect_any(
-    coordinators: &[String],
-    next: &mut usize,
-) -> Result<AdminServiceClient<Channel>, String> {
-    let mut last_error = String::from("no coordinator given");
-    for _ in 0..coordinators.len() {
-        let address = &coordinators[*next % coordinators.len()];
-        match moemesh_proto::tls::connect(address.clone())
-            .await
-            .map(AdminServiceClient::new)
-        {
-            Ok(client) => return Ok(client),
-            Err(error) => last_error = format!("cannot reach coordinator {address}: {error}"),
-        }
-        *next += 1;
-    }
-    Err(last_error)
+    /// How long to keep trying to register (through elections) before
+    /// giving up.
+    pub patience: Duration,
 }
 
 /// Registers the node and the experts it serves, retrying (with the same
-/// request id, so it applies once) through elections until `patience` runs out.
+/// request id, so it applies once) through elections until
+/// `registration.patience` runs out; returns the epoch that holds it.
 pub async fn register(
     service: &ExpertNodeService,
     registration: &Registration,
-    patience: Duration,
+    coordinators: &mut CoordinatorClient,
 ) -> Result<u64, String> {
     let request = RegisterNodeRequest {
         node: Some(NodeInfo {
@@ -66,7 +50,7 @@ pub async fn register(
             group: registration.group.clone(),
             device: "cpu".into(),
             memory_bytes: registration.memory_bytes,
-            status: String::new(),
+            status: NodeStatus::Unspecified.into(),
         }),
         request_id: format!("register-{}-{:016x}", registration.node_id, process_nonce()),
         model: service.model_id().to_string(),
@@ -75,21 +59,14 @@ pub async fn register(
     };
     let started = Instant::now();
     let mut backoff = Duration::from_millis(50);
-    let mut next = 0;
     loop {
-        let attempt = async {
-            let mut client = connect_any(&registration.coordinators, &mut next).await?;
-            client
-                .register_node(request.clone())
-                .await
-                .map_err(|status| status.message().to_string())
-        };
-        match attempt.await {
-            Ok(response) => return Ok(response.into_inner().epoch),
-            Err(error) if started.elapsed() >= patience => return Err(error),
+        match coordinators.register_node(request.clone()).await {
+            Ok(epoch) => return Ok(epoch),
+            Err(error) if started.elapsed() >= registration.patience => {
+                return Err(error.to_string());
+            }
             Err(error) => {
                 tracing::debug!(%error, "registration not yet accepted; retrying");
-                next += 1;
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
             }
@@ -103,39 +80,26 @@ fn process_nonce() -> u64 {
     RandomState::new().hash_one(std::process::id())
 }
 
-/// Sends a heartbeat every interval, forever, moving to another coordinator
-/// when one stops answering.
-pub async fn heartbeat_task(registration: Registration, service: ExpertNodeService) {
-    let mut next = 0;
-    let mut client = None;
+/// Sends a heartbeat every interval, forever; a coordinator that does not
+/// answer within the interval is left for the next.
+pub async fn heartbeat_task(
+    registration: Registration,
+    service: ExpertNodeService,
+    coordinators: CoordinatorClient,
+) {
+    let mut coordinators = coordinators.with_call_timeout(registration.heartbeat_interval);
     let mut interval = tokio::time::interval(registration.heartbeat_interval);
     loop {
         interval.tick().await;
-        if client.is_none() {
-            client = connect_any(&registration.coordinators, &mut next)
-                .await
-                .ok();
-        }
-        let Some(connected) = client.as_mut() else {
-            continue;
-        };
-        let (queue_depth, busy_micros, pairs) = service.work_counters();
+        let work = service.work_counters();
         let request = HeartbeatRequest {
             node: registration.node_id.clone(),
-            queue_depth,
-            busy_micros,
-            pairs,
+            queue_depth: work.queue_depth,
+            busy_micros: work.busy_micros,
+            pairs: work.pairs,
         };
-        if tokio::time::timeout(
-            registration.heartbeat_interval,
-            connected.heartbeat(request),
-        )
-        .await
-        .map_or(true, |reply| reply.is_err())
-        {
-            tracing::debug!("heartbeat failed; trying another coordinator");
-            client = None;
-            next += 1;
+        if let Err(error) = coordinators.heartbeat(request).await {
+            tracing::debug!(%error, "heartbeat not delivered");
         }
     }
 }
@@ -146,58 +110,30 @@ pub async fn heartbeat_task(registration: Registration, service: ExpertNodeServi
 /// are ignored, so that they never undo the node's own registration.
 pub async fn follow_placement_task(
     service: ExpertNodeService,
-    registration: Registration,
+    node_id: String,
+    mut coordinators: CoordinatorClient,
     registered_epoch: u64,
 ) {
-    let mut next = 0;
-    loop {
-        let followed = async {
-            let mut client = connect_any(&registration.coordinators, &mut next).await?;
-            let request = WatchPlacementRequest {
-                model: service.model_id().to_string(),
-            };
-            let mut stream = client
-                .watch_placement(request)
-                .await
-                .map_err(|status| status.message().to_string())?
-                .into_inner();
-            while let Some(snapshot) = stream
-                .message()
-                .await
-                .map_err(|status| status.message().to_string())?
-            {
-                if snapshot.epoch < registered_epoch {
-                    continue;
-                }
-                apply_snapshot(&service, &mut client, &registration.node_id, snapshot).await;
-            }
-            Ok::<(), String>(())
-        };
-        if let Err(error) = followed.await {
-            tracing::debug!(%error, "placement stream ended; reconnecting");
-        }
-        next += 1;
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut placements = coordinators.watch_placement(service.model_id(), registered_epoch);
+    while let Some(snapshot) = placements.next().await {
+        apply_snapshot(&service, &mut coordinators, &node_id, snapshot).await;
     }
 }
 
 async fn apply_snapshot(
     service: &ExpertNodeService,
-    client: &mut AdminServiceClient<Channel>,
+    coordinators: &mut CoordinatorClient,
     node_id: &str,
     snapshot: PlacementSnapshot,
 ) {
-    let mut placed_here: BTreeMap<(usize, u32), String> = BTreeMap::new();
+    let mut placed_here: BTreeMap<(usize, u32), ReplicaState> = BTreeMap::new();
     for expert in &snapshot.experts {
         if let Some(replica) = expert
             .replicas
             .iter()
             .find(|replica| replica.node == node_id)
         {
-            placed_here.insert(
-                (expert.layer as usize, expert.expert),
-                replica.state.clone(),
-            );
+            placed_here.insert((expert.layer as usize, expert.expert), replica.state());
         }
     }
     let held: BTreeSet<(usize, u32)> = service
@@ -210,27 +146,22 @@ async fn apply_snapshot(
                 .map(move |&expert| (layer.layer as usize, expert))
         })
         .collect();
-    for (&(layer, expert), state) in &placed_here {
+    for (&(layer, expert), &state) in &placed_here {
         if !held.contains(&(layer, expert))
             && let Err(error) = service.add_expert(layer, expert).await
         {
             tracing::warn!(layer, expert, %error, "cannot load a placed expert");
             continue;
         }
-        if state == "loading" {
+        if state == ReplicaState::Loading {
             let report = ReportReplicaReadyRequest {
                 node: node_id.to_string(),
                 model: service.model_id().to_string(),
                 layer: layer as u32,
                 expert,
             };
-            if let Err(status) = client.report_replica_ready(report).await {
-                tracing::warn!(
-                    layer,
-                    expert,
-                    error = status.message(),
-                    "cannot report a loaded expert"
-                );
+            if let Err(error) = coordinators.report_replica_ready(report).await {
+                tracing::warn!(layer, expert, %error, "cannot report a loaded expert");
             }
         }
     }

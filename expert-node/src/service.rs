@@ -6,10 +6,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use moemesh_core::backend::ComputeBackend;
-use moemesh_core::checkpoint::Checkpoint;
-use moemesh_core::config::ModelConfig;
-use moemesh_core::tensor::{WireDtype, decode_rows, encode};
+use moemesh_core::compute::ComputeBackend;
+use moemesh_core::model::checkpoint::Checkpoint;
+use moemesh_core::model::config::ModelConfig;
+use moemesh_core::model::placement::LayerExpert;
+use moemesh_proto::codec::{WireDtype, decode_rows, encode};
 use moemesh_proto::v1::{
     ComputeRequest, ComputeResponse, ExpertLoad, ExpertRows, InfoRequest, InfoResponse,
     LayerExperts,
@@ -35,6 +36,18 @@ struct NodeInner {
     worker: DeviceWorkerHandle,
 }
 
+/// A node's work as heartbeats report it: the coordinators' measure of how
+/// busy a node is (routed tokens are "load"; this is "work").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkCounters {
+    /// Jobs waiting for the worker now.
+    pub queue_depth: u64,
+    /// Compute time since the node started, in microseconds.
+    pub busy_micros: u64,
+    /// Token-expert pairs computed since the node started.
+    pub pairs: u64,
+}
+
 impl ExpertNodeService {
     /// Loads the configured experts from `checkpoint` onto `backend` and
     /// starts the device worker. A node may start empty and take experts
@@ -46,7 +59,7 @@ impl ExpertNodeService {
     ) -> ExpertNodeResult<Self> {
         let config = checkpoint.config().clone();
         let mut experts = HashMap::new();
-        for &(layer, expert) in &node_config.experts {
+        for &LayerExpert { layer, expert } in &node_config.experts {
             if let std::collections::hash_map::Entry::Vacant(slot) = experts.entry((layer, expert))
             {
                 slot.insert(backend.load_expert(checkpoint.load_expert(layer, expert)?)?);
@@ -115,16 +128,15 @@ impl ExpertNodeService {
         Ok(())
     }
 
-    /// Jobs waiting now, and cumulative compute microseconds and
-    /// token-expert pairs: what heartbeats report.
-    pub fn work_counters(&self) -> (u64, u64, u64) {
+    /// What heartbeats report of this node's work.
+    pub fn work_counters(&self) -> WorkCounters {
         let worker = &self.inner.worker;
         let stats = worker.stats();
-        (
-            worker.queue_depth() as u64,
-            stats.busy_micros.load(Ordering::Relaxed),
-            stats.pairs.load(Ordering::Relaxed),
-        )
+        WorkCounters {
+            queue_depth: worker.queue_depth() as u64,
+            busy_micros: stats.busy_micros.load(Ordering::Relaxed),
+            pairs: stats.pairs.load(Ordering::Relaxed),
+        }
     }
 
     /// Returns the experts this node serves, per layer.

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use moemesh_core::backend::{ComputeBackend, Expert, ExpertWork, scale_by_weight};
+use moemesh_core::compute::{ComputeBackend, Expert, ExpertWork, scale_by_weight};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::{ExpertNodeError, ExpertNodeResult};
@@ -418,7 +418,7 @@ mod tests {
             started_tx: Mutex::new(started_tx),
             go_rx: Mutex::new(go_rx),
         });
-        let backend = Arc::new(moemesh_core::backend::CpuBackend::new(1).unwrap());
+        let backend = Arc::new(moemesh_core::compute::CpuBackend::new(1).unwrap());
         let worker = DeviceWorker::spawn(HashMap::from([((0, 0), expert)]), backend, 1, 1);
 
         let running = tokio::spawn({

@@ -1,5 +1,6 @@
 //! `moemesh demo`: a local multi-process cluster, a workload and a report.
 
+use moemesh_proto::NodeStatus;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -7,10 +8,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
-use moemesh_client::{AdminClient, Client};
-use moemesh_core::backend::CpuBackend;
-use moemesh_core::checkpoint::Checkpoint;
+use moemesh_client::{Client, CoordinatorClient, TlsArgs};
+use moemesh_core::compute::CpuBackend;
 use moemesh_core::layer::MoeLayer;
+use moemesh_core::model::checkpoint::Checkpoint;
 use moemesh_proto::ExpertServiceClient;
 use moemesh_proto::v1::InfoRequest;
 use rand::SeedableRng;
@@ -51,7 +52,7 @@ pub struct DemoArgs {
     verify: Option<bool>,
 }
 
-pub async fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
+pub async fn run_demo(args: DemoArgs, tls: &TlsArgs) -> anyhow::Result<()> {
     if args.requests == 0 || args.tokens == 0 || args.concurrency == 0 {
         anyhow::bail!("--requests, --tokens and --concurrency must be at least 1");
     }
@@ -88,7 +89,7 @@ pub async fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
         announce: true,
         node_memory_bytes: None,
     };
-    let cluster = LocalCluster::start(&up).await?;
+    let cluster = LocalCluster::start(&up, tls).await?;
     let result = drive(&cluster, &args, &model, verify).await;
     eprintln!("stopping the cluster");
     cluster.shutdown().await?;
@@ -106,7 +107,7 @@ async fn drive(
     let config = &cluster.config;
     let hidden = config.hidden_size;
     let layers = config.moe_layers();
-    let client = Client::connect(cluster.router_url.clone()).await?;
+    let client = Client::connect_with_tls(cluster.router_url.clone(), &cluster.tls).await?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(42);
 
     if verify {
@@ -174,6 +175,27 @@ async fn drive(
     report(cluster, args, elapsed, latencies).await
 }
 
+/// One line of what the coordinators say: leader, epoch, ready nodes.
+async fn print_coordinators_view(cluster: &LocalCluster) -> anyhow::Result<()> {
+    let status = CoordinatorClient::new(cluster.coordinator_urls.clone(), cluster.tls.clone())?
+        .cluster_status()
+        .await?;
+    let ready = status
+        .nodes
+        .iter()
+        .filter(|node| node.status() == NodeStatus::Ready)
+        .count();
+    println!(
+        "coordinators: {} (leader {}, term {}), placement epoch {}, expert nodes ready {ready}/{}",
+        status.coordinators.len(),
+        status.leader_id,
+        status.term,
+        status.epoch,
+        status.nodes.len()
+    );
+    Ok(())
+}
+
 async fn report(
     cluster: &LocalCluster,
     args: &DemoArgs,
@@ -207,9 +229,12 @@ async fn report(
     let mut per_expert: BTreeMap<(u32, u32), u64> = BTreeMap::new();
     println!("tokens per node:");
     for node in cluster.placement.nodes() {
-        let mut client = ExpertServiceClient::connect(node.address.clone())
+        let channel = cluster
+            .tls
+            .connect(node.address.clone())
             .await
             .with_context(|| format!("cannot reach expert node {}", node.id))?;
+        let mut client = ExpertServiceClient::new(channel);
         let info = client.info(InfoRequest {}).await?.into_inner();
         let node_tokens: u64 = info.load.iter().map(|load| load.tokens).sum();
         println!(
@@ -224,24 +249,8 @@ async fn report(
             *per_expert.entry((load.layer, load.expert)).or_default() += load.tokens;
         }
     }
-    if let Some(coordinator) = cluster.coordinator_urls.first() {
-        let status = AdminClient::connect(coordinator.clone())
-            .await?
-            .cluster_status()
-            .await?;
-        let ready = status
-            .nodes
-            .iter()
-            .filter(|node| node.status == "ready")
-            .count();
-        println!(
-            "coordinators: {} (leader {}, term {}), placement epoch {}, expert nodes ready {ready}/{}",
-            status.coordinators.len(),
-            status.leader_id,
-            status.term,
-            status.epoch,
-            status.nodes.len()
-        );
+    if !cluster.coordinator_urls.is_empty() {
+        print_coordinators_view(cluster).await?;
     }
     println!("tokens per expert (all requests, including the check):");
     let experts = cluster.config.experts_per_layer();

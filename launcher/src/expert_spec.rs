@@ -7,13 +7,14 @@
 //! `shared`).
 
 use anyhow::{Context, bail};
-use moemesh_core::config::ModelConfig;
+use moemesh_core::model::config::ModelConfig;
+use moemesh_core::model::placement::LayerExpert;
 
-/// Expands `--experts` values into (layer, expert) pairs, checked against the model.
+/// Expands `--experts` values into experts, checked against the model.
 pub fn parse_expert_specs(
     specs: &[String],
     config: &ModelConfig,
-) -> anyhow::Result<Vec<(usize, u32)>> {
+) -> anyhow::Result<Vec<LayerExpert>> {
     let mut held = Vec::new();
     for spec in specs {
         let (layers, experts) = spec
@@ -58,7 +59,7 @@ pub fn parse_expert_specs(
             }
         }
         for layer in layers {
-            held.extend(ids.iter().map(|&expert| (layer, expert)));
+            held.extend(ids.iter().map(|&expert| LayerExpert { layer, expert }));
         }
     }
     held.sort_unstable();
@@ -66,10 +67,10 @@ pub fn parse_expert_specs(
     Ok(held)
 }
 
-/// Writes (layer, expert) pairs back as `--experts` values, one per layer.
-pub fn format_expert_specs(held: &[(usize, u32)]) -> Vec<String> {
+/// Writes experts back as `--experts` values, one per layer.
+pub fn format_expert_specs(held: &[LayerExpert]) -> Vec<String> {
     let mut specs: Vec<(usize, Vec<String>)> = Vec::new();
-    for &(layer, expert) in held {
+    for &LayerExpert { layer, expert } in held {
         match specs.last_mut() {
             Some((last_layer, ids)) if *last_layer == layer => ids.push(expert.to_string()),
             _ => specs.push((layer, vec![expert.to_string()])),
@@ -98,7 +99,8 @@ mod tests {
     fn specs_expand_and_round_trip() {
         let config = config();
         let held = parse_expert_specs(&["1:0-1,shared".into(), "2:3".into()], &config).unwrap();
-        assert_eq!(held, vec![(1, 0), (1, 1), (1, 4), (2, 3)]);
+        let pairs: Vec<(usize, u32)> = held.iter().map(|held| (held.layer, held.expert)).collect();
+        assert_eq!(pairs, vec![(1, 0), (1, 1), (1, 4), (2, 3)]);
         assert_eq!(
             parse_expert_specs(&format_expert_specs(&held), &config).unwrap(),
             held

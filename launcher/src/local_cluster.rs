@@ -11,9 +11,10 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use moemesh_core::checkpoint::Checkpoint;
-use moemesh_core::config::ModelConfig;
-use moemesh_core::placement::{NodeEntry, Placement};
+use moemesh_client::{TlsArgs, TlsConfig};
+use moemesh_core::model::checkpoint::Checkpoint;
+use moemesh_core::model::config::ModelConfig;
+use moemesh_core::model::placement::{NodeEntry, Placement};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
 
@@ -63,6 +64,8 @@ struct NodeProcess {
 /// A running local cluster.
 pub struct LocalCluster {
     pub router_url: String,
+    /// How the cluster's connections are secured; local clients use it too.
+    pub tls: TlsConfig,
     /// The coordinators' URLs, by id starting at 1.
     pub coordinator_urls: Vec<String>,
     pub model_id: String,
@@ -78,10 +81,20 @@ const START_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long nodes get to finish in-flight work after being asked to stop.
 const STOP_GRACE: Duration = Duration::from_secs(10);
 
-async fn spawn_node(role: &'static str, args: &[String]) -> anyhow::Result<NodeProcess> {
+/// Starts `moemesh <role> <args>` with this process's TLS flags and waits
+/// until it serves.
+async fn spawn_node(
+    role: &'static str,
+    args: &[String],
+    tls: &TlsArgs,
+) -> anyhow::Result<NodeProcess> {
     let executable = std::env::current_exe().context("cannot find the moemesh executable")?;
     let mut command = Command::new(executable);
-    command.arg(role).args(args).arg("--exit-with-parent");
+    command
+        .args(tls.to_args())
+        .arg(role)
+        .args(args)
+        .arg("--exit-with-parent");
     command
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -129,16 +142,14 @@ async fn start_coordinators(
     data_dir: &std::path::Path,
     processes: &mut Vec<NodeProcess>,
     announce: bool,
+    tls: &TlsArgs,
 ) -> anyhow::Result<Vec<String>> {
+    let scheme = tls.config()?.scheme();
     // Peers must know each other's addresses before any starts: reserve ports.
     let mut urls = Vec::with_capacity(count);
     for _ in 0..count {
         let probe = std::net::TcpListener::bind("127.0.0.1:0").context("no free local port")?;
-        urls.push(format!(
-            "{}://{}",
-            moemesh_proto::tls::scheme(),
-            probe.local_addr()?
-        ));
+        urls.push(format!("{scheme}://{}", probe.local_addr()?));
     }
     let peers = urls
         .iter()
@@ -162,7 +173,7 @@ async fn start_coordinators(
                 .to_string_lossy()
                 .into_owned(),
         ];
-        let process = spawn_node("coordinator", &args).await?;
+        let process = spawn_node("coordinator", &args, tls).await?;
         if announce {
             println!("coordinator {}", process.url);
         }
@@ -171,9 +182,68 @@ async fn start_coordinators(
     Ok(urls)
 }
 
+/// What every expert node of a local cluster is started with.
+struct NodeOptions<'a> {
+    model: &'a str,
+    model_id: &'a str,
+    threads: usize,
+    /// Empty for a cluster without coordinators.
+    coordinator_urls: &'a [String],
+}
+
+/// Starts one expert node process per node of `provisional`, holding the
+/// experts placed on it; returns the nodes with their real addresses.
+async fn start_expert_nodes(
+    args: &UpArgs,
+    provisional: &Placement,
+    options: &NodeOptions<'_>,
+    processes: &mut Vec<NodeProcess>,
+    tls: &TlsArgs,
+) -> anyhow::Result<Vec<NodeEntry>> {
+    let mut nodes = Vec::new();
+    for entry in provisional.nodes() {
+        let mut node_args = vec![
+            "--model".into(),
+            options.model.to_string(),
+            "--model-id".into(),
+            options.model_id.to_string(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--threads".into(),
+            options.threads.to_string(),
+        ];
+        if let Some(bytes) = args.node_memory_bytes {
+            node_args.extend(["--memory-bytes".into(), bytes.to_string()]);
+        }
+        for spec in format_expert_specs(&provisional.experts_of(&entry.id)) {
+            node_args.extend(["--experts".into(), spec]);
+        }
+        if !options.coordinator_urls.is_empty() {
+            // Every coordinator, so heartbeats survive the loss of any one.
+            node_args.extend([
+                "--coordinator".into(),
+                options.coordinator_urls.join(","),
+                "--node-id".into(),
+                entry.id.clone(),
+            ]);
+        }
+        let process = spawn_node("expert", &node_args, tls).await?;
+        if args.announce {
+            println!("expert {} {}", entry.id, process.url);
+        }
+        nodes.push(NodeEntry {
+            id: entry.id.clone(),
+            address: process.url.clone(),
+        });
+        processes.push(process);
+    }
+    Ok(nodes)
+}
+
 impl LocalCluster {
-    /// Starts the expert nodes, then the router; prints one line per process.
-    pub async fn start(args: &UpArgs) -> anyhow::Result<Self> {
+    /// Starts the coordinators, the expert nodes, then the router, each
+    /// with the TLS flags of `tls`; prints one line per process.
+    pub async fn start(args: &UpArgs, tls: &TlsArgs) -> anyhow::Result<Self> {
         if args.expert_nodes == 0 {
             bail!("--expert-nodes must be at least 1");
         }
@@ -205,45 +275,17 @@ impl LocalCluster {
             workdir.path(),
             &mut processes,
             args.announce,
+            tls,
         )
         .await?;
-        let mut nodes = Vec::new();
-        for entry in provisional.nodes() {
-            let mut node_args = vec![
-                "--model".into(),
-                model.clone(),
-                "--model-id".into(),
-                model_id.clone(),
-                "--listen".into(),
-                "127.0.0.1:0".into(),
-                "--threads".into(),
-                threads.to_string(),
-            ];
-            if let Some(bytes) = args.node_memory_bytes {
-                node_args.extend(["--memory-bytes".into(), bytes.to_string()]);
-            }
-            for spec in format_expert_specs(&provisional.experts_of(&entry.id)) {
-                node_args.extend(["--experts".into(), spec]);
-            }
-            if !coordinator_urls.is_empty() {
-                // Every coordinator, so heartbeats survive the loss of any one.
-                node_args.extend([
-                    "--coordinator".into(),
-                    coordinator_urls.join(","),
-                    "--node-id".into(),
-                    entry.id.clone(),
-                ]);
-            }
-            let process = spawn_node("expert", &node_args).await?;
-            if args.announce {
-                println!("expert {} {}", entry.id, process.url);
-            }
-            nodes.push(NodeEntry {
-                id: entry.id.clone(),
-                address: process.url.clone(),
-            });
-            processes.push(process);
-        }
+        let node_options = NodeOptions {
+            model: &model,
+            model_id: &model_id,
+            threads,
+            coordinator_urls: &coordinator_urls,
+        };
+        let nodes =
+            start_expert_nodes(args, &provisional, &node_options, &mut processes, tls).await?;
         let placement = Placement::spread(&config, nodes, args.replicas)?;
         let placement_path = workdir.path().join("placement.toml");
         std::fs::write(
@@ -267,7 +309,7 @@ impl LocalCluster {
             // The router follows the coordinators, so placement changes reach it.
             router_args.extend(["--coordinator".into(), coordinator_urls.join(",")]);
         }
-        let router = spawn_node("router", &router_args).await?;
+        let router = spawn_node("router", &router_args, tls).await?;
         let router_url = router.url.clone();
         if args.announce {
             println!("router {router_url}");
@@ -275,6 +317,7 @@ impl LocalCluster {
         processes.push(router);
         Ok(Self {
             router_url,
+            tls: tls.config()?,
             coordinator_urls,
             model_id,
             config,
@@ -328,8 +371,8 @@ impl LocalCluster {
     }
 }
 
-pub async fn run_up(args: UpArgs) -> anyhow::Result<()> {
-    let mut cluster = LocalCluster::start(&args).await?;
+pub async fn run_up(args: UpArgs, tls: &TlsArgs) -> anyhow::Result<()> {
+    let mut cluster = LocalCluster::start(&args, tls).await?;
     eprintln!(
         "moemesh cluster up: {} expert nodes, model {:?} ({}, MoE layers {:?}); Ctrl-C or SIGTERM stops it",
         args.expert_nodes,

@@ -9,12 +9,10 @@
 //! - `moemesh bench`: moemesh beside the GEMM ceiling and PyTorch.
 
 mod bench;
-mod bench_rebalance;
 mod demo;
 mod expert_spec;
 mod local_cluster;
 mod roles;
-mod soak;
 mod stats;
 mod synthetic;
 
@@ -43,11 +41,11 @@ enum Command {
     /// Starts a local cluster on a synthetic Mixtral-shaped model, drives a workload through it and reports.
     Demo(demo::DemoArgs),
     /// Measures moemesh beside the machine's GEMM ceiling and PyTorch: in process, through a local cluster, decode latency, bf16 weights, memory.
-    Bench(bench::BenchArgs),
+    Bench(bench::layer::BenchArgs),
     /// Runs a skewed (Zipf) workload on a local cluster before, during and after one live rebalance, and reports node balance, throughput and latency.
-    BenchRebalance(bench_rebalance::BenchRebalanceArgs),
+    BenchRebalance(bench::rebalance::BenchRebalanceArgs),
     /// Runs many clients against a local cluster for a bounded time and reports errors, throughput and memory over time.
-    Soak(soak::SoakArgs),
+    Soak(bench::soak::SoakArgs),
 }
 
 fn init_tracing() {
@@ -78,20 +76,22 @@ fn main() -> anyhow::Result<()> {
     limit_malloc_arenas();
     init_tracing();
     let cli = Cli::parse();
-    cli.tls.install()?;
+    let tls = cli.tls.config()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async move {
         match cli.command {
-            Command::Coordinator(args) => roles::run_coordinator(args).await,
-            Command::Expert(args) => roles::run_expert(args).await,
-            Command::Router(args) => roles::run_router(args).await,
-            Command::Up(args) => local_cluster::run_up(args).await,
-            Command::Demo(args) => demo::run_demo(args).await,
-            Command::Bench(args) => bench::run_bench(args).await,
-            Command::BenchRebalance(args) => bench_rebalance::run_bench_rebalance(args).await,
-            Command::Soak(args) => soak::run_soak(args).await,
+            Command::Coordinator(args) => roles::run_coordinator(args, tls).await,
+            Command::Expert(args) => roles::run_expert(args, tls).await,
+            Command::Router(args) => roles::run_router(args, tls).await,
+            Command::Up(args) => local_cluster::run_up(args, &cli.tls).await,
+            Command::Demo(args) => demo::run_demo(args, &cli.tls).await,
+            Command::Bench(args) => bench::layer::run_bench(args, &cli.tls).await,
+            Command::BenchRebalance(args) => {
+                bench::rebalance::run_bench_rebalance(args, &cli.tls).await
+            }
+            Command::Soak(args) => bench::soak::run_soak(args, &cli.tls).await,
         }
     })
 }

@@ -5,20 +5,22 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use moemesh_coordinator::grpc::{Coordinator, CoordinatorConfig};
 use moemesh_coordinator::node::RaftNodeConfig;
-use moemesh_core::backend::WeightFormat;
-use moemesh_core::checkpoint::Checkpoint;
-use moemesh_core::placement::{Placement, PlacementFile};
-use moemesh_expert_node::ExpertNodeConfig;
-use moemesh_expert_node::registration::{
-    Registration, follow_placement_task, heartbeat_task, register,
-};
-use moemesh_router_node::{PlacementSource, RouterConfig};
+use moemesh_coordinator::server::{Coordinator, CoordinatorConfig};
+use moemesh_core::compute::WeightFormat;
+use moemesh_core::model::checkpoint::Checkpoint;
+use moemesh_core::model::placement::{Placement, PlacementFile};
+use moemesh_expert_node::registration::Registration;
+use moemesh_expert_node::{ExpertNode, ExpertNodeConfig};
+use moemesh_proto::tls::TlsConfig;
+use moemesh_router_node::{PlacementSource, Router, RouterConfig};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpListener;
 
 use crate::expert_spec::parse_expert_specs;
+
+/// How long an expert node keeps trying to register through elections.
+const REGISTRATION_PATIENCE: Duration = Duration::from_secs(60);
 
 /// Printed on stdout, followed by the node's URL, once a node serves.
 pub const READY_LINE_PREFIX: &str = "listening on ";
@@ -203,19 +205,16 @@ pub async fn shutdown_signal(exit_with_parent: bool) {
     }
 }
 
-async fn bind(listen: &str) -> anyhow::Result<(TcpListener, String)> {
+/// Binds `listen` and returns the URL peers reach it at (`https` with TLS).
+async fn bind(listen: &str, tls: &TlsConfig) -> anyhow::Result<(TcpListener, String)> {
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
-    let url = format!(
-        "{}://{}",
-        moemesh_proto::tls::scheme(),
-        listener.local_addr()?
-    );
+    let url = format!("{}://{}", tls.scheme(), listener.local_addr()?);
     Ok((listener, url))
 }
 
-pub async fn run_expert(args: ExpertArgs) -> anyhow::Result<()> {
+pub async fn run_expert(args: ExpertArgs, tls: TlsConfig) -> anyhow::Result<()> {
     let checkpoint = Checkpoint::open(&args.model)?;
     let config = checkpoint.config().clone();
     let experts = match (&args.placement, &args.node_id) {
@@ -237,7 +236,25 @@ pub async fn run_expert(args: ExpertArgs) -> anyhow::Result<()> {
         .model_id
         .clone()
         .unwrap_or_else(|| default_model_id(&args.model));
-    let (listener, url) = bind(&args.listen).await?;
+    let (listener, url) = bind(&args.listen, &tls).await?;
+    let registration = (!args.coordinators.is_empty()).then(|| Registration {
+        coordinators: args.coordinators.clone(),
+        node_id: args
+            .node_id
+            .clone()
+            .unwrap_or_else(|| format!("expert-{}", url.rsplit(':').next().unwrap_or("0"))),
+        address: args.advertise.clone().unwrap_or_else(|| url.clone()),
+        group: args.group.clone(),
+        memory_bytes: args.memory_bytes.unwrap_or_else(physical_memory_bytes),
+        checkpoint: args
+            .model
+            .canonicalize()
+            .unwrap_or_else(|_| args.model.clone())
+            .to_string_lossy()
+            .into_owned(),
+        heartbeat_interval: Duration::from_millis(args.heartbeat_ms.max(10)),
+        patience: REGISTRATION_PATIENCE,
+    });
     let node_config = ExpertNodeConfig {
         model_dir: args.model.clone(),
         model_id,
@@ -245,39 +262,13 @@ pub async fn run_expert(args: ExpertArgs) -> anyhow::Result<()> {
         threads: args.threads,
         queue_capacity: args.queue_capacity,
         weight_format: args.weights,
+        tls,
+        registration,
     };
-    let service = moemesh_expert_node::load(node_config).await?;
-    if !args.coordinators.is_empty() {
-        let registration = Registration {
-            coordinators: args.coordinators.clone(),
-            node_id: args
-                .node_id
-                .clone()
-                .unwrap_or_else(|| format!("expert-{}", url.rsplit(':').next().unwrap_or("0"))),
-            address: args.advertise.clone().unwrap_or_else(|| url.clone()),
-            group: args.group.clone(),
-            memory_bytes: args.memory_bytes.unwrap_or_else(physical_memory_bytes),
-            checkpoint: args
-                .model
-                .canonicalize()
-                .unwrap_or_else(|_| args.model.clone())
-                .to_string_lossy()
-                .into_owned(),
-            heartbeat_interval: Duration::from_millis(args.heartbeat_ms.max(10)),
-        };
-        // Heartbeats start first: registering many experts can take a while.
-        tokio::spawn(heartbeat_task(registration.clone(), service.clone()));
-        let epoch = register(&service, &registration, Duration::from_secs(60))
-            .await
-            .map_err(|error| {
-                anyhow::anyhow!("registration with the coordinators failed: {error}")
-            })?;
-        tracing::info!(node = %registration.node_id, epoch, "registered with the coordinators");
-        tokio::spawn(follow_placement_task(service.clone(), registration, epoch));
-    }
+    let node = ExpertNode::start(node_config, listener).await?;
     println!("{READY_LINE_PREFIX}{url}");
     tracing::info!(%url, "expert node serving");
-    moemesh_expert_node::serve(service, listener, shutdown_signal(args.exit_with_parent)).await?;
+    node.serve(shutdown_signal(args.exit_with_parent)).await?;
     Ok(())
 }
 
@@ -293,7 +284,7 @@ fn physical_memory_bytes() -> u64 {
         .unwrap_or(16 << 30)
 }
 
-pub async fn run_coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
+pub async fn run_coordinator(args: CoordinatorArgs, tls: TlsConfig) -> anyhow::Result<()> {
     let mut peers = BTreeMap::new();
     for peer in &args.peers {
         let (id, url) = peer
@@ -310,7 +301,7 @@ pub async fn run_coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     if !peers.contains_key(&args.id) {
         bail!("--peers must list this coordinator's --id {}", args.id);
     }
-    let (listener, url) = bind(&args.listen).await?;
+    let (listener, url) = bind(&args.listen, &tls).await?;
     let mut raft = RaftNodeConfig::new(
         args.id,
         peers.keys().copied().collect(),
@@ -324,6 +315,7 @@ pub async fn run_coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     config.admin_token = args.admin_token.clone().filter(|token| !token.is_empty());
     config.rebalance_interval =
         (args.rebalance_interval_s > 0).then(|| Duration::from_secs(args.rebalance_interval_s));
+    config.tls = tls;
     let coordinator = Coordinator::start(config)?;
     println!("{READY_LINE_PREFIX}{url}");
     tracing::info!(%url, id = args.id, "coordinator serving");
@@ -333,7 +325,7 @@ pub async fn run_coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn run_router(args: RouterArgs) -> anyhow::Result<()> {
+pub async fn run_router(args: RouterArgs, tls: TlsConfig) -> anyhow::Result<()> {
     let (placement, placement_model) = match &args.placement {
         Some(path) => {
             let file = PlacementFile::read(path)?;
@@ -350,17 +342,20 @@ pub async fn run_router(args: RouterArgs) -> anyhow::Result<()> {
         .clone()
         .or(placement_model)
         .unwrap_or_else(|| default_model_id(&args.model));
-    let (listener, url) = bind(&args.listen).await?;
+    let (listener, url) = bind(&args.listen, &tls).await?;
     let config = RouterConfig {
         model_dir: args.model.clone(),
         model_id,
         placement,
         group: args.group.clone(),
         max_in_flight: args.max_in_flight,
+        tls,
     };
-    let service = moemesh_router_node::load(config).await?;
+    let router = Router::load(config).await?;
     println!("{READY_LINE_PREFIX}{url}");
     tracing::info!(%url, "router serving");
-    moemesh_router_node::serve(service, listener, shutdown_signal(args.exit_with_parent)).await?;
+    router
+        .serve(listener, shutdown_signal(args.exit_with_parent))
+        .await?;
     Ok(())
 }

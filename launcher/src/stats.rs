@@ -1,4 +1,4 @@
-//! Small measuring helpers shared by `moemesh demo` and `moemesh bench`.
+//! Small measuring helpers shared by `moemesh demo` and the bench tools.
 
 use std::time::Duration;
 
@@ -29,17 +29,6 @@ pub fn relative_l2(got: &[f32], want: &[f32]) -> f64 {
         .sum();
     let norm: f64 = want.iter().map(|w| (*w as f64).powi(2)).sum();
     (diff / norm).sqrt()
-}
-
-/// Resident and peak resident memory of a process, from /proc.
-pub fn resident_bytes(pid: u32) -> Option<(u64, u64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let field = |name: &str| -> Option<u64> {
-        let line = status.lines().find(|line| line.starts_with(name))?;
-        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-        Some(kib * 1024)
-    };
-    Some((field("VmRSS:")?, field("VmHWM:")?))
 }
 
 #[cfg(test)]

@@ -123,9 +123,9 @@ pub fn write_mixtral_with_gate(
 
 #[cfg(test)]
 mod tests {
-    use moemesh_core::backend::CpuBackend;
-    use moemesh_core::checkpoint::Checkpoint;
+    use moemesh_core::compute::CpuBackend;
     use moemesh_core::layer::MoeLayer;
+    use moemesh_core::model::checkpoint::Checkpoint;
 
     use super::*;
 

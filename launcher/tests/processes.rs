@@ -1,9 +1,10 @@
 //! The `moemesh` binary as users run it: `up` and `demo` with real processes.
 
+use moemesh_proto::{NodeStatus, ReplicaState};
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
-use moemesh_client::{AdminClient, Client};
+use moemesh_client::{Client, CoordinatorClient, TlsConfig};
 use moemesh_tests::{Fixture, relative_l2};
 
 const MOEMESH: &str = env!("CARGO_BIN_EXE_moemesh");
@@ -64,7 +65,9 @@ async fn up_serves_a_checkpoint_from_separate_processes_and_stops_on_sigint() {
         .find_map(|line| line.strip_prefix("coordinator "))
         .expect("a coordinator line")
         .to_string();
-    let mut admin = AdminClient::connect(coordinator).await.unwrap();
+    let mut admin = CoordinatorClient::connect([coordinator], TlsConfig::plaintext())
+        .await
+        .unwrap();
     let status = admin.cluster_status().await.unwrap();
     assert_eq!(status.coordinators.len(), 3, "{status:?}");
     assert_eq!(
@@ -80,7 +83,7 @@ async fn up_serves_a_checkpoint_from_separate_processes_and_stops_on_sigint() {
         status
             .nodes
             .iter()
-            .filter(|node| node.status == "ready")
+            .filter(|node| node.status() == NodeStatus::Ready)
             .count(),
         3,
         "{status:?}"
@@ -93,7 +96,7 @@ async fn up_serves_a_checkpoint_from_separate_processes_and_stops_on_sigint() {
             && expert
                 .replicas
                 .iter()
-                .all(|replica| replica.state == "ready")
+                .all(|replica| replica.state() == ReplicaState::Ready)
     }));
 
     let interrupted = Command::new("kill")

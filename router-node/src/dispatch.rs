@@ -1,10 +1,12 @@
-//! Splitting a routed batch into one request per expert node, and summing
-//! the experts' answers back into one output row per token, in expert order.
+//! Choosing among an expert's replicas, splitting a routed batch into one
+//! share per expert node, and summing the nodes' answers back into one
+//! output row per token, in expert order. No I/O: [`crate::fanout`] sends
+//! the shares.
 
 use std::collections::BTreeMap;
 
-use moemesh_core::gating::Routing;
-use moemesh_core::placement::token_hash;
+use moemesh_core::model::gating::Routing;
+use moemesh_core::model::placement::token_hash;
 use moemesh_proto::v1::ExpertRows;
 
 /// What sending a token to one more node is worth, in token-expert pairs
@@ -178,75 +180,97 @@ pub fn split_by_node(
     replicas: &[Vec<usize>],
     picker: &mut ReplicaPicker,
 ) -> Result<Vec<NodeBatch>, Vec<u32>> {
-    let shared_expert = routing
-        .shared_weights
-        .as_ref()
-        .map(|_| (replicas.len() - 1) as u32);
-    let pairs = routing_pairs(routing, shared_expert);
+    let splitter = PairSplitter::new(routing, hidden, hidden_size, replicas);
+    let pairs = routing_pairs(routing, splitter.shared_expert);
     let excluded = vec![false; picker.nodes()];
-    split_pairs(
-        &pairs,
-        hidden,
-        hidden_size,
-        replicas,
-        shared_expert,
-        picker,
-        &excluded,
-    )
+    splitter.split(&pairs, picker, &excluded)
 }
 
-/// [`split_by_node`] for `pairs` (grouped by ascending token), never
-/// choosing a node marked in `excluded`.
-pub fn split_pairs(
-    pairs: &[Pair],
-    hidden: &[f32],
-    hidden_size: usize,
-    replicas: &[Vec<usize>],
-    shared_expert: Option<u32>,
-    picker: &mut ReplicaPicker,
-    excluded: &[bool],
-) -> Result<Vec<NodeBatch>, Vec<u32>> {
-    let mut unplaced = Vec::new();
-    let mut batches = vec![NodeBatch::default(); picker.nodes()];
-    let mut owners = Vec::new();
-    for &Pair {
-        token,
-        expert,
-        weight,
-    } in pairs
-    {
-        let row = &hidden[token as usize * hidden_size..(token as usize + 1) * hidden_size];
-        owners.clear();
-        owners.extend(
-            replicas[expert as usize]
-                .iter()
-                .copied()
-                .filter(|&node| !excluded[node]),
-        );
-        if owners.is_empty() {
-            if !unplaced.contains(&expert) {
-                unplaced.push(expert);
-            }
-            continue;
+/// What splitting one routed batch of a layer by node needs besides the
+/// pairs: the batch's token rows and the nodes holding each expert.
+#[derive(Debug, Clone, Copy)]
+pub struct PairSplitter<'a> {
+    /// The batch's token rows, `hidden_size` values each.
+    pub hidden: &'a [f32],
+    pub hidden_size: usize,
+    /// `replicas[e]`: the node indices holding expert `e`, shared last.
+    pub replicas: &'a [Vec<usize>],
+    /// The shared expert's id when the routing has one.
+    pub shared_expert: Option<u32>,
+}
+
+impl<'a> PairSplitter<'a> {
+    /// A splitter for `routing` of the rows `hidden` over `replicas`.
+    pub fn new(
+        routing: &Routing,
+        hidden: &'a [f32],
+        hidden_size: usize,
+        replicas: &'a [Vec<usize>],
+    ) -> Self {
+        let shared_expert = routing
+            .shared_weights
+            .as_ref()
+            .map(|_| (replicas.len() - 1) as u32);
+        Self {
+            hidden,
+            hidden_size,
+            replicas,
+            shared_expert,
         }
-        let follow_token = Some(expert) == shared_expert;
-        let node = picker.pick(row, expert, &owners, follow_token, |node| {
-            batches[node].tokens.last() == Some(&token)
-        });
-        let batch = &mut batches[node];
-        if batch.tokens.last() != Some(&token) {
-            batch.tokens.push(token);
-        }
-        let request_row = (batch.tokens.len() - 1) as u32;
-        let (rows, weights) = batch.experts.entry(expert).or_default();
-        rows.push(request_row);
-        weights.push(weight);
     }
-    if unplaced.is_empty() {
-        Ok(batches)
-    } else {
-        unplaced.sort_unstable();
-        Err(unplaced)
+
+    /// [`split_by_node`] for `pairs` (grouped by ascending token), never
+    /// choosing a node marked in `excluded`.
+    pub fn split(
+        &self,
+        pairs: &[Pair],
+        picker: &mut ReplicaPicker,
+        excluded: &[bool],
+    ) -> Result<Vec<NodeBatch>, Vec<u32>> {
+        let hidden_size = self.hidden_size;
+        let mut unplaced = Vec::new();
+        let mut batches = vec![NodeBatch::default(); picker.nodes()];
+        let mut owners = Vec::new();
+        for &Pair {
+            token,
+            expert,
+            weight,
+        } in pairs
+        {
+            let row =
+                &self.hidden[token as usize * hidden_size..(token as usize + 1) * hidden_size];
+            owners.clear();
+            owners.extend(
+                self.replicas[expert as usize]
+                    .iter()
+                    .copied()
+                    .filter(|&node| !excluded[node]),
+            );
+            if owners.is_empty() {
+                if !unplaced.contains(&expert) {
+                    unplaced.push(expert);
+                }
+                continue;
+            }
+            let follow_token = Some(expert) == self.shared_expert;
+            let node = picker.pick(row, expert, &owners, follow_token, |node| {
+                batches[node].tokens.last() == Some(&token)
+            });
+            let batch = &mut batches[node];
+            if batch.tokens.last() != Some(&token) {
+                batch.tokens.push(token);
+            }
+            let request_row = (batch.tokens.len() - 1) as u32;
+            let (rows, weights) = batch.experts.entry(expert).or_default();
+            rows.push(request_row);
+            weights.push(weight);
+        }
+        if unplaced.is_empty() {
+            Ok(batches)
+        } else {
+            unplaced.sort_unstable();
+            Err(unplaced)
+        }
     }
 }
 

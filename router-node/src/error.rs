@@ -1,4 +1,5 @@
 use moemesh_core::CoreError;
+use moemesh_proto::codec::CodecError;
 
 /// Errors of a router node; each maps to one gRPC status code.
 #[derive(Debug, thiserror::Error)]
@@ -12,6 +13,9 @@ pub enum RouterError {
     /// An expert node refused the work because its queue was full.
     #[error("{0}")]
     Overloaded(String),
+    /// A tensor in the request is missing or malformed.
+    #[error(transparent)]
+    Codec(#[from] CodecError),
     /// The checkpoint, config or placement could not be loaded.
     #[error(transparent)]
     Core(#[from] CoreError),
@@ -28,9 +32,8 @@ impl From<RouterError> for tonic::Status {
         let message = error.to_string();
         match error {
             RouterError::InvalidArgument(_)
-            | RouterError::Core(CoreError::InvalidTensor(_) | CoreError::NotFound(_)) => {
-                Self::invalid_argument(message)
-            }
+            | RouterError::Codec(_)
+            | RouterError::Core(CoreError::NotFound(_)) => Self::invalid_argument(message),
             RouterError::Unavailable(_) => Self::unavailable(message),
             RouterError::Overloaded(_) => Self::resource_exhausted(message),
             RouterError::Core(_) | RouterError::Internal(_) => Self::internal(message),

@@ -3,21 +3,35 @@
 //! node the rows it needs (one RPC per node, all in parallel) and sums the
 //! partial rows the nodes return.
 //!
-//! - [`dispatch`]: splitting a routed batch per node and combining.
-//! - [`service`]: the gRPC handlers.
+//! - [`service`]: the gRPC handlers: admission, decoding, gating, then the
+//!   fan-out, encoding and status codes.
+//! - [`fanout`]: one forward's fan-out: every node's share sent at once,
+//!   failed shares retried on other replicas within the deadline, answers
+//!   summed.
+//! - [`node_call`]: one expert node's `Compute` call, and whether its
+//!   failure is retried on another replica or fails the forward.
+//! - [`health`]: nodes that did not answer are avoided for a while and
+//!   reported to the coordinators.
+//! - [`dispatch`]: choosing replicas, splitting a routed batch per node,
+//!   and adding the nodes' answers in expert order.
 //! - [`table`]: the routing table and how it follows the coordinators.
+//! - [`load`]: the per-expert token counts reported to the coordinators.
 //! - [`run`]: serves a router on a listener until shutdown.
 
 pub mod dispatch;
 mod error;
+pub mod fanout;
+pub mod health;
 pub mod load;
+pub mod node_call;
 pub mod service;
 pub mod table;
 
 use std::future::Future;
 use std::path::PathBuf;
 
-use moemesh_core::placement::PlacementFile;
+use moemesh_core::model::placement::PlacementFile;
+use moemesh_proto::tls::TlsConfig;
 use moemesh_proto::{MAX_MESSAGE_BYTES, RouterServiceServer};
 use tokio::net::TcpListener;
 
@@ -49,48 +63,62 @@ pub struct RouterConfig {
     /// Forwards in progress at once; more are refused with
     /// RESOURCE_EXHAUSTED (clients back off and retry). 0: 256.
     pub max_in_flight: usize,
+    /// How connections to and from this router are secured.
+    pub tls: TlsConfig,
 }
 
-/// Loads the gates, then serves `RouterService` (and gRPC health) on
-/// `listener` until `shutdown` completes; in-flight calls finish first.
+/// A router with its gates and first routing table loaded.
+pub struct Router {
+    service: RouterNodeService,
+    tls: TlsConfig,
+}
+
+impl Router {
+    /// Loads the gates and the first routing table: from the placement
+    /// file, or from the coordinators, whose placement it then follows.
+    pub async fn load(config: RouterConfig) -> RouterResult<Self> {
+        let tls = config.tls.clone();
+        let service = RouterNodeService::load(config).await?;
+        Ok(Self { service, tls })
+    }
+
+    /// Serves `RouterService` (and gRPC health) on `listener` until
+    /// `shutdown` completes; in-flight calls finish first.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> RouterResult<()> {
+        let (health_reporter, health_service) = tonic_health::server::health_reporter();
+        health_reporter
+            .set_serving::<RouterServiceServer<RouterNodeService>>()
+            .await;
+        let server = RouterServiceServer::new(self.service)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let shutdown = async move {
+            shutdown.await;
+            health_reporter
+                .set_not_serving::<RouterServiceServer<RouterNodeService>>()
+                .await;
+            tracing::info!("router shutting down");
+        };
+        moemesh_proto::data_path_server(&self.tls)
+            .map_err(|error| RouterError::Internal(format!("TLS setup failed: {error}")))?
+            .add_service(health_service)
+            .add_service(server)
+            .serve_with_incoming_shutdown(moemesh_proto::incoming_without_delay(listener), shutdown)
+            .await
+            .map_err(|error| RouterError::Internal(format!("server failed: {error}")))
+    }
+}
+
+/// Loads a router ([`Router::load`]) and serves it on `listener` until
+/// `shutdown` completes; in-flight calls finish first.
 pub async fn run(
     config: RouterConfig,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> RouterResult<()> {
-    serve(load(config).await?, listener, shutdown).await
-}
-
-/// Loads the gates and the first routing table.
-pub async fn load(config: RouterConfig) -> RouterResult<RouterNodeService> {
-    RouterNodeService::load(config).await
-}
-
-/// Serves an already loaded router on `listener` until `shutdown` completes.
-pub async fn serve(
-    service: RouterNodeService,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> RouterResult<()> {
-    let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<RouterServiceServer<RouterNodeService>>()
-        .await;
-    let server = RouterServiceServer::new(service)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let shutdown = async move {
-        shutdown.await;
-        health_reporter
-            .set_not_serving::<RouterServiceServer<RouterNodeService>>()
-            .await;
-        tracing::info!("router shutting down");
-    };
-    moemesh_proto::data_path_server()
-        .map_err(|error| RouterError::Internal(format!("TLS setup failed: {error}")))?
-        .add_service(health_service)
-        .add_service(server)
-        .serve_with_incoming_shutdown(moemesh_proto::incoming_without_delay(listener), shutdown)
-        .await
-        .map_err(|error| RouterError::Internal(format!("server failed: {error}")))
+    Router::load(config).await?.serve(listener, shutdown).await
 }

@@ -8,9 +8,9 @@ use std::sync::Weak;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use moemesh_core::gating::Routing;
-use moemesh_proto::AdminServiceClient;
-use moemesh_proto::v1::{LayerLoad, ReportLoadRequest};
+use moemesh_client::CoordinatorClient;
+use moemesh_core::model::gating::Routing;
+use moemesh_proto::v1::{LayerLoad, ReportLoadRequest, ReportUnreachableRequest};
 
 /// How often a router reports its counts.
 pub const REPORT_INTERVAL: Duration = Duration::from_secs(1);
@@ -93,16 +93,16 @@ pub fn router_id() -> String {
     format!("router-{random:016x}")
 }
 
-/// Reports the counts to a coordinator every [`REPORT_INTERVAL`], moving
-/// to the next coordinator when one fails; ends with the router.
+/// Reports the counts to the coordinators every [`REPORT_INTERVAL`]; a
+/// coordinator that does not answer within it is left for the next. Ends
+/// with the router.
 pub async fn report_load_task(
-    coordinators: Vec<String>,
+    coordinators: CoordinatorClient,
     model: String,
     router: String,
     counters: Weak<LoadCounters>,
 ) {
-    let mut next = 0;
-    let mut client: Option<AdminServiceClient<tonic::transport::Channel>> = None;
+    let mut coordinators = coordinators.with_call_timeout(REPORT_INTERVAL);
     let mut interval = tokio::time::interval(REPORT_INTERVAL);
     loop {
         interval.tick().await;
@@ -118,64 +118,35 @@ pub async fn report_load_task(
             bytes_sent: counters.bytes_sent.load(Ordering::Relaxed),
         };
         drop(counters);
-        if client.is_none() {
-            let address = coordinators[next % coordinators.len()].clone();
-            client = moemesh_proto::tls::connect(address)
-                .await
-                .ok()
-                .map(AdminServiceClient::new);
-        }
-        let delivered = match client.as_mut() {
-            Some(connected) => {
-                tokio::time::timeout(REPORT_INTERVAL, connected.report_load(request))
-                    .await
-                    .is_ok_and(|reply| reply.is_ok())
-            }
-            None => false,
-        };
-        if !delivered {
-            client = None;
-            next += 1;
+        if let Err(error) = coordinators.report_load(request).await {
+            tracing::debug!(%error, "load report not delivered");
         }
     }
+}
+
+/// An expert node this router could not reach, for the coordinators.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnreachableReport {
+    pub node: String,
+    pub reason: String,
 }
 
 /// Tells the coordinators about expert nodes this router failed to reach,
 /// so that the leader declares them dead sooner; ends with the router.
 pub async fn report_unreachable_task(
-    coordinators: Vec<String>,
+    coordinators: CoordinatorClient,
     router: String,
-    mut reports: tokio::sync::mpsc::Receiver<(String, String)>,
+    mut reports: tokio::sync::mpsc::Receiver<UnreachableReport>,
 ) {
-    let mut next = 0;
-    let mut client: Option<AdminServiceClient<tonic::transport::Channel>> = None;
-    while let Some((node, reason)) = reports.recv().await {
-        for _ in 0..coordinators.len() {
-            if client.is_none() {
-                let address = coordinators[next % coordinators.len()].clone();
-                client = moemesh_proto::tls::connect(address)
-                    .await
-                    .ok()
-                    .map(AdminServiceClient::new);
-            }
-            let request = moemesh_proto::v1::ReportUnreachableRequest {
-                node: node.clone(),
-                reporter: router.clone(),
-                reason: reason.clone(),
-            };
-            let delivered = match client.as_mut() {
-                Some(connected) => {
-                    tokio::time::timeout(REPORT_INTERVAL, connected.report_unreachable(request))
-                        .await
-                        .is_ok_and(|reply| reply.is_ok())
-                }
-                None => false,
-            };
-            if delivered {
-                break;
-            }
-            client = None;
-            next += 1;
+    let mut coordinators = coordinators.with_call_timeout(REPORT_INTERVAL);
+    while let Some(report) = reports.recv().await {
+        let request = ReportUnreachableRequest {
+            node: report.node,
+            reporter: router.clone(),
+            reason: report.reason,
+        };
+        if let Err(error) = coordinators.report_unreachable(request).await {
+            tracing::debug!(%error, "unreachable report not delivered");
         }
     }
 }

@@ -8,13 +8,15 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
-use std::time::Duration;
 
-use moemesh_core::config::ModelConfig;
-use moemesh_core::placement::{NodeEntry, Placement};
-use moemesh_proto::v1::{PlacementSnapshot, WatchPlacementRequest};
+use futures::StreamExt;
+use moemesh_client::CoordinatorClient;
+use moemesh_core::model::config::ModelConfig;
+use moemesh_core::model::placement::{NodeEntry, Placement};
+use moemesh_proto::tls::TlsConfig;
+use moemesh_proto::v1::PlacementSnapshot;
 use moemesh_proto::{
-    AdminServiceClient, ExpertServiceClient, MAX_MESSAGE_BYTES, data_path_endpoint,
+    ExpertServiceClient, MAX_MESSAGE_BYTES, NodeStatus, ReplicaState, data_path_endpoint,
 };
 use tokio::sync::watch;
 use tonic::transport::Channel;
@@ -31,15 +33,15 @@ pub struct NodeLink {
     /// Token-expert pairs sent to the node and not yet answered, by every
     /// request of this router; kept across placement epochs.
     pub in_flight: Arc<AtomicU64>,
-    /// Until when (on [`crate::service::health_clock`]) the node is avoided
+    /// Until when (on [`crate::health::health_clock`]) the node is avoided
     /// after a failure; kept across placement epochs.
     pub unhealthy_until: Arc<AtomicU64>,
 }
 
 impl NodeLink {
     /// Opens a channel that connects on first use and reconnects as needed.
-    pub fn connect_lazy(node: NodeEntry, group: String) -> RouterResult<Self> {
-        let endpoint = moemesh_proto::tls::endpoint(node.address.clone()).map_err(|error| {
+    pub fn connect_lazy(node: NodeEntry, group: String, tls: &TlsConfig) -> RouterResult<Self> {
+        let endpoint = tls.endpoint(node.address.clone()).map_err(|error| {
             RouterError::InvalidArgument(format!(
                 "node {} address {:?}: {error}",
                 node.id, node.address
@@ -68,12 +70,14 @@ pub struct RoutingTable {
 
 impl RoutingTable {
     /// Builds a table, reusing the channels of `previous` for unchanged
-    /// nodes; `groups` gives each node's topology group (empty: unknown).
+    /// nodes and opening new ones with `tls`; `groups` gives each node's
+    /// topology group (empty: unknown).
     pub fn new(
         epoch: u64,
         placement: Placement,
         groups: &[String],
         previous: Option<&RoutingTable>,
+        tls: &TlsConfig,
     ) -> RouterResult<Self> {
         let mut reusable: HashMap<(&str, &str), &NodeLink> = HashMap::new();
         if let Some(previous) = previous {
@@ -92,7 +96,7 @@ impl RoutingTable {
                         group,
                         ..(*link).clone()
                     }),
-                    None => NodeLink::connect_lazy(node.clone(), group),
+                    None => NodeLink::connect_lazy(node.clone(), group, tls),
                 }
             })
             .collect::<RouterResult<_>>()?;
@@ -115,7 +119,7 @@ pub fn placement_from_snapshot(
     let live: Vec<_> = snapshot
         .nodes
         .iter()
-        .filter(|node| node.status != "dead")
+        .filter(|node| node.status() != NodeStatus::Dead)
         .collect();
     let groups = live.iter().map(|node| node.group.clone()).collect();
     let nodes: Vec<NodeEntry> = live
@@ -145,7 +149,7 @@ pub fn placement_from_snapshot(
         for replica in expert
             .replicas
             .iter()
-            .filter(|replica| replica.state == "ready")
+            .filter(|replica| replica.state() == ReplicaState::Ready)
         {
             if let Some(&node) = index_of.get(replica.node.as_str()) {
                 replicas.push(node);
@@ -157,63 +161,37 @@ pub fn placement_from_snapshot(
     (Placement::from_parts(nodes, layers), groups)
 }
 
-/// Follows the coordinators' placement of `model_id` forever, publishing a
-/// new table on `table_tx` for every new epoch.
+/// Follows the coordinators' placement of `model_id`, publishing a new
+/// table on `table_tx` for every new epoch; ends once the router is gone.
 pub async fn follow_coordinators_task(
-    coordinators: Vec<String>,
+    coordinators: CoordinatorClient,
     model_id: String,
     config: ModelConfig,
     table_tx: watch::Sender<Arc<RoutingTable>>,
+    tls: TlsConfig,
 ) {
-    let mut next = 0usize;
+    let mut placements = coordinators.watch_placement(&model_id, 0);
     loop {
-        let address = coordinators[next % coordinators.len()].clone();
-        let followed = async {
-            let mut client = moemesh_proto::tls::connect(address.clone())
-                .await
-                .map(AdminServiceClient::new)
-                .map_err(|error| error.to_string())?;
-            let request = WatchPlacementRequest {
-                model: model_id.clone(),
-            };
-            let mut stream = client
-                .watch_placement(request)
-                .await
-                .map_err(|status| status.message().to_string())?
-                .into_inner();
-            while let Some(snapshot) = stream
-                .message()
-                .await
-                .map_err(|status| status.message().to_string())?
-            {
-                let current = table_tx.borrow().clone();
-                if snapshot.epoch < current.epoch {
-                    // A lagging coordinator: never go back to an older epoch.
-                    continue;
-                }
-                let (placement, groups) = placement_from_snapshot(&snapshot, &config);
-                match RoutingTable::new(snapshot.epoch, placement, &groups, Some(&current)) {
-                    Ok(table) => {
-                        tracing::info!(
-                            epoch = table.epoch,
-                            nodes = table.links.len(),
-                            "placement epoch"
-                        );
-                        table_tx.send_replace(Arc::new(table));
-                    }
-                    Err(error) => tracing::warn!(%error, "ignoring an unusable placement"),
-                }
-            }
-            Ok::<(), String>(())
-        };
         // Stop once the router is gone: nobody reads the tables any more.
-        tokio::select! {
-            result = followed => if let Err(error) = result {
-                tracing::debug!(%address, %error, "placement stream ended; trying the next coordinator");
-            },
+        let snapshot = tokio::select! {
+            snapshot = placements.next() => snapshot,
             _ = table_tx.closed() => return,
+        };
+        let Some(snapshot) = snapshot else {
+            return;
+        };
+        let current = table_tx.borrow().clone();
+        let (placement, groups) = placement_from_snapshot(&snapshot, &config);
+        match RoutingTable::new(snapshot.epoch, placement, &groups, Some(&current), &tls) {
+            Ok(table) => {
+                tracing::info!(
+                    epoch = table.epoch,
+                    nodes = table.links.len(),
+                    "placement epoch"
+                );
+                table_tx.send_replace(Arc::new(table));
+            }
+            Err(error) => tracing::warn!(%error, "ignoring an unusable placement"),
         }
-        next += 1;
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

@@ -8,20 +8,20 @@
 //! under `tests/fixtures`, made by `make_fixtures.py` with transformers.
 
 use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use moemesh_client::{AdminClient, Client};
-use moemesh_coordinator::grpc::{Coordinator, CoordinatorConfig};
+use moemesh_client::{Client, ClientError, CoordinatorClient};
 use moemesh_coordinator::node::RaftNodeConfig;
-use moemesh_core::backend::WeightFormat;
-use moemesh_core::checkpoint::Checkpoint;
-use moemesh_core::placement::{NodeEntry, Placement, PlacementFile};
-use moemesh_expert_node::ExpertNodeConfig;
-use moemesh_expert_node::registration::{
-    Registration, follow_placement_task, heartbeat_task, register,
-};
-use moemesh_router_node::{PlacementSource, RouterConfig};
+use moemesh_coordinator::server::{Coordinator, CoordinatorConfig};
+use moemesh_core::compute::WeightFormat;
+use moemesh_core::model::checkpoint::Checkpoint;
+use moemesh_core::model::placement::{NodeEntry, Placement, PlacementFile};
+use moemesh_expert_node::registration::Registration;
+use moemesh_expert_node::{ExpertNode, ExpertNodeConfig};
+use moemesh_proto::tls::TlsConfig;
+use moemesh_router_node::{PlacementSource, Router, RouterConfig};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -109,17 +109,20 @@ pub fn relative_l2(got: &[f32], want: &[f32]) -> f64 {
 pub struct ClusterSandbox {
     pub router_url: String,
     pub placement: Placement,
+    /// How the cluster's connections are secured; clients use it too.
+    pub tls: TlsConfig,
     shutdown_tx: watch::Sender<bool>,
     servers: JoinSet<Result<(), String>>,
 }
 
-async fn bind() -> (TcpListener, String) {
+/// Binds a port on 127.0.0.1 and returns its URL (`https` with TLS).
+async fn bind(tls: &TlsConfig) -> (TcpListener, String) {
     let listener = TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind 127.0.0.1:0");
     let url = format!(
         "{}://{}",
-        moemesh_proto::tls::scheme(),
+        tls.scheme(),
         listener.local_addr().expect("bound address")
     );
     (listener, url)
@@ -133,11 +136,21 @@ impl ClusterSandbox {
         nodes: usize,
         place: impl FnOnce(Vec<NodeEntry>) -> PlacementFile,
     ) -> Self {
+        Self::start_with_tls(model_dir, nodes, place, TlsConfig::plaintext()).await
+    }
+
+    /// [`ClusterSandbox::start`] with every connection secured by `tls`.
+    pub async fn start_with_tls(
+        model_dir: &Path,
+        nodes: usize,
+        place: impl FnOnce(Vec<NodeEntry>) -> PlacementFile,
+        tls: TlsConfig,
+    ) -> Self {
         let config = Checkpoint::open(model_dir)
             .expect("model opens")
             .config()
             .clone();
-        let (listeners, entries) = bind_expert_nodes(nodes).await;
+        let (listeners, entries) = bind_expert_nodes(nodes, &tls).await;
         let placement_file = place(entries.clone());
         let placement = Placement::from_file(&placement_file, &config).expect("placement is valid");
         let (shutdown_tx, _) = watch::channel(false);
@@ -150,24 +163,27 @@ impl ClusterSandbox {
                 threads: 1,
                 queue_capacity: 64,
                 weight_format: WeightFormat::F32,
+                tls: tls.clone(),
+                registration: None,
             };
-            let service = moemesh_expert_node::load(node_config)
+            let node = ExpertNode::start(node_config, listener)
                 .await
                 .expect("expert node loads");
             let shutdown = wait_for_shutdown(shutdown_tx.subscribe());
             servers.spawn(async move {
-                moemesh_expert_node::serve(service, listener, shutdown)
+                node.serve(shutdown)
                     .await
                     .map_err(|error| error.to_string())
             });
         }
-        let (listener, router_url) = bind().await;
+        let (listener, router_url) = bind(&tls).await;
         let router_config = RouterConfig {
             model_dir: model_dir.to_path_buf(),
             model_id: "test-model".into(),
             placement: PlacementSource::File(placement_file),
             group: String::new(),
             max_in_flight: 0,
+            tls: tls.clone(),
         };
         let shutdown = wait_for_shutdown(shutdown_tx.subscribe());
         servers.spawn(async move {
@@ -178,6 +194,7 @@ impl ClusterSandbox {
         Self {
             router_url,
             placement,
+            tls,
             shutdown_tx,
             servers,
         }
@@ -201,7 +218,7 @@ impl ClusterSandbox {
     /// Connects a client to the router, retrying while it loads its gates.
     pub async fn client(&self) -> Client {
         for _ in 0..200 {
-            if let Ok(client) = Client::connect(self.router_url.clone()).await {
+            if let Ok(client) = Client::connect_with_tls(self.router_url.clone(), &self.tls).await {
                 return client;
             }
             tokio::time::sleep(std::time::Duration::from_millis(25)).await;
@@ -221,11 +238,11 @@ impl ClusterSandbox {
 }
 
 /// Binds `count` expert node listeners and names them `expert-0`, `expert-1`, ...
-async fn bind_expert_nodes(count: usize) -> (Vec<TcpListener>, Vec<NodeEntry>) {
+async fn bind_expert_nodes(count: usize, tls: &TlsConfig) -> (Vec<TcpListener>, Vec<NodeEntry>) {
     let mut listeners = Vec::new();
     let mut entries = Vec::new();
     for index in 0..count {
-        let (listener, address) = bind().await;
+        let (listener, address) = bind(tls).await;
         listeners.push(listener);
         entries.push(NodeEntry {
             id: format!("expert-{index}"),
@@ -276,16 +293,42 @@ pub fn partly_replicated(model_dir: &Path) -> impl FnOnce(Vec<NodeEntry>) -> Pla
     }
 }
 
+/// Completes when a sandbox stops a server.
+type Shutdown = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
 /// A server task and the switch that stops it.
 struct RunningServer {
     stop_tx: watch::Sender<bool>,
     task: tokio::task::JoinHandle<Result<(), String>>,
 }
 
+impl RunningServer {
+    /// Spawns the server `serve` returns, handing it a shutdown future that
+    /// completes when [`RunningServer::stop`] is called.
+    fn spawn<F, E>(serve: impl FnOnce(Shutdown) -> F) -> Self
+    where
+        F: Future<Output = Result<(), E>> + Send + 'static,
+        E: ToString,
+    {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let server = serve(Box::pin(wait_for_shutdown(stop_rx)));
+        let task = tokio::spawn(async move { server.await.map_err(|error| error.to_string()) });
+        Self { stop_tx, task }
+    }
+
+    /// Asks the server to stop and returns how it ended.
+    async fn stop(self) -> Result<(), String> {
+        self.stop_tx.send_replace(true);
+        self.task.await.expect("server task")
+    }
+}
+
 /// A group of coordinators in this process, each a gRPC server on 127.0.0.1.
 pub struct CoordinatorSandbox {
     /// Coordinator URLs by id.
     pub urls: BTreeMap<u64, String>,
+    /// How the coordinators' connections are secured; clients use it too.
+    pub tls: TlsConfig,
     running: BTreeMap<u64, RunningServer>,
     _data: tempfile::TempDir,
 }
@@ -300,7 +343,19 @@ impl CoordinatorSandbox {
     /// Starts `size` coordinators that declare silent nodes dead after
     /// `dead_after` and let drained replicas linger for `drain_grace`.
     pub async fn with_timing(size: u64, dead_after: Duration, drain_grace: Duration) -> Self {
-        Self::with_options(size, dead_after, drain_grace, None).await
+        Self::with_options(size, dead_after, drain_grace, None, TlsConfig::plaintext()).await
+    }
+
+    /// [`CoordinatorSandbox::start`] with every connection secured by `tls`.
+    pub async fn start_with_tls(size: u64, tls: TlsConfig) -> Self {
+        Self::with_options(
+            size,
+            Duration::from_secs(3600),
+            Duration::from_millis(300),
+            None,
+            tls,
+        )
+        .await
     }
 
     /// Starts `size` coordinators that require `admin_token` on operators' calls.
@@ -310,6 +365,7 @@ impl CoordinatorSandbox {
             Duration::from_secs(3600),
             Duration::from_millis(300),
             Some(admin_token.to_string()),
+            TlsConfig::plaintext(),
         )
         .await
     }
@@ -319,12 +375,13 @@ impl CoordinatorSandbox {
         dead_after: Duration,
         drain_grace: Duration,
         admin_token: Option<String>,
+        tls: TlsConfig,
     ) -> Self {
         let data = tempfile::tempdir().expect("temporary directory");
         let mut listeners = BTreeMap::new();
         let mut urls = BTreeMap::new();
         for id in 1..=size {
-            let (listener, url) = bind().await;
+            let (listener, url) = bind(&tls).await;
             listeners.insert(id, listener);
             urls.insert(id, url);
         }
@@ -340,24 +397,14 @@ impl CoordinatorSandbox {
             config.dead_after = dead_after;
             config.drain_grace = drain_grace;
             config.admin_token = admin_token.clone();
+            config.tls = tls.clone();
             let coordinator = Coordinator::start(config).expect("coordinator starts");
-            let (stop_tx, stop_rx) = watch::channel(false);
-            let server = tokio::spawn(async move {
-                coordinator
-                    .serve(listener, wait_for_shutdown(stop_rx))
-                    .await
-                    .map_err(|error| error.to_string())
-            });
-            running.insert(
-                id,
-                RunningServer {
-                    stop_tx,
-                    task: server,
-                },
-            );
+            let server = RunningServer::spawn(|shutdown| coordinator.serve(listener, shutdown));
+            running.insert(id, server);
         }
         Self {
             urls,
+            tls,
             running,
             _data: data,
         }
@@ -365,27 +412,14 @@ impl CoordinatorSandbox {
 
     /// Waits until coordinator `via` reports a running leader, and returns its id.
     pub async fn leader(&self, via: u64) -> u64 {
-        let started = std::time::Instant::now();
-        loop {
-            if let Ok(mut admin) = AdminClient::connect(self.urls[&via].clone()).await
-                && let Ok(status) = admin.cluster_status().await
-                && self.running.contains_key(&status.leader_id)
-            {
-                return status.leader_id;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "no leader elected"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        self.leader_with_token(via, "").await
     }
 
     /// Like [`CoordinatorSandbox::leader`], for coordinators that require `token`.
     pub async fn leader_with_token(&self, via: u64, token: &str) -> u64 {
         let started = std::time::Instant::now();
         loop {
-            if let Ok(admin) = AdminClient::connect(self.urls[&via].clone()).await
+            if let Ok(admin) = self.admin(via).await
                 && let Ok(status) = admin.with_token(token).cluster_status().await
                 && self.running.contains_key(&status.leader_id)
             {
@@ -399,15 +433,15 @@ impl CoordinatorSandbox {
         }
     }
 
+    /// A client of coordinator `id` alone.
+    pub async fn admin(&self, id: u64) -> Result<CoordinatorClient, ClientError> {
+        CoordinatorClient::connect([self.urls[&id].clone()], self.tls.clone()).await
+    }
+
     /// Stops one coordinator, as if its process had ended.
     pub async fn stop(&mut self, id: u64) {
         let running = self.running.remove(&id).expect("a running coordinator");
-        running.stop_tx.send_replace(true);
-        running
-            .task
-            .await
-            .expect("coordinator task")
-            .expect("coordinator exits cleanly");
+        running.stop().await.expect("coordinator exits cleanly");
     }
 
     /// Stops every coordinator.
@@ -421,10 +455,8 @@ impl CoordinatorSandbox {
 /// An expert node of a [`ManagedCluster`] and what keeps it alive.
 struct ManagedNode {
     id: String,
-    stop_tx: watch::Sender<bool>,
-    server: tokio::task::JoinHandle<Result<(), String>>,
-    /// Heartbeat and placement-following tasks.
-    membership_tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Serves the node; its heartbeats and placement following end with it.
+    server: RunningServer,
 }
 
 /// A whole cluster run the way production runs it: coordinators own the
@@ -434,10 +466,7 @@ pub struct ManagedCluster {
     pub coordinators: CoordinatorSandbox,
     pub router_url: String,
     nodes: Vec<ManagedNode>,
-    router: (
-        watch::Sender<bool>,
-        tokio::task::JoinHandle<Result<(), String>>,
-    ),
+    router: RunningServer,
 }
 
 impl ManagedCluster {
@@ -460,11 +489,21 @@ impl ManagedCluster {
             .expect("model opens")
             .config()
             .clone();
-        let (listeners, entries) = bind_expert_nodes(nodes).await;
+        let (listeners, entries) = bind_expert_nodes(nodes, &TlsConfig::plaintext()).await;
         let placement =
             Placement::spread(&config, entries.clone(), replicas).expect("spread placement");
         let mut managed = Vec::new();
         for (listener, entry) in listeners.into_iter().zip(&entries) {
+            let registration = Registration {
+                coordinators: coordinator_urls.clone(),
+                node_id: entry.id.clone(),
+                address: entry.address.clone(),
+                group: "rack-1".into(),
+                memory_bytes: 1 << 34,
+                checkpoint: model_dir.to_string_lossy().into_owned(),
+                heartbeat_interval: Duration::from_millis(200),
+                patience: Duration::from_secs(60),
+            };
             let node_config = ExpertNodeConfig {
                 model_dir: model_dir.to_path_buf(),
                 model_id: "test-model".into(),
@@ -476,71 +515,42 @@ impl ManagedCluster {
                 threads: 1,
                 queue_capacity: 64,
                 weight_format: WeightFormat::F32,
+                tls: TlsConfig::plaintext(),
+                registration: Some(registration),
             };
-            let service = moemesh_expert_node::load(node_config)
+            let node = ExpertNode::start(node_config, listener)
                 .await
-                .expect("expert node loads");
-            let registration = Registration {
-                coordinators: coordinator_urls.clone(),
-                node_id: entry.id.clone(),
-                address: entry.address.clone(),
-                group: "rack-1".into(),
-                memory_bytes: 1 << 34,
-                checkpoint: model_dir.to_string_lossy().into_owned(),
-                heartbeat_interval: Duration::from_millis(200),
-            };
-            let heartbeats = tokio::spawn(heartbeat_task(registration.clone(), service.clone()));
-            let epoch = register(&service, &registration, Duration::from_secs(60))
-                .await
-                .expect("node registers");
-            let membership_tasks = vec![
-                heartbeats,
-                tokio::spawn(follow_placement_task(service.clone(), registration, epoch)),
-            ];
-            let (stop_tx, stop_rx) = watch::channel(false);
-            let server = tokio::spawn(async move {
-                moemesh_expert_node::serve(service, listener, wait_for_shutdown(stop_rx))
-                    .await
-                    .map_err(|error| error.to_string())
-            });
+                .expect("expert node loads and registers");
             managed.push(ManagedNode {
                 id: entry.id.clone(),
-                stop_tx,
-                server,
-                membership_tasks,
+                server: RunningServer::spawn(|shutdown| node.serve(shutdown)),
             });
         }
         if replicas == 0 {
-            let mut admin = AdminClient::connect(coordinator_urls[0].clone())
-                .await
-                .expect("coordinator answers");
+            let mut admin =
+                CoordinatorClient::connect(coordinator_urls.clone(), TlsConfig::plaintext())
+                    .await
+                    .expect("coordinator answers");
             admin
                 .load_model("test-model", &model_dir.to_string_lossy(), 2, "test-load")
                 .await
                 .expect("model loads through the coordinators");
         }
-        let (listener, router_url) = bind().await;
+        let (listener, router_url) = bind(&TlsConfig::plaintext()).await;
         let router_config = RouterConfig {
             model_dir: model_dir.to_path_buf(),
             model_id: "test-model".into(),
             placement: PlacementSource::Coordinators(coordinator_urls),
             group: String::new(),
             max_in_flight: 0,
+            tls: TlsConfig::plaintext(),
         };
-        let service = moemesh_router_node::load(router_config)
-            .await
-            .expect("router loads");
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let router = tokio::spawn(async move {
-            moemesh_router_node::serve(service, listener, wait_for_shutdown(stop_rx))
-                .await
-                .map_err(|error| error.to_string())
-        });
+        let router = Router::load(router_config).await.expect("router loads");
         Self {
             coordinators,
             router_url,
             nodes: managed,
-            router: (stop_tx, router),
+            router: RunningServer::spawn(|shutdown| router.serve(listener, shutdown)),
         }
     }
 
@@ -552,8 +562,9 @@ impl ManagedCluster {
     }
 
     /// Connects an admin client to coordinator `id`.
-    pub async fn admin(&self, id: u64) -> AdminClient {
-        AdminClient::connect(self.coordinators.urls[&id].clone())
+    pub async fn admin(&self, id: u64) -> CoordinatorClient {
+        self.coordinators
+            .admin(id)
             .await
             .expect("coordinator accepts connections")
     }
@@ -571,23 +582,14 @@ impl ManagedCluster {
             .position(|node| node.id == id)
             .expect("a running node");
         let node = self.nodes.remove(position);
-        node.membership_tasks
-            .iter()
-            .for_each(tokio::task::JoinHandle::abort);
-        node.stop_tx.send_replace(true);
-        let _ = node.server.await;
+        let _ = node.server.stop().await;
     }
 
     /// Stops everything.
     pub async fn shutdown(self) {
-        self.router.0.send_replace(true);
-        let _ = self.router.1.await;
+        let _ = self.router.stop().await;
         for node in self.nodes {
-            node.membership_tasks
-                .iter()
-                .for_each(tokio::task::JoinHandle::abort);
-            node.stop_tx.send_replace(true);
-            let _ = node.server.await;
+            let _ = node.server.stop().await;
         }
         self.coordinators.shutdown().await;
     }

@@ -1,10 +1,12 @@
 //! Cluster behaviour: batch invariance, bad input, replicas, dtypes.
 
 use moemesh_client::ClientError;
-use moemesh_core::backend::CpuBackend;
+use moemesh_client::Timed;
+use moemesh_core::compute::CpuBackend;
 use moemesh_core::layer::MoeLayer;
-use moemesh_core::tensor::{WireDtype, decode_rows, encode};
+use moemesh_core::model::placement::LayerExpert;
 use moemesh_proto::ExpertServiceClient;
+use moemesh_proto::codec::{WireDtype, decode_rows, encode};
 use moemesh_proto::v1::{ComputeRequest, ExpertRows, InfoRequest, Tensor};
 use moemesh_tests::{ClusterSandbox, Fixture, partly_replicated, relative_l2};
 use rand::seq::SliceRandom;
@@ -234,9 +236,14 @@ async fn expert_nodes_refuse_malformed_work_and_report_their_load() {
     let cluster = ClusterSandbox::spread(&fixture.dir, 2, 1).await;
     let node = &cluster.placement.nodes()[0];
     let held = cluster.placement.experts_of(&node.id);
-    let (layer, expert) = held[0];
+    let LayerExpert { layer, expert } = held[0];
     let not_held = (0..9)
-        .find(|&candidate| !held.contains(&(layer, candidate)))
+        .find(|&candidate| {
+            !held.contains(&LayerExpert {
+                layer,
+                expert: candidate,
+            })
+        })
         .unwrap();
     let mut expert_client = ExpertServiceClient::connect(node.address.clone())
         .await
@@ -386,7 +393,10 @@ async fn replies_say_how_long_the_slowest_node_computed() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(21);
     let input = random_rows(&mut rng, 64, hidden);
     let started = std::time::Instant::now();
-    let (output, compute) = client
+    let Timed {
+        output,
+        expert_compute: compute,
+    } = client
         .forward_f32_timed("", 0, &input, hidden)
         .await
         .unwrap();

@@ -1,6 +1,7 @@
 //! Three coordinators as gRPC servers on 127.0.0.1: the admin API from any
 //! of them, and losing the leader.
 
+use moemesh_proto::ReplicaState;
 use std::time::{Duration, Instant};
 
 use moemesh_proto::AdminServiceClient;
@@ -25,7 +26,7 @@ fn node(id: &str, group: &str) -> NodeInfo {
         group: group.into(),
         device: "cpu".into(),
         memory_bytes: 1 << 30,
-        status: String::new(),
+        status: moemesh_proto::NodeStatus::Unspecified.into(),
     }
 }
 
@@ -78,7 +79,7 @@ async fn any_coordinator_serves_the_admin_api_and_the_group_survives_its_leader(
             expert
                 .replicas
                 .iter()
-                .all(|replica| replica.state == "loading")
+                .all(|replica| replica.state() == ReplicaState::Loading)
         );
         assert_ne!(expert.replicas[0].node, expert.replicas[1].node);
     }
@@ -209,20 +210,20 @@ async fn a_node_that_already_serves_experts_registers_them_as_ready() {
         .await
         .unwrap()
         .into_inner();
-    let listed: Vec<(u32, u32, String, String)> = placement
+    let listed: Vec<(u32, u32, String, ReplicaState)> = placement
         .experts
         .iter()
         .flat_map(|expert| {
             expert
                 .replicas
                 .iter()
-                .map(|r| (expert.layer, expert.expert, r.node.clone(), r.state.clone()))
+                .map(|r| (expert.layer, expert.expert, r.node.clone(), r.state()))
         })
         .collect();
     assert_eq!(
         listed,
         [0, 1, 8]
-            .map(|expert| (1, expert, "expert-0".to_string(), "ready".to_string()))
+            .map(|expert| (1, expert, "expert-0".to_string(), ReplicaState::Ready))
             .to_vec()
     );
     // An expert the model does not have is refused.
@@ -251,17 +252,17 @@ async fn operators_calls_need_the_admin_token_and_membership_does_not() {
     let coordinators = CoordinatorSandbox::with_admin_token(3, "s3cret-token").await;
     let leader = coordinators.leader_with_token(1, "s3cret-token").await;
     let url = coordinators.urls[&leader].clone();
-    let mut anonymous = moemesh_client::AdminClient::connect(url.clone())
-        .await
-        .unwrap();
+    let mut anonymous = coordinators.admin(leader).await.unwrap();
     let refused = anonymous.cluster_status().await.unwrap_err().to_string();
     assert!(refused.contains("admin token"), "{refused}");
-    let mut wrong = moemesh_client::AdminClient::connect(url.clone())
+    let mut wrong = coordinators
+        .admin(leader)
         .await
         .unwrap()
         .with_token("s3cret-tokem");
     assert!(wrong.show_placement("", None).await.is_err());
-    let mut operator = moemesh_client::AdminClient::connect(url.clone())
+    let mut operator = coordinators
+        .admin(leader)
         .await
         .unwrap()
         .with_token("s3cret-token");

@@ -1,9 +1,10 @@
 //! Losing an expert node under load: with every expert on two nodes no
 //! request fails, and the cluster heals itself while serving.
 
+use moemesh_proto::{NodeStatus, ReplicaState};
 use std::time::{Duration, Instant};
 
-use moemesh_core::backend::CpuBackend;
+use moemesh_core::compute::CpuBackend;
 use moemesh_core::layer::MoeLayer;
 use moemesh_tests::{Fixture, ManagedCluster, SteadyLoad, relative_l2};
 
@@ -40,12 +41,12 @@ async fn killing_a_node_under_load_fails_no_request_when_experts_have_two_replic
         let victim_dead = status
             .nodes
             .iter()
-            .any(|node| node.id == victim && node.status == "dead");
+            .any(|node| node.id == victim && node.status() == NodeStatus::Dead);
         let healed = placement.experts.iter().all(|expert| {
             expert
                 .replicas
                 .iter()
-                .filter(|replica| replica.state == "ready" && replica.node != victim)
+                .filter(|replica| replica.state() == ReplicaState::Ready && replica.node != victim)
                 .count()
                 >= 2
         });
@@ -116,6 +117,7 @@ async fn overload_is_refused_quickly_and_nothing_hangs() {
         placement: PlacementSource::File(placement_file),
         group: String::new(),
         max_in_flight: 2,
+        tls: cluster.tls.clone(),
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let router = tokio::spawn(moemesh_router_node::run(router_config, listener, async {
@@ -140,7 +142,7 @@ async fn overload_is_refused_quickly_and_nothing_hangs() {
             (outcomes, started.elapsed())
         }));
     }
-    let (mut succeeded, mut refused) = (0, 0);
+    let (mut succeeded, mut refused, mut timed_out) = (0, 0, 0);
     for call in calls {
         let (outcomes, took) = call.await.unwrap();
         // Five calls of a 40 ms budget each; generous slack for a slow machine.
@@ -155,13 +157,19 @@ async fn overload_is_refused_quickly_and_nothing_hangs() {
                     assert!(message.contains("busy"), "{message}");
                     refused += 1;
                 }
-                Err(other) => panic!("neither served nor refused: {other}"),
+                // An admitted call that a busy machine could not finish in
+                // 40 ms ends at its deadline (the server cancels it).
+                Err(ClientError::Other {
+                    code: tonic::Code::DeadlineExceeded | tonic::Code::Cancelled,
+                    ..
+                }) => timed_out += 1,
+                Err(other) => panic!("neither served, refused nor timed out: {other}"),
             }
         }
     }
-    println!("{succeeded} served, {refused} refused");
+    println!("{succeeded} served, {refused} refused, {timed_out} past their deadline");
     assert!(succeeded > 0);
-    assert_eq!(succeeded + refused, 32 * 5);
+    assert_eq!(succeeded + refused + timed_out, 32 * 5);
     stop_tx.send(()).unwrap();
     router.await.unwrap().unwrap();
     cluster.shutdown().await;
@@ -271,6 +279,6 @@ async fn an_unreachable_report_does_not_kill_a_node_that_still_heartbeats() {
     tokio::time::sleep(Duration::from_millis(3000)).await;
     let status = cluster.admin(1).await.cluster_status().await.unwrap();
     let reported = status.nodes.iter().find(|entry| entry.id == node).unwrap();
-    assert_eq!(reported.status, "ready", "{status:?}");
+    assert_eq!(reported.status(), NodeStatus::Ready, "{status:?}");
     cluster.shutdown().await;
 }

@@ -1,7 +1,7 @@
 //! Golden tests: moemesh against the transformers modules, in process and
 //! through a cluster, on every committed fixture.
 
-use moemesh_core::backend::CpuBackend;
+use moemesh_core::compute::CpuBackend;
 use moemesh_core::layer::MoeLayer;
 use moemesh_tests::{ClusterSandbox, FIXTURES, Fixture, partly_replicated, relative_l2};
 

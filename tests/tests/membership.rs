@@ -1,8 +1,9 @@
 //! Placement owned by the coordinators: moves under load, and dead nodes.
 
+use moemesh_proto::{NodeStatus, ReplicaState};
 use std::time::{Duration, Instant};
 
-use moemesh_core::backend::CpuBackend;
+use moemesh_core::compute::CpuBackend;
 use moemesh_core::layer::MoeLayer;
 use moemesh_tests::{Fixture, ManagedCluster, SteadyLoad, relative_l2};
 
@@ -74,8 +75,8 @@ async fn moves_under_continuous_load_fail_no_request() {
             .replicas;
         assert_eq!(replicas.len(), 1);
         assert_eq!(
-            (replicas[0].node.as_str(), replicas[0].state.as_str()),
-            (target.as_str(), "ready")
+            (replicas[0].node.as_str(), replicas[0].state()),
+            (target.as_str(), ReplicaState::Ready)
         );
     }
     // Keep the load on a little after the last move.
@@ -100,7 +101,7 @@ async fn moves_under_continuous_load_fail_no_request() {
                 expert
                     .replicas
                     .iter()
-                    .any(|replica| replica.state == "ready"),
+                    .any(|replica| replica.state() == ReplicaState::Ready),
                 "epoch {}: expert {} had no ready replica: {:?}",
                 snapshot.epoch,
                 expert.expert,
@@ -132,13 +133,13 @@ async fn a_silent_node_is_declared_dead_and_its_experts_move_to_live_nodes() {
         let victim_dead = status
             .nodes
             .iter()
-            .any(|node| node.id == victim && node.status == "dead");
+            .any(|node| node.id == victim && node.status() == NodeStatus::Dead);
         let healed = placement.experts.len() == 2 * 9
             && placement.experts.iter().all(|expert| {
                 expert
                     .replicas
                     .iter()
-                    .any(|replica| replica.state == "ready")
+                    .any(|replica| replica.state() == ReplicaState::Ready)
                     && expert.replicas.iter().all(|replica| replica.node != victim)
             });
         if victim_dead && healed {
@@ -190,7 +191,11 @@ async fn a_model_loaded_through_the_coordinators_is_placed_loaded_and_served() {
         let placement = admin.show_placement("test-model", None).await.unwrap();
         let all_ready = placement.experts.len() == 2 * 17
             && placement.experts.iter().all(|expert| {
-                expert.replicas.len() == 2 && expert.replicas.iter().all(|r| r.state == "ready")
+                expert.replicas.len() == 2
+                    && expert
+                        .replicas
+                        .iter()
+                        .all(|r| r.state() == ReplicaState::Ready)
             });
         if all_ready {
             break;

@@ -2,9 +2,10 @@
 //! rebalancer gives the hot expert more replicas, and every request before,
 //! during and after matches the in-process layer.
 
+use moemesh_proto::ReplicaState;
 use std::time::{Duration, Instant};
 
-use moemesh_core::backend::CpuBackend;
+use moemesh_core::compute::CpuBackend;
 use moemesh_core::layer::MoeLayer;
 use moemesh_tests::{Fixture, ManagedCluster, SteadyLoad};
 use rand::{Rng, SeedableRng};
@@ -36,7 +37,7 @@ fn replicas_of(placement: &moemesh_proto::v1::ShowPlacementResponse, expert: u32
             entry
                 .replicas
                 .iter()
-                .filter(|replica| replica.state == "ready")
+                .filter(|replica| replica.state() == ReplicaState::Ready)
                 .count()
         })
 }

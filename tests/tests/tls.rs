@@ -1,10 +1,9 @@
 //! Mutual TLS: with TLS on, the cluster serves clients that present a
 //! certificate signed by its CA, and no one else can call any service.
-//!
-//! TLS is set up process-wide, so this file is its own test binary.
 
 use std::net::{IpAddr, Ipv4Addr};
 
+use moemesh_proto::tls::TlsConfig;
 use moemesh_proto::v1::{ClusterStatusRequest, ForwardRequest, InfoRequest};
 use moemesh_proto::{AdminServiceClient, ExpertServiceClient, RouterServiceClient};
 use moemesh_tests::{ClusterSandbox, CoordinatorSandbox, Fixture, partly_replicated, relative_l2};
@@ -44,17 +43,22 @@ fn endpoint(url: &str, ca: &str, identity: Option<(&str, &str)>) -> Endpoint {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_clients_with_the_clusters_certificates_get_in() {
     let (ca, cert, key) = authority();
-    moemesh_proto::tls::install_pem(cert.clone().into(), key.clone().into(), ca.clone().into())
-        .unwrap();
-    assert_eq!(moemesh_proto::tls::scheme(), "https");
+    let tls = TlsConfig::from_pem(cert.clone().into(), key.clone().into(), ca.clone().into());
+    assert_eq!(tls.scheme(), "https");
 
     let fixture = Fixture::open("qwen2_moe");
     let hidden = fixture.hidden_size();
     let (input, expected) = fixture.cases[&1].clone();
-    let cluster = ClusterSandbox::start(&fixture.dir, 2, partly_replicated(&fixture.dir)).await;
+    let cluster = ClusterSandbox::start_with_tls(
+        &fixture.dir,
+        2,
+        partly_replicated(&fixture.dir),
+        tls.clone(),
+    )
+    .await;
     assert!(cluster.router_url.starts_with("https://"));
-    // This process holds the cluster's identity: the router (and through it
-    // the expert nodes) serve it.
+    // A client with the cluster's identity: the router (and through it the
+    // expert nodes) serve it.
     let mut client = cluster.client().await;
     let output = client.forward_f32("", 1, &input, hidden).await.unwrap();
     assert!(relative_l2(&output, &expected) < 1e-5);
@@ -115,7 +119,7 @@ async fn only_clients_with_the_clusters_certificates_get_in() {
     cluster.shutdown().await;
 
     // Coordinators too.
-    let coordinators = CoordinatorSandbox::start(3).await;
+    let coordinators = CoordinatorSandbox::start_with_tls(3, tls).await;
     let leader = coordinators.leader(1).await;
     let url = coordinators.urls[&leader].clone();
     assert!(url.starts_with("https://"));

@@ -151,7 +151,7 @@ async fn moectl_manages_and_shows_the_cluster_through_any_coordinator() {
             group: group_name.to_string(),
             device: "cpu".into(),
             memory_bytes: 1 << 30,
-            status: String::new(),
+            status: moemesh_proto::v1::NodeStatus::Unspecified.into(),
         };
         admin
             .register_node(moemesh_proto::v1::RegisterNodeRequest {

@@ -11,6 +11,12 @@
 //! Every coordinator applies every entry, so a proposal is answered by the
 //! coordinator that received it, leader or not, once it sees the entry
 //! applied; raft-rs forwards followers' proposals to the leader.
+//!
+//! The actor sends through a [`RaftTransport`], which the transports in
+//! [`crate::transport`] implement. The rest of the coordinator talks to it
+//! through the cloneable [`RaftHandle`] (`node/handle.rs`).
+
+mod handle;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -24,8 +30,16 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::state::{ClusterState, Outcome, Proposal};
 use crate::storage::RaftStore;
-use crate::transport::RaftTransport;
 use crate::{CoordinatorError, CoordinatorResult};
+
+pub use handle::{RaftHandle, fresh_request_id};
+
+/// Carries raft messages to their destinations. Raft tolerates lost,
+/// delayed and reordered messages, so sending is fire and forget.
+pub trait RaftTransport: Send + Sync + 'static {
+    /// Sends each message to `message.to`; never blocks.
+    fn send(&self, messages: Vec<Message>);
+}
 
 /// Where a proposal's outcome is sent.
 type ProposalReply = oneshot::Sender<CoordinatorResult<Outcome>>;
@@ -98,13 +112,6 @@ enum RaftCommand {
     Unreachable(u64),
     /// Stops the actor; `done_tx` fires once its store is closed.
     Shutdown { done_tx: oneshot::Sender<()> },
-}
-
-/// Cloneable handle to a running [`RaftNode`].
-#[derive(Clone)]
-pub struct RaftHandle {
-    command_tx: mpsc::Sender<RaftCommand>,
-    applied_rx: watch::Receiver<Arc<ClusterState>>,
 }
 
 /// The actor; see the module docs.
@@ -208,10 +215,7 @@ impl RaftNode {
             last_leader: None,
         };
         tokio::spawn(node.run(command_rx));
-        Ok(RaftHandle {
-            command_tx,
-            applied_rx,
-        })
+        Ok(RaftHandle::new(command_tx, applied_rx))
     }
 
     async fn run(mut self, mut command_rx: mpsc::Receiver<RaftCommand>) {
@@ -531,79 +535,5 @@ impl RaftNode {
             "log compacted"
         );
         Ok(())
-    }
-}
-
-impl RaftHandle {
-    async fn request<T>(
-        &self,
-        make: impl FnOnce(oneshot::Sender<T>) -> RaftCommand,
-    ) -> CoordinatorResult<T> {
-        let (reply_tx, reply_rx) = oneshot::channel();
-        self.command_tx
-            .send(make(reply_tx))
-            .await
-            .map_err(|_| CoordinatorError::ShuttingDown)?;
-        reply_rx.await.map_err(|_| CoordinatorError::ShuttingDown)
-    }
-
-    /// Proposes a command and waits until it is applied; returns its outcome.
-    /// Any coordinator accepts proposals. Retrying with the same request id
-    /// after an unknown outcome applies the command at most once.
-    pub async fn propose(&self, proposal: Proposal) -> CoordinatorResult<Outcome> {
-        self.request(|reply_tx| RaftCommand::Propose { proposal, reply_tx })
-            .await?
-    }
-
-    /// Returns the state machine as of a read index confirmed by a quorum:
-    /// it reflects every change acknowledged before the call.
-    pub async fn read(&self) -> CoordinatorResult<Arc<ClusterState>> {
-        self.request(|reply_tx| RaftCommand::Read { reply_tx })
-            .await?
-    }
-
-    /// Returns this coordinator's view of the group.
-    pub async fn status(&self) -> CoordinatorResult<RaftStatus> {
-        self.request(|reply_tx| RaftCommand::Status { reply_tx })
-            .await
-    }
-
-    /// Returns the state as last applied here (possibly stale; no quorum round).
-    pub fn applied_state(&self) -> Arc<ClusterState> {
-        self.applied_rx.borrow().clone()
-    }
-
-    /// Returns a receiver that sees every newly applied state.
-    pub fn watch_applied(&self) -> watch::Receiver<Arc<ClusterState>> {
-        self.applied_rx.clone()
-    }
-
-    /// Delivers a message from a peer; dropped if the mailbox is full (raft retries).
-    pub fn step(&self, message: Message) {
-        let _ = self.command_tx.try_send(RaftCommand::Step(message));
-    }
-
-    /// Tells raft that a peer could not be reached.
-    pub fn report_unreachable(&self, peer: u64) {
-        let _ = self.command_tx.try_send(RaftCommand::Unreachable(peer));
-    }
-
-    /// Stops the actor and waits until its store is closed. In-flight
-    /// proposals fail with `ShuttingDown`; committed ones stay committed.
-    pub async fn shutdown(&self) {
-        let (done_tx, done_rx) = oneshot::channel();
-        if self
-            .command_tx
-            .send(RaftCommand::Shutdown { done_tx })
-            .await
-            .is_ok()
-        {
-            let _ = done_rx.await;
-        }
-    }
-
-    /// Completes when the actor has stopped, on request or because its store failed.
-    pub async fn stopped(&self) {
-        self.command_tx.closed().await;
     }
 }

@@ -5,11 +5,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use moemesh_client::Client;
+use moemesh_client::{Client, TlsArgs};
 use rand::SeedableRng;
 
+use super::resident_bytes;
 use crate::local_cluster::{LocalCluster, UpArgs};
-use crate::stats::{random_hidden, resident_bytes};
+use crate::stats::random_hidden;
 use crate::synthetic::{SyntheticShape, write_mixtral};
 
 #[derive(clap::Args)]
@@ -31,7 +32,7 @@ pub struct SoakArgs {
     sample_s: u64,
 }
 
-pub async fn run_soak(args: SoakArgs) -> anyhow::Result<()> {
+pub async fn run_soak(args: SoakArgs, tls: &TlsArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
         args.clients > 0 && args.tokens > 0 && args.duration_s > 0,
         "--clients, --tokens and --duration-s must be positive"
@@ -39,17 +40,20 @@ pub async fn run_soak(args: SoakArgs) -> anyhow::Result<()> {
     let dir = tempfile::Builder::new().prefix("moemesh-soak-").tempdir()?;
     let shape = SyntheticShape::DEMO;
     write_mixtral(dir.path(), shape, 31)?;
-    let cluster = LocalCluster::start(&UpArgs {
-        model: dir.path().to_path_buf(),
-        expert_nodes: args.expert_nodes,
-        replicas: 2,
-        router_addr: "127.0.0.1:0".into(),
-        threads_per_node: 0,
-        model_id: Some("soak".into()),
-        coordinators: 3,
-        announce: false,
-        node_memory_bytes: None,
-    })
+    let cluster = LocalCluster::start(
+        &UpArgs {
+            model: dir.path().to_path_buf(),
+            expert_nodes: args.expert_nodes,
+            replicas: 2,
+            router_addr: "127.0.0.1:0".into(),
+            threads_per_node: 0,
+            model_id: Some("soak".into()),
+            coordinators: 3,
+            announce: false,
+            node_memory_bytes: None,
+        },
+        tls,
+    )
     .await?;
     let result = soak(&cluster, &args, shape.hidden_size).await;
     cluster.shutdown().await?;
@@ -57,45 +61,12 @@ pub async fn run_soak(args: SoakArgs) -> anyhow::Result<()> {
 }
 
 async fn soak(cluster: &LocalCluster, args: &SoakArgs, hidden: usize) -> anyhow::Result<()> {
-    let client = Client::connect(cluster.router_url.clone()).await?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let served = Arc::new(AtomicU64::new(0));
-    let errors = Arc::new(AtomicU64::new(0));
-    let mut tasks = Vec::new();
-    for index in 0..args.clients {
-        let mut client = client.clone();
-        let (stop, served, errors) = (Arc::clone(&stop), Arc::clone(&served), Arc::clone(&errors));
-        let mut rng = rand::rngs::StdRng::seed_from_u64(index as u64);
-        let inputs: Vec<Vec<f32>> = (0..4)
-            .map(|_| random_hidden(&mut rng, args.tokens, hidden))
-            .collect();
-        tasks.push(tokio::spawn(async move {
-            let mut next = 0;
-            while !stop.load(Ordering::Relaxed) {
-                let layer = (next % 2) as u32;
-                match client
-                    .forward_f32("", layer, &inputs[next % inputs.len()], hidden)
-                    .await
-                {
-                    Ok(_) => served.fetch_add(1, Ordering::Relaxed),
-                    Err(error) => {
-                        eprintln!("request failed: {error}");
-                        errors.fetch_add(1, Ordering::Relaxed)
-                    }
-                };
-                next += 1;
-            }
-        }));
-    }
-    let processes: Vec<(String, Option<u32>)> = ["coordinator", "expert", "router"]
-        .iter()
-        .flat_map(|role| {
-            cluster
-                .processes(role)
-                .into_iter()
-                .map(move |(pid, url)| (format!("{role} {url}"), pid))
-        })
+    let client = Client::connect_with_tls(cluster.router_url.clone(), &cluster.tls).await?;
+    let counters = Counters::default();
+    let tasks: Vec<_> = (0..args.clients)
+        .map(|index| spawn_client(client.clone(), index, args.tokens, hidden, &counters))
         .collect();
+    let processes = cluster_processes(cluster);
     let rss_now = || -> Vec<u64> {
         processes
             .iter()
@@ -123,18 +94,18 @@ async fn soak(cluster: &LocalCluster, args: &SoakArgs, hidden: usize) -> anyhow:
         println!(
             "{:>5.0}s {:>12} {:>8} {:>14.1}",
             started.elapsed().as_secs_f64(),
-            served.load(Ordering::Relaxed),
-            errors.load(Ordering::Relaxed),
+            counters.served.load(Ordering::Relaxed),
+            counters.errors.load(Ordering::Relaxed),
             last_sample.iter().sum::<u64>() as f64 / (1 << 20) as f64
         );
     }
-    stop.store(true, Ordering::Relaxed);
+    counters.stop.store(true, Ordering::Relaxed);
     for task in tasks {
         task.await?;
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let served = served.load(Ordering::Relaxed);
-    let errors = errors.load(Ordering::Relaxed);
+    let served = counters.served.load(Ordering::Relaxed);
+    let errors = counters.errors.load(Ordering::Relaxed);
     println!();
     println!(
         "soak: {} clients for {elapsed:.0} s: {served} requests ({:.0} tokens/s), {errors} errors",
@@ -142,6 +113,74 @@ async fn soak(cluster: &LocalCluster, args: &SoakArgs, hidden: usize) -> anyhow:
         served as f64 * args.tokens as f64 / elapsed
     );
     let baseline = first_sample.unwrap_or_else(|| last_sample.clone());
+    print_memory_table(&processes, &baseline, &last_sample);
+    anyhow::ensure!(errors == 0, "{errors} requests failed");
+    Ok(())
+}
+
+/// What the clients share with the soak that watches them.
+#[derive(Default)]
+struct Counters {
+    /// Set when the soak is over; each client stops after its request in flight.
+    stop: Arc<AtomicBool>,
+    /// Requests answered.
+    served: Arc<AtomicU64>,
+    /// Requests failed.
+    errors: Arc<AtomicU64>,
+}
+
+/// One client with one request in flight, alternating between layers 0
+/// and 1, until `counters.stop` is set.
+fn spawn_client(
+    mut client: Client,
+    index: usize,
+    tokens: usize,
+    hidden: usize,
+    counters: &Counters,
+) -> tokio::task::JoinHandle<()> {
+    let (stop, served, errors) = (
+        Arc::clone(&counters.stop),
+        Arc::clone(&counters.served),
+        Arc::clone(&counters.errors),
+    );
+    let mut rng = rand::rngs::StdRng::seed_from_u64(index as u64);
+    let inputs: Vec<Vec<f32>> = (0..4)
+        .map(|_| random_hidden(&mut rng, tokens, hidden))
+        .collect();
+    tokio::spawn(async move {
+        let mut next = 0;
+        while !stop.load(Ordering::Relaxed) {
+            let layer = (next % 2) as u32;
+            match client
+                .forward_f32("", layer, &inputs[next % inputs.len()], hidden)
+                .await
+            {
+                Ok(_) => served.fetch_add(1, Ordering::Relaxed),
+                Err(error) => {
+                    eprintln!("request failed: {error}");
+                    errors.fetch_add(1, Ordering::Relaxed)
+                }
+            };
+            next += 1;
+        }
+    })
+}
+
+/// Every process of the cluster, named by role and address, with its pid.
+fn cluster_processes(cluster: &LocalCluster) -> Vec<(String, Option<u32>)> {
+    ["coordinator", "expert", "router"]
+        .iter()
+        .flat_map(|role| {
+            cluster
+                .processes(role)
+                .into_iter()
+                .map(move |(pid, url)| (format!("{role} {url}"), pid))
+        })
+        .collect()
+}
+
+/// Each process's resident memory at the baseline, at the end, and at its peak.
+fn print_memory_table(processes: &[(String, Option<u32>)], baseline: &[u64], last_sample: &[u64]) {
     println!(
         "{:<42} {:>12} {:>12} {:>12}",
         "process", "RSS start", "RSS end", "peak"
@@ -156,6 +195,4 @@ async fn soak(cluster: &LocalCluster, args: &SoakArgs, hidden: usize) -> anyhow:
             mib(peak)
         );
     }
-    anyhow::ensure!(errors == 0, "{errors} requests failed");
-    Ok(())
 }

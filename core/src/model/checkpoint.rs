@@ -9,11 +9,11 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
+use moemesh_proto::codec::{WireDtype, decode_values};
 use safetensors::tensor::{Dtype, Metadata};
 use serde::Deserialize;
 
-use crate::config::{Family, ModelConfig};
-use crate::tensor::{WireDtype, decode_values};
+use crate::model::config::{Family, ModelConfig};
 use crate::{CoreError, CoreResult};
 
 /// One memory-mapped safetensors file and its parsed header.

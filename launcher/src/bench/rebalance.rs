@@ -11,17 +11,17 @@
 //! never reach zero, and no request may fail).
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use moemesh_client::{AdminClient, Client};
-use moemesh_proto::ExpertServiceClient;
-use moemesh_proto::v1::InfoRequest;
+use moemesh_client::{Client, CoordinatorClient, TlsArgs};
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 
+use super::expert_node_info;
 use crate::local_cluster::{LocalCluster, UpArgs};
 use crate::stats::percentile;
 use crate::synthetic::{SyntheticShape, write_mixtral_with_gate};
@@ -148,15 +148,11 @@ struct Phase {
 
 /// Token-expert pairs each node has computed so far.
 async fn node_pairs(cluster: &LocalCluster) -> anyhow::Result<Vec<u64>> {
-    let mut pairs = Vec::new();
-    for (_, url) in cluster.processes("expert") {
-        let mut client = ExpertServiceClient::connect(url.clone())
-            .await
-            .with_context(|| format!("cannot reach expert node {url}"))?;
-        let info = client.info(InfoRequest {}).await?.into_inner();
-        pairs.push(info.load.iter().map(|load| load.tokens).sum());
-    }
-    Ok(pairs)
+    let nodes = expert_node_info(cluster).await?;
+    Ok(nodes
+        .iter()
+        .map(|(_, info)| info.load.iter().map(|load| load.tokens).sum())
+        .collect())
 }
 
 /// Sends `requests` requests, `in_flight` at a time, recording each one's
@@ -252,7 +248,7 @@ async fn phase(
     })
 }
 
-pub async fn run_bench_rebalance(args: BenchRebalanceArgs) -> anyhow::Result<()> {
+pub async fn run_bench_rebalance(args: BenchRebalanceArgs, tls: &TlsArgs) -> anyhow::Result<()> {
     if args.nodes == 0
         || args.slots * args.nodes < args.experts
         || args.requests == 0
@@ -260,13 +256,6 @@ pub async fn run_bench_rebalance(args: BenchRebalanceArgs) -> anyhow::Result<()>
     {
         bail!("need nodes x slots >= experts, and at least one request and one in flight");
     }
-    let shape = SyntheticShape {
-        hidden_size: args.hidden,
-        intermediate_size: args.intermediate,
-        layers: 1,
-        experts: args.experts,
-        top_k: 2,
-    };
     let shares = zipf_shares(args.experts, args.zipf);
     eprintln!(
         "calibrating a gate to Zipf({}) popularity over {} experts",
@@ -276,60 +265,109 @@ pub async fn run_bench_rebalance(args: BenchRebalanceArgs) -> anyhow::Result<()>
     let workdir = tempfile::Builder::new()
         .prefix("moemesh-bench-rebalance-")
         .tempdir()?;
-    let model = workdir.path().join("model");
-    std::fs::create_dir(&model)?;
-    eprintln!("writing the model to {}", model.display());
-    write_mixtral_with_gate(&model, shape, 23, Some(&gate))?;
+    let model = write_model(&args, workdir.path(), &gate)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(29);
     let inputs: Vec<Arc<Vec<f32>>> = (0..8)
         .map(|_| Arc::new(tokens(&mut rng, args.tokens, args.hidden)))
         .collect();
-    let measured: Vec<f64> = {
-        let sample: Vec<f32> = inputs
-            .iter()
-            .flat_map(|input| input.iter().copied())
-            .collect();
-        let counts = route_counts(&gate, args.hidden, &sample, 2);
-        let total: f64 = counts.iter().sum();
-        counts.iter().map(|count| count / total).collect()
-    };
-    let expert_bytes = 3 * args.hidden * args.intermediate * size_of::<f32>();
-    let cluster = LocalCluster::start(&UpArgs {
-        model: model.clone(),
-        expert_nodes: args.nodes,
-        replicas: 1,
-        router_addr: "127.0.0.1:0".into(),
-        threads_per_node: 0,
-        model_id: Some("skewed".into()),
-        coordinators: 3,
-        announce: !args.json,
-        // Slots for `slots` experts, and a little more for bookkeeping.
-        node_memory_bytes: Some((args.slots * expert_bytes + expert_bytes / 2) as u64),
-    })
-    .await?;
+    let measured = routed_shares(&gate, args.hidden, &inputs);
+    let cluster = start_cluster(&args, tls, model).await?;
     let result = measure(&cluster, &inputs, &args).await;
     cluster.shutdown().await?;
-    let (before, during, after, rebalance) = result?;
+    let measurements = result?;
     let top_shares: Vec<f64> = measured.iter().take(4).copied().collect();
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&json!({
-                "experts": args.experts,
-                "zipf": args.zipf,
-                "nodes": args.nodes,
-                "slots": args.slots,
-                "tokens": args.tokens,
-                "in_flight": args.in_flight,
-                "hottest_expert_shares": top_shares,
-                "before": before,
-                "during": during,
-                "after": after,
-                "rebalance": rebalance,
-            }))?
-        );
-        return Ok(());
+        print_json(&args, &top_shares, &measurements)
+    } else {
+        print_report(&args, &top_shares, &measurements);
+        Ok(())
     }
+}
+
+/// Writes a one-layer model of `args`' shape with `gate`; returns its folder.
+fn write_model(args: &BenchRebalanceArgs, workdir: &Path, gate: &[f32]) -> anyhow::Result<PathBuf> {
+    let shape = SyntheticShape {
+        hidden_size: args.hidden,
+        intermediate_size: args.intermediate,
+        layers: 1,
+        experts: args.experts,
+        top_k: 2,
+    };
+    let model = workdir.join("model");
+    std::fs::create_dir(&model)?;
+    eprintln!("writing the model to {}", model.display());
+    write_mixtral_with_gate(&model, shape, 23, Some(gate))?;
+    Ok(model)
+}
+
+/// Each expert's share of the pairs `gate` routes `inputs` to.
+fn routed_shares(gate: &[f32], hidden: usize, inputs: &[Arc<Vec<f32>>]) -> Vec<f64> {
+    let sample: Vec<f32> = inputs
+        .iter()
+        .flat_map(|input| input.iter().copied())
+        .collect();
+    let counts = route_counts(gate, hidden, &sample, 2);
+    let total: f64 = counts.iter().sum();
+    counts.iter().map(|count| count / total).collect()
+}
+
+/// `args.nodes` expert nodes whose memory holds `args.slots` experts each,
+/// three coordinators and a router.
+async fn start_cluster(
+    args: &BenchRebalanceArgs,
+    tls: &TlsArgs,
+    model: PathBuf,
+) -> anyhow::Result<LocalCluster> {
+    let expert_bytes = 3 * args.hidden * args.intermediate * size_of::<f32>();
+    LocalCluster::start(
+        &UpArgs {
+            model,
+            expert_nodes: args.nodes,
+            replicas: 1,
+            router_addr: "127.0.0.1:0".into(),
+            threads_per_node: 0,
+            model_id: Some("skewed".into()),
+            coordinators: 3,
+            announce: !args.json,
+            // Slots for `slots` experts, and a little more for bookkeeping.
+            node_memory_bytes: Some((args.slots * expert_bytes + expert_bytes / 2) as u64),
+        },
+        tls,
+    )
+    .await
+}
+
+fn print_json(
+    args: &BenchRebalanceArgs,
+    top_shares: &[f64],
+    measurements: &Measurements,
+) -> anyhow::Result<()> {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&json!({
+            "experts": args.experts,
+            "zipf": args.zipf,
+            "nodes": args.nodes,
+            "slots": args.slots,
+            "tokens": args.tokens,
+            "in_flight": args.in_flight,
+            "hottest_expert_shares": top_shares,
+            "before": measurements.before,
+            "during": measurements.during,
+            "after": measurements.after,
+            "rebalance": measurements.rebalance,
+        }))?
+    );
+    Ok(())
+}
+
+fn print_report(args: &BenchRebalanceArgs, top_shares: &[f64], measurements: &Measurements) {
+    let Measurements {
+        before,
+        during,
+        after,
+        rebalance,
+    } = measurements;
     println!(
         "skewed workload: {} experts, top-2, Zipf({}) popularity (hottest experts take {:.1}%, {:.1}%, {:.1}%, {:.1}% of pairs), {} nodes x {} slots, {} tokens per request, {} in flight",
         args.experts,
@@ -349,8 +387,8 @@ pub async fn run_bench_rebalance(args: BenchRebalanceArgs) -> anyhow::Result<()>
         "", "max/mean", "tokens/s", "p50 ms", "p99 ms"
     );
     for (name, phase) in [
-        ("before (static placement)", &before),
-        ("after one rebalance", &after),
+        ("before (static placement)", before),
+        ("after one rebalance", after),
     ] {
         println!(
             "{:<28} {:>10.3} {:>12.0} {:>10.1} {:>10.1}   {:?}",
@@ -394,20 +432,25 @@ pub async fn run_bench_rebalance(args: BenchRebalanceArgs) -> anyhow::Result<()>
         },
         (after.tokens_per_s / before.tokens_per_s - 1.0) * 100.0
     );
-    Ok(())
+}
+
+/// What the bench measured: the phases before and after the rebalance,
+/// the traffic while it ran, and what it did.
+struct Measurements {
+    before: Phase,
+    during: serde_json::Value,
+    after: Phase,
+    rebalance: serde_json::Value,
 }
 
 async fn measure(
     cluster: &LocalCluster,
     inputs: &[Arc<Vec<f32>>],
     args: &BenchRebalanceArgs,
-) -> anyhow::Result<(Phase, serde_json::Value, Phase, serde_json::Value)> {
-    let client = Client::connect(cluster.router_url.clone()).await?;
-    let coordinator = cluster
-        .coordinator_urls
-        .first()
-        .context("the cluster has coordinators")?;
-    let mut admin = AdminClient::connect(coordinator.clone()).await?;
+) -> anyhow::Result<Measurements> {
+    let client = Client::connect_with_tls(cluster.router_url.clone(), &cluster.tls).await?;
+    let mut admin =
+        CoordinatorClient::connect(cluster.coordinator_urls.clone(), cluster.tls.clone()).await?;
     // Warm up, and let the routers' reports fill the load window.
     drive(
         &client,
@@ -478,5 +521,10 @@ async fn measure(
     tokio::time::sleep(Duration::from_millis(500)).await;
     eprintln!("measuring the rebalanced placement");
     let after = phase(cluster, &client, inputs, args).await?;
-    Ok((before, during, after, rebalance))
+    Ok(Measurements {
+        before,
+        during,
+        after,
+        rebalance,
+    })
 }

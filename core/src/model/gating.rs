@@ -2,8 +2,8 @@
 //! module does, one token at a time so that a token's routing never depends
 //! on the other tokens in its batch. Ties break by lowest expert id.
 
-use crate::checkpoint::GateWeights;
-use crate::config::{Family, GroupLimit, ModelConfig};
+use crate::model::checkpoint::GateWeights;
+use crate::model::config::{Family, GroupLimit, ModelConfig};
 
 /// The routing of a batch: per token, `top_k` (expert, weight) pairs sorted
 /// by expert id, and the shared expert's weight where the layer has one.

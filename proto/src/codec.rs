@@ -5,9 +5,20 @@
 
 use bytes::Bytes;
 use half::{bf16, f16};
-use moemesh_proto::v1::{Dtype, Tensor};
 
-use crate::{CoreError, CoreResult};
+use crate::v1::{Dtype, Tensor};
+
+/// Why a wire tensor was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CodecError {
+    /// The tensor is missing, or has the wrong shape, dtype, byte length or
+    /// values (NaN or infinity) for what the receiver expects.
+    #[error("invalid tensor: {0}")]
+    InvalidTensor(String),
+}
+
+/// Result alias of the wire codec.
+pub type CodecResult<T> = Result<T, CodecError>;
 
 /// Element types an activation may have on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,13 +38,13 @@ impl WireDtype {
     }
 
     /// Reads the dtype field of a wire tensor.
-    pub fn from_proto(raw: i32) -> CoreResult<Self> {
+    pub fn from_proto(raw: i32) -> CodecResult<Self> {
         match Dtype::try_from(raw) {
             Ok(Dtype::F32) => Ok(Self::F32),
             Ok(Dtype::Bf16) => Ok(Self::Bf16),
             Ok(Dtype::F16) => Ok(Self::F16),
-            Ok(Dtype::Unspecified) => Err(CoreError::InvalidTensor("dtype is unspecified".into())),
-            Err(_) => Err(CoreError::InvalidTensor(format!("unknown dtype {raw}"))),
+            Ok(Dtype::Unspecified) => Err(CodecError::InvalidTensor("dtype is unspecified".into())),
+            Err(_) => Err(CodecError::InvalidTensor(format!("unknown dtype {raw}"))),
         }
     }
 
@@ -59,17 +70,17 @@ pub struct Rows {
 
 /// Decodes a `[rows, width]` activation tensor, checking its shape, dtype,
 /// byte length and that every value is finite.
-pub fn decode_rows(tensor: Option<&Tensor>, width: usize) -> CoreResult<Rows> {
-    let tensor = tensor.ok_or_else(|| CoreError::InvalidTensor("tensor is missing".into()))?;
+pub fn decode_rows(tensor: Option<&Tensor>, width: usize) -> CodecResult<Rows> {
+    let tensor = tensor.ok_or_else(|| CodecError::InvalidTensor("tensor is missing".into()))?;
     let wire_dtype = WireDtype::from_proto(tensor.dtype)?;
     let [rows, actual_width] = tensor.shape[..] else {
-        return Err(CoreError::InvalidTensor(format!(
+        return Err(CodecError::InvalidTensor(format!(
             "expected a 2-d tensor [tokens, {width}], got shape {:?}",
             tensor.shape
         )));
     };
     if actual_width != width as u64 {
-        return Err(CoreError::InvalidTensor(format!(
+        return Err(CodecError::InvalidTensor(format!(
             "hidden size is {actual_width}, this model's is {width} (shape {:?})",
             tensor.shape
         )));
@@ -77,9 +88,9 @@ pub fn decode_rows(tensor: Option<&Tensor>, width: usize) -> CoreResult<Rows> {
     let expected_bytes = rows
         .checked_mul(actual_width)
         .and_then(|elements| elements.checked_mul(wire_dtype.size() as u64))
-        .ok_or_else(|| CoreError::InvalidTensor(format!("shape {:?} overflows", tensor.shape)))?;
+        .ok_or_else(|| CodecError::InvalidTensor(format!("shape {:?} overflows", tensor.shape)))?;
     if tensor.data.len() as u64 != expected_bytes {
-        return Err(CoreError::InvalidTensor(format!(
+        return Err(CodecError::InvalidTensor(format!(
             "shape {:?} in {wire_dtype:?} needs {expected_bytes} bytes, got {}",
             tensor.shape,
             tensor.data.len()
@@ -87,7 +98,7 @@ pub fn decode_rows(tensor: Option<&Tensor>, width: usize) -> CoreResult<Rows> {
     }
     let values = decode_values(&tensor.data, wire_dtype);
     if let Some(position) = values.iter().position(|value| !value.is_finite()) {
-        return Err(CoreError::InvalidTensor(format!(
+        return Err(CodecError::InvalidTensor(format!(
             "value at token {}, column {} is {} (NaN and infinity are not accepted)",
             position / width,
             position % width,
@@ -103,8 +114,9 @@ pub fn decode_rows(tensor: Option<&Tensor>, width: usize) -> CoreResult<Rows> {
 }
 
 /// Decodes little-endian elements of `dtype` to f32; a trailing partial
-/// element is ignored (callers check lengths first).
-pub(crate) fn decode_values(data: &[u8], dtype: WireDtype) -> Vec<f32> {
+/// element is ignored (callers check lengths first). Checkpoints store
+/// their weights in the same three dtypes and decode through this too.
+pub fn decode_values(data: &[u8], dtype: WireDtype) -> Vec<f32> {
     match dtype {
         WireDtype::F32 => data
             .chunks_exact(4)

@@ -130,6 +130,136 @@ fn required<T>(value: Option<T>, field: &str, family: Family) -> CoreResult<T> {
     value.ok_or_else(|| CoreError::Config(format!("{family} config lacks field `{field}`")))
 }
 
+/// The parts of a [`ModelConfig`] that each family spells differently in
+/// its `config.json`.
+struct FamilyFields {
+    expert_intermediate_size: usize,
+    shared_intermediate_size: Option<usize>,
+    norm_topk_prob: bool,
+    moe_layers: Vec<bool>,
+    group_limit: Option<GroupLimit>,
+    routed_scaling_factor: f32,
+}
+
+impl RawConfig {
+    /// Mixtral: every layer is MoE, top-k weights always renormalised.
+    fn mixtral_fields(&self) -> CoreResult<FamilyFields> {
+        let family = Family::Mixtral;
+        Ok(FamilyFields {
+            expert_intermediate_size: required(
+                self.intermediate_size,
+                "intermediate_size",
+                family,
+            )?,
+            shared_intermediate_size: None,
+            norm_topk_prob: true,
+            moe_layers: vec![true; self.num_hidden_layers],
+            group_limit: None,
+            routed_scaling_factor: 1.0,
+        })
+    }
+
+    /// Qwen2-MoE and Qwen3-MoE: MoE every `decoder_sparse_step` layers but
+    /// for `mlp_only_layers`; Qwen2-MoE adds a shared expert.
+    fn qwen_fields(&self, family: Family, num_experts: usize) -> CoreResult<FamilyFields> {
+        let expert_intermediate_size =
+            required(self.moe_intermediate_size, "moe_intermediate_size", family)?;
+        let shared_intermediate_size = if family == Family::Qwen2Moe {
+            Some(required(
+                self.shared_expert_intermediate_size,
+                "shared_expert_intermediate_size",
+                family,
+            )?)
+        } else {
+            None
+        };
+        let step = self.decoder_sparse_step.unwrap_or(1);
+        if step == 0 {
+            return Err(CoreError::Config(
+                "decoder_sparse_step must be at least 1".into(),
+            ));
+        }
+        let mlp_only = self.mlp_only_layers.as_deref().unwrap_or_default();
+        let moe_layers = (0..self.num_hidden_layers)
+            .map(|layer| !mlp_only.contains(&layer) && num_experts > 0 && (layer + 1) % step == 0)
+            .collect();
+        Ok(FamilyFields {
+            expert_intermediate_size,
+            shared_intermediate_size,
+            norm_topk_prob: self.norm_topk_prob.unwrap_or(false),
+            moe_layers,
+            group_limit: None,
+            routed_scaling_factor: 1.0,
+        })
+    }
+
+    /// DeepSeek-V3: dense layers first, then MoE with `n_shared_experts`
+    /// shared experts, sigmoid scoring and group-limited top-k (`noaux_tc`).
+    fn deepseek_v3_fields(&self, num_experts: usize) -> CoreResult<FamilyFields> {
+        let expert_intermediate_size = required(
+            self.moe_intermediate_size,
+            "moe_intermediate_size",
+            Family::DeepseekV3,
+        )?;
+        let shared = self.n_shared_experts.unwrap_or(0);
+        let first_moe = self.first_k_dense_replace.unwrap_or(0);
+        if let Some(method) = &self.topk_method
+            && method != "noaux_tc"
+        {
+            return Err(CoreError::Config(format!(
+                "topk_method {method:?} is not supported; deepseek_v3 uses noaux_tc"
+            )));
+        }
+        if let Some(scoring) = &self.scoring_func
+            && scoring != "sigmoid"
+        {
+            return Err(CoreError::Config(format!(
+                "scoring_func {scoring:?} is not supported; deepseek_v3 uses sigmoid"
+            )));
+        }
+        Ok(FamilyFields {
+            expert_intermediate_size,
+            shared_intermediate_size: (shared > 0).then_some(expert_intermediate_size * shared),
+            norm_topk_prob: self.norm_topk_prob.unwrap_or(true),
+            moe_layers: (0..self.num_hidden_layers)
+                .map(|layer| layer >= first_moe)
+                .collect(),
+            group_limit: Some(self.deepseek_v3_group_limit(num_experts)?),
+            routed_scaling_factor: self.routed_scaling_factor.unwrap_or(1.0),
+        })
+    }
+
+    /// DeepSeek-V3's `n_group` and `topk_group`, checked against the experts
+    /// and `num_experts_per_tok`.
+    fn deepseek_v3_group_limit(&self, num_experts: usize) -> CoreResult<GroupLimit> {
+        let groups = self.n_group.unwrap_or(1);
+        let top_groups = self.topk_group.unwrap_or(groups);
+        if groups == 0 || !num_experts.is_multiple_of(groups) {
+            return Err(CoreError::Config(format!(
+                "n_group {groups} must divide n_routed_experts {num_experts}"
+            )));
+        }
+        if top_groups == 0 || top_groups > groups {
+            return Err(CoreError::Config(format!(
+                "topk_group {top_groups} must be between 1 and n_group {groups}"
+            )));
+        }
+        if num_experts / groups < 2 {
+            return Err(CoreError::Config(
+                "deepseek_v3 scores a group by its best two experts: each group needs at least two"
+                    .into(),
+            ));
+        }
+        if self.num_experts_per_tok > top_groups * (num_experts / groups) {
+            return Err(CoreError::Config(format!(
+                "num_experts_per_tok {} exceeds the experts in topk_group {top_groups} groups",
+                self.num_experts_per_tok
+            )));
+        }
+        Ok(GroupLimit { groups, top_groups })
+    }
+}
+
 impl ModelConfig {
     /// Reads and validates `DIR/config.json`.
     pub fn from_dir(dir: &Path) -> CoreResult<Self> {
@@ -159,95 +289,12 @@ impl ModelConfig {
             )));
         }
         let num_experts = required(raw.num_experts, "num_experts", family)?;
-        let layers = raw.num_hidden_layers;
-        let (expert_intermediate_size, shared_intermediate_size, norm_topk_prob, moe_layers);
-        let mut group_limit = None;
-        let mut routed_scaling_factor = 1.0;
-        match family {
-            Family::Mixtral => {
-                expert_intermediate_size =
-                    required(raw.intermediate_size, "intermediate_size", family)?;
-                shared_intermediate_size = None;
-                norm_topk_prob = true;
-                moe_layers = vec![true; layers];
-            }
-            Family::Qwen2Moe | Family::Qwen3Moe => {
-                expert_intermediate_size =
-                    required(raw.moe_intermediate_size, "moe_intermediate_size", family)?;
-                shared_intermediate_size = if family == Family::Qwen2Moe {
-                    Some(required(
-                        raw.shared_expert_intermediate_size,
-                        "shared_expert_intermediate_size",
-                        family,
-                    )?)
-                } else {
-                    None
-                };
-                norm_topk_prob = raw.norm_topk_prob.unwrap_or(false);
-                let step = raw.decoder_sparse_step.unwrap_or(1);
-                if step == 0 {
-                    return Err(CoreError::Config(
-                        "decoder_sparse_step must be at least 1".into(),
-                    ));
-                }
-                let mlp_only = raw.mlp_only_layers.unwrap_or_default();
-                moe_layers = (0..layers)
-                    .map(|layer| {
-                        !mlp_only.contains(&layer) && num_experts > 0 && (layer + 1) % step == 0
-                    })
-                    .collect();
-            }
-            Family::DeepseekV3 => {
-                expert_intermediate_size =
-                    required(raw.moe_intermediate_size, "moe_intermediate_size", family)?;
-                let shared = raw.n_shared_experts.unwrap_or(0);
-                shared_intermediate_size =
-                    (shared > 0).then_some(expert_intermediate_size * shared);
-                norm_topk_prob = raw.norm_topk_prob.unwrap_or(true);
-                let first_moe = raw.first_k_dense_replace.unwrap_or(0);
-                moe_layers = (0..layers).map(|layer| layer >= first_moe).collect();
-                if let Some(method) = &raw.topk_method
-                    && method != "noaux_tc"
-                {
-                    return Err(CoreError::Config(format!(
-                        "topk_method {method:?} is not supported; deepseek_v3 uses noaux_tc"
-                    )));
-                }
-                if let Some(scoring) = &raw.scoring_func
-                    && scoring != "sigmoid"
-                {
-                    return Err(CoreError::Config(format!(
-                        "scoring_func {scoring:?} is not supported; deepseek_v3 uses sigmoid"
-                    )));
-                }
-                let groups = raw.n_group.unwrap_or(1);
-                let top_groups = raw.topk_group.unwrap_or(groups);
-                if groups == 0 || num_experts % groups != 0 {
-                    return Err(CoreError::Config(format!(
-                        "n_group {groups} must divide n_routed_experts {num_experts}"
-                    )));
-                }
-                if top_groups == 0 || top_groups > groups {
-                    return Err(CoreError::Config(format!(
-                        "topk_group {top_groups} must be between 1 and n_group {groups}"
-                    )));
-                }
-                if num_experts / groups < 2 {
-                    return Err(CoreError::Config(
-                        "deepseek_v3 scores a group by its best two experts: each group needs at least two".into(),
-                    ));
-                }
-                if raw.num_experts_per_tok > top_groups * (num_experts / groups) {
-                    return Err(CoreError::Config(format!(
-                        "num_experts_per_tok {} exceeds the experts in topk_group {top_groups} groups",
-                        raw.num_experts_per_tok
-                    )));
-                }
-                group_limit = Some(GroupLimit { groups, top_groups });
-                routed_scaling_factor = raw.routed_scaling_factor.unwrap_or(1.0);
-            }
-        }
-        if raw.hidden_size == 0 || expert_intermediate_size == 0 {
+        let fields = match family {
+            Family::Mixtral => raw.mixtral_fields()?,
+            Family::Qwen2Moe | Family::Qwen3Moe => raw.qwen_fields(family, num_experts)?,
+            Family::DeepseekV3 => raw.deepseek_v3_fields(num_experts)?,
+        };
+        if raw.hidden_size == 0 || fields.expert_intermediate_size == 0 {
             return Err(CoreError::Config(
                 "hidden_size and the expert intermediate size must be positive".into(),
             ));
@@ -261,15 +308,15 @@ impl ModelConfig {
         Ok(Self {
             family,
             hidden_size: raw.hidden_size,
-            num_hidden_layers: layers,
+            num_hidden_layers: raw.num_hidden_layers,
             num_experts,
             top_k: raw.num_experts_per_tok,
-            expert_intermediate_size,
-            shared_intermediate_size,
-            norm_topk_prob,
-            group_limit,
-            routed_scaling_factor,
-            moe_layers,
+            expert_intermediate_size: fields.expert_intermediate_size,
+            shared_intermediate_size: fields.shared_intermediate_size,
+            norm_topk_prob: fields.norm_topk_prob,
+            group_limit: fields.group_limit,
+            routed_scaling_factor: fields.routed_scaling_factor,
+            moe_layers: fields.moe_layers,
         })
     }
 

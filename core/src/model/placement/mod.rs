@@ -2,7 +2,9 @@
 //!
 //! A placement lists the expert nodes and, per MoE layer and expert, the
 //! nodes holding a replica. It comes from a TOML placement file (for small
-//! fixed deployments) or is spread evenly by [`Placement::spread`].
+//! fixed deployments), is spread evenly by [`Placement::spread`], or is
+//! assigned by the coordinators: first by memory with
+//! [`initial_assignment`], then by load with the [`planner`].
 //!
 //! ```toml
 //! model = "mixtral-8x7b"          # optional
@@ -17,12 +19,14 @@
 //! shared = ["expert-1"]                               # the shared expert, if any
 //! ```
 
+pub mod planner;
+
 use std::collections::HashMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::ModelConfig;
+use crate::model::config::ModelConfig;
 use crate::{CoreError, CoreResult};
 
 /// An expert node as the placement file names it.
@@ -55,6 +59,14 @@ pub struct PlacementFile {
     pub model: Option<String>,
     pub nodes: Vec<NodeEntry>,
     pub layers: Vec<LayerEntry>,
+}
+
+/// One expert of one MoE layer; the shared expert is id `num_experts`.
+/// Orders by layer, then expert.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct LayerExpert {
+    pub layer: usize,
+    pub expert: u32,
 }
 
 /// A validated placement: replicas as node indices.
@@ -237,8 +249,8 @@ impl Placement {
         self.layers.get(&layer).map(Vec::as_slice)
     }
 
-    /// Returns the (layer, expert) pairs node `node_id` holds, ascending.
-    pub fn experts_of(&self, node_id: &str) -> Vec<(usize, u32)> {
+    /// Returns the experts node `node_id` holds, ascending.
+    pub fn experts_of(&self, node_id: &str) -> Vec<LayerExpert> {
         let Some(node) = self.nodes.iter().position(|node| node.id == node_id) else {
             return Vec::new();
         };
@@ -246,7 +258,10 @@ impl Placement {
         for layer in self.layers() {
             for (expert, replicas) in self.layers[&layer].iter().enumerate() {
                 if replicas.contains(&node) {
-                    held.push((layer, expert as u32));
+                    held.push(LayerExpert {
+                        layer,
+                        expert: expert as u32,
+                    });
                 }
             }
         }
@@ -299,6 +314,61 @@ pub fn token_hash(token: &[f32], expert: u32) -> u64 {
     hash = hash.wrapping_mul(0x94d0_49bb_1331_11eb);
     hash ^= hash >> 31;
     hash
+}
+
+/// An expert node as the initial placement sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeCapacity {
+    pub id: String,
+    /// Topology group (host, rack); replicas of one expert prefer distinct groups.
+    pub group: String,
+    /// Bytes available for expert weights.
+    pub memory_bytes: u64,
+}
+
+/// One expert to place: (layer, expert id, bytes of its weights).
+pub type ExpertToPlace = (usize, u32, u64);
+
+/// Places every expert `replicas` times on distinct nodes: replicas of one
+/// expert go to distinct topology groups where possible, nodes never hold
+/// more than their memory, and expert counts stay balanced (ties to the
+/// node listed first). Returns (layer, expert, node index) triples.
+pub fn initial_assignment(
+    nodes: &[NodeCapacity],
+    experts: &[ExpertToPlace],
+    replicas: usize,
+) -> Result<Vec<(usize, u32, usize)>, String> {
+    if nodes.is_empty() {
+        return Err("no ready expert node to place experts on".into());
+    }
+    if replicas == 0 || replicas > nodes.len() {
+        return Err(format!(
+            "{replicas} replicas need between 1 and {} nodes",
+            nodes.len()
+        ));
+    }
+    let mut free: Vec<u64> = nodes.iter().map(|node| node.memory_bytes).collect();
+    let mut held = vec![0usize; nodes.len()];
+    let mut assignment = Vec::with_capacity(experts.len() * replicas);
+    for &(layer, expert, bytes) in experts {
+        let mut chosen: Vec<usize> = Vec::with_capacity(replicas);
+        for _ in 0..replicas {
+            let best = (0..nodes.len())
+                .filter(|&node| !chosen.contains(&node) && free[node] >= bytes)
+                .min_by_key(|&node| {
+                    let group_taken = chosen.iter().any(|&other| nodes[other].group == nodes[node].group);
+                    (group_taken, held[node], node)
+                })
+                .ok_or_else(|| {
+                    format!("no node has {bytes} bytes free for layer {layer} expert {expert} (replica {})", chosen.len() + 1)
+                })?;
+            free[best] -= bytes;
+            held[best] += 1;
+            chosen.push(best);
+            assignment.push((layer, expert, best));
+        }
+    }
+    Ok(assignment)
 }
 
 #[cfg(test)]
@@ -383,61 +453,6 @@ mod tests {
         }
         assert!(counts.iter().all(|&count| count > 800), "{counts:?}");
     }
-}
-
-/// An expert node as the initial placement sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NodeCapacity {
-    pub id: String,
-    /// Topology group (host, rack); replicas of one expert prefer distinct groups.
-    pub group: String,
-    /// Bytes available for expert weights.
-    pub memory_bytes: u64,
-}
-
-/// One expert to place: (layer, expert id, bytes of its weights).
-pub type ExpertToPlace = (usize, u32, u64);
-
-/// Places every expert `replicas` times on distinct nodes: replicas of one
-/// expert go to distinct topology groups where possible, nodes never hold
-/// more than their memory, and expert counts stay balanced (ties to the
-/// node listed first). Returns (layer, expert, node index) triples.
-pub fn initial_assignment(
-    nodes: &[NodeCapacity],
-    experts: &[ExpertToPlace],
-    replicas: usize,
-) -> Result<Vec<(usize, u32, usize)>, String> {
-    if nodes.is_empty() {
-        return Err("no ready expert node to place experts on".into());
-    }
-    if replicas == 0 || replicas > nodes.len() {
-        return Err(format!(
-            "{replicas} replicas need between 1 and {} nodes",
-            nodes.len()
-        ));
-    }
-    let mut free: Vec<u64> = nodes.iter().map(|node| node.memory_bytes).collect();
-    let mut held = vec![0usize; nodes.len()];
-    let mut assignment = Vec::with_capacity(experts.len() * replicas);
-    for &(layer, expert, bytes) in experts {
-        let mut chosen: Vec<usize> = Vec::with_capacity(replicas);
-        for _ in 0..replicas {
-            let best = (0..nodes.len())
-                .filter(|&node| !chosen.contains(&node) && free[node] >= bytes)
-                .min_by_key(|&node| {
-                    let group_taken = chosen.iter().any(|&other| nodes[other].group == nodes[node].group);
-                    (group_taken, held[node], node)
-                })
-                .ok_or_else(|| {
-                    format!("no node has {bytes} bytes free for layer {layer} expert {expert} (replica {})", chosen.len() + 1)
-                })?;
-            free[best] -= bytes;
-            held[best] += 1;
-            chosen.push(best);
-            assignment.push((layer, expert, best));
-        }
-    }
-    Ok(assignment)
 }
 
 #[cfg(test)]

@@ -1,0 +1,107 @@
+//! `moectl cluster`: the coordinators, the leader and the expert nodes.
+
+use moemesh_client::TlsConfig;
+use moemesh_proto::v1::ClusterStatusResponse;
+use serde_json::json;
+
+use crate::connect::AdminArgs;
+use crate::output::print_pretty_json;
+
+#[derive(clap::Subcommand)]
+pub enum ClusterCommand {
+    /// Shows the coordinators, the leader and term, the placement epoch and the expert nodes.
+    Status(AdminArgs),
+}
+
+pub async fn status(args: AdminArgs, tls: &TlsConfig) -> anyhow::Result<()> {
+    let status = args.connect(tls).await?.cluster_status().await?;
+    if args.json {
+        return print_pretty_json(&status_json(&status));
+    }
+    print_summary(&status);
+    println!();
+    print_coordinators(&status);
+    println!();
+    print_nodes(&status);
+    Ok(())
+}
+
+fn status_json(status: &ClusterStatusResponse) -> serde_json::Value {
+    json!({
+        "leader_id": status.leader_id,
+        "term": status.term,
+        "epoch": status.epoch,
+        "models": status.models,
+        "rebalance": {
+            "runs": status.rebalance_runs,
+            "moves_done": status.rebalance_moves_done,
+            "moves_failed": status.rebalance_moves_failed,
+        },
+        "coordinators": status.coordinators.iter().map(|c| json!({
+            "id": c.id, "address": c.address, "role": c.role, "term": c.term,
+            "leader_id": c.leader_id, "commit_index": c.commit_index, "applied_index": c.applied_index,
+        })).collect::<Vec<_>>(),
+        "nodes": status.nodes.iter().map(|n| json!({
+            "id": n.id, "address": n.address, "group": n.group, "device": n.device,
+            "memory_bytes": n.memory_bytes, "status": n.status().to_string(),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn print_summary(status: &ClusterStatusResponse) {
+    let leader = if status.leader_id == 0 {
+        "none (election running)".to_string()
+    } else {
+        status.leader_id.to_string()
+    };
+    println!(
+        "leader {leader}, term {}, placement epoch {}, models: {}",
+        status.term,
+        status.epoch,
+        status.models.join(", ")
+    );
+    println!(
+        "rebalances on this coordinator: {} runs, {} replica moves done, {} failed",
+        status.rebalance_runs, status.rebalance_moves_done, status.rebalance_moves_failed
+    );
+}
+
+fn print_coordinators(status: &ClusterStatusResponse) {
+    println!(
+        "{:<4} {:<28} {:<13} {:>6} {:>8} {:>8}",
+        "ID", "COORDINATOR", "ROLE", "TERM", "COMMIT", "APPLIED"
+    );
+    for coordinator in &status.coordinators {
+        println!(
+            "{:<4} {:<28} {:<13} {:>6} {:>8} {:>8}",
+            coordinator.id,
+            coordinator.address,
+            coordinator.role,
+            coordinator.term,
+            coordinator.commit_index,
+            coordinator.applied_index
+        );
+    }
+}
+
+fn print_nodes(status: &ClusterStatusResponse) {
+    if status.nodes.is_empty() {
+        println!("no expert nodes registered");
+        return;
+    }
+    println!(
+        "{:<14} {:<28} {:<10} {:<8} {:>10} {:<8}",
+        "NODE", "ADDRESS", "GROUP", "DEVICE", "MEMORY", "STATUS"
+    );
+    for node in &status.nodes {
+        println!(
+            "{:<14} {:<28} {:<10} {:<8} {:>8.1}Gi {:<8}",
+            node.id,
+            node.address,
+            node.group,
+            node.device,
+            node.memory_bytes as f64 / (1u64 << 30) as f64,
+            node.status().to_string()
+        );
+    }
+}

@@ -1,0 +1,19 @@
+//! How moectl prints: tables for people, JSON (`--json`) for scripts.
+
+use serde_json::Value;
+
+/// Prints a JSON document over several indented lines.
+pub fn print_pretty_json(value: &Value) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+/// Returns `part` as a percentage of `total`, or 0 when there is no total
+/// (an idle window), so tables never show NaN.
+pub fn percent_of(part: f64, total: f64) -> f64 {
+    if total > 0.0 {
+        part / total * 100.0
+    } else {
+        0.0
+    }
+}

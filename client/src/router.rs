@@ -1,0 +1,188 @@
+//! [`Client`]: forwards through a moemesh router.
+
+use std::time::Duration;
+
+use moemesh_proto::codec::{WireDtype, decode_rows, encode};
+use moemesh_proto::tls::TlsConfig;
+use moemesh_proto::v1::{ForwardRequest, Tensor};
+use moemesh_proto::{DEFAULT_DEADLINE, MAX_MESSAGE_BYTES, RouterServiceClient};
+use tonic::transport::Channel;
+
+use crate::ClientError;
+
+/// A forward's output with how long the slowest expert node computed; the
+/// rest of the latency is dispatch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Timed<T> {
+    pub output: T,
+    pub expert_compute: Duration,
+}
+
+/// A connection to one moemesh router.
+#[derive(Clone)]
+pub struct Client {
+    router: RouterServiceClient<Channel>,
+    /// How long one forward may take, retries included.
+    deadline: Duration,
+}
+
+/// The first wait before retrying a refused (overloaded) forward; each
+/// retry doubles it, up to [`MAX_BACKOFF`], with up to half again of jitter.
+const FIRST_BACKOFF: Duration = Duration::from_millis(20);
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+
+/// A pseudo-random fraction in [0, 1) from the clock: spreads the retries
+/// of clients refused at the same moment.
+fn jitter() -> f64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.subsec_nanos());
+    let mixed = (u64::from(nanos) ^ 0x9e37_79b9_7f4a_7c15).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    (mixed >> 11) as f64 / (1u64 << 53) as f64
+}
+
+impl Client {
+    /// Connects to a router over plaintext, for example `http://127.0.0.1:50051`.
+    pub async fn connect(address: impl Into<String>) -> Result<Self, ClientError> {
+        Self::connect_with_tls(address, &TlsConfig::plaintext()).await
+    }
+
+    /// Connects to a router, with mutual TLS when `tls` says so.
+    pub async fn connect_with_tls(
+        address: impl Into<String>,
+        tls: &TlsConfig,
+    ) -> Result<Self, ClientError> {
+        let address = address.into();
+        let connect_error = |message: String| ClientError::Connect {
+            address: address.clone(),
+            message,
+        };
+        let endpoint = tls
+            .endpoint(address.clone())
+            .map_err(|error| connect_error(error.to_string()))?;
+        let channel = moemesh_proto::data_path_endpoint(endpoint)
+            .connect()
+            .await
+            .map_err(|error| connect_error(format!("{error:?}")))?;
+        let router = RouterServiceClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        Ok(Self {
+            router,
+            deadline: DEFAULT_DEADLINE,
+        })
+    }
+
+    /// Sets how long each forward may take, retries included (the router
+    /// receives it as the call's deadline).
+    pub fn with_deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = deadline;
+        self
+    }
+
+    /// Computes MoE layer `layer` of `model` (empty: the router's only
+    /// model) for `hidden`, a `[tokens, hidden_size]` tensor; the output
+    /// has the same shape and dtype.
+    pub async fn forward(
+        &mut self,
+        model: &str,
+        layer: u32,
+        hidden: Tensor,
+    ) -> Result<Tensor, ClientError> {
+        Ok(self.forward_timed(model, layer, hidden).await?.output)
+    }
+
+    /// Like [`Client::forward`], also returning how long the slowest expert
+    /// node computed (the rest of the latency is dispatch).
+    pub async fn forward_timed(
+        &mut self,
+        model: &str,
+        layer: u32,
+        hidden: Tensor,
+    ) -> Result<Timed<Tensor>, ClientError> {
+        let request = ForwardRequest {
+            model: model.to_string(),
+            layer,
+            hidden: Some(hidden),
+        };
+        // Overloaded routers and nodes refuse at once; try again after a
+        // growing, jittered pause while the deadline allows.
+        let deadline = std::time::Instant::now() + self.deadline;
+        let mut backoff = FIRST_BACKOFF;
+        let response = loop {
+            let remaining = deadline.saturating_duration_since(std::time::Instant::now());
+            let mut call = tonic::Request::new(request.clone());
+            call.set_timeout(remaining.max(Duration::from_millis(1)));
+            match self.router.forward(call).await {
+                Ok(response) => break response.into_inner(),
+                Err(status) if status.code() == tonic::Code::ResourceExhausted => {
+                    let pause = backoff.mul_f64(1.0 + 0.5 * jitter());
+                    if std::time::Instant::now() + pause >= deadline {
+                        return Err(status.into());
+                    }
+                    tokio::time::sleep(pause).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+                Err(status) => return Err(status.into()),
+            }
+        };
+        let output = response
+            .output
+            .ok_or_else(|| ClientError::BadReply("reply has no output tensor".into()))?;
+        Ok(Timed {
+            output,
+            expert_compute: Duration::from_micros(response.expert_compute_micros),
+        })
+    }
+
+    /// Like [`Client::forward`] for f32 rows: `hidden` is `[tokens,
+    /// hidden_size]` row-major, and so is the result.
+    pub async fn forward_f32(
+        &mut self,
+        model: &str,
+        layer: u32,
+        hidden: &[f32],
+        hidden_size: usize,
+    ) -> Result<Vec<f32>, ClientError> {
+        Ok(self
+            .forward_f32_timed(model, layer, hidden, hidden_size)
+            .await?
+            .output)
+    }
+
+    /// [`Client::forward_f32`] with the slowest expert node's compute time.
+    pub async fn forward_f32_timed(
+        &mut self,
+        model: &str,
+        layer: u32,
+        hidden: &[f32],
+        hidden_size: usize,
+    ) -> Result<Timed<Vec<f32>>, ClientError> {
+        if hidden_size == 0 || !hidden.len().is_multiple_of(hidden_size) {
+            return Err(ClientError::InvalidArgument(format!(
+                "{} values do not form rows of hidden size {hidden_size}",
+                hidden.len()
+            )));
+        }
+        let tokens = hidden.len() / hidden_size;
+        let timed = self
+            .forward_timed(
+                model,
+                layer,
+                encode(hidden, &[tokens, hidden_size], WireDtype::F32),
+            )
+            .await?;
+        let rows = decode_rows(Some(&timed.output), hidden_size)
+            .map_err(|error| ClientError::BadReply(error.to_string()))?;
+        if rows.rows != tokens {
+            return Err(ClientError::BadReply(format!(
+                "{} output rows for {tokens} tokens",
+                rows.rows
+            )));
+        }
+        Ok(Timed {
+            output: rows.values,
+            expert_compute: timed.expert_compute,
+        })
+    }
+}

@@ -1,0 +1,136 @@
+//! What expert nodes and routers tell the coordinator about expert nodes:
+//! a node registering (with the experts it already serves), a replica that
+//! finished loading, heartbeats, and routers' reports that a node is
+//! unreachable. Liveness itself is [`Membership`]'s.
+
+use moemesh_proto::v1::{
+    HeartbeatRequest, NodeInfo, RegisterNodeRequest, ReportReplicaReadyRequest,
+    ReportUnreachableRequest,
+};
+use tonic::Status;
+
+use crate::load::LoadTracker;
+use crate::membership::Membership;
+use crate::node::{RaftHandle, fresh_request_id};
+use crate::placement::{describe_model, expert_key, serving_keys};
+use crate::state::{Command, NodeRecord, NodeStatus, ReplicaState};
+
+/// Registers (or re-registers) a node as ready; when it already serves
+/// experts of a model, records the model and those experts as ready
+/// replicas. Returns the epoch afterwards.
+pub async fn register_node(
+    raft: &RaftHandle,
+    membership: &Membership,
+    request: RegisterNodeRequest,
+) -> Result<u64, Status> {
+    let RegisterNodeRequest {
+        node,
+        request_id,
+        model,
+        checkpoint,
+        serving,
+    } = request;
+    let node = node.ok_or_else(|| Status::invalid_argument("node is missing"))?;
+    if node.id.is_empty() || node.address.is_empty() {
+        return Err(Status::invalid_argument("node id and address are required"));
+    }
+    let request_id = fresh_request_id(request_id, "register");
+    let node_id = node.id.clone();
+    // Registering counts as being heard from.
+    membership.heard_from(&node_id);
+    let register = Command::RegisterNode {
+        node: ready_node_record(node),
+    };
+    let epoch = raft
+        .propose_applied(format!("{request_id}/node"), register)
+        .await?;
+    if serving.is_empty() {
+        return Ok(epoch);
+    }
+    // The node already serves these experts: record them as ready replicas.
+    let (_, model_record) = describe_model(model, &checkpoint)?;
+    let keys = serving_keys(&model_record.id, serving);
+    let add_model = Command::AddModel {
+        model: model_record,
+    };
+    raft.propose_applied(format!("{request_id}/model"), add_model)
+        .await?;
+    let add_serving = Command::AddServingReplicas {
+        node: node_id,
+        keys,
+    };
+    Ok(raft
+        .propose_applied(format!("{request_id}/serving"), add_serving)
+        .await?)
+}
+
+/// A registering node as the cluster records it: ready, in group
+/// `default` and on `cpu` unless it says otherwise.
+fn ready_node_record(node: NodeInfo) -> NodeRecord {
+    NodeRecord {
+        id: node.id,
+        address: node.address,
+        group: if node.group.is_empty() {
+            "default".into()
+        } else {
+            node.group
+        },
+        device: if node.device.is_empty() {
+            "cpu".into()
+        } else {
+            node.device
+        },
+        memory_bytes: node.memory_bytes,
+        status: NodeStatus::Ready,
+    }
+}
+
+/// Marks a node's loading replica ready, so routers may use it; a replica
+/// already past loading is left as it is. Returns the epoch afterwards.
+pub async fn report_replica_ready(
+    raft: &RaftHandle,
+    request: ReportReplicaReadyRequest,
+) -> Result<u64, Status> {
+    let ReportReplicaReadyRequest {
+        node,
+        model,
+        layer,
+        expert,
+    } = request;
+    let key = expert_key(model, layer, expert)?;
+    let state = raft.read().await?;
+    let replica_state = state
+        .replicas
+        .get(&key)
+        .and_then(|replicas| replicas.iter().find(|replica| replica.node == node))
+        .map(|replica| replica.state)
+        .ok_or_else(|| Status::failed_precondition(format!("{node} has no replica of {key}")))?;
+    if replica_state != ReplicaState::Loading {
+        return Ok(state.epoch);
+    }
+    let request_id = format!(
+        "ready/{node}/{}/{layer}/{expert}/{}",
+        key.model, state.epoch
+    );
+    Ok(raft
+        .propose_applied(request_id, Command::ReplicaReady { key, node })
+        .await?)
+}
+
+/// Records a node's heartbeat: it is alive, and this busy.
+pub fn record_heartbeat(membership: &Membership, load: &LoadTracker, heartbeat: &HeartbeatRequest) {
+    membership.heard_from(&heartbeat.node);
+    load.record_node(
+        &heartbeat.node,
+        heartbeat.queue_depth,
+        heartbeat.busy_micros,
+        heartbeat.pairs,
+    );
+}
+
+/// Records that a router could not reach a node, which then has less
+/// time to be heard from before it is declared dead.
+pub fn record_unreachable(membership: &Membership, report: &ReportUnreachableRequest) {
+    tracing::warn!(node = %report.node, reporter = %report.reporter, reason = %report.reason, "expert node reported unreachable");
+    membership.suspect(&report.node);
+}

@@ -1,0 +1,202 @@
+//! Starting and serving a coordinator: its configuration, the wiring of
+//! the Raft node, membership monitor, rebalancer and the two gRPC services
+//! (peer and admin, plus gRPC health), and an orderly shutdown.
+//!
+//! [`run`] serves on a listener until a shutdown future completes, so a test
+//! binds `127.0.0.1:0`, spawns it and connects. [`Coordinator`] splits that
+//! in two for callers that need the Raft handle, or need to know the
+//! coordinator started before it serves.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use moemesh_proto::tls::TlsConfig;
+use moemesh_proto::{AdminServiceServer, CoordinatorPeerServiceServer, MAX_MESSAGE_BYTES};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::admin::AdminApi;
+use crate::auth::OperatorAuth;
+use crate::forward::LeaderForwarding;
+use crate::load::LoadTracker;
+use crate::membership::{self, Membership};
+use crate::node::{RaftHandle, RaftNode, RaftNodeConfig};
+use crate::peer::PeerService;
+use crate::rebalance::{RebalanceOptions, Rebalancer, periodic_rebalance_task};
+use crate::transport::GrpcTransport;
+use crate::{CoordinatorError, CoordinatorResult};
+
+/// Where the other coordinators are, and membership timing.
+#[derive(Debug, Clone)]
+pub struct CoordinatorConfig {
+    pub raft: RaftNodeConfig,
+    /// Every coordinator's id and URL, this one included.
+    pub peers: BTreeMap<u64, String>,
+    /// Silence after which the leader declares an expert node dead.
+    pub dead_after: Duration,
+    /// How long a drained replica stays before removal during a move.
+    pub drain_grace: Duration,
+    /// How far back the load statistics reach.
+    pub load_window: Duration,
+    /// How the rebalancer plans and moves.
+    pub rebalance: RebalanceOptions,
+    /// Rebalance every model this often on the leader; None: only on request.
+    pub rebalance_interval: Option<Duration>,
+    /// Operators' calls (status, placement, loading, moves, statistics,
+    /// rebalancing) must carry `authorization: Bearer <token>`; None: open.
+    pub admin_token: Option<String>,
+    /// How connections to and from peers are secured.
+    pub tls: TlsConfig,
+}
+
+impl CoordinatorConfig {
+    /// Defaults: nodes are dead after 5 s of silence; moves drain for 2 s;
+    /// load statistics cover a minute.
+    pub fn new(raft: RaftNodeConfig, peers: BTreeMap<u64, String>) -> Self {
+        Self {
+            raft,
+            peers,
+            dead_after: Duration::from_secs(5),
+            drain_grace: membership::DRAIN_GRACE,
+            load_window: Duration::from_secs(60),
+            rebalance: RebalanceOptions::default(),
+            rebalance_interval: None,
+            admin_token: None,
+            tls: TlsConfig::plaintext(),
+        }
+    }
+}
+
+/// Starts a coordinator and serves it on `listener` until `shutdown`
+/// completes; see [`Coordinator::serve`].
+pub async fn run(
+    config: CoordinatorConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> CoordinatorResult<()> {
+    Coordinator::start(config)?.serve(listener, shutdown).await
+}
+
+/// A started coordinator, not yet serving: its Raft node and the services
+/// around it.
+pub struct Coordinator {
+    raft: RaftHandle,
+    tls: TlsConfig,
+    peer: PeerService,
+    admin: AdminApi,
+    /// Ends the admin service's placement streams at shutdown.
+    streams_closing: Arc<watch::Sender<bool>>,
+}
+
+impl Coordinator {
+    /// Opens the store, starts the Raft node and the peer transport, the
+    /// membership monitor and, when configured, periodic rebalancing.
+    pub fn start(config: CoordinatorConfig) -> CoordinatorResult<Self> {
+        let id = config.raft.id;
+        let Some(own_address) = config.peers.get(&id).cloned() else {
+            return Err(CoordinatorError::Rejected(format!(
+                "--peers must include this coordinator's id {id}"
+            )));
+        };
+        let mut raft_config = config.raft.clone();
+        raft_config.voters = config.peers.keys().copied().collect();
+        let handle_slot = Arc::new(OnceLock::new());
+        let transport =
+            GrpcTransport::start(id, &config.peers, &config.tls, Arc::clone(&handle_slot))?;
+        let raft = RaftNode::spawn(raft_config, Arc::new(transport))?;
+        let _ = handle_slot.set(raft.clone());
+        let membership = Membership::new(raft.clone(), config.dead_after);
+        tokio::spawn(Arc::clone(&membership).monitor_task());
+        let auth = OperatorAuth::new(config.admin_token.clone());
+        let forward =
+            LeaderForwarding::new(id, &config.peers, &config.tls, raft.clone(), auth.clone())?;
+        let load = Arc::new(LoadTracker::new(config.load_window));
+        let rebalance_options = RebalanceOptions {
+            drain_grace: config.drain_grace,
+            ..config.rebalance
+        };
+        let rebalancer = Rebalancer::new(raft.clone(), Arc::clone(&load), rebalance_options);
+        if let Some(interval) = config.rebalance_interval {
+            tokio::spawn(periodic_rebalance_task(rebalancer.clone(), interval));
+        }
+        let streams_closing = Arc::new(watch::channel(false).0);
+        let admin = AdminApi {
+            own_id: id,
+            raft: raft.clone(),
+            peers: config.peers,
+            tls: config.tls.clone(),
+            auth,
+            forward,
+            membership,
+            load,
+            rebalancer,
+            drain_grace: config.drain_grace,
+            streams_closing: Arc::clone(&streams_closing),
+        };
+        Ok(Self {
+            peer: PeerService::new(raft.clone(), own_address),
+            raft,
+            tls: config.tls,
+            admin,
+            streams_closing,
+        })
+    }
+
+    /// Returns the Raft node's handle.
+    pub fn node(&self) -> &RaftHandle {
+        &self.raft
+    }
+
+    /// Serves the peer and admin services (and gRPC health) on `listener`
+    /// until `shutdown`, then stops the Raft node and closes its store.
+    /// Also stops, with an error, if the Raft node stops on its own.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> CoordinatorResult<()> {
+        let (health_reporter, health_service) = tonic_health::server::health_reporter();
+        health_reporter
+            .set_serving::<AdminServiceServer<AdminApi>>()
+            .await;
+        let raft_stopped = Arc::new(AtomicBool::new(false));
+        let shutdown = {
+            let raft = self.raft.clone();
+            let raft_stopped = Arc::clone(&raft_stopped);
+            let streams_closing = self.streams_closing;
+            async move {
+                tokio::select! {
+                    _ = shutdown => {}
+                    // Without its Raft node a coordinator can only refuse: stop
+                    // serving so that a supervisor restarts it from its store.
+                    _ = raft.stopped() => raft_stopped.store(true, Ordering::Relaxed),
+                }
+                streams_closing.send_replace(true);
+            }
+        };
+        let result = self
+            .tls
+            .server()
+            .map_err(|error| CoordinatorError::Rejected(format!("TLS setup failed: {error}")))?
+            .add_service(health_service)
+            .add_service(
+                CoordinatorPeerServiceServer::new(self.peer)
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            )
+            .add_service(AdminServiceServer::new(self.admin))
+            .serve_with_incoming_shutdown(moemesh_proto::incoming_without_delay(listener), shutdown)
+            .await;
+        self.raft.shutdown().await;
+        result.map_err(|error| CoordinatorError::Storage(format!("server failed: {error}")))?;
+        if raft_stopped.load(Ordering::Relaxed) {
+            return Err(CoordinatorError::Storage(
+                "the raft node stopped; see the errors above".into(),
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,405 @@
+//! One expert on the CPU. Its weights are laid out once, at load, as
+//! `[in, out]` (the layout the `gemm` crate is fastest on), in slices of the
+//! intermediate dimension with gate and up fused into one GEMM; small
+//! batches are padded so that each row's result is the same in every batch.
+
+use std::sync::Arc;
+
+use super::packed_matrix::{PackedMatrix, min_invariant_rows};
+use super::silu::silu_mul;
+use super::{Expert, WeightFormat};
+use crate::model::checkpoint::ExpertWeights;
+use crate::{CoreError, CoreResult};
+
+/// The FFN restricted to a range of the intermediate dimension: summed
+/// over all slices, the outputs make the whole FFN.
+struct FfnSlice {
+    /// Intermediate columns in this slice.
+    width: usize,
+    /// `[hidden, 2 * width]`, gate columns then up columns.
+    gate_up: PackedMatrix,
+    /// `[width, hidden]`.
+    down: PackedMatrix,
+}
+
+/// Splits the intermediate dimension into slices of about
+/// [`SLICE_TARGET`] columns (a multiple of 32 but for the last), so that a
+/// slice's activations stay in cache and a thread's scratch stays small
+/// whatever the intermediate size.
+fn intermediate_slices(intermediate: usize) -> Vec<(usize, usize)> {
+    let count = intermediate.div_ceil(SLICE_TARGET).max(1);
+    let width = intermediate.div_ceil(count).next_multiple_of(32);
+    (0..intermediate)
+        .step_by(width)
+        .map(|first| (first, width.min(intermediate - first)))
+        .collect()
+}
+
+/// About how many intermediate columns one FFN slice takes.
+const SLICE_TARGET: usize = 768;
+
+/// One expert resident on the CPU; [`CpuBackend`](super::CpuBackend) makes them.
+pub(super) struct CpuExpert {
+    hidden: usize,
+    /// The FFN by slices of the intermediate dimension, in order.
+    slices: Vec<FfnSlice>,
+    /// Batches smaller than this are padded, so that each row's result is
+    /// the same in every batch (see [`min_invariant_rows`]).
+    min_rows: usize,
+    pool: Arc<rayon::ThreadPool>,
+    threads: usize,
+}
+
+/// Per-thread buffers of the CPU experts, reused from call to call.
+#[derive(Default)]
+struct Scratch {
+    padded_input: Vec<f32>,
+    gate_up: Vec<f32>,
+    activated: Vec<f32>,
+    padded_output: Vec<f32>,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::Cell<Scratch> = std::cell::Cell::new(Scratch::default());
+}
+
+impl CpuExpert {
+    /// Lays `weights` out for the kernel in `format`, slice by slice of the
+    /// intermediate dimension; the expert computes on `threads` threads of
+    /// `pool`.
+    pub(super) fn new(
+        weights: ExpertWeights,
+        format: WeightFormat,
+        pool: Arc<rayon::ThreadPool>,
+        threads: usize,
+    ) -> CoreResult<Self> {
+        let ExpertWeights {
+            hidden_size: hidden,
+            intermediate_size: intermediate,
+            gate_proj,
+            up_proj,
+            down_proj,
+        } = weights;
+        if gate_proj.len() != intermediate * hidden
+            || up_proj.len() != intermediate * hidden
+            || down_proj.len() != hidden * intermediate
+        {
+            return Err(CoreError::Checkpoint(
+                "expert projections do not match their sizes".into(),
+            ));
+        }
+        let mut slices = Vec::new();
+        let mut min_rows = 1;
+        for (first, width) in intermediate_slices(intermediate) {
+            // [in=hidden, out=2*width]: gate columns, then up columns.
+            let gate_up = PackedMatrix::pack(format, hidden, 2 * width, |input, out| {
+                if out < width {
+                    gate_proj[(first + out) * hidden + input]
+                } else {
+                    up_proj[(first + out - width) * hidden + input]
+                }
+            });
+            // [in=width, out=hidden]: rows first..first+width of down^T.
+            let down = PackedMatrix::pack(format, width, hidden, |input, out| {
+                down_proj[out * intermediate + first + input]
+            });
+            min_rows = min_rows
+                .max(min_invariant_rows(gate_up.kernel_columns(), hidden))
+                .max(min_invariant_rows(down.kernel_columns(), width));
+            slices.push(FfnSlice {
+                width,
+                gate_up,
+                down,
+            });
+        }
+        Ok(Self {
+            hidden,
+            slices,
+            min_rows,
+            pool,
+            threads,
+        })
+    }
+
+    /// The FFN on `threads` threads of the pool (1: the calling thread).
+    fn compute(&self, input: &[f32], rows: usize, output_rows: &mut [f32], threads: usize) {
+        let hidden = self.hidden;
+        debug_assert_eq!(input.len(), rows * hidden);
+        debug_assert_eq!(output_rows.len(), rows * hidden);
+        if rows == 0 {
+            return;
+        }
+        // Taken out rather than borrowed: a thread waiting inside a parallel
+        // GEMM may run another expert's work, which then starts afresh.
+        let mut scratch = SCRATCH.take();
+        // Small batches would take other gemm kernels, whose summation order
+        // differs: pad them (with zero rows) so that a token's result never
+        // depends on how many others came along.
+        let padded_rows = rows.max(self.min_rows);
+        let padded = padded_rows > rows;
+        let Scratch {
+            padded_input,
+            gate_up,
+            activated,
+            padded_output,
+        } = &mut scratch;
+        let input = if padded {
+            padded_input.clear();
+            padded_input.extend_from_slice(input);
+            padded_input.resize(padded_rows * hidden, 0.0);
+            &padded_input[..]
+        } else {
+            input
+        };
+        let output = if padded {
+            padded_output.resize(padded_rows * hidden, 0.0);
+            &mut padded_output[..]
+        } else {
+            &mut *output_rows
+        };
+        // Slice by slice: this slice's activations, then its share of the
+        // down projection added into the output.
+        for (index, slice) in self.slices.iter().enumerate() {
+            let width = slice.width;
+            gate_up.resize(padded_rows * 2 * width, 0.0);
+            activated.resize(padded_rows * width, 0.0);
+            slice
+                .gate_up
+                .multiply(gate_up, input, padded_rows, threads, false);
+            for (row_out, row_in) in activated
+                .chunks_exact_mut(width)
+                .zip(gate_up.chunks_exact(2 * width))
+            {
+                let (gate, up) = row_in.split_at(width);
+                silu_mul(row_out, gate, up);
+            }
+            slice
+                .down
+                .multiply(output, activated, padded_rows, threads, index > 0);
+        }
+        if padded {
+            output_rows.copy_from_slice(&padded_output[..rows * hidden]);
+        }
+        SCRATCH.set(scratch);
+    }
+}
+
+impl Expert for CpuExpert {
+    fn hidden_size(&self) -> usize {
+        self.hidden
+    }
+
+    fn weight_bytes(&self) -> usize {
+        self.slices
+            .iter()
+            .map(|slice| slice.gate_up.bytes() + slice.down.bytes())
+            .sum()
+    }
+
+    fn forward(&self, input: &[f32], rows: usize, output: &mut [f32]) {
+        self.pool
+            .install(|| self.compute(input, rows, output, self.threads));
+    }
+
+    fn forward_serial(&self, input: &[f32], rows: usize, output: &mut [f32]) {
+        self.compute(input, rows, output, 1);
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+    use crate::compute::{ComputeBackend, CpuBackend};
+
+    pub(crate) fn random_expert(hidden: usize, intermediate: usize, seed: u64) -> ExpertWeights {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut matrix = |len: usize| {
+            (0..len)
+                .map(|_| rng.random_range(-0.2f32..0.2))
+                .collect::<Vec<_>>()
+        };
+        ExpertWeights {
+            hidden_size: hidden,
+            intermediate_size: intermediate,
+            gate_proj: matrix(intermediate * hidden),
+            up_proj: matrix(intermediate * hidden),
+            down_proj: matrix(hidden * intermediate),
+        }
+    }
+
+    /// The FFN written out naively in f64, from the checkpoint layout.
+    fn naive_ffn(weights: &ExpertWeights, row: &[f32]) -> Vec<f64> {
+        let (hidden, intermediate) = (weights.hidden_size, weights.intermediate_size);
+        let project = |matrix: &[f32], outputs: usize, inputs: usize, x: &[f64]| -> Vec<f64> {
+            (0..outputs)
+                .map(|o| {
+                    (0..inputs)
+                        .map(|i| matrix[o * inputs + i] as f64 * x[i])
+                        .sum()
+                })
+                .collect()
+        };
+        let x: Vec<f64> = row.iter().map(|&v| v as f64).collect();
+        let gate = project(&weights.gate_proj, intermediate, hidden, &x);
+        let up = project(&weights.up_proj, intermediate, hidden, &x);
+        let activated: Vec<f64> = gate
+            .iter()
+            .zip(&up)
+            .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+            .collect();
+        project(&weights.down_proj, hidden, intermediate, &activated)
+    }
+
+    #[test]
+    fn cpu_expert_matches_the_naive_ffn() {
+        // One intermediate slice, and three with a narrower last one.
+        for (intermediate, slices) in [(160, 1), (1600, 3)] {
+            assert_eq!(intermediate_slices(intermediate).len(), slices);
+            let weights = random_expert(96, intermediate, 7);
+            let backend = CpuBackend::new(2).unwrap();
+            let expert = backend.load_expert(weights.clone()).unwrap();
+            let rows = 5;
+            let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+            let input: Vec<f32> = (0..rows * 96)
+                .map(|_| rng.random_range(-1f32..1.0))
+                .collect();
+            let mut output = vec![0f32; rows * 96];
+            expert.forward(&input, rows, &mut output);
+            for row in 0..rows {
+                let want = naive_ffn(&weights, &input[row * 96..(row + 1) * 96]);
+                for (got, want) in output[row * 96..(row + 1) * 96].iter().zip(&want) {
+                    assert!((*got as f64 - want).abs() < 1e-5, "{got} vs {want}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn intermediate_slices_cover_the_dimension_once() {
+        for intermediate in [1, 96, 768, 769, 1408, 2048, 2816, 14336] {
+            let slices = intermediate_slices(intermediate);
+            let mut next = 0;
+            for &(first, width) in &slices {
+                assert_eq!(first, next);
+                assert!(width > 0 && width <= SLICE_TARGET + 32);
+                next = first + width;
+            }
+            assert_eq!(next, intermediate, "{slices:?}");
+        }
+        assert_eq!(
+            intermediate_slices(2816),
+            vec![(0, 704), (704, 704), (1408, 704), (2112, 704)]
+        );
+    }
+
+    fn round_to_bf16(values: &[f32]) -> Vec<f32> {
+        values
+            .iter()
+            .map(|&value| half::bf16::from_f32(value).to_f32())
+            .collect()
+    }
+
+    #[test]
+    fn bf16_weights_compute_what_f32_computes_on_the_rounded_weights() {
+        // 200 output columns: a panel and a remainder; two intermediate slices.
+        let (hidden, intermediate) = (200, 900);
+        let weights = random_expert(hidden, intermediate, 11);
+        let rounded = ExpertWeights {
+            gate_proj: round_to_bf16(&weights.gate_proj),
+            up_proj: round_to_bf16(&weights.up_proj),
+            down_proj: round_to_bf16(&weights.down_proj),
+            ..weights.clone()
+        };
+        for threads in [1, 2] {
+            let bf16 = CpuBackend::with_format(threads, WeightFormat::Bf16)
+                .unwrap()
+                .load_expert(weights.clone())
+                .unwrap();
+            let f32 = CpuBackend::new(threads)
+                .unwrap()
+                .load_expert(rounded.clone())
+                .unwrap();
+            assert_eq!(bf16.weight_bytes() * 2, f32.weight_bytes());
+            for rows in [1, 2, 9, 70] {
+                let mut rng = rand::rngs::StdRng::seed_from_u64(rows as u64);
+                let input: Vec<f32> = (0..rows * hidden)
+                    .map(|_| rng.random_range(-1f32..1.0))
+                    .collect();
+                let (mut got, mut want) = (vec![0f32; rows * hidden], vec![0f32; rows * hidden]);
+                bf16.forward(&input, rows, &mut got);
+                f32.forward(&input, rows, &mut want);
+                let error: f64 = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| ((a - b) as f64).powi(2))
+                    .sum::<f64>()
+                    .sqrt();
+                let norm: f64 = want.iter().map(|&b| (b as f64).powi(2)).sum::<f64>().sqrt();
+                assert!(
+                    error <= 1e-6 * norm,
+                    "{threads} threads, {rows} rows: relative error {}",
+                    error / norm
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn serial_and_parallel_forward_agree_bit_for_bit() {
+        let (hidden, intermediate) = (256, 384);
+        for format in [WeightFormat::F32, WeightFormat::Bf16] {
+            let expert = CpuBackend::with_format(2, format)
+                .unwrap()
+                .load_expert(random_expert(hidden, intermediate, 5))
+                .unwrap();
+            for rows in [1, 3, 17, 130] {
+                let mut rng = rand::rngs::StdRng::seed_from_u64(rows as u64);
+                let input: Vec<f32> = (0..rows * hidden)
+                    .map(|_| rng.random_range(-1f32..1.0))
+                    .collect();
+                let (mut serial, mut parallel) =
+                    (vec![0f32; rows * hidden], vec![0f32; rows * hidden]);
+                expert.forward_serial(&input, rows, &mut serial);
+                expert.forward(&input, rows, &mut parallel);
+                assert_eq!(serial, parallel, "{format}, {rows} rows");
+            }
+        }
+    }
+
+    #[test]
+    fn cpu_expert_rows_are_batch_invariant() {
+        // Real shapes, the fixtures' tiny ones (the horizontal kernel), and a
+        // narrow output over a deep input (gemm's small-shape depth blocking).
+        for (hidden, intermediate) in [(1024, 1408), (64, 96), (48, 600)] {
+            for format in [WeightFormat::F32, WeightFormat::Bf16] {
+                rows_are_batch_invariant(format, hidden, intermediate);
+            }
+        }
+    }
+
+    fn rows_are_batch_invariant(format: WeightFormat, hidden: usize, intermediate: usize) {
+        let backend = CpuBackend::with_format(2, format).unwrap();
+        let expert = backend
+            .load_expert(random_expert(hidden, intermediate, 3))
+            .unwrap();
+        let max_rows = 200;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(2);
+        let input: Vec<f32> = (0..max_rows * hidden)
+            .map(|_| rng.random_range(-1f32..1.0))
+            .collect();
+        let probe = 0;
+        let mut alone = vec![0f32; hidden];
+        expert.forward(&input[..hidden], 1, &mut alone);
+        for rows in [2, 3, 4, 5, 7, 8, 16, 31, 64, 65, 66, 97, 128, 200] {
+            let mut output = vec![0f32; rows * hidden];
+            expert.forward(&input[..rows * hidden], rows, &mut output);
+            assert_eq!(
+                &output[probe..hidden],
+                &alone[..],
+                "{format} {hidden}x{intermediate}: row 0 differs in a batch of {rows}"
+            );
+        }
+    }
+}

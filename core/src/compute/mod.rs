@@ -1,0 +1,133 @@
+//! The expert FFN, `down(silu(gate(x)) * up(x))`, behind a backend trait so
+//! that a CUDA backend can hold weights in GPU memory later.
+//!
+//! - [`ComputeBackend`] and [`Expert`]: where experts live and how a batch's
+//!   rows reach them; [`add_weighted`] is the one way every path weights an
+//!   expert's output.
+//! - `cpu_backend`: [`CpuBackend`], which runs a batch's experts at once as
+//!   tasks of whole experts or row ranges, largest first, on its own rayon
+//!   pool, never on the async runtime.
+//! - `cpu_expert`: one expert on the CPU, its weights laid out once, at
+//!   load, as `[in, out]` (the layout the `gemm` crate is fastest on), with
+//!   gate and up fused into one GEMM.
+//! - `packed_matrix`: weight matrices in f32 or in bf16 panels, their GEMM,
+//!   and [`matmul`].
+//! - `silu`: the vectorised `silu(gate) * up` between the two GEMMs.
+
+mod cpu_backend;
+mod cpu_expert;
+mod packed_matrix;
+mod silu;
+
+use std::sync::Arc;
+
+use crate::CoreResult;
+use crate::model::checkpoint::ExpertWeights;
+
+pub use cpu_backend::{CpuBackend, WeightFormat};
+pub use packed_matrix::matmul;
+
+/// One expert's share of a batch: which rows it takes and with what weight.
+pub struct ExpertWork<'a> {
+    pub expert: &'a dyn Expert,
+    /// Indices of input rows, strictly increasing.
+    pub rows: &'a [u32],
+    /// The routing weight for each entry of `rows`.
+    pub weights: &'a [f32],
+}
+
+/// A place where experts can live and run: the CPU, or later a GPU.
+pub trait ComputeBackend: Send + Sync {
+    /// Returns a short description, for example `cpu (2 threads)`.
+    fn describe(&self) -> String;
+
+    /// Makes one expert resident on this backend.
+    fn load_expert(&self, weights: ExpertWeights) -> CoreResult<Arc<dyn Expert>>;
+
+    /// Runs each expert of `work` on its rows of `input` (`[rows, width]`)
+    /// and returns its outputs, unweighted: item after item in the order of
+    /// `work`, each item's rows in its order (`[Σ rows, width]`).
+    ///
+    /// Backends may run the experts in any order or at once, as long as
+    /// each row's result stays the same.
+    fn expert_outputs(&self, input: &[f32], width: usize, work: &[ExpertWork<'_>]) -> Vec<f32> {
+        let mut outputs = Vec::new();
+        for item in work {
+            let gathered = gather_rows(input, width, item.rows);
+            let start = outputs.len();
+            outputs.resize(start + gathered.len(), 0f32);
+            item.expert
+                .forward(&gathered, item.rows.len(), &mut outputs[start..]);
+        }
+        outputs
+    }
+
+    /// Returns, per row of `input`, the sum of the weighted expert outputs.
+    ///
+    /// Sums are taken in the order of `work`; callers pass it by ascending
+    /// expert id so that every row's sum has a fixed order, the order a
+    /// router also follows when experts answer from several nodes.
+    fn run_experts(&self, input: &[f32], width: usize, work: &[ExpertWork<'_>]) -> Vec<f32> {
+        let outputs = self.expert_outputs(input, width, work);
+        let mut combined = vec![0f32; input.len()];
+        let mut offset = 0;
+        for item in work {
+            for (&row, &weight) in item.rows.iter().zip(item.weights) {
+                let row = row as usize;
+                add_weighted(
+                    &mut combined[row * width..(row + 1) * width],
+                    &outputs[offset..offset + width],
+                    weight,
+                );
+                offset += width;
+            }
+        }
+        combined
+    }
+}
+
+/// `sum += value · weight`, element by element: the one way every path
+/// (in process, an expert node weighting its rows, a router adding them)
+/// forms a weighted contribution, so that all give the same bits.
+pub fn add_weighted(sum: &mut [f32], value: &[f32], weight: f32) {
+    for (sum, value) in sum.iter_mut().zip(value) {
+        *sum += value * weight;
+    }
+}
+
+/// `value · weight`, element by element, in place (see [`add_weighted`]:
+/// adding the result to zero gives the same bits as adding it directly).
+pub fn scale_by_weight(values: &mut [f32], weight: f32) {
+    for value in values {
+        *value *= weight;
+    }
+}
+
+/// The rows `rows` of `input` (`[_, width]`), in order, as one matrix.
+fn gather_rows(input: &[f32], width: usize, rows: &[u32]) -> Vec<f32> {
+    let mut gathered = Vec::with_capacity(rows.len() * width);
+    for &row in rows {
+        let row = row as usize;
+        gathered.extend_from_slice(&input[row * width..(row + 1) * width]);
+    }
+    gathered
+}
+
+/// One resident expert.
+pub trait Expert: Send + Sync {
+    fn hidden_size(&self) -> usize;
+
+    /// Returns the bytes of weights this expert keeps resident.
+    fn weight_bytes(&self) -> usize;
+
+    /// Computes `output = ffn(input)` for `rows` rows, both `[rows, hidden]`,
+    /// as one batched computation. Each row's result is bit-identical
+    /// whatever the other rows are and however many there are.
+    fn forward(&self, input: &[f32], rows: usize, output: &mut [f32]);
+
+    /// Like [`Expert::forward`], on the calling thread alone, with the same
+    /// result: for backends that run several experts at once, one per thread.
+    fn forward_serial(&self, input: &[f32], rows: usize, output: &mut [f32]) {
+        self.forward(input, rows, output);
+    }
+}

@@ -1,0 +1,484 @@
+//! `moemesh bench`: moemesh's speed beside the machine's own limit and
+//! beside PyTorch, measured in one run on one machine.
+//!
+//! Every contestant computes the same Mixtral-shaped MoE layer (hidden
+//! 1024, intermediate 2816, 8 experts, top-2, f32) on the same input with
+//! the same number of threads. The run is split into rounds, and each round
+//! runs every contestant once in turn, so that drift in the machine's speed
+//! (other tenants, clocks, heat) falls on all of them alike; the report
+//! gives each figure's median over the rounds and its range.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use indicatif::{ProgressBar, ProgressStyle};
+use moemesh_client::npy::{Matrix, read_matrix, write_matrix};
+use moemesh_client::{Client, TlsArgs};
+use moemesh_core::layer::MoeLayer;
+use rand::SeedableRng;
+
+use super::contestants::{Ceiling, InProcessLayers, TorchContestant};
+use super::figures::{Figures, NodeMemory};
+use super::report::{RunContext, print_report};
+use super::{expert_node_info, resident_bytes};
+use crate::local_cluster::{LocalCluster, UpArgs};
+use crate::stats::{random_hidden, relative_l2};
+use crate::synthetic::{SyntheticShape, write_mixtral};
+
+/// The layer every contestant computes.
+const MIXTRAL_SHAPED: SyntheticShape = SyntheticShape {
+    hidden_size: 1024,
+    intermediate_size: 2816,
+    layers: 1,
+    experts: 8,
+    top_k: 2,
+};
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Compute threads for every contestant; 0 uses every core. The
+    /// cluster's two expert nodes share them, half each, since they share
+    /// this machine's cores.
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Compute threads of each expert node instead of half of --threads.
+    #[arg(long, default_value_t = 0)]
+    node_threads: usize,
+    /// Rounds; each runs every contestant once, in turn.
+    #[arg(long, default_value_t = 7)]
+    pub(super) rounds: usize,
+    /// Forwards per contestant per round at the full batch size.
+    #[arg(long, default_value_t = 3)]
+    forwards: usize,
+    /// Tokens per forward for the throughput contestants.
+    #[arg(long, default_value_t = 512)]
+    pub(super) tokens: usize,
+    /// Tokens per forward for the decode latencies.
+    #[arg(long, default_value_t = 8)]
+    pub(super) decode_tokens: usize,
+    /// Requests in flight at once for the cluster's throughput (a serving
+    /// cluster overlaps one request's transfers with another's compute);
+    /// the one-at-a-time figure is reported beside it.
+    #[arg(long, default_value_t = 2)]
+    pub(super) in_flight: usize,
+    /// Decode-sized forwards per round, in process and through the cluster each.
+    #[arg(long, default_value_t = 40)]
+    decode_steps: usize,
+    /// Python interpreter with torch and transformers for the PyTorch contestant.
+    #[arg(long, default_value = "python3")]
+    python: String,
+    /// Skips the PyTorch contestant.
+    #[arg(long)]
+    no_torch: bool,
+    /// Prints one JSON object on stdout instead of the table.
+    #[arg(long)]
+    pub(super) json: bool,
+    /// A tiny layer instead, to check that the bench itself runs.
+    #[arg(long, hide = true)]
+    small: bool,
+}
+
+impl BenchArgs {
+    pub(super) fn shape(&self) -> SyntheticShape {
+        if self.small {
+            SyntheticShape {
+                hidden_size: 64,
+                intermediate_size: 96,
+                layers: 1,
+                experts: 8,
+                top_k: 2,
+            }
+        } else {
+            MIXTRAL_SHAPED
+        }
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        if self.rounds == 0
+            || self.forwards == 0
+            || self.tokens == 0
+            || self.decode_tokens == 0
+            || self.in_flight == 0
+        {
+            bail!(
+                "--rounds, --forwards, --tokens, --decode-tokens and --in-flight must be at least 1"
+            );
+        }
+        Ok(())
+    }
+
+    /// Compute threads for every contestant: --threads, or every core.
+    fn compute_threads(&self) -> usize {
+        if self.threads == 0 {
+            std::thread::available_parallelism().map_or(1, |cores| cores.get())
+        } else {
+            self.threads
+        }
+    }
+
+    /// Compute threads of each of the two expert nodes.
+    fn threads_per_node(&self, threads: usize) -> usize {
+        if self.node_threads == 0 {
+            (threads / 2).max(1)
+        } else {
+            self.node_threads
+        }
+    }
+}
+
+pub async fn run_bench(args: BenchArgs, tls: &TlsArgs) -> anyhow::Result<()> {
+    args.validate()?;
+    let threads = args.compute_threads();
+    let workdir = tempfile::Builder::new()
+        .prefix("moemesh-bench-")
+        .tempdir()?;
+    let shape = args.shape();
+    let model = write_model(workdir.path(), shape)?;
+    let hidden = shape.hidden_size;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let input = random_hidden(&mut rng, args.tokens, hidden);
+    let decode_inputs: Vec<Vec<f32>> = (0..16)
+        .map(|_| random_hidden(&mut rng, args.decode_tokens, hidden))
+        .collect();
+
+    eprintln!("loading the in-process layers ({threads} threads)");
+    let in_process = InProcessLayers::load(&model, threads, &input, args.tokens, shape.experts)?;
+    let mut ceiling = Ceiling::new(threads, args.tokens, shape)?;
+    let (mut torch, torch_error) = start_torch(
+        &args,
+        workdir.path(),
+        &model,
+        &input,
+        &in_process.reference,
+        threads,
+    )?;
+
+    let threads_per_node = args.threads_per_node(threads);
+    let cluster = start_cluster(&args, tls, model, threads_per_node).await?;
+    let result = measure(
+        &args,
+        &cluster,
+        &mut ceiling,
+        &in_process,
+        torch.as_mut().ok(),
+        &input,
+        &decode_inputs,
+    )
+    .await;
+    let memory = match &result {
+        Ok(_) => node_memory(&cluster).await,
+        Err(_) => Ok(Vec::new()),
+    };
+    cluster.shutdown().await?;
+    let (figures, cluster_error) = result?;
+    let context = RunContext {
+        args: &args,
+        threads,
+        threads_per_node,
+        torch_version: torch.as_ref().ok().map(|torch| torch.version.clone()),
+        torch_skipped: torch.as_ref().err().cloned(),
+        torch_error,
+        cluster_error,
+        bf16_error: in_process.bf16_error,
+        memory: memory?,
+        expert_loads: in_process.expert_loads,
+        inprocess_flops: layer_flops(shape, args.tokens),
+    };
+    print_report(&context, &figures)
+}
+
+/// Writes the synthetic layer every contestant computes; returns its folder.
+fn write_model(workdir: &Path, shape: SyntheticShape) -> anyhow::Result<PathBuf> {
+    let model = workdir.join("model");
+    std::fs::create_dir(&model)?;
+    eprintln!(
+        "writing a Mixtral-shaped layer (hidden {}, intermediate {}, {} experts, top-{}, f32) to {}",
+        shape.hidden_size,
+        shape.intermediate_size,
+        shape.experts,
+        shape.top_k,
+        model.display()
+    );
+    write_mixtral(&model, shape, 11)?;
+    Ok(model)
+}
+
+/// Starts the PyTorch contestant on `input` unless --no-torch; returns it
+/// (or why it is skipped) and its output's relative L2 error against
+/// `reference`.
+fn start_torch(
+    args: &BenchArgs,
+    workdir: &Path,
+    model: &Path,
+    input: &[f32],
+    reference: &[f32],
+    threads: usize,
+) -> anyhow::Result<(Result<TorchContestant, String>, Option<f64>)> {
+    let input_path = workdir.join("input.npy");
+    let torch_output_path = workdir.join("torch_output.npy");
+    write_matrix(
+        &input_path,
+        &Matrix {
+            rows: args.tokens,
+            columns: args.shape().hidden_size,
+            values: input.to_vec(),
+        },
+    )?;
+    let torch = if args.no_torch {
+        Err("--no-torch".to_string())
+    } else {
+        eprintln!("starting the PyTorch contestant ({})", args.python);
+        tokio::task::block_in_place(|| {
+            TorchContestant::start(
+                &args.python,
+                workdir,
+                model,
+                &input_path,
+                &torch_output_path,
+                threads,
+            )
+        })
+    };
+    let torch_error = match &torch {
+        Ok(_) => Some(relative_l2(
+            &read_matrix(&torch_output_path)?.values,
+            reference,
+        )),
+        Err(reason) => {
+            eprintln!("skipping PyTorch: {reason}");
+            None
+        }
+    };
+    Ok((torch, torch_error))
+}
+
+/// A router and two expert nodes on `model`, without coordinators.
+async fn start_cluster(
+    args: &BenchArgs,
+    tls: &TlsArgs,
+    model: PathBuf,
+    threads_per_node: usize,
+) -> anyhow::Result<LocalCluster> {
+    eprintln!("starting a router and two expert nodes ({threads_per_node} threads each)");
+    LocalCluster::start(
+        &UpArgs {
+            model,
+            expert_nodes: 2,
+            replicas: 1,
+            router_addr: "127.0.0.1:0".into(),
+            threads_per_node,
+            model_id: Some("bench".into()),
+            coordinators: 0,
+            announce: !args.json,
+            node_memory_bytes: None,
+        },
+        tls,
+    )
+    .await
+}
+
+/// FLOPs of one forward of `tokens` tokens: 2·T·k·3·H·F for the experts
+/// plus 2·T·H·E for the gate.
+fn layer_flops(shape: SyntheticShape, tokens: usize) -> f64 {
+    let (t, h, f) = (
+        tokens as f64,
+        shape.hidden_size as f64,
+        shape.intermediate_size as f64,
+    );
+    2.0 * t * shape.top_k as f64 * 3.0 * h * f + 2.0 * t * h * shape.experts as f64
+}
+
+/// Runs every round; returns the figures and the cluster's relative L2
+/// error against the in-process f32 layer.
+async fn measure(
+    args: &BenchArgs,
+    cluster: &LocalCluster,
+    ceiling: &mut Ceiling,
+    in_process: &InProcessLayers,
+    torch: Option<&mut TorchContestant>,
+    input: &[f32],
+    decode_inputs: &[Vec<f32>],
+) -> anyhow::Result<(Figures, f64)> {
+    let hidden = args.shape().hidden_size;
+    let mut client = Client::connect_with_tls(cluster.router_url.clone(), &cluster.tls).await?;
+    let cluster_output = client.forward_f32("", 0, input, hidden).await?;
+    let cluster_error = relative_l2(&cluster_output, &in_process.reference);
+    // Warm every path once: allocations, connections, page faults.
+    for decode_input in decode_inputs {
+        client.forward_f32("", 0, decode_input, hidden).await?;
+        in_process
+            .f32_layer
+            .forward(decode_input, args.decode_tokens);
+    }
+
+    let progress = if args.json {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(args.rounds as u64)
+    };
+    progress.set_style(
+        ProgressStyle::with_template("{bar:40} round {pos}/{len}  {msg}  [{elapsed_precise}]")
+            .expect("valid template"),
+    );
+    let mut round = Round {
+        args,
+        hidden,
+        client,
+        ceiling,
+        in_process,
+        torch,
+        input,
+        decode_inputs,
+    };
+    let mut figures = Figures::default();
+    for _ in 0..args.rounds {
+        round.run(&mut figures).await?;
+        progress.inc(1);
+        progress.set_message(format!(
+            "in process {:.0} tokens/s, cluster {:.0} tokens/s",
+            figures.inprocess_tokens_per_s.last().unwrap_or(0.0),
+            figures.cluster_tokens_per_s.last().unwrap_or(0.0)
+        ));
+    }
+    progress.finish_and_clear();
+    Ok((figures, cluster_error))
+}
+
+/// The contestants and inputs one round runs, each contestant once.
+struct Round<'a> {
+    args: &'a BenchArgs,
+    hidden: usize,
+    /// A client of the cluster's router.
+    client: Client,
+    ceiling: &'a mut Ceiling,
+    in_process: &'a InProcessLayers,
+    torch: Option<&'a mut TorchContestant>,
+    input: &'a [f32],
+    decode_inputs: &'a [Vec<f32>],
+}
+
+impl Round<'_> {
+    /// Runs every contestant once, in turn, and adds one sample to each figure.
+    async fn run(&mut self, figures: &mut Figures) -> anyhow::Result<()> {
+        let args = self.args;
+        let tokens = (args.tokens * args.forwards) as f64;
+        let ceiling_count = args.forwards * 4;
+        let seconds = tokio::task::block_in_place(|| self.ceiling.run(ceiling_count));
+        figures
+            .ceiling_gflops
+            .push(self.ceiling.flops() * ceiling_count as f64 / seconds / 1e9);
+
+        figures
+            .inprocess_tokens_per_s
+            .push(tokens / self.time_layer(&self.in_process.f32_layer));
+
+        if let Some(torch) = self.torch.as_deref_mut() {
+            let seconds = tokio::task::block_in_place(|| torch.run(args.forwards))?;
+            figures.torch_tokens_per_s.push(tokens / seconds);
+        }
+
+        figures
+            .cluster_sequential_tokens_per_s
+            .push(tokens / self.time_cluster_sequential().await?);
+        figures
+            .cluster_tokens_per_s
+            .push(tokens * args.in_flight as f64 / self.time_cluster_in_flight().await?);
+
+        figures
+            .bf16_tokens_per_s
+            .push(tokens / self.time_layer(&self.in_process.bf16_layer));
+
+        self.run_decode_steps(figures).await
+    }
+
+    /// Seconds `layer` takes for --forwards forwards of the full batch.
+    fn time_layer(&self, layer: &MoeLayer) -> f64 {
+        tokio::task::block_in_place(|| {
+            let started = Instant::now();
+            for _ in 0..self.args.forwards {
+                std::hint::black_box(layer.forward(self.input, self.args.tokens));
+            }
+            started.elapsed().as_secs_f64()
+        })
+    }
+
+    /// Seconds the cluster takes for --forwards forwards, one at a time.
+    async fn time_cluster_sequential(&mut self) -> anyhow::Result<f64> {
+        let started = Instant::now();
+        for _ in 0..self.args.forwards {
+            self.client
+                .forward_f32("", 0, self.input, self.hidden)
+                .await?;
+        }
+        Ok(started.elapsed().as_secs_f64())
+    }
+
+    /// Seconds the cluster takes for --forwards forwards from each of
+    /// --in-flight streams at once.
+    async fn time_cluster_in_flight(&self) -> anyhow::Result<f64> {
+        let (input, hidden, forwards) = (self.input, self.hidden, self.args.forwards);
+        let started = Instant::now();
+        let streams = (0..self.args.in_flight).map(|_| {
+            let mut client = self.client.clone();
+            async move {
+                for _ in 0..forwards {
+                    client.forward_f32("", 0, input, hidden).await?;
+                }
+                Ok::<_, moemesh_client::ClientError>(())
+            }
+        });
+        futures::future::try_join_all(streams).await?;
+        Ok(started.elapsed().as_secs_f64())
+    }
+
+    /// Decode-sized forwards, alternating between the two paths step by step.
+    async fn run_decode_steps(&mut self, figures: &mut Figures) -> anyhow::Result<()> {
+        let (decode_tokens, hidden) = (self.args.decode_tokens, self.hidden);
+        for step in 0..self.args.decode_steps {
+            let decode_input = &self.decode_inputs[step % self.decode_inputs.len()];
+            let started = Instant::now();
+            tokio::task::block_in_place(|| {
+                std::hint::black_box(
+                    self.in_process
+                        .f32_layer
+                        .forward(decode_input, decode_tokens),
+                )
+            });
+            figures
+                .decode_inprocess_us
+                .push(started.elapsed().as_secs_f64() * 1e6);
+            let started = Instant::now();
+            let timed = self
+                .client
+                .forward_f32_timed("", 0, decode_input, hidden)
+                .await?;
+            let latency = started.elapsed();
+            figures.decode_cluster_us.push(latency.as_secs_f64() * 1e6);
+            figures
+                .decode_dispatch_us
+                .push(latency.saturating_sub(timed.expert_compute).as_secs_f64() * 1e6);
+        }
+        Ok(())
+    }
+}
+
+/// How long the nodes rest after the run before their memory is read:
+/// idle nodes hand the buffers of past batches back to the OS.
+const REST_BEFORE_MEMORY: Duration = Duration::from_secs(1);
+
+async fn node_memory(cluster: &LocalCluster) -> anyhow::Result<Vec<NodeMemory>> {
+    tokio::time::sleep(REST_BEFORE_MEMORY).await;
+    let nodes = expert_node_info(cluster).await?;
+    Ok(nodes
+        .into_iter()
+        .map(|(pid, info)| {
+            let resident = pid.and_then(resident_bytes);
+            NodeMemory {
+                rss_bytes: resident.map(|(rss, _)| rss),
+                peak_rss_bytes: resident.map(|(_, peak)| peak),
+                weight_bytes: info.weight_bytes,
+            }
+        })
+        .collect())
+}
