@@ -3,8 +3,9 @@
 //! nodes they cannot reach.
 
 use moemesh_proto::v1::{
-    HeartbeatRequest, RegisterNodeRequest, ReportLoadRequest, ReportReplicaReadyRequest,
-    ReportUnreachableRequest,
+    HeartbeatRequest, HeartbeatResponse, RegisterNodeRequest, ReportLoadRequest,
+    ReportLoadResponse, ReportReplicaReadyRequest, ReportReplicaReadyResponse,
+    ReportUnreachableRequest, ReportUnreachableResponse,
 };
 
 use crate::coordinator::call_rpc;
@@ -18,37 +19,38 @@ impl CoordinatorClient {
         &mut self,
         request: RegisterNodeRequest,
     ) -> Result<u64, ClientError> {
-        let response = call_rpc!(self, register_node, request)?;
-        Ok(response.epoch)
+        Ok(call_rpc!(self, register_node, request)?.epoch)
     }
 
     /// Tells the coordinators an expert node is alive, with its recent work.
-    pub async fn heartbeat(&mut self, request: HeartbeatRequest) -> Result<(), ClientError> {
-        call_rpc!(self, heartbeat, request)?;
-        Ok(())
+    pub async fn heartbeat(
+        &mut self,
+        request: HeartbeatRequest,
+    ) -> Result<HeartbeatResponse, ClientError> {
+        call_rpc!(self, heartbeat, request)
     }
 
     /// Tells the coordinators a replica placed on a node has loaded.
     pub async fn report_replica_ready(
         &mut self,
         request: ReportReplicaReadyRequest,
-    ) -> Result<(), ClientError> {
-        call_rpc!(self, report_replica_ready, request)?;
-        Ok(())
+    ) -> Result<ReportReplicaReadyResponse, ClientError> {
+        call_rpc!(self, report_replica_ready, request)
     }
 
     /// Reports a router's cumulative token counts.
-    pub async fn report_load(&mut self, request: ReportLoadRequest) -> Result<(), ClientError> {
-        call_rpc!(self, report_load, request)?;
-        Ok(())
+    pub async fn report_load(
+        &mut self,
+        request: ReportLoadRequest,
+    ) -> Result<ReportLoadResponse, ClientError> {
+        call_rpc!(self, report_load, request)
     }
 
     /// Reports an expert node a router could not reach.
     pub async fn report_unreachable(
         &mut self,
         request: ReportUnreachableRequest,
-    ) -> Result<(), ClientError> {
-        call_rpc!(self, report_unreachable, request)?;
-        Ok(())
+    ) -> Result<ReportUnreachableResponse, ClientError> {
+        call_rpc!(self, report_unreachable, request)
     }
 }

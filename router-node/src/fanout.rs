@@ -22,6 +22,16 @@ use crate::node_call::{FailureKind, NodeAnswer, NodeCall, NodeFailure};
 use crate::table::RoutingTable;
 use crate::{RouterError, RouterResult};
 
+/// What a forward of one layer gives back.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LayerOutput {
+    /// One output row per token, row-major.
+    pub rows: Vec<f32>,
+    /// The slowest expert node's compute time: the rest of the latency is
+    /// dispatch.
+    pub slowest_compute_micros: u64,
+}
+
 /// Rounds of retries of failed shares after the first try, at most.
 const MAX_RETRIES: usize = 3;
 
@@ -124,15 +134,14 @@ impl LayerFanOut {
 
     /// Sends every node its share of `batches` (rows taken from `hidden`)
     /// at once and gathers the answers, retrying failed shares elsewhere
-    /// until `deadline`. Returns the output rows and the slowest node's
-    /// compute time in microseconds.
+    /// until `deadline`.
     pub async fn run(
         mut self,
         fanout: &ExpertFanOut,
         hidden: &[f32],
         batches: Vec<NodeBatch>,
         deadline: Instant,
-    ) -> RouterResult<(Vec<f32>, u64)> {
+    ) -> RouterResult<LayerOutput> {
         let mut failed = vec![false; self.table.links.len()];
         let mut pending = busy_batches(batches);
         let mut answered: Vec<(NodeBatch, Vec<f32>)> = Vec::new();
@@ -169,8 +178,10 @@ impl LayerFanOut {
             retry.sort_by_key(|pair| (pair.token, pair.expert));
             pending = busy_batches(self.resplit(&retry, hidden, &failed, last_failure)?);
         }
-        let output = combine(&answered, hidden.len(), self.hidden_size);
-        Ok((output, slowest_compute))
+        Ok(LayerOutput {
+            rows: combine(&answered, hidden.len(), self.hidden_size),
+            slowest_compute_micros: slowest_compute,
+        })
     }
 
     /// Sends every pending share at once; the results come back in the

@@ -6,23 +6,19 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use moemesh_client::CoordinatorClient;
 use moemesh_core::model::checkpoint::Checkpoint;
 use moemesh_core::model::config::ModelConfig;
 use moemesh_core::model::gating::Gate;
-use moemesh_core::model::placement::Placement;
 use moemesh_proto::DEFAULT_DEADLINE;
 use moemesh_proto::codec::{Rows, decode_rows, encode};
 use moemesh_proto::v1::{ForwardRequest, ForwardResponse};
-use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
-use crate::fanout::ExpertFanOut;
-use crate::health::NodeHealth;
-use crate::load::{LoadCounters, report_load_task, router_id};
-use crate::table::{RoutingTable, follow_coordinators_task};
-use crate::{PlacementSource, RouterConfig, RouterError, RouterResult};
+use crate::fanout::{ExpertFanOut, LayerOutput};
+use crate::load::LoadCounters;
+use crate::table::RoutingSetup;
+use crate::{RouterConfig, RouterError, RouterResult};
 
 /// Gates with at most this many multiply-adds (about 50 µs of work) run
 /// on the async worker that received the request.
@@ -44,9 +40,6 @@ pub struct RouterNodeService {
     max_in_flight: usize,
 }
 
-/// How long a router waits for the coordinators' first placement.
-const FIRST_PLACEMENT_TIMEOUT: Duration = Duration::from_secs(60);
-
 impl RouterNodeService {
     /// Loads the gates of the layers to serve and the first routing table:
     /// from the placement file, or from the coordinators (then following them).
@@ -66,51 +59,18 @@ impl RouterNodeService {
             &config.moe_layers(),
             config.experts_per_layer(),
         ));
-        let (layers, table_rx, health) = match router_config.placement {
-            PlacementSource::File(file) => {
-                let placement = Placement::from_file(&file, &config)?;
-                let layers = placement.layers();
-                let table = RoutingTable::new(0, placement, &[], None, &router_config.tls)?;
-                let (_, table_rx) = watch::channel(Arc::new(table));
-                (layers, table_rx, NodeHealth::without_coordinators())
-            }
-            PlacementSource::Coordinators(addresses) => {
-                let coordinators = CoordinatorClient::new(addresses, router_config.tls.clone())
-                    .map_err(|error| RouterError::InvalidArgument(error.to_string()))?;
-                let empty = RoutingTable::new(
-                    0,
-                    Placement::from_parts(Vec::new(), HashMap::new()),
-                    &[],
-                    None,
-                    &router_config.tls,
-                )?;
-                let (table_tx, mut table_rx) = watch::channel(Arc::new(empty));
-                let router = router_id();
-                tokio::spawn(report_load_task(
-                    coordinators.clone(),
-                    router_config.model_id.clone(),
-                    router.clone(),
-                    Arc::downgrade(&load),
-                ));
-                let health = NodeHealth::reporting_to(coordinators.clone(), router);
-                tokio::spawn(follow_coordinators_task(
-                    coordinators,
-                    router_config.model_id.clone(),
-                    config.clone(),
-                    table_tx,
-                    router_config.tls.clone(),
-                ));
-                tokio::time::timeout(FIRST_PLACEMENT_TIMEOUT, table_rx.changed())
-                    .await
-                    .map_err(|_| {
-                        RouterError::Unavailable(
-                            "no placement from the coordinators within 60 s".into(),
-                        )
-                    })?
-                    .map_err(|_| RouterError::Internal("placement follower stopped".into()))?;
-                (config.moe_layers(), table_rx, health)
-            }
-        };
+        let RoutingSetup {
+            layers,
+            table_rx,
+            health,
+        } = RoutingSetup::start(
+            router_config.placement,
+            &router_config.model_id,
+            &config,
+            &router_config.tls,
+            &load,
+        )
+        .await?;
         let gates = tokio::task::spawn_blocking(move || {
             layers
                 .into_iter()
@@ -142,17 +102,16 @@ impl RouterNodeService {
         })
     }
 
-    /// Computes layer `layer` for `rows`; returns the output and the
-    /// slowest expert node's compute time in microseconds.
+    /// Computes layer `layer` for `rows`.
     pub async fn forward_rows(
         &self,
         layer: usize,
         rows: Rows,
         deadline: Instant,
-    ) -> RouterResult<(Vec<f32>, u64)> {
+    ) -> RouterResult<LayerOutput> {
         let hidden_size = self.config.hidden_size;
         if rows.rows == 0 {
-            return Ok((Vec::new(), 0));
+            return Ok(LayerOutput::default());
         }
         let gate = Arc::clone(
             self.gates
@@ -257,10 +216,14 @@ impl moemesh_proto::RouterService for RouterNodeService {
         let rows =
             decode_rows(hidden.as_ref(), self.config.hidden_size).map_err(RouterError::from)?;
         let (tokens, dtype) = (rows.rows, rows.wire_dtype);
-        let (output, expert_compute_micros) = self.forward_rows(layer, rows, deadline).await?;
+        let output = self.forward_rows(layer, rows, deadline).await?;
         Ok(Response::new(ForwardResponse {
-            output: Some(encode(&output, &[tokens, self.config.hidden_size], dtype)),
-            expert_compute_micros,
+            output: Some(encode(
+                &output.rows,
+                &[tokens, self.config.hidden_size],
+                dtype,
+            )),
+            expert_compute_micros: output.slowest_compute_micros,
         }))
     }
 }

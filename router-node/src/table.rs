@@ -1,5 +1,7 @@
 //! The routing table: the placement a router routes by, with one channel
-//! per expert node, replaced whole when the placement changes.
+//! per expert node, replaced whole when the placement changes; and
+//! [`RoutingSetup`], which gets the tables from a placement file or by
+//! following the coordinators.
 //!
 //! A request takes the table current when it starts and keeps it to the
 //! end, so a new epoch never changes a request half-way; the old table
@@ -8,6 +10,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
+use std::time::Duration;
 
 use futures::StreamExt;
 use moemesh_client::CoordinatorClient;
@@ -21,7 +24,9 @@ use moemesh_proto::{
 use tokio::sync::watch;
 use tonic::transport::Channel;
 
-use crate::{RouterError, RouterResult};
+use crate::health::NodeHealth;
+use crate::load::{LoadCounters, report_load_task, router_id};
+use crate::{PlacementSource, RouterError, RouterResult};
 
 /// One long-lived channel to an expert node.
 #[derive(Clone)]
@@ -104,6 +109,76 @@ impl RoutingTable {
             epoch,
             placement,
             links,
+        })
+    }
+}
+
+/// How long a router waits for the coordinators' first placement.
+const FIRST_PLACEMENT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Where a router's routing tables come from, set up: the layers it
+/// serves, the table every forward reads, and who hears of unreachable nodes.
+pub struct RoutingSetup {
+    pub layers: Vec<usize>,
+    pub table_rx: watch::Receiver<Arc<RoutingTable>>,
+    pub health: NodeHealth,
+}
+
+impl RoutingSetup {
+    /// A placement file gives one table for good. With coordinators, the
+    /// router follows their placement (waiting for the first epoch),
+    /// reports `load` to them and tells them of nodes it cannot reach.
+    pub async fn start(
+        source: PlacementSource,
+        model_id: &str,
+        config: &ModelConfig,
+        tls: &TlsConfig,
+        load: &Arc<LoadCounters>,
+    ) -> RouterResult<Self> {
+        let addresses = match source {
+            PlacementSource::File(file) => {
+                let placement = Placement::from_file(&file, config)?;
+                let layers = placement.layers();
+                let table = RoutingTable::new(0, placement, &[], None, tls)?;
+                let (_, table_rx) = watch::channel(Arc::new(table));
+                return Ok(Self {
+                    layers,
+                    table_rx,
+                    health: NodeHealth::without_coordinators(),
+                });
+            }
+            PlacementSource::Coordinators(addresses) => addresses,
+        };
+        let coordinators = CoordinatorClient::new(addresses, tls.clone())
+            .map_err(|error| RouterError::InvalidArgument(error.to_string()))?;
+        let empty = Placement::from_parts(Vec::new(), HashMap::new());
+        let empty = RoutingTable::new(0, empty, &[], None, tls)?;
+        let (table_tx, mut table_rx) = watch::channel(Arc::new(empty));
+        let router = router_id();
+        tokio::spawn(report_load_task(
+            coordinators.clone(),
+            model_id.to_string(),
+            router.clone(),
+            Arc::downgrade(load),
+        ));
+        let health = NodeHealth::reporting_to(coordinators.clone(), router);
+        tokio::spawn(follow_coordinators_task(
+            coordinators,
+            model_id.to_string(),
+            config.clone(),
+            table_tx,
+            tls.clone(),
+        ));
+        tokio::time::timeout(FIRST_PLACEMENT_TIMEOUT, table_rx.changed())
+            .await
+            .map_err(|_| {
+                RouterError::Unavailable("no placement from the coordinators within 60 s".into())
+            })?
+            .map_err(|_| RouterError::Internal("placement follower stopped".into()))?;
+        Ok(Self {
+            layers: config.moe_layers(),
+            table_rx,
+            health,
         })
     }
 }
