@@ -17,6 +17,8 @@ use moemesh_proto::tls::TlsConfig;
 use moemesh_proto::{AdminServiceServer, CoordinatorPeerServiceServer, MAX_MESSAGE_BYTES};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tonic::server::NamedService;
+use tonic::service::Routes;
 
 use crate::admin::AdminApi;
 use crate::auth::OperatorAuth;
@@ -158,10 +160,6 @@ impl Coordinator {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> CoordinatorResult<()> {
-        let (health_reporter, health_service) = tonic_health::server::health_reporter();
-        health_reporter
-            .set_serving::<AdminServiceServer<AdminApi>>()
-            .await;
         let raft_stopped = Arc::new(AtomicBool::new(false));
         let shutdown = {
             let raft = self.raft.clone();
@@ -177,19 +175,17 @@ impl Coordinator {
                 streams_closing.send_replace(true);
             }
         };
-        let result = self
+        let builder = self
             .tls
             .server()
-            .map_err(|error| CoordinatorError::Rejected(format!("TLS setup failed: {error}")))?
-            .add_service(health_service)
-            .add_service(
-                CoordinatorPeerServiceServer::new(self.peer)
-                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
-            )
-            .add_service(AdminServiceServer::new(self.admin))
-            .serve_with_incoming_shutdown(moemesh_proto::incoming_without_delay(listener), shutdown)
-            .await;
+            .map_err(|error| CoordinatorError::Rejected(format!("TLS setup failed: {error}")))?;
+        let peer = CoordinatorPeerServiceServer::new(self.peer)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let routes = Routes::new(peer).add_service(AdminServiceServer::new(self.admin));
+        let services = [<AdminServiceServer<AdminApi> as NamedService>::NAME];
+        let result =
+            moemesh_proto::serve_with_health(builder, routes, &services, listener, shutdown).await;
         self.raft.shutdown().await;
         result.map_err(|error| CoordinatorError::Storage(format!("server failed: {error}")))?;
         if raft_stopped.load(Ordering::Relaxed) {

@@ -1,6 +1,7 @@
 //! One coordinator served by `server::run` on 127.0.0.1:0, reached over
 //! gRPC: it elects itself, refuses operators without the admin token,
-//! registers an expert node, and stops cleanly when told to.
+//! registers an expert node, reports itself healthy, and stops cleanly
+//! when told to.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -15,6 +16,9 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
 use tonic::{Code, Request};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
 
 /// Long enough for an election on a slow, noisy machine; only an upper bound.
 const PATIENCE: Duration = Duration::from_secs(30);
@@ -41,7 +45,7 @@ async fn a_coordinator_serves_its_admin_api_until_shutdown() {
         let _ = stop_rx.await;
     }));
 
-    let mut admin = AdminServiceClient::connect(url).await.unwrap();
+    let mut admin = AdminServiceClient::connect(url.clone()).await.unwrap();
     let refused = admin
         .cluster_status(ClusterStatusRequest {})
         .await
@@ -73,6 +77,22 @@ async fn a_coordinator_serves_its_admin_api_until_shutdown() {
     assert_eq!(status.nodes[0].status(), moemesh_proto::NodeStatus::Ready);
     assert_eq!(status.coordinators.len(), 1);
     assert_eq!(status.coordinators[0].role, "leader");
+
+    // The standard gRPC health service reports the admin service serving.
+    let channel = Channel::from_shared(url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel);
+    let answer = health
+        .check(HealthCheckRequest {
+            service: "moemesh.v1.AdminService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.status(), ServingStatus::Serving);
 
     stop_tx.send(()).unwrap();
     server.await.unwrap().expect("a clean shutdown");

@@ -27,6 +27,8 @@ use moemesh_core::model::placement::LayerExpert;
 use moemesh_proto::tls::TlsConfig;
 use moemesh_proto::{ExpertServiceServer, MAX_MESSAGE_BYTES};
 use tokio::net::TcpListener;
+use tonic::server::NamedService;
+use tonic::service::Routes;
 
 use crate::registration::{Registration, follow_placement_task, heartbeat_task, register};
 
@@ -190,25 +192,17 @@ async fn serve(
     tls: &TlsConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> ExpertNodeResult<()> {
-    let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<ExpertServiceServer<ExpertNodeService>>()
-        .await;
     let server = ExpertServiceServer::new(service)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let shutdown = async move {
         shutdown.await;
-        health_reporter
-            .set_not_serving::<ExpertServiceServer<ExpertNodeService>>()
-            .await;
         tracing::info!("expert node shutting down");
     };
-    moemesh_proto::data_path_server(tls)
-        .map_err(|error| ExpertNodeError::Internal(format!("TLS setup failed: {error}")))?
-        .add_service(health_service)
-        .add_service(server)
-        .serve_with_incoming_shutdown(moemesh_proto::incoming_without_delay(listener), shutdown)
+    let builder = moemesh_proto::data_path_server(tls)
+        .map_err(|error| ExpertNodeError::Internal(format!("TLS setup failed: {error}")))?;
+    let services = [<ExpertServiceServer<ExpertNodeService> as NamedService>::NAME];
+    moemesh_proto::serve_with_health(builder, Routes::new(server), &services, listener, shutdown)
         .await
         .map_err(|error| ExpertNodeError::Internal(format!("server failed: {error}")))
 }

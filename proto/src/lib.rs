@@ -60,6 +60,39 @@ pub const DATA_CONNECTION_WINDOW_BYTES: u32 = 64 << 20;
 /// into hundreds of frames.
 pub const DATA_MAX_FRAME_BYTES: u32 = 1 << 20;
 
+/// Serves `routes` with `server` on `listener` until `shutdown` completes,
+/// with the standard gRPC health service beside them: each service named
+/// in `services` reports SERVING, then NOT_SERVING once shutdown begins,
+/// while in-flight calls finish.
+pub async fn serve_with_health(
+    mut server: tonic::transport::Server,
+    routes: tonic::service::Routes,
+    services: &[&'static str],
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    use tonic_health::ServingStatus;
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    for &service in services {
+        health_reporter
+            .set_service_status(service, ServingStatus::Serving)
+            .await;
+    }
+    let services = services.to_vec();
+    let shutdown = async move {
+        shutdown.await;
+        for service in services {
+            health_reporter
+                .set_service_status(service, ServingStatus::NotServing)
+                .await;
+        }
+    };
+    server
+        .add_routes(routes.add_service(health_service))
+        .serve_with_incoming_shutdown(incoming_without_delay(listener), shutdown)
+        .await
+}
+
 /// A server for the data path (routers, expert nodes): windows and frames
 /// sized for megabyte messages.
 pub fn data_path_server(

@@ -10,7 +10,8 @@ pub enum RouterError {
     /// An expert node needed for the request could not be reached.
     #[error("{0}")]
     Unavailable(String),
-    /// An expert node refused the work because its queue was full.
+    /// The router has as many forwards in progress as it admits, or an
+    /// expert node refused the work because its queue was full.
     #[error("{0}")]
     Overloaded(String),
     /// A tensor in the request is missing or malformed.

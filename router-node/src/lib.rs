@@ -34,6 +34,8 @@ use moemesh_core::model::placement::PlacementFile;
 use moemesh_proto::tls::TlsConfig;
 use moemesh_proto::{MAX_MESSAGE_BYTES, RouterServiceServer};
 use tokio::net::TcpListener;
+use tonic::server::NamedService;
+use tonic::service::Routes;
 
 pub use error::{RouterError, RouterResult};
 pub use service::RouterNodeService;
@@ -89,27 +91,25 @@ impl Router {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> RouterResult<()> {
-        let (health_reporter, health_service) = tonic_health::server::health_reporter();
-        health_reporter
-            .set_serving::<RouterServiceServer<RouterNodeService>>()
-            .await;
         let server = RouterServiceServer::new(self.service)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         let shutdown = async move {
             shutdown.await;
-            health_reporter
-                .set_not_serving::<RouterServiceServer<RouterNodeService>>()
-                .await;
             tracing::info!("router shutting down");
         };
-        moemesh_proto::data_path_server(&self.tls)
-            .map_err(|error| RouterError::Internal(format!("TLS setup failed: {error}")))?
-            .add_service(health_service)
-            .add_service(server)
-            .serve_with_incoming_shutdown(moemesh_proto::incoming_without_delay(listener), shutdown)
-            .await
-            .map_err(|error| RouterError::Internal(format!("server failed: {error}")))
+        let builder = moemesh_proto::data_path_server(&self.tls)
+            .map_err(|error| RouterError::Internal(format!("TLS setup failed: {error}")))?;
+        let services = [<RouterServiceServer<RouterNodeService> as NamedService>::NAME];
+        moemesh_proto::serve_with_health(
+            builder,
+            Routes::new(server),
+            &services,
+            listener,
+            shutdown,
+        )
+        .await
+        .map_err(|error| RouterError::Internal(format!("server failed: {error}")))
     }
 }
 

@@ -185,7 +185,7 @@ impl moemesh_proto::RouterService for RouterNodeService {
         // Refuse at once rather than queue without bound: memory stays
         // bounded under any load, and the client backs off.
         let _admitted = self.admission.try_acquire().map_err(|_| {
-            Status::resource_exhausted(format!(
+            RouterError::Overloaded(format!(
                 "router busy: {} forwards in progress; retry shortly",
                 self.max_in_flight
             ))
