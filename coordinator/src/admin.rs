@@ -35,7 +35,8 @@ use crate::membership::{self, Membership};
 use crate::node::{RaftHandle, fresh_request_id};
 use crate::peer::coordinator_statuses;
 use crate::placement::{
-    describe_model, expert_key, initial_replicas, node_info, placement_snapshot, resolve_model,
+    DescribedModel, describe_model, expert_key, initial_replicas, node_info, placement_snapshot,
+    resolve_model,
 };
 use crate::rebalance::{RebalanceOutcome, Rebalancer};
 use crate::registration;
@@ -377,7 +378,7 @@ impl moemesh_proto::AdminService for AdminApi {
             request_id,
         } = request.into_inner();
         let request_id = fresh_request_id(request_id, "load");
-        let (config, record) = describe_model(model, &checkpoint)?;
+        let DescribedModel { config, record } = describe_model(model, &checkpoint)?;
         let model = record.id.clone();
         let add_model = Command::AddModel { model: record };
         let mut epoch = self

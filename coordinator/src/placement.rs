@@ -9,7 +9,9 @@
 use std::path::Path;
 
 use moemesh_core::model::config::ModelConfig;
-use moemesh_core::model::placement::{NodeCapacity, initial_assignment};
+use moemesh_core::model::placement::{
+    ExpertToPlace, LayerExpert, NodeCapacity, initial_assignment,
+};
 use moemesh_proto::LayerExperts;
 use moemesh_proto::v1::{ExpertPlacement, NodeInfo, PlacementSnapshot, ReplicaInfo};
 
@@ -49,12 +51,17 @@ pub fn expert_bytes(config: &ModelConfig, expert: u32) -> u64 {
     (3 * config.hidden_size * config.intermediate_size_of(expert) * size_of::<f32>()) as u64
 }
 
+/// A model read from its checkpoint: its config, and its record for the
+/// cluster state.
+#[derive(Debug, Clone)]
+pub struct DescribedModel {
+    pub config: ModelConfig,
+    pub record: ModelRecord,
+}
+
 /// Reads a checkpoint's config and describes the model for the cluster
 /// state; an empty `model` takes the checkpoint directory's name.
-pub fn describe_model(
-    model: String,
-    checkpoint: &str,
-) -> Result<(ModelConfig, ModelRecord), PlacementError> {
+pub fn describe_model(model: String, checkpoint: &str) -> Result<DescribedModel, PlacementError> {
     let config = ModelConfig::from_dir(Path::new(checkpoint))
         .map_err(|error| PlacementError::UnreadableConfig(error.to_string()))?;
     let model = if model.is_empty() {
@@ -72,7 +79,7 @@ pub fn describe_model(
         moe_layers: config.moe_layers(),
         experts_per_layer: config.experts_per_layer(),
     };
-    Ok((config, record))
+    Ok(DescribedModel { config, record })
 }
 
 /// The model `requested` names; empty names the only model loaded.
@@ -139,7 +146,10 @@ pub fn initial_replicas(
                 .get(&key(layer, expert))
                 .is_some_and(|replicas| !replicas.is_empty());
             if !placed {
-                experts.push((layer, expert, expert_bytes(config, expert)));
+                experts.push(ExpertToPlace {
+                    expert: LayerExpert { layer, expert },
+                    bytes: expert_bytes(config, expert),
+                });
             }
         }
     }
@@ -147,7 +157,10 @@ pub fn initial_replicas(
         .map_err(PlacementError::NoRoom)?;
     Ok(assignment
         .into_iter()
-        .map(|(layer, expert, node)| (key(layer, expert), ready_nodes[node].id.clone()))
+        .map(|placed| {
+            let LayerExpert { layer, expert } = placed.expert;
+            (key(layer, expert), ready_nodes[placed.node].id.clone())
+        })
         .collect())
 }
 

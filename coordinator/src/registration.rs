@@ -48,7 +48,7 @@ pub async fn register_node(
         return Ok(epoch);
     }
     // The node already serves these experts: record them as ready replicas.
-    let (_, model_record) = describe_model(model, &checkpoint)?;
+    let model_record = describe_model(model, &checkpoint)?.record;
     let keys = serving_keys(&model_record.id, serving);
     let add_model = Command::AddModel {
         model: model_record,

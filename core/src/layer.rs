@@ -9,22 +9,29 @@ use crate::model::checkpoint::Checkpoint;
 use crate::model::config::ModelConfig;
 use crate::model::gating::{Gate, Routing};
 
-/// Per expert id (shared expert last), the tokens routed to it and their
-/// weights, tokens ascending.
-pub fn tokens_per_expert(routing: &Routing, experts_per_layer: usize) -> Vec<(Vec<u32>, Vec<f32>)> {
-    let mut per_expert = vec![(Vec::new(), Vec::new()); experts_per_layer];
+/// The tokens routed to one expert and their routing weights.
+#[derive(Debug, Clone, Default)]
+struct ExpertTokens {
+    /// Token indices, ascending.
+    rows: Vec<u32>,
+    weights: Vec<f32>,
+}
+
+/// Per expert id (shared expert last), the tokens routed to it.
+fn tokens_per_expert(routing: &Routing, experts_per_layer: usize) -> Vec<ExpertTokens> {
+    let mut per_expert = vec![ExpertTokens::default(); experts_per_layer];
     for token in 0..routing.tokens() {
         for (expert, weight) in routing.token(token) {
-            per_expert[expert as usize].0.push(token as u32);
-            per_expert[expert as usize].1.push(weight);
+            per_expert[expert as usize].rows.push(token as u32);
+            per_expert[expert as usize].weights.push(weight);
         }
     }
     if let Some(shared_weights) = &routing.shared_weights {
         let shared = per_expert
             .last_mut()
             .expect("a layer with a shared expert has at least one slot");
-        shared.0 = (0..routing.tokens() as u32).collect();
-        shared.1.clone_from(shared_weights);
+        shared.rows = (0..routing.tokens() as u32).collect();
+        shared.weights.clone_from(shared_weights);
     }
     per_expert
 }
@@ -86,10 +93,10 @@ impl MoeLayer {
             .experts
             .iter()
             .zip(&per_expert)
-            .map(|(expert, (rows, weights))| ExpertWork {
+            .map(|(expert, tokens)| ExpertWork {
                 expert: expert.as_ref(),
-                rows,
-                weights,
+                rows: &tokens.rows,
+                weights: &tokens.weights,
             })
             .collect();
         self.backend

@@ -61,6 +61,15 @@ struct NodeProcess {
     stdin: Option<ChildStdin>,
 }
 
+/// One process of a local cluster as callers see it.
+#[derive(Debug, Clone)]
+pub struct ProcessInfo {
+    /// None once the process has exited.
+    pub pid: Option<u32>,
+    /// The URL it serves at.
+    pub url: String,
+}
+
 /// A running local cluster.
 pub struct LocalCluster {
     pub router_url: String,
@@ -327,12 +336,15 @@ impl LocalCluster {
         })
     }
 
-    /// The process id and URL of every process in `role` (`expert`, `router`, `coordinator`).
-    pub fn processes(&self, role: &str) -> Vec<(Option<u32>, String)> {
+    /// Every process in `role` (`expert`, `router`, `coordinator`).
+    pub fn processes(&self, role: &str) -> Vec<ProcessInfo> {
         self.processes
             .iter()
             .filter(|process| process.role == role)
-            .map(|process| (process.child.id(), process.url.clone()))
+            .map(|process| ProcessInfo {
+                pid: process.child.id(),
+                url: process.url.clone(),
+            })
             .collect()
     }
 

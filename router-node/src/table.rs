@@ -187,7 +187,7 @@ impl RoutingSetup {
 /// MoE layer and expert the replicas that are ready (loading ones are not
 /// yet routable; draining ones take no new requests). Also returns each
 /// node's topology group.
-pub fn placement_from_snapshot(
+fn placement_from_snapshot(
     snapshot: &PlacementSnapshot,
     config: &ModelConfig,
 ) -> (Placement, Vec<String>) {

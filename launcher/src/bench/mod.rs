@@ -22,7 +22,7 @@ use anyhow::Context;
 use moemesh_proto::ExpertServiceClient;
 use moemesh_proto::v1::{InfoRequest, InfoResponse};
 
-use crate::local_cluster::LocalCluster;
+use crate::local_cluster::{LocalCluster, ProcessInfo};
 
 /// Each expert node of `cluster`: its pid (when it runs as a process here)
 /// and what it answers to Info.
@@ -30,7 +30,7 @@ async fn expert_node_info(
     cluster: &LocalCluster,
 ) -> anyhow::Result<Vec<(Option<u32>, InfoResponse)>> {
     let mut nodes = Vec::new();
-    for (pid, url) in cluster.processes("expert") {
+    for ProcessInfo { pid, url } in cluster.processes("expert") {
         let channel = cluster
             .tls
             .connect(url.clone())

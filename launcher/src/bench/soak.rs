@@ -174,7 +174,7 @@ fn cluster_processes(cluster: &LocalCluster) -> Vec<(String, Option<u32>)> {
             cluster
                 .processes(role)
                 .into_iter()
-                .map(move |(pid, url)| (format!("{role} {url}"), pid))
+                .map(move |process| (format!("{role} {}", process.url), process.pid))
         })
         .collect()
 }

@@ -326,18 +326,30 @@ pub struct NodeCapacity {
     pub memory_bytes: u64,
 }
 
-/// One expert to place: (layer, expert id, bytes of its weights).
-pub type ExpertToPlace = (usize, u32, u64);
+/// One expert to place, and the bytes of its weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExpertToPlace {
+    pub expert: LayerExpert,
+    pub bytes: u64,
+}
+
+/// One replica the initial placement made: an expert on a node, by its
+/// index in the node list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlacedReplica {
+    pub expert: LayerExpert,
+    pub node: usize,
+}
 
 /// Places every expert `replicas` times on distinct nodes: replicas of one
 /// expert go to distinct topology groups where possible, nodes never hold
 /// more than their memory, and expert counts stay balanced (ties to the
-/// node listed first). Returns (layer, expert, node index) triples.
+/// node listed first).
 pub fn initial_assignment(
     nodes: &[NodeCapacity],
     experts: &[ExpertToPlace],
     replicas: usize,
-) -> Result<Vec<(usize, u32, usize)>, String> {
+) -> Result<Vec<PlacedReplica>, String> {
     if nodes.is_empty() {
         return Err("no ready expert node to place experts on".into());
     }
@@ -350,7 +362,12 @@ pub fn initial_assignment(
     let mut free: Vec<u64> = nodes.iter().map(|node| node.memory_bytes).collect();
     let mut held = vec![0usize; nodes.len()];
     let mut assignment = Vec::with_capacity(experts.len() * replicas);
-    for &(layer, expert, bytes) in experts {
+    for &ExpertToPlace {
+        expert: to_place,
+        bytes,
+    } in experts
+    {
+        let LayerExpert { layer, expert } = to_place;
         let mut chosen: Vec<usize> = Vec::with_capacity(replicas);
         for _ in 0..replicas {
             let best = (0..nodes.len())
@@ -365,7 +382,10 @@ pub fn initial_assignment(
             free[best] -= bytes;
             held[best] += 1;
             chosen.push(best);
-            assignment.push((layer, expert, best));
+            assignment.push(PlacedReplica {
+                expert: to_place,
+                node: best,
+            });
         }
     }
     Ok(assignment)
@@ -461,6 +481,13 @@ mod initial_assignment_tests {
 
     use super::*;
 
+    fn to_place(layer: usize, expert: u32, bytes: u64) -> ExpertToPlace {
+        ExpertToPlace {
+            expert: LayerExpert { layer, expert },
+            bytes,
+        }
+    }
+
     fn nodes(groups: &[&str], memory: u64) -> Vec<NodeCapacity> {
         groups
             .iter()
@@ -476,13 +503,13 @@ mod initial_assignment_tests {
     #[test]
     fn replicas_spread_over_groups_and_counts_balance() {
         let nodes = nodes(&["a", "a", "b", "b"], 1 << 30);
-        let experts: Vec<ExpertToPlace> = (0..8).map(|expert| (1, expert, 100)).collect();
+        let experts: Vec<ExpertToPlace> = (0..8).map(|expert| to_place(1, expert, 100)).collect();
         let assignment = initial_assignment(&nodes, &experts, 2).unwrap();
         for expert in 0..8 {
             let owners: Vec<usize> = assignment
                 .iter()
-                .filter(|(_, e, _)| *e == expert)
-                .map(|(_, _, node)| *node)
+                .filter(|placed| placed.expert.expert == expert)
+                .map(|placed| placed.node)
                 .collect();
             assert_eq!(owners.len(), 2);
             assert_ne!(
@@ -493,14 +520,14 @@ mod initial_assignment_tests {
         let mut counts = [0; 4];
         assignment
             .iter()
-            .for_each(|(_, _, node)| counts[*node] += 1);
+            .for_each(|placed| counts[placed.node] += 1);
         assert_eq!(counts, [4, 4, 4, 4]);
     }
 
     #[test]
     fn memory_limits_are_respected_and_named_when_short() {
         let nodes = nodes(&["a", "b"], 250);
-        let experts: Vec<ExpertToPlace> = (0..4).map(|expert| (0, expert, 100)).collect();
+        let experts: Vec<ExpertToPlace> = (0..4).map(|expert| to_place(0, expert, 100)).collect();
         assert_eq!(initial_assignment(&nodes, &experts, 1).unwrap().len(), 4);
         let error = initial_assignment(&nodes, &experts, 2).unwrap_err();
         assert!(error.contains("no node has 100 bytes free"), "{error}");
@@ -516,12 +543,12 @@ mod initial_assignment_tests {
             let distinct_groups = group_count.min(node_count);
             let group_refs: Vec<&str> = groups.iter().map(String::as_str).collect();
             let nodes = nodes(&group_refs, u64::MAX);
-            let to_place: Vec<ExpertToPlace> = (0..experts).map(|expert| (0, expert, 1)).collect();
-            let assignment = initial_assignment(&nodes, &to_place, replicas).unwrap();
+            let all: Vec<ExpertToPlace> = (0..experts).map(|expert| to_place(0, expert, 1)).collect();
+            let assignment = initial_assignment(&nodes, &all, replicas).unwrap();
             prop_assert_eq!(assignment.len(), experts as usize * replicas);
             let mut counts = vec![0usize; node_count];
             for expert in 0..experts {
-                let owners: Vec<usize> = assignment.iter().filter(|(_, e, _)| *e == expert).map(|(_, _, n)| *n).collect();
+                let owners: Vec<usize> = assignment.iter().filter(|placed| placed.expert.expert == expert).map(|placed| placed.node).collect();
                 let mut distinct = owners.clone();
                 distinct.sort_unstable();
                 distinct.dedup();
