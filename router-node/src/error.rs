@@ -14,6 +14,9 @@ pub enum RouterError {
     /// expert node refused the work because its queue was full.
     #[error("{0}")]
     Overloaded(String),
+    /// The forward's deadline passed before every expert node answered.
+    #[error("{0}")]
+    DeadlineExceeded(String),
     /// A tensor in the request is missing or malformed.
     #[error(transparent)]
     Codec(#[from] CodecError),
@@ -37,6 +40,7 @@ impl From<RouterError> for tonic::Status {
             | RouterError::Core(CoreError::NotFound(_)) => Self::invalid_argument(message),
             RouterError::Unavailable(_) => Self::unavailable(message),
             RouterError::Overloaded(_) => Self::resource_exhausted(message),
+            RouterError::DeadlineExceeded(_) => Self::deadline_exceeded(message),
             RouterError::Core(_) | RouterError::Internal(_) => Self::internal(message),
         }
     }

@@ -172,7 +172,12 @@ impl LayerFanOut {
             let Some(last_failure) = last_failure else {
                 break;
             };
-            if attempt >= MAX_RETRIES || Instant::now() >= deadline {
+            if Instant::now() >= deadline {
+                return Err(RouterError::DeadlineExceeded(format!(
+                    "the deadline passed before every expert node answered; last failure: {last_failure}"
+                )));
+            }
+            if attempt >= MAX_RETRIES {
                 return Err(last_failure.into());
             }
             retry.sort_by_key(|pair| (pair.token, pair.expert));
@@ -328,7 +333,7 @@ mod tests {
 
     /// A fan-out of layer 0 over three nodes: expert 0 on nodes 0 and 1,
     /// expert 1 on node 2 alone; `failed_lately` nodes failed a moment ago.
-    fn fan_out(failed_lately: &[usize]) -> LayerFanOut {
+    fn expert_fan_out(failed_lately: &[usize]) -> ExpertFanOut {
         let nodes = (0..3)
             .map(|index| NodeEntry {
                 id: format!("node-{index}"),
@@ -345,13 +350,16 @@ mod tests {
                 .store(until, Ordering::Relaxed);
         }
         let (_table_tx, table_rx) = watch::channel(Arc::new(table));
-        let fanout = ExpertFanOut::new(
+        ExpertFanOut::new(
             "model".into(),
             String::new(),
             table_rx,
             NodeHealth::without_coordinators(),
-        );
-        fanout.start(0, 1)
+        )
+    }
+
+    fn fan_out(failed_lately: &[usize]) -> LayerFanOut {
+        expert_fan_out(failed_lately).start(0, 1)
     }
 
     fn to_expert(expert: u32, tokens: usize) -> Routing {
@@ -401,5 +409,28 @@ mod tests {
             error.to_string(),
             "no live replica of layer 3 experts [1] (placement epoch 7)"
         );
+    }
+
+    #[tokio::test]
+    async fn a_forward_whose_deadline_passed_says_so_and_one_without_replicas_too() {
+        // Nothing listens at the table's addresses: every call fails.
+        let fanout = expert_fan_out(&[]);
+        let hidden = [0.5, 0.25];
+        let mut late = fanout.start(0, 1);
+        let batches = late.split(&to_expert(1, 2), &hidden).unwrap();
+        let error = late
+            .run(&fanout, &hidden, batches, Instant::now())
+            .await
+            .unwrap_err();
+        assert!(matches!(error, RouterError::DeadlineExceeded(_)), "{error}");
+
+        let mut in_time = fanout.start(0, 1);
+        let batches = in_time.split(&to_expert(1, 2), &hidden).unwrap();
+        let deadline = Instant::now() + std::time::Duration::from_secs(30);
+        let error = in_time
+            .run(&fanout, &hidden, batches, deadline)
+            .await
+            .unwrap_err();
+        assert!(matches!(error, RouterError::Unavailable(_)), "{error}");
     }
 }
