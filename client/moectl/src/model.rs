@@ -7,6 +7,7 @@ use moemesh_client::TlsConfig;
 use serde_json::json;
 
 use crate::connect::AdminArgs;
+use crate::output::print_outcome;
 
 #[derive(clap::Subcommand)]
 pub enum ModelCommand {
@@ -50,16 +51,15 @@ pub async fn load(args: LoadArgs, tls: &TlsConfig) -> anyhow::Result<()> {
             &request_id,
         )
         .await?;
-    if args.admin.json {
-        println!(
-            "{}",
-            json!({"model": loaded.model, "replicas_added": loaded.replicas_added, "epoch": loaded.epoch})
-        );
-    } else {
-        println!(
-            "model {} loaded: {} replicas placed, placement epoch {}",
-            loaded.model, loaded.replicas_added, loaded.epoch
-        );
-    }
+    print_outcome(
+        args.admin.json,
+        json!({"model": loaded.model, "replicas_added": loaded.replicas_added, "epoch": loaded.epoch}),
+        || {
+            format!(
+                "model {} loaded: {} replicas placed, placement epoch {}",
+                loaded.model, loaded.replicas_added, loaded.epoch
+            )
+        },
+    );
     Ok(())
 }

@@ -4,6 +4,7 @@ use moemesh_client::TlsConfig;
 use serde_json::json;
 
 use crate::connect::AdminArgs;
+use crate::output::print_outcome;
 
 #[derive(clap::Subcommand)]
 pub enum NodeCommand {
@@ -22,16 +23,15 @@ pub struct DrainArgs {
 pub async fn drain(args: DrainArgs, tls: &TlsConfig) -> anyhow::Result<()> {
     let mut admin = args.admin.connect(tls).await?;
     let drained = admin.drain_node(&args.node).await?;
-    if args.admin.json {
-        println!(
-            "{}",
-            json!({"node": args.node, "moved": drained.moved, "epoch": drained.epoch})
-        );
-    } else {
-        println!(
-            "{} drained: {} replicas moved; placement epoch {}",
-            args.node, drained.moved, drained.epoch
-        );
-    }
+    print_outcome(
+        args.admin.json,
+        json!({"node": args.node, "moved": drained.moved, "epoch": drained.epoch}),
+        || {
+            format!(
+                "{} drained: {} replicas moved; placement epoch {}",
+                args.node, drained.moved, drained.epoch
+            )
+        },
+    );
     Ok(())
 }

@@ -8,6 +8,16 @@ pub fn print_pretty_json(value: &Value) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Prints the outcome of a change: `value` as one line of JSON with
+/// `--json`, else the sentence `line`.
+pub fn print_outcome(json: bool, value: Value, line: impl FnOnce() -> String) {
+    if json {
+        println!("{value}");
+    } else {
+        println!("{}", line());
+    }
+}
+
 /// Returns `part` as a percentage of `total`, or 0 when there is no total
 /// (an idle window), so tables never show NaN.
 pub fn percent_of(part: f64, total: f64) -> f64 {

@@ -12,7 +12,7 @@ use moemesh_proto::v1::{RebalanceResponse, ReplicaMove, ReplicaState};
 use serde_json::json;
 
 use crate::connect::AdminArgs;
-use crate::output::{percent_of, print_pretty_json};
+use crate::output::{percent_of, print_outcome, print_pretty_json};
 
 #[derive(clap::Subcommand)]
 pub enum PlacementCommand {
@@ -181,17 +181,16 @@ pub async fn move_replica(args: MoveArgs, tls: &TlsConfig) -> anyhow::Result<()>
     let moved = admin
         .move_replica(&model, layer, expert, &args.from, &args.to)
         .await?;
-    if args.admin.json {
-        println!(
-            "{}",
-            json!({"model": model, "layer": layer, "expert": expert, "from": args.from, "to": args.to, "epoch": moved.epoch, "took_ms": moved.took_ms})
-        );
-    } else {
-        println!(
-            "moved {model} layer {layer} expert {expert} from {} to {} in {} ms; placement epoch {}",
-            args.from, args.to, moved.took_ms, moved.epoch
-        );
-    }
+    print_outcome(
+        args.admin.json,
+        json!({"model": model, "layer": layer, "expert": expert, "from": args.from, "to": args.to, "epoch": moved.epoch, "took_ms": moved.took_ms}),
+        || {
+            format!(
+                "moved {model} layer {layer} expert {expert} from {} to {} in {} ms; placement epoch {}",
+                args.from, args.to, moved.took_ms, moved.epoch
+            )
+        },
+    );
     Ok(())
 }
 
@@ -200,17 +199,16 @@ pub async fn replicate(args: ReplicateArgs, tls: &TlsConfig) -> anyhow::Result<(
     let model = model_or_only(&mut admin, &args.expert.model).await?;
     let ExpertArgs { layer, expert, .. } = args.expert;
     let added = admin.add_replica(&model, layer, expert, &args.to).await?;
-    if args.admin.json {
-        println!(
-            "{}",
-            json!({"model": model, "layer": layer, "expert": expert, "node": args.to, "epoch": added.epoch})
-        );
-    } else {
-        println!(
-            "{} now serves {model} layer {layer} expert {expert}; placement epoch {}",
-            args.to, added.epoch
-        );
-    }
+    print_outcome(
+        args.admin.json,
+        json!({"model": model, "layer": layer, "expert": expert, "node": args.to, "epoch": added.epoch}),
+        || {
+            format!(
+                "{} now serves {model} layer {layer} expert {expert}; placement epoch {}",
+                args.to, added.epoch
+            )
+        },
+    );
     Ok(())
 }
 
