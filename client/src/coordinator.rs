@@ -120,11 +120,6 @@ impl CoordinatorClient {
         self
     }
 
-    /// The coordinator URLs this client knows.
-    pub fn addresses(&self) -> &[String] {
-        &self.addresses
-    }
-
     /// Wraps a message, with the operator's token when there is one.
     fn authorized<M>(&self, message: M) -> tonic::Request<M> {
         let mut request = tonic::Request::new(message);

@@ -1,6 +1,5 @@
 //! `moemesh demo`: a local multi-process cluster, a workload and a report.
 
-use moemesh_proto::NodeStatus;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -13,6 +12,7 @@ use moemesh_core::compute::CpuBackend;
 use moemesh_core::layer::MoeLayer;
 use moemesh_core::model::checkpoint::Checkpoint;
 use moemesh_proto::ExpertServiceClient;
+use moemesh_proto::NodeStatus;
 use moemesh_proto::v1::InfoRequest;
 use rand::SeedableRng;
 

@@ -1,10 +1,10 @@
 //! The `moemesh` binary as users run it: `up` and `demo` with real processes.
 
-use moemesh_proto::{NodeStatus, ReplicaState};
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
 use moemesh_client::{Client, CoordinatorClient, TlsConfig};
+use moemesh_proto::{NodeStatus, ReplicaState};
 use moemesh_tests::{Fixture, relative_l2};
 
 const MOEMESH: &str = env!("CARGO_BIN_EXE_moemesh");

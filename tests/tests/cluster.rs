@@ -1,7 +1,6 @@
 //! Cluster behaviour: batch invariance, bad input, replicas, dtypes.
 
-use moemesh_client::ClientError;
-use moemesh_client::Timed;
+use moemesh_client::{ClientError, Timed};
 use moemesh_core::compute::CpuBackend;
 use moemesh_core::layer::MoeLayer;
 use moemesh_core::model::placement::LayerExpert;

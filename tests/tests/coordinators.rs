@@ -1,12 +1,15 @@
 //! Three coordinators as gRPC servers on 127.0.0.1: the admin API from any
 //! of them, and losing the leader.
 
-use moemesh_proto::ReplicaState;
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
+use moemesh_client::{CoordinatorClient, TlsConfig};
 use moemesh_proto::AdminServiceClient;
+use moemesh_proto::ReplicaState;
 use moemesh_proto::v1::{
-    ClusterStatusRequest, LoadModelRequest, NodeInfo, RegisterNodeRequest, ShowPlacementRequest,
+    ClusterStatusRequest, LoadModelRequest, NodeInfo, PlacementSnapshot, RegisterNodeRequest,
+    ShowPlacementRequest,
 };
 use moemesh_tests::{CoordinatorSandbox, fixture_dir};
 use tonic::Code;
@@ -284,4 +287,75 @@ async fn operators_calls_need_the_admin_token_and_membership_does_not() {
     let nodes = operator.cluster_status().await.unwrap().nodes;
     assert!(nodes.iter().any(|node| node.id == "expert-a"));
     coordinators.shutdown().await;
+}
+
+/// The next placement snapshot `placements` delivers that holds node `id`.
+async fn snapshot_with_node(
+    placements: &mut (impl futures::Stream<Item = PlacementSnapshot> + Unpin),
+    id: &str,
+) -> PlacementSnapshot {
+    let wait = async {
+        loop {
+            let snapshot = placements.next().await.expect("the stream goes on");
+            if snapshot.nodes.iter().any(|node| node.id == id) {
+                return snapshot;
+            }
+        }
+    };
+    tokio::time::timeout(PATIENCE, wait)
+        .await
+        .unwrap_or_else(|_| panic!("no snapshot with node {id}"))
+}
+
+/// One `CoordinatorClient` for the whole group: a coordinator that cannot
+/// be reached is skipped, and the placement stream moves to another
+/// coordinator when the one it follows stops, never going back an epoch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_coordinator_client_skips_lost_coordinators_and_keeps_following_the_placement() {
+    let mut group = CoordinatorSandbox::start(3).await;
+    let leader = group.leader(1).await;
+    let followed = *group.urls.keys().find(|&&id| id != leader).unwrap();
+    // Nobody listens at the first address; the stream follows `followed`.
+    let mut addresses = vec![
+        "http://127.0.0.1:1".to_string(),
+        group.urls[&followed].clone(),
+    ];
+    addresses.extend(
+        group
+            .urls
+            .iter()
+            .filter(|&(&id, _)| id != followed)
+            .map(|(_, url)| url.clone()),
+    );
+    let mut client = CoordinatorClient::connect(addresses, TlsConfig::plaintext())
+        .await
+        .unwrap();
+    assert_eq!(client.cluster_status().await.unwrap().leader_id, leader);
+    let mut placements = client.watch_placement("", 0);
+
+    let register = |id: &'static str| {
+        let mut client = client.clone();
+        async move {
+            let request = RegisterNodeRequest {
+                node: Some(node(id, "rack-1")),
+                request_id: format!("register-{id}"),
+                ..RegisterNodeRequest::default()
+            };
+            client.register_node(request).await.unwrap()
+        }
+    };
+    register("expert-a").await;
+    let before = snapshot_with_node(&mut placements, "expert-a").await;
+
+    group.stop(followed).await;
+    register("expert-b").await;
+    let after = snapshot_with_node(&mut placements, "expert-b").await;
+    assert!(
+        after.epoch >= before.epoch,
+        "{} then {}",
+        before.epoch,
+        after.epoch
+    );
+    assert!(after.nodes.iter().any(|node| node.id == "expert-a"));
+    group.shutdown().await;
 }

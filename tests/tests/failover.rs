@@ -1,11 +1,11 @@
 //! Losing an expert node under load: with every expert on two nodes no
 //! request fails, and the cluster heals itself while serving.
 
-use moemesh_proto::{NodeStatus, ReplicaState};
 use std::time::{Duration, Instant};
 
 use moemesh_core::compute::CpuBackend;
 use moemesh_core::layer::MoeLayer;
+use moemesh_proto::{NodeStatus, ReplicaState};
 use moemesh_tests::{Fixture, ManagedCluster, SteadyLoad, relative_l2};
 
 const PATIENCE: Duration = Duration::from_secs(60);

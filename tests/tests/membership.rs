@@ -1,10 +1,10 @@
 //! Placement owned by the coordinators: moves under load, and dead nodes.
 
-use moemesh_proto::{NodeStatus, ReplicaState};
 use std::time::{Duration, Instant};
 
 use moemesh_core::compute::CpuBackend;
 use moemesh_core::layer::MoeLayer;
+use moemesh_proto::{NodeStatus, ReplicaState};
 use moemesh_tests::{Fixture, ManagedCluster, SteadyLoad, relative_l2};
 
 const PATIENCE: Duration = Duration::from_secs(60);

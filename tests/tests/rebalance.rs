@@ -2,11 +2,11 @@
 //! rebalancer gives the hot expert more replicas, and every request before,
 //! during and after matches the in-process layer.
 
-use moemesh_proto::ReplicaState;
 use std::time::{Duration, Instant};
 
 use moemesh_core::compute::CpuBackend;
 use moemesh_core::layer::MoeLayer;
+use moemesh_proto::ReplicaState;
 use moemesh_tests::{Fixture, ManagedCluster, SteadyLoad};
 use rand::{Rng, SeedableRng};
 
