@@ -54,6 +54,7 @@ fn register(index: usize) -> Proposal {
         group: "g".into(),
         device: "cpu".into(),
         memory_bytes: 1,
+        buffer_bytes: 0,
         status: NodeStatus::Ready,
     };
     Proposal {

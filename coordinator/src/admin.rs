@@ -220,10 +220,16 @@ impl moemesh_proto::AdminService for AdminApi {
         let model = resolve_model(&state, &request.model)?;
         let loads = self.load.layer_loads(&model);
         let dispatch = self.load.dispatch(&model);
+        let mut nodes = self.load.node_work();
+        for work in &mut nodes {
+            if let Some(record) = state.nodes.get(&work.node) {
+                work.device.clone_from(&record.device);
+            }
+        }
         Ok(Response::new(LoadStatsResponse {
             window_seconds: loads.seconds,
             layers: loads.layers,
-            nodes: self.load.node_work(),
+            nodes,
             nodes_per_token: dispatch.nodes,
             bytes_per_token: dispatch.bytes,
             model,

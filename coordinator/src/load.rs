@@ -1,5 +1,6 @@
 //! The load window: how many tokens routers sent each expert (the load),
-//! and how busy each expert node was (its work), over the last minute or so.
+//! and how busy each expert node was and how often its experts were not
+//! resident (its work and Expert Buffering), over the last minute or so.
 //!
 //! Soft state, in memory: routers and nodes report cumulative counters
 //! every second or so, and the window is the difference between the newest
@@ -12,7 +13,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use moemesh_proto::v1::{LayerLoad, NodeWork};
+use moemesh_proto::v1::{HeartbeatRequest, LayerLoad, NodeWork};
 
 /// One router's cumulative counts at one moment: per layer, per expert.
 type Counts = BTreeMap<u32, Vec<u64>>;
@@ -23,18 +24,12 @@ type Dispatch = [u64; 3];
 /// A router's samples, oldest first.
 type RouterSamples = VecDeque<(Instant, (Counts, Dispatch))>;
 
-/// Cumulative work counters of one expert node at one moment.
-#[derive(Debug, Clone, Copy)]
+/// An expert node's heartbeat (its queue now, its cumulative work and
+/// Expert Buffering counters) and when it arrived.
+#[derive(Debug, Clone)]
 struct NodeSample {
     at: Instant,
-    busy_micros: u64,
-    pairs: u64,
-}
-
-#[derive(Default)]
-struct NodeSamples {
-    samples: VecDeque<NodeSample>,
-    queue_depth: u64,
+    heartbeat: HeartbeatRequest,
 }
 
 /// The tokens routed to each expert of a model within the window.
@@ -59,7 +54,8 @@ pub struct LoadTracker {
     window: Duration,
     /// Per (model, router): samples, oldest first.
     routers: Mutex<HashMap<(String, String), RouterSamples>>,
-    nodes: Mutex<HashMap<String, NodeSamples>>,
+    /// Per node, its heartbeats, oldest first.
+    nodes: Mutex<HashMap<String, VecDeque<NodeSample>>>,
 }
 
 /// Drops samples that can no longer bound the window: keeps every sample
@@ -106,20 +102,18 @@ impl LoadTracker {
         trim(samples, self.window_start(now));
     }
 
-    /// Records an expert node's work counters.
-    pub fn record_node(&self, node: &str, queue_depth: u64, busy_micros: u64, pairs: u64) {
+    /// Records an expert node's heartbeat.
+    pub fn record_node(&self, heartbeat: &HeartbeatRequest) {
         let now = Instant::now();
         let start = self.window_start(now);
         let mut nodes = self.nodes.lock().expect("load tracker");
-        let entry = nodes.entry(node.to_string()).or_default();
-        entry.queue_depth = queue_depth;
-        entry.samples.push_back(NodeSample {
+        let samples = nodes.entry(heartbeat.node.clone()).or_default();
+        samples.push_back(NodeSample {
             at: now,
-            busy_micros,
-            pairs,
+            heartbeat: heartbeat.clone(),
         });
-        while entry.samples.len() > 1 && entry.samples[1].at <= start {
-            entry.samples.pop_front();
+        while samples.len() > 1 && samples[1].at <= start {
+            samples.pop_front();
         }
     }
 
@@ -193,39 +187,64 @@ impl LoadTracker {
         (covered, layers, dispatch)
     }
 
-    /// Each node's queue depth, busy share and throughput over the window.
+    /// Each node's queue depth, busy share, throughput and Expert
+    /// Buffering over the window, by node id; the device is left for the
+    /// caller, who knows the nodes.
     pub fn node_work(&self) -> Vec<NodeWork> {
         let now = Instant::now();
         let start = self.window_start(now);
         let mut nodes = self.nodes.lock().expect("load tracker");
-        nodes.retain(|_, entry| entry.samples.back().is_some_and(|sample| sample.at > start));
+        nodes.retain(|_, samples| samples.back().is_some_and(|sample| sample.at > start));
         let mut work: Vec<NodeWork> = nodes
             .iter()
-            .map(|(node, entry)| {
-                let (first, last) = (entry.samples.front(), entry.samples.back());
-                let (busy_fraction, pairs_per_second) = match (first, last) {
-                    (Some(first), Some(last)) if last.at > first.at => {
-                        let seconds = last.at.duration_since(first.at).as_secs_f64();
-                        (
-                            (last.busy_micros.saturating_sub(first.busy_micros) as f64
-                                / 1e6
-                                / seconds)
-                                .min(1.0),
-                            last.pairs.saturating_sub(first.pairs) as f64 / seconds,
-                        )
-                    }
-                    _ => (0.0, 0.0),
-                };
-                NodeWork {
-                    node: node.clone(),
-                    queue_depth: entry.queue_depth,
-                    busy_fraction,
-                    pairs_per_second,
-                }
+            .filter_map(|(node, samples)| {
+                let (first, last) = (samples.front()?, samples.back()?);
+                Some(window_work(node, first, last))
             })
             .collect();
         work.sort_by(|a, b| a.node.cmp(&b.node));
         work
+    }
+}
+
+/// A node's work between its oldest sample in the window and its newest:
+/// rates over that span (0 until it spans any time), the queue and the
+/// cumulative counts as of the newest. A counter that went backwards
+/// belongs to a restarted node and adds nothing.
+fn window_work(node: &str, first: &NodeSample, last: &NodeSample) -> NodeWork {
+    let (oldest, newest) = (&first.heartbeat, &last.heartbeat);
+    let seconds = last.at.duration_since(first.at).as_secs_f64();
+    let growth =
+        |counter: fn(&HeartbeatRequest) -> u64| counter(newest).saturating_sub(counter(oldest));
+    let per_second = |counter: fn(&HeartbeatRequest) -> u64| {
+        if seconds > 0.0 {
+            growth(counter) as f64 / seconds
+        } else {
+            0.0
+        }
+    };
+    let (hits, misses) = (
+        growth(|heartbeat| heartbeat.buffer_hits),
+        growth(|heartbeat| heartbeat.buffer_misses),
+    );
+    NodeWork {
+        node: node.to_string(),
+        queue_depth: newest.queue_depth,
+        busy_fraction: (per_second(|heartbeat| heartbeat.busy_micros) / 1e6).min(1.0),
+        pairs_per_second: per_second(|heartbeat| heartbeat.pairs),
+        device: String::new(),
+        // No lookup in the window: nothing missed.
+        buffer_hit_rate: if hits + misses == 0 {
+            1.0
+        } else {
+            hits as f64 / (hits + misses) as f64
+        },
+        bytes_paged_in_per_second: per_second(|heartbeat| heartbeat.bytes_paged_in),
+        host_fallbacks_per_second: per_second(|heartbeat| heartbeat.host_fallbacks),
+        buffer_hits: newest.buffer_hits,
+        buffer_misses: newest.buffer_misses,
+        bytes_paged_in: newest.bytes_paged_in,
+        host_fallbacks: newest.host_fallbacks,
     }
 }
 
@@ -288,12 +307,22 @@ mod tests {
         assert!(tracker.layer_loads("m").layers.is_empty());
     }
 
+    fn work(node: &str, queue_depth: u64, busy_micros: u64, pairs: u64) -> HeartbeatRequest {
+        HeartbeatRequest {
+            node: node.into(),
+            queue_depth,
+            busy_micros,
+            pairs,
+            ..HeartbeatRequest::default()
+        }
+    }
+
     #[test]
     fn nodes_report_busy_share_and_throughput() {
         let tracker = LoadTracker::new(Duration::from_secs(60));
-        tracker.record_node("n1", 0, 0, 0);
+        tracker.record_node(&work("n1", 0, 0, 0));
         std::thread::sleep(Duration::from_millis(100));
-        tracker.record_node("n1", 3, 50_000, 1000);
+        tracker.record_node(&work("n1", 3, 50_000, 1000));
         let work = tracker.node_work();
         assert_eq!(work.len(), 1);
         assert_eq!(work[0].queue_depth, 3);
@@ -304,5 +333,48 @@ mod tests {
             work[0].busy_fraction
         );
         assert!(work[0].pairs_per_second > 1000.0 && work[0].pairs_per_second <= 10_000.0);
+    }
+
+    #[test]
+    fn nodes_report_expert_buffering_over_the_window() {
+        let tracker = LoadTracker::new(Duration::from_secs(60));
+        let buffering = |hits, misses, bytes_paged_in, host_fallbacks| HeartbeatRequest {
+            buffer_hits: hits,
+            buffer_misses: misses,
+            bytes_paged_in,
+            host_fallbacks,
+            ..work("gpu", 0, 0, 0)
+        };
+        tracker.record_node(&buffering(100, 20, 1 << 20, 5));
+        tracker.record_node(&work("cpu", 0, 0, 0));
+        std::thread::sleep(Duration::from_millis(100));
+        tracker.record_node(&buffering(190, 30, 3 << 20, 9));
+        tracker.record_node(&work("cpu", 0, 10, 10));
+        let work = tracker.node_work();
+        let (cpu, gpu) = (&work[0], &work[1]);
+        // 90 hits and 10 misses in the window, whatever came before.
+        assert!((gpu.buffer_hit_rate - 0.9).abs() < 1e-9, "{gpu:?}");
+        // 2 MiB and 4 fallbacks in at least 100 ms.
+        let seconds = (2 << 20) as f64 / gpu.bytes_paged_in_per_second;
+        assert!((0.1..1.0).contains(&seconds), "{gpu:?}");
+        assert!((gpu.host_fallbacks_per_second * seconds - 4.0).abs() < 1e-6);
+        assert_eq!(
+            (
+                gpu.buffer_hits,
+                gpu.buffer_misses,
+                gpu.bytes_paged_in,
+                gpu.host_fallbacks
+            ),
+            (190, 30, 3 << 20, 9)
+        );
+        // A node that looked nothing up missed nothing.
+        assert_eq!(cpu.buffer_hit_rate, 1.0);
+        assert_eq!(cpu.bytes_paged_in_per_second, 0.0);
+        assert_eq!(cpu.host_fallbacks_per_second, 0.0);
+        // A restarted node's counters start over without going negative.
+        tracker.record_node(&buffering(5, 0, 0, 0));
+        let restarted = &tracker.node_work()[1];
+        assert_eq!(restarted.buffer_hit_rate, 1.0);
+        assert_eq!(restarted.bytes_paged_in_per_second, 0.0);
     }
 }

@@ -116,7 +116,8 @@ pub fn expert_key(model: String, layer: u32, expert: u32) -> Result<ExpertKey, P
 
 /// The first replicas of `model`: `replicas_per_expert` (at least one) on
 /// distinct ready nodes for every expert that has none yet, as
-/// `moemesh_core`'s initial assignment spreads them over groups and memory.
+/// `moemesh_core`'s initial assignment spreads them over groups, memory
+/// and buffers.
 pub fn initial_replicas(
     state: &ClusterState,
     config: &ModelConfig,
@@ -131,6 +132,7 @@ pub fn initial_replicas(
             id: node.id.clone(),
             group: node.group.clone(),
             memory_bytes: node.memory_bytes,
+            buffer_bytes: node.buffer_bytes,
         })
         .collect();
     let key = |layer: usize, expert: u32| ExpertKey {
@@ -203,6 +205,7 @@ pub fn node_info(node: &NodeRecord) -> NodeInfo {
         group: node.group.clone(),
         device: node.device.clone(),
         memory_bytes: node.memory_bytes,
+        buffer_bytes: node.buffer_bytes,
         status: node_status_to_proto(node.status).into(),
     }
 }
@@ -266,6 +269,7 @@ mod tests {
             group: group.into(),
             device: "cpu".into(),
             memory_bytes: 1 << 30,
+            buffer_bytes: 0,
             status,
         }
     }

@@ -10,25 +10,26 @@
 //! dropped silently.
 //!
 //! A [`Rebalancer`] runs one rebalance at a time, on an operator's request
-//! or from [`periodic_rebalance_task`] on the leader.
+//! or from [`periodic_rebalance_task`] on the leader. `planning` gives
+//! the planner its view of the nodes: slots from their memory and buffer
+//! bytes, of which those their memory keeps resident.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+mod planning;
+
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
-use moemesh_core::model::config::ModelConfig;
-use moemesh_core::model::placement::planner::{PlanError, PlanNode, PlanOptions, plan_layer};
-use moemesh_proto::v1::LayerLoad;
+use moemesh_core::model::placement::planner::DEFAULT_BUFFERED_LOAD_FACTOR;
 
+use crate::CoordinatorResult;
 use crate::load::LoadTracker;
 use crate::membership::add_replica;
 use crate::node::RaftHandle;
-use crate::placement::expert_bytes;
-use crate::state::{ClusterState, Command, ExpertKey, NodeRecord, NodeStatus, ReplicaState};
-use crate::{CoordinatorError, CoordinatorResult};
+use crate::state::{Command, ExpertKey};
+use planning::{ModelPlanning, window_loads};
 
 /// What the rebalancer may do.
 #[derive(Debug, Clone, Copy)]
@@ -42,6 +43,9 @@ pub struct RebalanceOptions {
     pub concurrent_moves: usize,
     /// How long routers get to leave a drained replica before removal.
     pub drain_grace: Duration,
+    /// How much more load on an expert beyond a node's resident slots
+    /// counts than on a resident one (the planner's `buffered_load_factor`).
+    pub buffered_load_factor: f64,
 }
 
 impl Default for RebalanceOptions {
@@ -51,6 +55,7 @@ impl Default for RebalanceOptions {
             redundant_fraction: 0.25,
             concurrent_moves: 2,
             drain_grace: crate::membership::DRAIN_GRACE,
+            buffered_load_factor: DEFAULT_BUFFERED_LOAD_FACTOR,
         }
     }
 }
@@ -182,186 +187,6 @@ pub async fn periodic_rebalance_task(rebalancer: Rebalancer, interval: Duration)
                 Err(error) => tracing::warn!(model, %error, "periodic rebalance failed"),
             }
         }
-    }
-}
-
-/// Bytes of weights each node holds now, over every model.
-fn used_bytes(
-    state: &ClusterState,
-    configs: &BTreeMap<String, ModelConfig>,
-) -> BTreeMap<String, u64> {
-    let mut used = BTreeMap::new();
-    for (key, replicas) in &state.replicas {
-        let Some(config) = configs.get(&key.model) else {
-            continue;
-        };
-        for replica in replicas {
-            *used.entry(replica.node.clone()).or_default() += expert_bytes(config, key.expert);
-        }
-    }
-    used
-}
-
-/// Tokens per expert of `layer` in the window, over `experts` experts;
-/// None when the layer saw no traffic, so there is nothing to balance.
-fn window_loads(window: &[LayerLoad], layer: usize, experts: usize) -> Option<Vec<f64>> {
-    let entry = window.iter().find(|entry| entry.layer as usize == layer)?;
-    if !entry.tokens.iter().any(|&tokens| tokens > 0) {
-        return None;
-    }
-    let mut loads: Vec<f64> = entry.tokens.iter().map(|&tokens| tokens as f64).collect();
-    loads.resize(experts, 0.0);
-    Some(loads)
-}
-
-/// The model being rebalanced and the ready nodes it may use.
-struct ModelPlanning<'a> {
-    state: &'a ClusterState,
-    model: &'a str,
-    config: ModelConfig,
-    nodes: Vec<&'a NodeRecord>,
-    /// Index of each ready node's topology group, as the planner counts them.
-    groups: BTreeMap<&'a str, usize>,
-    /// Bytes of weights each node holds, over every model.
-    used: BTreeMap<String, u64>,
-}
-
-impl<'a> ModelPlanning<'a> {
-    fn new(state: &'a ClusterState, model: &'a str) -> CoordinatorResult<Self> {
-        let record = state
-            .models
-            .get(model)
-            .ok_or_else(|| CoordinatorError::Rejected(format!("no model {model:?}")))?;
-        let config = ModelConfig::from_dir(Path::new(&record.checkpoint)).map_err(|error| {
-            CoordinatorError::Rejected(format!(
-                "cannot read {model}'s config at {}: {error}",
-                record.checkpoint
-            ))
-        })?;
-        let mut configs = BTreeMap::new();
-        for (id, other) in &state.models {
-            if let Ok(config) = ModelConfig::from_dir(Path::new(&other.checkpoint)) {
-                configs.insert(id.clone(), config);
-            }
-        }
-        configs.insert(model.to_string(), config.clone());
-        let nodes: Vec<&NodeRecord> = state
-            .nodes
-            .values()
-            .filter(|node| node.status == NodeStatus::Ready)
-            .collect();
-        if nodes.is_empty() {
-            return Err(CoordinatorError::Rejected("no ready expert node".into()));
-        }
-        let groups = nodes
-            .iter()
-            .map(|node| node.group.as_str())
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .enumerate()
-            .map(|(index, group)| (group, index))
-            .collect();
-        Ok(Self {
-            state,
-            model,
-            used: used_bytes(state, &configs),
-            config,
-            nodes,
-            groups,
-        })
-    }
-
-    /// Per ready node, the experts of `layer` it holds (loading or ready;
-    /// draining ones are on their way out).
-    fn held_experts(&self, layer: usize) -> Vec<Vec<u32>> {
-        let experts = self.config.experts_per_layer() as u32;
-        self.nodes
-            .iter()
-            .map(|node| {
-                (0..experts)
-                    .filter(|&expert| {
-                        let key = ExpertKey {
-                            model: self.model.to_string(),
-                            layer,
-                            expert,
-                        };
-                        self.state.replicas.get(&key).is_some_and(|replicas| {
-                            replicas.iter().any(|replica| {
-                                replica.node == node.id && replica.state != ReplicaState::Draining
-                            })
-                        })
-                    })
-                    .collect()
-            })
-            .collect()
-    }
-
-    /// The planner's view of each ready node. Slots: what the node holds of
-    /// this layer now, plus its free memory shared out over the model's layers.
-    fn plan_nodes(&self, held: &[Vec<u32>]) -> Vec<PlanNode> {
-        let typical_bytes = expert_bytes(&self.config, 0).max(1);
-        let layers = self.config.moe_layers().len().max(1);
-        self.nodes
-            .iter()
-            .zip(held)
-            .map(|(node, held)| {
-                let free = node
-                    .memory_bytes
-                    .saturating_sub(self.used.get(&node.id).copied().unwrap_or(0));
-                let spare = (free / typical_bytes) as usize / layers;
-                PlanNode {
-                    slots: held.len() + spare,
-                    group: self.groups[node.group.as_str()],
-                }
-            })
-            .collect()
-    }
-
-    /// Plans one layer from its `loads`; None when the layer has no replicas.
-    fn plan_layer(
-        &self,
-        layer: usize,
-        loads: &[f64],
-        options: &RebalanceOptions,
-    ) -> Result<Option<LayerOutcome>, PlanError> {
-        let held = self.held_experts(layer);
-        if held.iter().map(Vec::len).sum::<usize>() == 0 {
-            return Ok(None);
-        }
-        let experts = self.config.experts_per_layer();
-        let options_for_layer = PlanOptions {
-            threshold: options.threshold,
-            routing_groups: self.config.group_limit.map(|limit| limit.groups),
-            max_extra_replicas: Some((experts as f64 * options.redundant_fraction).ceil() as usize),
-        };
-        let plan = plan_layer(
-            loads,
-            &self.plan_nodes(&held),
-            Some(&held),
-            &options_for_layer,
-        )?;
-        let mut added = Vec::new();
-        let mut removed = Vec::new();
-        for ((node, now), planned) in self.nodes.iter().zip(&held).zip(&plan.nodes) {
-            let now: BTreeSet<u32> = now.iter().copied().collect();
-            let planned: BTreeSet<u32> = planned.iter().copied().collect();
-            added.extend(
-                planned
-                    .difference(&now)
-                    .map(|&expert| (node.id.clone(), expert)),
-            );
-            removed.extend(
-                now.difference(&planned)
-                    .map(|&expert| (node.id.clone(), expert)),
-            );
-        }
-        Ok(Some(LayerOutcome {
-            layer,
-            before: plan.current_max_over_mean.unwrap_or(plan.max_over_mean),
-            after: plan.max_over_mean,
-            added,
-            removed,
-        }))
     }
 }
 

@@ -81,6 +81,7 @@ fn ready_node_record(node: NodeInfo) -> NodeRecord {
             node.device
         },
         memory_bytes: node.memory_bytes,
+        buffer_bytes: node.buffer_bytes,
         status: NodeStatus::Ready,
     }
 }
@@ -117,15 +118,10 @@ pub async fn report_replica_ready(
         .await?)
 }
 
-/// Records a node's heartbeat: it is alive, and this busy.
+/// Records a node's heartbeat: it is alive, this busy, and buffering so.
 pub fn record_heartbeat(membership: &Membership, load: &LoadTracker, heartbeat: &HeartbeatRequest) {
     membership.heard_from(&heartbeat.node);
-    load.record_node(
-        &heartbeat.node,
-        heartbeat.queue_depth,
-        heartbeat.busy_micros,
-        heartbeat.pairs,
-    );
+    load.record_node(heartbeat);
 }
 
 /// Records that a router could not reach a node, which then has less

@@ -37,8 +37,13 @@ pub struct NodeRecord {
     pub group: String,
     /// For example `cpu` or `cuda:0`.
     pub device: String,
-    /// Bytes available for expert weights.
+    /// Bytes of expert weights it keeps resident on its device.
     pub memory_bytes: u64,
+    /// Bytes of the next tier where experts beyond `memory_bytes` wait
+    /// (pinned host memory, the page cache); 0: none. Logs and snapshots
+    /// written before nodes had a next tier lack it, hence the default.
+    #[serde(default)]
+    pub buffer_bytes: u64,
     pub status: NodeStatus,
 }
 
@@ -93,7 +98,7 @@ impl std::fmt::Display for ExpertKey {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Command {
-    /// Adds a node or updates its address, group, device and memory.
+    /// Adds a node or updates its address, group, device and memory tiers.
     RegisterNode { node: NodeRecord },
     /// Changes a node's status.
     SetNodeStatus { node: String, status: NodeStatus },
@@ -396,6 +401,7 @@ mod tests {
             group: "rack-a".into(),
             device: "cpu".into(),
             memory_bytes: 1 << 30,
+            buffer_bytes: 0,
             status: NodeStatus::Ready,
         }
     }
@@ -526,6 +532,15 @@ mod tests {
             ),
             Outcome::Applied { epoch: 1 }
         );
+    }
+
+    #[test]
+    fn nodes_recorded_before_buffers_existed_have_none() {
+        let before_buffers = r#"{"id":"a","address":"http://a:1","group":"rack-a",
+            "device":"cpu","memory_bytes":1073741824,"status":"ready"}"#;
+        let record: NodeRecord = serde_json::from_str(before_buffers).unwrap();
+        assert_eq!(record, node("a"));
+        assert_eq!(record.buffer_bytes, 0);
     }
 
     #[test]

@@ -155,6 +155,7 @@ fn register(id: &str) -> Command {
             group: "rack-1".into(),
             device: "cpu".into(),
             memory_bytes: 1 << 30,
+            buffer_bytes: 0,
             status: NodeStatus::Ready,
         },
     }

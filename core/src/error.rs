@@ -22,6 +22,13 @@ pub enum CoreError {
     /// A placement file is malformed or inconsistent with the model.
     #[error("invalid placement: {0}")]
     Placement(String),
+    /// The device asked for cannot be used: no GPU, no driver, or a
+    /// moemesh built without its support.
+    #[error("device unavailable: {0}")]
+    DeviceUnavailable(String),
+    /// The device failed while computing or moving weights.
+    #[error("device error: {0}")]
+    Device(String),
 }
 
 /// Result alias of moemesh-core.

@@ -12,6 +12,7 @@
 
 mod error;
 pub mod registration;
+pub mod residency;
 pub mod service;
 pub mod worker;
 
@@ -21,7 +22,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use moemesh_client::CoordinatorClient;
-use moemesh_core::compute::{ComputeBackend, CpuBackend, WeightFormat};
+use moemesh_core::compute::{BackendOptions, Device, WeightFormat, open_backend};
 use moemesh_core::model::checkpoint::Checkpoint;
 use moemesh_core::model::placement::LayerExpert;
 use moemesh_proto::tls::TlsConfig;
@@ -51,11 +52,29 @@ pub struct ExpertNodeConfig {
     pub queue_capacity: usize,
     /// How the experts' weights are kept in memory.
     pub weight_format: WeightFormat,
+    /// Where the experts compute.
+    pub device: Device,
+    /// Host memory for expert weights: the resident budget of a CPU node,
+    /// the pinned tier of a GPU node. None: no limit.
+    pub memory_budget: Option<u64>,
+    /// GPU memory for expert weights of a GPU node. None: no limit.
+    pub device_memory_budget: Option<u64>,
     /// How connections to and from this node are secured.
     pub tls: TlsConfig,
     /// The coordinators this node joins; None for a node that serves its
     /// `experts` alone (a placement file names it to routers).
     pub registration: Option<Registration>,
+}
+
+impl ExpertNodeConfig {
+    /// The budget of the tier experts compute from: host memory on the
+    /// CPU, GPU memory on a GPU.
+    pub fn resident_budget(&self) -> Option<u64> {
+        match self.device {
+            Device::Cpu => self.memory_budget,
+            Device::Cuda(_) => self.device_memory_budget,
+        }
+    }
 }
 
 /// An expert node with its experts loaded and, when it has coordinators,
@@ -171,14 +190,20 @@ pub async fn run(
         .await
 }
 
-/// Loads the experts of `config` onto a CPU backend, off the async runtime.
+/// Loads the experts of `config` onto the backend of its device, off the
+/// async runtime.
 async fn load(config: ExpertNodeConfig) -> ExpertNodeResult<ExpertNodeService> {
     tokio::task::spawn_blocking(move || {
         let checkpoint = Arc::new(Checkpoint::open(&config.model_dir)?);
-        let backend: Arc<dyn ComputeBackend> = Arc::new(CpuBackend::with_format(
-            config.threads,
-            config.weight_format,
-        )?);
+        let backend = open_backend(BackendOptions {
+            device: config.device,
+            threads: config.threads,
+            weight_format: config.weight_format,
+            host_budget: match config.device {
+                Device::Cpu => None,
+                Device::Cuda(_) => config.memory_budget,
+            },
+        })?;
         ExpertNodeService::load(checkpoint, backend, &config)
     })
     .await

@@ -24,8 +24,13 @@ pub struct Registration {
     pub address: String,
     /// Topology group (host or rack).
     pub group: String,
-    /// Bytes available for expert weights.
+    /// The device its experts compute on: `cpu` or `cuda:N`.
+    pub device: String,
+    /// Bytes of expert weights it keeps resident on that device.
     pub memory_bytes: u64,
+    /// Bytes of the next tier (pinned host memory for a GPU, the page
+    /// cache for the CPU) where experts beyond `memory_bytes` wait; 0: none.
+    pub buffer_bytes: u64,
     /// The checkpoint directory, as the coordinators see it.
     pub checkpoint: String,
     /// Time between heartbeats.
@@ -48,8 +53,9 @@ pub async fn register(
             id: registration.node_id.clone(),
             address: registration.address.clone(),
             group: registration.group.clone(),
-            device: "cpu".into(),
+            device: registration.device.clone(),
             memory_bytes: registration.memory_bytes,
+            buffer_bytes: registration.buffer_bytes,
             status: NodeStatus::Unspecified.into(),
         }),
         request_id: format!("register-{}-{:016x}", registration.node_id, process_nonce()),
@@ -97,6 +103,10 @@ pub async fn heartbeat_task(
             queue_depth: work.queue_depth,
             busy_micros: work.busy_micros,
             pairs: work.pairs,
+            buffer_hits: work.buffer_hits,
+            buffer_misses: work.buffer_misses,
+            bytes_paged_in: work.bytes_paged_in,
+            host_fallbacks: work.host_fallbacks,
         };
         if let Err(error) = coordinators.heartbeat(request).await {
             tracing::debug!(%error, "heartbeat not delivered");

@@ -2,7 +2,6 @@
 //! device worker, so that a bad request is refused with a clear message and
 //! never disturbs other work.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -18,6 +17,7 @@ use moemesh_proto::v1::{
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
+use crate::residency::Residency;
 use crate::worker::{ComputeJob, DeviceWorker, DeviceWorkerHandle, ExpertAssignment};
 use crate::{ExpertNodeConfig, ExpertNodeError, ExpertNodeResult};
 
@@ -34,6 +34,9 @@ struct NodeInner {
     checkpoint: Arc<Checkpoint>,
     backend: Arc<dyn ComputeBackend>,
     worker: DeviceWorkerHandle,
+    /// Whether an added expert is loaded before the worker serves it
+    /// (no budget), or paged in by the worker as the budget allows.
+    loads_eagerly: bool,
 }
 
 /// A node's work as heartbeats report it: the coordinators' measure of how
@@ -46,6 +49,14 @@ pub struct WorkCounters {
     pub busy_micros: u64,
     /// Token-expert pairs computed since the node started.
     pub pairs: u64,
+    /// Expert Buffering since the node started: experts found resident.
+    pub buffer_hits: u64,
+    /// Experts that were not resident when a job needed them.
+    pub buffer_misses: u64,
+    /// Bytes of expert weights moved into the resident tier.
+    pub bytes_paged_in: u64,
+    /// Experts computed on the host instead of being paged in.
+    pub host_fallbacks: u64,
 }
 
 impl ExpertNodeService {
@@ -58,25 +69,23 @@ impl ExpertNodeService {
         node_config: &ExpertNodeConfig,
     ) -> ExpertNodeResult<Self> {
         let config = checkpoint.config().clone();
-        let mut experts = HashMap::new();
+        let mut residency = Residency::new(
+            Arc::clone(&checkpoint),
+            Arc::clone(&backend),
+            node_config.resident_budget(),
+        );
+        let loads_eagerly = residency.loads_eagerly();
         for &LayerExpert { layer, expert } in &node_config.experts {
-            if let std::collections::hash_map::Entry::Vacant(slot) = experts.entry((layer, expert))
-            {
-                slot.insert(backend.load_expert(checkpoint.load_expert(layer, expert)?)?);
-            }
+            residency.serve((layer, expert), None)?;
         }
         crate::release_freed_memory();
-        let worker = DeviceWorker::spawn(
-            experts,
-            Arc::clone(&backend),
-            config.hidden_size,
-            node_config.queue_capacity,
-        );
+        let worker = DeviceWorker::spawn(residency, config.hidden_size, node_config.queue_capacity);
         tracing::info!(
             experts = node_config.experts.len(),
             weight_mib = worker.stats().weight_bytes.load(Ordering::Relaxed) >> 20,
+            budget = ?node_config.resident_budget(),
             backend = %backend.describe(),
-            "experts resident"
+            "experts loaded"
         );
         let inner = NodeInner {
             model_id: node_config.model_id.clone(),
@@ -84,6 +93,7 @@ impl ExpertNodeService {
             checkpoint,
             backend,
             worker,
+            loads_eagerly,
         };
         Ok(Self {
             inner: Arc::new(inner),
@@ -103,19 +113,19 @@ impl ExpertNodeService {
             return Ok(());
         }
         let inner = Arc::clone(&self.inner);
-        let resident = tokio::task::spawn_blocking(move || {
-            inner
-                .backend
-                .load_expert(inner.checkpoint.load_expert(layer, expert)?)
-        })
-        .await
-        .map_err(|error| {
-            ExpertNodeError::Internal(format!("expert loading panicked: {error}"))
-        })??;
-        self.inner
-            .worker
-            .add_expert(layer, expert, resident)
-            .await?;
+        let loaded = if inner.loads_eagerly {
+            let loaded = tokio::task::spawn_blocking(move || {
+                inner.backend.page_in(&inner.checkpoint, layer, expert)
+            })
+            .await
+            .map_err(|error| {
+                ExpertNodeError::Internal(format!("expert loading panicked: {error}"))
+            })??;
+            Some(loaded)
+        } else {
+            None
+        };
+        self.inner.worker.add_expert(layer, expert, loaded).await?;
         crate::release_freed_memory();
         tracing::info!(layer, expert, "expert loaded");
         Ok(())
@@ -136,6 +146,10 @@ impl ExpertNodeService {
             queue_depth: worker.queue_depth() as u64,
             busy_micros: stats.busy_micros.load(Ordering::Relaxed),
             pairs: stats.pairs.load(Ordering::Relaxed),
+            buffer_hits: stats.buffer_hits.load(Ordering::Relaxed),
+            buffer_misses: stats.buffer_misses.load(Ordering::Relaxed),
+            bytes_paged_in: stats.bytes_paged_in.load(Ordering::Relaxed),
+            host_fallbacks: stats.host_fallbacks.load(Ordering::Relaxed),
         }
     }
 

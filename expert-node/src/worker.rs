@@ -7,13 +7,14 @@
 //! runs on its own OS thread, never on the async runtime, and drops work
 //! whose caller has already gone.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use moemesh_core::compute::{ComputeBackend, Expert, ExpertWork, scale_by_weight};
+use moemesh_core::compute::{Expert, scale_by_weight};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::residency::{ExpertKey, Residency};
 use crate::{ExpertNodeError, ExpertNodeResult};
 
 /// One expert's rows within a [`ComputeJob`].
@@ -56,20 +57,21 @@ enum WorkerCommand {
     AddExpert {
         layer: usize,
         expert: u32,
-        resident: Arc<dyn Expert>,
-        done_tx: oneshot::Sender<()>,
+        /// Its resident form, when the node loads experts before serving them.
+        loaded: Option<Arc<dyn Expert>>,
+        done_tx: oneshot::Sender<ExpertNodeResult<()>>,
     },
     RemoveExpert {
         layer: usize,
         expert: u32,
-        done_tx: oneshot::Sender<()>,
+        done_tx: oneshot::Sender<ExpertNodeResult<()>>,
     },
 }
 
 /// Counters the worker writes and `Info` reads.
 #[derive(Debug, Default)]
 pub struct WorkerStats {
-    /// Tokens processed per resident (layer, expert).
+    /// Tokens processed per served (layer, expert).
     pub tokens: Mutex<BTreeMap<(usize, u32), u64>>,
     /// Jobs dropped because their caller went away before they ran.
     pub cancelled_jobs: AtomicU64,
@@ -81,6 +83,14 @@ pub struct WorkerStats {
     pub pairs: AtomicU64,
     /// Bytes of resident expert weights.
     pub weight_bytes: AtomicU64,
+    /// Experts a job found resident.
+    pub buffer_hits: AtomicU64,
+    /// Experts a job needed that were not resident.
+    pub buffer_misses: AtomicU64,
+    /// Bytes of expert weights moved into the resident tier.
+    pub bytes_paged_in: AtomicU64,
+    /// Experts computed on the host instead of being paged in.
+    pub host_fallbacks: AtomicU64,
 }
 
 /// Cloneable handle to a running [`DeviceWorker`].
@@ -91,11 +101,11 @@ pub struct DeviceWorkerHandle {
     held_rx: watch::Receiver<Arc<HeldExperts>>,
 }
 
-/// Owns the resident experts and computes queued jobs in order.
+/// Owns the served experts and computes queued jobs in order.
 pub struct DeviceWorker {
-    experts: HashMap<(usize, u32), Arc<dyn Expert>>,
-    /// Runs the experts' work (they all live on it).
-    backend: Arc<dyn ComputeBackend>,
+    /// The served experts, which of them are resident, and the backend
+    /// they run on.
+    residency: Residency,
     hidden_size: usize,
     stats: Arc<WorkerStats>,
     /// Publishes the held set after every change; the service validates against it.
@@ -127,23 +137,27 @@ fn trim_memory_when_idle(stats: &WorkerStats, stopped: &AtomicBool) {
 impl DeviceWorker {
     /// Starts the worker thread; it exits when every handle is dropped.
     pub fn spawn(
-        experts: HashMap<(usize, u32), Arc<dyn Expert>>,
-        backend: Arc<dyn ComputeBackend>,
+        residency: Residency,
         hidden_size: usize,
         queue_capacity: usize,
     ) -> DeviceWorkerHandle {
         let stats = Arc::new(WorkerStats::default());
         let (held_tx, held_rx) = watch::channel(Arc::new(HeldExperts::new()));
-        let mut worker = Self {
-            experts: HashMap::new(),
-            backend,
+        let worker = Self {
+            residency,
             hidden_size,
             stats: Arc::clone(&stats),
             held_tx,
         };
-        for ((layer, expert), resident) in experts {
-            worker.add(layer, expert, resident);
+        for key in worker.residency.served().clone() {
+            worker
+                .stats
+                .tokens
+                .lock()
+                .expect("worker stats")
+                .insert(key, 0);
         }
+        worker.publish_held();
         let (command_tx, command_rx) = mpsc::channel(queue_capacity.max(1));
         let stopped = Arc::new(AtomicBool::new(false));
         std::thread::Builder::new()
@@ -196,21 +210,17 @@ impl DeviceWorker {
                 WorkerCommand::AddExpert {
                     layer,
                     expert,
-                    resident,
+                    loaded,
                     done_tx,
                 } => {
-                    self.add(layer, expert, resident);
-                    let _ = done_tx.send(());
+                    let _ = done_tx.send(self.add((layer, expert), loaded));
                 }
                 WorkerCommand::RemoveExpert {
                     layer,
                     expert,
                     done_tx,
                 } => {
-                    if let Some(resident) = self.experts.remove(&(layer, expert)) {
-                        self.stats
-                            .weight_bytes
-                            .fetch_sub(resident.weight_bytes() as u64, Ordering::Relaxed);
+                    if self.residency.stop_serving(&(layer, expert)) {
                         self.stats
                             .tokens
                             .lock()
@@ -218,60 +228,61 @@ impl DeviceWorker {
                             .remove(&(layer, expert));
                         self.publish_held();
                     }
-                    let _ = done_tx.send(());
+                    self.publish_residency();
+                    let _ = done_tx.send(Ok(()));
                 }
             }
         }
     }
 
-    fn add(&mut self, layer: usize, expert: u32, resident: Arc<dyn Expert>) {
-        self.stats
-            .weight_bytes
-            .fetch_add(resident.weight_bytes() as u64, Ordering::Relaxed);
-        if let Some(previous) = self.experts.insert((layer, expert), resident) {
-            self.stats
-                .weight_bytes
-                .fetch_sub(previous.weight_bytes() as u64, Ordering::Relaxed);
-        }
+    fn add(&mut self, key: ExpertKey, loaded: Option<Arc<dyn Expert>>) -> ExpertNodeResult<()> {
+        self.residency.serve(key, loaded)?;
         self.stats
             .tokens
             .lock()
             .expect("worker stats")
-            .entry((layer, expert))
+            .entry(key)
             .or_insert(0);
         self.publish_held();
+        self.publish_residency();
+        Ok(())
     }
 
     fn publish_held(&self) {
         let mut held = HeldExperts::new();
-        for &(layer, expert) in self.experts.keys() {
+        for &(layer, expert) in self.residency.served() {
             held.entry(layer).or_default().insert(expert);
         }
         self.held_tx.send_replace(Arc::new(held));
+    }
+
+    /// Publishes the resident bytes and Expert Buffering's counts.
+    fn publish_residency(&self) {
+        let stats = &self.stats;
+        let counters = self.residency.counters();
+        stats
+            .weight_bytes
+            .store(self.residency.resident_bytes(), Ordering::Relaxed);
+        stats.buffer_hits.store(counters.hits, Ordering::Relaxed);
+        stats
+            .buffer_misses
+            .store(counters.misses, Ordering::Relaxed);
+        stats
+            .bytes_paged_in
+            .store(counters.bytes_paged_in, Ordering::Relaxed);
+        stats
+            .host_fallbacks
+            .store(counters.computed_where_waiting, Ordering::Relaxed);
     }
 
     /// Runs every assigned expert on its rows and weights each output row
     /// (see [`Computed::output`]); the router adds them up in expert order.
     /// The service validates jobs, but an expert removed since is refused
     /// here rather than taking the worker down.
-    pub fn compute(&self, job: &ComputeJob) -> ExpertNodeResult<Vec<f32>> {
-        let mut work = Vec::with_capacity(job.assignments.len());
-        for assignment in &job.assignments {
-            let expert = self
-                .experts
-                .get(&(job.layer, assignment.expert))
-                .ok_or_else(|| {
-                    ExpertNodeError::InvalidArgument(format!(
-                        "expert {} of layer {} is not held here",
-                        assignment.expert, job.layer
-                    ))
-                })?;
-            work.push(ExpertWork {
-                expert: expert.as_ref(),
-                rows: &assignment.rows,
-                weights: &assignment.weights,
-            });
-        }
+    pub fn compute(&mut self, job: &ComputeJob) -> ExpertNodeResult<Vec<f32>> {
+        let result = self.residency.compute(job, self.hidden_size);
+        self.publish_residency();
+        let mut outputs = result?;
         {
             let mut tokens = self.stats.tokens.lock().expect("worker stats");
             for assignment in &job.assignments {
@@ -279,9 +290,6 @@ impl DeviceWorker {
                     assignment.rows.len() as u64;
             }
         }
-        let mut outputs = self
-            .backend
-            .expert_outputs(&job.input, self.hidden_size, &work);
         let weights = job
             .assignments
             .iter()
@@ -314,17 +322,19 @@ impl DeviceWorkerHandle {
             .map_err(|_| ExpertNodeError::Unavailable("device worker stopped".into()))?
     }
 
-    /// Makes an expert resident; waits behind queued work, never refused.
+    /// Serves an expert: `loaded` is its resident form, or None where the
+    /// worker pages experts in itself (a memory budget). Waits behind
+    /// queued work, never refused.
     pub async fn add_expert(
         &self,
         layer: usize,
         expert: u32,
-        resident: Arc<dyn Expert>,
+        loaded: Option<Arc<dyn Expert>>,
     ) -> ExpertNodeResult<()> {
         self.send_and_wait(|done_tx| WorkerCommand::AddExpert {
             layer,
             expert,
-            resident,
+            loaded,
             done_tx,
         })
         .await
@@ -344,7 +354,7 @@ impl DeviceWorkerHandle {
     /// waits until the worker has carried it out.
     async fn send_and_wait(
         &self,
-        command: impl FnOnce(oneshot::Sender<()>) -> WorkerCommand,
+        command: impl FnOnce(oneshot::Sender<ExpertNodeResult<()>>) -> WorkerCommand,
     ) -> ExpertNodeResult<()> {
         let stopped = || ExpertNodeError::Unavailable("device worker stopped".into());
         let (done_tx, done_rx) = oneshot::channel();
@@ -352,7 +362,7 @@ impl DeviceWorkerHandle {
             .send(command(done_tx))
             .await
             .map_err(|_| stopped())?;
-        done_rx.await.map_err(|_| stopped())
+        done_rx.await.map_err(|_| stopped())?
     }
 
     /// Returns the experts held now.
@@ -419,7 +429,11 @@ mod tests {
             go_rx: Mutex::new(go_rx),
         });
         let backend = Arc::new(moemesh_core::compute::CpuBackend::new(1).unwrap());
-        let worker = DeviceWorker::spawn(HashMap::from([((0, 0), expert)]), backend, 1, 1);
+        let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/mixtral");
+        let checkpoint = moemesh_core::model::checkpoint::Checkpoint::open(fixture.as_ref());
+        let mut residency = Residency::new(Arc::new(checkpoint.unwrap()), backend, None);
+        residency.serve((0, 0), Some(expert)).unwrap();
+        let worker = DeviceWorker::spawn(residency, 1, 1);
 
         let running = tokio::spawn({
             let worker = worker.clone();

@@ -88,6 +88,7 @@ pub async fn run_demo(args: DemoArgs, tls: &TlsArgs) -> anyhow::Result<()> {
         coordinators: args.coordinators,
         announce: true,
         node_memory_bytes: None,
+        tiers: Default::default(),
     };
     let cluster = LocalCluster::start(&up, tls).await?;
     let result = drive(&cluster, &args, &model, verify).await;

@@ -19,6 +19,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
 
 use crate::expert_spec::format_expert_specs;
+use crate::memory_tiers::MemoryTierArgs;
 use crate::roles::{READY_LINE_PREFIX, default_model_id, shutdown_signal};
 
 #[derive(clap::Args, Clone)]
@@ -50,6 +51,9 @@ pub struct UpArgs {
     /// Memory each expert node offers for weights; None: the machine's.
     #[arg(skip)]
     pub node_memory_bytes: Option<u64>,
+    /// Every expert node's device and memory budgets.
+    #[command(flatten)]
+    pub tiers: MemoryTierArgs,
 }
 
 /// One child process and the pipe whose closing tells it to exit.
@@ -224,6 +228,7 @@ async fn start_expert_nodes(
         if let Some(bytes) = args.node_memory_bytes {
             node_args.extend(["--memory-bytes".into(), bytes.to_string()]);
         }
+        node_args.extend(args.tiers.to_args());
         for spec in format_expert_specs(&provisional.experts_of(&entry.id)) {
             node_args.extend(["--experts".into(), spec]);
         }
@@ -256,6 +261,8 @@ impl LocalCluster {
         if args.expert_nodes == 0 {
             bail!("--expert-nodes must be at least 1");
         }
+        // Refuse an unusable device here, not in every child.
+        moemesh_core::compute::device::probe_device(args.tiers.device)?;
         let config = Checkpoint::open(&args.model)?.config().clone();
         let model_id = args
             .model_id

@@ -12,8 +12,10 @@ mod bench;
 mod demo;
 mod expert_spec;
 mod local_cluster;
+mod memory_tiers;
 mod roles;
 mod stats;
+mod synth_model;
 mod synthetic;
 
 use clap::{Parser, Subcommand};
@@ -46,6 +48,10 @@ enum Command {
     BenchRebalance(bench::rebalance::BenchRebalanceArgs),
     /// Runs many clients against a local cluster for a bounded time and reports errors, throughput and memory over time.
     Soak(bench::soak::SoakArgs),
+    /// Measures one expert node's backend on a device (a GPU) in process: correctness against the CPU on test checkpoints, throughput, decode latency and Expert Buffering, as one JSON object.
+    BenchDevice(bench::device::BenchDeviceArgs),
+    /// Writes a random Mixtral-shaped checkpoint (real tensor names) of any size, to try or measure moemesh without downloading weights.
+    SynthModel(synth_model::SynthModelArgs),
 }
 
 fn init_tracing() {
@@ -72,10 +78,38 @@ fn limit_malloc_arenas() {
     }
 }
 
+/// The exit code of a run that asked for a device this machine cannot
+/// give (no GPU, no driver, or a build without CUDA).
+const EXIT_DEVICE_UNAVAILABLE: i32 = 2;
+
 fn main() -> anyhow::Result<()> {
+    match run() {
+        Err(error) if is_device_unavailable(&error) => {
+            eprintln!("error: {error:#}");
+            std::process::exit(EXIT_DEVICE_UNAVAILABLE);
+        }
+        result => result,
+    }
+}
+
+fn is_device_unavailable(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<moemesh_core::CoreError>(),
+            Some(moemesh_core::CoreError::DeviceUnavailable(_))
+        )
+    })
+}
+
+fn run() -> anyhow::Result<()> {
     limit_malloc_arenas();
     init_tracing();
     let cli = Cli::parse();
+    match cli.command {
+        Command::SynthModel(args) => return synth_model::run_synth_model(args),
+        Command::BenchDevice(args) => return bench::device::run_bench_device(args),
+        _ => {}
+    }
     let tls = cli.tls.config()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -92,6 +126,9 @@ fn main() -> anyhow::Result<()> {
                 bench::rebalance::run_bench_rebalance(args, &cli.tls).await
             }
             Command::Soak(args) => bench::soak::run_soak(args, &cli.tls).await,
+            Command::SynthModel(_) | Command::BenchDevice(_) => {
+                unreachable!("runs before the runtime starts")
+            }
         }
     })
 }

@@ -18,6 +18,7 @@ use tokio::io::AsyncReadExt;
 use tokio::net::TcpListener;
 
 use crate::expert_spec::parse_expert_specs;
+use crate::memory_tiers::MemoryTierArgs;
 
 /// How long an expert node keeps trying to register through elections.
 const REGISTRATION_PATIENCE: Duration = Duration::from_secs(60);
@@ -59,6 +60,8 @@ pub struct ExpertArgs {
     /// widened to f32 inside each GEMM; exact for bf16 checkpoints).
     #[arg(long, env = "MOEMESH_WEIGHTS", default_value = "f32")]
     weights: WeightFormat,
+    #[command(flatten)]
+    tiers: MemoryTierArgs,
     /// Coordinators to join (comma-separated; any one will do, the others
     /// are fallbacks). The node registers the experts it serves, heartbeats,
     /// and loads or drops experts as the placement changes.
@@ -74,8 +77,9 @@ pub struct ExpertArgs {
     /// Topology group (host or rack) reported to the coordinators.
     #[arg(long, env = "MOEMESH_GROUP", default_value = "default")]
     group: String,
-    /// Bytes of memory this node offers for expert weights (placement and
-    /// rebalancing keep within it); defaults to the machine's memory.
+    /// Bytes of memory this node offers to keep expert weights resident
+    /// (placement and rebalancing keep within it); defaults to the memory
+    /// budget of its device, or the device's memory.
     #[arg(long, env = "MOEMESH_MEMORY_BYTES")]
     memory_bytes: Option<u64>,
     /// URL routers use to reach this node; defaults to the listening address.
@@ -215,6 +219,7 @@ async fn bind(listen: &str, tls: &TlsConfig) -> anyhow::Result<(TcpListener, Str
 }
 
 pub async fn run_expert(args: ExpertArgs, tls: TlsConfig) -> anyhow::Result<()> {
+    let tiers = args.tiers.tier_sizes(physical_memory_bytes())?;
     let checkpoint = Checkpoint::open(&args.model)?;
     let config = checkpoint.config().clone();
     let experts = match (&args.placement, &args.node_id) {
@@ -245,7 +250,9 @@ pub async fn run_expert(args: ExpertArgs, tls: TlsConfig) -> anyhow::Result<()> 
             .unwrap_or_else(|| format!("expert-{}", url.rsplit(':').next().unwrap_or("0"))),
         address: args.advertise.clone().unwrap_or_else(|| url.clone()),
         group: args.group.clone(),
-        memory_bytes: args.memory_bytes.unwrap_or_else(physical_memory_bytes),
+        device: args.tiers.device.to_string(),
+        memory_bytes: args.memory_bytes.unwrap_or(tiers.resident_bytes),
+        buffer_bytes: tiers.buffer_bytes,
         checkpoint: args
             .model
             .canonicalize()
@@ -262,6 +269,9 @@ pub async fn run_expert(args: ExpertArgs, tls: TlsConfig) -> anyhow::Result<()> 
         threads: args.threads,
         queue_capacity: args.queue_capacity,
         weight_format: args.weights,
+        device: args.tiers.device,
+        memory_budget: args.tiers.memory_budget,
+        device_memory_budget: args.tiers.device_memory_budget,
         tls,
         registration,
     };

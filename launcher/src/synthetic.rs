@@ -36,9 +36,24 @@ fn random_matrix(rng: &mut impl Rng, rows: usize, columns: usize, scale: f32) ->
     bytes
 }
 
+/// `random_matrix` rounded to bf16, as GPU checkpoints are stored.
+fn random_matrix_bf16(rng: &mut impl Rng, rows: usize, columns: usize, scale: f32) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(rows * columns * 2);
+    for _ in 0..rows * columns {
+        let value = half::bf16::from_f32(rng.random_range(-scale..scale));
+        bytes.extend_from_slice(&value.to_le_bytes());
+    }
+    bytes
+}
+
 /// Writes `config.json` and `model.safetensors` (MoE blocks only) to `dir`.
 pub fn write_mixtral(dir: &Path, shape: SyntheticShape, seed: u64) -> anyhow::Result<()> {
     write_mixtral_with_gate(dir, shape, seed, None)
+}
+
+/// Like [`write_mixtral`], with the experts' weights in bf16.
+pub fn write_mixtral_bf16(dir: &Path, shape: SyntheticShape, seed: u64) -> anyhow::Result<()> {
+    write_model(dir, shape, seed, None, Dtype::BF16)
 }
 
 /// Like [`write_mixtral`], with `gate` (`[experts, hidden]`, f32) as every
@@ -48,6 +63,16 @@ pub fn write_mixtral_with_gate(
     shape: SyntheticShape,
     seed: u64,
     gate: Option<&[f32]>,
+) -> anyhow::Result<()> {
+    write_model(dir, shape, seed, gate, Dtype::F32)
+}
+
+fn write_model(
+    dir: &Path,
+    shape: SyntheticShape,
+    seed: u64,
+    gate: Option<&[f32]>,
+    expert_dtype: Dtype,
 ) -> anyhow::Result<()> {
     let SyntheticShape {
         hidden_size: hidden,
@@ -68,7 +93,7 @@ pub fn write_mixtral_with_gate(
         "num_attention_heads": 8,
         "num_key_value_heads": 8,
         "vocab_size": 32000,
-        "torch_dtype": "float32",
+        "torch_dtype": if expert_dtype == Dtype::BF16 { "bfloat16" } else { "float32" },
     });
     std::fs::write(
         dir.join("config.json"),
@@ -100,10 +125,14 @@ pub fn write_mixtral_with_gate(
                 ("w3", intermediate, hidden),
                 ("w2", hidden, intermediate),
             ] {
+                let scale = scale_for(columns);
                 tensors.push((
                     format!("{prefix}.experts.{expert}.{name}.weight"),
                     vec![rows, columns],
-                    random_matrix(&mut rng, rows, columns, scale_for(columns)),
+                    match expert_dtype {
+                        Dtype::BF16 => random_matrix_bf16(&mut rng, rows, columns, scale),
+                        _ => random_matrix(&mut rng, rows, columns, scale),
+                    },
                 ));
             }
         }
@@ -111,10 +140,12 @@ pub fn write_mixtral_with_gate(
     let views = tensors
         .iter()
         .map(|(name, shape, bytes)| {
-            Ok((
-                name.clone(),
-                TensorView::new(Dtype::F32, shape.clone(), bytes)?,
-            ))
+            let dtype = if bytes.len() == 4 * shape.iter().product::<usize>() {
+                Dtype::F32
+            } else {
+                Dtype::BF16
+            };
+            Ok((name.clone(), TensorView::new(dtype, shape.clone(), bytes)?))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     safetensors::serialize_to_file(views, None, &dir.join("model.safetensors"))?;

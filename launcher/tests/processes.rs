@@ -249,3 +249,24 @@ fn bad_flags_get_a_clear_error() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_gpu_that_cannot_be_used_is_a_clear_error_with_exit_code_2() {
+    let fixture = moemesh_tests::fixture_dir("mixtral");
+    for role_args in [
+        &["expert", "--listen", "127.0.0.1:0", "--experts", "0:0"][..],
+        &["up", "--router-addr", "127.0.0.1:0"][..],
+    ] {
+        let output = Command::new(MOEMESH)
+            .args(role_args)
+            .args(["--device", "cuda:0", "--model"])
+            .arg(&fixture)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{role_args:?}: {stderr}");
+        assert!(stderr.contains("cuda:0"), "{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}

@@ -29,6 +29,7 @@ fn node(id: &str, group: &str) -> NodeInfo {
         group: group.into(),
         device: "cpu".into(),
         memory_bytes: 1 << 30,
+        buffer_bytes: 0,
         status: moemesh_proto::NodeStatus::Unspecified.into(),
     }
 }

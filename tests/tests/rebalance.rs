@@ -99,6 +99,14 @@ async fn skewed_load_is_counted_and_the_rebalancer_replicates_the_hot_expert() {
     };
     assert!(stats.window_seconds > 0.0);
     assert_eq!(stats.nodes.len(), 3, "{stats:?}");
+    // Every node keeps all its experts resident: nothing to miss.
+    assert!(
+        stats
+            .nodes
+            .iter()
+            .all(|node| node.device == "cpu" && node.buffer_hit_rate == 1.0),
+        "{stats:?}"
+    );
     // Top-2 over three nodes: a token reaches one or two of them, and each
     // node it reaches gets its row of f32s once.
     assert!((1.0..=2.0).contains(&stats.nodes_per_token), "{stats:?}");

@@ -43,7 +43,8 @@ fn status_json(status: &ClusterStatusResponse) -> serde_json::Value {
         })).collect::<Vec<_>>(),
         "nodes": status.nodes.iter().map(|n| json!({
             "id": n.id, "address": n.address, "group": n.group, "device": n.device,
-            "memory_bytes": n.memory_bytes, "status": n.status().to_string(),
+            "memory_bytes": n.memory_bytes, "buffer_bytes": n.buffer_bytes,
+            "status": n.status().to_string(),
         })).collect::<Vec<_>>(),
     })
 }
@@ -90,18 +91,28 @@ fn print_nodes(status: &ClusterStatusResponse) {
         return;
     }
     println!(
-        "{:<14} {:<28} {:<10} {:<8} {:>10} {:<8}",
-        "NODE", "ADDRESS", "GROUP", "DEVICE", "MEMORY", "STATUS"
+        "{:<14} {:<28} {:<10} {:<8} {:>10} {:>10} {:<8}",
+        "NODE", "ADDRESS", "GROUP", "DEVICE", "MEMORY", "BUFFER", "STATUS"
     );
     for node in &status.nodes {
+        // Experts beyond MEMORY wait in BUFFER (pinned host memory, the page cache).
+        let buffer = match node.buffer_bytes {
+            0 => "-".to_string(),
+            bytes => gibibytes(bytes),
+        };
         println!(
-            "{:<14} {:<28} {:<10} {:<8} {:>8.1}Gi {:<8}",
+            "{:<14} {:<28} {:<10} {:<8} {:>10} {:>10} {:<8}",
             node.id,
             node.address,
             node.group,
             node.device,
-            node.memory_bytes as f64 / (1u64 << 30) as f64,
+            gibibytes(node.memory_bytes),
+            buffer,
             node.status().to_string()
         );
     }
+}
+
+fn gibibytes(bytes: u64) -> String {
+    format!("{:.1}Gi", bytes as f64 / (1u64 << 30) as f64)
 }

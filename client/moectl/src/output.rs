@@ -27,3 +27,33 @@ pub fn percent_of(part: f64, total: f64) -> f64 {
         0.0
     }
 }
+
+/// Returns a byte count in binary units, for example `512 B` or `1.5 GiB`.
+pub fn human_bytes(bytes: f64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{value:.0} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_counts_read_in_binary_units() {
+        assert_eq!(human_bytes(0.0), "0 B");
+        assert_eq!(human_bytes(1023.0), "1023 B");
+        assert_eq!(human_bytes(1536.0), "1.5 KiB");
+        assert_eq!(human_bytes(3.0 * (1u64 << 30) as f64), "3.0 GiB");
+        assert_eq!(human_bytes(2048.0 * (1u64 << 40) as f64), "2048.0 TiB");
+    }
+}

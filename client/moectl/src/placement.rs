@@ -89,9 +89,13 @@ pub struct PlanArgs {
     /// Expert nodes to plan for.
     #[arg(long)]
     nodes: usize,
-    /// Expert slots per node (the experts its memory holds).
+    /// Expert slots per node (the experts its memory and buffer hold).
     #[arg(long)]
     slots: usize,
+    /// Of those, the slots whose experts stay resident (its memory); the
+    /// rest wait in the next tier and count as costlier. All by default.
+    #[arg(long)]
+    resident_slots: Option<usize>,
     /// Topology groups (hosts, racks) the nodes fall in: node i in group i mod G.
     /// Replicas of one expert spread over groups.
     #[arg(long, default_value_t = 1)]
@@ -255,6 +259,7 @@ pub fn plan(args: PlanArgs) -> anyhow::Result<()> {
     let nodes: Vec<PlanNode> = (0..args.nodes)
         .map(|index| PlanNode {
             slots: args.slots,
+            resident_slots: args.resident_slots.unwrap_or(args.slots),
             group: index % args.groups,
         })
         .collect();

@@ -4,11 +4,11 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use moemesh_client::TlsConfig;
-use moemesh_proto::v1::LoadStatsResponse;
+use moemesh_proto::v1::{LoadStatsResponse, NodeWork};
 use serde_json::json;
 
 use crate::connect::AdminArgs;
-use crate::output::percent_of;
+use crate::output::{human_bytes, percent_of};
 
 #[derive(clap::Args)]
 pub struct TopArgs {
@@ -29,7 +29,8 @@ pub struct TopArgs {
 pub enum StatsCommand {
     /// Writes the load window as JSON: {"model", "window_seconds",
     /// "layer_ids", "layers": [[tokens of expert 0, ...], ...], "nodes"},
-    /// which `moectl placement plan --loads` reads.
+    /// which `moectl placement plan --loads` reads. Each node has its
+    /// device, work and Expert Buffering (window rates and cumulative counts).
     Export(ExportArgs),
 }
 
@@ -55,9 +56,17 @@ fn stats_json(stats: &LoadStatsResponse) -> serde_json::Value {
         "layers": stats.layers.iter().map(|layer| &layer.tokens).collect::<Vec<_>>(),
         "nodes": stats.nodes.iter().map(|node| json!({
             "node": node.node,
+            "device": node.device,
             "queue_depth": node.queue_depth,
             "busy_fraction": node.busy_fraction,
             "pairs_per_second": node.pairs_per_second,
+            "buffer_hit_rate": node.buffer_hit_rate,
+            "bytes_paged_in_per_second": node.bytes_paged_in_per_second,
+            "host_fallbacks_per_second": node.host_fallbacks_per_second,
+            "buffer_hits": node.buffer_hits,
+            "buffer_misses": node.buffer_misses,
+            "bytes_paged_in": node.bytes_paged_in,
+            "host_fallbacks": node.host_fallbacks,
         })).collect::<Vec<_>>(),
     })
 }
@@ -111,20 +120,54 @@ fn print_top(stats: &LoadStatsResponse, experts: usize) {
         stats.model, stats.window_seconds, stats.nodes_per_token, stats.bytes_per_token
     );
     println!();
-    println!(
-        "{:<20} {:>6} {:>7} {:>14}",
-        "NODE", "QUEUE", "BUSY", "PAIRS/S"
+    for line in node_table(&stats.nodes) {
+        println!("{line}");
+    }
+    print_hottest_experts(stats, experts);
+}
+
+/// Whether the node has ever had an expert that was not resident: only
+/// then do its Expert Buffering figures say anything.
+fn buffers_experts(node: &NodeWork) -> bool {
+    node.buffer_misses + node.host_fallbacks + node.bytes_paged_in > 0
+}
+
+/// The node table: a header, then one line per node. The Expert
+/// Buffering columns (hit rate, bytes paged in and host fallbacks per
+/// second over the window) appear when some node buffers experts, with
+/// `-` on the nodes that do not.
+fn node_table(nodes: &[NodeWork]) -> Vec<String> {
+    let buffering = nodes.iter().any(buffers_experts);
+    let mut header = format!(
+        "{:<20} {:<8} {:>6} {:>7} {:>14}",
+        "NODE", "DEVICE", "QUEUE", "BUSY", "PAIRS/S"
     );
-    for node in &stats.nodes {
-        println!(
-            "{:<20} {:>6} {:>6.0}% {:>14.0}",
+    if buffering {
+        header += &format!(" {:>6} {:>12} {:>11}", "HIT", "PAGED-IN/S", "FALLBACK/S");
+    }
+    let mut lines = vec![header];
+    for node in nodes {
+        let mut line = format!(
+            "{:<20} {:<8} {:>6} {:>6.0}% {:>14.0}",
             node.node,
+            node.device,
             node.queue_depth,
             node.busy_fraction * 100.0,
             node.pairs_per_second
         );
+        if buffering && buffers_experts(node) {
+            line += &format!(
+                " {:>5.1}% {:>12} {:>11.1}",
+                node.buffer_hit_rate * 100.0,
+                human_bytes(node.bytes_paged_in_per_second),
+                node.host_fallbacks_per_second
+            );
+        } else if buffering {
+            line += &format!(" {:>6} {:>12} {:>11}", "-", "-", "-");
+        }
+        lines.push(line);
     }
-    print_hottest_experts(stats, experts);
+    lines
 }
 
 /// Prints each layer's token rate and its `experts` busiest experts.
@@ -148,5 +191,84 @@ fn print_hottest_experts(stats: &LoadStatsResponse, experts: usize) {
                 tokens as f64 / seconds
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cpu_node() -> NodeWork {
+        NodeWork {
+            node: "cpu-0".into(),
+            device: "cpu".into(),
+            queue_depth: 2,
+            busy_fraction: 0.5,
+            pairs_per_second: 1000.0,
+            buffer_hit_rate: 1.0,
+            ..NodeWork::default()
+        }
+    }
+
+    fn gpu_node() -> NodeWork {
+        NodeWork {
+            node: "gpu-0".into(),
+            device: "cuda:0".into(),
+            buffer_hit_rate: 0.875,
+            bytes_paged_in_per_second: 3.0 * (1u64 << 20) as f64,
+            host_fallbacks_per_second: 2.5,
+            buffer_hits: 70,
+            buffer_misses: 10,
+            bytes_paged_in: 30 << 20,
+            host_fallbacks: 4,
+            ..cpu_node()
+        }
+    }
+
+    #[test]
+    fn the_node_table_shows_devices_and_buffering_only_where_there_is_some() {
+        let table = node_table(&[cpu_node()]);
+        assert!(
+            table[0].contains("DEVICE") && !table[0].contains("HIT"),
+            "{table:?}"
+        );
+        assert!(
+            table[1].starts_with("cpu-0") && table[1].contains(" cpu "),
+            "{table:?}"
+        );
+
+        let table = node_table(&[cpu_node(), gpu_node()]);
+        assert!(
+            table[0].contains("HIT") && table[0].contains("PAGED-IN/S"),
+            "{table:?}"
+        );
+        let gpu = &table[2];
+        for figure in ["cuda:0", "87.5%", "3.0 MiB", "2.5"] {
+            assert!(gpu.contains(figure), "{figure} missing from {gpu:?}");
+        }
+        assert!(table[1].trim_end().ends_with('-'), "{table:?}");
+        // The columns line up.
+        assert!(
+            table.iter().all(|line| line.len() == table[0].len()),
+            "{table:#?}"
+        );
+    }
+
+    #[test]
+    fn stats_json_carries_each_nodes_device_and_buffering() {
+        let stats = LoadStatsResponse {
+            model: "m".into(),
+            nodes: vec![gpu_node()],
+            ..LoadStatsResponse::default()
+        };
+        let node = &stats_json(&stats)["nodes"][0];
+        assert_eq!(node["device"], "cuda:0");
+        assert_eq!(node["buffer_hit_rate"], 0.875);
+        assert_eq!(node["bytes_paged_in_per_second"], 3.0 * (1u64 << 20) as f64);
+        assert_eq!(node["host_fallbacks_per_second"], 2.5);
+        assert_eq!(node["buffer_hits"], 70);
+        assert_eq!(node["buffer_misses"], 10);
+        assert_eq!(node["bytes_paged_in"], 30u64 << 20);
+        assert_eq!(node["host_fallbacks"], 4);
     }
 }

@@ -151,6 +151,8 @@ async fn moectl_manages_and_shows_the_cluster_through_any_coordinator() {
             group: group_name.to_string(),
             device: "cpu".into(),
             memory_bytes: 1 << 30,
+            // The second node buffers experts beyond its memory.
+            buffer_bytes: index as u64 * (2 << 30),
             status: moemesh_proto::v1::NodeStatus::Unspecified.into(),
         };
         admin
@@ -204,6 +206,18 @@ async fn moectl_manages_and_shows_the_cluster_through_any_coordinator() {
         table.contains("expert-1") && table.contains("rack-b") && table.contains("ready"),
         "{table}"
     );
+    assert!(
+        table.contains("BUFFER") && table.contains("2.0Gi"),
+        "{table}"
+    );
+    let status = moectl_json(&["cluster", "status", "--coordinator", &via]).await;
+    let buffers: Vec<u64> = status["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|node| node["buffer_bytes"].as_u64().unwrap())
+        .collect();
+    assert_eq!(buffers, vec![0, 2 << 30]);
 
     let stderr = moectl_err(&["cluster", "status", "--coordinator", "http://127.0.0.1:1"]).await;
     assert!(
@@ -364,7 +378,7 @@ async fn moectl_plans_a_balanced_placement_from_recorded_loads() {
         .count();
     assert!(hottest >= 2, "{hottest}");
 
-    let table = moectl_ok(&[
+    let four_nodes = [
         "placement",
         "plan",
         "--loads",
@@ -373,9 +387,27 @@ async fn moectl_plans_a_balanced_placement_from_recorded_loads() {
         "4",
         "--slots",
         "20",
-    ])
-    .await;
+    ];
+    let table = moectl_ok(&four_nodes).await;
     assert!(table.contains("max/mean node load"), "{table}");
+
+    // Nodes that keep 8 of their 20 slots resident: still every expert
+    // placed, no node over its slots.
+    let tiered = moectl_json(&[&four_nodes[..], &["--resident-slots", "8"]].concat()).await;
+    for layer in tiered["layers"].as_array().unwrap() {
+        let nodes = layer["nodes"].as_array().unwrap();
+        assert!(
+            nodes
+                .iter()
+                .all(|node| node.as_array().unwrap().len() <= 20)
+        );
+        let placed: std::collections::BTreeSet<u64> = nodes
+            .iter()
+            .flat_map(|node| node.as_array().unwrap())
+            .map(|expert| expert.as_u64().unwrap())
+            .collect();
+        assert_eq!(placed, (0..64).collect());
+    }
 
     let too_small = moectl_err(&[
         "placement",

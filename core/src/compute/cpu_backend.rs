@@ -5,9 +5,11 @@
 
 use std::sync::Arc;
 
+use super::buffering::CostModel;
 use super::cpu_expert::CpuExpert;
 use super::{ComputeBackend, Expert, ExpertWork};
 use crate::model::checkpoint::ExpertWeights;
+use crate::model::config::ModelConfig;
 use crate::{CoreError, CoreResult};
 
 /// How the CPU backend keeps expert weights resident.
@@ -20,6 +22,16 @@ pub enum WeightFormat {
     /// panel at a time during each GEMM. Exact for bf16 checkpoints; f32
     /// checkpoints are rounded to nearest even once, at load.
     Bf16,
+}
+
+impl WeightFormat {
+    /// Bytes per resident weight.
+    pub fn bytes_per_weight(self) -> u64 {
+        match self {
+            Self::F32 => 4,
+            Self::Bf16 => 2,
+        }
+    }
 }
 
 impl std::fmt::Display for WeightFormat {
@@ -97,6 +109,22 @@ impl ComputeBackend for CpuBackend {
     fn load_expert(&self, weights: ExpertWeights) -> CoreResult<Arc<dyn Expert>> {
         let expert = CpuExpert::new(weights, self.format, Arc::clone(&self.pool), self.threads)?;
         Ok(Arc::new(expert))
+    }
+
+    fn resident_bytes(&self, config: &ModelConfig, expert: u32) -> u64 {
+        let weights = 3 * config.hidden_size * config.intermediate_size_of(expert);
+        weights as u64 * self.format.bytes_per_weight()
+    }
+
+    /// Paging in reads the checkpoint from the page cache and lays the
+    /// weights out again: about a gigabyte per second per thread. The CPU
+    /// computes every expert itself, so there is nowhere else to compute.
+    fn cost_model(&self) -> CostModel {
+        CostModel {
+            page_in_bytes_per_second: 1e9 * self.threads as f64,
+            resident_flops: 50e9 * self.threads as f64,
+            waiting_flops: None,
+        }
     }
 
     /// Splits the work into tasks of whole experts (large ones cut into row
@@ -195,6 +223,12 @@ mod tests {
             "sequential".into()
         }
         fn load_expert(&self, _: ExpertWeights) -> CoreResult<Arc<dyn Expert>> {
+            unreachable!()
+        }
+        fn resident_bytes(&self, _: &ModelConfig, _: u32) -> u64 {
+            unreachable!()
+        }
+        fn cost_model(&self) -> CostModel {
             unreachable!()
         }
     }

@@ -13,18 +13,26 @@
 //! - `packed_matrix`: weight matrices in f32 or in bf16 panels, their GEMM,
 //!   and [`matmul`].
 //! - `silu`: the vectorised `silu(gate) * up` between the two GEMMs.
+//! - [`buffering`]: Expert Buffering, which experts stay resident within a
+//!   memory budget.
 
+pub mod buffering;
 mod cpu_backend;
 mod cpu_expert;
+#[cfg(feature = "cuda")]
+mod cuda;
+pub mod device;
 mod packed_matrix;
 mod silu;
 
 use std::sync::Arc;
 
-use crate::CoreResult;
-use crate::model::checkpoint::ExpertWeights;
+use crate::model::checkpoint::{Checkpoint, ExpertWeights};
+use crate::model::config::ModelConfig;
+use crate::{CoreError, CoreResult};
 
 pub use cpu_backend::{CpuBackend, WeightFormat};
+pub use device::{BackendOptions, Device, open_backend};
 pub use packed_matrix::matmul;
 
 /// One expert's share of a batch: which rows it takes and with what weight.
@@ -43,6 +51,41 @@ pub trait ComputeBackend: Send + Sync {
 
     /// Makes one expert resident on this backend.
     fn load_expert(&self, weights: ExpertWeights) -> CoreResult<Arc<dyn Expert>>;
+
+    /// The bytes expert `expert` of `config` takes when resident here,
+    /// known before it is loaded: Expert Buffering budgets with it.
+    fn resident_bytes(&self, config: &ModelConfig, expert: u32) -> u64;
+
+    /// The speeds Expert Buffering weighs when an expert is not resident.
+    fn cost_model(&self) -> buffering::CostModel;
+
+    /// Makes expert `expert` of `layer` resident from where it waits: by
+    /// default the checkpoint, whose pages the OS keeps cached.
+    fn page_in(
+        &self,
+        checkpoint: &Checkpoint,
+        layer: usize,
+        expert: u32,
+    ) -> CoreResult<Arc<dyn Expert>> {
+        self.load_expert(checkpoint.load_expert(layer, expert)?)
+    }
+
+    /// Computes a non-resident expert where it waits, without paging it in
+    /// (`output` as [`Expert::forward`]); only for backends whose
+    /// [`ComputeBackend::cost_model`] has a `waiting_flops`.
+    fn compute_where_waiting(
+        &self,
+        _checkpoint: &Checkpoint,
+        layer: usize,
+        expert: u32,
+        _input: &[f32],
+        _output: &mut [f32],
+    ) -> CoreResult<()> {
+        Err(CoreError::Config(format!(
+            "{} cannot compute expert {expert} of layer {layer} where it waits",
+            self.describe()
+        )))
+    }
 
     /// Runs each expert of `work` on its rows of `input` (`[rows, width]`)
     /// and returns its outputs, unweighted: item after item in the order of

@@ -34,6 +34,11 @@ impl Samples {
         })
     }
 
+    /// The sum of the samples.
+    pub(super) fn total(&self) -> f64 {
+        self.0.iter().sum()
+    }
+
     pub(super) fn range(&self) -> Option<(f64, f64)> {
         let values = self.sorted();
         Some((*values.first()?, *values.last()?))

@@ -272,6 +272,7 @@ async fn start_cluster(
             coordinators: 0,
             announce: !args.json,
             node_memory_bytes: None,
+            tiers: Default::default(),
         },
         tls,
     )

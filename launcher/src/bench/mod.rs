@@ -10,8 +10,12 @@
 //!   during and after one live rebalance.
 //! - `moemesh soak` ([`soak`]): many clients for a bounded time, watching
 //!   errors and memory.
+//! - `moemesh bench-device` ([`device`]): one node's backend on a device
+//!   (a GPU), in process: correctness against the CPU, throughput,
+//!   decode latency, Expert Buffering.
 
 mod contestants;
+pub mod device;
 mod figures;
 pub mod layer;
 pub mod rebalance;

@@ -331,6 +331,7 @@ async fn start_cluster(
             announce: !args.json,
             // Slots for `slots` experts, and a little more for bookkeeping.
             node_memory_bytes: Some((args.slots * expert_bytes + expert_bytes / 2) as u64),
+            tiers: Default::default(),
         },
         tls,
     )

@@ -51,6 +51,7 @@ pub async fn run_soak(args: SoakArgs, tls: &TlsArgs) -> anyhow::Result<()> {
             coordinators: 3,
             announce: false,
             node_memory_bytes: None,
+            tiers: Default::default(),
         },
         tls,
     )

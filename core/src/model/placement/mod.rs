@@ -3,7 +3,7 @@
 //! A placement lists the expert nodes and, per MoE layer and expert, the
 //! nodes holding a replica. It comes from a TOML placement file (for small
 //! fixed deployments), is spread evenly by [`Placement::spread`], or is
-//! assigned by the coordinators: first by memory with
+//! assigned by the coordinators: first by memory and buffer with
 //! [`initial_assignment`], then by load with the [`planner`].
 //!
 //! ```toml
@@ -322,8 +322,10 @@ pub struct NodeCapacity {
     pub id: String,
     /// Topology group (host, rack); replicas of one expert prefer distinct groups.
     pub group: String,
-    /// Bytes available for expert weights.
+    /// Bytes of expert weights it keeps resident.
     pub memory_bytes: u64,
+    /// Bytes of the next tier where experts beyond `memory_bytes` wait; 0: none.
+    pub buffer_bytes: u64,
 }
 
 /// One expert to place, and the bytes of its weights.
@@ -343,8 +345,9 @@ pub struct PlacedReplica {
 
 /// Places every expert `replicas` times on distinct nodes: replicas of one
 /// expert go to distinct topology groups where possible, nodes never hold
-/// more than their memory, and expert counts stay balanced (ties to the
-/// node listed first).
+/// more than their memory and buffer together, experts go where they stay
+/// resident while some node has resident room, and expert counts stay
+/// balanced (ties to the node listed first).
 pub fn initial_assignment(
     nodes: &[NodeCapacity],
     experts: &[ExpertToPlace],
@@ -359,7 +362,12 @@ pub fn initial_assignment(
             nodes.len()
         ));
     }
-    let mut free: Vec<u64> = nodes.iter().map(|node| node.memory_bytes).collect();
+    let mut free: Vec<u64> = nodes
+        .iter()
+        .map(|node| node.memory_bytes.saturating_add(node.buffer_bytes))
+        .collect();
+    // Bytes free before a node's experts spill into its next tier.
+    let mut resident_free: Vec<u64> = nodes.iter().map(|node| node.memory_bytes).collect();
     let mut held = vec![0usize; nodes.len()];
     let mut assignment = Vec::with_capacity(experts.len() * replicas);
     for &ExpertToPlace {
@@ -374,12 +382,14 @@ pub fn initial_assignment(
                 .filter(|&node| !chosen.contains(&node) && free[node] >= bytes)
                 .min_by_key(|&node| {
                     let group_taken = chosen.iter().any(|&other| nodes[other].group == nodes[node].group);
-                    (group_taken, held[node], node)
+                    let buffered = resident_free[node] < bytes;
+                    (group_taken, buffered, held[node], node)
                 })
                 .ok_or_else(|| {
                     format!("no node has {bytes} bytes free for layer {layer} expert {expert} (replica {})", chosen.len() + 1)
                 })?;
             free[best] -= bytes;
+            resident_free[best] = resident_free[best].saturating_sub(bytes);
             held[best] += 1;
             chosen.push(best);
             assignment.push(PlacedReplica {
@@ -496,6 +506,7 @@ mod initial_assignment_tests {
                 id: format!("n{index}"),
                 group: group.to_string(),
                 memory_bytes: memory,
+                buffer_bytes: 0,
             })
             .collect()
     }
@@ -530,6 +541,29 @@ mod initial_assignment_tests {
         let experts: Vec<ExpertToPlace> = (0..4).map(|expert| to_place(0, expert, 100)).collect();
         assert_eq!(initial_assignment(&nodes, &experts, 1).unwrap().len(), 4);
         let error = initial_assignment(&nodes, &experts, 2).unwrap_err();
+        assert!(error.contains("no node has 100 bytes free"), "{error}");
+    }
+
+    #[test]
+    fn experts_stay_resident_while_they_can_and_buffers_add_room() {
+        // Node 0 keeps one expert resident and three more in its buffer;
+        // node 1 keeps three resident and has no buffer.
+        let mut nodes = nodes(&["a", "a"], 0);
+        (nodes[0].memory_bytes, nodes[0].buffer_bytes) = (100, 300);
+        nodes[1].memory_bytes = 300;
+        let experts: Vec<ExpertToPlace> = (0..8).map(|expert| to_place(0, expert, 100)).collect();
+        let per_node = |count: usize| {
+            let mut counts = [0; 2];
+            for placed in initial_assignment(&nodes, &experts[..count], 1).unwrap() {
+                counts[placed.node] += 1;
+            }
+            counts
+        };
+        // Balanced counts would buffer one of four; resident room takes them all.
+        assert_eq!(per_node(4), [1, 3]);
+        // Past the resident room, buffers take the rest, up to memory and buffer.
+        assert_eq!(per_node(7), [4, 3]);
+        let error = initial_assignment(&nodes, &experts, 1).unwrap_err();
         assert!(error.contains("no node has 100 bytes free"), "{error}");
     }
 

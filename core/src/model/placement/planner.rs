@@ -15,6 +15,16 @@
 //! model limits routing to a few groups, spreads an expert's replicas over
 //! topology groups, and returns the current placement unchanged unless the
 //! plan gains more than a threshold.
+//!
+//! Nodes may hold more experts than stay resident (Expert Buffering): a
+//! node's `slots` count what its resident tier and the next tier hold
+//! together, never exceeded, and its `resident_slots` what stays resident.
+//! A node keeps its hottest experts resident, so the planner counts a
+//! node's replicas largest share first into its resident slots and weighs
+//! the load of the rest by [`PlanOptions::buffered_load_factor`]: a token
+//! for a buffered expert waits for a page-in or runs on the host. Hot
+//! experts thus land where they stay resident. With every slot resident
+//! the plan is the same as without tiers.
 
 mod packing;
 
@@ -25,8 +35,13 @@ use packing::{add_replica, pack};
 /// One expert node as the planner sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PlanNode {
-    /// Experts it may hold (its memory divided by an expert's bytes).
+    /// Experts it may hold: its resident tier and the next tier together
+    /// (memory and buffer bytes over an expert's bytes).
     pub slots: usize,
+    /// Of those, the experts that stay resident (its memory bytes over an
+    /// expert's bytes), at most `slots`; the others wait in the next tier.
+    /// Equal to `slots` on a node without one.
+    pub resident_slots: usize,
     /// Topology group (host, rack): replicas of one expert spread over them.
     pub group: usize,
 }
@@ -46,6 +61,13 @@ pub struct PlanOptions {
     /// At most this many replicas beyond one per expert; None fills the
     /// slots.
     pub max_extra_replicas: Option<usize>,
+    /// How many times its share of the load a replica beyond its node's
+    /// resident slots counts (at least 1). A miss costs a page-in over
+    /// PCIe or a compute on the host, so that node's work per token is
+    /// higher; 2 makes the planner keep hot experts resident when the
+    /// balance allows it without letting resident room outweigh balance.
+    /// 1 treats buffered experts like resident ones.
+    pub buffered_load_factor: f64,
 }
 
 impl Default for PlanOptions {
@@ -54,9 +76,13 @@ impl Default for PlanOptions {
             threshold: 0.05,
             routing_groups: None,
             max_extra_replicas: None,
+            buffered_load_factor: DEFAULT_BUFFERED_LOAD_FACTOR,
         }
     }
 }
+
+/// The default [`PlanOptions::buffered_load_factor`].
+pub const DEFAULT_BUFFERED_LOAD_FACTOR: f64 = 2.0;
 
 /// A layer's placement: per node, the ids of the experts it holds (one
 /// entry per replica).
@@ -67,7 +93,8 @@ pub type Assignment = Vec<Vec<u32>>;
 pub struct LayerPlan {
     /// Per node, the experts it should hold.
     pub nodes: Assignment,
-    /// Busiest node's load over the mean node load, under this plan.
+    /// Busiest node's load over the mean node load, under this plan, with
+    /// buffered replicas weighted ([`tiered_max_over_mean`]).
     pub max_over_mean: f64,
     /// The same for the current placement, when one was given.
     pub current_max_over_mean: Option<f64>,
@@ -91,9 +118,9 @@ pub enum PlanError {
     BadInput(String),
 }
 
-/// The load each node carries under `assignment`, each replica taking an
-/// equal share of its expert's load.
-pub fn node_loads(loads: &[f64], assignment: &[Vec<u32>]) -> Vec<f64> {
+/// Per node, the share of its expert's load each replica it holds takes
+/// (an equal share per replica), in the node's order.
+fn replica_shares(loads: &[f64], assignment: &[Vec<u32>]) -> Vec<Vec<f64>> {
     let mut replicas = vec![0usize; loads.len()];
     for experts in assignment {
         for &expert in experts {
@@ -111,7 +138,41 @@ pub fn node_loads(loads: &[f64], assignment: &[Vec<u32>]) -> Vec<f64> {
                     let expert = expert as usize;
                     (expert < loads.len()).then(|| loads[expert] / replicas[expert] as f64)
                 })
-                .sum()
+                .collect()
+        })
+        .collect()
+}
+
+/// The load each node carries under `assignment`, each replica taking an
+/// equal share of its expert's load.
+pub fn node_loads(loads: &[f64], assignment: &[Vec<u32>]) -> Vec<f64> {
+    replica_shares(loads, assignment)
+        .iter()
+        .map(|shares| shares.iter().sum())
+        .collect()
+}
+
+/// The load each node carries under `assignment` with its tiers counted:
+/// its largest shares fill its resident slots, and each share beyond them
+/// counts `buffered_load_factor` times. Equal to [`node_loads`] on nodes
+/// that hold no more than their resident slots.
+pub fn tiered_node_loads(
+    loads: &[f64],
+    nodes: &[PlanNode],
+    assignment: &[Vec<u32>],
+    buffered_load_factor: f64,
+) -> Vec<f64> {
+    replica_shares(loads, assignment)
+        .into_iter()
+        .zip(nodes)
+        .map(|(mut shares, node)| {
+            let load: f64 = shares.iter().sum();
+            if shares.len() <= node.resident_slots {
+                return load;
+            }
+            shares.sort_by(|a, b| b.total_cmp(a));
+            let buffered: f64 = shares[node.resident_slots..].iter().sum();
+            load + buffered * (buffered_load_factor - 1.0)
         })
         .collect()
 }
@@ -120,16 +181,38 @@ pub fn node_loads(loads: &[f64], assignment: &[Vec<u32>]) -> Vec<f64> {
 /// zero: nothing is unbalanced).
 pub fn max_over_mean(loads: &[f64], assignment: &[Vec<u32>]) -> f64 {
     let per_node = node_loads(loads, assignment);
+    busiest_over_mean(&per_node, &per_node)
+}
+
+/// What the planner minimises: the busiest node's [`tiered_node_loads`]
+/// over the mean node load (unweighted), so 1 only when the load is
+/// balanced and every replica resident. Not a plain ratio of tiered loads,
+/// which would score spreading buffered load evenly as well as keeping it
+/// resident.
+pub fn tiered_max_over_mean(
+    loads: &[f64],
+    nodes: &[PlanNode],
+    assignment: &[Vec<u32>],
+    buffered_load_factor: f64,
+) -> f64 {
+    let tiered = tiered_node_loads(loads, nodes, assignment, buffered_load_factor);
+    busiest_over_mean(&tiered, &node_loads(loads, assignment))
+}
+
+/// The largest of `busiest` over the mean of `per_node` (1 when all load
+/// is zero: nothing is unbalanced).
+fn busiest_over_mean(busiest: &[f64], per_node: &[f64]) -> f64 {
     let total: f64 = per_node.iter().sum();
     if per_node.is_empty() || total <= 0.0 {
         return 1.0;
     }
     let mean = total / per_node.len() as f64;
-    per_node.iter().copied().fold(0.0, f64::max) / mean
+    busiest.iter().copied().fold(0.0, f64::max) / mean
 }
 
 /// Checks that `assignment` places every expert of `experts` at least
-/// once, replicas of one expert on distinct nodes, no node over its slots.
+/// once, replicas of one expert on distinct nodes, no node over its slots
+/// (resident and buffered together).
 pub fn check_assignment(
     experts: usize,
     nodes: &[PlanNode],
@@ -177,7 +260,10 @@ pub fn plan_layer(
 ) -> Result<LayerPlan, PlanError> {
     let experts = loads.len();
     let total_slots = check_plan_input(loads, nodes, current, options)?;
-    let current_max_over_mean = current.map(|current| max_over_mean(loads, current));
+    let busiest_work = |assignment: &[Vec<u32>]| {
+        tiered_max_over_mean(loads, nodes, assignment, options.buffered_load_factor)
+    };
+    let current_max_over_mean = current.map(busiest_work);
     let unchanged = |current: &[Vec<u32>], max_over_mean: f64| LayerPlan {
         nodes: current.to_vec(),
         max_over_mean,
@@ -199,13 +285,13 @@ pub fn plan_layer(
     // replica costs memory, a load, and its weights streamed per batch.
     let mut replicas = vec![1usize; experts];
     let mut assignment = pack(loads, &replicas, nodes, current, options);
-    let mut after = max_over_mean(loads, &assignment);
+    let mut after = busiest_work(&assignment);
     while after > 1.0 + options.threshold / 2.0
         && replicas.iter().sum::<usize>() < budget
         && add_replica(loads, nodes, &mut replicas)
     {
         let candidate = pack(loads, &replicas, nodes, current, options);
-        let candidate_after = max_over_mean(loads, &candidate);
+        let candidate_after = busiest_work(&candidate);
         if candidate_after < after {
             assignment = candidate;
             after = candidate_after;
@@ -230,9 +316,10 @@ pub fn plan_layer(
 }
 
 /// Refuses input no plan can honour: no experts or nodes, loads that are
-/// not finite and non-negative, fewer slots than experts, a bad threshold,
-/// routing groups that do not divide the experts, or a current placement
-/// that breaks the rules of [`check_assignment`]. Returns the nodes' slots in
+/// not finite and non-negative, fewer slots than experts, more resident
+/// slots than slots, a bad threshold or buffered load factor, routing
+/// groups that do not divide the experts, or a current placement that
+/// breaks the rules of [`check_assignment`]. Returns the nodes' slots in
 /// all.
 fn check_plan_input(
     loads: &[f64],
@@ -263,10 +350,25 @@ fn check_plan_input(
             "{experts} experts need {experts} slots; the nodes have {total_slots}"
         ));
     }
+    if let Some(index) = nodes
+        .iter()
+        .position(|node| node.resident_slots > node.slots)
+    {
+        return bad(format!(
+            "node {index} has {} resident slots of {}",
+            nodes[index].resident_slots, nodes[index].slots
+        ));
+    }
     if !(options.threshold >= 0.0 && options.threshold.is_finite()) {
         return bad(format!(
             "threshold {} is not a non-negative number",
             options.threshold
+        ));
+    }
+    if !(options.buffered_load_factor >= 1.0 && options.buffered_load_factor.is_finite()) {
+        return bad(format!(
+            "buffered load factor {} is not a number of at least 1",
+            options.buffered_load_factor
         ));
     }
     if let Some(groups) = options.routing_groups
@@ -307,6 +409,7 @@ mod tests {
         (0..count)
             .map(|index| PlanNode {
                 slots,
+                resident_slots: slots,
                 group: index % groups.max(1),
             })
             .collect()
@@ -428,6 +531,123 @@ mod tests {
         assert!(message.contains("current placement"), "{message}");
     }
 
+    /// Per node, its replicas beyond its resident slots when its largest
+    /// shares fill those: the experts it keeps buffered.
+    fn buffered_experts(loads: &[f64], nodes: &[PlanNode], assignment: &[Vec<u32>]) -> Vec<u32> {
+        let mut buffered = Vec::new();
+        for (node, held) in nodes.iter().zip(assignment) {
+            let mut hottest_first = held.clone();
+            hottest_first.sort_by(|&a, &b| loads[b as usize].total_cmp(&loads[a as usize]));
+            buffered.extend(hottest_first.into_iter().skip(node.resident_slots));
+        }
+        buffered.sort_unstable();
+        buffered
+    }
+
+    /// Two nodes that keep one expert resident and three buffered (a GPU
+    /// with little memory and much pinned host memory), then two that keep
+    /// four resident and have no buffer.
+    fn mixed_tiers() -> Vec<PlanNode> {
+        let node = |slots, resident_slots| PlanNode {
+            slots,
+            resident_slots,
+            group: 0,
+        };
+        vec![node(4, 1), node(4, 1), node(4, 4), node(4, 4)]
+    }
+
+    #[test]
+    fn hot_experts_land_where_they_stay_resident() {
+        let loads = zipf(8, 1.0, 100_000.0);
+        let cluster = mixed_tiers();
+        let plan = plan_layer(&loads, &cluster, None, &PlanOptions::default()).unwrap();
+        check_assignment(8, &cluster, &plan.nodes).unwrap();
+        let buffered = buffered_experts(&loads, &cluster, &plan.nodes);
+        assert!(
+            buffered.iter().all(|&expert| expert >= 4),
+            "the four hottest experts stay resident: {:?} buffers {buffered:?}",
+            plan.nodes
+        );
+        // Counting buffered replicas like resident ones spreads replicas of
+        // the hottest experts into the small nodes' buffers.
+        let flat = PlanOptions {
+            buffered_load_factor: 1.0,
+            ..PlanOptions::default()
+        };
+        let flat_plan = plan_layer(&loads, &cluster, None, &flat).unwrap();
+        let flat_buffered = buffered_experts(&loads, &cluster, &flat_plan.nodes);
+        assert!(
+            flat_buffered.iter().any(|&expert| expert < 4),
+            "{flat_buffered:?}"
+        );
+        let tiered = |nodes: &[Vec<u32>]| {
+            tiered_max_over_mean(&loads, &cluster, nodes, DEFAULT_BUFFERED_LOAD_FACTOR)
+        };
+        assert!(tiered(&plan.nodes) < tiered(&flat_plan.nodes));
+    }
+
+    #[test]
+    fn a_balanced_layer_with_hot_experts_buffered_is_replanned() {
+        let loads = [40.0, 35.0, 30.0, 25.0, 20.0, 15.0, 10.0, 5.0];
+        let node = |slots, resident_slots| PlanNode {
+            slots,
+            resident_slots,
+            group: 0,
+        };
+        let cluster = [node(4, 2), node(4, 4)];
+        // Balanced tokens, but node 0 buffers experts 4 and 5.
+        let current: Assignment = vec![vec![2, 3, 4, 5], vec![0, 1, 6, 7]];
+        assert_eq!(max_over_mean(&loads, &current), 1.0);
+        let flat = PlanOptions {
+            buffered_load_factor: 1.0,
+            ..PlanOptions::default()
+        };
+        assert!(
+            !plan_layer(&loads, &cluster, Some(&current), &flat)
+                .unwrap()
+                .moves()
+        );
+        let plan = plan_layer(&loads, &cluster, Some(&current), &PlanOptions::default()).unwrap();
+        assert!(plan.moves());
+        check_assignment(8, &cluster, &plan.nodes).unwrap();
+        // Node 0's buffered tokens: 35 now, less under the plan.
+        let buffered_load = |nodes: &[Vec<u32>]| -> f64 {
+            buffered_experts(&loads, &cluster, nodes)
+                .iter()
+                .map(|&expert| loads[expert as usize])
+                .sum()
+        };
+        assert!(
+            buffered_load(&plan.nodes) < buffered_load(&current),
+            "{:?}",
+            plan.nodes
+        );
+        assert!(plan.max_over_mean < plan.current_max_over_mean.unwrap() - 0.05);
+    }
+
+    #[test]
+    fn resident_slots_are_checked() {
+        let cluster = [PlanNode {
+            slots: 2,
+            resident_slots: 3,
+            group: 0,
+        }];
+        let error = plan_layer(&[1.0], &cluster, None, &PlanOptions::default()).unwrap_err();
+        assert!(
+            error.to_string().contains("3 resident slots of 2"),
+            "{error}"
+        );
+        let below_one = PlanOptions {
+            buffered_load_factor: 0.5,
+            ..PlanOptions::default()
+        };
+        let error = plan_layer(&[1.0], &nodes(1, 2, 1), None, &below_one).unwrap_err();
+        assert!(
+            error.to_string().contains("buffered load factor"),
+            "{error}"
+        );
+    }
+
     fn layer_case() -> impl Strategy<Value = (Vec<f64>, Vec<PlanNode>, f64)> {
         (2usize..6, 1usize..4, 1usize..40, 0u32..3).prop_flat_map(
             |(node_count, groups, experts, skew)| {
@@ -448,6 +668,7 @@ mod tests {
                                 .enumerate()
                                 .map(|(index, slots)| PlanNode {
                                     slots,
+                                    resident_slots: slots,
                                     group: index % groups,
                                 })
                                 .collect::<Vec<_>>()
@@ -495,6 +716,42 @@ mod tests {
             // Planning again from the plan moves nothing more.
             let again = plan_layer(&loads, &cluster, Some(&plan.nodes), &options).unwrap();
             prop_assert!(!again.moves() || again.max_over_mean < plan.max_over_mean - threshold + 1e-9);
+        }
+
+        #[test]
+        fn plans_never_overfill_tiers_and_never_get_worse(
+            (loads, cluster, threshold) in layer_case(),
+            resident in prop::collection::vec(0usize..8, 6),
+            seed in any::<u64>(),
+        ) {
+            // The same cases, with some slots of each node buffered.
+            let cluster: Vec<PlanNode> = cluster
+                .iter()
+                .zip(&resident)
+                .map(|(node, &resident)| PlanNode { resident_slots: resident.min(node.slots), ..*node })
+                .collect();
+            let options = PlanOptions { threshold, ..PlanOptions::default() };
+            let fresh = plan_layer(&loads, &cluster, None, &options).unwrap();
+            prop_assert!(check_assignment(loads.len(), &cluster, &fresh.nodes).is_ok());
+            let mut current: Assignment = vec![Vec::new(); cluster.len()];
+            for expert in 0..loads.len() as u32 {
+                let mut node = (seed as usize + expert as usize) % cluster.len();
+                while current[node].len() >= cluster[node].slots {
+                    node = (node + 1) % cluster.len();
+                }
+                current[node].push(expert);
+            }
+            let plan = plan_layer(&loads, &cluster, Some(&current), &options).unwrap();
+            prop_assert!(check_assignment(loads.len(), &cluster, &plan.nodes).is_ok());
+            let tiered = |nodes: &[Vec<u32>]| tiered_max_over_mean(&loads, &cluster, nodes, DEFAULT_BUFFERED_LOAD_FACTOR);
+            let before = tiered(&current);
+            prop_assert_eq!(plan.current_max_over_mean, Some(before));
+            prop_assert!((plan.max_over_mean - tiered(&plan.nodes)).abs() < 1e-9);
+            prop_assert!(plan.max_over_mean <= before + 1e-9);
+            prop_assert!(plan.max_over_mean >= max_over_mean(&loads, &plan.nodes) - 1e-9);
+            if plan.moves() {
+                prop_assert!(before - plan.max_over_mean >= threshold - 1e-9);
+            }
         }
 
         #[test]

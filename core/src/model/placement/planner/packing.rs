@@ -1,5 +1,6 @@
 //! How the planner packs replicas onto nodes: how many replicas each
-//! expert gets, and which node takes each, largest share first.
+//! expert gets, and which node takes each, largest share first, counting
+//! replicas beyond a node's resident slots as buffered.
 
 use std::collections::BTreeSet;
 
@@ -71,68 +72,32 @@ pub(super) fn pack(
     current: Option<&[Vec<u32>]>,
     options: &PlanOptions,
 ) -> Assignment {
-    let experts = loads.len();
-    let group_of = |expert: usize| {
-        options
-            .routing_groups
-            .map_or(0, |groups| expert / (experts / groups))
-    };
-    let held_now =
-        |node: usize, expert: u32| current.is_some_and(|current| current[node].contains(&expert));
     let total: f64 = loads.iter().sum();
     let mean = total / nodes.len() as f64;
-    // A node may go this far above the mean to keep a replica in place or
-    // a routing group together.
-    let target = mean * (1.0 + options.threshold / 2.0);
-
-    let mut assignment: Assignment = vec![Vec::new(); nodes.len()];
-    let mut node_load = vec![0f64; nodes.len()];
-    let mut groups_on: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); nodes.len()];
+    let mut packing = Packing {
+        nodes,
+        options,
+        current,
+        experts: loads.len(),
+        target: mean * (1.0 + options.threshold / 2.0),
+        assignment: vec![Vec::new(); nodes.len()],
+        node_load: vec![0f64; nodes.len()],
+        groups_on: vec![BTreeSet::new(); nodes.len()],
+    };
     for (expert, share) in replica_shares_largest_first(loads, replicas) {
         let candidates: Vec<usize> = (0..nodes.len())
             .filter(|&node| {
-                assignment[node].len() < nodes[node].slots && !assignment[node].contains(&expert)
+                packing.assignment[node].len() < nodes[node].slots
+                    && !packing.assignment[node].contains(&expert)
             })
             .collect();
         let node = match candidates.is_empty() {
-            false => {
-                let fits = |node: usize| node_load[node] + share <= target;
-                let topology_taken = |node: usize| {
-                    (0..nodes.len()).any(|other| {
-                        other != node
-                            && nodes[other].group == nodes[node].group
-                            && assignment[other].contains(&expert)
-                    })
-                };
-                let group = group_of(expert as usize);
-                *candidates
-                    .iter()
-                    .min_by(|&&a, &&b| {
-                        // Within the target: keep it where it is, keep its
-                        // routing group together, spread over topology
-                        // groups; then the least loaded node.
-                        let key = |node: usize| {
-                            (
-                                !fits(node),
-                                !(fits(node) && held_now(node, expert)),
-                                !(fits(node)
-                                    && options.routing_groups.is_some()
-                                    && groups_on[node].contains(&group)),
-                                topology_taken(node),
-                            )
-                        };
-                        key(a)
-                            .cmp(&key(b))
-                            .then(node_load[a].total_cmp(&node_load[b]))
-                            .then(a.cmp(&b))
-                    })
-                    .expect("candidates is not empty")
-            }
+            false => packing.best_node(&candidates, expert, share),
             // Every node with a free slot holds this expert already: move
             // another expert from a full node to such a node to make room.
             true => match make_room(
-                &mut assignment,
-                &mut node_load,
+                &mut packing.assignment,
+                &mut packing.node_load,
                 loads,
                 replicas,
                 nodes,
@@ -142,11 +107,98 @@ pub(super) fn pack(
                 None => return sorted_per_node(feasible_assignment(replicas, nodes)),
             },
         };
-        assignment[node].push(expert);
-        node_load[node] += share;
-        groups_on[node].insert(group_of(expert as usize));
+        packing.place(node, expert, share);
     }
-    sorted_per_node(assignment)
+    sorted_per_node(packing.assignment)
+}
+
+/// A packing in progress: what each node holds and carries so far.
+struct Packing<'a> {
+    nodes: &'a [PlanNode],
+    options: &'a PlanOptions,
+    /// The placement now, whose replicas stay where they are when they fit.
+    current: Option<&'a [Vec<u32>]>,
+    /// Experts in the layer, to tell their routing groups.
+    experts: usize,
+    /// A node may go this far above the mean to keep a replica in place or
+    /// a routing group together.
+    target: f64,
+    assignment: Assignment,
+    /// Per node, the load of the replicas placed so far, those beyond its
+    /// resident slots weighted by the buffered load factor.
+    node_load: Vec<f64>,
+    /// Per node, the routing groups of the experts it holds.
+    groups_on: Vec<BTreeSet<usize>>,
+}
+
+impl Packing<'_> {
+    fn group_of(&self, expert: u32) -> usize {
+        self.options
+            .routing_groups
+            .map_or(0, |groups| expert as usize / (self.experts / groups))
+    }
+
+    fn held_now(&self, node: usize, expert: u32) -> bool {
+        self.current
+            .is_some_and(|current| current[node].contains(&expert))
+    }
+
+    /// What a replica of `share` placed on `node` adds beyond its share:
+    /// nothing while the node has a resident slot free, else the extra
+    /// weight of a buffered replica. Shares come largest first, so a
+    /// node's first replicas are its hottest, the ones it keeps resident.
+    fn buffered_extra(&self, node: usize, share: f64) -> f64 {
+        if self.assignment[node].len() < self.nodes[node].resident_slots {
+            0.0
+        } else {
+            share * (self.options.buffered_load_factor - 1.0)
+        }
+    }
+
+    /// The best of `candidates` for a replica of `expert` with `share`.
+    fn best_node(&self, candidates: &[usize], expert: u32, share: f64) -> usize {
+        let load_after = |node: usize| self.node_load[node] + self.buffered_extra(node, share);
+        let fits = |node: usize| load_after(node) + share <= self.target;
+        let topology_taken = |node: usize| {
+            (0..self.nodes.len()).any(|other| {
+                other != node
+                    && self.nodes[other].group == self.nodes[node].group
+                    && self.assignment[other].contains(&expert)
+            })
+        };
+        let group = self.group_of(expert);
+        *candidates
+            .iter()
+            .min_by(|&&a, &&b| {
+                // Within the target: keep it where it is, keep its routing
+                // group together, spread over topology groups; then the
+                // node least loaded once it holds the replica.
+                let key = |node: usize| {
+                    (
+                        !fits(node),
+                        !(fits(node) && self.held_now(node, expert)),
+                        !(fits(node)
+                            && self.options.routing_groups.is_some()
+                            && self.groups_on[node].contains(&group)),
+                        topology_taken(node),
+                    )
+                };
+                key(a)
+                    .cmp(&key(b))
+                    .then(load_after(a).total_cmp(&load_after(b)))
+                    .then(a.cmp(&b))
+            })
+            .expect("candidates is not empty")
+    }
+
+    fn place(&mut self, node: usize, expert: u32, share: f64) {
+        let extra = self.buffered_extra(node, share);
+        self.assignment[node].push(expert);
+        self.node_load[node] += share;
+        self.node_load[node] += extra;
+        let group = self.group_of(expert);
+        self.groups_on[node].insert(group);
+    }
 }
 
 /// Every replica with its share of its expert's load, largest first; ties
