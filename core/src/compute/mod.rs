@@ -105,6 +105,20 @@ pub trait ComputeBackend: Send + Sync {
         outputs
     }
 
+    /// Milliseconds the backend computes `work` once its input is where it
+    /// computes, without copies in and out (the median of `repeats`), for
+    /// benchmarks; None for backends that compute where the input already
+    /// is (the CPU).
+    fn time_compute_only(
+        &self,
+        _input: &[f32],
+        _width: usize,
+        _work: &[ExpertWork<'_>],
+        _repeats: usize,
+    ) -> Option<CoreResult<f64>> {
+        None
+    }
+
     /// Returns, per row of `input`, the sum of the weighted expert outputs.
     ///
     /// Sums are taken in the order of `work`; callers pass it by ascending

@@ -52,6 +52,47 @@ pub struct ExpertWeights {
     pub down_proj: Vec<f32>,
 }
 
+/// One tensor as the checkpoint stores it, borrowed from the memory map.
+pub struct StoredTensor<'a> {
+    pub dtype: WireDtype,
+    /// Little-endian values, `dtype.size()` bytes each.
+    pub bytes: &'a [u8],
+    mmap: &'a Mmap,
+    range: std::ops::Range<usize>,
+}
+
+impl StoredTensor<'_> {
+    /// The values widened to f32 (exact for every dtype read).
+    pub fn to_f32(&self) -> Vec<f32> {
+        decode_values(self.bytes, self.dtype)
+    }
+
+    /// Drops the tensor's mapped pages from this process's resident memory
+    /// once its values are copied out; they stay in the page cache, and a
+    /// later read faults them back in from there.
+    pub fn release_pages(&self) {
+        #[cfg(unix)]
+        // SAFETY: the mapping is read-only; dropping its pages only makes
+        // the next read of them fault them back in from the file.
+        unsafe {
+            let _ = self.mmap.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                self.range.start,
+                self.range.len(),
+            );
+        }
+    }
+}
+
+/// The three projections of one expert as stored: `[out, in]`.
+pub struct StoredExpert<'a> {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub gate_proj: StoredTensor<'a>,
+    pub up_proj: StoredTensor<'a>,
+    pub down_proj: StoredTensor<'a>,
+}
+
 /// The router-side weights of one MoE layer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GateWeights {
@@ -143,6 +184,17 @@ impl Checkpoint {
 
     /// Reads one tensor as f32, checking its shape; f32, bf16 and f16 are accepted.
     pub fn load_f32(&self, name: &str, shape: &[usize]) -> CoreResult<Vec<f32>> {
+        let stored = self.stored_tensor(name, shape)?;
+        let values = stored.to_f32();
+        // The values are copied out: drop the mapped pages from this
+        // process's resident memory, so that a node holds its weights once
+        // rather than twice.
+        stored.release_pages();
+        Ok(values)
+    }
+
+    /// One tensor as stored, in the memory map, its shape and length checked.
+    pub fn stored_tensor(&self, name: &str, shape: &[usize]) -> CoreResult<StoredTensor<'_>> {
         let &shard_index = self.tensor_shard.get(name).ok_or_else(|| {
             CoreError::Checkpoint(format!(
                 "tensor {name} is missing from {}",
@@ -163,16 +215,13 @@ impl Checkpoint {
             )));
         }
         let (start, end) = info.data_offsets;
-        let bytes = shard
-            .mmap
-            .get(shard.data_start + start..shard.data_start + end)
-            .ok_or_else(|| {
-                CoreError::Checkpoint(format!(
-                    "tensor {name} lies outside {}",
-                    shard.path.display()
-                ))
-            })?;
-        let elements: usize = shape.iter().product();
+        let range = shard.data_start + start..shard.data_start + end;
+        let bytes = shard.mmap.get(range.clone()).ok_or_else(|| {
+            CoreError::Checkpoint(format!(
+                "tensor {name} lies outside {}",
+                shard.path.display()
+            ))
+        })?;
         let dtype = match info.dtype {
             Dtype::F32 => WireDtype::F32,
             Dtype::BF16 => WireDtype::Bf16,
@@ -183,27 +232,19 @@ impl Checkpoint {
                 )));
             }
         };
-        let values = decode_values(bytes, dtype);
-        // The values are copied out: drop the mapped pages from this
-        // process's resident memory (they stay in the page cache), so that
-        // a node holds its weights once rather than twice.
-        #[cfg(unix)]
-        // SAFETY: the mapping is read-only; dropping its pages only makes
-        // the next read of them fault them back in from the file.
-        unsafe {
-            let _ = shard.mmap.unchecked_advise_range(
-                memmap2::UncheckedAdvice::DontNeed,
-                shard.data_start + start,
-                end - start,
-            );
-        }
-        if values.len() != elements {
+        let elements: usize = shape.iter().product();
+        if bytes.len() != elements * dtype.size() {
             return Err(CoreError::Checkpoint(format!(
                 "tensor {name} has {} bytes for {elements} elements",
                 bytes.len()
             )));
         }
-        Ok(values)
+        Ok(StoredTensor {
+            dtype,
+            bytes,
+            mmap: &shard.mmap,
+            range,
+        })
     }
 
     fn layer_prefix(&self, layer: usize) -> String {
@@ -258,6 +299,21 @@ impl Checkpoint {
             }
             _ => ["gate_proj", "up_proj", "down_proj"]
                 .map(|proj| format!("{prefix}.experts.{expert}.{proj}.weight")),
+        })
+    }
+
+    /// The three projections of one expert as stored (the shared expert
+    /// is `num_experts`), for backends that copy them as they are.
+    pub fn stored_expert(&self, layer: usize, expert: u32) -> CoreResult<StoredExpert<'_>> {
+        let [gate, up, down] = self.expert_tensor_names(layer, expert)?;
+        let hidden = self.config.hidden_size;
+        let intermediate = self.config.intermediate_size_of(expert);
+        Ok(StoredExpert {
+            hidden_size: hidden,
+            intermediate_size: intermediate,
+            gate_proj: self.stored_tensor(&gate, &[intermediate, hidden])?,
+            up_proj: self.stored_tensor(&up, &[intermediate, hidden])?,
+            down_proj: self.stored_tensor(&down, &[hidden, intermediate])?,
         })
     }
 

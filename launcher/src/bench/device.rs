@@ -188,7 +188,8 @@ fn ffn_flops(checkpoint: &Checkpoint, rows: usize) -> f64 {
 }
 
 /// Times `expert_outputs` on a batch of `tokens`: the host-to-host time,
-/// transfers included, and the rows each expert took.
+/// transfers included, the compute alone where the backend can tell it,
+/// and the rows each expert took.
 fn measure_batch(
     args: &BenchDeviceArgs,
     checkpoint: &Checkpoint,
@@ -212,17 +213,26 @@ fn measure_batch(
             times.push(elapsed);
         }
     }
+    let compute_only = backend.time_compute_only(&input, hidden, &work, args.repeats);
     let pairs: usize = routing.iter().map(|(rows, _)| rows.len()).sum();
     let touched = routing.iter().filter(|(rows, _)| !rows.is_empty()).count();
     let expert_bytes = backend.resident_bytes(config, 0);
     let median = times.median().unwrap_or(f64::NAN);
+    let flops = ffn_flops(checkpoint, pairs);
+    let device = match compute_only {
+        None => json!(null),
+        Some(Ok(ms)) => json!({"median_ms": ms, "tflops": flops / (ms * 1e-3) / 1e12}),
+        Some(Err(error)) => json!({"error": error.to_string()}),
+    };
     json!({
         "tokens": tokens,
         "rows_per_expert": routing.iter().map(|(rows, _)| rows.len()).collect::<Vec<_>>(),
         "hidden_size": hidden,
         "intermediate_size": config.expert_intermediate_size,
         "median_ms": median * 1e3,
-        "tflops": ffn_flops(checkpoint, pairs) / median / 1e12,
+        "tflops": flops / median / 1e12,
+        // The compute alone, input already on the device (GPU backends).
+        "compute_only": device,
         "touched_expert_bytes": touched as u64 * expert_bytes,
     })
 }

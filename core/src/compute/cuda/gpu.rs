@@ -131,6 +131,36 @@ impl Gpu {
         width: usize,
         items: &[BatchItem<'_>],
     ) -> CoreResult<Vec<f32>> {
+        let plan = self.plan(input, width, items)?;
+        if plan.total_tiles == 0 {
+            return Ok(Vec::new());
+        }
+        let queue = self.take_queue()?;
+        let padded = self
+            .compute_tiles(&queue, input, &plan, items)
+            .map_err(|error| self.error(error))?;
+        Ok(plan.compact(&padded))
+    }
+
+    /// Milliseconds the GPU spends on the batch's compute alone (gather,
+    /// GEMMs, activation), its input already on the GPU: the median of
+    /// `repeats` runs timed with events, after one untimed run. For
+    /// measuring the expert GEMMs apart from the copies over PCIe.
+    pub fn time_batch(
+        &self,
+        input: &[f32],
+        width: usize,
+        items: &[BatchItem<'_>],
+        repeats: usize,
+    ) -> CoreResult<f64> {
+        let plan = self.plan(input, width, items)?;
+        let queue = self.take_queue()?;
+        self.time_tiles(&queue, input, &plan, items, repeats.max(1))
+            .map_err(|error| self.error(error))
+    }
+
+    /// Checks a batch and lays it out in tiles.
+    fn plan(&self, input: &[f32], width: usize, items: &[BatchItem<'_>]) -> CoreResult<TilePlan> {
         if width == 0 || !input.len().is_multiple_of(width) {
             return Err(self.error(format!(
                 "an input of {} values is not whole rows of {width}",
@@ -149,16 +179,7 @@ impl Gpu {
         let experts = items
             .iter()
             .map(|item| (item.weights.layout.intermediate, item.rows));
-        let plan = TilePlan::new(width, input.len() / width, experts)
-            .map_err(|error| self.error(error))?;
-        if plan.total_tiles == 0 {
-            return Ok(Vec::new());
-        }
-        let queue = self.take_queue()?;
-        let padded = self
-            .compute_tiles(&queue, input, &plan, items)
-            .map_err(|error| self.error(error))?;
-        Ok(plan.compact(&padded))
+        TilePlan::new(width, input.len() / width, experts).map_err(|error| self.error(error))
     }
 
     /// Enqueues the whole batch of `plan` and returns its padded output.
@@ -170,25 +191,69 @@ impl Gpu {
         items: &[BatchItem<'_>],
     ) -> Result<Vec<f32>, String> {
         let stream = &self.stream;
-        let failed = |what: &'static str| move |error| format!("cannot {what}: {error}");
-        let input_on_gpu = stream
-            .clone_htod(input)
-            .map_err(failed("copy the input to the GPU"))?;
-        let slots = stream
-            .clone_htod(&plan.slots)
-            .map_err(failed("copy the row indices to the GPU"))?;
-        let allocation = failed("allocate a batch's buffers");
-        // SAFETY (all four): the kernels and GEMMs below write every element
-        // that anything reads; padding between tiles is never read.
-        let gathered = unsafe { stream.alloc::<bf16>(plan.input_len()) }.map_err(allocation)?;
-        let gate_up = unsafe { stream.alloc::<f32>(plan.gate_up_len) }.map_err(allocation)?;
-        let activated = unsafe { stream.alloc::<bf16>(plan.activated_len) }.map_err(allocation)?;
-        let output = unsafe { stream.alloc::<f32>(plan.output_len()) }.map_err(allocation)?;
+        let batch = BatchOnGpu::upload(stream, input, plan)?;
+        // SAFETY: the buffers were allocated for `plan`.
+        unsafe { self.enqueue_batch(blas, plan, items, &batch)? };
+        let padded = stream
+            .clone_dtoh(&batch.output)
+            .map_err(failed("copy the output from the GPU"))?;
+        stream.synchronize().map_err(failed("finish the batch"))?;
+        self.context
+            .check_err()
+            .map_err(failed("finish the batch"))?;
+        Ok(padded)
+    }
+
+    /// The median milliseconds of the batch's compute over `repeats` runs.
+    fn time_tiles(
+        &self,
+        blas: &Blas,
+        input: &[f32],
+        plan: &TilePlan,
+        items: &[BatchItem<'_>],
+        repeats: usize,
+    ) -> Result<f64, String> {
+        let stream = &self.stream;
+        let batch = BatchOnGpu::upload(stream, input, plan)?;
+        let event = || {
+            self.context
+                .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(failed("create a timing event"))
+        };
+        let (start, end) = (event()?, event()?);
+        let mut times = Vec::with_capacity(repeats);
+        for repeat in 0..=repeats {
+            start.record(stream).map_err(failed("record an event"))?;
+            // SAFETY: the buffers were allocated for `plan`.
+            unsafe { self.enqueue_batch(blas, plan, items, &batch)? };
+            end.record(stream).map_err(failed("record an event"))?;
+            let elapsed = start.elapsed_ms(&end).map_err(failed("time the batch"))?;
+            if repeat > 0 {
+                times.push(f64::from(elapsed));
+            }
+        }
+        self.context.check_err().map_err(failed("time the batch"))?;
+        times.sort_by(f64::total_cmp);
+        Ok(times[times.len() / 2])
+    }
+
+    /// Enqueues the gather and every expert's tiles of `plan`.
+    ///
+    /// # Safety
+    /// `batch` holds buffers allocated for `plan`.
+    unsafe fn enqueue_batch(
+        &self,
+        blas: &Blas,
+        plan: &TilePlan,
+        items: &[BatchItem<'_>],
+        batch: &BatchOnGpu,
+    ) -> Result<(), String> {
+        let stream = &self.stream;
         let buffers = TileBuffers {
-            gathered: address(&gathered, stream),
-            gate_up: address(&gate_up, stream),
-            activated: address(&activated, stream),
-            output: address(&output, stream),
+            gathered: address(&batch.gathered, stream),
+            gate_up: address(&batch.gate_up, stream),
+            activated: address(&batch.activated, stream),
+            output: address(&batch.output, stream),
         };
         // SAFETY: each buffer has the length the plan gives it, and every
         // slot is a row of the input (checked when the plan was made).
@@ -196,22 +261,15 @@ impl Gpu {
             self.kernels.gather_rows(
                 stream,
                 plan,
-                address(&input_on_gpu, stream),
-                address(&slots, stream),
+                address(&batch.input, stream),
+                address(&batch.slots, stream),
                 buffers.gathered,
             )?;
             for (index, item) in items.iter().enumerate() {
                 self.compute_expert(blas, plan, index, item, &buffers)?;
             }
         }
-        let padded = stream
-            .clone_dtoh(&output)
-            .map_err(failed("copy the output from the GPU"))?;
-        stream.synchronize().map_err(failed("finish the batch"))?;
-        self.context
-            .check_err()
-            .map_err(failed("finish the batch"))?;
-        Ok(padded)
+        Ok(())
     }
 
     /// Enqueues one expert's tiles: gate/up GEMMs, the activation, down
@@ -270,6 +328,47 @@ impl Gpu {
         }
         Ok(())
     }
+}
+
+/// A batch's input and working buffers in GPU memory.
+struct BatchOnGpu {
+    input: CudaSlice<f32>,
+    slots: CudaSlice<u32>,
+    gathered: CudaSlice<bf16>,
+    gate_up: CudaSlice<f32>,
+    activated: CudaSlice<bf16>,
+    output: CudaSlice<f32>,
+}
+
+impl BatchOnGpu {
+    /// Copies the input and the row indices of `plan` to the GPU and
+    /// allocates the rest.
+    fn upload(stream: &Arc<CudaStream>, input: &[f32], plan: &TilePlan) -> Result<Self, String> {
+        let allocation = failed("allocate a batch's buffers");
+        // SAFETY (all four): the kernels and GEMMs write every element
+        // that anything reads; padding between tiles is never read.
+        unsafe {
+            Ok(Self {
+                input: stream
+                    .clone_htod(input)
+                    .map_err(failed("copy the input to the GPU"))?,
+                slots: stream
+                    .clone_htod(&plan.slots)
+                    .map_err(failed("copy the row indices to the GPU"))?,
+                gathered: stream.alloc::<bf16>(plan.input_len()).map_err(allocation)?,
+                gate_up: stream.alloc::<f32>(plan.gate_up_len).map_err(allocation)?,
+                activated: stream
+                    .alloc::<bf16>(plan.activated_len)
+                    .map_err(allocation)?,
+                output: stream.alloc::<f32>(plan.output_len()).map_err(allocation)?,
+            })
+        }
+    }
+}
+
+/// Turns a driver error into a message saying what failed.
+fn failed(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> String + Copy {
+    move |error| format!("cannot {what}: {error}")
 }
 
 /// The device addresses of a batch's buffers.

@@ -9,6 +9,9 @@
 //! it computes an expert where it waits; staging buffers that only carry an
 //! expert to the GPU once are write-combined, which the CPU writes faster.
 //! The tier is keyed by (layer, expert): a backend serves one checkpoint.
+//! Experts are copied straight from the checkpoint's memory map into
+//! pinned memory (bf16 as stored; f32 and f16 rounded on the way), with
+//! no f32 copy between.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -132,17 +135,22 @@ impl HostTier {
             return Ok(Arc::clone(kept));
         }
         // Read without the lock: other experts' fetches go on meanwhile.
-        let weights = checkpoint.load_expert(layer, expert)?;
-        let layout = ExpertLayout::of(&weights)?;
+        let stored = checkpoint.stored_expert(layer, expert)?;
+        let layout = ExpertLayout::of_stored(&stored);
         let bytes = layout.buffer_bytes() as u64;
         let keep = self.ledger().reserve(bytes);
+        let fill = |buffer: &mut [bf16]| layout.fill_stored(&stored, buffer);
         let copied = match (keep, purpose) {
-            (true, _) => self.pinned(layout, &weights, 0),
-            (false, Purpose::Upload) => self.staged(&weights),
-            (false, Purpose::HostCompute) => Ok(HostExpert {
-                layout,
-                buffer: HostBuffer::Pageable(layout.filled_buffer(&weights)),
-            }),
+            (true, _) => self.pinned(layout, 0, fill),
+            (false, Purpose::Upload) => self.pinned(layout, CU_MEMHOSTALLOC_WRITECOMBINED, fill),
+            (false, Purpose::HostCompute) => {
+                let mut buffer = vec![bf16::ZERO; layout.len];
+                fill(&mut buffer);
+                Ok(HostExpert {
+                    layout,
+                    buffer: HostBuffer::Pageable(buffer),
+                })
+            }
         };
         let mut ledger = self.ledger();
         let copied = match copied {
@@ -169,14 +177,17 @@ impl HostTier {
     /// once.
     pub fn staged(&self, weights: &ExpertWeights) -> CoreResult<HostExpert> {
         let layout = ExpertLayout::of(weights)?;
-        self.pinned(layout, weights, CU_MEMHOSTALLOC_WRITECOMBINED)
+        self.pinned(layout, CU_MEMHOSTALLOC_WRITECOMBINED, |buffer| {
+            layout.fill(weights, buffer)
+        })
     }
 
+    /// A pinned buffer of `layout` (allocated with `flags`), written by `fill`.
     fn pinned(
         &self,
         layout: ExpertLayout,
-        weights: &ExpertWeights,
         flags: u32,
+        fill: impl FnOnce(&mut [bf16]),
     ) -> CoreResult<HostExpert> {
         let failed = |error| {
             CoreError::Device(format!(
@@ -190,7 +201,7 @@ impl HostTier {
                 .alloc_pinned_with_flags::<bf16>(layout.len, flags)
         }
         .map_err(failed)?;
-        layout.fill(weights, pinned.as_mut_slice().map_err(failed)?);
+        fill(pinned.as_mut_slice().map_err(failed)?);
         Ok(HostExpert {
             layout,
             buffer: HostBuffer::Pinned(pinned),

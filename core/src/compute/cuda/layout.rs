@@ -11,7 +11,9 @@
 
 use half::bf16;
 
-use crate::model::checkpoint::ExpertWeights;
+use moemesh_proto::codec::WireDtype;
+
+use crate::model::checkpoint::{ExpertWeights, StoredExpert, StoredTensor};
 use crate::{CoreError, CoreResult};
 
 /// The alignment of every matrix the GPU path hands to cuBLAS: cudaMalloc's
@@ -100,11 +102,53 @@ impl ExpertLayout {
         buffer[2 * gate_end..self.down_offset].fill(bf16::ZERO);
     }
 
+    /// Writes `stored` into `buffer` (`len` elements) in this layout,
+    /// straight from the checkpoint's memory map: bf16 tensors are copied
+    /// as they are, f32 and f16 ones rounded to bf16; padding is zero. The
+    /// mapped pages are released after each projection.
+    pub fn fill_stored(&self, stored: &StoredExpert<'_>, buffer: &mut [bf16]) {
+        debug_assert_eq!(buffer.len(), self.len);
+        let gate_end = self.intermediate * self.hidden;
+        let projections = [
+            (&stored.gate_proj, 0),
+            (&stored.up_proj, gate_end),
+            (&stored.down_proj, self.down_offset),
+        ];
+        // Each projection holds intermediate · hidden values.
+        for (tensor, start) in projections {
+            copy_as_bf16(tensor, &mut buffer[start..start + gate_end]);
+            tensor.release_pages();
+        }
+        buffer[2 * gate_end..self.down_offset].fill(bf16::ZERO);
+    }
+
+    /// The layout of a stored expert.
+    pub fn of_stored(stored: &StoredExpert<'_>) -> Self {
+        Self::new(stored.hidden_size, stored.intermediate_size)
+    }
+
     /// The buffer of `weights` in ordinary memory.
+    #[cfg(test)]
     pub fn filled_buffer(&self, weights: &ExpertWeights) -> Vec<bf16> {
         let mut buffer = vec![bf16::ZERO; self.len];
         self.fill(weights, &mut buffer);
         buffer
+    }
+}
+
+/// `tensor`'s values as bf16 into `into` (as many as it holds).
+fn copy_as_bf16(tensor: &StoredTensor<'_>, into: &mut [bf16]) {
+    match tensor.dtype {
+        WireDtype::Bf16 => {
+            for (slot, bytes) in into.iter_mut().zip(tensor.bytes.chunks_exact(2)) {
+                *slot = bf16::from_le_bytes([bytes[0], bytes[1]]);
+            }
+        }
+        _ => {
+            for (slot, value) in into.iter_mut().zip(tensor.to_f32()) {
+                *slot = bf16::from_f32(value);
+            }
+        }
     }
 }
 
@@ -148,5 +192,22 @@ mod tests {
         assert_eq!(aligned_len(1, 2), 128);
         assert_eq!(aligned_len(128, 2), 128);
         assert_eq!(aligned_len(65, 4), 128);
+    }
+
+    #[test]
+    fn experts_copied_from_the_map_match_experts_read_as_f32() {
+        // bf16 (copied as stored), f16 and f32 (rounded on the way) checkpoints.
+        for name in ["mixtral_bf16_sharded", "qwen3_moe_f16", "mixtral"] {
+            let dir = format!("{}/../tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+            let checkpoint = crate::model::checkpoint::Checkpoint::open(dir.as_ref()).unwrap();
+            let layer = checkpoint.config().moe_layers()[0];
+            let stored = checkpoint.stored_expert(layer, 1).unwrap();
+            let layout = ExpertLayout::of_stored(&stored);
+            let mut buffer = vec![bf16::from_f32(7.0); layout.len];
+            layout.fill_stored(&stored, &mut buffer);
+            let weights = checkpoint.load_expert(layer, 1).unwrap();
+            assert_eq!(layout, ExpertLayout::of(&weights).unwrap());
+            assert!(buffer == layout.filled_buffer(&weights), "{name}");
+        }
     }
 }

@@ -171,6 +171,35 @@ impl ComputeBackend for CudaBackend {
         Ok(())
     }
 
+    /// Times the GPU part of [`ComputeBackend::expert_outputs`] with CUDA
+    /// events; every expert of `work` must be this backend's.
+    fn time_compute_only(
+        &self,
+        input: &[f32],
+        width: usize,
+        work: &[ExpertWork<'_>],
+        repeats: usize,
+    ) -> Option<CoreResult<f64>> {
+        let resident: Option<Vec<Arc<CudaExpert>>> = work
+            .iter()
+            .map(|item| self.registry.resolve(item.expert))
+            .collect();
+        let Some(resident) = resident else {
+            return Some(Err(CoreError::Device(
+                "only this backend's experts can be timed on the GPU".into(),
+            )));
+        };
+        let items: Vec<BatchItem<'_>> = work
+            .iter()
+            .zip(&resident)
+            .map(|(item, expert)| BatchItem {
+                weights: expert.weights(),
+                rows: item.rows,
+            })
+            .collect();
+        Some(self.gpu.time_batch(input, width, &items, repeats))
+    }
+
     /// Runs this backend's experts as one batch on the GPU (one copy in,
     /// one copy out) and any other expert through its own `forward`. The
     /// trait has no error to return: if the GPU fails, its experts'
