@@ -85,8 +85,8 @@ impl MoeLayer {
 
     /// Computes the layer's output for `tokens` rows of `hidden`
     /// (`[tokens, hidden_size]`); each token's output depends on that
-    /// token alone.
-    pub fn forward(&self, hidden: &[f32], tokens: usize) -> Vec<f32> {
+    /// token alone. Fails only when the backend's device does.
+    pub fn forward(&self, hidden: &[f32], tokens: usize) -> CoreResult<Vec<f32>> {
         let routing = self.gate.route(hidden, tokens);
         let per_expert = tokens_per_expert(&routing, self.experts.len());
         let work: Vec<ExpertWork<'_>> = self

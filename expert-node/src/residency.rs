@@ -5,8 +5,12 @@
 //! the others wait where the backend keeps them (the checkpoint's pages in
 //! the page cache for the CPU, pinned host memory for a GPU); a job pages
 //! them in, streams them through one at a time, or has the backend compute
-//! them where they wait. Every path runs the same expert code on the same
-//! weights, so a row's result does not depend on where its expert was.
+//! them where they wait. Paging in and streaming run the same expert code
+//! on the same weights, so a row's result does not depend on whether its
+//! expert was resident: on the CPU every path gives the same bits. A GPU
+//! node's host path (few tokens of a cold expert computed on the CPU)
+//! agrees with the GPU to bf16 precision, not bit for bit, and whether it
+//! is taken depends on how many tokens the batch gives that expert.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -165,7 +169,7 @@ impl Residency {
                 }
             })
             .collect();
-        let computed = self.backend.expert_outputs(&job.input, hidden, &work);
+        let computed = self.backend.expert_outputs(&job.input, hidden, &work)?;
         let mut taken = 0;
         for &index in &resident {
             let len = job.assignments[index].rows.len() * hidden;
@@ -267,7 +271,7 @@ impl Residency {
             rows: &assignment.rows,
             weights: &assignment.weights,
         }];
-        output.copy_from_slice(&self.backend.expert_outputs(&job.input, hidden, &work));
+        output.copy_from_slice(&self.backend.expert_outputs(&job.input, hidden, &work)?);
         drop(expert);
         crate::release_freed_memory();
         Ok(())

@@ -117,7 +117,7 @@ async fn drive(
         let layer = layers[0];
         let in_process = MoeLayer::load(&checkpoint, layer, &backend)?;
         let input = random_hidden(&mut rng, args.tokens, hidden);
-        let want = in_process.forward(&input, args.tokens);
+        let want = in_process.forward(&input, args.tokens)?;
         let got = client
             .clone()
             .forward_f32("", layer as u32, &input, hidden)

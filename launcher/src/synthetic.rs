@@ -174,7 +174,7 @@ mod tests {
         let checkpoint = Checkpoint::open(dir.path()).unwrap();
         assert_eq!(checkpoint.config().moe_layers(), vec![0, 1]);
         let layer = MoeLayer::load(&checkpoint, 1, &CpuBackend::new(1).unwrap()).unwrap();
-        let output = layer.forward(&[0.5; 32], 2);
+        let output = layer.forward(&[0.5; 32], 2).unwrap();
         assert!(
             output.iter().all(|value| value.is_finite())
                 && output.iter().any(|&value| value != 0.0)

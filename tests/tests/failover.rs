@@ -17,7 +17,8 @@ async fn killing_a_node_under_load_fails_no_request_when_experts_have_two_replic
     let (input, _) = fixture.cases[&1].clone();
     let reference = MoeLayer::load(&fixture.checkpoint, 1, &CpuBackend::new(1).unwrap())
         .unwrap()
-        .forward(&input, input.len() / hidden);
+        .forward(&input, input.len() / hidden)
+        .unwrap();
     let mut cluster = ManagedCluster::start(&fixture.dir, 3, 2, Duration::from_millis(1500)).await;
 
     let mut clients = Vec::new();

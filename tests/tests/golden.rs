@@ -14,7 +14,7 @@ fn in_process_layers_match_transformers() {
         for (&layer, (input, expected)) in &fixture.cases {
             let moe = MoeLayer::load(&fixture.checkpoint, layer, &backend).unwrap();
             let tokens = input.len() / fixture.hidden_size();
-            let output = moe.forward(input, tokens);
+            let output = moe.forward(input, tokens).unwrap();
             let error = relative_l2(&output, expected);
             println!("{name} layer {layer}: relative L2 error {error:.2e}");
             assert!(
@@ -60,7 +60,8 @@ async fn cluster_matches_transformers_and_the_in_process_layer() {
             );
             let in_process = MoeLayer::load(&fixture.checkpoint, layer, &backend)
                 .unwrap()
-                .forward(input, input.len() / fixture.hidden_size());
+                .forward(input, input.len() / fixture.hidden_size())
+                .unwrap();
             let error = relative_l2(&output, &in_process);
             assert!(
                 error < 1e-6,

@@ -16,7 +16,8 @@ async fn moves_under_continuous_load_fail_no_request() {
     let (input, _) = fixture.cases[&1].clone();
     let reference = MoeLayer::load(&fixture.checkpoint, 1, &CpuBackend::new(1).unwrap())
         .unwrap()
-        .forward(&input, input.len() / hidden);
+        .forward(&input, input.len() / hidden)
+        .unwrap();
     let cluster = ManagedCluster::start(&fixture.dir, 3, 1, Duration::from_secs(3600)).await;
 
     // Three clients keep requests in flight through every step of every move.

@@ -54,7 +54,7 @@ async fn skewed_load_is_counted_and_the_rebalancer_replicates_the_hot_expert() {
         (0..tokens).all(|token| routing.token(token).any(|(expert, _)| expert == HOT)),
         "the crafted tokens must all reach expert {HOT}"
     );
-    let reference = layer.forward(&input, tokens);
+    let reference = layer.forward(&input, tokens).unwrap();
     let cluster = ManagedCluster::start(&fixture.dir, 3, 1, Duration::from_secs(3600)).await;
     let mut admin = cluster.admin(1).await;
     let before = admin.show_placement("", Some(LAYER as u32)).await.unwrap();

@@ -98,7 +98,7 @@ fn print_nodes(status: &ClusterStatusResponse) {
         // Experts beyond MEMORY wait in BUFFER (pinned host memory, the page cache).
         let buffer = match node.buffer_bytes {
             0 => "-".to_string(),
-            bytes => gibibytes(bytes),
+            bytes => human_size(bytes),
         };
         println!(
             "{:<14} {:<28} {:<10} {:<8} {:>10} {:>10} {:<8}",
@@ -106,13 +106,13 @@ fn print_nodes(status: &ClusterStatusResponse) {
             node.address,
             node.group,
             node.device,
-            gibibytes(node.memory_bytes),
+            human_size(node.memory_bytes),
             buffer,
             node.status().to_string()
         );
     }
 }
 
-fn gibibytes(bytes: u64) -> String {
-    format!("{:.1}Gi", bytes as f64 / (1u64 << 30) as f64)
+fn human_size(bytes: u64) -> String {
+    crate::output::human_bytes(bytes as f64)
 }

@@ -207,7 +207,7 @@ async fn moectl_manages_and_shows_the_cluster_through_any_coordinator() {
         "{table}"
     );
     assert!(
-        table.contains("BUFFER") && table.contains("2.0Gi"),
+        table.contains("BUFFER") && table.contains("2.0 GiB"),
         "{table}"
     );
     let status = moectl_json(&["cluster", "status", "--coordinator", &via]).await;

@@ -131,7 +131,12 @@ impl ComputeBackend for CpuBackend {
     /// ranges) and runs them at once, one per compute thread, largest
     /// first: small per-expert batches keep every thread busy without the
     /// synchronisation a multi-threaded GEMM pays inside each product.
-    fn expert_outputs(&self, input: &[f32], width: usize, work: &[ExpertWork<'_>]) -> Vec<f32> {
+    fn expert_outputs(
+        &self,
+        input: &[f32],
+        width: usize,
+        work: &[ExpertWork<'_>],
+    ) -> CoreResult<Vec<f32>> {
         let total_rows: usize = work.iter().map(|item| item.rows.len()).sum();
         let mut outputs = vec![0f32; total_rows * width];
         // Cut experts into pieces of at most `max_rows`, enough pieces for
@@ -185,7 +190,7 @@ impl ComputeBackend for CpuBackend {
                 }
             });
         }
-        outputs
+        Ok(outputs)
     }
 }
 
@@ -270,8 +275,8 @@ mod tests {
                 weights,
             })
             .collect();
-        let got = backend.run_experts(&input, hidden, &work);
-        let want = Sequential.run_experts(&input, hidden, &work);
+        let got = backend.run_experts(&input, hidden, &work).unwrap();
+        let want = Sequential.run_experts(&input, hidden, &work).unwrap();
         assert_eq!(got, want);
         assert!(got.iter().any(|&value| value != 0.0));
     }

@@ -93,7 +93,13 @@ pub trait ComputeBackend: Send + Sync {
     ///
     /// Backends may run the experts in any order or at once, as long as
     /// each row's result stays the same.
-    fn expert_outputs(&self, input: &[f32], width: usize, work: &[ExpertWork<'_>]) -> Vec<f32> {
+    /// A device that fails (a GPU error) fails the whole call.
+    fn expert_outputs(
+        &self,
+        input: &[f32],
+        width: usize,
+        work: &[ExpertWork<'_>],
+    ) -> CoreResult<Vec<f32>> {
         let mut outputs = Vec::new();
         for item in work {
             let gathered = gather_rows(input, width, item.rows);
@@ -102,7 +108,7 @@ pub trait ComputeBackend: Send + Sync {
             item.expert
                 .forward(&gathered, item.rows.len(), &mut outputs[start..]);
         }
-        outputs
+        Ok(outputs)
     }
 
     /// Milliseconds the backend computes `work` once its input is where it
@@ -124,8 +130,13 @@ pub trait ComputeBackend: Send + Sync {
     /// Sums are taken in the order of `work`; callers pass it by ascending
     /// expert id so that every row's sum has a fixed order, the order a
     /// router also follows when experts answer from several nodes.
-    fn run_experts(&self, input: &[f32], width: usize, work: &[ExpertWork<'_>]) -> Vec<f32> {
-        let outputs = self.expert_outputs(input, width, work);
+    fn run_experts(
+        &self,
+        input: &[f32],
+        width: usize,
+        work: &[ExpertWork<'_>],
+    ) -> CoreResult<Vec<f32>> {
+        let outputs = self.expert_outputs(input, width, work)?;
         let mut combined = vec![0f32; input.len()];
         let mut offset = 0;
         for item in work {
@@ -139,7 +150,7 @@ pub trait ComputeBackend: Send + Sync {
                 offset += width;
             }
         }
-        combined
+        Ok(combined)
     }
 }
 

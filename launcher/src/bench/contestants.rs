@@ -115,12 +115,12 @@ impl InProcessLayers {
             0,
             &CpuBackend::with_format(threads, WeightFormat::Bf16)?,
         )?;
-        let reference = f32_layer.forward(input, tokens);
+        let reference = f32_layer.forward(input, tokens)?;
         let mut expert_loads = vec![0usize; experts];
         for &expert in &f32_layer.gate().route(input, tokens).experts {
             expert_loads[expert as usize] += 1;
         }
-        let bf16_error = relative_l2(&bf16_layer.forward(input, tokens), &reference);
+        let bf16_error = relative_l2(&bf16_layer.forward(input, tokens)?, &reference);
         Ok(Self {
             f32_layer,
             bf16_layer,

@@ -78,7 +78,7 @@ pub fn run_bench_device(args: BenchDeviceArgs) -> anyhow::Result<()> {
             &experts,
             args.tokens,
             &mut rng,
-        ),
+        )?,
     );
     report.insert(
         "decode".into(),
@@ -89,7 +89,7 @@ pub fn run_bench_device(args: BenchDeviceArgs) -> anyhow::Result<()> {
             &experts,
             args.decode_tokens,
             &mut rng,
-        ),
+        )?,
     );
     drop(experts);
     report.insert(
@@ -197,7 +197,7 @@ fn measure_batch(
     experts: &[Arc<dyn Expert>],
     tokens: usize,
     rng: &mut StdRng,
-) -> Value {
+) -> anyhow::Result<Value> {
     let config = checkpoint.config();
     let hidden = config.hidden_size;
     let routing = random_routing(rng, tokens, experts.len(), config.top_k);
@@ -206,7 +206,7 @@ fn measure_batch(
     let mut times = Samples::default();
     for repeat in 0..args.repeats + 2 {
         let started = Instant::now();
-        let outputs = backend.expert_outputs(&input, hidden, &work);
+        let outputs = backend.expert_outputs(&input, hidden, &work)?;
         let elapsed = started.elapsed().as_secs_f64();
         std::hint::black_box(outputs);
         if repeat >= 2 {
@@ -224,7 +224,7 @@ fn measure_batch(
         Some(Ok(ms)) => json!({"median_ms": ms, "tflops": flops / (ms * 1e-3) / 1e12}),
         Some(Err(error)) => json!({"error": error.to_string()}),
     };
-    json!({
+    Ok(json!({
         "tokens": tokens,
         "rows_per_expert": routing.iter().map(|(rows, _)| rows.len()).collect::<Vec<_>>(),
         "hidden_size": hidden,
@@ -234,7 +234,7 @@ fn measure_batch(
         // The compute alone, input already on the device (GPU backends).
         "compute_only": device,
         "touched_expert_bytes": touched as u64 * expert_bytes,
-    })
+    }))
 }
 
 /// Every routed expert of the first MoE layer of each checkpoint under
@@ -260,25 +260,28 @@ fn check_fixtures(args: &BenchDeviceArgs, fixtures: &Path) -> anyhow::Result<Val
         let tokens = 96;
         let routing = random_routing(&mut rng, tokens, on_device.len(), config.top_k);
         let input = random_input(&mut rng, tokens * hidden);
-        let got = device.expert_outputs(&input, hidden, &work(&on_device, &routing));
-        let want = cpu.expert_outputs(&input, hidden, &work(&on_cpu, &routing));
+        let got = device.expert_outputs(&input, hidden, &work(&on_device, &routing))?;
+        let want = cpu.expert_outputs(&input, hidden, &work(&on_cpu, &routing))?;
         // The first expert's first row, alone: the same bits as in the batch?
         let first = routing.iter().position(|(rows, _)| !rows.is_empty());
-        let batch_invariant = first.is_some_and(|expert| {
-            let row = routing[expert].0[0] as usize;
-            let alone_input = &input[row * hidden..(row + 1) * hidden];
-            let alone = device.expert_outputs(
-                alone_input,
-                hidden,
-                &[ExpertWork {
-                    expert: on_device[expert].as_ref(),
-                    rows: &[0],
-                    weights: &[1.0],
-                }],
-            );
-            let offset: usize = routing[..expert].iter().map(|(rows, _)| rows.len()).sum();
-            alone[..] == got[offset * hidden..(offset + 1) * hidden]
-        });
+        let batch_invariant = match first {
+            None => false,
+            Some(expert) => {
+                let row = routing[expert].0[0] as usize;
+                let alone_input = &input[row * hidden..(row + 1) * hidden];
+                let alone = device.expert_outputs(
+                    alone_input,
+                    hidden,
+                    &[ExpertWork {
+                        expert: on_device[expert].as_ref(),
+                        rows: &[0],
+                        weights: &[1.0],
+                    }],
+                )?;
+                let offset: usize = routing[..expert].iter().map(|(rows, _)| rows.len()).sum();
+                alone[..] == got[offset * hidden..(offset + 1) * hidden]
+            }
+        };
         let name = dir
             .file_name()
             .map_or_else(String::new, |name| name.to_string_lossy().into_owned());

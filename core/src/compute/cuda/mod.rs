@@ -201,10 +201,14 @@ impl ComputeBackend for CudaBackend {
     }
 
     /// Runs this backend's experts as one batch on the GPU (one copy in,
-    /// one copy out) and any other expert through its own `forward`. The
-    /// trait has no error to return: if the GPU fails, its experts'
-    /// outputs are NaN, which the wire codec refuses.
-    fn expert_outputs(&self, input: &[f32], width: usize, work: &[ExpertWork<'_>]) -> Vec<f32> {
+    /// one copy out) and any other expert through its own `forward`; a
+    /// GPU failure fails the call.
+    fn expert_outputs(
+        &self,
+        input: &[f32],
+        width: usize,
+        work: &[ExpertWork<'_>],
+    ) -> CoreResult<Vec<f32>> {
         let resident: Vec<Option<Arc<CudaExpert>>> = work
             .iter()
             .map(|item| self.registry.resolve(item.expert))
@@ -220,12 +224,16 @@ impl ComputeBackend for CudaBackend {
             })
             .collect();
         let on_gpu_rows: usize = items.iter().map(|item| item.rows.len()).sum();
-        let on_gpu = match self.gpu.run_batch(input, width, &items) {
-            Ok(values) if values.len() == on_gpu_rows * width => values,
-            _ => vec![f32::NAN; on_gpu_rows * width],
-        };
+        let on_gpu = self.gpu.run_batch(input, width, &items)?;
+        if on_gpu.len() != on_gpu_rows * width {
+            return Err(CoreError::Device(format!(
+                "cuda:{}: a batch of {on_gpu_rows} rows came back with {} values",
+                self.gpu.ordinal,
+                on_gpu.len()
+            )));
+        }
         if items.len() == work.len() {
-            return on_gpu;
+            return Ok(on_gpu);
         }
         let mut outputs = Vec::new();
         let mut taken = 0;
@@ -242,7 +250,7 @@ impl ComputeBackend for CudaBackend {
                     .forward(&gathered, item.rows.len(), &mut outputs[start..]);
             }
         }
-        outputs
+        Ok(outputs)
     }
 }
 
