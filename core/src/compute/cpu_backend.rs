@@ -76,18 +76,7 @@ impl CpuBackend {
     /// Creates a backend with `threads` compute threads (0: one per core)
     /// that keeps weights in `format`.
     pub fn with_format(threads: usize, format: WeightFormat) -> CoreResult<Self> {
-        let threads = if threads == 0 {
-            std::thread::available_parallelism().map_or(1, |cores| cores.get())
-        } else {
-            threads
-        };
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .thread_name(|index| format!("moemesh-cpu-{index}"))
-            .build()
-            .map_err(|error| {
-                CoreError::Config(format!("cannot start {threads} compute threads: {error}"))
-            })?;
+        let (pool, threads) = compute_pool(threads, "moemesh-cpu")?;
         Ok(Self {
             pool: Arc::new(pool),
             threads,
@@ -192,6 +181,26 @@ impl ComputeBackend for CpuBackend {
         }
         Ok(outputs)
     }
+}
+
+/// A rayon pool of `threads` threads (0: one per core) named
+/// `{name}-{index}`, and its size: where a backend's CPU work runs, never
+/// on the async runtime.
+pub(super) fn compute_pool(threads: usize, name: &str) -> CoreResult<(rayon::ThreadPool, usize)> {
+    let threads = if threads == 0 {
+        std::thread::available_parallelism().map_or(1, |cores| cores.get())
+    } else {
+        threads
+    };
+    let name = name.to_string();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(move |index| format!("{name}-{index}"))
+        .build()
+        .map_err(|error| {
+            CoreError::Config(format!("cannot start {threads} compute threads: {error}"))
+        })?;
+    Ok((pool, threads))
 }
 
 /// The fewest rows worth a task of their own: below this the GEMM runs

@@ -66,18 +66,8 @@ impl CudaBackend {
     pub fn open(ordinal: usize, threads: usize, host_budget: Option<u64>) -> CoreResult<Self> {
         let device = probe::open_device(ordinal)?;
         let gpu = Arc::new(Gpu::open(&device, ordinal)?);
-        let threads = if threads == 0 {
-            std::thread::available_parallelism().map_or(1, |cores| cores.get())
-        } else {
-            threads
-        };
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .thread_name(move |index| format!("moemesh-cuda{ordinal}-host-{index}"))
-            .build()
-            .map_err(|error| {
-                CoreError::Config(format!("cannot start {threads} host threads: {error}"))
-            })?;
+        let (pool, threads) =
+            super::cpu_backend::compute_pool(threads, &format!("moemesh-cuda{ordinal}-host"))?;
         let budget = host_budget.map_or_else(|| "no limit".into(), format_byte_size);
         let description = format!(
             "cuda:{ordinal} ({}, bf16 weights, host tier {budget}, {threads} host threads)",
