@@ -70,3 +70,66 @@ impl MemoryTierArgs {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Flags {
+        #[command(flatten)]
+        tiers: MemoryTierArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<MemoryTierArgs, clap::Error> {
+        Flags::try_parse_from(std::iter::once("moemesh").chain(args.iter().copied()))
+            .map(|flags| flags.tiers)
+    }
+
+    #[test]
+    fn sizes_take_units_and_pass_on_to_children_unchanged() {
+        let tiers = parse(&[
+            "--device",
+            "cuda:1",
+            "--memory-budget",
+            "6MiB",
+            "--device-memory-budget",
+            "1.5GiB",
+        ])
+        .unwrap();
+        assert_eq!(tiers.device, Device::Cuda(1));
+        assert_eq!(tiers.memory_budget, Some(6 << 20));
+        assert_eq!(tiers.device_memory_budget, Some(3 << 29));
+        let child_args = tiers.to_args();
+        let again = parse(&child_args.iter().map(String::as_str).collect::<Vec<_>>()).unwrap();
+        assert_eq!(
+            (
+                again.device,
+                again.memory_budget,
+                again.device_memory_budget
+            ),
+            (
+                tiers.device,
+                tiers.memory_budget,
+                tiers.device_memory_budget
+            )
+        );
+        let error = parse(&["--memory-budget", "lots"]).unwrap_err().to_string();
+        assert!(error.contains("6MiB"), "{error}");
+    }
+
+    #[test]
+    fn a_cpu_budget_leaves_the_rest_of_memory_to_the_page_cache() {
+        let tiers = parse(&["--memory-budget", "1GiB"]).unwrap();
+        let sizes = tiers.tier_sizes(16 << 30).unwrap();
+        assert_eq!(sizes.resident_bytes, 1 << 30);
+        assert_eq!(sizes.buffer_bytes, 15 << 30);
+        let unbudgeted = parse(&[]).unwrap().tier_sizes(16 << 30).unwrap();
+        assert_eq!(
+            (unbudgeted.resident_bytes, unbudgeted.buffer_bytes),
+            (16 << 30, 0)
+        );
+    }
+}
