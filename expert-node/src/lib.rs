@@ -75,6 +75,15 @@ impl ExpertNodeConfig {
             Device::Cuda(_) => self.device_memory_budget,
         }
     }
+
+    /// The budget of the pinned host tier a GPU node's cold experts wait
+    /// in; a CPU node's wait in the page cache, which has none.
+    pub fn host_tier_budget(&self) -> Option<u64> {
+        match self.device {
+            Device::Cpu => None,
+            Device::Cuda(_) => self.memory_budget,
+        }
+    }
 }
 
 /// An expert node with its experts loaded and, when it has coordinators,
@@ -199,10 +208,7 @@ async fn load(config: ExpertNodeConfig) -> ExpertNodeResult<ExpertNodeService> {
             device: config.device,
             threads: config.threads,
             weight_format: config.weight_format,
-            host_budget: match config.device {
-                Device::Cpu => None,
-                Device::Cuda(_) => config.memory_budget,
-            },
+            host_budget: config.host_tier_budget(),
         })?;
         ExpertNodeService::load(checkpoint, backend, &config)
     })

@@ -16,7 +16,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use moemesh_core::compute::buffering::{BufferCounters, Decision, ExpertBuffer};
-use moemesh_core::compute::{ComputeBackend, Expert, ExpertWork};
+use moemesh_core::compute::{ComputeBackend, Expert, ExpertWork, gather_rows};
 use moemesh_core::model::checkpoint::Checkpoint;
 
 use crate::worker::ComputeJob;
@@ -148,13 +148,6 @@ impl Residency {
             }
         }
         let routes = self.route(job)?;
-        let mut starts = Vec::with_capacity(job.assignments.len());
-        let mut total_rows = 0;
-        for assignment in &job.assignments {
-            starts.push(total_rows * hidden);
-            total_rows += assignment.rows.len();
-        }
-        let mut outputs = vec![0f32; total_rows * hidden];
         let resident: Vec<usize> = (0..routes.len())
             .filter(|&index| routes[index] == Route::Resident)
             .collect();
@@ -170,8 +163,34 @@ impl Residency {
             })
             .collect();
         let computed = self.backend.expert_outputs(&job.input, hidden, &work)?;
+        if resident.len() == routes.len() {
+            // Every expert resident (always, without a budget): the
+            // backend's outputs are already in the job's order.
+            return Ok(computed);
+        }
+        self.complete_with_misses(job, hidden, &routes, &resident, &computed)
+    }
+
+    /// The job's outputs from the resident experts' `computed` outputs
+    /// (for the `resident` assignments, in order) and the other experts,
+    /// streamed or computed where they wait, one at a time.
+    fn complete_with_misses(
+        &self,
+        job: &ComputeJob,
+        hidden: usize,
+        routes: &[Route],
+        resident: &[usize],
+        computed: &[f32],
+    ) -> ExpertNodeResult<Vec<f32>> {
+        let mut starts = Vec::with_capacity(job.assignments.len());
+        let mut total_rows = 0;
+        for assignment in &job.assignments {
+            starts.push(total_rows * hidden);
+            total_rows += assignment.rows.len();
+        }
+        let mut outputs = vec![0f32; total_rows * hidden];
         let mut taken = 0;
-        for &index in &resident {
+        for &index in resident {
             let len = job.assignments[index].rows.len() * hidden;
             outputs[starts[index]..starts[index] + len]
                 .copy_from_slice(&computed[taken..taken + len]);
@@ -184,7 +203,7 @@ impl Residency {
                 Route::Resident => {}
                 Route::Streamed => self.stream(job, index, hidden, output)?,
                 Route::WhereItWaits => {
-                    let gathered = gather(&job.input, hidden, &assignment.rows);
+                    let gathered = gather_rows(&job.input, hidden, &assignment.rows);
                     self.backend.compute_where_waiting(
                         &self.checkpoint,
                         job.layer,
@@ -223,7 +242,7 @@ impl Residency {
             let assignment = &job.assignments[index];
             let key = (job.layer, assignment.expert);
             let bytes = self.backend.resident_bytes(config, assignment.expert);
-            let weights = 3 * config.hidden_size * config.intermediate_size_of(assignment.expert);
+            let weights = config.expert_weight_count(assignment.expert);
             let flops = 2.0 * assignment.rows.len() as f64 * weights as f64;
             routes[index] = match buffer.decide(key, bytes, flops, &cost) {
                 Decision::Hit => Route::Resident,
@@ -276,12 +295,4 @@ impl Residency {
         crate::release_freed_memory();
         Ok(())
     }
-}
-
-/// The rows `rows` of `input` (`[_, width]`), in order, as one matrix.
-fn gather(input: &[f32], width: usize, rows: &[u32]) -> Vec<f32> {
-    rows.iter()
-        .flat_map(|&row| &input[row as usize * width..(row as usize + 1) * width])
-        .copied()
-        .collect()
 }

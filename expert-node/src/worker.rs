@@ -149,15 +149,14 @@ impl DeviceWorker {
             stats: Arc::clone(&stats),
             held_tx,
         };
-        for key in worker.residency.served().clone() {
-            worker
-                .stats
-                .tokens
-                .lock()
-                .expect("worker stats")
-                .insert(key, 0);
+        {
+            let mut tokens = worker.stats.tokens.lock().expect("worker stats");
+            for &key in worker.residency.served() {
+                tokens.insert(key, 0);
+            }
         }
         worker.publish_held();
+        worker.publish_residency();
         let (command_tx, command_rx) = mpsc::channel(queue_capacity.max(1));
         let stopped = Arc::new(AtomicBool::new(false));
         std::thread::Builder::new()
@@ -399,7 +398,7 @@ mod tests {
             1
         }
         fn weight_bytes(&self) -> usize {
-            0
+            7
         }
         fn forward(&self, input: &[f32], _rows: usize, output: &mut [f32]) {
             self.started_tx.lock().unwrap().send(()).unwrap();
@@ -434,6 +433,7 @@ mod tests {
         let mut residency = Residency::new(Arc::new(checkpoint.unwrap()), backend, None);
         residency.serve((0, 0), Some(expert)).unwrap();
         let worker = DeviceWorker::spawn(residency, 1, 1);
+        assert_eq!(worker.stats().weight_bytes.load(Ordering::Relaxed), 7);
 
         let running = tokio::spawn({
             let worker = worker.clone();

@@ -103,7 +103,7 @@ fn write_model(
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     // Uniform(-a, a) with variance 1/fan_in keeps activations of order one.
     let scale_for = |fan_in: usize| (3.0 / fan_in as f32).sqrt();
-    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut tensors: Vec<(String, Vec<usize>, Dtype, Vec<u8>)> = Vec::new();
     for layer in 0..layers {
         let prefix = format!("model.layers.{layer}.block_sparse_moe");
         // A larger gate scale gives the uneven expert loads real routers see.
@@ -117,6 +117,7 @@ fn write_model(
         tensors.push((
             format!("{prefix}.gate.weight"),
             vec![experts, hidden],
+            Dtype::F32,
             gate_bytes,
         ));
         for expert in 0..experts {
@@ -129,6 +130,7 @@ fn write_model(
                 tensors.push((
                     format!("{prefix}.experts.{expert}.{name}.weight"),
                     vec![rows, columns],
+                    expert_dtype,
                     match expert_dtype {
                         Dtype::BF16 => random_matrix_bf16(&mut rng, rows, columns, scale),
                         _ => random_matrix(&mut rng, rows, columns, scale),
@@ -139,13 +141,8 @@ fn write_model(
     }
     let views = tensors
         .iter()
-        .map(|(name, shape, bytes)| {
-            let dtype = if bytes.len() == 4 * shape.iter().product::<usize>() {
-                Dtype::F32
-            } else {
-                Dtype::BF16
-            };
-            Ok((name.clone(), TensorView::new(dtype, shape.clone(), bytes)?))
+        .map(|(name, shape, dtype, bytes)| {
+            Ok((name.clone(), TensorView::new(*dtype, shape.clone(), bytes)?))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     safetensors::serialize_to_file(views, None, &dir.join("model.safetensors"))?;

@@ -115,10 +115,6 @@ impl<K: Copy + Eq + Hash + Ord + std::fmt::Debug> ExpertBuffer<K> {
         }
     }
 
-    pub fn budget(&self) -> u64 {
-        self.budget
-    }
-
     /// Bytes resident now; never above the budget.
     pub fn used(&self) -> u64 {
         self.used

@@ -101,8 +101,7 @@ impl ComputeBackend for CpuBackend {
     }
 
     fn resident_bytes(&self, config: &ModelConfig, expert: u32) -> u64 {
-        let weights = 3 * config.hidden_size * config.intermediate_size_of(expert);
-        weights as u64 * self.format.bytes_per_weight()
+        config.expert_weight_count(expert) as u64 * self.format.bytes_per_weight()
     }
 
     /// Paging in reads the checkpoint from the page cache and lays the

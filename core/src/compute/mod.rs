@@ -172,7 +172,7 @@ pub fn scale_by_weight(values: &mut [f32], weight: f32) {
 }
 
 /// The rows `rows` of `input` (`[_, width]`), in order, as one matrix.
-fn gather_rows(input: &[f32], width: usize, rows: &[u32]) -> Vec<f32> {
+pub fn gather_rows(input: &[f32], width: usize, rows: &[u32]) -> Vec<f32> {
     let mut gathered = Vec::with_capacity(rows.len() * width);
     for &row in rows {
         let row = row as usize;

@@ -356,6 +356,11 @@ impl ModelConfig {
             self.expert_intermediate_size
         }
     }
+
+    /// The weights of expert `expert`'s three projections (gate, up, down).
+    pub fn expert_weight_count(&self, expert: u32) -> usize {
+        3 * self.hidden_size * self.intermediate_size_of(expert)
+    }
 }
 
 #[cfg(test)]

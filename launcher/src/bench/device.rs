@@ -28,6 +28,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 
 use super::figures::Samples;
+use crate::stats::{random_hidden, relative_l2};
 
 #[derive(clap::Args)]
 pub struct BenchDeviceArgs {
@@ -161,10 +162,6 @@ fn random_routing(
     routing
 }
 
-fn random_input(rng: &mut StdRng, values: usize) -> Vec<f32> {
-    (0..values).map(|_| rng.random_range(-1f32..1.0)).collect()
-}
-
 fn work<'a>(
     experts: &'a [Arc<dyn Expert>],
     routing: &'a [(Vec<u32>, Vec<f32>)],
@@ -184,7 +181,7 @@ fn work<'a>(
 /// FLOPs of the expert FFN over `rows` token-expert pairs.
 fn ffn_flops(checkpoint: &Checkpoint, rows: usize) -> f64 {
     let config = checkpoint.config();
-    2.0 * rows as f64 * 3.0 * config.hidden_size as f64 * config.expert_intermediate_size as f64
+    2.0 * rows as f64 * config.expert_weight_count(0) as f64
 }
 
 /// Times `expert_outputs` on a batch of `tokens`: the host-to-host time,
@@ -201,7 +198,7 @@ fn measure_batch(
     let config = checkpoint.config();
     let hidden = config.hidden_size;
     let routing = random_routing(rng, tokens, experts.len(), config.top_k);
-    let input = random_input(rng, tokens * hidden);
+    let input = random_hidden(rng, tokens, hidden);
     let work = work(experts, &routing);
     let mut times = Samples::default();
     for repeat in 0..args.repeats + 2 {
@@ -259,7 +256,7 @@ fn check_fixtures(args: &BenchDeviceArgs, fixtures: &Path) -> anyhow::Result<Val
         let on_cpu = load_layer(&cpu, &checkpoint, layer)?;
         let tokens = 96;
         let routing = random_routing(&mut rng, tokens, on_device.len(), config.top_k);
-        let input = random_input(&mut rng, tokens * hidden);
+        let input = random_hidden(&mut rng, tokens, hidden);
         let got = device.expert_outputs(&input, hidden, &work(&on_device, &routing))?;
         let want = cpu.expert_outputs(&input, hidden, &work(&on_cpu, &routing))?;
         // The first expert's first row, alone: the same bits as in the batch?
@@ -297,18 +294,6 @@ fn check_fixtures(args: &BenchDeviceArgs, fixtures: &Path) -> anyhow::Result<Val
     Ok(Value::Object(results))
 }
 
-fn relative_l2(got: &[f32], want: &[f32]) -> f64 {
-    if got.len() != want.len() {
-        return f64::INFINITY;
-    }
-    let (mut difference, mut norm) = (0f64, 0f64);
-    for (&got, &want) in got.iter().zip(want) {
-        difference += (got as f64 - want as f64).powi(2);
-        norm += (want as f64).powi(2);
-    }
-    (difference / norm.max(f64::MIN_POSITIVE)).sqrt()
-}
-
 /// The throughput batches through an expert node's residency with a
 /// budget of `--budget-fraction` of the layer's experts.
 fn measure_buffering(
@@ -333,7 +318,7 @@ fn measure_buffering(
         let routing = random_routing(rng, args.tokens, experts, config.top_k);
         let job = ComputeJob {
             layer,
-            input: random_input(rng, args.tokens * hidden),
+            input: random_hidden(rng, args.tokens, hidden),
             assignments: routing
                 .into_iter()
                 .enumerate()

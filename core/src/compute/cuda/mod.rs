@@ -102,8 +102,7 @@ impl ComputeBackend for CudaBackend {
     }
 
     fn resident_bytes(&self, config: &ModelConfig, expert: u32) -> u64 {
-        let weights = 3 * config.hidden_size * config.intermediate_size_of(expert);
-        weights as u64 * size_of::<half::bf16>() as u64
+        (config.expert_weight_count(expert) * size_of::<half::bf16>()) as u64
     }
 
     /// Paging in copies from pinned memory over PCIe: about 25 GB/s, what
