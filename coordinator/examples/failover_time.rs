@@ -55,6 +55,7 @@ fn register(index: usize) -> Proposal {
         device: "cpu".into(),
         memory_bytes: 1,
         buffer_bytes: 0,
+        weight_format: String::new(),
         status: NodeStatus::Ready,
     };
     Proposal {

@@ -1,13 +1,20 @@
 //! Liveness and placement changes that take several steps: heartbeats and
 //! dead nodes (on the leader), and moving or adding replicas through the
 //! protocol that never fails a request.
+//!
+//! A move drains the old replica and removes it after a grace period. The
+//! end of a move outlives the call that started it, and should a move still
+//! be cut short (its coordinator stops, the leader changes, a proposal times
+//! out), the leader's monitor finishes it: a replica left draining for
+//! twice the grace period is removed, or, when its expert has no other
+//! ready replica left, put back to ready.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::node::RaftHandle;
-use crate::state::{ClusterState, Command, ExpertKey, NodeStatus, ReplicaState};
+use crate::state::{ClusterState, Command, ExpertKey, NodeRecord, NodeStatus, ReplicaState};
 use crate::{CoordinatorError, CoordinatorResult};
 
 /// How long routers get to leave a drained replica before it is removed.
@@ -15,9 +22,11 @@ pub const DRAIN_GRACE: Duration = Duration::from_secs(2);
 /// How long a new replica may take to load before a move gives up.
 pub const LOAD_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// Picks a live node for a new replica of `key`: one that does not hold it,
-/// preferably in a topology group its live replicas do not use, then the
-/// one holding the fewest replicas, then the lowest id.
+/// Picks a live node for a new replica of `key`: one that does not hold it
+/// and computes in the format the expert is served in, preferably in a
+/// topology group its live replicas do not use, then the one holding the
+/// fewest replicas, then the lowest id. An expert served nowhere live
+/// prefers the format it had.
 pub fn choose_target(state: &ClusterState, key: &ExpertKey) -> Option<String> {
     let replicas = state
         .replicas
@@ -34,19 +43,46 @@ pub fn choose_target(state: &ClusterState, key: &ExpertKey) -> Option<String> {
     for replica in state.replicas.values().flatten() {
         *load.entry(replica.node.as_str()).or_default() += 1;
     }
+    let served_in = state.serving_format(key, "").map(|(format, _)| format);
+    let had_format = replicas
+        .iter()
+        .find_map(|replica| state.nodes.get(&replica.node))
+        .map(NodeRecord::compute_format);
     state
         .nodes
         .values()
         .filter(|node| node.status == NodeStatus::Ready)
         .filter(|node| !replicas.iter().any(|replica| replica.node == node.id))
+        .filter(|node| {
+            served_in
+                .as_ref()
+                .is_none_or(|format| *format == node.compute_format())
+        })
         .min_by_key(|node| {
             (
+                had_format
+                    .as_ref()
+                    .is_some_and(|format| *format != node.compute_format()),
                 used_groups.contains(&node.group.as_str()),
                 load.get(node.id.as_str()).copied().unwrap_or(0),
                 node.id.clone(),
             )
         })
         .map(|node| node.id.clone())
+}
+
+/// Whether `key` has a ready replica on a ready node other than `node`.
+fn has_other_ready_replica(state: &ClusterState, key: &ExpertKey, node: &str) -> bool {
+    state.replicas.get(key).is_some_and(|replicas| {
+        replicas.iter().any(|replica| {
+            replica.node != node
+                && replica.state == ReplicaState::Ready
+                && state
+                    .nodes
+                    .get(&replica.node)
+                    .is_some_and(|record| record.status == NodeStatus::Ready)
+        })
+    })
 }
 
 /// Waits until `node_id`'s replica of `key` is ready (the node loaded it).
@@ -120,7 +156,8 @@ pub async fn add_replica(
 
 /// Moves a replica from one node to another: add the new one, wait until
 /// it serves, publish, drain the old one so routers leave it, give their
-/// in-flight requests time to finish, then remove it.
+/// in-flight requests time to finish, then remove it. Once the new replica
+/// serves, the rest runs to the end even if the caller goes away.
 pub async fn move_replica(
     raft: &RaftHandle,
     request_id: &str,
@@ -145,19 +182,50 @@ pub async fn move_replica(
         )));
     }
     add_replica(raft, request_id, key.clone(), to_node).await?;
-    let drain = Command::DrainReplica {
-        key: key.clone(),
-        node: from_node.to_string(),
-    };
-    raft.propose_applied(format!("{request_id}/drain"), drain)
-        .await?;
-    tokio::time::sleep(drain_grace).await;
-    let remove = Command::RemoveReplica {
-        key,
-        node: from_node.to_string(),
-    };
-    raft.propose_applied(format!("{request_id}/remove"), remove)
+    let (raft, request_id, from_node) =
+        (raft.clone(), request_id.to_string(), from_node.to_string());
+    let rest_of_move = tokio::spawn(async move {
+        let drain = Command::DrainReplica {
+            key: key.clone(),
+            node: from_node.clone(),
+        };
+        raft.propose_applied(format!("{request_id}/drain"), drain)
+            .await?;
+        tokio::time::sleep(drain_grace).await;
+        remove_drained(&raft, format!("{request_id}/remove"), key, &from_node).await
+    });
+    rest_of_move
         .await
+        .map_err(|_| CoordinatorError::ShuttingDown)?
+}
+
+/// Removes a drained replica; one already gone (the leader's monitor
+/// finished an abandoned move first) counts as removed. Returns the epoch.
+pub async fn remove_drained(
+    raft: &RaftHandle,
+    request_id: String,
+    key: ExpertKey,
+    node: &str,
+) -> CoordinatorResult<u64> {
+    let remove = Command::RemoveDrainedReplica {
+        key: key.clone(),
+        node: node.to_string(),
+    };
+    match raft.propose_applied(request_id, remove).await {
+        Err(CoordinatorError::Rejected(reason)) => {
+            let state = raft.applied_state();
+            let gone = !state
+                .replicas
+                .get(&key)
+                .is_some_and(|replicas| replicas.iter().any(|replica| replica.node == node));
+            if gone {
+                Ok(state.epoch)
+            } else {
+                Err(CoordinatorError::Rejected(reason))
+            }
+        }
+        result => result,
+    }
 }
 
 /// Empties a node: no new replicas go to it, and each of its replicas
@@ -209,33 +277,65 @@ pub async fn drain_node(
 /// leader), and only the leader acts on silence.
 pub struct Membership {
     raft: RaftHandle,
+    /// When each registered node was last heard from.
     last_heard: Mutex<HashMap<String, Instant>>,
-    /// When routers last reported each node unreachable.
+    /// When routers last reported each registered node unreachable.
     suspected: Mutex<HashMap<String, Instant>>,
     dead_after: Duration,
+    /// How long a move's drained replica stays before it is removed.
+    drain_grace: Duration,
+    /// When this leader first saw each replica draining, to finish moves
+    /// cut short.
+    draining_since: Mutex<HashMap<(ExpertKey, String), Instant>>,
 }
 
 impl Membership {
+    /// Membership with moves draining for [`DRAIN_GRACE`].
     pub fn new(raft: RaftHandle, dead_after: Duration) -> Arc<Self> {
+        Self::with_drain_grace(raft, dead_after, DRAIN_GRACE)
+    }
+
+    /// Membership with moves draining for `drain_grace`: a replica left
+    /// draining for twice that is taken to belong to a move cut short.
+    pub fn with_drain_grace(
+        raft: RaftHandle,
+        dead_after: Duration,
+        drain_grace: Duration,
+    ) -> Arc<Self> {
         Arc::new(Self {
             raft,
             last_heard: Mutex::new(HashMap::new()),
             suspected: Mutex::new(HashMap::new()),
             dead_after,
+            drain_grace,
+            draining_since: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Whether `node_id` is registered; what is heard of others is not
+    /// kept, so that made-up ids cannot fill memory.
+    fn is_registered(&self, node_id: &str) -> bool {
+        self.raft.applied_state().nodes.contains_key(node_id)
     }
 
     /// Records that a router could not reach `node_id`: if it has also
     /// been silent for half the usual time, it is declared dead then.
     pub fn suspect(&self, node_id: &str) {
+        if !self.is_registered(node_id) {
+            return;
+        }
         self.suspected
             .lock()
             .expect("suspicions")
             .insert(node_id.to_string(), Instant::now());
     }
 
-    /// Records that `node_id` is alive.
+    /// Records that `node_id` is alive. A node not registered yet gets a
+    /// full period from when the leader first sees it registered.
     pub fn heard_from(&self, node_id: &str) {
+        if !self.is_registered(node_id) {
+            return;
+        }
         self.last_heard
             .lock()
             .expect("heartbeats")
@@ -243,10 +343,14 @@ impl Membership {
     }
 
     /// Runs forever: on the leader, marks silent nodes dead and re-places
-    /// their replicas; revives dead nodes that speak again.
+    /// their replicas; revives dead nodes that speak again; finishes moves
+    /// cut short.
     pub async fn monitor_task(self: Arc<Self>) {
         let mut was_leader = false;
-        let mut interval = tokio::time::interval(self.dead_after / 4);
+        let period = (self.dead_after / 4)
+            .min(self.drain_grace)
+            .max(Duration::from_millis(10));
+        let mut interval = tokio::time::interval(period);
         loop {
             interval.tick().await;
             let Ok(status) = self.raft.status().await else {
@@ -260,12 +364,67 @@ impl Membership {
                 for node in self.raft.applied_state().nodes.keys() {
                     last_heard.insert(node.clone(), now);
                 }
+                // Nor seen any drain: each gets its full grace from now.
+                self.draining_since.lock().expect("drains").clear();
             }
             was_leader = is_leader;
-            if is_leader && let Err(error) = self.check_nodes().await {
+            if !is_leader {
+                continue;
+            }
+            if let Err(error) = self.check_nodes().await {
                 tracing::warn!(%error, "membership check failed; retrying");
             }
+            if let Err(error) = self.finish_abandoned_drains().await {
+                tracing::warn!(%error, "finishing abandoned moves failed; retrying");
+            }
         }
+    }
+
+    /// Removes each replica left draining for twice the drain grace (its
+    /// move was cut short), or puts it back to ready when its expert has
+    /// no other ready replica. Replicas of dead nodes are re-placed instead.
+    pub async fn finish_abandoned_drains(&self) -> CoordinatorResult<()> {
+        let state = self.raft.applied_state();
+        let now = Instant::now();
+        let abandoned: Vec<(ExpertKey, String)> = {
+            let mut draining_since = self.draining_since.lock().expect("drains");
+            let draining: Vec<(ExpertKey, String)> = state
+                .replicas
+                .iter()
+                .flat_map(|(key, replicas)| {
+                    replicas
+                        .iter()
+                        .filter(|replica| replica.state == ReplicaState::Draining)
+                        .filter(|replica| {
+                            state
+                                .nodes
+                                .get(&replica.node)
+                                .is_some_and(|node| node.status != NodeStatus::Dead)
+                        })
+                        .map(|replica| (key.clone(), replica.node.clone()))
+                })
+                .collect();
+            draining_since.retain(|replica, _| draining.contains(replica));
+            draining
+                .into_iter()
+                .filter(|replica| {
+                    let since = *draining_since.entry(replica.clone()).or_insert(now);
+                    now.duration_since(since) >= self.drain_grace * 2
+                })
+                .collect()
+        };
+        for (key, node) in abandoned {
+            let tag = format!("abandoned/{key}/{node}/{}", state.epoch);
+            if has_other_ready_replica(&state, &key, &node) {
+                tracing::warn!(%key, %node, "removing a replica a cut-short move left draining");
+                remove_drained(&self.raft, tag, key, &node).await?;
+            } else {
+                tracing::warn!(%key, %node, "a cut-short move left the only copy draining; it serves again");
+                let restore = Command::RestoreReplica { key, node };
+                self.raft.propose_applied(tag, restore).await?;
+            }
+        }
+        Ok(())
     }
 
     async fn check_nodes(&self) -> CoordinatorResult<()> {
@@ -274,10 +433,12 @@ impl Membership {
         let (silent, revived): (Vec<String>, Vec<String>) = {
             let mut last_heard = self.last_heard.lock().expect("heartbeats");
             // A node this leader has never heard of gets a full period from now.
+            last_heard.retain(|node, _| state.nodes.contains_key(node));
             for node in state.nodes.keys() {
                 last_heard.entry(node.clone()).or_insert(now);
             }
-            let suspected = self.suspected.lock().expect("suspicions");
+            let mut suspected = self.suspected.lock().expect("suspicions");
+            suspected.retain(|node, _| state.nodes.contains_key(node));
             let heard_recently = |id: &str| {
                 // A node a router could not reach gets half the silence.
                 let limit = match suspected.get(id) {
@@ -373,5 +534,92 @@ impl Membership {
                 .await?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{ModelRecord, Proposal};
+
+    fn apply(state: &mut ClusterState, command: Command) {
+        let request_id = format!("{}", state.applied_commands);
+        state.apply(Proposal {
+            request_id,
+            command,
+        });
+    }
+
+    #[test]
+    fn a_new_home_computes_in_the_expert_s_format() {
+        let mut state = ClusterState::default();
+        let model = ModelRecord {
+            id: "m".into(),
+            checkpoint: "/models/m".into(),
+            family: "mixtral".into(),
+            moe_layers: vec![0],
+            experts_per_layer: 2,
+        };
+        apply(&mut state, Command::AddModel { model });
+        for (id, device, group) in [
+            ("cpu-a", "cpu", "rack-1"),
+            ("cpu-b", "cpu", "rack-1"),
+            ("gpu-a", "cuda:0", "rack-2"),
+        ] {
+            let node = NodeRecord {
+                id: id.into(),
+                address: format!("http://{id}:1"),
+                group: group.into(),
+                device: device.into(),
+                memory_bytes: 1 << 30,
+                buffer_bytes: 0,
+                weight_format: String::new(),
+                status: NodeStatus::Ready,
+            };
+            apply(&mut state, Command::RegisterNode { node });
+        }
+        let key = ExpertKey {
+            model: "m".into(),
+            layer: 0,
+            expert: 0,
+        };
+        let node = "cpu-a".to_string();
+        apply(
+            &mut state,
+            Command::AddReplica {
+                key: key.clone(),
+                node: node.clone(),
+            },
+        );
+        apply(
+            &mut state,
+            Command::ReplicaReady {
+                key: key.clone(),
+                node,
+            },
+        );
+        // The GPU is in an unused rack and holds nothing, yet computes in bf16.
+        assert_eq!(choose_target(&state, &key).as_deref(), Some("cpu-b"));
+        let cpu_b = "cpu-b".to_string();
+        apply(
+            &mut state,
+            Command::AddReplica {
+                key: key.clone(),
+                node: cpu_b,
+            },
+        );
+        assert_eq!(choose_target(&state, &key), None);
+        // Once its CPU holders are dead, the expert may move to the GPU.
+        for holder in ["cpu-a", "cpu-b"] {
+            let status = NodeStatus::Dead;
+            apply(
+                &mut state,
+                Command::SetNodeStatus {
+                    node: holder.into(),
+                    status,
+                },
+            );
+        }
+        assert_eq!(choose_target(&state, &key).as_deref(), Some("gpu-a"));
     }
 }

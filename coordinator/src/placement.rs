@@ -6,6 +6,7 @@
 //!
 //! Errors are [`PlacementError`]s; `error.rs` maps them to gRPC codes.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use moemesh_core::model::config::ModelConfig;
@@ -117,24 +118,31 @@ pub fn expert_key(model: String, layer: u32, expert: u32) -> Result<ExpertKey, P
 /// The first replicas of `model`: `replicas_per_expert` (at least one) on
 /// distinct ready nodes for every expert that has none yet, as
 /// `moemesh_core`'s initial assignment spreads them over groups, memory
-/// and buffers.
+/// and buffers. All replicas of an expert go to nodes of one compute
+/// format ([`NodeRecord::compute_format`]); with several formats among the
+/// ready nodes, experts are shared out between them in proportion to their
+/// memory.
 pub fn initial_replicas(
     state: &ClusterState,
     config: &ModelConfig,
     model: &str,
     replicas_per_expert: usize,
 ) -> Result<Vec<(ExpertKey, String)>, PlacementError> {
-    let ready_nodes: Vec<NodeCapacity> = state
-        .nodes
-        .values()
-        .filter(|node| node.status == NodeStatus::Ready)
-        .map(|node| NodeCapacity {
-            id: node.id.clone(),
-            group: node.group.clone(),
-            memory_bytes: node.memory_bytes,
-            buffer_bytes: node.buffer_bytes,
-        })
-        .collect();
+    let replicas_per_expert = replicas_per_expert.max(1);
+    let mut formats: BTreeMap<String, Vec<NodeCapacity>> = BTreeMap::new();
+    for node in state.nodes.values() {
+        if node.status == NodeStatus::Ready {
+            formats
+                .entry(node.compute_format())
+                .or_default()
+                .push(NodeCapacity {
+                    id: node.id.clone(),
+                    group: node.group.clone(),
+                    memory_bytes: node.memory_bytes,
+                    buffer_bytes: node.buffer_bytes,
+                });
+        }
+    }
     let key = |layer: usize, expert: u32| ExpertKey {
         model: model.to_string(),
         layer,
@@ -155,15 +163,74 @@ pub fn initial_replicas(
             }
         }
     }
-    let assignment = initial_assignment(&ready_nodes, &experts, replicas_per_expert.max(1))
-        .map_err(PlacementError::NoRoom)?;
-    Ok(assignment
-        .into_iter()
-        .map(|placed| {
-            let LayerExpert { layer, expert } = placed.expert;
-            (key(layer, expert), ready_nodes[placed.node].id.clone())
+    let mut placed = Vec::new();
+    for (nodes, experts) in share_out_by_format(formats, experts, replicas_per_expert) {
+        let assignment = initial_assignment(&nodes, &experts, replicas_per_expert)
+            .map_err(PlacementError::NoRoom)?;
+        placed.extend(assignment.into_iter().map(|replica| {
+            let LayerExpert { layer, expert } = replica.expert;
+            (key(layer, expert), nodes[replica.node].id.clone())
+        }));
+    }
+    Ok(placed)
+}
+
+/// One compute format's ready nodes and the experts given to them.
+struct FormatShare {
+    nodes: Vec<NodeCapacity>,
+    experts: Vec<ExpertToPlace>,
+    /// Bytes of the experts given to them, replicas counted.
+    given_bytes: f64,
+    /// Their memory and buffer bytes.
+    capacity_bytes: f64,
+}
+
+/// Gives each expert to one compute format's nodes: the one whose memory
+/// and buffer it fills least, among those with enough nodes for its
+/// replicas (every format when none has). Returns each format's nodes with
+/// their experts; a single format takes every expert.
+fn share_out_by_format(
+    formats: BTreeMap<String, Vec<NodeCapacity>>,
+    experts: Vec<ExpertToPlace>,
+    replicas: usize,
+) -> Vec<(Vec<NodeCapacity>, Vec<ExpertToPlace>)> {
+    let mut shares: Vec<FormatShare> = formats
+        .into_values()
+        .map(|nodes| {
+            let capacity = nodes
+                .iter()
+                .map(|node| node.memory_bytes.saturating_add(node.buffer_bytes))
+                .fold(0u64, u64::saturating_add);
+            FormatShare {
+                nodes,
+                experts: Vec::new(),
+                given_bytes: 0.0,
+                capacity_bytes: capacity.max(1) as f64,
+            }
         })
-        .collect())
+        .collect();
+    if shares.len() <= 1 {
+        // No ready node at all: the assignment says so.
+        let nodes = shares.pop().map(|share| share.nodes).unwrap_or_default();
+        return vec![(nodes, experts)];
+    }
+    let enough_nodes_somewhere = shares.iter().any(|share| share.nodes.len() >= replicas);
+    for expert in experts {
+        let bytes = expert.bytes as f64 * replicas as f64;
+        let fill = |share: &FormatShare| (share.given_bytes + bytes) / share.capacity_bytes;
+        let chosen = shares
+            .iter_mut()
+            .filter(|share| !enough_nodes_somewhere || share.nodes.len() >= replicas)
+            .min_by(|a, b| fill(a).total_cmp(&fill(b)))
+            .expect("at least two formats");
+        chosen.experts.push(expert);
+        chosen.given_bytes += bytes;
+    }
+    shares
+        .into_iter()
+        .filter(|share| !share.experts.is_empty())
+        .map(|share| (share.nodes, share.experts))
+        .collect()
 }
 
 /// The experts of `model` that a joining node says it serves already.
@@ -206,6 +273,7 @@ pub fn node_info(node: &NodeRecord) -> NodeInfo {
         device: node.device.clone(),
         memory_bytes: node.memory_bytes,
         buffer_bytes: node.buffer_bytes,
+        weight_format: node.weight_format.clone(),
         status: node_status_to_proto(node.status).into(),
     }
 }
@@ -270,6 +338,7 @@ mod tests {
             device: "cpu".into(),
             memory_bytes: 1 << 30,
             buffer_bytes: 0,
+            weight_format: String::new(),
             status,
         }
     }
@@ -380,6 +449,52 @@ mod tests {
         assert_eq!(
             snapshot.experts[0].replicas[0].state,
             i32::from(moemesh_proto::ReplicaState::Ready)
+        );
+    }
+
+    #[test]
+    fn first_replicas_of_an_expert_share_one_compute_format() {
+        let config = mixtral(8);
+        let mut state = ClusterState::default();
+        for (id, device, weights) in [
+            ("cpu-1", "cpu", "f32"),
+            ("cpu-2", "cpu", "f32"),
+            ("gpu-1", "cuda:0", ""),
+            ("gpu-2", "cuda:1", "bf16"),
+            ("half-1", "cpu", "bf16"),
+        ] {
+            let mut record = node(id, "rack", NodeStatus::Ready);
+            record.device = device.into();
+            record.weight_format = weights.into();
+            apply(&mut state, id, Command::RegisterNode { node: record });
+        }
+        let model = model_record("m", &config);
+        apply(&mut state, "m", Command::AddModel { model });
+        let replicas = initial_replicas(&state, &config, "m", 2).unwrap();
+        let experts = config.moe_layers().len() * config.experts_per_layer();
+        assert_eq!(replicas.len(), 2 * experts);
+        let mut formats_used = BTreeMap::new();
+        for (key, node) in &replicas {
+            let format = state.nodes[node].compute_format();
+            let first = formats_used
+                .entry(key.clone())
+                .or_insert_with(|| format.clone());
+            assert_eq!(*first, format, "{key} is placed in two formats");
+        }
+        let mut formats: Vec<&String> = formats_used.values().collect();
+        formats.sort();
+        formats.dedup();
+        // The lone bf16 CPU node cannot hold two replicas of anything.
+        assert_eq!(formats, vec!["cpu/f32", "cuda/bf16"]);
+        // The batch applies: the state machine agrees.
+        let add = Command::AddReplicas { replicas };
+        let outcome = state.apply(Proposal {
+            request_id: "place".into(),
+            command: add,
+        });
+        assert!(
+            matches!(outcome, crate::state::Outcome::Applied { .. }),
+            "{outcome:?}"
         );
     }
 }

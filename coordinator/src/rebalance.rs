@@ -7,7 +7,8 @@
 //! the drain grace for routers to leave them, and removed. So an expert
 //! never has fewer serving replicas than the plan gives it. Every move and
 //! its outcome is logged and counted; a failed move is reported, never
-//! dropped silently.
+//! dropped silently. A rebalance cut short leaves no replica draining for
+//! long: the leader's membership monitor finishes what it drained.
 //!
 //! A [`Rebalancer`] runs one rebalance at a time, on an operator's request
 //! or from [`periodic_rebalance_task`] on the leader. `planning` gives
@@ -26,7 +27,7 @@ use moemesh_core::model::placement::planner::DEFAULT_BUFFERED_LOAD_FACTOR;
 
 use crate::CoordinatorResult;
 use crate::load::LoadTracker;
-use crate::membership::add_replica;
+use crate::membership::{add_replica, remove_drained};
 use crate::node::RaftHandle;
 use crate::state::{Command, ExpertKey};
 use planning::{ModelPlanning, window_loads};
@@ -366,11 +367,7 @@ impl PlannedMoves<'_> {
     ) {
         for (key, node) in drained {
             let request_id = format!("rebalance/{}/remove/{key}/{node}", self.epoch);
-            let command = Command::RemoveReplica {
-                key: key.clone(),
-                node: node.clone(),
-            };
-            match self.raft.propose_applied(request_id, command).await {
+            match remove_drained(self.raft, request_id, key.clone(), &node).await {
                 Ok(_) => {
                     outcome.record_done(self.counters);
                     tracing::info!(%key, %node, reason = "rebalance", "replica removed");

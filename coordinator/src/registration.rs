@@ -3,6 +3,9 @@
 //! finished loading, heartbeats, and routers' reports that a node is
 //! unreachable. Liveness itself is [`Membership`]'s.
 
+use std::str::FromStr;
+
+use moemesh_core::compute::WeightFormat;
 use moemesh_proto::v1::{
     HeartbeatRequest, NodeInfo, RegisterNodeRequest, ReportReplicaReadyRequest,
     ReportUnreachableRequest,
@@ -13,9 +16,12 @@ use crate::load::LoadTracker;
 use crate::membership::Membership;
 use crate::node::{RaftHandle, fresh_request_id};
 use crate::placement::{describe_model, expert_key, serving_keys};
-use crate::state::{Command, NodeRecord, NodeStatus, ReplicaState};
+use crate::state::{ClusterState, Command, ExpertKey, NodeRecord, NodeStatus, ReplicaState};
 
-/// Registers (or re-registers) a node as ready; when it already serves
+/// Registers (or re-registers) a node as ready, with the experts it says
+/// it serves: replicas placed on it that it does not serve go back to
+/// loading (a node restarted empty loads them again and reports them
+/// ready; routers leave them meanwhile), and when it already serves
 /// experts of a model, records the model and those experts as ready
 /// replicas. Returns the epoch afterwards.
 pub async fn register_node(
@@ -34,40 +40,87 @@ pub async fn register_node(
     if node.id.is_empty() || node.address.is_empty() {
         return Err(Status::invalid_argument("node id and address are required"));
     }
+    let record = ready_node_record(node)?;
+    let served_model = if serving.is_empty() {
+        None
+    } else {
+        let model_record = describe_model(model, &checkpoint)?.record;
+        let keys = serving_keys(&model_record.id, serving);
+        Some((model_record, keys))
+    };
     let request_id = fresh_request_id(request_id, "register");
-    let node_id = node.id.clone();
+    let node_id = record.id.clone();
+    let register = Command::RegisterNode { node: record };
+    raft.propose_applied(format!("{request_id}/node"), register)
+        .await?;
     // Registering counts as being heard from.
     membership.heard_from(&node_id);
-    let register = Command::RegisterNode {
-        node: ready_node_record(node),
+    let reconcile = Command::ReconcileNodeReplicas {
+        node: node_id.clone(),
+        serving: served_model
+            .as_ref()
+            .map(|(_, keys)| keys.clone())
+            .unwrap_or_default(),
     };
     let epoch = raft
-        .propose_applied(format!("{request_id}/node"), register)
+        .propose_applied(format!("{request_id}/reconcile"), reconcile)
         .await?;
-    if serving.is_empty() {
+    let Some((model_record, keys)) = served_model else {
         return Ok(epoch);
-    }
+    };
     // The node already serves these experts: record them as ready replicas.
-    let model_record = describe_model(model, &checkpoint)?.record;
-    let keys = serving_keys(&model_record.id, serving);
     let add_model = Command::AddModel {
         model: model_record,
     };
     raft.propose_applied(format!("{request_id}/model"), add_model)
         .await?;
     let add_serving = Command::AddServingReplicas {
-        node: node_id,
-        keys,
+        node: node_id.clone(),
+        keys: keys.clone(),
     };
-    Ok(raft
+    let epoch = raft
         .propose_applied(format!("{request_id}/serving"), add_serving)
-        .await?)
+        .await?;
+    warn_of_experts_left_out(&raft.applied_state(), &node_id, &keys);
+    Ok(epoch)
+}
+
+/// Logs the experts a joining node serves that the placement left out,
+/// because other nodes serve them in another compute format.
+fn warn_of_experts_left_out(state: &ClusterState, node_id: &str, keys: &[ExpertKey]) {
+    let left_out: Vec<String> = keys
+        .iter()
+        .filter(|key| {
+            !state
+                .replicas
+                .get(key)
+                .is_some_and(|replicas| replicas.iter().any(|replica| replica.node == node_id))
+        })
+        .map(ToString::to_string)
+        .collect();
+    if !left_out.is_empty() {
+        let format = state.nodes.get(node_id).map(NodeRecord::compute_format);
+        tracing::warn!(
+            node = node_id,
+            ?format,
+            experts = ?left_out,
+            "experts this node serves stay unplaced here: other nodes serve them in another format"
+        );
+    }
 }
 
 /// A registering node as the cluster records it: ready, in group
-/// `default` and on `cpu` unless it says otherwise.
-fn ready_node_record(node: NodeInfo) -> NodeRecord {
-    NodeRecord {
+/// `default` and on `cpu` unless it says otherwise; its weight format
+/// must be one moemesh knows (or empty, for the device's default).
+fn ready_node_record(node: NodeInfo) -> Result<NodeRecord, Status> {
+    let weight_format = if node.weight_format.is_empty() {
+        String::new()
+    } else {
+        WeightFormat::from_str(&node.weight_format)
+            .map_err(|error| Status::invalid_argument(format!("node {}: {error}", node.id)))?
+            .to_string()
+    };
+    Ok(NodeRecord {
         id: node.id,
         address: node.address,
         group: if node.group.is_empty() {
@@ -82,8 +135,9 @@ fn ready_node_record(node: NodeInfo) -> NodeRecord {
         },
         memory_bytes: node.memory_bytes,
         buffer_bytes: node.buffer_bytes,
+        weight_format,
         status: NodeStatus::Ready,
-    }
+    })
 }
 
 /// Marks a node's loading replica ready, so routers may use it; a replica

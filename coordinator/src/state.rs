@@ -5,8 +5,13 @@
 //! carry a request id: a command whose id was already applied is answered
 //! with its first outcome instead of being applied again, so a client may
 //! retry a proposal whose outcome it did not learn without doing it twice.
+//!
+//! Replicas of one expert keep one compute format (the device kind and the
+//! weight format of the nodes holding them, [`NodeRecord::compute_format`]),
+//! so that a token's output does not depend on the replica that served it:
+//! a command that would mix formats is refused.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
@@ -44,7 +49,28 @@ pub struct NodeRecord {
     /// written before nodes had a next tier lack it, hence the default.
     #[serde(default)]
     pub buffer_bytes: u64,
+    /// How the node keeps expert weights: `f32` or `bf16`. Empty in logs
+    /// and snapshots written before nodes reported it: the default of the
+    /// device kind (see [`NodeRecord::compute_format`]).
+    #[serde(default)]
+    pub weight_format: String,
     pub status: NodeStatus,
+}
+
+impl NodeRecord {
+    /// What a replica on this node computes with: the device kind (`cpu`,
+    /// `cuda`) and the weight format, as in `cpu/f32`. A node recorded
+    /// before nodes reported their weight format keeps its device's
+    /// default: f32 on a CPU, bf16 on a GPU.
+    pub fn compute_format(&self) -> String {
+        let kind = self.device.split(':').next().unwrap_or_default();
+        let weights = match (self.weight_format.as_str(), kind) {
+            ("", "cpu") => "f32",
+            ("", _) => "bf16",
+            (format, _) => format,
+        };
+        format!("{kind}/{weights}")
+    }
 }
 
 /// A model the cluster serves.
@@ -112,11 +138,28 @@ pub enum Command {
     DrainReplica { key: ExpertKey, node: String },
     /// Removes a replica; publishes a new epoch.
     RemoveReplica { key: ExpertKey, node: String },
+    /// Removes a replica only if it is still draining (it may have been
+    /// put back to ready since); publishes a new epoch.
+    RemoveDrainedReplica { key: ExpertKey, node: String },
     /// Starts many new replicas at once, all or none (a model being placed).
     AddReplicas { replicas: Vec<(ExpertKey, String)> },
     /// Records experts a node already serves as ready replicas, all at
     /// once (a node joining with experts loaded); publishes one epoch.
+    /// Experts served elsewhere in another compute format are left out.
     AddServingReplicas { node: String, keys: Vec<ExpertKey> },
+    /// Brings a (re-)registered node's replicas in line with what it now
+    /// is: ready replicas it does not `serving` go back to loading (it
+    /// restarted without them; routers leave them until it loads them and
+    /// reports them ready again), and replicas of experts served elsewhere
+    /// in another compute format (it came back in a new one) are removed.
+    /// Publishes one epoch if anything changed.
+    ReconcileNodeReplicas {
+        node: String,
+        serving: Vec<ExpertKey>,
+    },
+    /// Puts a draining replica back to ready: its move was abandoned and
+    /// the expert has no other ready replica; publishes a new epoch.
+    RestoreReplica { key: ExpertKey, node: String },
 }
 
 /// A command with the id its client chose for it.
@@ -213,8 +256,41 @@ impl ClusterState {
             Command::ReplicaReady { key, node } => self.mark_replica_ready(&key, &node),
             Command::DrainReplica { key, node } => self.drain_replica(&key, &node),
             Command::RemoveReplica { key, node } => self.remove_replica(&key, &node),
+            Command::RemoveDrainedReplica { key, node } => self.remove_drained_replica(&key, &node),
             Command::AddReplicas { replicas } => self.add_replicas(replicas),
             Command::AddServingReplicas { node, keys } => self.add_serving_replicas(&node, keys),
+            Command::ReconcileNodeReplicas { node, serving } => {
+                self.reconcile_node_replicas(&node, &serving)
+            }
+            Command::RestoreReplica { key, node } => self.restore_replica(&key, &node),
+        }
+    }
+
+    /// The compute format `key` is served in, and a node serving it: that
+    /// of its replicas on live nodes other than `except`; None when it has
+    /// none.
+    pub fn serving_format(&self, key: &ExpertKey, except: &str) -> Option<(String, String)> {
+        self.replicas
+            .get(key)?
+            .iter()
+            .filter(|replica| replica.node != except)
+            .filter_map(|replica| self.nodes.get(&replica.node))
+            .find(|node| node.status != NodeStatus::Dead)
+            .map(|node| (node.compute_format(), node.id.clone()))
+    }
+
+    /// Refuses a replica of `key` on `node` in another compute format than
+    /// the expert's other replicas.
+    fn check_format(&self, key: &ExpertKey, node: &NodeRecord) -> Result<(), String> {
+        let format = node.compute_format();
+        match self.serving_format(key, &node.id) {
+            Some((served, holder)) if served != format => Err(format!(
+                "node {} computes in {format}, but {key} is served in {served} (on {holder}); \
+                 replicas of one expert keep one format so that a token's output does not \
+                 depend on the replica",
+                node.id
+            )),
+            _ => Ok(()),
         }
     }
 
@@ -258,15 +334,17 @@ impl ClusterState {
 
     fn add_replica(&mut self, key: ExpertKey, node: String) -> Result<(), String> {
         self.check_expert(&key)?;
-        match self.nodes.get(&node).map(|record| record.status) {
-            None => return Err(format!("unknown node {node:?}")),
-            Some(NodeStatus::Ready | NodeStatus::Joining) => {}
-            Some(status) => {
-                return Err(format!(
-                    "node {node} is {status:?} and takes no new replicas"
-                ));
-            }
+        let record = self
+            .nodes
+            .get(&node)
+            .ok_or_else(|| format!("unknown node {node:?}"))?;
+        if !matches!(record.status, NodeStatus::Ready | NodeStatus::Joining) {
+            return Err(format!(
+                "node {node} is {:?} and takes no new replicas",
+                record.status
+            ));
         }
+        self.check_format(&key, record)?;
         let replicas = self.replicas.entry(key.clone()).or_default();
         if replicas.iter().any(|replica| replica.node == node) {
             return Err(format!("node {node} already holds {key}"));
@@ -308,13 +386,29 @@ impl ClusterState {
     }
 
     fn remove_replica(&mut self, key: &ExpertKey, node: &str) -> Result<(), String> {
+        self.take_replica(key, node)?;
+        self.epoch += 1;
+        Ok(())
+    }
+
+    fn remove_drained_replica(&mut self, key: &ExpertKey, node: &str) -> Result<(), String> {
+        let state = self.replica_mut(key, node)?.state;
+        if state != ReplicaState::Draining {
+            return Err(format!(
+                "replica of {key} on {node} is {state:?}, not draining; it stays"
+            ));
+        }
+        self.remove_replica(key, node)
+    }
+
+    /// Removes a replica without publishing an epoch.
+    fn take_replica(&mut self, key: &ExpertKey, node: &str) -> Result<(), String> {
         self.replica_mut(key, node)?;
         let replicas = self.replicas.get_mut(key).expect("checked above");
         replicas.retain(|replica| replica.node != node);
         if replicas.is_empty() {
             self.replicas.remove(key);
         }
-        self.epoch += 1;
         Ok(())
     }
 
@@ -329,14 +423,19 @@ impl ClusterState {
     }
 
     fn add_serving_replicas(&mut self, node: &str, keys: Vec<ExpertKey>) -> Result<(), String> {
-        if !self.nodes.contains_key(node) {
-            return Err(format!("unknown node {node:?}"));
-        }
+        let record = self
+            .nodes
+            .get(node)
+            .ok_or_else(|| format!("unknown node {node:?}"))?
+            .clone();
         for key in &keys {
             self.check_expert(key)?;
         }
         let mut changed = false;
         for key in keys {
+            if self.check_format(&key, &record).is_err() {
+                continue;
+            }
             let replicas = self.replicas.entry(key).or_default();
             match replicas.iter_mut().find(|replica| replica.node == node) {
                 Some(replica) if replica.state == ReplicaState::Ready => {}
@@ -356,6 +455,51 @@ impl ClusterState {
         if changed {
             self.epoch += 1;
         }
+        Ok(())
+    }
+
+    fn reconcile_node_replicas(&mut self, node: &str, serving: &[ExpertKey]) -> Result<(), String> {
+        let serving: BTreeSet<&ExpertKey> = serving.iter().collect();
+        let record = self
+            .nodes
+            .get(node)
+            .ok_or_else(|| format!("unknown node {node:?}"))?
+            .clone();
+        let held: Vec<ExpertKey> = self
+            .replicas
+            .iter()
+            .filter(|(_, replicas)| replicas.iter().any(|replica| replica.node == node))
+            .map(|(key, _)| key.clone())
+            .collect();
+        let mut changed = false;
+        for key in held {
+            if self.check_format(&key, &record).is_err() {
+                self.take_replica(&key, node)?;
+                changed = true;
+                continue;
+            }
+            let replica = self.replica_mut(&key, node)?;
+            if replica.state == ReplicaState::Ready && !serving.contains(&key) {
+                replica.state = ReplicaState::Loading;
+                changed = true;
+            }
+        }
+        if changed {
+            self.epoch += 1;
+        }
+        Ok(())
+    }
+
+    fn restore_replica(&mut self, key: &ExpertKey, node: &str) -> Result<(), String> {
+        let replica = self.replica_mut(key, node)?;
+        if replica.state != ReplicaState::Draining {
+            return Err(format!(
+                "replica of {key} on {node} is {:?}, not draining",
+                replica.state
+            ));
+        }
+        replica.state = ReplicaState::Ready;
+        self.epoch += 1;
         Ok(())
     }
 }
@@ -402,6 +546,7 @@ mod tests {
             device: "cpu".into(),
             memory_bytes: 1 << 30,
             buffer_bytes: 0,
+            weight_format: String::new(),
             status: NodeStatus::Ready,
         }
     }
@@ -660,5 +805,199 @@ mod tests {
             panic!("a dead node must get no replicas");
         };
         assert!(reason.contains("Dead"), "{reason}");
+    }
+
+    fn ready(state: &mut ClusterState, id: &str, expert: u32, node: &str) {
+        let (key, node) = (key(expert), node.to_string());
+        let add = Command::AddReplica {
+            key: key.clone(),
+            node: node.clone(),
+        };
+        assert!(matches!(
+            propose(state, &format!("add-{expert}-{node}"), add),
+            Outcome::Applied { .. }
+        ));
+        let ready = Command::ReplicaReady { key, node };
+        assert!(matches!(propose(state, id, ready), Outcome::Applied { .. }));
+    }
+
+    fn replica_states(state: &ClusterState, node: &str) -> Vec<(u32, ReplicaState)> {
+        state
+            .replicas
+            .iter()
+            .filter_map(|(key, replicas)| {
+                let replica = replicas.iter().find(|replica| replica.node == node)?;
+                Some((key.expert, replica.state))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_node_restarted_without_its_experts_loads_them_again() {
+        let mut state = cluster();
+        ready(&mut state, "r0", 0, "a");
+        ready(&mut state, "r1", 1, "a");
+        ready(&mut state, "r1b", 1, "b");
+        let epoch = state.epoch;
+        // a comes back serving expert 1 only.
+        propose(
+            &mut state,
+            "again",
+            Command::RegisterNode { node: node("a") },
+        );
+        let reconcile = Command::ReconcileNodeReplicas {
+            node: "a".into(),
+            serving: vec![key(1)],
+        };
+        assert_eq!(
+            propose(&mut state, "reconcile", reconcile.clone()),
+            Outcome::Applied { epoch: epoch + 1 }
+        );
+        assert_eq!(
+            replica_states(&state, "a"),
+            vec![(0, ReplicaState::Loading), (1, ReplicaState::Ready)]
+        );
+        assert_eq!(replica_states(&state, "b"), vec![(1, ReplicaState::Ready)]);
+        // Nothing more to do: no new epoch.
+        propose(&mut state, "reconcile again", reconcile);
+        assert_eq!(state.epoch, epoch + 1);
+        // It loads expert 0 and reports it ready, as a new replica would.
+        let ready_again = Command::ReplicaReady {
+            key: key(0),
+            node: "a".into(),
+        };
+        assert_eq!(
+            propose(&mut state, "ready again", ready_again),
+            Outcome::Applied { epoch: epoch + 2 }
+        );
+    }
+
+    #[test]
+    fn compute_formats_default_by_device() {
+        let mut record = node("a");
+        assert_eq!(record.compute_format(), "cpu/f32");
+        record.device = "cuda:1".into();
+        assert_eq!(record.compute_format(), "cuda/bf16");
+        record.device = "cpu".into();
+        record.weight_format = "bf16".into();
+        assert_eq!(record.compute_format(), "cpu/bf16");
+    }
+
+    #[test]
+    fn replicas_of_one_expert_keep_one_compute_format() {
+        let mut state = cluster();
+        let mut gpu = node("gpu");
+        gpu.device = "cuda:0".into();
+        propose(&mut state, "gpu", Command::RegisterNode { node: gpu });
+        ready(&mut state, "r0", 0, "a");
+        let Outcome::Rejected { reason } = propose(
+            &mut state,
+            "mixed",
+            Command::AddReplica {
+                key: key(0),
+                node: "gpu".into(),
+            },
+        ) else {
+            panic!("a replica in another format must be refused");
+        };
+        assert!(
+            reason.contains(
+                "node gpu computes in cuda/bf16, but m layer 1 expert 0 is served in cpu/f32 (on a)"
+            ),
+            "{reason}"
+        );
+        // The same format is fine; a dead holder no longer counts.
+        ready(&mut state, "r0b", 0, "b");
+        for holder in ["a", "b"] {
+            let dead = Command::SetNodeStatus {
+                node: holder.into(),
+                status: NodeStatus::Dead,
+            };
+            propose(&mut state, &format!("dead-{holder}"), dead);
+        }
+        let add = Command::AddReplica {
+            key: key(0),
+            node: "gpu".into(),
+        };
+        assert!(matches!(
+            propose(&mut state, "after", add),
+            Outcome::Applied { .. }
+        ));
+
+        // A node joining with experts served elsewhere in another format
+        // keeps only the others.
+        let mut bf16 = node("c");
+        bf16.weight_format = "bf16".into();
+        propose(
+            &mut state,
+            "c",
+            Command::RegisterNode { node: bf16.clone() },
+        );
+        ready(&mut state, "r1", 1, "c");
+        let join = Command::AddServingReplicas {
+            node: "gpu".into(),
+            keys: vec![key(1), key(2)],
+        };
+        assert!(matches!(
+            propose(&mut state, "join", join),
+            Outcome::Applied { .. }
+        ));
+        assert_eq!(
+            replica_states(&state, "gpu"),
+            vec![(0, ReplicaState::Loading), (2, ReplicaState::Ready)]
+        );
+
+        // A node back in another format loses replicas served elsewhere in
+        // its old one, and keeps those only it holds.
+        let mut d = bf16.clone();
+        d.id = "d".into();
+        propose(&mut state, "d", Command::RegisterNode { node: d });
+        ready(&mut state, "r1d", 1, "d");
+        ready(&mut state, "r3", 3, "c");
+        let mut c_as_f32 = bf16;
+        c_as_f32.weight_format = "f32".into();
+        propose(
+            &mut state,
+            "c-back",
+            Command::RegisterNode { node: c_as_f32 },
+        );
+        let reconcile = Command::ReconcileNodeReplicas {
+            node: "c".into(),
+            serving: vec![],
+        };
+        propose(&mut state, "c-reconcile", reconcile);
+        assert_eq!(
+            replica_states(&state, "c"),
+            vec![(3, ReplicaState::Loading)]
+        );
+        assert_eq!(replica_states(&state, "d"), vec![(1, ReplicaState::Ready)]);
+    }
+
+    #[test]
+    fn only_a_draining_replica_is_restored_or_removed_as_drained() {
+        let mut state = cluster();
+        ready(&mut state, "r0", 0, "a");
+        ready(&mut state, "r0b", 0, "b");
+        let drain = Command::DrainReplica {
+            key: key(0),
+            node: "a".into(),
+        };
+        propose(&mut state, "drain", drain);
+        let restore = Command::RestoreReplica {
+            key: key(0),
+            node: "a".into(),
+        };
+        assert!(matches!(
+            propose(&mut state, "restore", restore),
+            Outcome::Applied { .. }
+        ));
+        let remove = Command::RemoveDrainedReplica {
+            key: key(0),
+            node: "a".into(),
+        };
+        let Outcome::Rejected { reason } = propose(&mut state, "remove", remove) else {
+            panic!("a replica serving again must stay");
+        };
+        assert!(reason.contains("is Ready, not draining"), "{reason}");
     }
 }

@@ -5,8 +5,14 @@
 //! the Ready's persisted messages are sent; a crash never leaves half of it.
 //! Log compaction replaces the applied prefix of the log with a snapshot of
 //! the state machine.
+//!
+//! Opening a store checks everything in it that raft-rs would otherwise
+//! trust and panic on later: every record decodes, the log is contiguous
+//! after the snapshot with terms that never decrease, and the hard state's
+//! commit index lies within the log. A damaged store is refused with an
+//! error that names its file and what is wrong.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use protobuf::Message as _;
@@ -37,6 +43,8 @@ struct Mirror {
 /// A redb-backed `raft::Storage`.
 pub struct RaftStore {
     db: Database,
+    /// The database file, named in errors about what it holds.
+    path: PathBuf,
     mirror: Mutex<Mirror>,
 }
 
@@ -46,10 +54,6 @@ fn storage_error(error: impl std::fmt::Display) -> raft::Error {
 
 fn db_error(error: impl std::fmt::Display) -> CoordinatorError {
     CoordinatorError::Storage(error.to_string())
-}
-
-fn decode<M: protobuf::Message>(bytes: &[u8]) -> CoordinatorResult<M> {
-    M::parse_from_bytes(bytes).map_err(db_error)
 }
 
 fn encode<M: protobuf::Message>(message: &M) -> Vec<u8> {
@@ -62,14 +66,41 @@ impl RaftStore {
     /// Opens (or creates) the store in `dir`. A new store starts with
     /// `initial_voters` as its configuration; an existing one keeps its own.
     pub fn open(dir: &Path, initial_voters: &[u64]) -> CoordinatorResult<Self> {
-        std::fs::create_dir_all(dir).map_err(db_error)?;
-        let db = Database::create(dir.join("raft.redb")).map_err(db_error)?;
+        let path = dir.join("raft.redb");
+        let open_error = |error: &dyn std::fmt::Display| {
+            CoordinatorError::Storage(format!("cannot open {}: {error}", path.display()))
+        };
+        std::fs::create_dir_all(dir).map_err(|error| open_error(&error))?;
+        let db = Database::create(&path).map_err(|error| open_error(&error))?;
         let store = Self {
             db,
+            path,
             mirror: Mutex::new(Mirror::default()),
         };
         store.load_or_initialise(initial_voters)?;
         Ok(store)
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// An error saying that the store holds something raft cannot use.
+    pub fn damaged(&self, what: impl std::fmt::Display) -> CoordinatorError {
+        CoordinatorError::Storage(format!(
+            "the raft store {} is damaged: {what}; restore it from a backup or remove it to rejoin the group empty",
+            self.path.display()
+        ))
+    }
+
+    fn decode_record<M: protobuf::Message>(
+        &self,
+        name: &str,
+        bytes: &[u8],
+    ) -> CoordinatorResult<M> {
+        M::parse_from_bytes(bytes)
+            .map_err(|error| self.damaged(format_args!("the {name} does not decode ({error})")))
     }
 
     fn load_or_initialise(&self, initial_voters: &[u64]) -> CoordinatorResult<()> {
@@ -83,7 +114,7 @@ impl RaftStore {
                 .map_err(db_error)?
                 .map(|bytes| bytes.value().to_vec());
             match stored_conf_state {
-                Some(bytes) => mirror.conf_state = decode(&bytes)?,
+                Some(bytes) => mirror.conf_state = self.decode_record("conf state", &bytes)?,
                 None => {
                     // A brand-new member: the group's first configuration,
                     // written exactly once.
@@ -93,20 +124,67 @@ impl RaftStore {
                 }
             }
             if let Some(bytes) = meta.get("hard_state").map_err(db_error)? {
-                mirror.hard_state = decode(bytes.value())?;
+                mirror.hard_state = self.decode_record("hard state", bytes.value())?;
             }
             if let Some(bytes) = meta.get("snapshot").map_err(db_error)? {
-                let snapshot: Snapshot = decode(bytes.value())?;
+                let snapshot: Snapshot = self.decode_record("snapshot", bytes.value())?;
                 mirror.snapshot_index = snapshot.get_metadata().index;
                 mirror.snapshot_term = snapshot.get_metadata().term;
             }
-            mirror.last_index = match entries.last().map_err(db_error)? {
-                Some((index, _)) => index.value(),
-                None => mirror.snapshot_index,
-            };
+            mirror.last_index = self.check_log(&entries, &mirror)?;
         }
         txn.commit().map_err(db_error)?;
+        self.check_hard_state(&mirror)?;
         *self.mirror.lock().expect("store mirror") = mirror;
+        Ok(())
+    }
+
+    /// Checks that every entry decodes, sits under its own index, follows
+    /// the snapshot without a gap and has a term no lower than the one
+    /// before; returns the last index.
+    fn check_log(
+        &self,
+        entries: &impl ReadableTable<u64, &'static [u8]>,
+        mirror: &Mirror,
+    ) -> CoordinatorResult<u64> {
+        let (mut last_index, mut last_term) = (mirror.snapshot_index, mirror.snapshot_term);
+        for item in entries.iter().map_err(db_error)? {
+            let (key, bytes) = item.map_err(db_error)?;
+            let index = key.value();
+            let entry: Entry = self.decode_record(&format!("log entry {index}"), bytes.value())?;
+            if index != last_index + 1 || entry.index != index {
+                return Err(self.damaged(format_args!(
+                    "log entry {index} (holding index {}) does not follow index {last_index}",
+                    entry.index
+                )));
+            }
+            if entry.term < last_term {
+                return Err(self.damaged(format_args!(
+                    "log entry {index} has term {}, before the term {last_term} of the entry before it",
+                    entry.term
+                )));
+            }
+            (last_index, last_term) = (index, entry.term);
+        }
+        Ok(last_index)
+    }
+
+    /// Checks that the commit index lies within the log and the term is
+    /// no earlier than the log's.
+    fn check_hard_state(&self, mirror: &Mirror) -> CoordinatorResult<()> {
+        let hard_state = &mirror.hard_state;
+        if hard_state.commit < mirror.snapshot_index || hard_state.commit > mirror.last_index {
+            return Err(self.damaged(format_args!(
+                "the hard state commits index {}, outside the log [{}, {}]",
+                hard_state.commit, mirror.snapshot_index, mirror.last_index
+            )));
+        }
+        if hard_state.term < mirror.snapshot_term {
+            return Err(self.damaged(format_args!(
+                "the hard state's term {} is before the snapshot's term {}",
+                hard_state.term, mirror.snapshot_term
+            )));
+        }
         Ok(())
     }
 
@@ -116,7 +194,7 @@ impl RaftStore {
         let meta = txn.open_table(META).map_err(db_error)?;
         meta.get("snapshot")
             .map_err(db_error)?
-            .map(|bytes| decode(bytes.value()))
+            .map(|bytes| self.decode_record("snapshot", bytes.value()))
             .transpose()
     }
 
@@ -402,11 +480,17 @@ mod tests {
     fn compaction_keeps_a_snapshot_and_the_rest_of_the_log() {
         let dir = tempfile::tempdir().unwrap();
         let store = RaftStore::open(dir.path(), &[1]).unwrap();
+        // Only applied, so committed, entries are compacted.
+        let hard_state = HardState {
+            term: 1,
+            commit: 5,
+            ..Default::default()
+        };
         store
             .persist(
                 None,
                 &(1..=6).map(|index| entry(index, 1)).collect::<Vec<_>>(),
-                None,
+                Some(&hard_state),
             )
             .unwrap();
         store.compact(4, 1, b"state at 4".to_vec()).unwrap();
@@ -425,5 +509,92 @@ mod tests {
         assert_eq!(&snapshot.data[..], b"state at 4");
         assert_eq!(snapshot.get_metadata().get_conf_state().voters, vec![1]);
         assert!(store.snapshot(5, 2).is_err());
+    }
+
+    /// Writes `bytes` under `key` of `table`, as damage to the disk would.
+    fn overwrite<K: redb::Key + 'static>(
+        dir: &Path,
+        table: TableDefinition<K, &[u8]>,
+        key: K::SelfType<'_>,
+        bytes: &[u8],
+    ) {
+        let db = Database::create(dir.join("raft.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(table).unwrap().insert(key, bytes).unwrap();
+        txn.commit().unwrap();
+    }
+
+    /// A store holding entries 1..=3 of term 1, committed up to 2.
+    fn written_store(dir: &Path) {
+        let store = RaftStore::open(dir, &[1]).unwrap();
+        let hard_state = HardState {
+            term: 1,
+            commit: 2,
+            ..Default::default()
+        };
+        let entries: Vec<Entry> = (1..=3).map(|index| entry(index, 1)).collect();
+        store.persist(None, &entries, Some(&hard_state)).unwrap();
+    }
+
+    fn open_error(dir: &Path) -> String {
+        match RaftStore::open(dir, &[1]) {
+            Ok(_) => panic!("a damaged store opened"),
+            Err(error) => error.to_string(),
+        }
+    }
+
+    #[test]
+    fn damaged_records_are_refused_naming_the_file_and_the_record() {
+        let file = |dir: &tempfile::TempDir| dir.path().join("raft.redb").display().to_string();
+        for record in ["hard state", "conf state", "snapshot"] {
+            let dir = tempfile::tempdir().unwrap();
+            written_store(dir.path());
+            overwrite(dir.path(), META, &record.replace(' ', "_"), b"\xff\xff\xff");
+            let error = open_error(dir.path());
+            assert!(error.contains(&file(&dir)), "{error}");
+            assert!(
+                error.contains(&format!("the {record} does not decode")),
+                "{error}"
+            );
+        }
+        let dir = tempfile::tempdir().unwrap();
+        written_store(dir.path());
+        overwrite(dir.path(), ENTRIES, 2, b"\xff\xff\xff");
+        let error = open_error(dir.path());
+        assert!(error.contains(&file(&dir)), "{error}");
+        assert!(error.contains("log entry 2 does not decode"), "{error}");
+    }
+
+    #[test]
+    fn a_log_with_a_gap_or_a_commit_past_its_end_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        written_store(dir.path());
+        overwrite(dir.path(), ENTRIES, 5, &encode(&entry(5, 1)));
+        let error = open_error(dir.path());
+        assert!(error.contains("log entry 5"), "{error}");
+        assert!(error.contains("does not follow index 3"), "{error}");
+
+        let dir = tempfile::tempdir().unwrap();
+        written_store(dir.path());
+        overwrite(dir.path(), ENTRIES, 3, &encode(&entry(3, 0)));
+        let error = open_error(dir.path());
+        assert!(error.contains("log entry 3 has term 0"), "{error}");
+
+        let dir = tempfile::tempdir().unwrap();
+        written_store(dir.path());
+        let past_the_end = HardState {
+            term: 1,
+            commit: u64::MAX,
+            ..Default::default()
+        };
+        overwrite(dir.path(), META, "hard_state", &encode(&past_the_end));
+        let error = open_error(dir.path());
+        assert!(
+            error.contains(&format!(
+                "commits index {}, outside the log [0, 3]",
+                u64::MAX
+            )),
+            "{error}"
+        );
     }
 }

@@ -156,6 +156,7 @@ fn register(id: &str) -> Command {
             device: "cpu".into(),
             memory_bytes: 1 << 30,
             buffer_bytes: 0,
+            weight_format: String::new(),
             status: NodeStatus::Ready,
         },
     }

@@ -84,6 +84,16 @@ impl ExpertNodeConfig {
             Device::Cuda(_) => self.memory_budget,
         }
     }
+
+    /// The weight format the node's experts compute in, as it registers
+    /// it: `weight_format` on the CPU; a GPU computes in bf16 whatever it
+    /// was told.
+    pub fn computed_weight_format(&self) -> WeightFormat {
+        match self.device {
+            Device::Cpu => self.weight_format,
+            Device::Cuda(_) => WeightFormat::Bf16,
+        }
+    }
 }
 
 /// An expert node with its experts loaded and, when it has coordinators,
@@ -107,6 +117,7 @@ impl ExpertNode {
     pub async fn start(config: ExpertNodeConfig, listener: TcpListener) -> ExpertNodeResult<Self> {
         let tls = config.tls.clone();
         let registration = config.registration.clone();
+        let weight_format = config.computed_weight_format();
         let service = load(config).await?;
         let mut node = Self {
             service,
@@ -116,12 +127,16 @@ impl ExpertNode {
             membership_tasks: Vec::new(),
         };
         if let Some(registration) = registration {
-            node.join(registration).await?;
+            node.join(registration, weight_format).await?;
         }
         Ok(node)
     }
 
-    async fn join(&mut self, registration: Registration) -> ExpertNodeResult<()> {
+    async fn join(
+        &mut self,
+        registration: Registration,
+        weight_format: WeightFormat,
+    ) -> ExpertNodeResult<()> {
         let mut coordinators =
             CoordinatorClient::new(registration.coordinators.clone(), self.tls.clone())
                 .map_err(|error| ExpertNodeError::InvalidArgument(error.to_string()))?;
@@ -130,7 +145,13 @@ impl ExpertNode {
             self.service.clone(),
             coordinators.clone(),
         )));
-        let epoch = match register(&self.service, &registration, &mut coordinators).await {
+        let registered = register(
+            &self.service,
+            &registration,
+            weight_format,
+            &mut coordinators,
+        );
+        let epoch = match registered.await {
             Ok(epoch) => epoch,
             Err(error) => {
                 self.stop_membership();
@@ -223,8 +244,9 @@ async fn serve(
     tls: &TlsConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> ExpertNodeResult<()> {
+    let max_request_bytes = service.max_request_bytes();
     let server = ExpertServiceServer::new(service)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_decoding_message_size(max_request_bytes)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let shutdown = async move {
         shutdown.await;

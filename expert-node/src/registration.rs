@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use moemesh_client::CoordinatorClient;
+use moemesh_core::compute::WeightFormat;
 use moemesh_proto::v1::{
     HeartbeatRequest, NodeInfo, PlacementSnapshot, RegisterNodeRequest, ReportReplicaReadyRequest,
 };
@@ -40,12 +41,14 @@ pub struct Registration {
     pub patience: Duration,
 }
 
-/// Registers the node and the experts it serves, retrying (with the same
-/// request id, so it applies once) through elections until
-/// `registration.patience` runs out; returns the epoch that holds it.
+/// Registers the node (computing in `weight_format`) and the experts it
+/// serves, retrying (with the same request id, so it applies once) through
+/// elections until `registration.patience` runs out; returns the epoch
+/// that holds it.
 pub async fn register(
     service: &ExpertNodeService,
     registration: &Registration,
+    weight_format: WeightFormat,
     coordinators: &mut CoordinatorClient,
 ) -> Result<u64, String> {
     let request = RegisterNodeRequest {
@@ -56,6 +59,7 @@ pub async fn register(
             device: registration.device.clone(),
             memory_bytes: registration.memory_bytes,
             buffer_bytes: registration.buffer_bytes,
+            weight_format: weight_format.to_string(),
             status: NodeStatus::Unspecified.into(),
         }),
         request_id: format!("register-{}-{:016x}", registration.node_id, process_nonce()),

@@ -139,13 +139,19 @@ impl Residency {
     /// Per expert of the job in order, each of its rows in order, the
     /// expert's output, unweighted: `[Σ rows, hidden]`.
     pub fn compute(&mut self, job: &ComputeJob, hidden: usize) -> ExpertNodeResult<Vec<f32>> {
-        for assignment in &job.assignments {
-            if !self.served.contains(&(job.layer, assignment.expert)) {
-                return Err(ExpertNodeError::InvalidArgument(format!(
-                    "expert {} of layer {} is not held here",
-                    assignment.expert, job.layer
-                )));
-            }
+        let removed: Vec<u32> = job
+            .assignments
+            .iter()
+            .map(|assignment| assignment.expert)
+            .filter(|&expert| !self.served.contains(&(job.layer, expert)))
+            .collect();
+        if !removed.is_empty() {
+            // Removed by a placement change after the service checked them.
+            return Err(ExpertNodeError::NotHeld {
+                layer: job.layer,
+                experts: removed,
+                detail: "this node stopped serving them".into(),
+            });
         }
         let routes = self.route(job)?;
         let resident: Vec<usize> = (0..routes.len())

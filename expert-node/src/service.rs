@@ -1,6 +1,13 @@
 //! `ExpertService`: validates each request completely before it reaches the
 //! device worker, so that a bad request is refused with a clear message and
 //! never disturbs other work.
+//!
+//! A request first takes a place in the worker's queue (an overloaded node
+//! refuses at once), then its sizes are checked against the model and
+//! [`limits::ComputeLimits`], then what it names against what the node
+//! holds; its rows are decoded last.
+
+pub mod limits;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -9,7 +16,7 @@ use moemesh_core::compute::ComputeBackend;
 use moemesh_core::model::checkpoint::Checkpoint;
 use moemesh_core::model::config::ModelConfig;
 use moemesh_core::model::placement::LayerExpert;
-use moemesh_proto::codec::{WireDtype, decode_rows, encode};
+use moemesh_proto::codec::{WireDtype, check_rows_header, decode_rows, encode};
 use moemesh_proto::v1::{
     ComputeRequest, ComputeResponse, ExpertLoad, ExpertRows, InfoRequest, InfoResponse,
     LayerExperts,
@@ -17,8 +24,9 @@ use moemesh_proto::v1::{
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
+use self::limits::ComputeLimits;
 use crate::residency::Residency;
-use crate::worker::{ComputeJob, DeviceWorker, DeviceWorkerHandle, ExpertAssignment};
+use crate::worker::{ComputeJob, DeviceWorker, DeviceWorkerHandle, ExpertAssignment, HeldExperts};
 use crate::{ExpertNodeConfig, ExpertNodeError, ExpertNodeResult};
 
 /// The gRPC face of an expert node; cheap to clone, all clones share one node.
@@ -30,6 +38,8 @@ pub struct ExpertNodeService {
 struct NodeInner {
     model_id: String,
     config: ModelConfig,
+    /// The sizes a request may have, from `config`.
+    limits: ComputeLimits,
     /// Where experts are loaded from when the placement adds one.
     checkpoint: Arc<Checkpoint>,
     backend: Arc<dyn ComputeBackend>,
@@ -80,15 +90,19 @@ impl ExpertNodeService {
         }
         crate::release_freed_memory();
         let worker = DeviceWorker::spawn(residency, config.hidden_size, node_config.queue_capacity);
+        let limits = ComputeLimits::for_model(&config);
         tracing::info!(
             experts = node_config.experts.len(),
             weight_mib = worker.stats().weight_bytes.load(Ordering::Relaxed) >> 20,
             budget = ?node_config.resident_budget(),
             backend = %backend.describe(),
+            max_rows = limits.max_rows,
+            max_request_mib = limits.max_request_bytes() >> 20,
             "experts loaded"
         );
         let inner = NodeInner {
             model_id: node_config.model_id.clone(),
+            limits,
             config,
             checkpoint,
             backend,
@@ -171,82 +185,125 @@ impl ExpertNodeService {
         &self.inner.model_id
     }
 
-    /// Checks a request against what this node holds and turns it into a job.
+    /// The largest Compute request this node accepts, in bytes: its
+    /// server's decoding limit.
+    pub fn max_request_bytes(&self) -> usize {
+        self.inner.limits.max_request_bytes()
+    }
+
+    /// Checks a request against the model, this node's limits and what it
+    /// holds, and turns it into a job. Every check runs on the request's
+    /// fields as they arrived; the rows are decoded (and memory allocated
+    /// for them) only once all have passed.
     fn validate(&self, request: ComputeRequest) -> ExpertNodeResult<ComputeJob> {
         let inner = &self.inner;
-        if !request.model.is_empty() && request.model != inner.model_id {
+        let ComputeRequest {
+            model,
+            layer,
+            rows,
+            experts,
+        } = request;
+        if !model.is_empty() && model != inner.model_id {
             return Err(ExpertNodeError::InvalidArgument(format!(
-                "unknown model {:?}; this node serves {:?}",
-                request.model, inner.model_id
+                "unknown model {model:?}; this node serves {:?}",
+                inner.model_id
             )));
         }
-        let layer = request.layer as usize;
-        let all_held = inner.worker.held();
-        let held = all_held.get(&layer).ok_or_else(|| {
-            ExpertNodeError::InvalidArgument(format!(
-                "layer {layer} is not held here; this node holds layers {:?}",
-                all_held.keys().collect::<Vec<_>>()
-            ))
-        })?;
-        let rows = decode_rows(request.rows.as_ref(), inner.config.hidden_size)?;
-        let mut assignments = Vec::with_capacity(request.experts.len());
-        let mut previous_expert = None;
-        for ExpertRows {
-            expert,
-            rows: row_indices,
-            weights,
-        } in request.experts
-        {
-            if !held.contains(&expert) {
-                return Err(ExpertNodeError::InvalidArgument(format!(
-                    "expert {expert} of layer {layer} is not held here; held: {held:?}"
-                )));
-            }
-            if previous_expert.is_some_and(|previous| previous >= expert) {
-                return Err(ExpertNodeError::InvalidArgument(format!(
-                    "experts must be listed in strictly increasing order; {expert} follows {}",
-                    previous_expert.unwrap_or_default()
-                )));
-            }
-            previous_expert = Some(expert);
-            if row_indices.len() != weights.len() {
-                return Err(ExpertNodeError::InvalidArgument(format!(
-                    "expert {expert}: {} rows but {} weights",
-                    row_indices.len(),
-                    weights.len()
-                )));
-            }
-            if let Some(position) = row_indices.windows(2).position(|pair| pair[0] >= pair[1]) {
-                return Err(ExpertNodeError::InvalidArgument(format!(
-                    "expert {expert}: row indices must be strictly increasing ({} then {})",
-                    row_indices[position],
-                    row_indices[position + 1]
-                )));
-            }
-            if let Some(&row) = row_indices.last()
-                && row as usize >= rows.rows
-            {
-                return Err(ExpertNodeError::InvalidArgument(format!(
-                    "expert {expert}: row index {row} is out of range for {} rows",
-                    rows.rows
-                )));
-            }
-            if let Some(weight) = weights.iter().find(|weight| !weight.is_finite()) {
-                return Err(ExpertNodeError::InvalidArgument(format!(
-                    "expert {expert}: routing weight {weight} is not finite"
-                )));
-            }
-            assignments.push(ExpertAssignment {
-                expert,
-                rows: row_indices,
-                weights,
-            });
+        let layer = layer as usize;
+        if !inner.config.is_moe_layer(layer) {
+            return Err(ExpertNodeError::InvalidArgument(format!(
+                "layer {layer} has no MoE block in this model (its MoE layers are {:?})",
+                inner.config.moe_layers()
+            )));
         }
+        let header = check_rows_header(rows.as_ref(), inner.config.hidden_size)?;
+        inner.limits.check_rows(header.rows)?;
+        let mut pairs = 0;
+        let mut previous_expert = None;
+        for entry in &experts {
+            self.check_expert_rows(entry, previous_expert, header.rows)?;
+            previous_expert = Some(entry.expert);
+            pairs += entry.rows.len();
+        }
+        inner.limits.check_pairs(pairs, header.rows)?;
+        // Only now that the request is well formed: a stale placement is
+        // worth retrying elsewhere, a malformed request is not.
+        check_held(&inner.worker.held(), layer, &experts)?;
+        let rows = decode_rows(rows.as_ref(), inner.config.hidden_size)?;
+        let assignments = experts
+            .into_iter()
+            .map(|entry| ExpertAssignment {
+                expert: entry.expert,
+                rows: entry.rows,
+                weights: entry.weights,
+            })
+            .collect();
         Ok(ComputeJob {
             layer,
             input: rows.values,
             assignments,
         })
+    }
+
+    /// Checks one expert's entry of a request of `rows` rows: an expert of
+    /// the model, after `previous_expert`, with one finite weight per row
+    /// and strictly increasing row indices within the request.
+    fn check_expert_rows(
+        &self,
+        entry: &ExpertRows,
+        previous_expert: Option<u32>,
+        rows: usize,
+    ) -> ExpertNodeResult<()> {
+        let ExpertRows {
+            expert,
+            rows: row_indices,
+            weights,
+        } = entry;
+        let experts_per_layer = self.inner.limits.experts_per_layer;
+        if *expert as usize >= experts_per_layer {
+            return Err(ExpertNodeError::InvalidArgument(format!(
+                "expert {expert} does not exist: this model's layers have experts 0 to {}{}",
+                experts_per_layer - 1,
+                match self.inner.config.shared_expert_id() {
+                    Some(shared) => format!(" ({shared} is the shared expert)"),
+                    None => String::new(),
+                }
+            )));
+        }
+        if let Some(previous) = previous_expert
+            && previous >= *expert
+        {
+            return Err(ExpertNodeError::InvalidArgument(format!(
+                "experts must be listed in strictly increasing order; {expert} follows {previous}"
+            )));
+        }
+        if row_indices.len() != weights.len() {
+            return Err(ExpertNodeError::InvalidArgument(format!(
+                "expert {expert}: {} rows but {} weights",
+                row_indices.len(),
+                weights.len()
+            )));
+        }
+        if let Some(position) = row_indices.windows(2).position(|pair| pair[0] >= pair[1]) {
+            return Err(ExpertNodeError::InvalidArgument(format!(
+                "expert {expert}: row indices must be strictly increasing ({} then {})",
+                row_indices[position],
+                row_indices[position + 1]
+            )));
+        }
+        if let Some(&row) = row_indices.last()
+            && row as usize >= rows
+        {
+            return Err(ExpertNodeError::InvalidArgument(format!(
+                "expert {expert}: row index {row} is out of range for {rows} rows"
+            )));
+        }
+        if let Some(weight) = weights.iter().find(|weight| !weight.is_finite()) {
+            return Err(ExpertNodeError::InvalidArgument(format!(
+                "expert {expert}: routing weight {weight} is not finite"
+            )));
+        }
+        Ok(())
     }
 
     fn describe(&self) -> InfoResponse {
@@ -276,6 +333,31 @@ impl ExpertNodeService {
     }
 }
 
+/// Refuses a request for `experts` of `layer` of which `held` lacks some,
+/// naming all of those and what the node holds of the layer instead.
+fn check_held(held: &HeldExperts, layer: usize, experts: &[ExpertRows]) -> ExpertNodeResult<()> {
+    let held_in_layer = held.get(&layer);
+    let missing: Vec<u32> = experts
+        .iter()
+        .map(|entry| entry.expert)
+        .filter(|expert| !held_in_layer.is_some_and(|held| held.contains(expert)))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(ExpertNodeError::NotHeld {
+        layer,
+        experts: missing,
+        detail: match held_in_layer {
+            Some(held) => format!(
+                "this node holds experts {:?} of layer {layer}",
+                held.iter().collect::<Vec<_>>()
+            ),
+            None => format!("this node holds no expert of layer {layer}"),
+        },
+    })
+}
+
 #[tonic::async_trait]
 impl moemesh_proto::ExpertService for ExpertNodeService {
     #[instrument(skip_all, fields(layer = request.get_ref().layer, experts = request.get_ref().experts.len()))]
@@ -283,6 +365,9 @@ impl moemesh_proto::ExpertService for ExpertNodeService {
         &self,
         request: Request<ComputeRequest>,
     ) -> Result<Response<ComputeResponse>, Status> {
+        // Admission before anything is decoded: an overloaded node spends
+        // no memory on work it would refuse.
+        let slot = self.inner.worker.reserve_compute()?;
         let job = self.validate(request.into_inner())?;
         let hidden_size = self.inner.config.hidden_size;
         let rows: usize = job
@@ -290,7 +375,7 @@ impl moemesh_proto::ExpertService for ExpertNodeService {
             .iter()
             .map(|assignment| assignment.rows.len())
             .sum();
-        let computed = self.inner.worker.compute(job).await?;
+        let computed = slot.compute(job).await?;
         Ok(Response::new(ComputeResponse {
             output: Some(encode(
                 &computed.output,
@@ -303,5 +388,215 @@ impl moemesh_proto::ExpertService for ExpertNodeService {
 
     async fn info(&self, _request: Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
         Ok(Response::new(self.describe()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use moemesh_core::compute::CpuBackend;
+    use moemesh_proto::ExpertService;
+    use moemesh_proto::tls::TlsConfig;
+    use tonic::Code;
+
+    use super::*;
+
+    const HIDDEN: usize = 64;
+
+    /// A node of the qwen2_moe fixture (8 routed experts, top-4, a shared
+    /// expert as 8; MoE layers 1 and 2) holding `experts` of layer 1.
+    fn node(experts: &[u32]) -> ExpertNodeService {
+        let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/qwen2_moe");
+        let checkpoint = Arc::new(Checkpoint::open(fixture.as_ref()).unwrap());
+        let config = ExpertNodeConfig {
+            model_dir: fixture.into(),
+            model_id: "test-model".into(),
+            experts: experts
+                .iter()
+                .map(|&expert| LayerExpert { layer: 1, expert })
+                .collect(),
+            threads: 1,
+            queue_capacity: 4,
+            weight_format: Default::default(),
+            device: Default::default(),
+            memory_budget: None,
+            device_memory_budget: None,
+            tls: TlsConfig::plaintext(),
+            registration: None,
+        };
+        ExpertNodeService::load(checkpoint, Arc::new(CpuBackend::new(1).unwrap()), &config).unwrap()
+    }
+
+    fn request(rows: usize, value: f32, experts: Vec<ExpertRows>) -> ComputeRequest {
+        ComputeRequest {
+            model: String::new(),
+            layer: 1,
+            rows: Some(encode(
+                &vec![value; rows * HIDDEN],
+                &[rows, HIDDEN],
+                WireDtype::F32,
+            )),
+            experts,
+        }
+    }
+
+    fn work(expert: u32, rows: Vec<u32>, weight: f32) -> ExpertRows {
+        ExpertRows {
+            expert,
+            weights: vec![weight; rows.len()],
+            rows,
+        }
+    }
+
+    async fn refusal(node: &ExpertNodeService, request: ComputeRequest) -> Status {
+        node.compute(Request::new(request)).await.unwrap_err()
+    }
+
+    #[tokio::test]
+    async fn an_expert_of_the_model_that_the_node_does_not_hold_is_a_failed_precondition() {
+        let node = node(&[0, 1]);
+        let status = refusal(&node, request(2, 0.5, vec![work(2, vec![0, 1], 1.0)])).await;
+        assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+        assert!(
+            status.message().starts_with(
+                "not held: layer 1 expert 2; this node holds experts [0, 1] of layer 1"
+            ),
+            "{status:?}"
+        );
+        // Every missing expert is named, held ones are not.
+        let status = refusal(
+            &node,
+            request(
+                1,
+                0.5,
+                vec![
+                    work(0, vec![0], 1.0),
+                    work(3, vec![0], 1.0),
+                    work(8, vec![0], 1.0),
+                ],
+            ),
+        )
+        .await;
+        assert!(
+            status.message().starts_with(
+                "not held: layer 1 expert 3, expert 8; this node holds experts [0, 1] of layer 1"
+            ),
+            "{status:?}"
+        );
+        // A layer the node holds nothing of.
+        let status = refusal(
+            &node,
+            ComputeRequest {
+                layer: 2,
+                ..request(1, 0.5, vec![work(0, vec![0], 1.0)])
+            },
+        )
+        .await;
+        assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+        assert!(
+            status
+                .message()
+                .starts_with("not held: layer 2 expert 0; this node holds no expert of layer 2"),
+            "{status:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn what_the_model_does_not_have_is_an_invalid_argument() {
+        let node = node(&[0, 1]);
+        let cases = [
+            (
+                request(1, 0.5, vec![work(9, vec![0], 1.0)]),
+                "expert 9 does not exist: this model's layers have experts 0 to 8 (8 is the shared expert)",
+            ),
+            (
+                ComputeRequest {
+                    layer: 0,
+                    ..request(1, 0.5, vec![work(0, vec![0], 1.0)])
+                },
+                "layer 0 has no MoE block in this model (its MoE layers are [1, 2])",
+            ),
+            (
+                ComputeRequest {
+                    layer: 7,
+                    ..request(1, 0.5, vec![])
+                },
+                "layer 7 has no MoE block",
+            ),
+            // Malformed work is refused as such even for an expert not held.
+            (
+                request(1, 0.5, vec![work(5, vec![0, 1], 1.0)]),
+                "row index 1 is out of range for 1 rows",
+            ),
+        ];
+        for (bad, needle) in cases {
+            let status = refusal(&node, bad).await;
+            assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+            assert!(status.message().contains(needle), "{status:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn sizes_are_checked_before_the_rows_are_decoded() {
+        let node = node(&[0, 1, 2, 3, 4, 5, 6, 7, 8]);
+        // One row sent to all nine experts: a token has at most top-4 and
+        // the shared expert, and a small message must not buy Σ rows × hidden
+        // floats of output.
+        let everything = (0..9).map(|expert| work(expert, vec![0], 1.0)).collect();
+        let status = refusal(&node, request(1, 0.5, everything)).await;
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(
+            status.message().contains(
+                "9 token-expert pairs to 1 rows; this model routes a token to at most 5 experts"
+            ),
+            "{status:?}"
+        );
+        // More tokens than one request may carry.
+        let rows = limits::MAX_ROWS_PER_REQUEST + 1;
+        let status = refusal(&node, request(rows, 0.0, vec![])).await;
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(
+            status.message().contains(&format!(
+                "request too large: {rows} rows; a node takes at most 65536 rows"
+            )),
+            "{status:?}"
+        );
+        // The node still computes good work.
+        let reply = node
+            .compute(Request::new(request(
+                2,
+                0.5,
+                vec![work(0, vec![0, 1], 1.0)],
+            )))
+            .await
+            .unwrap();
+        let output = decode_rows(reply.into_inner().output.as_ref(), HIDDEN).unwrap();
+        assert_eq!(output.rows, 2);
+    }
+
+    #[tokio::test]
+    async fn inputs_that_overflow_f32_are_invalid_arguments() {
+        let node = node(&[0, 1]);
+        // Inputs whose products overflow, and finite routing weights that
+        // carry a finite output past f32's range.
+        for (value, weight) in [(1e21, 1.0), (1e19, 1e30), (1e3, f32::MAX)] {
+            let status = refusal(&node, request(2, value, vec![work(1, vec![0, 1], weight)])).await;
+            assert_eq!(
+                status.code(),
+                Code::InvalidArgument,
+                "{value} × {weight}: {status:?}"
+            );
+            assert!(
+                status
+                    .message()
+                    .starts_with("inputs out of range: expert 1 of layer 1 overflows f32 on row 0"),
+                "{status:?}"
+            );
+        }
+        let reply = node
+            .compute(Request::new(request(1, 1e3, vec![work(1, vec![0], 1.0)])))
+            .await
+            .unwrap();
+        let output = decode_rows(reply.into_inner().output.as_ref(), HIDDEN).unwrap();
+        assert!(output.values.iter().all(|value| value.is_finite()));
     }
 }

@@ -5,7 +5,9 @@
 //! load. Experts are added and removed through the same queue, so a change
 //! of placement takes effect between two jobs, never during one. The worker
 //! runs on its own OS thread, never on the async runtime, and drops work
-//! whose caller has already gone.
+//! whose caller has already gone. A job whose outputs overflow f32 (inputs
+//! or routing weights far out of range) is refused, never answered with
+//! infinities.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -282,13 +284,6 @@ impl DeviceWorker {
         let result = self.residency.compute(job, self.hidden_size);
         self.publish_residency();
         let mut outputs = result?;
-        {
-            let mut tokens = self.stats.tokens.lock().expect("worker stats");
-            for assignment in &job.assignments {
-                *tokens.entry((job.layer, assignment.expert)).or_insert(0) +=
-                    assignment.rows.len() as u64;
-            }
-        }
         let weights = job
             .assignments
             .iter()
@@ -296,29 +291,87 @@ impl DeviceWorker {
         for (row, &weight) in outputs.chunks_exact_mut(self.hidden_size).zip(weights) {
             scale_by_weight(row, weight);
         }
+        check_outputs_finite(job, self.hidden_size, &outputs)?;
+        {
+            let mut tokens = self.stats.tokens.lock().expect("worker stats");
+            for assignment in &job.assignments {
+                *tokens.entry((job.layer, assignment.expert)).or_insert(0) +=
+                    assignment.rows.len() as u64;
+            }
+        }
         Ok(outputs)
     }
 }
 
-impl DeviceWorkerHandle {
-    /// Queues a job and waits for its result; refuses at once when the
-    /// queue is full.
-    pub async fn compute(&self, job: ComputeJob) -> ExpertNodeResult<Computed> {
+/// Refuses a job whose weighted `outputs` hold an infinity or NaN: finite
+/// inputs and weights (the service checks both) so large that an expert's
+/// products overflow f32. The message names the first such row, its
+/// largest input and its routing weight.
+fn check_outputs_finite(job: &ComputeJob, hidden: usize, outputs: &[f32]) -> ExpertNodeResult<()> {
+    let Some(position) = outputs.iter().position(|value| !value.is_finite()) else {
+        return Ok(());
+    };
+    let mut pair = position / hidden;
+    for assignment in &job.assignments {
+        if let (Some(&row), Some(&weight)) =
+            (assignment.rows.get(pair), assignment.weights.get(pair))
+        {
+            let inputs = &job.input[row as usize * hidden..][..hidden];
+            let largest_input = inputs
+                .iter()
+                .fold(0f32, |largest, value| largest.max(value.abs()));
+            return Err(ExpertNodeError::InvalidArgument(format!(
+                "inputs out of range: expert {} of layer {} overflows f32 on row {row} \
+                 (largest input magnitude {largest_input:?}, routing weight {weight:?})",
+                assignment.expert, job.layer
+            )));
+        }
+        pair -= assignment.rows.len();
+    }
+    Err(ExpertNodeError::Internal(format!(
+        "output row {} lies beyond the job's rows",
+        position / hidden
+    )))
+}
+
+/// A place in the worker's queue, taken before a request is decoded so
+/// that an overloaded node refuses work before spending memory on it.
+/// Dropping it gives the place back.
+pub struct ComputeSlot {
+    permit: mpsc::OwnedPermit<WorkerCommand>,
+}
+
+impl ComputeSlot {
+    /// Queues `job` in this place and waits for its result.
+    pub async fn compute(self, job: ComputeJob) -> ExpertNodeResult<Computed> {
         let (reply_tx, reply_rx) = oneshot::channel();
-        self.command_tx
-            .try_send(WorkerCommand::Compute { job, reply_tx })
-            .map_err(|error| match error {
-                mpsc::error::TrySendError::Full(_) => ExpertNodeError::Overloaded(format!(
-                    "work queue full ({} jobs waiting)",
-                    self.command_tx.max_capacity()
-                )),
-                mpsc::error::TrySendError::Closed(_) => {
-                    ExpertNodeError::Unavailable("device worker stopped".into())
-                }
-            })?;
+        self.permit.send(WorkerCommand::Compute { job, reply_tx });
         reply_rx
             .await
             .map_err(|_| ExpertNodeError::Unavailable("device worker stopped".into()))?
+    }
+}
+
+impl DeviceWorkerHandle {
+    /// Takes a place in the queue for one job; refuses at once when the
+    /// queue is full.
+    pub fn reserve_compute(&self) -> ExpertNodeResult<ComputeSlot> {
+        match self.command_tx.clone().try_reserve_owned() {
+            Ok(permit) => Ok(ComputeSlot { permit }),
+            Err(mpsc::error::TrySendError::Full(_)) => Err(ExpertNodeError::Overloaded(format!(
+                "work queue full ({} jobs waiting)",
+                self.command_tx.max_capacity()
+            ))),
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                Err(ExpertNodeError::Unavailable("device worker stopped".into()))
+            }
+        }
+    }
+
+    /// Queues a job and waits for its result; refuses at once when the
+    /// queue is full.
+    pub async fn compute(&self, job: ComputeJob) -> ExpertNodeResult<Computed> {
+        self.reserve_compute()?.compute(job).await
     }
 
     /// Serves an expert: `loaded` is its resident form, or None where the

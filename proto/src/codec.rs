@@ -15,6 +15,10 @@ pub enum CodecError {
     /// values (NaN or infinity) for what the receiver expects.
     #[error("invalid tensor: {0}")]
     InvalidTensor(String),
+    /// Rows computed from finite inputs hold an infinity or NaN: the inputs
+    /// (or weights) were so large that a product or sum overflowed f32.
+    #[error("inputs out of range: {0}")]
+    OutOfRange(String),
 }
 
 /// Result alias of the wire codec.
@@ -68,9 +72,17 @@ pub struct Rows {
     pub wire_dtype: WireDtype,
 }
 
-/// Decodes a `[rows, width]` activation tensor, checking its shape, dtype,
-/// byte length and that every value is finite.
-pub fn decode_rows(tensor: Option<&Tensor>, width: usize) -> CodecResult<Rows> {
+/// What a `[rows, width]` activation tensor holds, known from its fields
+/// alone: enough to check a request's sizes before decoding anything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowsHeader {
+    pub rows: usize,
+    pub wire_dtype: WireDtype,
+}
+
+/// Checks a `[rows, width]` activation tensor's shape, dtype and byte
+/// length without decoding or copying its values.
+pub fn check_rows_header(tensor: Option<&Tensor>, width: usize) -> CodecResult<RowsHeader> {
     let tensor = tensor.ok_or_else(|| CodecError::InvalidTensor("tensor is missing".into()))?;
     let wire_dtype = WireDtype::from_proto(tensor.dtype)?;
     let [rows, actual_width] = tensor.shape[..] else {
@@ -96,7 +108,17 @@ pub fn decode_rows(tensor: Option<&Tensor>, width: usize) -> CodecResult<Rows> {
             tensor.data.len()
         )));
     }
-    let values = decode_values(&tensor.data, wire_dtype);
+    let rows = usize::try_from(rows)
+        .map_err(|_| CodecError::InvalidTensor(format!("shape {:?} overflows", tensor.shape)))?;
+    Ok(RowsHeader { rows, wire_dtype })
+}
+
+/// Decodes a `[rows, width]` activation tensor, checking its shape, dtype,
+/// byte length and that every value is finite.
+pub fn decode_rows(tensor: Option<&Tensor>, width: usize) -> CodecResult<Rows> {
+    let RowsHeader { rows, wire_dtype } = check_rows_header(tensor, width)?;
+    let data = tensor.map(|tensor| &tensor.data[..]).unwrap_or_default();
+    let values = decode_values(data, wire_dtype);
     if let Some(position) = values.iter().position(|value| !value.is_finite()) {
         return Err(CodecError::InvalidTensor(format!(
             "value at token {}, column {} is {} (NaN and infinity are not accepted)",
@@ -106,11 +128,25 @@ pub fn decode_rows(tensor: Option<&Tensor>, width: usize) -> CodecResult<Rows> {
         )));
     }
     Ok(Rows {
-        rows: rows as usize,
+        rows,
         width,
         values,
         wire_dtype,
     })
+}
+
+/// Checks that rows computed from finite inputs (`[_, width]`) are finite,
+/// naming the first value that overflowed f32.
+pub fn check_no_overflow(values: &[f32], width: usize) -> CodecResult<()> {
+    let Some(position) = values.iter().position(|value| !value.is_finite()) else {
+        return Ok(());
+    };
+    Err(CodecError::OutOfRange(format!(
+        "the output of token {}, column {} overflows f32 ({})",
+        position / width.max(1),
+        position % width.max(1),
+        values[position]
+    )))
 }
 
 /// Decodes little-endian elements of `dtype` to f32; a trailing partial
@@ -225,6 +261,36 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("missing")
+        );
+    }
+
+    #[test]
+    fn the_header_gives_the_rows_without_decoding_them() {
+        let tensor = encode(&[1.0; 12], &[3, 4], WireDtype::Bf16);
+        assert_eq!(
+            check_rows_header(Some(&tensor), 4).unwrap(),
+            RowsHeader {
+                rows: 3,
+                wire_dtype: WireDtype::Bf16
+            }
+        );
+        let short = Tensor {
+            data: tensor.data.slice(..23),
+            ..tensor.clone()
+        };
+        let error = check_rows_header(Some(&short), 4).unwrap_err().to_string();
+        assert!(error.contains("needs 24 bytes, got 23"), "{error}");
+    }
+
+    #[test]
+    fn overflowed_outputs_name_the_first_value() {
+        check_no_overflow(&[f32::MAX, -f32::MAX, 0.0, 1e-45], 2).unwrap();
+        let error = check_no_overflow(&[1.0, 2.0, 3.0, f32::NEG_INFINITY, f32::NAN], 2)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            error,
+            "inputs out of range: the output of token 1, column 1 overflows f32 (-inf)"
         );
     }
 

@@ -182,8 +182,33 @@ pub fn split_by_node(
 ) -> Result<Vec<NodeBatch>, Vec<u32>> {
     let splitter = PairSplitter::new(routing, hidden, hidden_size, replicas);
     let pairs = routing_pairs(routing, splitter.shared_expert);
-    let excluded = vec![false; picker.nodes()];
-    splitter.split(&pairs, picker, &excluded)
+    let every_node = vec![false; picker.nodes()];
+    let choice = ReplicaChoice {
+        excluded: &every_node,
+        avoided_nodes: &every_node,
+        avoided_replicas: &[],
+    };
+    splitter.split(&pairs, picker, choice)
+}
+
+/// Which replicas a split may choose for a pair.
+#[derive(Debug, Clone, Copy)]
+pub struct ReplicaChoice<'a> {
+    /// Per node: never chosen (it failed earlier in the forward).
+    pub excluded: &'a [bool],
+    /// Per node: chosen only for an expert no other allowed node holds
+    /// (it failed lately).
+    pub avoided_nodes: &'a [bool],
+    /// (node, expert): chosen only when no other allowed node holds the
+    /// expert (the node said lately that it does not hold it).
+    pub avoided_replicas: &'a [(usize, u32)],
+}
+
+impl ReplicaChoice<'_> {
+    /// Whether `node` is a first choice for `expert`.
+    fn prefers(&self, node: usize, expert: u32) -> bool {
+        !self.avoided_nodes[node] && !self.avoided_replicas.contains(&(node, expert))
+    }
 }
 
 /// What splitting one routed batch of a layer by node needs besides the
@@ -219,13 +244,13 @@ impl<'a> PairSplitter<'a> {
         }
     }
 
-    /// [`split_by_node`] for `pairs` (grouped by ascending token), never
-    /// choosing a node marked in `excluded`.
+    /// [`split_by_node`] for `pairs` (grouped by ascending token), each
+    /// pair on a replica `choice` allows, a preferred one where there is.
     pub fn split(
         &self,
         pairs: &[Pair],
         picker: &mut ReplicaPicker,
-        excluded: &[bool],
+        choice: ReplicaChoice<'_>,
     ) -> Result<Vec<NodeBatch>, Vec<u32>> {
         let hidden_size = self.hidden_size;
         let mut unplaced = Vec::new();
@@ -244,13 +269,16 @@ impl<'a> PairSplitter<'a> {
                 self.replicas[expert as usize]
                     .iter()
                     .copied()
-                    .filter(|&node| !excluded[node]),
+                    .filter(|&node| !choice.excluded[node]),
             );
             if owners.is_empty() {
                 if !unplaced.contains(&expert) {
                     unplaced.push(expert);
                 }
                 continue;
+            }
+            if owners.iter().any(|&node| choice.prefers(node, expert)) {
+                owners.retain(|&node| choice.prefers(node, expert));
             }
             let follow_token = Some(expert) == self.shared_expert;
             let node = picker.pick(row, expert, &owners, follow_token, |node| {
@@ -441,5 +469,58 @@ mod tests {
             split_by_node(&routing, &[1.0], 1, &[vec![1], vec![0]], &mut picker(3)).unwrap();
         assert!(batches[0].tokens.is_empty() && batches[2].tokens.is_empty());
         assert_eq!(batches[1].tokens, vec![0]);
+    }
+
+    #[test]
+    fn avoided_replicas_serve_only_experts_no_other_allowed_node_holds() {
+        // Expert 0 on nodes 0 and 1, expert 1 on node 1 alone, expert 2 on
+        // nodes 1 and 2; one token needs each.
+        let routing = Routing {
+            top_k: 3,
+            experts: vec![0, 1, 2],
+            weights: vec![0.5, 0.25, 0.25],
+            shared_weights: None,
+        };
+        let replicas = vec![vec![0, 1], vec![1], vec![1, 2]];
+        let splitter = PairSplitter::new(&routing, &[1.0], 1, &replicas);
+        let pairs = routing_pairs(&routing, None);
+        let experts_per_node = |choice: ReplicaChoice<'_>| {
+            splitter
+                .split(&pairs, &mut picker(3), choice)
+                .map(|batches| {
+                    batches
+                        .iter()
+                        .map(|batch| batch.experts.keys().copied().collect::<Vec<_>>())
+                        .collect::<Vec<_>>()
+                })
+        };
+        // Node 1 said it does not hold experts 1 and 2: expert 2 goes to
+        // node 2, expert 1 stays on node 1, its only replica.
+        let none = [false; 3];
+        let stale = ReplicaChoice {
+            excluded: &none,
+            avoided_nodes: &none,
+            avoided_replicas: &[(1, 1), (1, 2)],
+        };
+        let batches = experts_per_node(stale).unwrap();
+        assert_eq!(batches[2], vec![2]);
+        assert!(batches[1].contains(&1) && !batches[1].contains(&2));
+        // Node 1 failed lately: it serves only expert 1.
+        let failed_lately = ReplicaChoice {
+            excluded: &none,
+            avoided_nodes: &[false, true, false],
+            avoided_replicas: &[],
+        };
+        assert_eq!(
+            experts_per_node(failed_lately).unwrap(),
+            vec![vec![0], vec![1], vec![2]]
+        );
+        // Node 1 failed in this forward: expert 1 has no replica left.
+        let failed_now = ReplicaChoice {
+            excluded: &[false, true, false],
+            avoided_nodes: &none,
+            avoided_replicas: &[],
+        };
+        assert_eq!(experts_per_node(failed_now), Err(vec![1]));
     }
 }

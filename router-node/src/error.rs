@@ -17,6 +17,10 @@ pub enum RouterError {
     /// The forward's deadline passed before every expert node answered.
     #[error("{0}")]
     DeadlineExceeded(String),
+    /// A message on the way exceeds a size limit (an expert node's reply
+    /// over the router's message limit); a smaller batch fits.
+    #[error("{0}")]
+    OutOfRange(String),
     /// A tensor in the request is missing or malformed.
     #[error(transparent)]
     Codec(#[from] CodecError),
@@ -41,6 +45,7 @@ impl From<RouterError> for tonic::Status {
             RouterError::Unavailable(_) => Self::unavailable(message),
             RouterError::Overloaded(_) => Self::resource_exhausted(message),
             RouterError::DeadlineExceeded(_) => Self::deadline_exceeded(message),
+            RouterError::OutOfRange(_) => Self::out_of_range(message),
             RouterError::Core(_) | RouterError::Internal(_) => Self::internal(message),
         }
     }

@@ -1,21 +1,30 @@
 //! The fan-out: one forward's routed batch split by expert node, every
-//! node's share sent at once, and the answers gathered. The share of a node
-//! that does not answer or refuses the work is split again over other
-//! replicas of its experts, never a node that failed in this forward, for
-//! at most [`MAX_RETRIES`] more rounds and while the deadline allows: expert
-//! compute has no side effects, so a retry is always safe. The answers are
-//! summed per token in ascending expert order, so the output is the same
-//! bits whichever replicas served it and in whichever round.
+//! node's share sent at once, and the answers gathered.
+//!
+//! The share of a node that does not answer, refuses the work or no longer
+//! holds an expert (a stale replica) is split again over other replicas of
+//! its experts, never a node that failed in this forward, for at most
+//! [`MAX_RETRIES`] more rounds and while the deadline allows: expert
+//! compute has no side effects, so a retry is always safe. An attempt that
+//! another replica could take over gets half of what remains of the
+//! deadline, so a node that hangs still leaves the retry time to answer. A
+//! request error (a bad request, a reply over a size limit) fails the
+//! forward at once and marks no node: another replica would fail it the
+//! same way.
+//!
+//! The answers are summed per token in ascending expert order, so the
+//! output is the same bits whichever replicas served it and in whichever
+//! round.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use moemesh_core::model::gating::Routing;
 use tokio::sync::watch;
 
 use crate::dispatch::{
-    NodeBatch, Pair, PairSplitter, ReplicaPicker, add_expert_rows, routing_pairs,
+    NodeBatch, Pair, PairSplitter, ReplicaChoice, ReplicaPicker, add_expert_rows, routing_pairs,
 };
 use crate::health::{NodeHealth, recently_failed};
 use crate::node_call::{FailureKind, NodeAnswer, NodeCall, NodeFailure};
@@ -44,7 +53,8 @@ pub struct ExpertFanOut {
     /// The current routing table; a placement file sets it once, the
     /// coordinators' placement stream replaces it at every epoch.
     table_rx: watch::Receiver<Arc<RoutingTable>>,
-    /// Which nodes failed lately, and who hears of it.
+    /// Which nodes failed lately and which replicas are stale, and who
+    /// hears of it.
     health: NodeHealth,
 }
 
@@ -83,12 +93,14 @@ impl ExpertFanOut {
                 .collect(),
         );
         let avoided = recently_failed(&table.links);
+        let stale = self.health.stale_replicas(table.epoch, &table.links, layer);
         LayerFanOut {
             table,
             layer,
             hidden_size,
             picker,
             avoided,
+            stale,
             shared_expert: None,
         }
     }
@@ -105,15 +117,27 @@ pub struct LayerFanOut {
     /// Per node: failed lately when the forward started, so left out while
     /// another replica can serve.
     avoided: Vec<bool>,
+    /// (node, expert) of this layer whose node said lately that it does not
+    /// hold the expert, so left out while another replica can serve.
+    stale: Vec<(usize, u32)>,
     /// The shared expert's id when the model has one; set by `split`.
     shared_expert: Option<u32>,
 }
 
+/// A node's share that failed in one round of a forward.
+struct FailedShare {
+    /// The share's experts, ascending.
+    experts: Vec<u32>,
+    /// The share's pairs, to be split again over other replicas.
+    pairs: Vec<Pair>,
+    failure: NodeFailure,
+}
+
 impl LayerFanOut {
     /// Splits `routing` of the rows `hidden` into one share per node,
-    /// leaving out nodes that failed lately unless that leaves an expert
-    /// without a replica. CPU work: large batches run it off the async
-    /// workers.
+    /// leaving out nodes that failed lately and stale replicas wherever
+    /// another replica holds the expert. CPU work: large batches run it
+    /// off the async workers.
     pub fn split(&mut self, routing: &Routing, hidden: &[f32]) -> RouterResult<Vec<NodeBatch>> {
         let Some(replicas) = self.table.placement.replicas(self.layer) else {
             return Err(self.no_live_replica(routing.experts.clone()));
@@ -121,15 +145,15 @@ impl LayerFanOut {
         let splitter = PairSplitter::new(routing, hidden, self.hidden_size, replicas);
         self.shared_expert = splitter.shared_expert;
         let pairs = routing_pairs(routing, splitter.shared_expert);
-        let mut trial = self.picker.clone();
-        let batches = match splitter.split(&pairs, &mut trial, &self.avoided) {
-            Ok(batches) => {
-                self.picker = trial;
-                Ok(batches)
-            }
-            Err(_) => splitter.split(&pairs, &mut self.picker, &vec![false; self.avoided.len()]),
+        let none_failed = vec![false; self.avoided.len()];
+        let choice = ReplicaChoice {
+            excluded: &none_failed,
+            avoided_nodes: &self.avoided,
+            avoided_replicas: &self.stale,
         };
-        batches.map_err(|experts| self.no_live_replica(experts))
+        splitter
+            .split(&pairs, &mut self.picker, choice)
+            .map_err(|experts| self.no_live_replica(experts))
     }
 
     /// Sends every node its share of `batches` (rows taken from `hidden`)
@@ -146,61 +170,75 @@ impl LayerFanOut {
         let mut pending = busy_batches(batches);
         let mut answered: Vec<(NodeBatch, Vec<f32>)> = Vec::new();
         let mut slowest_compute = 0;
-        for attempt in 0.. {
-            let results = self.send_all(fanout, hidden, &pending, deadline).await;
-            let mut retry = Vec::new();
-            let mut last_failure = None;
+        let mut attempt = 0;
+        loop {
+            let retries_left = attempt < MAX_RETRIES;
+            let results = self
+                .send_all(fanout, hidden, &pending, &failed, deadline, retries_left)
+                .await;
+            let mut failures = Vec::new();
             for ((node, batch), result) in std::mem::take(&mut pending).into_iter().zip(results) {
                 match result {
                     Ok(answer) => {
                         slowest_compute = slowest_compute.max(answer.compute_micros);
                         answered.push((batch, answer.partials));
                     }
-                    Err(failure) if failure.kind.is_retryable() => {
+                    Err(failure) => {
+                        self.note_failure(fanout, node, &failure);
                         failed[node] = true;
-                        if failure.kind == FailureKind::Unreachable {
-                            let link = &self.table.links[node];
-                            fanout.health.mark_unreachable(link, &failure.message);
-                            tracing::warn!(node = %link.node.id, error = %failure, "expert node failed; retrying its share elsewhere");
-                        }
-                        retry.extend(batch.to_pairs());
-                        last_failure = Some(failure);
+                        failures.push(FailedShare {
+                            experts: batch.experts.keys().copied().collect(),
+                            pairs: batch.to_pairs(),
+                            failure,
+                        });
                     }
-                    Err(failure) => return Err(failure.into()),
                 }
             }
-            let Some(last_failure) = last_failure else {
-                break;
+            let Some(last) = failures.last() else {
+                return Ok(LayerOutput {
+                    rows: combine(&answered, hidden.len(), self.hidden_size),
+                    slowest_compute_micros: slowest_compute,
+                });
             };
+            if let Some(rejected) = failures
+                .iter()
+                .position(|share| !share.failure.kind.is_retryable())
+            {
+                return Err(failures.swap_remove(rejected).failure.into());
+            }
             if Instant::now() >= deadline {
                 return Err(RouterError::DeadlineExceeded(format!(
-                    "the deadline passed before every expert node answered; last failure: {last_failure}"
+                    "the deadline passed before every expert node answered; last failure: {}",
+                    last.failure
                 )));
             }
-            if attempt >= MAX_RETRIES {
-                return Err(last_failure.into());
+            if !retries_left {
+                return Err(failures.swap_remove(failures.len() - 1).failure.into());
             }
-            retry.sort_by_key(|pair| (pair.token, pair.expert));
-            pending = busy_batches(self.resplit(&retry, hidden, &failed, last_failure)?);
+            pending = busy_batches(self.resplit(hidden, &failed, failures)?);
+            attempt += 1;
         }
-        Ok(LayerOutput {
-            rows: combine(&answered, hidden.len(), self.hidden_size),
-            slowest_compute_micros: slowest_compute,
-        })
     }
 
     /// Sends every pending share at once; the results come back in the
-    /// order of `pending`.
+    /// order of `pending`. A share that another replica could take over if
+    /// this attempt fails gets half of what remains of the deadline, any
+    /// other share all of it.
     async fn send_all(
         &self,
         fanout: &ExpertFanOut,
         hidden: &[f32],
         pending: &[(usize, NodeBatch)],
+        failed: &[bool],
         deadline: Instant,
+        retries_left: bool,
     ) -> Vec<Result<NodeAnswer, NodeFailure>> {
+        let remaining = deadline.saturating_duration_since(Instant::now());
         let calls: Vec<NodeCall> = pending
             .iter()
             .map(|(node, batch)| {
+                let retry_possible =
+                    retries_left && self.another_replica_holds(*node, batch, failed);
                 NodeCall::new(
                     &self.table.links[*node],
                     &fanout.model_id,
@@ -208,23 +246,66 @@ impl LayerFanOut {
                     hidden,
                     self.hidden_size,
                     batch,
-                    deadline,
+                    attempt_timeout(remaining, retry_possible),
                 )
             })
             .collect();
         futures::future::join_all(calls.into_iter().map(NodeCall::send)).await
     }
 
-    /// Splits the pairs of failed shares over the other replicas of their
-    /// experts, never a node marked in `failed`; `last_failure` explains
-    /// the error when some expert has no such replica left.
+    /// Whether every expert of `batch` has a replica other than `node`
+    /// that has not failed in this forward.
+    fn another_replica_holds(&self, node: usize, batch: &NodeBatch, failed: &[bool]) -> bool {
+        let Some(replicas) = self.table.placement.replicas(self.layer) else {
+            return false;
+        };
+        batch.experts.keys().all(|&expert| {
+            replicas
+                .get(expert as usize)
+                .is_some_and(|owners| owners.iter().any(|&other| other != node && !failed[other]))
+        })
+    }
+
+    /// Records what a node's failure says about the node: one that did not
+    /// answer is avoided for a while, a stale replica's experts are avoided
+    /// on it, and the coordinators hear of both. Overload and request
+    /// errors say nothing against the node.
+    fn note_failure(&self, fanout: &ExpertFanOut, node: usize, failure: &NodeFailure) {
+        let link = &self.table.links[node];
+        match failure.kind {
+            FailureKind::Unreachable => {
+                fanout.health.mark_unreachable(link, &failure.message);
+                tracing::warn!(node = %link.node.id, error = %failure, "expert node failed; retrying its share elsewhere");
+            }
+            FailureKind::StaleReplica => {
+                let missing = &failure.missing_experts;
+                fanout
+                    .health
+                    .mark_stale(self.table.epoch, link, self.layer, missing);
+                tracing::warn!(node = %link.node.id, layer = self.layer, experts = ?missing, error = %failure, "stale replica: expert node does not hold its experts; retrying its share elsewhere");
+            }
+            FailureKind::Overloaded => {
+                tracing::debug!(node = %link.node.id, "expert node overloaded; retrying its share elsewhere");
+            }
+            FailureKind::Rejected(_) => {
+                tracing::debug!(node = %link.node.id, error = %failure, "expert node rejected its share");
+            }
+        }
+    }
+
+    /// Splits the pairs of the `failures`' shares over the other replicas
+    /// of their experts, never a node marked in `failed`.
     fn resplit(
         &mut self,
-        retry: &[Pair],
         hidden: &[f32],
         failed: &[bool],
-        last_failure: NodeFailure,
+        failures: Vec<FailedShare>,
     ) -> RouterResult<Vec<NodeBatch>> {
+        let mut retry: Vec<Pair> = failures
+            .iter()
+            .flat_map(|share| share.pairs.iter().copied())
+            .collect();
+        retry.sort_by_key(|pair| (pair.token, pair.expert));
         let Some(replicas) = self.table.placement.replicas(self.layer) else {
             return Err(self.no_live_replica(retry.iter().map(|pair| pair.expert).collect()));
         };
@@ -234,23 +315,38 @@ impl LayerFanOut {
             replicas,
             shared_expert: self.shared_expert,
         };
-        splitter.split(retry, &mut self.picker, failed).map_err(|experts| {
-            let overloaded = last_failure.kind == FailureKind::Overloaded;
-            let reason = if overloaded {
-                "every replica is overloaded"
-            } else {
-                "no live replica left"
-            };
-            let message = format!(
-                "layer {} experts {experts:?}: {reason} (placement epoch {}); last failure: {last_failure}",
-                self.layer, self.table.epoch
-            );
-            if overloaded {
-                RouterError::Overloaded(message)
-            } else {
-                RouterError::Unavailable(message)
-            }
-        })
+        let choice = ReplicaChoice {
+            excluded: failed,
+            avoided_nodes: &self.avoided,
+            avoided_replicas: &self.stale,
+        };
+        splitter
+            .split(&retry, &mut self.picker, choice)
+            .map_err(|experts| self.no_replica_left(experts, failures))
+    }
+
+    /// The error for `experts` whose every replica failed in this forward,
+    /// explained by the failure of a share that held them.
+    fn no_replica_left(&self, experts: Vec<u32>, mut failures: Vec<FailedShare>) -> RouterError {
+        let cause = failures
+            .iter()
+            .position(|share| share.experts.iter().any(|expert| experts.contains(expert)))
+            .unwrap_or(failures.len() - 1);
+        let cause = failures.swap_remove(cause).failure;
+        let reason = match cause.kind {
+            FailureKind::Overloaded => "every replica is overloaded",
+            FailureKind::StaleReplica => "no other replica holds them",
+            _ => "no live replica left",
+        };
+        let message = format!(
+            "layer {} experts {experts:?}: {reason} (placement epoch {}); last failure: {cause}",
+            self.layer, self.table.epoch
+        );
+        if cause.kind == FailureKind::Overloaded {
+            RouterError::Overloaded(message)
+        } else {
+            RouterError::Unavailable(message)
+        }
     }
 
     /// The error for experts of this layer that no usable node holds.
@@ -261,6 +357,18 @@ impl LayerFanOut {
             "no live replica of layer {} experts {experts:?} (placement epoch {})",
             self.layer, self.table.epoch
         ))
+    }
+}
+
+/// The part of what remains of a forward's deadline that one attempt at a
+/// share gets: half when another replica could take the share over, so
+/// that a node that hangs still leaves the retry as long as it had; all of
+/// it when no retry could follow.
+fn attempt_timeout(remaining: Duration, retry_possible: bool) -> Duration {
+    if retry_possible {
+        remaining / 2
+    } else {
+        remaining
     }
 }
 
@@ -432,5 +540,202 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(error, RouterError::Unavailable(_)), "{error}");
+    }
+
+    #[test]
+    fn an_attempt_that_another_replica_could_take_over_gets_half_of_what_remains() {
+        let remaining = Duration::from_secs(8);
+        assert_eq!(attempt_timeout(remaining, true), Duration::from_secs(4));
+        assert_eq!(attempt_timeout(remaining, false), remaining);
+    }
+
+    #[tokio::test]
+    async fn an_attempt_is_short_only_where_another_live_replica_holds_every_expert() {
+        let fanout = fan_out(&[]);
+        let none_failed = [false; 3];
+        // Expert 0 is on nodes 0 and 1; expert 1 on node 2 alone.
+        assert!(fanout.another_replica_holds(0, &share(&[0]), &none_failed));
+        assert!(!fanout.another_replica_holds(0, &share(&[0]), &[false, true, false]));
+        assert!(!fanout.another_replica_holds(2, &share(&[1]), &none_failed));
+        assert!(fanout.another_replica_holds(0, &share(&[0, 1]), &none_failed));
+        assert!(!fanout.another_replica_holds(2, &share(&[0, 1]), &none_failed));
+    }
+
+    /// How a fake expert node answers `Compute`.
+    #[derive(Clone, Copy)]
+    enum FakeAnswer {
+        /// Every requested row is ones.
+        Ones,
+        /// Fails with this status.
+        Fails(tonic::Code, &'static str),
+    }
+
+    /// An expert node that answers every call the same way, counting calls.
+    struct FakeNode {
+        answer: FakeAnswer,
+        calls: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    #[tonic::async_trait]
+    impl moemesh_proto::ExpertService for FakeNode {
+        async fn compute(
+            &self,
+            request: tonic::Request<moemesh_proto::ComputeRequest>,
+        ) -> Result<tonic::Response<moemesh_proto::ComputeResponse>, tonic::Status> {
+            self.calls.fetch_add(1, Ordering::Relaxed);
+            let pairs = request
+                .get_ref()
+                .experts
+                .iter()
+                .map(|expert| expert.rows.len())
+                .sum::<usize>();
+            match self.answer {
+                FakeAnswer::Ones => Ok(tonic::Response::new(moemesh_proto::ComputeResponse {
+                    output: Some(moemesh_proto::codec::encode(
+                        &vec![1.0; pairs],
+                        &[pairs, 1],
+                        moemesh_proto::codec::WireDtype::F32,
+                    )),
+                    compute_micros: 1,
+                })),
+                FakeAnswer::Fails(code, message) => Err(tonic::Status::new(code, message)),
+            }
+        }
+
+        async fn info(
+            &self,
+            _request: tonic::Request<moemesh_proto::InfoRequest>,
+        ) -> Result<tonic::Response<moemesh_proto::InfoResponse>, tonic::Status> {
+            Err(tonic::Status::unimplemented("a fake expert node"))
+        }
+    }
+
+    /// Serves one fake node per answer on 127.0.0.1 and returns a fan-out
+    /// of layer 0, hidden size 1, whose expert 0 they all hold, with each
+    /// node's call counter.
+    async fn fake_replicas(
+        answers: &[FakeAnswer],
+        health: NodeHealth,
+    ) -> (ExpertFanOut, Vec<Arc<std::sync::atomic::AtomicUsize>>) {
+        let mut nodes = Vec::new();
+        let mut calls = Vec::new();
+        for (index, &answer) in answers.iter().enumerate() {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let address = format!("http://{}", listener.local_addr().unwrap());
+            let counter = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let node = FakeNode {
+                answer,
+                calls: Arc::clone(&counter),
+            };
+            tokio::spawn(
+                tonic::transport::Server::builder()
+                    .add_service(moemesh_proto::ExpertServiceServer::new(node))
+                    .serve_with_incoming(moemesh_proto::incoming_without_delay(listener)),
+            );
+            nodes.push(NodeEntry {
+                id: format!("node-{index}"),
+                address,
+            });
+            calls.push(counter);
+        }
+        let layers = HashMap::from([(0, vec![(0..answers.len()).collect()])]);
+        let placement = Placement::from_parts(nodes, layers);
+        let table = RoutingTable::new(3, placement, &[], None, &TlsConfig::plaintext()).unwrap();
+        let (_table_tx, table_rx) = watch::channel(Arc::new(table));
+        let fanout = ExpertFanOut::new("model".into(), String::new(), table_rx, health);
+        (fanout, calls)
+    }
+
+    /// Forwards 50 tokens, all routed to expert 0 with weight 1.
+    async fn forward_to_expert_zero(fanout: &ExpertFanOut) -> RouterResult<LayerOutput> {
+        let hidden: Vec<f32> = (0..50).map(|token| token as f32 * 0.37).collect();
+        let mut layer = fanout.start(0, 1);
+        let batches = layer.split(&to_expert(0, 50), &hidden)?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        layer.run(fanout, &hidden, batches, deadline).await
+    }
+
+    #[tokio::test]
+    async fn a_stale_replicas_share_goes_to_another_replica_and_the_coordinators_hear() {
+        for stale_answer in [
+            FakeAnswer::Fails(tonic::Code::FailedPrecondition, "not held: layer 0"),
+            FakeAnswer::Fails(
+                tonic::Code::InvalidArgument,
+                "expert 0 of layer 0 is not held here; held: {}",
+            ),
+        ] {
+            let (reports_tx, mut reports_rx) = tokio::sync::mpsc::channel(8);
+            let health = NodeHealth::with_reports(Some(reports_tx));
+            let (fanout, calls) = fake_replicas(&[stale_answer, FakeAnswer::Ones], health).await;
+            let output = forward_to_expert_zero(&fanout).await.unwrap();
+            assert_eq!(output.rows, vec![1.0; 50]);
+            assert_eq!(
+                calls[0].load(Ordering::Relaxed),
+                1,
+                "the stale node had a share"
+            );
+            let report = reports_rx.try_recv().unwrap();
+            assert_eq!(
+                (report.node.as_str(), report.reason.as_str()),
+                (
+                    "node-0",
+                    "stale replica: node does not hold layer 0 expert 0"
+                )
+            );
+            // The node is alive: only its replica of expert 0 is avoided.
+            let table = fanout.table_rx.borrow().clone();
+            assert_eq!(recently_failed(&table.links), vec![false, false]);
+            forward_to_expert_zero(&fanout).await.unwrap();
+            assert_eq!(
+                calls[0].load(Ordering::Relaxed),
+                1,
+                "the stale replica was called again"
+            );
+            assert!(reports_rx.try_recv().is_err(), "reported twice");
+        }
+    }
+
+    #[tokio::test]
+    async fn without_another_replica_a_stale_one_fails_the_forward_as_unavailable() {
+        let stale = FakeAnswer::Fails(tonic::Code::FailedPrecondition, "not held: layer 0");
+        let (fanout, _calls) = fake_replicas(&[stale], NodeHealth::without_coordinators()).await;
+        let error = forward_to_expert_zero(&fanout).await.unwrap_err();
+        let message = error.to_string();
+        assert!(matches!(error, RouterError::Unavailable(_)), "{error:?}");
+        assert!(
+            message.starts_with("layer 0 experts [0]: no other replica holds them"),
+            "{message}"
+        );
+        assert!(message.contains("not held"), "{message}");
+    }
+
+    #[tokio::test]
+    async fn a_request_error_fails_the_forward_at_once_and_marks_no_node() {
+        let too_large = "Error, decoded message length too large: found 300000000 bytes, \
+                         the limit is: 268435456 bytes";
+        let cases = [
+            (tonic::Code::OutOfRange, too_large, tonic::Code::OutOfRange),
+            (
+                tonic::Code::InvalidArgument,
+                "expert 0: routing weight NaN is not finite",
+                tonic::Code::InvalidArgument,
+            ),
+            (
+                tonic::Code::Internal,
+                "expert failed",
+                tonic::Code::Internal,
+            ),
+        ];
+        for (code, message, client_code) in cases {
+            let answers = [FakeAnswer::Fails(code, message), FakeAnswer::Ones];
+            let (fanout, calls) = fake_replicas(&answers, NodeHealth::without_coordinators()).await;
+            let error = forward_to_expert_zero(&fanout).await.unwrap_err();
+            let status = tonic::Status::from(error);
+            assert_eq!(status.code(), client_code, "{status:?}");
+            assert!(status.message().contains(message), "{status:?}");
+            assert_eq!(calls[0].load(Ordering::Relaxed), 1, "{code:?} was retried");
+            let table = fanout.table_rx.borrow().clone();
+            assert_eq!(recently_failed(&table.links), vec![false, false]);
+        }
     }
 }

@@ -12,6 +12,7 @@ use moemesh_core::model::gating::Gate;
 use moemesh_proto::DEFAULT_DEADLINE;
 use moemesh_proto::codec::{Rows, decode_rows, encode};
 use moemesh_proto::v1::{ForwardRequest, ForwardResponse};
+use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
@@ -160,19 +161,45 @@ impl RouterNodeService {
 /// Forwards a router runs at once unless configured otherwise.
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 256;
 
-/// The client's deadline from a `grpc-timeout` header (`30S`, `500m`, ...).
+/// The longest deadline a forward gets; a longer `grpc-timeout` is
+/// clamped to it. No forward needs more, and deadlines stay far inside
+/// what `Instant` can represent.
+pub const MAX_FORWARD_DEADLINE: Duration = Duration::from_secs(24 * 3600);
+
+/// The client's deadline from a `grpc-timeout` header (`30S`, `500m`, ...),
+/// at most [`MAX_FORWARD_DEADLINE`]; None when the header is malformed.
 pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    // Only ASCII splits safely before its last byte; a valid header is.
+    if !value.is_ascii() {
+        return None;
+    }
     let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
-    let amount: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(amount * 3600),
-        "M" => Duration::from_secs(amount * 60),
+    if digits.is_empty() || !digits.bytes().all(|byte| byte.is_ascii_digit()) {
+        return None;
+    }
+    // The gRPC spec allows 8 digits; more only saturate.
+    let amount: u64 = digits.parse().unwrap_or(u64::MAX);
+    let timeout = match unit {
+        "H" => Duration::from_secs(amount.saturating_mul(3600)),
+        "M" => Duration::from_secs(amount.saturating_mul(60)),
         "S" => Duration::from_secs(amount),
         "m" => Duration::from_millis(amount),
         "u" => Duration::from_micros(amount),
         "n" => Duration::from_nanos(amount),
         _ => return None,
-    })
+    };
+    Some(timeout.min(MAX_FORWARD_DEADLINE))
+}
+
+/// When a forward received at `now` with `metadata` must be done: the
+/// client's `grpc-timeout`, or [`DEFAULT_DEADLINE`] without one.
+fn forward_deadline(now: Instant, metadata: &MetadataMap) -> Instant {
+    let timeout = metadata
+        .get("grpc-timeout")
+        .and_then(|value| value.to_str().ok())
+        .and_then(parse_grpc_timeout)
+        .unwrap_or(DEFAULT_DEADLINE);
+    now + timeout
 }
 
 #[tonic::async_trait]
@@ -190,13 +217,7 @@ impl moemesh_proto::RouterService for RouterNodeService {
                 self.max_in_flight
             ))
         })?;
-        let deadline = Instant::now()
-            + request
-                .metadata()
-                .get("grpc-timeout")
-                .and_then(|value| value.to_str().ok())
-                .and_then(parse_grpc_timeout)
-                .unwrap_or(DEFAULT_DEADLINE);
+        let deadline = forward_deadline(Instant::now(), request.metadata());
         let ForwardRequest {
             model,
             layer,
@@ -225,5 +246,52 @@ impl moemesh_proto::RouterService for RouterNodeService {
             )),
             expert_compute_micros: output.slowest_compute_micros,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_in_every_unit_parse() {
+        let cases = [
+            ("2H", Duration::from_secs(7200)),
+            ("3M", Duration::from_secs(180)),
+            ("30S", Duration::from_secs(30)),
+            ("500m", Duration::from_millis(500)),
+            ("250u", Duration::from_micros(250)),
+            ("99999999n", Duration::from_nanos(99_999_999)),
+        ];
+        for (header, timeout) in cases {
+            assert_eq!(parse_grpc_timeout(header), Some(timeout), "{header}");
+        }
+        for malformed in ["", "S", "5", "5x", "-5S", "+5S", " 5S", "5.0S", "5é"] {
+            assert_eq!(parse_grpc_timeout(malformed), None, "{malformed:?}");
+        }
+    }
+
+    #[test]
+    fn the_largest_grpc_timeouts_of_every_unit_are_clamped_not_a_panic() {
+        let now = Instant::now();
+        for unit in ["H", "M", "S", "m", "u", "n"] {
+            for amount in ["99999999".to_string(), u64::MAX.to_string(), "9".repeat(40)] {
+                let header = format!("{amount}{unit}");
+                let timeout = parse_grpc_timeout(&header).expect("digits and a unit parse");
+                assert!(timeout <= MAX_FORWARD_DEADLINE, "{header}: {timeout:?}");
+                let mut metadata = MetadataMap::new();
+                metadata.insert("grpc-timeout", header.parse().unwrap());
+                let deadline = forward_deadline(now, &metadata);
+                assert!(deadline > now && deadline <= now + MAX_FORWARD_DEADLINE);
+            }
+        }
+        assert_eq!(
+            parse_grpc_timeout(&format!("{}H", u64::MAX)),
+            Some(MAX_FORWARD_DEADLINE)
+        );
+        assert_eq!(
+            forward_deadline(now, &MetadataMap::new()),
+            now + DEFAULT_DEADLINE
+        );
     }
 }

@@ -686,3 +686,94 @@ impl SteadyLoad {
         failures
     }
 }
+
+/// How one expert node of [`ClusterSandbox::start_serving`] answers.
+pub enum SandboxNode {
+    /// A real expert node holding these experts, whatever the router's
+    /// placement says (a node restarted empty holds none).
+    Holding(Vec<moemesh_core::model::placement::LayerExpert>),
+    /// Other routes on the node's address, such as a fake `ExpertService`
+    /// that hangs or fails.
+    Serving(tonic::service::Routes),
+}
+
+impl ClusterSandbox {
+    /// Starts one expert node per entry of `nodes` (named `expert-0`,
+    /// `expert-1`, ...) and a router whose placement `place` builds from
+    /// the node list, all over plaintext.
+    pub async fn start_serving(
+        model_dir: &Path,
+        nodes: Vec<SandboxNode>,
+        place: impl FnOnce(Vec<NodeEntry>) -> PlacementFile,
+    ) -> Self {
+        let tls = TlsConfig::plaintext();
+        let config = Checkpoint::open(model_dir)
+            .expect("model opens")
+            .config()
+            .clone();
+        let (listeners, entries) = bind_expert_nodes(nodes.len(), &tls).await;
+        let placement_file = place(entries.clone());
+        let placement = Placement::from_file(&placement_file, &config).expect("placement is valid");
+        let (shutdown_tx, _) = watch::channel(false);
+        let mut servers = JoinSet::new();
+        for (listener, node) in listeners.into_iter().zip(nodes) {
+            let shutdown = wait_for_shutdown(shutdown_tx.subscribe());
+            let experts = match node {
+                SandboxNode::Holding(experts) => experts,
+                SandboxNode::Serving(routes) => {
+                    let server = tonic::transport::Server::builder()
+                        .add_routes(routes)
+                        .serve_with_incoming_shutdown(
+                            moemesh_proto::incoming_without_delay(listener),
+                            shutdown,
+                        );
+                    servers.spawn(async move { server.await.map_err(|error| error.to_string()) });
+                    continue;
+                }
+            };
+            let node_config = ExpertNodeConfig {
+                model_dir: model_dir.to_path_buf(),
+                model_id: "test-model".into(),
+                experts,
+                threads: 1,
+                queue_capacity: 64,
+                weight_format: WeightFormat::F32,
+                device: Default::default(),
+                memory_budget: None,
+                device_memory_budget: None,
+                tls: tls.clone(),
+                registration: None,
+            };
+            let node = ExpertNode::start(node_config, listener)
+                .await
+                .expect("expert node loads");
+            servers.spawn(async move {
+                node.serve(shutdown)
+                    .await
+                    .map_err(|error| error.to_string())
+            });
+        }
+        let (listener, router_url) = bind(&tls).await;
+        let router_config = RouterConfig {
+            model_dir: model_dir.to_path_buf(),
+            model_id: "test-model".into(),
+            placement: PlacementSource::File(placement_file),
+            group: String::new(),
+            max_in_flight: 0,
+            tls: tls.clone(),
+        };
+        let shutdown = wait_for_shutdown(shutdown_tx.subscribe());
+        servers.spawn(async move {
+            moemesh_router_node::run(router_config, listener, shutdown)
+                .await
+                .map_err(|error| error.to_string())
+        });
+        Self {
+            router_url,
+            placement,
+            tls,
+            shutdown_tx,
+            servers,
+        }
+    }
+}

@@ -277,15 +277,11 @@ async fn expert_nodes_refuse_malformed_work_and_report_their_load() {
             "not finite",
         ),
         (
-            request(vec![work(not_held, vec![0], vec![1.0])]),
-            "is not held here",
-        ),
-        (
             ComputeRequest {
                 layer: 0,
                 ..request(vec![])
             },
-            "layer 0 is not held here",
+            "layer 0 has no MoE block",
         ),
         (
             ComputeRequest {
@@ -308,6 +304,14 @@ async fn expert_nodes_refuse_malformed_work_and_report_their_load() {
             status.message()
         );
     }
+    // An expert the node does not hold: a stale placement, not a bad request.
+    let status = expert_client
+        .compute(request(vec![work(not_held, vec![0], vec![1.0])]))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+    let prefix = format!("not held: layer {layer} expert {not_held}");
+    assert!(status.message().starts_with(&prefix), "{status:?}");
     let reply = expert_client
         .compute(request(vec![work(expert, vec![0, 2], vec![0.5, 1.0])]))
         .await

@@ -30,6 +30,7 @@ fn node(id: &str, group: &str) -> NodeInfo {
         device: "cpu".into(),
         memory_bytes: 1 << 30,
         buffer_bytes: 0,
+        weight_format: String::new(),
         status: moemesh_proto::NodeStatus::Unspecified.into(),
     }
 }

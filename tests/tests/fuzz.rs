@@ -48,11 +48,12 @@ fn tensor(hidden: usize) -> impl Strategy<Value = Tensor> {
         })
 }
 
-/// A request the router must answer: served, or refused as invalid.
+/// A request the router must answer: served, or refused as invalid (or,
+/// from an expert node, as naming an expert it does not hold).
 fn accepted_codes(code: Code) -> bool {
     matches!(
         code,
-        Code::InvalidArgument | Code::NotFound | Code::ResourceExhausted
+        Code::InvalidArgument | Code::NotFound | Code::ResourceExhausted | Code::FailedPrecondition
     )
 }
 

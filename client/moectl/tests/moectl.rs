@@ -153,6 +153,7 @@ async fn moectl_manages_and_shows_the_cluster_through_any_coordinator() {
             memory_bytes: 1 << 30,
             // The second node buffers experts beyond its memory.
             buffer_bytes: index as u64 * (2 << 30),
+            weight_format: String::new(),
             status: moemesh_proto::v1::NodeStatus::Unspecified.into(),
         };
         admin

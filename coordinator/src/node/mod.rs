@@ -12,10 +12,16 @@
 //! coordinator that received it, leader or not, once it sees the entry
 //! applied; raft-rs forwards followers' proposals to the leader.
 //!
+//! Messages from peers pass `node/guard.rs` first: one that no member of
+//! the group sends (raft-rs would panic on some, and a snapshot whose state
+//! does not decode would stop the node) is refused with a warning naming
+//! its sender, and the node carries on.
+//!
 //! The actor sends through a [`RaftTransport`], which the transports in
 //! [`crate::transport`] implement. The rest of the coordinator talks to it
 //! through the cloneable [`RaftHandle`] (`node/handle.rs`).
 
+mod guard;
 mod handle;
 
 use std::collections::HashMap;
@@ -161,9 +167,16 @@ impl slog::Drain for TracingDrain {
     }
 }
 
-fn decode_state(data: &[u8]) -> CoordinatorResult<ClusterState> {
+/// Decodes a snapshot's state machine; the error says what does not fit.
+fn decode_state(data: &[u8]) -> Result<ClusterState, String> {
     serde_json::from_slice(data)
-        .map_err(|error| CoordinatorError::Storage(format!("bad snapshot: {error}")))
+        .map_err(|error| format!("its cluster state does not decode ({error})"))
+}
+
+fn undecodable_conf_change(index: u64, error: protobuf::ProtobufError) -> CoordinatorError {
+    CoordinatorError::Storage(format!(
+        "committed log entry {index} is a configuration change that does not decode ({error})"
+    ))
 }
 
 impl RaftNode {
@@ -178,7 +191,13 @@ impl RaftNode {
         let (state, applied_index, applied_term) = match store.latest_snapshot()? {
             Some(snapshot) => {
                 let metadata = snapshot.get_metadata();
-                (decode_state(&snapshot.data)?, metadata.index, metadata.term)
+                let state = decode_state(&snapshot.data).map_err(|error| {
+                    store.damaged(format_args!(
+                        "the snapshot at index {}: {error}",
+                        metadata.index
+                    ))
+                })?;
+                (state, metadata.index, metadata.term)
             }
             None => (ClusterState::default(), 0, 0),
         };
@@ -267,6 +286,16 @@ impl RaftNode {
     fn handle(&mut self, command: RaftCommand) {
         match command {
             RaftCommand::Step(message) => {
+                if let Some(reason) = guard::refusal(&self.raw_node.raft, &message) {
+                    tracing::warn!(
+                        coordinator = self.config.id,
+                        from = message.from,
+                        kind = ?message.get_msg_type(),
+                        %reason,
+                        "refused a raft message"
+                    );
+                    return;
+                }
                 if let Err(error) = self.raw_node.step(message) {
                     tracing::debug!(coordinator = self.config.id, %error, "dropped a raft message");
                 }
@@ -422,8 +451,15 @@ impl RaftNode {
         self.transport.send(ready.take_messages());
         if !ready.snapshot().is_empty() {
             let snapshot = ready.snapshot().clone();
+            // The guard refused snapshots whose state does not decode.
+            let state = decode_state(&snapshot.data).map_err(|error| {
+                CoordinatorError::Storage(format!(
+                    "the snapshot at index {} from the leader: {error}",
+                    snapshot.get_metadata().index
+                ))
+            })?;
             self.raw_node.store().persist(Some(&snapshot), &[], None)?;
-            self.state = decode_state(&snapshot.data)?;
+            self.state = state;
             self.applied_index = snapshot.get_metadata().index;
             self.applied_term = snapshot.get_metadata().term;
         }
@@ -486,13 +522,13 @@ impl RaftNode {
                 }
                 EntryType::EntryConfChange => {
                     let change = ConfChange::parse_from_bytes(&entry.data)
-                        .map_err(|error| CoordinatorError::Storage(error.to_string()))?;
+                        .map_err(|error| undecodable_conf_change(entry.index, error))?;
                     let conf_state = self.raw_node.apply_conf_change(&change)?;
                     self.raw_node.store().persist_conf_state(&conf_state)?;
                 }
                 EntryType::EntryConfChangeV2 => {
                     let change = ConfChangeV2::parse_from_bytes(&entry.data)
-                        .map_err(|error| CoordinatorError::Storage(error.to_string()))?;
+                        .map_err(|error| undecodable_conf_change(entry.index, error))?;
                     let conf_state = self.raw_node.apply_conf_change(&change)?;
                     self.raw_node.store().persist_conf_state(&conf_state)?;
                 }

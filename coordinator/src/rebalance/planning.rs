@@ -7,7 +7,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use moemesh_core::model::config::ModelConfig;
-use moemesh_core::model::placement::planner::{PlanError, PlanNode, PlanOptions, plan_layer};
+use moemesh_core::model::placement::planner::{
+    PlanError, PlanNode, PlanOptions, plan_layer, tiered_max_over_mean,
+};
 use moemesh_proto::v1::LayerLoad;
 
 use super::{LayerOutcome, RebalanceOptions};
@@ -160,7 +162,10 @@ impl<'a> ModelPlanning<'a> {
             .collect()
     }
 
-    /// Plans one layer from its `loads`; None when the layer has no replicas.
+    /// Plans one layer from its `loads`; None when the layer has no
+    /// replicas. Each compute format's nodes are planned on their own,
+    /// with the experts they serve, so that no expert gets replicas in two
+    /// formats.
     pub(super) fn plan_layer(
         &self,
         layer: usize,
@@ -172,21 +177,45 @@ impl<'a> ModelPlanning<'a> {
             return Ok(None);
         }
         let experts = self.config.experts_per_layer();
-        let options_for_layer = PlanOptions {
+        let mut options_for_layer = PlanOptions {
             threshold: options.threshold,
             routing_groups: self.config.group_limit.map(|limit| limit.groups),
             max_extra_replicas: Some((experts as f64 * options.redundant_fraction).ceil() as usize),
             buffered_load_factor: options.buffered_load_factor,
         };
-        let plan = plan_layer(
-            loads,
-            &self.plan_nodes(&held),
-            Some(&held),
-            &options_for_layer,
-        )?;
+        let plan_nodes = self.plan_nodes(&held);
+        let formats = self.formats_of_layer(layer, &held);
+        let (planned, before, after) = if formats.len() == 1 {
+            let plan = plan_layer(loads, &plan_nodes, Some(&held), &options_for_layer)?;
+            let before = plan.current_max_over_mean.unwrap_or(plan.max_over_mean);
+            (plan.nodes, before, plan.max_over_mean)
+        } else {
+            // Routing groups span formats; each format plans its share alone.
+            options_for_layer.routing_groups = None;
+            let mut planned = vec![Vec::new(); held.len()];
+            for (nodes, format_experts) in &formats {
+                let part = plan_format(
+                    loads,
+                    &plan_nodes,
+                    &held,
+                    nodes,
+                    format_experts,
+                    &options_for_layer,
+                )?;
+                for (&node, experts) in nodes.iter().zip(part) {
+                    planned[node] = experts;
+                }
+            }
+            let factor = options.buffered_load_factor;
+            let tiered = |assignment: &[Vec<u32>]| {
+                tiered_max_over_mean(loads, &plan_nodes, assignment, factor)
+            };
+            let (before, after) = (tiered(&held), tiered(&planned));
+            (planned, before, after)
+        };
         let mut added = Vec::new();
         let mut removed = Vec::new();
-        for ((node, now), planned) in self.nodes.iter().zip(&held).zip(&plan.nodes) {
+        for ((node, now), planned) in self.nodes.iter().zip(&held).zip(&planned) {
             let now: BTreeSet<u32> = now.iter().copied().collect();
             let planned: BTreeSet<u32> = planned.iter().copied().collect();
             added.extend(
@@ -201,12 +230,106 @@ impl<'a> ModelPlanning<'a> {
         }
         Ok(Some(LayerOutcome {
             layer,
-            before: plan.current_max_over_mean.unwrap_or(plan.max_over_mean),
-            after: plan.max_over_mean,
+            before,
+            after,
             added,
             removed,
         }))
     }
+
+    /// The ready nodes of each compute format (by index) and the experts
+    /// of `layer` that format serves: those its nodes hold; an expert no
+    /// ready node holds goes to the format it is served in elsewhere, else
+    /// to the format with the most nodes. Formats in a fixed order.
+    fn formats_of_layer(&self, layer: usize, held: &[Vec<u32>]) -> Vec<(Vec<usize>, Vec<u32>)> {
+        let mut formats: BTreeMap<String, (Vec<usize>, BTreeSet<u32>)> = BTreeMap::new();
+        for (index, node) in self.nodes.iter().enumerate() {
+            let entry = formats.entry(node.compute_format()).or_default();
+            entry.0.push(index);
+        }
+        let mut format_of_expert: BTreeMap<u32, String> = BTreeMap::new();
+        for (node, experts) in self.nodes.iter().zip(held) {
+            for &expert in experts {
+                format_of_expert
+                    .entry(expert)
+                    .or_insert_with(|| node.compute_format());
+            }
+        }
+        let largest = formats
+            .iter()
+            .max_by_key(|(_, (nodes, _))| nodes.len())
+            .map(|(format, _)| format.clone())
+            .expect("planning has ready nodes");
+        for expert in 0..self.config.experts_per_layer() as u32 {
+            let format = format_of_expert.remove(&expert).unwrap_or_else(|| {
+                let key = ExpertKey {
+                    model: self.model.to_string(),
+                    layer,
+                    expert,
+                };
+                self.state
+                    .serving_format(&key, "")
+                    .map(|(format, _)| format)
+                    .filter(|format| formats.contains_key(format))
+                    .unwrap_or_else(|| largest.clone())
+            });
+            if let Some(entry) = formats.get_mut(&format) {
+                entry.1.insert(expert);
+            }
+        }
+        formats
+            .into_values()
+            .map(|(nodes, experts)| (nodes, experts.into_iter().collect()))
+            .collect()
+    }
+}
+
+/// Plans one compute format's share of a layer: its `nodes` (indexes into
+/// `plan_nodes` and `held`) and `experts`, renumbered for the planner and
+/// back. Returns each of those nodes' planned experts; a format without
+/// experts keeps none.
+fn plan_format(
+    loads: &[f64],
+    plan_nodes: &[PlanNode],
+    held: &[Vec<u32>],
+    nodes: &[usize],
+    experts: &[u32],
+    options: &PlanOptions,
+) -> Result<Vec<Vec<u32>>, PlanError> {
+    if experts.is_empty() {
+        return Ok(vec![Vec::new(); nodes.len()]);
+    }
+    let local = |expert: u32| {
+        experts
+            .iter()
+            .position(|&e| e == expert)
+            .map(|index| index as u32)
+    };
+    let format_loads: Vec<f64> = experts
+        .iter()
+        .map(|&expert| loads.get(expert as usize).copied().unwrap_or(0.0))
+        .collect();
+    let format_nodes: Vec<PlanNode> = nodes.iter().map(|&node| plan_nodes[node]).collect();
+    let format_held: Vec<Vec<u32>> = nodes
+        .iter()
+        .map(|&node| {
+            held[node]
+                .iter()
+                .filter_map(|&expert| local(expert))
+                .collect()
+        })
+        .collect();
+    let plan = plan_layer(&format_loads, &format_nodes, Some(&format_held), options)?;
+    Ok(plan
+        .nodes
+        .into_iter()
+        .map(|locals| {
+            locals
+                .into_iter()
+                .map(|index| experts[index as usize])
+                .collect()
+        })
+        .collect())
 }
 
 #[cfg(test)]
@@ -256,6 +379,7 @@ mod tests {
                 device: "cuda:0".into(),
                 memory_bytes,
                 buffer_bytes,
+                weight_format: "bf16".into(),
                 status: NodeStatus::Ready,
             };
             apply(&mut state, Command::RegisterNode { node });
@@ -330,5 +454,47 @@ mod tests {
         assert!(gpu_drops.contains(&4), "{plan:?}");
         // Swaps only: neither node has a free slot.
         assert_eq!(plan.added.len(), plan.removed.len());
+    }
+
+    #[test]
+    fn each_compute_format_plans_its_own_experts() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut state = cluster(
+            dir.path(),
+            &[
+                ("cpu-1", 2 * EXPERT, 0, &[0, 1]),
+                ("cpu-2", 2 * EXPERT, 0, &[2, 3]),
+                ("gpu-1", 8 * EXPERT, 0, &[4, 5]),
+                ("gpu-2", 8 * EXPERT, 0, &[6, 7]),
+            ],
+        );
+        for id in ["cpu-1", "cpu-2"] {
+            let node = state.nodes.get_mut(id).unwrap();
+            node.device = "cpu".into();
+            node.weight_format = "f32".into();
+        }
+        // Expert 0 (on a full CPU) and expert 6 (on a GPU) are hot; only
+        // the GPUs have room, which expert 0 must not take.
+        let loads = [90.0, 5.0, 5.0, 5.0, 5.0, 5.0, 60.0, 5.0];
+        let plan = ModelPlanning::new(&state, "m")
+            .unwrap()
+            .plan_layer(0, &loads, &RebalanceOptions::default())
+            .unwrap()
+            .unwrap();
+        // The full CPU node stays the busiest; the GPUs still balance.
+        assert!(plan.after <= plan.before, "{plan:?}");
+        for (node, expert) in &plan.added {
+            let expected = if *expert < 4 { "cpu/f32" } else { "cuda/bf16" };
+            assert_eq!(
+                state.nodes[node].compute_format(),
+                expected,
+                "expert {expert} planned onto {node}: {plan:?}"
+            );
+        }
+        assert!(
+            plan.added
+                .iter()
+                .any(|(node, expert)| (node.as_str(), *expert) == ("gpu-1", 6))
+        );
     }
 }

@@ -1,12 +1,15 @@
 //! [`CpuBackend`]: experts on the CPU. Every GEMM runs on the backend's own
 //! rayon pool, never on the async runtime, and a batch's experts run at
 //! once: whole experts, large ones cut into row ranges, one task per
-//! thread at a time, largest first.
+//! thread at a time, largest first. How the work is cut ([`CpuBlocking`],
+//! the thread count) changes its speed, never a result: each row's output
+//! is the same bits on every host and with every cut.
 
 use std::sync::Arc;
 
 use super::buffering::CostModel;
 use super::cpu_expert::CpuExpert;
+use super::packed_matrix::{DEFAULT_PANEL_COLUMNS, DEPTH_CHUNK};
 use super::{ComputeBackend, Expert, ExpertWork};
 use crate::model::checkpoint::ExpertWeights;
 use crate::model::config::ModelConfig;
@@ -57,6 +60,59 @@ impl std::str::FromStr for WeightFormat {
     }
 }
 
+/// How the CPU backend cuts its work. None of it changes a result, only
+/// speed: replicas cut differently (other hosts, other settings) give the
+/// same bits, which tests check by comparing backends cut differently.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CpuBlocking {
+    /// Output columns per bf16 weight panel, widened to f32 one at a time:
+    /// narrow enough that a widened panel stays in cache.
+    pub panel_columns: usize,
+    /// The fewest rows worth a task of their own when experts are cut into
+    /// row ranges: below it the GEMM loses efficiency.
+    pub min_task_rows: usize,
+    /// Emulates a host whose cache makes gemm block the depth of its
+    /// products by this many (gemm never picks fewer than 512): each gemm
+    /// call is cut this way before gemm sees it. None: this host's own
+    /// blocking.
+    pub host_depth_block: Option<usize>,
+}
+
+impl Default for CpuBlocking {
+    fn default() -> Self {
+        Self {
+            panel_columns: DEFAULT_PANEL_COLUMNS,
+            min_task_rows: MIN_TASK_ROWS,
+            host_depth_block: None,
+        }
+    }
+}
+
+impl CpuBlocking {
+    /// Checks that every setting is one the backend can run with.
+    pub fn validate(&self) -> CoreResult<()> {
+        if self.panel_columns == 0 {
+            return Err(CoreError::Config(
+                "cpu blocking: panel_columns is 0; it must be at least 1".into(),
+            ));
+        }
+        if self.min_task_rows == 0 {
+            return Err(CoreError::Config(
+                "cpu blocking: min_task_rows is 0; it must be at least 1".into(),
+            ));
+        }
+        if let Some(block) = self.host_depth_block
+            && block < DEPTH_CHUNK
+        {
+            return Err(CoreError::Config(format!(
+                "cpu blocking: host_depth_block {block} is below {DEPTH_CHUNK}, \
+                 the smallest depth block gemm uses on any host"
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// The multi-threaded CPU backend; clones share its threads.
 #[derive(Clone)]
 pub struct CpuBackend {
@@ -64,6 +120,7 @@ pub struct CpuBackend {
     pool: Arc<rayon::ThreadPool>,
     threads: usize,
     format: WeightFormat,
+    blocking: CpuBlocking,
 }
 
 impl CpuBackend {
@@ -76,11 +133,22 @@ impl CpuBackend {
     /// Creates a backend with `threads` compute threads (0: one per core)
     /// that keeps weights in `format`.
     pub fn with_format(threads: usize, format: WeightFormat) -> CoreResult<Self> {
+        Self::with_blocking(threads, format, CpuBlocking::default())
+    }
+
+    /// Like [`CpuBackend::with_format`], with the work cut by `blocking`.
+    pub fn with_blocking(
+        threads: usize,
+        format: WeightFormat,
+        blocking: CpuBlocking,
+    ) -> CoreResult<Self> {
+        blocking.validate()?;
         let (pool, threads) = compute_pool(threads, "moemesh-cpu")?;
         Ok(Self {
             pool: Arc::new(pool),
             threads,
             format,
+            blocking,
         })
     }
 
@@ -96,7 +164,13 @@ impl ComputeBackend for CpuBackend {
     }
 
     fn load_expert(&self, weights: ExpertWeights) -> CoreResult<Arc<dyn Expert>> {
-        let expert = CpuExpert::new(weights, self.format, Arc::clone(&self.pool), self.threads)?;
+        let expert = CpuExpert::new(
+            weights,
+            self.format,
+            self.blocking,
+            Arc::clone(&self.pool),
+            self.threads,
+        )?;
         Ok(Arc::new(expert))
     }
 
@@ -128,9 +202,12 @@ impl ComputeBackend for CpuBackend {
         let total_rows: usize = work.iter().map(|item| item.rows.len()).sum();
         let mut outputs = vec![0f32; total_rows * width];
         // Cut experts into pieces of at most `max_rows`, enough pieces for
-        // every thread to take two, but never below MIN_TASK_ROWS rows,
+        // every thread to take two, but never below `min_task_rows` rows,
         // where the GEMM loses efficiency.
-        let max_rows = MIN_TASK_ROWS.max(total_rows.div_ceil(self.threads * 2));
+        let max_rows = self
+            .blocking
+            .min_task_rows
+            .max(total_rows.div_ceil(self.threads * 2));
         let mut tasks = Vec::new();
         let mut rest = &mut outputs[..];
         for item in work {
@@ -202,7 +279,7 @@ pub(super) fn compute_pool(threads: usize, name: &str) -> CoreResult<(rayon::Thr
     Ok((pool, threads))
 }
 
-/// The fewest rows worth a task of their own: below this the GEMM runs
+/// The fewest rows worth a task of their own by default: below this the GEMM runs
 /// well under its peak (measured: 78 GFLOP/s at 64 rows against 94 at 128
 /// on one Zen 4 core).
 const MIN_TASK_ROWS: usize = 96;

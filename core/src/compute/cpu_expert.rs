@@ -1,13 +1,16 @@
 //! One expert on the CPU. Its weights are laid out once, at load, as
 //! `[in, out]` (the layout the `gemm` crate is fastest on), in slices of the
 //! intermediate dimension with gate and up fused into one GEMM; small
-//! batches are padded so that each row's result is the same in every batch.
+//! batches are padded so that each row's result is the same in every batch,
+//! and every product sums its depth in a fixed order (see
+//! [`DEPTH_CHUNK`](super::packed_matrix::DEPTH_CHUNK)), so that it is the
+//! same on every host and with every thread count.
 
 use std::sync::Arc;
 
 use super::packed_matrix::{PackedMatrix, min_invariant_rows};
 use super::silu::silu_mul;
-use super::{Expert, WeightFormat};
+use super::{CpuBlocking, Expert, WeightFormat};
 use crate::model::checkpoint::ExpertWeights;
 use crate::{CoreError, CoreResult};
 
@@ -46,6 +49,8 @@ pub(super) struct CpuExpert {
     /// Batches smaller than this are padded, so that each row's result is
     /// the same in every batch (see [`min_invariant_rows`]).
     min_rows: usize,
+    /// Emulates another host's gemm depth blocking (see [`CpuBlocking`]).
+    host_depth_block: Option<usize>,
     pool: Arc<rayon::ThreadPool>,
     threads: usize,
 }
@@ -65,11 +70,12 @@ thread_local! {
 
 impl CpuExpert {
     /// Lays `weights` out for the kernel in `format`, slice by slice of the
-    /// intermediate dimension; the expert computes on `threads` threads of
-    /// `pool`.
+    /// intermediate dimension, cut as `blocking` says; the expert computes
+    /// on `threads` threads of `pool`.
     pub(super) fn new(
         weights: ExpertWeights,
         format: WeightFormat,
+        blocking: CpuBlocking,
         pool: Arc<rayon::ThreadPool>,
         threads: usize,
     ) -> CoreResult<Self> {
@@ -80,6 +86,13 @@ impl CpuExpert {
             up_proj,
             down_proj,
         } = weights;
+        // Checked configs never ask for an empty expert, but weights can be
+        // built by hand, and an empty dimension has no slices to cut.
+        if hidden == 0 || intermediate == 0 {
+            return Err(CoreError::Checkpoint(format!(
+                "an expert needs a positive hidden size and intermediate size, got {hidden} and {intermediate}"
+            )));
+        }
         if gate_proj.len() != intermediate * hidden
             || up_proj.len() != intermediate * hidden
             || down_proj.len() != hidden * intermediate
@@ -92,20 +105,22 @@ impl CpuExpert {
         let mut min_rows = 1;
         for (first, width) in intermediate_slices(intermediate) {
             // [in=hidden, out=2*width]: gate columns, then up columns.
-            let gate_up = PackedMatrix::pack(format, hidden, 2 * width, |input, out| {
-                if out < width {
-                    gate_proj[(first + out) * hidden + input]
-                } else {
-                    up_proj[(first + out - width) * hidden + input]
-                }
-            });
+            let panel_columns = blocking.panel_columns;
+            let gate_up =
+                PackedMatrix::pack(format, hidden, 2 * width, panel_columns, |input, out| {
+                    if out < width {
+                        gate_proj[(first + out) * hidden + input]
+                    } else {
+                        up_proj[(first + out - width) * hidden + input]
+                    }
+                });
             // [in=width, out=hidden]: rows first..first+width of down^T.
-            let down = PackedMatrix::pack(format, width, hidden, |input, out| {
+            let down = PackedMatrix::pack(format, width, hidden, panel_columns, |input, out| {
                 down_proj[out * intermediate + first + input]
             });
             min_rows = min_rows
-                .max(min_invariant_rows(gate_up.kernel_columns(), hidden))
-                .max(min_invariant_rows(down.kernel_columns(), width));
+                .max(min_invariant_rows(gate_up.kernel_columns()))
+                .max(min_invariant_rows(down.kernel_columns()));
             slices.push(FfnSlice {
                 width,
                 gate_up,
@@ -116,6 +131,7 @@ impl CpuExpert {
             hidden,
             slices,
             min_rows,
+            host_depth_block: blocking.host_depth_block,
             pool,
             threads,
         })
@@ -163,9 +179,14 @@ impl CpuExpert {
             let width = slice.width;
             gate_up.resize(padded_rows * 2 * width, 0.0);
             activated.resize(padded_rows * width, 0.0);
-            slice
-                .gate_up
-                .multiply(gate_up, input, padded_rows, threads, false);
+            slice.gate_up.multiply(
+                gate_up,
+                input,
+                padded_rows,
+                threads,
+                false,
+                self.host_depth_block,
+            );
             for (row_out, row_in) in activated
                 .chunks_exact_mut(width)
                 .zip(gate_up.chunks_exact(2 * width))
@@ -173,9 +194,14 @@ impl CpuExpert {
                 let (gate, up) = row_in.split_at(width);
                 silu_mul(row_out, gate, up);
             }
-            slice
-                .down
-                .multiply(output, activated, padded_rows, threads, index > 0);
+            slice.down.multiply(
+                output,
+                activated,
+                padded_rows,
+                threads,
+                index > 0,
+                self.host_depth_block,
+            );
         }
         if padded {
             output_rows.copy_from_slice(&padded_output[..rows * hidden]);
@@ -273,6 +299,22 @@ pub(crate) mod tests {
                     assert!((*got as f64 - want).abs() < 1e-5, "{got} vs {want}");
                 }
             }
+        }
+    }
+
+    #[test]
+    fn an_expert_with_an_empty_dimension_is_refused() {
+        let backend = CpuBackend::new(1).unwrap();
+        for (hidden, intermediate) in [(8, 0), (0, 8)] {
+            let error = backend
+                .load_expert(random_expert(hidden, intermediate, 3))
+                .err()
+                .expect("an empty expert is refused")
+                .to_string();
+            assert!(
+                error.contains(&format!("got {hidden} and {intermediate}")),
+                "{error}"
+            );
         }
     }
 

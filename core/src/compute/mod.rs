@@ -6,12 +6,14 @@
 //!   expert's output.
 //! - `cpu_backend`: [`CpuBackend`], which runs a batch's experts at once as
 //!   tasks of whole experts or row ranges, largest first, on its own rayon
-//!   pool, never on the async runtime.
+//!   pool, never on the async runtime; [`CpuBlocking`], how it cuts the
+//!   work, which changes no result.
 //! - `cpu_expert`: one expert on the CPU, its weights laid out once, at
 //!   load, as `[in, out]` (the layout the `gemm` crate is fastest on), with
 //!   gate and up fused into one GEMM.
-//! - `packed_matrix`: weight matrices in f32 or in bf16 panels, their GEMM,
-//!   and [`matmul`].
+//! - `packed_matrix`: weight matrices in f32 or in bf16 panels, their GEMM
+//!   (depth summed in fixed chunks, so that results do not depend on the
+//!   host's caches), and [`matmul`].
 //! - `silu`: the vectorised `silu(gate) * up` between the two GEMMs.
 //! - [`buffering`]: Expert Buffering, which experts stay resident within a
 //!   memory budget.
@@ -31,7 +33,7 @@ use crate::model::checkpoint::{Checkpoint, ExpertWeights};
 use crate::model::config::ModelConfig;
 use crate::{CoreError, CoreResult};
 
-pub use cpu_backend::{CpuBackend, WeightFormat};
+pub use cpu_backend::{CpuBackend, CpuBlocking, WeightFormat};
 pub use device::{BackendOptions, Device, open_backend};
 pub use packed_matrix::matmul;
 

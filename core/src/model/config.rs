@@ -63,6 +63,29 @@ pub struct GroupLimit {
     pub top_groups: usize,
 }
 
+/// Upper bounds on `config.json`'s sizes, well above every released model
+/// (hidden sizes reach 16384, expert intermediate sizes 20480, layers and
+/// experts per layer a few hundred) and low enough that a hostile config
+/// cannot make a node allocate without bound: a table sized from the
+/// config alone (per layer and expert, say) stays below a few hundred
+/// megabytes, and size products cannot overflow.
+pub mod limits {
+    /// Largest `hidden_size`.
+    pub const MAX_HIDDEN_SIZE: usize = 1 << 16;
+    /// Largest intermediate size of one expert, routed or shared.
+    pub const MAX_INTERMEDIATE_SIZE: usize = 1 << 18;
+    /// Largest `num_hidden_layers`.
+    pub const MAX_LAYERS: usize = 1 << 10;
+    /// Largest number of routed experts per layer.
+    pub const MAX_EXPERTS: usize = 1 << 14;
+    /// Largest `routed_scaling_factor`; released models use 1 to 16.
+    pub const MAX_ROUTED_SCALING_FACTOR: f32 = 1000.0;
+}
+
+use limits::{
+    MAX_EXPERTS, MAX_HIDDEN_SIZE, MAX_INTERMEDIATE_SIZE, MAX_LAYERS, MAX_ROUTED_SCALING_FACTOR,
+};
+
 /// Everything about a model's MoE layers that moemesh needs, validated.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
@@ -130,6 +153,26 @@ fn required<T>(value: Option<T>, field: &str, family: Family) -> CoreResult<T> {
     value.ok_or_else(|| CoreError::Config(format!("{family} config lacks field `{field}`")))
 }
 
+/// Returns `value` if it lies in `min..=max`, or an error naming `field`.
+fn in_range(field: &str, value: usize, min: usize, max: usize) -> CoreResult<usize> {
+    if (min..=max).contains(&value) {
+        Ok(value)
+    } else {
+        Err(CoreError::Config(format!(
+            "{field} is {value}; it must be between {min} and {max}"
+        )))
+    }
+}
+
+/// The spelling of the routed-experts field in `family`'s `config.json`.
+fn experts_field(family: Family) -> &'static str {
+    match family {
+        Family::Mixtral => "num_local_experts",
+        Family::Qwen2Moe | Family::Qwen3Moe => "num_experts",
+        Family::DeepseekV3 => "n_routed_experts",
+    }
+}
+
 /// The parts of a [`ModelConfig`] that each family spells differently in
 /// its `config.json`.
 struct FamilyFields {
@@ -142,15 +185,44 @@ struct FamilyFields {
 }
 
 impl RawConfig {
+    /// Checks the fields every family reads, before anything is sized from
+    /// them, and returns the number of routed experts.
+    fn validate_common(&self, family: Family) -> CoreResult<usize> {
+        if let Some(act) = &self.hidden_act
+            && act != "silu"
+        {
+            return Err(CoreError::Config(format!(
+                "hidden_act {act:?} is not supported; moemesh experts use silu"
+            )));
+        }
+        in_range("hidden_size", self.hidden_size, 1, MAX_HIDDEN_SIZE)?;
+        in_range("num_hidden_layers", self.num_hidden_layers, 1, MAX_LAYERS)?;
+        let experts_field = experts_field(family);
+        let num_experts = in_range(
+            experts_field,
+            required(self.num_experts, experts_field, family)?,
+            1,
+            MAX_EXPERTS,
+        )?;
+        if !(1..=num_experts).contains(&self.num_experts_per_tok) {
+            return Err(CoreError::Config(format!(
+                "num_experts_per_tok is {}; it must be between 1 and {experts_field} {num_experts}",
+                self.num_experts_per_tok
+            )));
+        }
+        Ok(num_experts)
+    }
+
     /// Mixtral: every layer is MoE, top-k weights always renormalised.
     fn mixtral_fields(&self) -> CoreResult<FamilyFields> {
-        let family = Family::Mixtral;
+        let expert_intermediate_size = in_range(
+            "intermediate_size",
+            required(self.intermediate_size, "intermediate_size", Family::Mixtral)?,
+            1,
+            MAX_INTERMEDIATE_SIZE,
+        )?;
         Ok(FamilyFields {
-            expert_intermediate_size: required(
-                self.intermediate_size,
-                "intermediate_size",
-                family,
-            )?,
+            expert_intermediate_size,
             shared_intermediate_size: None,
             norm_topk_prob: true,
             moe_layers: vec![true; self.num_hidden_layers],
@@ -161,28 +233,43 @@ impl RawConfig {
 
     /// Qwen2-MoE and Qwen3-MoE: MoE every `decoder_sparse_step` layers but
     /// for `mlp_only_layers`; Qwen2-MoE adds a shared expert.
-    fn qwen_fields(&self, family: Family, num_experts: usize) -> CoreResult<FamilyFields> {
-        let expert_intermediate_size =
-            required(self.moe_intermediate_size, "moe_intermediate_size", family)?;
+    fn qwen_fields(&self, family: Family) -> CoreResult<FamilyFields> {
+        let expert_intermediate_size = in_range(
+            "moe_intermediate_size",
+            required(self.moe_intermediate_size, "moe_intermediate_size", family)?,
+            1,
+            MAX_INTERMEDIATE_SIZE,
+        )?;
         let shared_intermediate_size = if family == Family::Qwen2Moe {
-            Some(required(
-                self.shared_expert_intermediate_size,
+            Some(in_range(
                 "shared_expert_intermediate_size",
-                family,
+                required(
+                    self.shared_expert_intermediate_size,
+                    "shared_expert_intermediate_size",
+                    family,
+                )?,
+                1,
+                MAX_INTERMEDIATE_SIZE,
             )?)
         } else {
             None
         };
-        let step = self.decoder_sparse_step.unwrap_or(1);
-        if step == 0 {
-            return Err(CoreError::Config(
-                "decoder_sparse_step must be at least 1".into(),
-            ));
+        let layers = self.num_hidden_layers;
+        let step = in_range(
+            "decoder_sparse_step",
+            self.decoder_sparse_step.unwrap_or(1),
+            1,
+            layers,
+        )?;
+        let mut moe_layers: Vec<bool> = (0..layers).map(|layer| (layer + 1) % step == 0).collect();
+        for &layer in self.mlp_only_layers.as_deref().unwrap_or_default() {
+            let Some(is_moe) = moe_layers.get_mut(layer) else {
+                return Err(CoreError::Config(format!(
+                    "mlp_only_layers names layer {layer}, but num_hidden_layers is {layers}"
+                )));
+            };
+            *is_moe = false;
         }
-        let mlp_only = self.mlp_only_layers.as_deref().unwrap_or_default();
-        let moe_layers = (0..self.num_hidden_layers)
-            .map(|layer| !mlp_only.contains(&layer) && num_experts > 0 && (layer + 1) % step == 0)
-            .collect();
         Ok(FamilyFields {
             expert_intermediate_size,
             shared_intermediate_size,
@@ -196,13 +283,34 @@ impl RawConfig {
     /// DeepSeek-V3: dense layers first, then MoE with `n_shared_experts`
     /// shared experts, sigmoid scoring and group-limited top-k (`noaux_tc`).
     fn deepseek_v3_fields(&self, num_experts: usize) -> CoreResult<FamilyFields> {
-        let expert_intermediate_size = required(
-            self.moe_intermediate_size,
+        let expert_intermediate_size = in_range(
             "moe_intermediate_size",
-            Family::DeepseekV3,
+            required(
+                self.moe_intermediate_size,
+                "moe_intermediate_size",
+                Family::DeepseekV3,
+            )?,
+            1,
+            MAX_INTERMEDIATE_SIZE,
         )?;
         let shared = self.n_shared_experts.unwrap_or(0);
+        // The shared experts run as one expert of their summed width.
+        let shared_intermediate_size = expert_intermediate_size
+            .checked_mul(shared)
+            .filter(|&size| size <= MAX_INTERMEDIATE_SIZE)
+            .ok_or_else(|| {
+                CoreError::Config(format!(
+                    "n_shared_experts {shared} × moe_intermediate_size {expert_intermediate_size} \
+                     exceeds the largest shared expert, {MAX_INTERMEDIATE_SIZE} columns"
+                ))
+            })?;
         let first_moe = self.first_k_dense_replace.unwrap_or(0);
+        if first_moe >= self.num_hidden_layers {
+            return Err(CoreError::Config(format!(
+                "first_k_dense_replace is {first_moe}; it must be below num_hidden_layers {}",
+                self.num_hidden_layers
+            )));
+        }
         if let Some(method) = &self.topk_method
             && method != "noaux_tc"
         {
@@ -219,14 +327,28 @@ impl RawConfig {
         }
         Ok(FamilyFields {
             expert_intermediate_size,
-            shared_intermediate_size: (shared > 0).then_some(expert_intermediate_size * shared),
+            shared_intermediate_size: (shared > 0).then_some(shared_intermediate_size),
             norm_topk_prob: self.norm_topk_prob.unwrap_or(true),
             moe_layers: (0..self.num_hidden_layers)
                 .map(|layer| layer >= first_moe)
                 .collect(),
             group_limit: Some(self.deepseek_v3_group_limit(num_experts)?),
-            routed_scaling_factor: self.routed_scaling_factor.unwrap_or(1.0),
+            routed_scaling_factor: self.deepseek_v3_routed_scaling_factor()?,
         })
+    }
+
+    /// DeepSeek-V3's `routed_scaling_factor`: positive, finite and plausible,
+    /// since it multiplies every routed expert's weight.
+    fn deepseek_v3_routed_scaling_factor(&self) -> CoreResult<f32> {
+        let factor = self.routed_scaling_factor.unwrap_or(1.0);
+        if factor > 0.0 && factor <= MAX_ROUTED_SCALING_FACTOR {
+            Ok(factor)
+        } else {
+            Err(CoreError::Config(format!(
+                "routed_scaling_factor is {factor}; it must be above 0 and at most \
+                 {MAX_ROUTED_SCALING_FACTOR}"
+            )))
+        }
     }
 
     /// DeepSeek-V3's `n_group` and `topk_group`, checked against the experts
@@ -245,10 +367,11 @@ impl RawConfig {
             )));
         }
         if num_experts / groups < 2 {
-            return Err(CoreError::Config(
-                "deepseek_v3 scores a group by its best two experts: each group needs at least two"
-                    .into(),
-            ));
+            return Err(CoreError::Config(format!(
+                "n_group {groups} leaves {} of n_routed_experts {num_experts} per group; \
+                 deepseek_v3 scores a group by its best two experts, so each needs at least two",
+                num_experts / groups
+            )));
         }
         if self.num_experts_per_tok > top_groups * (num_experts / groups) {
             return Err(CoreError::Config(format!(
@@ -281,28 +404,16 @@ impl ModelConfig {
 
     fn from_raw(raw: RawConfig) -> CoreResult<Self> {
         let family = Family::from_model_type(&raw.model_type)?;
-        if let Some(act) = &raw.hidden_act
-            && act != "silu"
-        {
-            return Err(CoreError::Config(format!(
-                "hidden_act {act:?} is not supported; moemesh experts use silu"
-            )));
-        }
-        let num_experts = required(raw.num_experts, "num_experts", family)?;
+        let num_experts = raw.validate_common(family)?;
         let fields = match family {
             Family::Mixtral => raw.mixtral_fields()?,
-            Family::Qwen2Moe | Family::Qwen3Moe => raw.qwen_fields(family, num_experts)?,
+            Family::Qwen2Moe | Family::Qwen3Moe => raw.qwen_fields(family)?,
             Family::DeepseekV3 => raw.deepseek_v3_fields(num_experts)?,
         };
-        if raw.hidden_size == 0 || fields.expert_intermediate_size == 0 {
-            return Err(CoreError::Config(
-                "hidden_size and the expert intermediate size must be positive".into(),
-            ));
-        }
-        if raw.num_experts_per_tok == 0 || raw.num_experts_per_tok > num_experts {
+        if !fields.moe_layers.contains(&true) {
             return Err(CoreError::Config(format!(
-                "num_experts_per_tok {} must be between 1 and the number of experts {num_experts}",
-                raw.num_experts_per_tok
+                "none of the {} layers has an MoE block; moemesh serves MoE layers only",
+                raw.num_hidden_layers
             )));
         }
         Ok(Self {
@@ -401,6 +512,187 @@ mod tests {
         let bad = json.replace(r#""n_group":4"#, r#""n_group":3"#);
         let error = ModelConfig::from_json(&bad).unwrap_err().to_string();
         assert!(error.contains("n_group 3 must divide"), "{error}");
+    }
+
+    const MIXTRAL: &str = r#"{"model_type":"mixtral","hidden_size":8,"num_hidden_layers":2,
+        "intermediate_size":4,"num_local_experts":4,"num_experts_per_tok":2}"#;
+    const QWEN2: &str = r#"{"model_type":"qwen2_moe","hidden_size":8,"num_hidden_layers":3,
+        "moe_intermediate_size":4,"shared_expert_intermediate_size":8,"num_experts":4,
+        "num_experts_per_tok":2,"decoder_sparse_step":1,"mlp_only_layers":[0]}"#;
+    const DEEPSEEK: &str = r#"{"model_type":"deepseek_v3","hidden_size":8,"num_hidden_layers":3,
+        "moe_intermediate_size":4,"n_routed_experts":8,"n_shared_experts":2,
+        "num_experts_per_tok":2,"first_k_dense_replace":1,"n_group":4,"topk_group":2,
+        "routed_scaling_factor":2.5}"#;
+
+    /// `base` with `"field":value` set to `replacement` (a JSON value).
+    fn with(base: &str, field: &str, replacement: &str) -> String {
+        let key = format!("\"{field}\":");
+        let start = base
+            .find(&key)
+            .unwrap_or_else(|| panic!("{field} in {base}"))
+            + key.len();
+        let end = start
+            + base[start..]
+                .find([',', '}'])
+                .expect("a value ends with , or }");
+        format!("{}{replacement}{}", &base[..start], &base[end..])
+    }
+
+    /// Asserts that `json` is refused with a message containing every needle.
+    fn refused(json: &str, needles: &[&str]) {
+        let error = ModelConfig::from_json(json).unwrap_err().to_string();
+        for needle in needles {
+            assert!(
+                error.contains(needle),
+                "{error:?} should mention {needle:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_base_configs_of_these_tests_are_valid() {
+        for json in [MIXTRAL, QWEN2, DEEPSEEK] {
+            ModelConfig::from_json(json).unwrap();
+        }
+    }
+
+    #[test]
+    fn sizes_must_be_positive_and_plausible() {
+        let cases = [
+            (MIXTRAL, "hidden_size", "0"),
+            (MIXTRAL, "hidden_size", "65537"),
+            (MIXTRAL, "num_hidden_layers", "0"),
+            (MIXTRAL, "num_hidden_layers", "1000000000000"),
+            (MIXTRAL, "intermediate_size", "0"),
+            (MIXTRAL, "intermediate_size", "262145"),
+            (MIXTRAL, "num_local_experts", "0"),
+            (MIXTRAL, "num_local_experts", "16385"),
+            (QWEN2, "moe_intermediate_size", "0"),
+            (QWEN2, "shared_expert_intermediate_size", "0"),
+            (
+                QWEN2,
+                "shared_expert_intermediate_size",
+                "18446744073709551615",
+            ),
+            (QWEN2, "num_experts", "0"),
+            (DEEPSEEK, "moe_intermediate_size", "0"),
+            (DEEPSEEK, "n_routed_experts", "0"),
+        ];
+        for (base, field, value) in cases {
+            refused(
+                &with(base, field, value),
+                &[&format!("{field} is {value}"), "must be between"],
+            );
+        }
+    }
+
+    #[test]
+    fn a_zero_shared_expert_size_is_refused_at_load_not_at_compute() {
+        refused(
+            &with(QWEN2, "shared_expert_intermediate_size", "0"),
+            &["shared_expert_intermediate_size is 0; it must be between 1 and 262144"],
+        );
+    }
+
+    #[test]
+    fn top_k_lies_between_one_and_the_experts() {
+        refused(
+            &with(MIXTRAL, "num_experts_per_tok", "0"),
+            &["num_experts_per_tok is 0", "num_local_experts 4"],
+        );
+        refused(
+            &with(QWEN2, "num_experts_per_tok", "5"),
+            &["num_experts_per_tok is 5", "between 1 and num_experts 4"],
+        );
+        refused(
+            &with(DEEPSEEK, "num_experts_per_tok", "9"),
+            &["num_experts_per_tok is 9", "n_routed_experts 8"],
+        );
+    }
+
+    #[test]
+    fn qwen_layer_fields_name_existing_layers() {
+        refused(
+            &with(QWEN2, "decoder_sparse_step", "0"),
+            &["decoder_sparse_step is 0; it must be between 1 and 3"],
+        );
+        refused(
+            &with(QWEN2, "decoder_sparse_step", "4"),
+            &["decoder_sparse_step is 4"],
+        );
+        refused(
+            &with(QWEN2, "mlp_only_layers", "[0,3]"),
+            &["mlp_only_layers names layer 3, but num_hidden_layers is 3"],
+        );
+        refused(
+            &with(QWEN2, "mlp_only_layers", "[0,1,2]"),
+            &["none of the 3 layers has an MoE block"],
+        );
+    }
+
+    #[test]
+    fn deepseek_groups_divide_the_experts() {
+        refused(
+            &with(DEEPSEEK, "n_group", "0"),
+            &["n_group 0 must divide n_routed_experts 8"],
+        );
+        refused(
+            &with(DEEPSEEK, "n_group", "3"),
+            &["n_group 3 must divide n_routed_experts 8"],
+        );
+        refused(
+            &with(DEEPSEEK, "n_group", "8"),
+            &["n_group 8 leaves 1 of n_routed_experts 8 per group"],
+        );
+        refused(
+            &with(DEEPSEEK, "topk_group", "0"),
+            &["topk_group 0 must be between 1 and n_group 4"],
+        );
+        refused(
+            &with(DEEPSEEK, "topk_group", "5"),
+            &["topk_group 5 must be between 1 and n_group 4"],
+        );
+        let few_groups = with(
+            with(DEEPSEEK, "topk_group", "1").as_str(),
+            "num_experts_per_tok",
+            "3",
+        );
+        refused(
+            &few_groups,
+            &["num_experts_per_tok 3 exceeds the experts in topk_group 1 groups"],
+        );
+    }
+
+    #[test]
+    fn deepseek_dense_layers_shared_experts_and_scaling_are_bounded() {
+        refused(
+            &with(DEEPSEEK, "first_k_dense_replace", "3"),
+            &["first_k_dense_replace is 3; it must be below num_hidden_layers 3"],
+        );
+        refused(
+            &with(DEEPSEEK, "n_shared_experts", "18446744073709551615"),
+            &["n_shared_experts 18446744073709551615 × moe_intermediate_size 4 exceeds"],
+        );
+        refused(
+            &with(DEEPSEEK, "n_shared_experts", "65537"),
+            &["n_shared_experts 65537 × moe_intermediate_size 4 exceeds"],
+        );
+        for factor in ["0", "-1.5", "1e39", "1001"] {
+            refused(
+                &with(DEEPSEEK, "routed_scaling_factor", factor),
+                &[
+                    "routed_scaling_factor is",
+                    "it must be above 0 and at most 1000",
+                ],
+            );
+        }
+    }
+
+    #[test]
+    fn fields_of_the_wrong_type_are_refused_not_wrapped() {
+        for value in ["-1", "1.5", "\"8\"", "null"] {
+            assert!(ModelConfig::from_json(&with(MIXTRAL, "hidden_size", value)).is_err());
+        }
     }
 
     #[test]
