@@ -19,11 +19,10 @@ use std::time::Duration;
 
 use futures::Stream;
 use moemesh_proto::AdminServiceClient;
-use moemesh_proto::tls::TlsConfig;
+use moemesh_proto::tls::{MemberChannel, TlsConfig};
 use moemesh_proto::v1::{PlacementSnapshot, WatchPlacementRequest};
 use tokio::sync::mpsc;
 use tonic::Code;
-use tonic::transport::Channel;
 
 use crate::ClientError;
 
@@ -60,7 +59,7 @@ pub struct CoordinatorClient {
     /// The coordinator in use: an index into `addresses`, and its
     /// connection once made.
     current: usize,
-    connected: Option<AdminServiceClient<Channel>>,
+    connected: Option<AdminServiceClient<MemberChannel>>,
 }
 
 impl CoordinatorClient {
@@ -133,7 +132,7 @@ impl CoordinatorClient {
 
     /// The connection to the coordinator in use, connecting to it (or,
     /// failing that, to the next ones) when there is none.
-    async fn connection(&mut self) -> Result<AdminServiceClient<Channel>, ClientError> {
+    async fn connection(&mut self) -> Result<AdminServiceClient<MemberChannel>, ClientError> {
         if let Some(connected) = &self.connected {
             return Ok(connected.clone());
         }
@@ -168,7 +167,7 @@ impl CoordinatorClient {
     ) -> Result<T, ClientError>
     where
         M: Clone,
-        F: FnMut(AdminServiceClient<Channel>, tonic::Request<M>) -> Fut,
+        F: FnMut(AdminServiceClient<MemberChannel>, tonic::Request<M>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let mut last_error = None;
@@ -230,7 +229,7 @@ impl CoordinatorClient {
 async fn connect(
     tls: &TlsConfig,
     address: &str,
-) -> Result<AdminServiceClient<Channel>, ClientError> {
+) -> Result<AdminServiceClient<MemberChannel>, ClientError> {
     let connect_error = |message: String| ClientError::Connect {
         address: address.to_string(),
         message,
@@ -242,7 +241,7 @@ async fn connect(
         .connect()
         .await
         .map_err(|error| connect_error(format!("{error:?}")))?;
-    Ok(AdminServiceClient::new(channel))
+    Ok(AdminServiceClient::new(tls.channel(channel)))
 }
 
 /// The task behind [`CoordinatorClient::watch_placement`].

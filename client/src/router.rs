@@ -3,10 +3,9 @@
 use std::time::Duration;
 
 use moemesh_proto::codec::{WireDtype, decode_rows, encode};
-use moemesh_proto::tls::TlsConfig;
+use moemesh_proto::tls::{MemberChannel, TlsConfig};
 use moemesh_proto::v1::{ForwardRequest, Tensor};
 use moemesh_proto::{DEFAULT_DEADLINE, MAX_MESSAGE_BYTES, RouterServiceClient};
-use tonic::transport::Channel;
 
 use crate::ClientError;
 
@@ -21,7 +20,7 @@ pub struct Timed<T> {
 /// A connection to one moemesh router.
 #[derive(Clone)]
 pub struct Client {
-    router: RouterServiceClient<Channel>,
+    router: RouterServiceClient<MemberChannel>,
     /// How long one forward may take, retries included.
     deadline: Duration,
 }
@@ -64,7 +63,7 @@ impl Client {
             .connect()
             .await
             .map_err(|error| connect_error(format!("{error:?}")))?;
-        let router = RouterServiceClient::new(channel)
+        let router = RouterServiceClient::new(tls.channel(channel))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         Ok(Self {

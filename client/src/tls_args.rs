@@ -1,15 +1,19 @@
-//! The mutual-TLS flags every moemesh binary takes.
+//! The security flags every moemesh binary takes: mutual TLS, or in
+//! plaintext the cluster secret.
 
 use std::path::PathBuf;
 
+use moemesh_proto::identity::Member;
 use moemesh_proto::tls::TlsConfig;
 
-/// `--tls-cert`, `--tls-key` and `--tls-ca` (or `MOEMESH_TLS_*`), flattened
-/// into a binary's top-level arguments.
+/// `--tls-cert`, `--tls-key`, `--tls-ca` and `--cluster-secret` (or
+/// `MOEMESH_TLS_*`, `MOEMESH_CLUSTER_SECRET`), flattened into a binary's
+/// top-level arguments.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct TlsArgs {
-    /// This process's TLS certificate (PEM). With --tls-key and --tls-ca,
-    /// every connection is mutual TLS: servers demand a client certificate
+    /// This process's TLS certificate (PEM), naming it as a member
+    /// (`moemesh certs issue`). With --tls-key and --tls-ca, every
+    /// connection is mutual TLS: servers demand a client certificate
     /// signed by the CA, clients present theirs; peers are https:// URLs.
     #[arg(long, global = true, env = "MOEMESH_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,
@@ -19,22 +23,50 @@ pub struct TlsArgs {
     /// The CA certificate (PEM) that signs every member of the cluster.
     #[arg(long, global = true, env = "MOEMESH_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
+    /// Without TLS: the secret every cluster-internal call carries (16 or
+    /// more characters); servers refuse calls without it. `moemesh up`
+    /// makes one and prints it.
+    #[arg(
+        long,
+        global = true,
+        env = "MOEMESH_CLUSTER_SECRET",
+        hide_env_values = true
+    )]
+    pub cluster_secret: Option<String>,
 }
 
 impl TlsArgs {
-    /// Mutual TLS when all three files are given, plaintext when none is;
-    /// refuses some without the others.
-    pub fn config(&self) -> anyhow::Result<TlsConfig> {
+    /// Mutual TLS when all three files are given; plaintext, claiming to
+    /// be `member` with the cluster secret when there is one, when none
+    /// is. Refuses some TLS files without the others, and a secret beside
+    /// TLS.
+    pub fn config(&self, member: Member) -> anyhow::Result<TlsConfig> {
         match (&self.tls_cert, &self.tls_key, &self.tls_ca) {
-            (None, None, None) => Ok(TlsConfig::plaintext()),
+            (None, None, None) => match &self.cluster_secret {
+                None => Ok(TlsConfig::plaintext()),
+                Some(secret) => TlsConfig::with_cluster_secret(secret.clone(), member)
+                    .map_err(anyhow::Error::msg),
+            },
             (Some(cert), Some(key), Some(ca)) => {
+                if self.cluster_secret.is_some() {
+                    anyhow::bail!(
+                        "--cluster-secret is for plaintext mode; with TLS, certificates say who calls"
+                    );
+                }
                 TlsConfig::from_files(cert, key, ca).map_err(anyhow::Error::msg)
             }
             _ => anyhow::bail!("mutual TLS needs all of --tls-cert, --tls-key and --tls-ca"),
         }
     }
 
-    /// The same flags, for a child process that must use this process's TLS.
+    /// Whether these flags turn mutual TLS on.
+    pub fn is_mutual(&self) -> bool {
+        self.tls_cert.is_some() || self.tls_key.is_some() || self.tls_ca.is_some()
+    }
+
+    /// The TLS flags, for a child process that must use this process's
+    /// TLS files. The cluster secret is not among them: it goes in the
+    /// child's environment, where `ps` does not show it.
     pub fn to_args(&self) -> Vec<String> {
         let flags = [
             ("--tls-cert", &self.tls_cert),

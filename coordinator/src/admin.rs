@@ -2,12 +2,11 @@
 //! report there, routers watch the placement and report load, and
 //! operators (`moectl`) inspect and change the cluster.
 //!
-//! Handlers stay thin: they decode the request, [`authorize`] operators'
-//! calls, hand the work to its owner (the Raft node, [`crate::placement`],
+//! Handlers stay thin: they [`authorize`] the caller, decode the request, hand the work to its owner (the Raft node, [`crate::placement`],
 //! [`crate::registration`], [`crate::membership`], the [`Rebalancer`], or
 //! the leader through [`LeaderForwarding`]) and encode the answer.
 //!
-//! [`authorize`]: OperatorAuth::authorize
+//! [`authorize`]: crate::auth
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -136,6 +135,7 @@ impl moemesh_proto::AdminService for AdminApi {
         &self,
         request: Request<WatchPlacementRequest>,
     ) -> Result<Response<Self::WatchPlacementStream>, Status> {
+        self.auth.authorize_member(&request, "WatchPlacement")?;
         let model = request.into_inner().model;
         let (snapshot_tx, snapshot_rx) = mpsc::channel(16);
         tokio::spawn(watch_placement_task(
@@ -154,6 +154,9 @@ impl moemesh_proto::AdminService for AdminApi {
         &self,
         request: Request<ReportReplicaReadyRequest>,
     ) -> Result<Response<ReportReplicaReadyResponse>, Status> {
+        let node = &request.get_ref().node;
+        self.auth
+            .authorize_node(&request, "ReportReplicaReady", node)?;
         let epoch = registration::report_replica_ready(&self.raft, request.into_inner()).await?;
         Ok(Response::new(ReportReplicaReadyResponse { epoch }))
     }
@@ -162,6 +165,8 @@ impl moemesh_proto::AdminService for AdminApi {
         &self,
         request: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatResponse>, Status> {
+        self.auth
+            .authorize_node(&request, "Heartbeat", &request.get_ref().node)?;
         let heartbeat = request.into_inner();
         registration::record_heartbeat(&self.membership, &self.load, &heartbeat);
         // Only the leader acts on heartbeats: hand it this one.
@@ -175,6 +180,7 @@ impl moemesh_proto::AdminService for AdminApi {
         &self,
         request: Request<ReportUnreachableRequest>,
     ) -> Result<Response<ReportUnreachableResponse>, Status> {
+        self.auth.authorize_router(&request, "ReportUnreachable")?;
         let report = request.into_inner();
         registration::record_unreachable(&self.membership, &report);
         if let Some(mut leader) = self.forward.leader_if_not_self().await? {
@@ -187,6 +193,7 @@ impl moemesh_proto::AdminService for AdminApi {
         &self,
         request: Request<ReportLoadRequest>,
     ) -> Result<Response<ReportLoadResponse>, Status> {
+        self.auth.authorize_router(&request, "ReportLoad")?;
         let report = request.into_inner();
         self.load.record_router(
             &report.model,
@@ -205,7 +212,7 @@ impl moemesh_proto::AdminService for AdminApi {
         &self,
         request: Request<LoadStatsRequest>,
     ) -> Result<Response<LoadStatsResponse>, Status> {
-        self.auth.authorize(&request)?;
+        self.auth.authorize_read(&request, "LoadStats")?;
         let request = request.into_inner();
         // The leader hears every report; ask it, and answer from here only
         // when it cannot be reached.
@@ -240,7 +247,7 @@ impl moemesh_proto::AdminService for AdminApi {
         &self,
         request: Request<RebalanceRequest>,
     ) -> Result<Response<RebalanceResponse>, Status> {
-        self.auth.authorize(&request)?;
+        self.auth.authorize_write(&request, "Rebalance")?;
         let request = request.into_inner();
         // The leader holds the load window and carries out moves, which
         // take longer than the peer clients' timeout: call it afresh.
@@ -265,7 +272,7 @@ impl moemesh_proto::AdminService for AdminApi {
         &self,
         request: Request<MoveReplicaRequest>,
     ) -> Result<Response<MoveReplicaResponse>, Status> {
-        self.auth.authorize(&request)?;
+        self.auth.authorize_write(&request, "MoveReplica")?;
         let MoveReplicaRequest {
             model,
             layer,
@@ -302,7 +309,7 @@ impl moemesh_proto::AdminService for AdminApi {
         &self,
         request: Request<DrainNodeRequest>,
     ) -> Result<Response<DrainNodeResponse>, Status> {
-        self.auth.authorize(&request)?;
+        self.auth.authorize_write(&request, "DrainNode")?;
         let node = request.into_inner().node;
         tracing::info!(%node, "draining a node");
         let moved = membership::drain_node(&self.raft, &node, self.drain_grace).await?;
@@ -318,7 +325,7 @@ impl moemesh_proto::AdminService for AdminApi {
         &self,
         request: Request<AddReplicaRequest>,
     ) -> Result<Response<AddReplicaResponse>, Status> {
-        self.auth.authorize(&request)?;
+        self.auth.authorize_write(&request, "AddReplica")?;
         let AddReplicaRequest {
             model,
             layer,
@@ -337,7 +344,7 @@ impl moemesh_proto::AdminService for AdminApi {
         &self,
         request: Request<ClusterStatusRequest>,
     ) -> Result<Response<ClusterStatusResponse>, Status> {
-        self.auth.authorize(&request)?;
+        self.auth.authorize_read(&request, "ClusterStatus")?;
         let own = self.raft.status().await?;
         // Diagnostics should work during an election: fall back to the
         // state applied here when no quorum confirms a read.
@@ -366,6 +373,10 @@ impl moemesh_proto::AdminService for AdminApi {
         &self,
         request: Request<RegisterNodeRequest>,
     ) -> Result<Response<RegisterNodeResponse>, Status> {
+        let node = request.get_ref().node.as_ref();
+        let node_id = node.map(|node| node.id.as_str()).unwrap_or_default();
+        self.auth
+            .authorize_node(&request, "RegisterNode", node_id)?;
         let epoch =
             registration::register_node(&self.raft, &self.membership, request.into_inner()).await?;
         Ok(Response::new(RegisterNodeResponse { epoch }))
@@ -376,7 +387,7 @@ impl moemesh_proto::AdminService for AdminApi {
         &self,
         request: Request<LoadModelRequest>,
     ) -> Result<Response<LoadModelResponse>, Status> {
-        self.auth.authorize(&request)?;
+        self.auth.authorize_write(&request, "LoadModel")?;
         let LoadModelRequest {
             model,
             checkpoint,
@@ -416,7 +427,7 @@ impl moemesh_proto::AdminService for AdminApi {
         &self,
         request: Request<ShowPlacementRequest>,
     ) -> Result<Response<ShowPlacementResponse>, Status> {
-        self.auth.authorize(&request)?;
+        self.auth.authorize_read(&request, "ShowPlacement")?;
         let filter = request.into_inner();
         let state = self.raft.read().await?;
         let layer = filter.has_layer.then_some(filter.layer as usize);

@@ -6,8 +6,7 @@
 use std::collections::BTreeMap;
 
 use moemesh_proto::AdminServiceClient;
-use moemesh_proto::tls::TlsConfig;
-use tonic::transport::Channel;
+use moemesh_proto::tls::{MemberChannel, TlsConfig};
 use tonic::{Request, Status};
 
 use crate::CoordinatorResult;
@@ -26,7 +25,7 @@ pub struct LeaderForwarding {
     tls: TlsConfig,
     /// Lazily connected admin clients of the other coordinators, whose
     /// calls time out after [`PEER_TIMEOUT`].
-    peer_admin: BTreeMap<u64, AdminServiceClient<Channel>>,
+    peer_admin: BTreeMap<u64, AdminServiceClient<MemberChannel>>,
     /// Lends the admin token to forwarded operators' calls.
     auth: OperatorAuth,
 }
@@ -44,7 +43,8 @@ impl LeaderForwarding {
         let mut peer_admin = BTreeMap::new();
         for (&peer, address) in peers.iter().filter(|(peer, _)| **peer != own_id) {
             let endpoint = peer_endpoint(tls, peer, address)?.timeout(PEER_TIMEOUT);
-            peer_admin.insert(peer, AdminServiceClient::new(endpoint.connect_lazy()));
+            let channel = tls.channel(endpoint.connect_lazy());
+            peer_admin.insert(peer, AdminServiceClient::new(channel));
         }
         Ok(Self {
             own_id,
@@ -58,7 +58,9 @@ impl LeaderForwarding {
 
     /// A client of the leader when it is another coordinator; None when
     /// this coordinator leads or no leader is known.
-    pub async fn leader_if_not_self(&self) -> Result<Option<AdminServiceClient<Channel>>, Status> {
+    pub async fn leader_if_not_self(
+        &self,
+    ) -> Result<Option<AdminServiceClient<MemberChannel>>, Status> {
         let status = self.raft.status().await?;
         Ok(status
             .leader_id
@@ -71,7 +73,7 @@ impl LeaderForwarding {
     /// out its moves).
     pub async fn leader_if_not_self_untimed(
         &self,
-    ) -> Result<Option<AdminServiceClient<Channel>>, Status> {
+    ) -> Result<Option<AdminServiceClient<MemberChannel>>, Status> {
         let status = self.raft.status().await?;
         let Some(leader) = status.leader_id.filter(|&leader| leader != self.own_id) else {
             return Ok(None);
@@ -86,7 +88,7 @@ impl LeaderForwarding {
             .connect()
             .await
             .map_err(|error| Status::unavailable(format!("leader {leader}: {error}")))?;
-        Ok(Some(AdminServiceClient::new(channel)))
+        Ok(Some(AdminServiceClient::new(self.tls.channel(channel))))
     }
 
     /// `message` as an operator's request to another coordinator, with

@@ -2,12 +2,17 @@
 //! messages in (sent by [`crate::transport::GrpcTransport`]) and each
 //! coordinator's view of the group, which [`coordinator_statuses`] gathers
 //! for `moectl cluster status`.
+//!
+//! Raft messages are accepted only from coordinators, and only those a
+//! coordinator sends as itself (`from` is its own raft id): a member of
+//! another role, or a coordinator speaking for another, could otherwise
+//! vote, append to the log or take over leadership.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use moemesh_proto::CoordinatorPeerServiceClient;
-use moemesh_proto::tls::TlsConfig;
+use moemesh_proto::tls::{Caller, TlsConfig};
 use moemesh_proto::v1::{CoordinatorStatus, PeerStatusRequest, RaftAck, RaftBatch};
 use protobuf::Message as _;
 use raft::prelude::Message;
@@ -25,21 +30,52 @@ pub struct PeerService {
     raft: RaftHandle,
     /// This coordinator's URL, as its peers know it.
     own_address: String,
+    /// Says who each caller is.
+    tls: TlsConfig,
 }
 
 impl PeerService {
-    pub fn new(raft: RaftHandle, own_address: String) -> Self {
-        Self { raft, own_address }
+    pub fn new(raft: RaftHandle, own_address: String, tls: TlsConfig) -> Self {
+        Self {
+            raft,
+            own_address,
+            tls,
+        }
     }
+}
+
+/// Refuses a raft message unless `caller` is the coordinator it says it
+/// comes from.
+fn permit_raft_message(caller: &Caller, message: &Message) -> Result<(), Status> {
+    caller.permit("Raft", |member| match member.coordinator_raft_id() {
+        Some(id) if id == message.from => Ok(()),
+        Some(id) => Err(format!(
+            "coordinator {id} sent a raft message from {}",
+            message.from
+        )),
+        None => Err(format!("{member} is not a coordinator")),
+    })
 }
 
 #[tonic::async_trait]
 impl moemesh_proto::CoordinatorPeerService for PeerService {
     async fn raft(&self, request: Request<RaftBatch>) -> Result<Response<RaftAck>, Status> {
-        for bytes in request.into_inner().messages {
-            let message = Message::parse_from_bytes(&bytes).map_err(|error| {
-                Status::invalid_argument(format!("undecodable raft message: {error}"))
-            })?;
+        let caller = self.tls.caller(&request);
+        caller.permit_roles("Raft", &[moemesh_proto::identity::Role::Coordinator])?;
+        // Decode and check the whole batch before stepping any of it.
+        let messages = request
+            .into_inner()
+            .messages
+            .iter()
+            .map(|bytes| {
+                let message = Message::parse_from_bytes(bytes).map_err(|error| {
+                    Status::invalid_argument(format!("undecodable raft message: {error}"))
+                })?;
+                permit_raft_message(&caller, &message)?;
+                Ok(message)
+            })
+            .collect::<Result<Vec<_>, Status>>()?;
+        for message in messages {
             self.raft.step(message);
         }
         Ok(Response::new(RaftAck {}))
@@ -47,8 +83,9 @@ impl moemesh_proto::CoordinatorPeerService for PeerService {
 
     async fn peer_status(
         &self,
-        _request: Request<PeerStatusRequest>,
+        request: Request<PeerStatusRequest>,
     ) -> Result<Response<CoordinatorStatus>, Status> {
+        self.tls.caller(&request).permit_members("PeerStatus")?;
         let status = self.raft.status().await?;
         Ok(Response::new(status_to_proto(&status, &self.own_address)))
     }
@@ -99,7 +136,7 @@ pub async fn coordinator_statuses(
         let Ok(channel) = endpoint.connect().await else {
             return unreachable_status(id, address);
         };
-        match CoordinatorPeerServiceClient::new(channel)
+        match CoordinatorPeerServiceClient::new(tls.channel(channel))
             .peer_status(PeerStatusRequest {})
             .await
         {

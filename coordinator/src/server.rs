@@ -2,6 +2,13 @@
 //! the Raft node, membership monitor, rebalancer and the two gRPC services
 //! (peer and admin, plus gRPC health), and an orderly shutdown.
 //!
+//! A coordinator serves on one listener, or on two as etcd does: the admin
+//! listener for expert nodes, routers and operators, and a peer listener
+//! for the other coordinators (raft traffic, and the calls they forward to
+//! the leader), so a network policy can keep raft among coordinators.
+//! Every call must come from a member ([`TlsConfig::members_only`]); each
+//! handler then checks the caller's role.
+//!
 //! [`run`] serves on a listener until a shutdown future completes, so a test
 //! binds `127.0.0.1:0`, spawns it and connects. [`Coordinator`] splits that
 //! in two for callers that need the Raft handle, or need to know the
@@ -19,6 +26,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::server::NamedService;
 use tonic::service::Routes;
+use tonic::service::interceptor::InterceptedService;
 
 use crate::admin::AdminApi;
 use crate::auth::OperatorAuth;
@@ -72,6 +80,10 @@ impl CoordinatorConfig {
     }
 }
 
+/// Largest request the admin service decodes: its requests are small (a
+/// registration lists at most every expert of a model).
+const ADMIN_MESSAGE_BYTES: usize = 16 << 20;
+
 /// Starts a coordinator and serves it on `listener` until `shutdown`
 /// completes; see [`Coordinator::serve`].
 pub async fn run(
@@ -110,9 +122,10 @@ impl Coordinator {
             GrpcTransport::start(id, &config.peers, &config.tls, Arc::clone(&handle_slot))?;
         let raft = RaftNode::spawn(raft_config, Arc::new(transport))?;
         let _ = handle_slot.set(raft.clone());
-        let membership = Membership::new(raft.clone(), config.dead_after);
+        let membership =
+            Membership::with_drain_grace(raft.clone(), config.dead_after, config.drain_grace);
         tokio::spawn(Arc::clone(&membership).monitor_task());
-        let auth = OperatorAuth::new(config.admin_token.clone());
+        let auth = OperatorAuth::new(config.admin_token.clone(), config.tls.clone());
         let forward =
             LeaderForwarding::new(id, &config.peers, &config.tls, raft.clone(), auth.clone())?;
         let load = Arc::new(LoadTracker::new(config.load_window));
@@ -139,7 +152,7 @@ impl Coordinator {
             streams_closing: Arc::clone(&streams_closing),
         };
         Ok(Self {
-            peer: PeerService::new(raft.clone(), own_address),
+            peer: PeerService::new(raft.clone(), own_address, config.tls.clone()),
             raft,
             tls: config.tls,
             admin,
@@ -160,11 +173,30 @@ impl Coordinator {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> CoordinatorResult<()> {
+        self.serve_split(listener, None, shutdown).await
+    }
+
+    /// Like [`Coordinator::serve`], with the peer service on a listener of
+    /// its own when `peer_listener` is given: then `listener` serves only
+    /// the admin service (and health), and the peer listener serves the
+    /// peer service and the admin calls other coordinators forward.
+    pub async fn serve_split(
+        self,
+        listener: TcpListener,
+        peer_listener: Option<TcpListener>,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> CoordinatorResult<()> {
+        let Self {
+            raft,
+            tls,
+            peer,
+            admin,
+            streams_closing,
+        } = self;
         let raft_stopped = Arc::new(AtomicBool::new(false));
         let shutdown = {
-            let raft = self.raft.clone();
+            let raft = raft.clone();
             let raft_stopped = Arc::clone(&raft_stopped);
-            let streams_closing = self.streams_closing;
             async move {
                 tokio::select! {
                     _ = shutdown => {}
@@ -175,19 +207,59 @@ impl Coordinator {
                 streams_closing.send_replace(true);
             }
         };
-        let builder = self
-            .tls
-            .server()
-            .map_err(|error| CoordinatorError::Rejected(format!("TLS setup failed: {error}")))?;
-        let peer = CoordinatorPeerServiceServer::new(self.peer)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        let routes = Routes::new(peer).add_service(AdminServiceServer::new(self.admin));
+        let (stopping_tx, stopping) = watch::channel(false);
+        tokio::spawn(async move {
+            shutdown.await;
+            stopping_tx.send_replace(true);
+        });
+        let until_stopping = move || {
+            let mut stopping = stopping.clone();
+            async move {
+                let _ = stopping.wait_for(|stopping| *stopping).await;
+            }
+        };
         let services = [<AdminServiceServer<AdminApi> as NamedService>::NAME];
-        let result =
-            moemesh_proto::serve_with_health(builder, routes, &services, listener, shutdown).await;
-        self.raft.shutdown().await;
-        result.map_err(|error| CoordinatorError::Storage(format!("server failed: {error}")))?;
+        let guard = tls.members_only();
+        let peer = InterceptedService::new(
+            CoordinatorPeerServiceServer::new(peer)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            guard.clone(),
+        );
+        let admin = || {
+            let server = AdminServiceServer::new(admin.clone())
+                .max_decoding_message_size(ADMIN_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES);
+            InterceptedService::new(server, guard.clone())
+        };
+        let result = match peer_listener {
+            None => {
+                let routes = Routes::new(peer).add_service(admin());
+                serve_routes(&tls, routes, &services, listener, until_stopping()).await
+            }
+            Some(peer_listener) => {
+                let peer_routes = Routes::new(peer).add_service(admin());
+                let (admin_result, peer_result) = tokio::join!(
+                    serve_routes(
+                        &tls,
+                        Routes::new(admin()),
+                        &services,
+                        listener,
+                        until_stopping()
+                    ),
+                    serve_routes(
+                        &tls,
+                        peer_routes,
+                        &services,
+                        peer_listener,
+                        until_stopping()
+                    ),
+                );
+                admin_result.and(peer_result)
+            }
+        };
+        raft.shutdown().await;
+        result?;
         if raft_stopped.load(Ordering::Relaxed) {
             return Err(CoordinatorError::Storage(
                 "the raft node stopped; see the errors above".into(),
@@ -195,4 +267,20 @@ impl Coordinator {
         }
         Ok(())
     }
+}
+
+/// Serves `routes` (and health) on `listener` until `shutdown`.
+async fn serve_routes(
+    tls: &TlsConfig,
+    routes: Routes,
+    services: &[&'static str],
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> CoordinatorResult<()> {
+    let builder = tls
+        .server()
+        .map_err(|error| CoordinatorError::Rejected(format!("TLS setup failed: {error}")))?;
+    moemesh_proto::serve_with_health(builder, routes, services, listener, shutdown)
+        .await
+        .map_err(|error| CoordinatorError::Storage(format!("server failed: {error}")))
 }

@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use moemesh_proto::tls::MemberChannel;
 use moemesh_proto::tls::TlsConfig;
 use moemesh_proto::v1::RaftBatch;
 use moemesh_proto::{CoordinatorPeerServiceClient, MAX_MESSAGE_BYTES};
@@ -17,7 +18,7 @@ use protobuf::Message as _;
 use raft::prelude::Message;
 use rand::Rng;
 use tokio::sync::mpsc;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 
 use crate::node::{RaftHandle, RaftTransport};
 use crate::{CoordinatorError, CoordinatorResult};
@@ -50,7 +51,7 @@ impl GrpcTransport {
                 .tcp_nodelay(true)
                 .connect_timeout(PEER_TIMEOUT)
                 .timeout(PEER_TIMEOUT);
-            let client = CoordinatorPeerServiceClient::new(endpoint.connect_lazy())
+            let client = CoordinatorPeerServiceClient::new(tls.channel(endpoint.connect_lazy()))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES);
             let (message_tx, message_rx) = mpsc::channel(PEER_QUEUE);
@@ -77,7 +78,7 @@ pub fn peer_endpoint(tls: &TlsConfig, peer: u64, address: &str) -> CoordinatorRe
 /// Sends one peer's messages in batches, in order; reports it unreachable on failure.
 async fn peer_sender_task(
     peer: u64,
-    mut client: CoordinatorPeerServiceClient<Channel>,
+    mut client: CoordinatorPeerServiceClient<MemberChannel>,
     mut message_rx: mpsc::Receiver<Message>,
     node: Arc<OnceLock<RaftHandle>>,
 ) {

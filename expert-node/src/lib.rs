@@ -248,6 +248,8 @@ async fn serve(
     let server = ExpertServiceServer::new(service)
         .max_decoding_message_size(max_request_bytes)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    // Non-members are refused before their requests are decoded.
+    let server = tonic::service::interceptor::InterceptedService::new(server, tls.members_only());
     let shutdown = async move {
         shutdown.await;
         tracing::info!("expert node shutting down");

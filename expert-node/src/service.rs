@@ -24,6 +24,9 @@ use moemesh_proto::v1::{
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
+use moemesh_proto::identity::Role;
+use moemesh_proto::tls::TlsConfig;
+
 use self::limits::ComputeLimits;
 use crate::residency::Residency;
 use crate::worker::{ComputeJob, DeviceWorker, DeviceWorkerHandle, ExpertAssignment, HeldExperts};
@@ -47,6 +50,8 @@ struct NodeInner {
     /// Whether an added expert is loaded before the worker serves it
     /// (no budget), or paged in by the worker as the budget allows.
     loads_eagerly: bool,
+    /// Says who each caller is: only routers and clients compute.
+    tls: TlsConfig,
 }
 
 /// A node's work as heartbeats report it: the coordinators' measure of how
@@ -108,6 +113,7 @@ impl ExpertNodeService {
             backend,
             worker,
             loads_eagerly,
+            tls: node_config.tls.clone(),
         };
         Ok(Self {
             inner: Arc::new(inner),
@@ -365,6 +371,10 @@ impl moemesh_proto::ExpertService for ExpertNodeService {
         &self,
         request: Request<ComputeRequest>,
     ) -> Result<Response<ComputeResponse>, Status> {
+        self.inner
+            .tls
+            .caller(&request)
+            .permit_roles("Compute", &[Role::Router, Role::Client])?;
         // Admission before anything is decoded: an overloaded node spends
         // no memory on work it would refuse.
         let slot = self.inner.worker.reserve_compute()?;
@@ -386,7 +396,8 @@ impl moemesh_proto::ExpertService for ExpertNodeService {
         }))
     }
 
-    async fn info(&self, _request: Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
+    async fn info(&self, request: Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
+        self.inner.tls.caller(&request).permit_members("Info")?;
         Ok(Response::new(self.describe()))
     }
 }

@@ -9,6 +9,7 @@
 //! its shape, dtype and values.
 
 pub mod codec;
+pub mod identity;
 pub mod tls;
 
 /// Generated messages, clients and servers of package `moemesh.v1`.

@@ -16,13 +16,12 @@ use futures::StreamExt;
 use moemesh_client::CoordinatorClient;
 use moemesh_core::model::config::ModelConfig;
 use moemesh_core::model::placement::{NodeEntry, Placement};
-use moemesh_proto::tls::TlsConfig;
+use moemesh_proto::tls::{MemberChannel, TlsConfig};
 use moemesh_proto::v1::PlacementSnapshot;
 use moemesh_proto::{
     ExpertServiceClient, MAX_MESSAGE_BYTES, NodeStatus, ReplicaState, data_path_endpoint,
 };
 use tokio::sync::watch;
-use tonic::transport::Channel;
 
 use crate::health::NodeHealth;
 use crate::load::{LoadCounters, report_load_task, router_id};
@@ -34,7 +33,7 @@ pub struct NodeLink {
     pub node: NodeEntry,
     /// The node's topology group as the coordinators know it; empty when unknown.
     pub group: String,
-    pub client: ExpertServiceClient<Channel>,
+    pub client: ExpertServiceClient<MemberChannel>,
     /// Token-expert pairs sent to the node and not yet answered, by every
     /// request of this router; kept across placement epochs.
     pub in_flight: Arc<AtomicU64>,
@@ -52,7 +51,8 @@ impl NodeLink {
                 node.id, node.address
             ))
         })?;
-        let client = ExpertServiceClient::new(data_path_endpoint(endpoint).connect_lazy())
+        let channel = tls.channel(data_path_endpoint(endpoint).connect_lazy());
+        let client = ExpertServiceClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         Ok(Self {

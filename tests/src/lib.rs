@@ -20,11 +20,15 @@ use moemesh_core::model::checkpoint::Checkpoint;
 use moemesh_core::model::placement::{NodeEntry, Placement, PlacementFile};
 use moemesh_expert_node::registration::Registration;
 use moemesh_expert_node::{ExpertNode, ExpertNodeConfig};
+use moemesh_proto::identity::{Member, Role};
 use moemesh_proto::tls::TlsConfig;
 use moemesh_router_node::{PlacementSource, Router, RouterConfig};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+
+mod security;
+pub use security::{SandboxSecurity, TEST_CLUSTER_SECRET, TestAuthority};
 
 /// Returns the directory of a committed fixture, for example `mixtral`.
 pub fn fixture_dir(name: &str) -> PathBuf {
@@ -109,24 +113,39 @@ pub fn relative_l2(got: &[f32], want: &[f32]) -> f64 {
 pub struct ClusterSandbox {
     pub router_url: String,
     pub placement: Placement,
-    /// How the cluster's connections are secured; clients use it too.
+    /// How the cluster's clients secure their connections.
     pub tls: TlsConfig,
+    /// How every member of the cluster is secured.
+    pub security: SandboxSecurity,
     shutdown_tx: watch::Sender<bool>,
     servers: JoinSet<Result<(), String>>,
 }
 
 /// Binds a port on 127.0.0.1 and returns its URL (`https` with TLS).
-async fn bind(tls: &TlsConfig) -> (TcpListener, String) {
+async fn bind(security: &SandboxSecurity) -> (TcpListener, String) {
     let listener = TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind 127.0.0.1:0");
     let url = format!(
         "{}://{}",
-        tls.scheme(),
+        security.scheme(),
         listener.local_addr().expect("bound address")
     );
     (listener, url)
 }
+
+/// The client member sandboxes' clients call as.
+fn sandbox_client(security: &SandboxSecurity) -> TlsConfig {
+    security.for_role(Role::Client, "sandbox-client")
+}
+
+/// The operator sandboxes' admin clients call as.
+fn sandbox_operator(security: &SandboxSecurity) -> TlsConfig {
+    security.for_role(Role::Operator, "sandbox-operator")
+}
+
+/// The router sandboxes run.
+const SANDBOX_ROUTER: &str = "router-0";
 
 impl ClusterSandbox {
     /// Starts `nodes` expert nodes holding the placement that `place`
@@ -136,21 +155,21 @@ impl ClusterSandbox {
         nodes: usize,
         place: impl FnOnce(Vec<NodeEntry>) -> PlacementFile,
     ) -> Self {
-        Self::start_with_tls(model_dir, nodes, place, TlsConfig::plaintext()).await
+        Self::start_secured(model_dir, nodes, place, SandboxSecurity::Open).await
     }
 
-    /// [`ClusterSandbox::start`] with every connection secured by `tls`.
-    pub async fn start_with_tls(
+    /// [`ClusterSandbox::start`] with every member secured by `security`.
+    pub async fn start_secured(
         model_dir: &Path,
         nodes: usize,
         place: impl FnOnce(Vec<NodeEntry>) -> PlacementFile,
-        tls: TlsConfig,
+        security: SandboxSecurity,
     ) -> Self {
         let config = Checkpoint::open(model_dir)
             .expect("model opens")
             .config()
             .clone();
-        let (listeners, entries) = bind_expert_nodes(nodes, &tls).await;
+        let (listeners, entries) = bind_expert_nodes(nodes, &security).await;
         let placement_file = place(entries.clone());
         let placement = Placement::from_file(&placement_file, &config).expect("placement is valid");
         let (shutdown_tx, _) = watch::channel(false);
@@ -166,7 +185,7 @@ impl ClusterSandbox {
                 device: Default::default(),
                 memory_budget: None,
                 device_memory_budget: None,
-                tls: tls.clone(),
+                tls: security.for_role(Role::Expert, &entry.id),
                 registration: None,
             };
             let node = ExpertNode::start(node_config, listener)
@@ -179,14 +198,14 @@ impl ClusterSandbox {
                     .map_err(|error| error.to_string())
             });
         }
-        let (listener, router_url) = bind(&tls).await;
+        let (listener, router_url) = bind(&security).await;
         let router_config = RouterConfig {
             model_dir: model_dir.to_path_buf(),
             model_id: "test-model".into(),
             placement: PlacementSource::File(placement_file),
             group: String::new(),
             max_in_flight: 0,
-            tls: tls.clone(),
+            tls: security.for_role(Role::Router, SANDBOX_ROUTER),
         };
         let shutdown = wait_for_shutdown(shutdown_tx.subscribe());
         servers.spawn(async move {
@@ -197,7 +216,8 @@ impl ClusterSandbox {
         Self {
             router_url,
             placement,
-            tls,
+            tls: sandbox_client(&security),
+            security,
             shutdown_tx,
             servers,
         }
@@ -241,11 +261,14 @@ impl ClusterSandbox {
 }
 
 /// Binds `count` expert node listeners and names them `expert-0`, `expert-1`, ...
-async fn bind_expert_nodes(count: usize, tls: &TlsConfig) -> (Vec<TcpListener>, Vec<NodeEntry>) {
+async fn bind_expert_nodes(
+    count: usize,
+    security: &SandboxSecurity,
+) -> (Vec<TcpListener>, Vec<NodeEntry>) {
     let mut listeners = Vec::new();
     let mut entries = Vec::new();
     for index in 0..count {
-        let (listener, address) = bind(tls).await;
+        let (listener, address) = bind(security).await;
         listeners.push(listener);
         entries.push(NodeEntry {
             id: format!("expert-{index}"),
@@ -330,8 +353,10 @@ impl RunningServer {
 pub struct CoordinatorSandbox {
     /// Coordinator URLs by id.
     pub urls: BTreeMap<u64, String>,
-    /// How the coordinators' connections are secured; clients use it too.
+    /// How the sandbox's admin clients (an operator) secure their connections.
     pub tls: TlsConfig,
+    /// How every coordinator is secured.
+    pub security: SandboxSecurity,
     running: BTreeMap<u64, RunningServer>,
     _data: tempfile::TempDir,
 }
@@ -346,17 +371,17 @@ impl CoordinatorSandbox {
     /// Starts `size` coordinators that declare silent nodes dead after
     /// `dead_after` and let drained replicas linger for `drain_grace`.
     pub async fn with_timing(size: u64, dead_after: Duration, drain_grace: Duration) -> Self {
-        Self::with_options(size, dead_after, drain_grace, None, TlsConfig::plaintext()).await
+        Self::with_options(size, dead_after, drain_grace, None, SandboxSecurity::Open).await
     }
 
-    /// [`CoordinatorSandbox::start`] with every connection secured by `tls`.
-    pub async fn start_with_tls(size: u64, tls: TlsConfig) -> Self {
+    /// [`CoordinatorSandbox::start`] with every coordinator secured by `security`.
+    pub async fn start_secured(size: u64, security: SandboxSecurity) -> Self {
         Self::with_options(
             size,
             Duration::from_secs(3600),
             Duration::from_millis(300),
             None,
-            tls,
+            security,
         )
         .await
     }
@@ -368,23 +393,24 @@ impl CoordinatorSandbox {
             Duration::from_secs(3600),
             Duration::from_millis(300),
             Some(admin_token.to_string()),
-            TlsConfig::plaintext(),
+            SandboxSecurity::Open,
         )
         .await
     }
 
-    async fn with_options(
+    /// Starts `size` coordinators with the given timing, token and security.
+    pub async fn with_options(
         size: u64,
         dead_after: Duration,
         drain_grace: Duration,
         admin_token: Option<String>,
-        tls: TlsConfig,
+        security: SandboxSecurity,
     ) -> Self {
         let data = tempfile::tempdir().expect("temporary directory");
         let mut listeners = BTreeMap::new();
         let mut urls = BTreeMap::new();
         for id in 1..=size {
-            let (listener, url) = bind(&tls).await;
+            let (listener, url) = bind(&security).await;
             listeners.insert(id, listener);
             urls.insert(id, url);
         }
@@ -400,14 +426,15 @@ impl CoordinatorSandbox {
             config.dead_after = dead_after;
             config.drain_grace = drain_grace;
             config.admin_token = admin_token.clone();
-            config.tls = tls.clone();
+            config.tls = security.for_member(&Member::coordinator(id));
             let coordinator = Coordinator::start(config).expect("coordinator starts");
             let server = RunningServer::spawn(|shutdown| coordinator.serve(listener, shutdown));
             running.insert(id, server);
         }
         Self {
             urls,
-            tls,
+            tls: sandbox_operator(&security),
+            security,
             running,
             _data: data,
         }
@@ -484,15 +511,35 @@ impl ManagedCluster {
         replicas: usize,
         dead_after: Duration,
     ) -> Self {
+        Self::start_secured(
+            model_dir,
+            nodes,
+            replicas,
+            dead_after,
+            SandboxSecurity::Open,
+        )
+        .await
+    }
+
+    /// [`ManagedCluster::start`] with every member secured by `security`.
+    pub async fn start_secured(
+        model_dir: &Path,
+        nodes: usize,
+        replicas: usize,
+        dead_after: Duration,
+        security: SandboxSecurity,
+    ) -> Self {
+        let drain_grace = Duration::from_millis(300);
         let coordinators =
-            CoordinatorSandbox::with_timing(3, dead_after, Duration::from_millis(300)).await;
+            CoordinatorSandbox::with_options(3, dead_after, drain_grace, None, security.clone())
+                .await;
         coordinators.leader(1).await;
         let coordinator_urls: Vec<String> = coordinators.urls.values().cloned().collect();
         let config = Checkpoint::open(model_dir)
             .expect("model opens")
             .config()
             .clone();
-        let (listeners, entries) = bind_expert_nodes(nodes, &TlsConfig::plaintext()).await;
+        let (listeners, entries) = bind_expert_nodes(nodes, &security).await;
         let placement =
             Placement::spread(&config, entries.clone(), replicas).expect("spread placement");
         let mut managed = Vec::new();
@@ -523,7 +570,7 @@ impl ManagedCluster {
                 device: Default::default(),
                 memory_budget: None,
                 device_memory_budget: None,
-                tls: TlsConfig::plaintext(),
+                tls: security.for_role(Role::Expert, &entry.id),
                 registration: Some(registration),
             };
             let node = ExpertNode::start(node_config, listener)
@@ -536,7 +583,7 @@ impl ManagedCluster {
         }
         if replicas == 0 {
             let mut admin =
-                CoordinatorClient::connect(coordinator_urls.clone(), TlsConfig::plaintext())
+                CoordinatorClient::connect(coordinator_urls.clone(), sandbox_operator(&security))
                     .await
                     .expect("coordinator answers");
             admin
@@ -544,14 +591,14 @@ impl ManagedCluster {
                 .await
                 .expect("model loads through the coordinators");
         }
-        let (listener, router_url) = bind(&TlsConfig::plaintext()).await;
+        let (listener, router_url) = bind(&security).await;
         let router_config = RouterConfig {
             model_dir: model_dir.to_path_buf(),
             model_id: "test-model".into(),
             placement: PlacementSource::Coordinators(coordinator_urls),
             group: String::new(),
             max_in_flight: 0,
-            tls: TlsConfig::plaintext(),
+            tls: security.for_role(Role::Router, SANDBOX_ROUTER),
         };
         let router = Router::load(router_config).await.expect("router loads");
         Self {
@@ -564,7 +611,8 @@ impl ManagedCluster {
 
     /// Connects a client to the router.
     pub async fn client(&self) -> Client {
-        Client::connect(self.router_url.clone())
+        let tls = sandbox_client(&self.coordinators.security);
+        Client::connect_with_tls(self.router_url.clone(), &tls)
             .await
             .expect("router accepts connections")
     }
@@ -706,12 +754,12 @@ impl ClusterSandbox {
         nodes: Vec<SandboxNode>,
         place: impl FnOnce(Vec<NodeEntry>) -> PlacementFile,
     ) -> Self {
-        let tls = TlsConfig::plaintext();
+        let security = SandboxSecurity::Open;
         let config = Checkpoint::open(model_dir)
             .expect("model opens")
             .config()
             .clone();
-        let (listeners, entries) = bind_expert_nodes(nodes.len(), &tls).await;
+        let (listeners, entries) = bind_expert_nodes(nodes.len(), &security).await;
         let placement_file = place(entries.clone());
         let placement = Placement::from_file(&placement_file, &config).expect("placement is valid");
         let (shutdown_tx, _) = watch::channel(false);
@@ -741,7 +789,7 @@ impl ClusterSandbox {
                 device: Default::default(),
                 memory_budget: None,
                 device_memory_budget: None,
-                tls: tls.clone(),
+                tls: TlsConfig::plaintext(),
                 registration: None,
             };
             let node = ExpertNode::start(node_config, listener)
@@ -753,14 +801,14 @@ impl ClusterSandbox {
                     .map_err(|error| error.to_string())
             });
         }
-        let (listener, router_url) = bind(&tls).await;
+        let (listener, router_url) = bind(&security).await;
         let router_config = RouterConfig {
             model_dir: model_dir.to_path_buf(),
             model_id: "test-model".into(),
             placement: PlacementSource::File(placement_file),
             group: String::new(),
             max_in_flight: 0,
-            tls: tls.clone(),
+            tls: TlsConfig::plaintext(),
         };
         let shutdown = wait_for_shutdown(shutdown_tx.subscribe());
         servers.spawn(async move {
@@ -771,7 +819,8 @@ impl ClusterSandbox {
         Self {
             router_url,
             placement,
-            tls,
+            tls: TlsConfig::plaintext(),
+            security,
             shutdown_tx,
             servers,
         }

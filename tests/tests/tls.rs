@@ -1,31 +1,14 @@
 //! Mutual TLS: with TLS on, the cluster serves clients that present a
 //! certificate signed by its CA, and no one else can call any service.
 
-use std::net::{IpAddr, Ipv4Addr};
-
-use moemesh_proto::tls::TlsConfig;
+use moemesh_proto::identity::{Member, Role};
 use moemesh_proto::v1::{ClusterStatusRequest, ForwardRequest, InfoRequest};
 use moemesh_proto::{AdminServiceClient, ExpertServiceClient, RouterServiceClient};
-use moemesh_tests::{ClusterSandbox, CoordinatorSandbox, Fixture, partly_replicated, relative_l2};
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+use moemesh_tests::{
+    ClusterSandbox, CoordinatorSandbox, Fixture, SandboxSecurity, TestAuthority, partly_replicated,
+    relative_l2,
+};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
-
-/// A CA and a certificate it signed for 127.0.0.1 and localhost (server
-/// and client use), as PEM: (ca, cert, key).
-fn authority() -> (String, String, String) {
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca_params, ca_key);
-    let key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
-    params
-        .subject_alt_names
-        .push(SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)));
-    let cert = params.signed_by(&key, &issuer).unwrap();
-    (ca_cert.pem(), cert.pem(), key.serialize_pem())
-}
 
 /// An endpoint that verifies the server against `ca` and presents
 /// `identity`, if any.
@@ -42,18 +25,22 @@ fn endpoint(url: &str, ca: &str, identity: Option<(&str, &str)>) -> Endpoint {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_clients_with_the_clusters_certificates_get_in() {
-    let (ca, cert, key) = authority();
-    let tls = TlsConfig::from_pem(cert.clone().into(), key.clone().into(), ca.clone().into());
-    assert_eq!(tls.scheme(), "https");
+    let security = SandboxSecurity::tls();
+    let SandboxSecurity::Tls(authority) = &security else {
+        unreachable!()
+    };
+    let ca = authority.ca_pem().to_string();
+    let sdk_client = Member::new(Role::Client, "c").unwrap();
+    let (cert, key) = authority.issue(Some(&sdk_client));
 
     let fixture = Fixture::open("qwen2_moe");
     let hidden = fixture.hidden_size();
     let (input, expected) = fixture.cases[&1].clone();
-    let cluster = ClusterSandbox::start_with_tls(
+    let cluster = ClusterSandbox::start_secured(
         &fixture.dir,
         2,
         partly_replicated(&fixture.dir),
-        tls.clone(),
+        security.clone(),
     )
     .await;
     assert!(cluster.router_url.starts_with("https://"));
@@ -93,7 +80,9 @@ async fn only_clients_with_the_clusters_certificates_get_in() {
         "an expert node served a client without a certificate"
     );
     // ...and a certificate from another authority does not help.
-    let (other_ca, other_cert, other_key) = authority();
+    let other = TestAuthority::new();
+    let other_ca = other.ca_pem().to_string();
+    let (other_cert, other_key) = other.issue(Some(&sdk_client));
     let stranger = endpoint(&cluster.router_url, &ca, Some((&other_cert, &other_key)));
     let refused = match stranger.connect().await {
         Ok(channel) => RouterServiceClient::new(channel)
@@ -119,7 +108,7 @@ async fn only_clients_with_the_clusters_certificates_get_in() {
     cluster.shutdown().await;
 
     // Coordinators too.
-    let coordinators = CoordinatorSandbox::start_with_tls(3, tls).await;
+    let coordinators = CoordinatorSandbox::start_secured(3, security).await;
     let leader = coordinators.leader(1).await;
     let url = coordinators.urls[&leader].clone();
     assert!(url.starts_with("https://"));

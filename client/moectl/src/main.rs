@@ -16,6 +16,7 @@ mod placement;
 mod stats;
 
 use clap::{Parser, Subcommand};
+use moemesh_proto::identity::{Member, Role};
 
 use crate::cluster::ClusterCommand;
 use crate::model::ModelCommand;
@@ -60,7 +61,10 @@ enum Command {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let tls = cli.tls.config()?;
+    // In plaintext mode moectl calls as the operator `moectl`; with TLS
+    // its certificate says who it is (an operator's, to change placement).
+    let operator = Member::new(Role::Operator, "moectl").expect("a valid member id");
+    let tls = cli.tls.config(operator)?;
     match cli.command {
         Command::Forward(args) => forward::forward(args, &tls).await,
         Command::Cluster(ClusterCommand::Status(args)) => cluster::status(args, &tls).await,
