@@ -124,6 +124,9 @@ impl RouterNodeService {
         let load = Arc::clone(&self.load);
         let gate_and_split = move || {
             let routing = gate.route(&rows.values, rows.rows);
+            if let Err(error) = check_routing_finite(&routing) {
+                return (rows, Err(error), fanout);
+            }
             load.count(layer, &routing);
             let batches = fanout.split(&routing, &rows.values);
             (rows, batches, fanout)
@@ -144,9 +147,12 @@ impl RouterNodeService {
             node_sends,
             node_sends * hidden_size * size_of::<f32>(),
         );
-        fanout
+        let output = fanout
             .run(&self.fanout, &rows.values, batches, deadline)
-            .await
+            .await?;
+        // Finite partial sums from the nodes can still add up to infinity.
+        moemesh_proto::codec::check_no_overflow(&output.rows, hidden_size)?;
+        Ok(output)
     }
 
     fn unknown_layer(&self, layer: usize) -> RouterError {
@@ -193,6 +199,23 @@ pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
 
 /// When a forward received at `now` with `metadata` must be done: the
 /// client's `grpc-timeout`, or [`DEFAULT_DEADLINE`] without one.
+/// Refuses inputs so large that the gate's routing weights overflow f32:
+/// the experts' outputs would be meaningless.
+fn check_routing_finite(routing: &moemesh_core::model::gating::Routing) -> RouterResult<()> {
+    let shared = routing.shared_weights.iter().flatten();
+    if routing
+        .weights
+        .iter()
+        .chain(shared)
+        .all(|weight| weight.is_finite())
+    {
+        return Ok(());
+    }
+    Err(RouterError::InvalidArgument(
+        "inputs out of range: the gate's routing weights overflow f32".into(),
+    ))
+}
+
 fn forward_deadline(now: Instant, metadata: &MetadataMap) -> Instant {
     let timeout = metadata
         .get("grpc-timeout")

@@ -212,8 +212,9 @@ async fn inputs_that_overflow_f32_are_invalid_through_the_router() {
     let cluster = ClusterSandbox::spread(&fixture.dir, 2, 1).await;
     let mut client = cluster.client().await;
     // 1e20: each expert's output is finite, their sum is not. 1e21: an
-    // expert's own products overflow.
-    for value in [1e20f32, 1e21] {
+    // expert's own products overflow. 1e37 and the largest f32: the gate's
+    // logits overflow before any expert is asked.
+    for value in [1e20f32, 1e21, 1e37, f32::MAX, -f32::MAX] {
         let huge = encode(&vec![value; 2 * HIDDEN], &[2, HIDDEN], WireDtype::F32);
         let status = client.forward("", 1, huge).await.unwrap_err();
         let message = status.to_string();
