@@ -1,26 +1,35 @@
 //! `moemesh up`: a real local cluster, one process per node on 127.0.0.1.
 //!
-//! Expert nodes start first on free ports; once each prints its address, a
-//! placement file is written with those addresses and the router starts on
-//! it. Children exit when their standard input closes, so they never
-//! outlive this process, and shutdown is graceful: close stdin, wait, and
-//! only kill what has not exited after a grace period.
+//! Coordinators start first, then expert nodes on free ports; once each
+//! prints its address, a placement file is written with those addresses
+//! and the router starts. Every process is supervised ([`supervisor`]): an
+//! exit is reported on stderr and, unless restarts are off, the process is
+//! started again with the same arguments, ports, id and data directory, so
+//! killing a node to try failover leaves the rest serving. Children exit
+//! when their standard input closes, so they never outlive this process,
+//! and shutdown is graceful: close stdin, wait, and only kill what has not
+//! exited after a grace period. [`security`] decides how each process
+//! proves who it is.
+
+mod security;
+mod supervisor;
 
 use std::path::PathBuf;
-use std::process::Stdio;
-use std::time::Duration;
 
 use anyhow::{Context, bail};
 use moemesh_client::{TlsArgs, TlsConfig};
 use moemesh_core::model::checkpoint::Checkpoint;
 use moemesh_core::model::config::ModelConfig;
 use moemesh_core::model::placement::{NodeEntry, Placement};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, ChildStdin, Command};
 
+use crate::certs::MemberRole;
 use crate::expert_spec::format_expert_specs;
 use crate::memory_tiers::MemoryTierArgs;
-use crate::roles::{READY_LINE_PREFIX, default_model_id, shutdown_signal};
+use crate::roles::{default_model_id, shutdown_signal};
+
+pub use security::ClusterSecurity;
+pub use supervisor::RestartPolicy;
+use supervisor::{MemberSpec, SupervisedProcess};
 
 #[derive(clap::Args, Clone)]
 pub struct UpArgs {
@@ -56,19 +65,28 @@ pub struct UpArgs {
     pub tiers: MemoryTierArgs,
 }
 
-/// One child process and the pipe whose closing tells it to exit.
-struct NodeProcess {
-    role: &'static str,
-    url: String,
-    child: Child,
-    /// Dropped to ask the child to shut down.
-    stdin: Option<ChildStdin>,
+/// `moemesh up`: the cluster, and how it is secured and supervised.
+#[derive(clap::Args)]
+pub struct UpCommandArgs {
+    #[command(flatten)]
+    pub cluster: UpArgs,
+    /// Run with mutual TLS from the cluster CA in DIR (ca.pem, ca.key),
+    /// made when missing, as `moemesh certs init` would. Each process gets
+    /// its own certificate there, issued when missing: coordinator-N,
+    /// expert-N, router-0, and operator (for this process and moectl).
+    #[arg(long, value_name = "DIR", env = "MOEMESH_TLS_DIR")]
+    pub tls_dir: Option<PathBuf>,
+    /// When a process exits, report it and keep the rest serving without
+    /// restarting it. By default it is restarted with the same arguments
+    /// after a backoff (0.5 s, doubling on repeated crashes up to 10 s).
+    #[arg(long)]
+    pub no_restart: bool,
 }
 
 /// One process of a local cluster as callers see it.
 #[derive(Debug, Clone)]
 pub struct ProcessInfo {
-    /// None once the process has exited.
+    /// None while the process is not running (exited, or restarting).
     pub pid: Option<u32>,
     /// The URL it serves at.
     pub url: String,
@@ -77,119 +95,114 @@ pub struct ProcessInfo {
 /// A running local cluster.
 pub struct LocalCluster {
     pub router_url: String,
-    /// How the cluster's connections are secured; local clients use it too.
+    /// How this process connects to the cluster: the operator's
+    /// certificate with `--tls-dir`, its own TLS flags otherwise.
     pub tls: TlsConfig,
-    /// The coordinators' URLs, by id starting at 1.
+    /// The coordinators' admin URLs, by id starting at 1.
     pub coordinator_urls: Vec<String>,
     pub model_id: String,
     pub config: ModelConfig,
     pub placement: Placement,
     /// Holds the placement file the router reads and the coordinators' data.
     _workdir: tempfile::TempDir,
-    processes: Vec<NodeProcess>,
+    /// In start order: coordinators, expert nodes, the router.
+    processes: Vec<SupervisedProcess>,
 }
 
-/// How long a node may take to load its weights and start serving.
-const START_TIMEOUT: Duration = Duration::from_secs(600);
-/// How long nodes get to finish in-flight work after being asked to stop.
-const STOP_GRACE: Duration = Duration::from_secs(10);
+/// The id of a local cluster's one router.
+const ROUTER_ID: &str = "router-0";
 
-/// Starts `moemesh <role> <args>` with this process's TLS flags and waits
-/// until it serves.
-async fn spawn_node(
-    role: &'static str,
-    args: &[String],
-    tls: &TlsArgs,
-) -> anyhow::Result<NodeProcess> {
-    let executable = std::env::current_exe().context("cannot find the moemesh executable")?;
-    let mut command = Command::new(executable);
-    command
-        .args(tls.to_args())
-        .arg(role)
-        .args(args)
-        .arg("--exit-with-parent");
-    command
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true);
-    if std::env::var_os("RUST_LOG").is_none() {
-        command.env("RUST_LOG", "warn");
+/// What every process of a local cluster is started with.
+struct Launch<'a> {
+    security: &'a ClusterSecurity,
+    policy: RestartPolicy,
+    /// Print one line per process started on stdout.
+    announce: bool,
+}
+
+impl Launch<'_> {
+    /// Starts `moemesh <subcommand> <args>` as member `id` in `role`.
+    async fn start(
+        &self,
+        role: MemberRole,
+        subcommand: &'static str,
+        id: String,
+        role_args: Vec<String>,
+    ) -> anyhow::Result<SupervisedProcess> {
+        let security = self.security.member(role, &id)?;
+        let mut args = security.args;
+        args.push(subcommand.to_string());
+        args.extend(role_args);
+        let spec = MemberSpec {
+            role: subcommand,
+            id,
+            args,
+            env: security.env,
+            env_remove: security.env_remove,
+        };
+        SupervisedProcess::start(spec, self.policy).await
     }
-    let mut child = command
-        .spawn()
-        .with_context(|| format!("cannot start the {role} process"))?;
-    let stdout = child.stdout.take().expect("stdout is piped");
-    let mut lines = BufReader::new(stdout).lines();
-    let ready = async {
-        while let Some(line) = lines.next_line().await? {
-            if let Some(url) = line.strip_prefix(READY_LINE_PREFIX) {
-                return Ok::<_, std::io::Error>(Some(url.to_string()));
-            }
-        }
-        Ok(None)
-    };
-    let url = match tokio::time::timeout(START_TIMEOUT, ready).await {
-        Ok(Ok(Some(url))) => url,
-        Ok(Ok(None)) | Ok(Err(_)) => {
-            let status = child.wait().await?;
-            bail!("the {role} process exited before serving ({status}); its errors are above");
-        }
-        Err(_) => bail!("the {role} process did not start serving within {START_TIMEOUT:?}"),
-    };
-    // Keep draining stdout so the child never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    let stdin = child.stdin.take();
-    Ok(NodeProcess {
-        role,
-        url,
-        child,
-        stdin,
-    })
 }
 
-/// Starts `count` coordinators on free local ports as one Raft group;
-/// prints and returns their URLs.
+/// A free port on 127.0.0.1, for a process that must know its peers'
+/// addresses before they start.
+fn reserve_local_address() -> anyhow::Result<String> {
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").context("no free local port")?;
+    Ok(probe.local_addr()?.to_string())
+}
+
+/// Starts `count` coordinators on free local ports as one Raft group, each
+/// serving raft on a peer port of its own; returns their admin URLs.
 async fn start_coordinators(
     count: usize,
     data_dir: &std::path::Path,
-    processes: &mut Vec<NodeProcess>,
-    announce: bool,
-    tls: &TlsArgs,
+    processes: &mut Vec<SupervisedProcess>,
+    launch: &Launch<'_>,
 ) -> anyhow::Result<Vec<String>> {
-    let scheme = tls.config()?.scheme();
+    let scheme = launch.security.scheme();
     // Peers must know each other's addresses before any starts: reserve ports.
-    let mut urls = Vec::with_capacity(count);
+    let mut admin_addresses = Vec::with_capacity(count);
+    let mut peer_addresses = Vec::with_capacity(count);
     for _ in 0..count {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").context("no free local port")?;
-        urls.push(format!("{scheme}://{}", probe.local_addr()?));
+        admin_addresses.push(reserve_local_address()?);
+        peer_addresses.push(reserve_local_address()?);
     }
-    let peers = urls
+    let peers = peer_addresses
         .iter()
         .enumerate()
-        .map(|(index, url)| format!("{}={url}", index + 1))
+        .map(|(index, address)| format!("{}={scheme}://{address}", index + 1))
         .collect::<Vec<_>>()
         .join(",");
-    for (index, url) in urls.iter().enumerate() {
+    let mut urls = Vec::with_capacity(count);
+    for (index, (admin, peer)) in admin_addresses.iter().zip(&peer_addresses).enumerate() {
         let id = index + 1;
-        let listen = url.split("://").nth(1).unwrap_or(url).to_string();
         let args = vec![
             "--id".into(),
             id.to_string(),
             "--peers".into(),
             peers.clone(),
             "--listen".into(),
-            listen,
+            admin.clone(),
+            "--peer-listen".into(),
+            peer.clone(),
             "--data-dir".into(),
             data_dir
                 .join(format!("coordinator-{id}"))
                 .to_string_lossy()
                 .into_owned(),
         ];
-        let process = spawn_node("coordinator", &args, tls).await?;
-        if announce {
+        let process = launch
+            .start(
+                MemberRole::Coordinator,
+                "coordinator",
+                format!("coordinator-{id}"),
+                args,
+            )
+            .await?;
+        if launch.announce {
             println!("coordinator {}", process.url);
         }
+        urls.push(process.url.clone());
         processes.push(process);
     }
     Ok(urls)
@@ -210,8 +223,8 @@ async fn start_expert_nodes(
     args: &UpArgs,
     provisional: &Placement,
     options: &NodeOptions<'_>,
-    processes: &mut Vec<NodeProcess>,
-    tls: &TlsArgs,
+    processes: &mut Vec<SupervisedProcess>,
+    launch: &Launch<'_>,
 ) -> anyhow::Result<Vec<NodeEntry>> {
     let mut nodes = Vec::new();
     for entry in provisional.nodes() {
@@ -224,6 +237,9 @@ async fn start_expert_nodes(
             "127.0.0.1:0".into(),
             "--threads".into(),
             options.threads.to_string(),
+            // Names the process in `ps` and, with coordinators, in the cluster.
+            "--node-id".into(),
+            entry.id.clone(),
         ];
         if let Some(bytes) = args.node_memory_bytes {
             node_args.extend(["--memory-bytes".into(), bytes.to_string()]);
@@ -234,15 +250,12 @@ async fn start_expert_nodes(
         }
         if !options.coordinator_urls.is_empty() {
             // Every coordinator, so heartbeats survive the loss of any one.
-            node_args.extend([
-                "--coordinator".into(),
-                options.coordinator_urls.join(","),
-                "--node-id".into(),
-                entry.id.clone(),
-            ]);
+            node_args.extend(["--coordinator".into(), options.coordinator_urls.join(",")]);
         }
-        let process = spawn_node("expert", &node_args, tls).await?;
-        if args.announce {
+        let process = launch
+            .start(MemberRole::Expert, "expert", entry.id.clone(), node_args)
+            .await?;
+        if launch.announce {
             println!("expert {} {}", entry.id, process.url);
         }
         nodes.push(NodeEntry {
@@ -254,10 +267,31 @@ async fn start_expert_nodes(
     Ok(nodes)
 }
 
+/// The compute threads of each expert node: as asked, or the cores shared out.
+fn threads_per_node(args: &UpArgs) -> usize {
+    if args.threads_per_node > 0 {
+        return args.threads_per_node;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |cores| cores.get());
+    (cores / args.expert_nodes).max(1)
+}
+
 impl LocalCluster {
     /// Starts the coordinators, the expert nodes, then the router, each
-    /// with the TLS flags of `tls`; prints one line per process.
+    /// with the TLS flags of `tls`; prints one line per process when
+    /// `args.announce`. A process that exits is reported, not restarted,
+    /// so that measurements never mix in a restarted process.
     pub async fn start(args: &UpArgs, tls: &TlsArgs) -> anyhow::Result<Self> {
+        let security = ClusterSecurity::prepare(tls, None)?;
+        Self::start_with(args, &security, RestartPolicy::Never).await
+    }
+
+    /// Starts the cluster secured by `security`, supervised by `policy`.
+    pub async fn start_with(
+        args: &UpArgs,
+        security: &ClusterSecurity,
+        policy: RestartPolicy,
+    ) -> anyhow::Result<Self> {
         if args.expert_nodes == 0 {
             bail!("--expert-nodes must be at least 1");
         }
@@ -268,12 +302,6 @@ impl LocalCluster {
             .model_id
             .clone()
             .unwrap_or_else(|| default_model_id(&args.model));
-        let threads = if args.threads_per_node > 0 {
-            args.threads_per_node
-        } else {
-            let cores = std::thread::available_parallelism().map_or(1, |cores| cores.get());
-            (cores / args.expert_nodes).max(1)
-        };
         // Place by node id first; addresses are known once the nodes serve.
         let provisional: Vec<NodeEntry> = (0..args.expert_nodes)
             .map(|index| NodeEntry {
@@ -284,24 +312,23 @@ impl LocalCluster {
         let provisional = Placement::spread(&config, provisional, args.replicas)?;
         let model = args.model.to_string_lossy().into_owned();
         let workdir = tempfile::tempdir()?;
+        let launch = Launch {
+            security,
+            policy,
+            announce: args.announce,
+        };
 
         let mut processes = Vec::new();
-        let coordinator_urls = start_coordinators(
-            args.coordinators,
-            workdir.path(),
-            &mut processes,
-            args.announce,
-            tls,
-        )
-        .await?;
+        let coordinator_urls =
+            start_coordinators(args.coordinators, workdir.path(), &mut processes, &launch).await?;
         let node_options = NodeOptions {
             model: &model,
             model_id: &model_id,
-            threads,
+            threads: threads_per_node(args),
             coordinator_urls: &coordinator_urls,
         };
         let nodes =
-            start_expert_nodes(args, &provisional, &node_options, &mut processes, tls).await?;
+            start_expert_nodes(args, &provisional, &node_options, &mut processes, &launch).await?;
         let placement = Placement::spread(&config, nodes, args.replicas)?;
         let placement_path = workdir.path().join("placement.toml");
         std::fs::write(
@@ -315,6 +342,8 @@ impl LocalCluster {
             model_id.clone(),
             "--listen".into(),
             args.router_addr.clone(),
+            "--router-id".into(),
+            ROUTER_ID.into(),
         ];
         if coordinator_urls.is_empty() {
             router_args.extend([
@@ -325,7 +354,9 @@ impl LocalCluster {
             // The router follows the coordinators, so placement changes reach it.
             router_args.extend(["--coordinator".into(), coordinator_urls.join(",")]);
         }
-        let router = spawn_node("router", &router_args, tls).await?;
+        let router = launch
+            .start(MemberRole::Router, "router", ROUTER_ID.into(), router_args)
+            .await?;
         let router_url = router.url.clone();
         if args.announce {
             println!("router {router_url}");
@@ -333,7 +364,7 @@ impl LocalCluster {
         processes.push(router);
         Ok(Self {
             router_url,
-            tls: tls.config()?,
+            tls: security.client_tls()?,
             coordinator_urls,
             model_id,
             config,
@@ -343,73 +374,78 @@ impl LocalCluster {
         })
     }
 
-    /// Every process in `role` (`expert`, `router`, `coordinator`).
+    /// Every process in `role` (`expert`, `router`, `coordinator`), with
+    /// the pid of the process serving now.
     pub fn processes(&self, role: &str) -> Vec<ProcessInfo> {
         self.processes
             .iter()
             .filter(|process| process.role == role)
             .map(|process| ProcessInfo {
-                pid: process.child.id(),
+                pid: process.pid(),
                 url: process.url.clone(),
             })
             .collect()
     }
 
-    /// Waits until any process exits on its own, and returns which.
-    pub async fn wait_for_exit(&mut self) -> String {
-        let waits = self.processes.iter_mut().map(|process| {
-            Box::pin(async move {
-                let status = process.child.wait().await;
-                format!("{} at {} exited: {status:?}", process.role, process.url)
-            })
-        });
-        futures::future::select_all(waits).await.0
-    }
-
-    /// Stops the router first, then the expert nodes, each gracefully.
+    /// Stops the router first, then the expert nodes, then the
+    /// coordinators, each gracefully.
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
         for process in self.processes.iter_mut().rev() {
-            process.stdin.take();
-            match tokio::time::timeout(STOP_GRACE, process.child.wait()).await {
-                Ok(status) => {
-                    let status = status?;
-                    if !status.success() {
-                        eprintln!("{} at {} exited with {status}", process.role, process.url);
-                    }
-                }
-                Err(_) => {
-                    eprintln!(
-                        "{} at {} did not stop within {STOP_GRACE:?}; killing it",
-                        process.role, process.url
-                    );
-                    process.child.kill().await?;
-                }
-            }
+            process.stop().await;
         }
         Ok(())
     }
 }
 
-pub async fn run_up(args: UpArgs, tls: &TlsArgs) -> anyhow::Result<()> {
-    let mut cluster = LocalCluster::start(&args, tls).await?;
+/// Quotes `value` for a POSIX shell when it needs it.
+fn shell_quote(value: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "/._-:,=+@%".contains(c);
+    if !value.is_empty() && value.chars().all(plain) {
+        value.to_string()
+    } else {
+        format!("'{}'", value.replace('\'', r"'\''"))
+    }
+}
+
+pub async fn run_up(args: UpCommandArgs, tls: &TlsArgs) -> anyhow::Result<()> {
+    let security = ClusterSecurity::prepare(tls, args.tls_dir.as_deref())?;
+    let policy = if args.no_restart {
+        RestartPolicy::Never
+    } else {
+        RestartPolicy::Always
+    };
+    let up = &args.cluster;
+    let cluster = LocalCluster::start_with(up, &security, policy).await?;
+    // After the URLs: what moectl in another shell needs.
+    let mut exports = vec![("MOEMESH_ROUTER".to_string(), cluster.router_url.clone())];
+    if !cluster.coordinator_urls.is_empty() {
+        exports.push((
+            "MOEMESH_COORDINATOR".into(),
+            cluster.coordinator_urls.join(","),
+        ));
+    }
+    exports.extend(security.moectl_environment());
+    for (name, value) in &exports {
+        println!("export {name}={}", shell_quote(value));
+    }
     eprintln!(
-        "moemesh cluster up: {} expert nodes, model {:?} ({}, MoE layers {:?}); Ctrl-C or SIGTERM stops it",
-        args.expert_nodes,
+        "moemesh cluster up: {} expert nodes, model {:?} ({}, MoE layers {:?}); processes that exit are {}; Ctrl-C or SIGTERM stops it",
+        up.expert_nodes,
         cluster.model_id,
         cluster.config.family,
-        cluster.config.moe_layers()
+        cluster.config.moe_layers(),
+        match policy {
+            RestartPolicy::Always => "restarted",
+            RestartPolicy::Never => "reported, not restarted",
+        }
     );
-    eprintln!(
-        "try: moectl forward --router {} --layer N --input x.npy --output y.npy",
-        cluster.router_url
-    );
-    if let Some(coordinator) = cluster.coordinator_urls.first() {
-        eprintln!("     moectl cluster status --coordinator {coordinator}");
-        eprintln!("     moectl placement show --coordinator {coordinator}");
+    eprintln!("run the export lines above in another shell, then try:");
+    eprintln!("     moectl forward --layer N --input x.npy --output y.npy");
+    if !cluster.coordinator_urls.is_empty() {
+        eprintln!("     moectl cluster status");
+        eprintln!("     moectl placement show");
     }
-    tokio::select! {
-        _ = shutdown_signal(false) => eprintln!("stopping the cluster"),
-        exited = cluster.wait_for_exit() => eprintln!("{exited}; stopping the cluster"),
-    }
+    shutdown_signal(false).await;
+    eprintln!("stopping the cluster");
     cluster.shutdown().await
 }

@@ -3,12 +3,15 @@
 //! - `moemesh coordinator`: one member of the Raft-replicated coordinator group.
 //! - `moemesh expert`: an expert node serving the experts it is given.
 //! - `moemesh router`: a router in front of expert nodes.
-//! - `moemesh up`: a whole local cluster as separate processes on 127.0.0.1.
+//! - `moemesh up`: a whole local cluster as separate processes on 127.0.0.1,
+//!   restarted when they exit.
+//! - `moemesh certs`: a cluster CA and member certificates naming each member.
 //! - `moemesh demo`: `up` on a synthetic (or given) model, plus a workload
 //!   and a report.
 //! - `moemesh bench`: moemesh beside the GEMM ceiling and PyTorch.
 
 mod bench;
+mod certs;
 mod demo;
 mod expert_spec;
 mod local_cluster;
@@ -38,8 +41,8 @@ enum Command {
     Expert(roles::ExpertArgs),
     /// Runs a router: gates tokens and dispatches them to expert nodes.
     Router(roles::RouterArgs),
-    /// Starts a local cluster (three coordinators, N expert nodes, a router) as separate processes and serves until Ctrl-C.
-    Up(local_cluster::UpArgs),
+    /// Starts a local cluster (three coordinators, N expert nodes, a router) as separate processes, restarts those that exit, and serves until Ctrl-C.
+    Up(local_cluster::UpCommandArgs),
     /// Starts a local cluster on a synthetic Mixtral-shaped model, drives a workload through it and reports.
     Demo(demo::DemoArgs),
     /// Measures moemesh beside the machine's GEMM ceiling and PyTorch: in process, through a local cluster, decode latency, bf16 weights, memory.
@@ -50,6 +53,8 @@ enum Command {
     Soak(bench::soak::SoakArgs),
     /// Measures one expert node's backend on a device (a GPU) in process: correctness against the CPU on test checkpoints, throughput, decode latency and Expert Buffering, as one JSON object.
     BenchDevice(bench::device::BenchDeviceArgs),
+    /// Makes a cluster CA and member certificates that name each member's role and id, for mutual TLS.
+    Certs(certs::CertsArgs),
     /// Writes a random Mixtral-shaped checkpoint (real tensor names) of any size, to try or measure moemesh without downloading weights.
     SynthModel(synth_model::SynthModelArgs),
 }
@@ -108,17 +113,17 @@ fn run() -> anyhow::Result<()> {
     match cli.command {
         Command::SynthModel(args) => return synth_model::run_synth_model(args),
         Command::BenchDevice(args) => return bench::device::run_bench_device(args),
+        Command::Certs(args) => return certs::run_certs(args),
         _ => {}
     }
-    let tls = cli.tls.config()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async move {
         match cli.command {
-            Command::Coordinator(args) => roles::run_coordinator(args, tls).await,
-            Command::Expert(args) => roles::run_expert(args, tls).await,
-            Command::Router(args) => roles::run_router(args, tls).await,
+            Command::Coordinator(args) => roles::run_coordinator(args, &cli.tls).await,
+            Command::Expert(args) => roles::run_expert(args, &cli.tls).await,
+            Command::Router(args) => roles::run_router(args, &cli.tls).await,
             Command::Up(args) => local_cluster::run_up(args, &cli.tls).await,
             Command::Demo(args) => demo::run_demo(args, &cli.tls).await,
             Command::Bench(args) => bench::layer::run_bench(args, &cli.tls).await,
@@ -126,7 +131,7 @@ fn run() -> anyhow::Result<()> {
                 bench::rebalance::run_bench_rebalance(args, &cli.tls).await
             }
             Command::Soak(args) => bench::soak::run_soak(args, &cli.tls).await,
-            Command::SynthModel(_) | Command::BenchDevice(_) => {
+            Command::SynthModel(_) | Command::BenchDevice(_) | Command::Certs(_) => {
                 unreachable!("runs before the runtime starts")
             }
         }

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use moemesh_client::TlsArgs;
 use moemesh_coordinator::node::RaftNodeConfig;
 use moemesh_coordinator::server::{Coordinator, CoordinatorConfig};
 use moemesh_core::compute::WeightFormat;
@@ -12,6 +13,7 @@ use moemesh_core::model::checkpoint::Checkpoint;
 use moemesh_core::model::placement::{Placement, PlacementFile};
 use moemesh_expert_node::registration::Registration;
 use moemesh_expert_node::{ExpertNode, ExpertNodeConfig};
+use moemesh_proto::identity::{Member, Role};
 use moemesh_proto::tls::TlsConfig;
 use moemesh_router_node::{PlacementSource, Router, RouterConfig};
 use tokio::io::AsyncReadExt;
@@ -85,6 +87,11 @@ pub struct ExpertArgs {
     /// URL routers use to reach this node; defaults to the listening address.
     #[arg(long, env = "MOEMESH_ADVERTISE")]
     advertise: Option<String>,
+    /// Serve without authenticating callers: allows plaintext without a
+    /// cluster secret, and plaintext on an address other than loopback.
+    /// Only for a network you trust entirely.
+    #[arg(long, env = "MOEMESH_INSECURE")]
+    insecure: bool,
     /// Exit when standard input closes (used by `moemesh up` for its children).
     #[arg(long, hide = true)]
     exit_with_parent: bool,
@@ -99,9 +106,16 @@ pub struct CoordinatorArgs {
     /// `1=http://c1:7000,2=http://c2:7000,3=http://c3:7000`.
     #[arg(long, env = "MOEMESH_PEERS", value_delimiter = ',')]
     peers: Vec<String>,
-    /// Address to serve the peer and admin services on.
+    /// Address to serve the admin service on (expert nodes, routers,
+    /// moectl); also the peer service unless --peer-listen is given.
     #[arg(long, env = "MOEMESH_LISTEN", default_value = "127.0.0.1:7000")]
     listen: String,
+    /// Address to serve the peer service on (raft traffic, and calls other
+    /// coordinators forward), apart from the admin service, so a network
+    /// policy can keep it among coordinators; --peers then lists these
+    /// peer URLs.
+    #[arg(long, env = "MOEMESH_PEER_LISTEN")]
+    peer_listen: Option<String>,
     /// Directory for the Raft log and snapshots; keep it across restarts.
     #[arg(long, env = "MOEMESH_DATA_DIR")]
     data_dir: PathBuf,
@@ -127,6 +141,11 @@ pub struct CoordinatorArgs {
     /// with --token or MOEMESH_ADMIN_TOKEN.
     #[arg(long, env = "MOEMESH_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
+    /// Serve without authenticating callers: allows plaintext without a
+    /// cluster secret, and plaintext on an address other than loopback.
+    /// Only for a network you trust entirely.
+    #[arg(long, env = "MOEMESH_INSECURE")]
+    insecure: bool,
     /// Exit when standard input closes (used by `moemesh up` for its children).
     #[arg(long, hide = true)]
     exit_with_parent: bool,
@@ -166,6 +185,15 @@ pub struct RouterArgs {
     /// client SDK backs off and retries.
     #[arg(long, env = "MOEMESH_MAX_IN_FLIGHT", default_value_t = 256)]
     max_in_flight: usize,
+    /// This router's id, for its certificate check and the logs; defaults
+    /// to router-PORT.
+    #[arg(long, env = "MOEMESH_ROUTER_ID")]
+    router_id: Option<String>,
+    /// Serve without authenticating callers: allows plaintext without a
+    /// cluster secret, and plaintext on an address other than loopback.
+    /// Only for a network you trust entirely.
+    #[arg(long, env = "MOEMESH_INSECURE")]
+    insecure: bool,
     /// Exit when standard input closes (used by `moemesh up` for its children).
     #[arg(long, hide = true)]
     exit_with_parent: bool,
@@ -210,15 +238,64 @@ pub async fn shutdown_signal(exit_with_parent: bool) {
 }
 
 /// Binds `listen` and returns the URL peers reach it at (`https` with TLS).
-async fn bind(listen: &str, tls: &TlsConfig) -> anyhow::Result<(TcpListener, String)> {
+/// In plaintext, refuses (unless `insecure`) to serve without a cluster
+/// secret, or on an address other than loopback, where anyone on the
+/// network could read the secret and every activation.
+async fn bind(
+    listen: &str,
+    tls: &TlsArgs,
+    insecure: bool,
+) -> anyhow::Result<(TcpListener, String)> {
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
-    let url = format!("{}://{}", tls.scheme(), listener.local_addr()?);
-    Ok((listener, url))
+    let address = listener.local_addr()?;
+    if !tls.is_mutual() && !insecure {
+        if tls.cluster_secret.is_none() {
+            bail!(
+                "refusing to serve in plaintext without a cluster secret: anyone who reaches \
+                 {address} could act as any member. Give --cluster-secret (or \
+                 MOEMESH_CLUSTER_SECRET; moemesh up makes one), mutual TLS (--tls-cert, \
+                 --tls-key, --tls-ca; moemesh certs), or --insecure"
+            );
+        }
+        if !address.ip().is_loopback() {
+            bail!(
+                "refusing to listen on {address} in plaintext: the cluster secret and \
+                 activations would cross the network unencrypted. Use mutual TLS \
+                 (--tls-cert, --tls-key, --tls-ca; moemesh certs), or --insecure"
+            );
+        }
+    }
+    let scheme = if tls.is_mutual() { "https" } else { "http" };
+    Ok((listener, format!("{scheme}://{address}")))
 }
 
-pub async fn run_expert(args: ExpertArgs, tls: TlsConfig) -> anyhow::Result<()> {
+/// A router's security: with TLS, its certificate must name a router
+/// (whatever its id); in plaintext it claims to be router `router_id`.
+fn router_tls(tls: &TlsArgs, router_id: &str) -> anyhow::Result<TlsConfig> {
+    let claimed = Member::new(Role::Router, router_id).map_err(anyhow::Error::msg)?;
+    let config = tls.config(claimed)?;
+    if config.is_mutual() {
+        let own = config.own_member().map_err(anyhow::Error::msg)?;
+        if own.role() != Role::Router {
+            bail!("this process is a router, but its certificate names {own}");
+        }
+    }
+    Ok(config)
+}
+
+/// This process's security as `member`: refuses a certificate that names
+/// another member.
+fn member_tls(tls: &TlsArgs, member: &Member) -> anyhow::Result<TlsConfig> {
+    let config = tls.config(member.clone())?;
+    config
+        .check_own_member(member)
+        .map_err(anyhow::Error::msg)?;
+    Ok(config)
+}
+
+pub async fn run_expert(args: ExpertArgs, tls: &TlsArgs) -> anyhow::Result<()> {
     let tiers = args.tiers.tier_sizes(physical_memory_bytes())?;
     let checkpoint = Checkpoint::open(&args.model)?;
     let config = checkpoint.config().clone();
@@ -241,13 +318,18 @@ pub async fn run_expert(args: ExpertArgs, tls: TlsConfig) -> anyhow::Result<()> 
         .model_id
         .clone()
         .unwrap_or_else(|| default_model_id(&args.model));
-    let (listener, url) = bind(&args.listen, &tls).await?;
+    let (listener, url) = bind(&args.listen, tls, args.insecure).await?;
+    let node_id = args
+        .node_id
+        .clone()
+        .unwrap_or_else(|| format!("expert-{}", url.rsplit(':').next().unwrap_or("0")));
+    let tls = member_tls(
+        tls,
+        &Member::new(Role::Expert, node_id.clone()).map_err(anyhow::Error::msg)?,
+    )?;
     let registration = (!args.coordinators.is_empty()).then(|| Registration {
         coordinators: args.coordinators.clone(),
-        node_id: args
-            .node_id
-            .clone()
-            .unwrap_or_else(|| format!("expert-{}", url.rsplit(':').next().unwrap_or("0"))),
+        node_id,
         address: args.advertise.clone().unwrap_or_else(|| url.clone()),
         group: args.group.clone(),
         device: args.tiers.device.to_string(),
@@ -294,7 +376,7 @@ fn physical_memory_bytes() -> u64 {
         .unwrap_or(16 << 30)
 }
 
-pub async fn run_coordinator(args: CoordinatorArgs, tls: TlsConfig) -> anyhow::Result<()> {
+pub async fn run_coordinator(args: CoordinatorArgs, tls_args: &TlsArgs) -> anyhow::Result<()> {
     let mut peers = BTreeMap::new();
     for peer in &args.peers {
         let (id, url) = peer
@@ -311,7 +393,12 @@ pub async fn run_coordinator(args: CoordinatorArgs, tls: TlsConfig) -> anyhow::R
     if !peers.contains_key(&args.id) {
         bail!("--peers must list this coordinator's --id {}", args.id);
     }
-    let (listener, url) = bind(&args.listen, &tls).await?;
+    let tls = member_tls(tls_args, &Member::coordinator(args.id))?;
+    let (listener, url) = bind(&args.listen, tls_args, args.insecure).await?;
+    let peer_listener = match &args.peer_listen {
+        Some(peer_listen) => Some(bind(peer_listen, tls_args, args.insecure).await?.0),
+        None => None,
+    };
     let mut raft = RaftNodeConfig::new(
         args.id,
         peers.keys().copied().collect(),
@@ -330,12 +417,16 @@ pub async fn run_coordinator(args: CoordinatorArgs, tls: TlsConfig) -> anyhow::R
     println!("{READY_LINE_PREFIX}{url}");
     tracing::info!(%url, id = args.id, "coordinator serving");
     coordinator
-        .serve(listener, shutdown_signal(args.exit_with_parent))
+        .serve_split(
+            listener,
+            peer_listener,
+            shutdown_signal(args.exit_with_parent),
+        )
         .await?;
     Ok(())
 }
 
-pub async fn run_router(args: RouterArgs, tls: TlsConfig) -> anyhow::Result<()> {
+pub async fn run_router(args: RouterArgs, tls: &TlsArgs) -> anyhow::Result<()> {
     let (placement, placement_model) = match &args.placement {
         Some(path) => {
             let file = PlacementFile::read(path)?;
@@ -352,7 +443,12 @@ pub async fn run_router(args: RouterArgs, tls: TlsConfig) -> anyhow::Result<()> 
         .clone()
         .or(placement_model)
         .unwrap_or_else(|| default_model_id(&args.model));
-    let (listener, url) = bind(&args.listen, &tls).await?;
+    let (listener, url) = bind(&args.listen, tls, args.insecure).await?;
+    let router_id = args
+        .router_id
+        .clone()
+        .unwrap_or_else(|| format!("router-{}", url.rsplit(':').next().unwrap_or("0")));
+    let tls = router_tls(tls, &router_id)?;
     let config = RouterConfig {
         model_dir: args.model.clone(),
         model_id,

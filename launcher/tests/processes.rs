@@ -3,7 +3,8 @@
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
-use moemesh_client::{Client, CoordinatorClient, TlsConfig};
+use moemesh_client::{Client, CoordinatorClient, TlsArgs};
+use moemesh_proto::identity::{Member, Role};
 use moemesh_proto::{NodeStatus, ReplicaState};
 use moemesh_tests::{Fixture, relative_l2};
 
@@ -65,7 +66,24 @@ async fn up_serves_a_checkpoint_from_separate_processes_and_stops_on_sigint() {
         .find_map(|line| line.strip_prefix("coordinator "))
         .expect("a coordinator line")
         .to_string();
-    let mut admin = CoordinatorClient::connect([coordinator], TlsConfig::plaintext())
+    // Calls to the coordinators carry the cluster secret up made and printed.
+    let secret = lines
+        .find_map(|line| {
+            let line = line.unwrap();
+            Some(
+                line.strip_prefix("export MOEMESH_CLUSTER_SECRET=")?
+                    .to_string(),
+            )
+        })
+        .expect("moemesh up prints the cluster secret");
+    let operator = Member::new(Role::Operator, "processes-test").unwrap();
+    let tls = TlsArgs {
+        cluster_secret: Some(secret),
+        ..TlsArgs::default()
+    }
+    .config(operator)
+    .unwrap();
+    let mut admin = CoordinatorClient::connect([coordinator], tls)
         .await
         .unwrap();
     let status = admin.cluster_status().await.unwrap();
@@ -269,4 +287,46 @@ fn a_gpu_that_cannot_be_used_is_a_clear_error_with_exit_code_2() {
         assert!(stderr.contains("cuda:0"), "{stderr}");
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
+}
+
+#[test]
+fn plaintext_servers_need_the_secret_and_loopback_unless_insecure() {
+    let data = tempfile::tempdir().unwrap();
+    let coordinator = |listen: &str, secret: Option<&str>, insecure: bool| {
+        let mut command = Command::new(MOEMESH);
+        command
+            .args([
+                "coordinator",
+                "--id",
+                "1",
+                "--peers",
+                "1=http://127.0.0.1:1",
+            ])
+            .args(["--listen", listen, "--data-dir"])
+            .arg(data.path())
+            .env_remove("MOEMESH_CLUSTER_SECRET")
+            .env("RUST_BACKTRACE", "0")
+            .stdin(Stdio::null());
+        if let Some(secret) = secret {
+            command.env("MOEMESH_CLUSTER_SECRET", secret);
+        }
+        if insecure {
+            command.arg("--insecure");
+        }
+        command.output().unwrap()
+    };
+    let secret = Some("a-cluster-secret-long-enough");
+    for (listen, secret, needle) in [
+        ("127.0.0.1:0", None, "without a cluster secret"),
+        ("0.0.0.0:0", secret, "in plaintext"),
+    ] {
+        let output = coordinator(listen, secret, false);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{listen}: {stderr}");
+        assert!(stderr.contains(needle), "{listen}: {stderr}");
+        assert!(stderr.contains("--insecure"), "{stderr}");
+    }
+    // A secret shorter than 16 characters is refused too.
+    let output = coordinator("127.0.0.1:0", Some("short"), false);
+    assert!(String::from_utf8_lossy(&output.stderr).contains("at least 16"));
 }
