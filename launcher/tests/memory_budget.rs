@@ -28,7 +28,14 @@ impl Node {
     fn start(model: &Path, budget: Option<u64>) -> Self {
         let mut command = Command::new(MOEMESH);
         command
-            .args(["expert", "--listen", "127.0.0.1:0", "--experts", "*:*"])
+            .args([
+                "expert",
+                "--listen",
+                "127.0.0.1:0",
+                "--insecure",
+                "--experts",
+                "*:*",
+            ])
             .args(["--threads", "1", "--exit-with-parent", "--model"])
             .arg(model)
             .stdin(Stdio::piped())
