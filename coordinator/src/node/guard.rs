@@ -22,6 +22,12 @@ use raft::{Raft, StateRole, Storage};
 /// beyond it would overflow the next election's increment.
 const MAX_TERM: u64 = u64::MAX / 2;
 
+/// How far ahead of ours a peer's term may be: a coordinator that missed
+/// this many elections is implausible (an election takes a second or
+/// more), while a forged term far ahead would push the group towards
+/// [`MAX_TERM`], past which it could never elect again.
+const MAX_TERM_LEAD: u64 = 1 << 20;
+
 /// Returns why `message` must not be stepped into `raft`, if it must not.
 pub(super) fn refusal<S: Storage>(raft: &Raft<S>, message: &Message) -> Option<String> {
     let kind = message.get_msg_type();
@@ -42,6 +48,12 @@ pub(super) fn refusal<S: Storage>(raft: &Raft<S>, message: &Message) -> Option<S
     }
     if let Some(reason) = refuse_term(kind, message.term) {
         return Some(reason);
+    }
+    if message.term > raft.term.saturating_add(MAX_TERM_LEAD) {
+        return Some(format!(
+            "its term {} is more than {MAX_TERM_LEAD} ahead of ours ({})",
+            message.term, raft.term
+        ));
     }
     if message.term != 0 && message.term < raft.term {
         // raft-rs answers a stale message with its term and reads nothing else.
@@ -86,7 +98,12 @@ fn refuse_term(kind: MessageType, term: u64) -> Option<String> {
             | MessageType::MsgSnapStatus
             | MessageType::MsgCheckQuorum
     );
-    let termless = matches!(kind, MessageType::MsgPropose | MessageType::MsgReadIndex);
+    // A follower forwards a leadership transfer to the leader as it got it,
+    // and raft-rs refuses to send one with a term.
+    let termless = matches!(
+        kind,
+        MessageType::MsgPropose | MessageType::MsgReadIndex | MessageType::MsgTransferLeader
+    );
     if local {
         Some(format!("{kind:?} is a local message"))
     } else if termless && term != 0 {
@@ -317,6 +334,11 @@ mod tests {
             false,
             snapshot_message(100, 0, vec![1, 2, 3], b"{}"),
         ));
+        forged.push((
+            "leadership transfer with a term, which a follower forwards",
+            false,
+            message(MessageType::MsgTransferLeader, 3),
+        ));
         forged.push(("empty proposal", true, message(MessageType::MsgPropose, 0)));
         forged.push((
             "read request without context",
@@ -342,6 +364,21 @@ mod tests {
                 refusal(&node(leader).raft, &forged).is_some(),
                 "{what} was not refused"
             );
+        }
+    }
+
+    #[test]
+    fn a_term_far_ahead_of_ours_is_refused_before_it_strands_the_group() {
+        let follower = node(false);
+        let ours = follower.raft.term;
+        let mut ahead = message(MessageType::MsgHeartbeat, ours + MAX_TERM_LEAD);
+        ahead.commit = 0;
+        assert_eq!(refusal(&follower.raft, &ahead), None);
+        for term in [ours + MAX_TERM_LEAD + 1, MAX_TERM, MAX_TERM - 1] {
+            let mut far = message(MessageType::MsgRequestVote, term);
+            far.index = 5;
+            far.log_term = 3;
+            assert!(refusal(&follower.raft, &far).is_some(), "term {term}");
         }
     }
 
