@@ -55,6 +55,14 @@ pub(super) fn refusal<S: Storage>(raft: &Raft<S>, message: &Message) -> Option<S
             message.term, raft.term
         ));
     }
+    if message.request_snapshot != 0 {
+        // The leader would stop replicating to the asker until a snapshot
+        // at that index exists, which may be never.
+        return Some(format!(
+            "it asks for a snapshot at index {}; coordinators never ask for one",
+            message.request_snapshot
+        ));
+    }
     if message.term != 0 && message.term < raft.term {
         // raft-rs answers a stale message with its term and reads nothing else.
         return None;
@@ -365,6 +373,15 @@ mod tests {
                 "{what} was not refused"
             );
         }
+    }
+
+    #[test]
+    fn snapshot_requests_are_refused() {
+        let leader = node(true);
+        let mut answer = message(MessageType::MsgAppendResponse, 3);
+        answer.reject = true;
+        answer.request_snapshot = 105;
+        assert!(refusal(&leader.raft, &answer).is_some());
     }
 
     #[test]
