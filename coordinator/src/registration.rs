@@ -40,6 +40,7 @@ pub async fn register_node(
     if node.id.is_empty() || node.address.is_empty() {
         return Err(Status::invalid_argument("node id and address are required"));
     }
+    check_node_fields(&node)?;
     let record = ready_node_record(node)?;
     let served_model = if serving.is_empty() {
         None
@@ -107,6 +108,50 @@ fn warn_of_experts_left_out(state: &ClusterState, node_id: &str, keys: &[ExpertK
             "experts this node serves stay unplaced here: other nodes serve them in another format"
         );
     }
+}
+
+/// Longest node id, group, device or weight format a registration may
+/// give: every placement snapshot carries every node to every router and
+/// expert node.
+const MAX_NODE_FIELD_BYTES: usize = 256;
+/// Longest address a registration may give.
+const MAX_ADDRESS_BYTES: usize = 2048;
+
+/// Refuses what a node must not register: a field long enough to bloat
+/// every placement snapshot, or an address routers cannot dial (a router
+/// refuses a whole placement naming a node whose address does not parse,
+/// and so would stop following the placement).
+fn check_node_fields(node: &NodeInfo) -> Result<(), Status> {
+    let fields = [
+        ("id", &node.id, MAX_NODE_FIELD_BYTES),
+        ("group", &node.group, MAX_NODE_FIELD_BYTES),
+        ("device", &node.device, MAX_NODE_FIELD_BYTES),
+        ("weight format", &node.weight_format, MAX_NODE_FIELD_BYTES),
+        ("address", &node.address, MAX_ADDRESS_BYTES),
+    ];
+    for (field, value, limit) in fields {
+        if value.len() > limit {
+            return Err(Status::invalid_argument(format!(
+                "node {field} is {} bytes long; at most {limit} are allowed",
+                value.len()
+            )));
+        }
+    }
+    let dialable = node
+        .address
+        .parse::<tonic::transport::Uri>()
+        .is_ok_and(|uri| {
+            matches!(uri.scheme_str(), Some("http" | "https"))
+                && uri.host().is_some_and(|host| !host.is_empty())
+        });
+    if !dialable {
+        return Err(Status::invalid_argument(format!(
+            "node {}: address {:?} is not a URL routers can dial; give http://HOST:PORT \
+             or https://HOST:PORT",
+            node.id, node.address
+        )));
+    }
+    Ok(())
 }
 
 /// A registering node as the cluster records it: ready, in group
@@ -183,4 +228,85 @@ pub fn record_heartbeat(membership: &Membership, load: &LoadTracker, heartbeat: 
 pub fn record_unreachable(membership: &Membership, report: &ReportUnreachableRequest) {
     tracing::warn!(node = %report.node, reporter = %report.reporter, reason = %report.reason, "expert node reported unreachable");
     membership.suspect(&report.node);
+}
+
+#[cfg(test)]
+mod tests {
+    use tonic::Code;
+
+    use super::*;
+
+    fn node(id: &str, address: &str) -> NodeInfo {
+        NodeInfo {
+            id: id.into(),
+            address: address.into(),
+            group: "rack-1".into(),
+            device: "cpu".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_node_registers_only_with_an_address_routers_can_dial() {
+        for address in [
+            "http://127.0.0.1:50061",
+            "https://expert-0.cluster.local:50061",
+            "http://[::1]:7",
+        ] {
+            assert!(
+                check_node_fields(&node("expert-0", address)).is_ok(),
+                "{address}"
+            );
+        }
+        for address in [
+            "界",
+            "http://a b:1",
+            "127.0.0.1:50061",
+            "ftp://host:1",
+            "http://",
+            "/path",
+        ] {
+            let refused = check_node_fields(&node("expert-0", address)).unwrap_err();
+            assert_eq!(refused.code(), Code::InvalidArgument, "{address}");
+            assert!(
+                refused.message().contains("not a URL routers can dial"),
+                "{address}: {}",
+                refused.message()
+            );
+        }
+    }
+
+    #[test]
+    fn node_fields_are_bounded() {
+        let long = "x".repeat(MAX_NODE_FIELD_BYTES + 1);
+        let mut cases = vec![node(&long, "http://127.0.0.1:1")];
+        cases.push(NodeInfo {
+            group: long.clone(),
+            ..node("a", "http://127.0.0.1:1")
+        });
+        cases.push(NodeInfo {
+            device: long.clone(),
+            ..node("a", "http://127.0.0.1:1")
+        });
+        cases.push(NodeInfo {
+            weight_format: long.clone(),
+            ..node("a", "http://127.0.0.1:1")
+        });
+        let long_host = "h".repeat(MAX_ADDRESS_BYTES);
+        cases.push(node("a", &format!("http://{long_host}:1")));
+        for node in cases {
+            let refused = check_node_fields(&node).unwrap_err();
+            assert!(
+                refused.message().contains("bytes long; at most"),
+                "{}",
+                refused.message()
+            );
+            assert!(
+                refused.message().len() < 200,
+                "the message does not echo the value"
+            );
+        }
+        let longest = "x".repeat(MAX_NODE_FIELD_BYTES);
+        assert!(check_node_fields(&node(&longest, "http://127.0.0.1:1")).is_ok());
+    }
 }

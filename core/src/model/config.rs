@@ -391,8 +391,14 @@ impl ModelConfig {
             path: path.clone(),
             source,
         })?;
-        Self::from_json(&text)
-            .map_err(|error| CoreError::Config(format!("{}: {error}", path.display())))
+        Self::from_json(&text).map_err(|error| {
+            // Name the file once, in front of the reason.
+            let reason = match error {
+                CoreError::Config(reason) => reason,
+                other => other.to_string(),
+            };
+            CoreError::Config(format!("{}: {reason}", path.display()))
+        })
     }
 
     /// Parses and validates the text of a `config.json`.
