@@ -3,10 +3,15 @@
 //!
 //! - Raft batches (undecodable bytes, corrupted encodings and well-formed
 //!   raft-rs messages of every kind with any field values) sent to the peer
-//!   service of three coordinators that trust every caller are answered,
-//!   never take a coordinator down, and leave a group that elects a leader
-//!   and commits on every member. Left out are the lies only authentication
-//!   can stop: an acknowledgement of entries its sender does not have.
+//!   service of three coordinators that trust every caller are answered
+//!   and never take a coordinator down; afterwards every coordinator
+//!   follows a leader and a write commits on a majority. Not on every
+//!   coordinator: a message that lies in a member's name (an append or a
+//!   snapshot from the leader that does not match its log, an
+//!   acknowledgement of entries the sender lacks) can leave one follower
+//!   behind for good, and no guard can tell it from the truth; that is what
+//!   member authentication is for. Acknowledgements are kept truthful, as
+//!   lies in both followers' names could stop the group committing at all.
 //! - Any `config.json` loads or is refused with an error naming the file,
 //!   never a panic, and whatever loads is within moemesh's limits.
 //! - Arbitrary requests of every `AdminService` call, sent to a whole
@@ -169,6 +174,8 @@ fn text() -> BoxedStrategy<String> {
 
 /// Coordinators of the raft sandbox: ids 1 to 3.
 const MEMBERS: u64 = 3;
+/// How many of them make a majority.
+const MAJORITY: usize = 2;
 
 /// Mostly a member's id, sometimes none (0), a stranger or anything.
 fn raft_id() -> BoxedStrategy<u64> {
@@ -182,13 +189,13 @@ fn raft_id() -> BoxedStrategy<u64> {
 const GUARD_TERM_LIMIT: u64 = u64::MAX / 2;
 const GUARD_TERM_LEAD: u64 = 1 << 20;
 
-/// Terms: near the target's own (see [`Bases`]), as far ahead as the guard
-/// allows or just beyond, at and past the absolute limit, or anything.
+/// Terms: near the target's own (see [`Bases`]), at and past the absolute
+/// limit, or anything (almost always far beyond the lead the guard allows).
+/// Terms just within that lead are left out: see
+/// `a_term_at_the_guard_s_lead_does_not_cut_a_coordinator_off`.
 fn term() -> BoxedStrategy<u64> {
     prop_oneof![
         12 => 0u64..=8,
-        1 => Just(GUARD_TERM_LEAD),
-        1 => Just(GUARD_TERM_LEAD + 9),
         1 => Just(GUARD_TERM_LIMIT),
         1 => Just(GUARD_TERM_LIMIT + 1),
         1 => Just(u64::MAX),
@@ -651,12 +658,14 @@ async fn raft_nodes_alive(
     Ok(statuses)
 }
 
-/// A node registered through the leader shows on every coordinator.
-async fn a_write_commits_everywhere(
+/// Registers node `node_id` through the leader and waits until at least
+/// `needed` coordinators have applied it; returns how many had then.
+async fn a_write_commits(
     sandbox: &CoordinatorSandbox,
     clients: &BTreeMap<u64, (Peer, Admin)>,
     node_id: &str,
-) {
+    needed: usize,
+) -> usize {
     let request = RegisterNodeRequest {
         node: Some(NodeInfo {
             id: node_id.into(),
@@ -671,20 +680,29 @@ async fn a_write_commits_everywhere(
         within(clients[&leader].1.clone().register_node(request.clone())).await
     })
     .await;
-    for (&id, (_, admin)) in clients {
-        eventually(&format!("coordinator {id} applies the write"), || async {
-            let status = within(admin.clone().cluster_status(ClusterStatusRequest {})).await?;
-            match status.nodes.iter().any(|node| node.id == node_id) {
-                true => Ok(()),
-                false => Err(format!("{node_id} is not among {:?}", status.nodes)),
+    let what = format!("{needed} coordinators apply the write");
+    eventually(&what, || async {
+        let mut applied = Vec::new();
+        let mut missing = Vec::new();
+        for (&id, (_, admin)) in clients {
+            match within(admin.clone().cluster_status(ClusterStatusRequest {})).await {
+                Ok(status) if status.nodes.iter().any(|node| node.id == node_id) => {
+                    applied.push(id)
+                }
+                Ok(status) => missing.push(format!("{id} knows only {:?}", status.nodes)),
+                Err(error) => missing.push(format!("{id}: {error}")),
             }
-        })
-        .await;
-    }
+        }
+        match applied.len() >= needed {
+            true => Ok(applied.len()),
+            false => Err(format!("applied on {applied:?}; {missing:?}")),
+        }
+    })
+    .await
 }
 
 /// Every batch is answered, every raft node survives every batch, and
-/// afterwards each coordinator follows a leader and applies a new write.
+/// afterwards each coordinator follows a leader and a write commits.
 #[test]
 fn raft_batches_never_take_a_coordinator_down() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
@@ -693,10 +711,11 @@ fn raft_batches_never_take_a_coordinator_down() {
         sandbox.leader(1).await;
         clients(&sandbox.urls, &sandbox.tls).await
     });
-    runtime.block_on(a_write_commits_everywhere(
+    runtime.block_on(a_write_commits(
         &sandbox,
         &clients,
         "before-fuzz",
+        MEMBERS as usize,
     ));
     let outcomes = Outcomes::default();
     let mut runner = live_runner(cases(48));
@@ -728,18 +747,9 @@ fn raft_batches_never_take_a_coordinator_down() {
             let leader = sandbox.leader(id).await;
             println!("coordinator {id} follows leader {leader}");
         }
-        a_write_commits_everywhere(&sandbox, &clients, "after-fuzz").await;
-        let status = clients[&1]
-            .1
-            .clone()
-            .cluster_status(ClusterStatusRequest {})
-            .await;
-        let nodes = status.unwrap().into_inner().nodes;
-        let forged = nodes
-            .iter()
-            .filter(|node| !node.id.ends_with("-fuzz"))
-            .count();
-        println!("{forged} nodes registered by forged proposals");
+        // A majority, not every coordinator: see the module's documentation.
+        let applied = a_write_commits(&sandbox, &clients, "after-fuzz", MAJORITY).await;
+        println!("{applied} of {MEMBERS} coordinators applied a write after the batches");
         sandbox.shutdown().await;
     });
 }
@@ -754,10 +764,10 @@ struct Group {
     commit: u64,
 }
 
-/// Sends the message `forge` makes for a fresh group to the coordinator it
-/// is addressed to; then every coordinator must still run its raft node and
-/// commit a write.
-fn group_survives(forge: impl FnOnce(Group) -> Message) {
+/// Sends the messages `forge` makes for a fresh group, one by one, each to
+/// the coordinator it is addressed to; then every coordinator must still
+/// run its raft node and commit a write.
+fn group_survives(forge: impl FnOnce(Group) -> Vec<Message>) {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
         let sandbox = CoordinatorSandbox::start(MEMBERS).await;
@@ -776,18 +786,21 @@ fn group_survives(forge: impl FnOnce(Group) -> Message) {
             commit: own.commit_index,
         };
         let forged = forge(group);
-        let batch = RaftBatch {
-            messages: vec![forged.write_to_bytes().unwrap().into()],
-        };
-        let mut peer = clients[&forged.to].0.clone();
-        peer.raft(batch)
-            .await
-            .expect("the peer service takes the batch");
+        for message in &forged {
+            let batch = RaftBatch {
+                messages: vec![message.write_to_bytes().unwrap().into()],
+            };
+            let mut peer = clients[&message.to].0.clone();
+            peer.raft(batch)
+                .await
+                .expect("the peer service takes the batch");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         tokio::time::sleep(Duration::from_millis(500)).await;
         if let Err(failure) = raft_nodes_alive(&clients).await {
             panic!("after {forged:?}: {failure}");
         }
-        a_write_commits_everywhere(&sandbox, &clients, "after-forged-message").await;
+        a_write_commits(&sandbox, &clients, "after-forged-message", MEMBERS as usize).await;
         sandbox.shutdown().await;
     });
 }
@@ -808,7 +821,29 @@ fn forged(kind: MessageType, from: u64, to: u64, term: u64) -> Message {
 fn a_term_at_the_guard_limit_still_lets_the_group_elect() {
     group_survives(|group| {
         let (from, to) = (group.leader, group.follower);
-        forged(MessageType::MsgHeartbeat, from, to, GUARD_TERM_LIMIT)
+        vec![forged(
+            MessageType::MsgHeartbeat,
+            from,
+            to,
+            GUARD_TERM_LIMIT,
+        )]
+    });
+}
+
+/// A heartbeat whose term leads a follower's by as much as the guard
+/// allows moves that follower, and through its answer the leader, to that
+/// term; an election between the two right away (a leadership hand-over)
+/// takes them one term further, which the other follower, still at the old
+/// term, refuses as too far ahead: it is cut off from the group for good.
+#[test]
+fn a_term_at_the_guard_s_lead_does_not_cut_a_coordinator_off() {
+    group_survives(|group| {
+        let (leader, follower) = (group.leader, group.follower);
+        let ahead = group.term + GUARD_TERM_LEAD;
+        vec![
+            forged(MessageType::MsgHeartbeat, leader, follower, ahead),
+            forged(MessageType::MsgTimeoutNow, leader, follower, ahead),
+        ]
     });
 }
 
@@ -819,7 +854,7 @@ fn a_term_at_the_guard_limit_still_lets_the_group_elect() {
 fn a_leadership_transfer_sent_to_a_follower_does_not_crash_it() {
     group_survives(|group| {
         let (from, to) = (group.leader, group.follower);
-        forged(MessageType::MsgTransferLeader, from, to, group.term)
+        vec![forged(MessageType::MsgTransferLeader, from, to, group.term)]
     });
 }
 
@@ -836,7 +871,7 @@ fn a_snapshot_request_past_the_leader_s_snapshots_does_not_stall_a_follower() {
         answer.index = group.commit;
         answer.reject_hint = group.commit;
         answer.request_snapshot = group.commit + 100;
-        answer
+        vec![answer]
     });
 }
 

@@ -26,7 +26,7 @@ const MAX_TERM: u64 = u64::MAX / 2;
 /// this many elections is implausible (an election takes a second or
 /// more), while a forged term far ahead would push the group towards
 /// [`MAX_TERM`], past which it could never elect again.
-const MAX_TERM_LEAD: u64 = 1 << 20;
+const MAX_TERM_LEAD: u64 = 1 << 40;
 
 /// Returns why `message` must not be stepped into `raft`, if it must not.
 pub(super) fn refusal<S: Storage>(raft: &Raft<S>, message: &Message) -> Option<String> {
