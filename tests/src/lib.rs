@@ -17,7 +17,7 @@ use moemesh_coordinator::node::RaftNodeConfig;
 use moemesh_coordinator::server::{Coordinator, CoordinatorConfig};
 use moemesh_core::compute::WeightFormat;
 use moemesh_core::model::checkpoint::Checkpoint;
-use moemesh_core::model::placement::{NodeEntry, Placement, PlacementFile};
+use moemesh_core::model::placement::{LayerExpert, NodeEntry, Placement, PlacementFile};
 use moemesh_expert_node::registration::Registration;
 use moemesh_expert_node::{ExpertNode, ExpertNodeConfig};
 use moemesh_proto::identity::{Member, Role};
@@ -175,44 +175,21 @@ impl ClusterSandbox {
         let (shutdown_tx, _) = watch::channel(false);
         let mut servers = JoinSet::new();
         for (listener, entry) in listeners.into_iter().zip(&entries) {
-            let node_config = ExpertNodeConfig {
-                model_dir: model_dir.to_path_buf(),
-                model_id: "test-model".into(),
-                experts: placement.experts_of(&entry.id),
-                threads: 1,
-                queue_capacity: 64,
-                weight_format: WeightFormat::F32,
-                device: Default::default(),
-                memory_budget: None,
-                device_memory_budget: None,
-                tls: security.for_role(Role::Expert, &entry.id),
-                registration: None,
-            };
-            let node = ExpertNode::start(node_config, listener)
-                .await
-                .expect("expert node loads");
+            let tls = security.for_role(Role::Expert, &entry.id);
+            let experts = placement.experts_of(&entry.id);
             let shutdown = wait_for_shutdown(shutdown_tx.subscribe());
-            servers.spawn(async move {
-                node.serve(shutdown)
-                    .await
-                    .map_err(|error| error.to_string())
-            });
+            spawn_node(&mut servers, model_dir, experts, tls, listener, shutdown).await;
         }
-        let (listener, router_url) = bind(&security).await;
-        let router_config = RouterConfig {
-            model_dir: model_dir.to_path_buf(),
-            model_id: "test-model".into(),
-            placement: PlacementSource::File(placement_file),
-            group: String::new(),
-            max_in_flight: 0,
-            tls: security.for_role(Role::Router, SANDBOX_ROUTER),
-        };
+        let router_tls = security.for_role(Role::Router, SANDBOX_ROUTER);
         let shutdown = wait_for_shutdown(shutdown_tx.subscribe());
-        servers.spawn(async move {
-            moemesh_router_node::run(router_config, listener, shutdown)
-                .await
-                .map_err(|error| error.to_string())
-        });
+        let router_url = spawn_file_router(
+            &mut servers,
+            model_dir,
+            placement_file,
+            router_tls,
+            shutdown,
+        )
+        .await;
         Self {
             router_url,
             placement,
@@ -258,6 +235,72 @@ impl ClusterSandbox {
                 .expect("server exited with an error");
         }
     }
+}
+
+/// Starts an expert node holding `experts` on `listener`, served among
+/// `servers` until `shutdown`.
+async fn spawn_node(
+    servers: &mut JoinSet<Result<(), String>>,
+    model_dir: &Path,
+    experts: Vec<LayerExpert>,
+    tls: TlsConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    let node_config = ExpertNodeConfig {
+        model_dir: model_dir.to_path_buf(),
+        model_id: "test-model".into(),
+        experts,
+        threads: 1,
+        queue_capacity: 64,
+        weight_format: WeightFormat::F32,
+        device: Default::default(),
+        memory_budget: None,
+        device_memory_budget: None,
+        tls,
+        registration: None,
+    };
+    let node = ExpertNode::start(node_config, listener)
+        .await
+        .expect("expert node loads");
+    servers.spawn(async move {
+        node.serve(shutdown)
+            .await
+            .map_err(|error| error.to_string())
+    });
+}
+
+/// Starts a router over `placement` on a fresh port, served among
+/// `servers` until `shutdown`; returns its URL.
+async fn spawn_file_router(
+    servers: &mut JoinSet<Result<(), String>>,
+    model_dir: &Path,
+    placement: PlacementFile,
+    tls: TlsConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind 127.0.0.1:0");
+    let router_url = format!(
+        "{}://{}",
+        tls.scheme(),
+        listener.local_addr().expect("bound address")
+    );
+    let router_config = RouterConfig {
+        model_dir: model_dir.to_path_buf(),
+        model_id: "test-model".into(),
+        placement: PlacementSource::File(placement),
+        group: String::new(),
+        max_in_flight: 0,
+        tls,
+    };
+    servers.spawn(async move {
+        moemesh_router_node::run(router_config, listener, shutdown)
+            .await
+            .map_err(|error| error.to_string())
+    });
+    router_url
 }
 
 /// Binds `count` expert node listeners and names them `expert-0`, `expert-1`, ...
@@ -739,7 +782,7 @@ impl SteadyLoad {
 pub enum SandboxNode {
     /// A real expert node holding these experts, whatever the router's
     /// placement says (a node restarted empty holds none).
-    Holding(Vec<moemesh_core::model::placement::LayerExpert>),
+    Holding(Vec<LayerExpert>),
     /// Other routes on the node's address, such as a fake `ExpertService`
     /// that hangs or fails.
     Serving(tonic::service::Routes),
@@ -779,43 +822,18 @@ impl ClusterSandbox {
                     continue;
                 }
             };
-            let node_config = ExpertNodeConfig {
-                model_dir: model_dir.to_path_buf(),
-                model_id: "test-model".into(),
-                experts,
-                threads: 1,
-                queue_capacity: 64,
-                weight_format: WeightFormat::F32,
-                device: Default::default(),
-                memory_budget: None,
-                device_memory_budget: None,
-                tls: TlsConfig::plaintext(),
-                registration: None,
-            };
-            let node = ExpertNode::start(node_config, listener)
-                .await
-                .expect("expert node loads");
-            servers.spawn(async move {
-                node.serve(shutdown)
-                    .await
-                    .map_err(|error| error.to_string())
-            });
+            let tls = TlsConfig::plaintext();
+            spawn_node(&mut servers, model_dir, experts, tls, listener, shutdown).await;
         }
-        let (listener, router_url) = bind(&security).await;
-        let router_config = RouterConfig {
-            model_dir: model_dir.to_path_buf(),
-            model_id: "test-model".into(),
-            placement: PlacementSource::File(placement_file),
-            group: String::new(),
-            max_in_flight: 0,
-            tls: TlsConfig::plaintext(),
-        };
         let shutdown = wait_for_shutdown(shutdown_tx.subscribe());
-        servers.spawn(async move {
-            moemesh_router_node::run(router_config, listener, shutdown)
-                .await
-                .map_err(|error| error.to_string())
-        });
+        let router_url = spawn_file_router(
+            &mut servers,
+            model_dir,
+            placement_file,
+            TlsConfig::plaintext(),
+            shutdown,
+        )
+        .await;
         Self {
             router_url,
             placement,
