@@ -31,6 +31,7 @@ use crate::auth::OperatorAuth;
 use crate::forward::LeaderForwarding;
 use crate::load::LoadTracker;
 use crate::membership::{self, Membership};
+use crate::metrics::{CoordinatorMetrics, MoveOutcome};
 use crate::node::{RaftHandle, fresh_request_id};
 use crate::peer::coordinator_statuses;
 use crate::placement::{
@@ -59,6 +60,8 @@ pub(crate) struct AdminApi {
     pub(crate) rebalancer: Rebalancer,
     /// How long a drained replica stays before removal during a move.
     pub(crate) drain_grace: Duration,
+    /// Counts heartbeats and the moves operators ask for.
+    pub(crate) metrics: CoordinatorMetrics,
     /// Turns true when the server shuts down, ending placement streams,
     /// which would otherwise hold the graceful shutdown open forever. The
     /// server holds another clone to send it.
@@ -168,6 +171,7 @@ impl moemesh_proto::AdminService for AdminApi {
         self.auth
             .authorize_node(&request, "Heartbeat", &request.get_ref().node)?;
         let heartbeat = request.into_inner();
+        self.metrics.count_heartbeat();
         registration::record_heartbeat(&self.membership, &self.load, &heartbeat);
         // Only the leader acts on heartbeats: hand it this one.
         if let Some(mut leader) = self.forward.leader_if_not_self().await? {
@@ -287,6 +291,7 @@ impl moemesh_proto::AdminService for AdminApi {
         tracing::info!(%key, from = %from_node, to = %to_node, "moving a replica");
         let result = membership::move_replica(
             &self.raft,
+            &self.metrics,
             &request_id,
             key.clone(),
             &from_node,
@@ -312,7 +317,8 @@ impl moemesh_proto::AdminService for AdminApi {
         self.auth.authorize_write(&request, "DrainNode")?;
         let node = request.into_inner().node;
         tracing::info!(%node, "draining a node");
-        let moved = membership::drain_node(&self.raft, &node, self.drain_grace).await?;
+        let moved =
+            membership::drain_node(&self.raft, &self.metrics, &node, self.drain_grace).await?;
         tracing::info!(%node, moved, "node drained");
         Ok(Response::new(DrainNodeResponse {
             moved,
@@ -335,8 +341,12 @@ impl moemesh_proto::AdminService for AdminApi {
         } = request.into_inner();
         let key = expert_key(model, layer, expert)?;
         let request_id = fresh_request_id(request_id, "replicate");
-        let epoch = membership::add_replica(&self.raft, &request_id, key, &node).await?;
-        Ok(Response::new(AddReplicaResponse { epoch }))
+        let result = membership::add_replica(&self.raft, &request_id, key, &node).await;
+        self.metrics.count_move(match result {
+            Ok(_) => MoveOutcome::Done,
+            Err(_) => MoveOutcome::Failed,
+        });
+        Ok(Response::new(AddReplicaResponse { epoch: result? }))
     }
 
     #[instrument(skip_all)]

@@ -23,6 +23,7 @@
 //! - [`rebalance`]: planning from the load window and carrying plans out,
 //!   on request or periodically on the leader.
 //! - [`load`]: the load window routers and expert nodes report into.
+//! - [`metrics`]: what the coordinator tells Prometheus.
 //!
 //! On the network (private): `peer` serves the peer service (raft messages,
 //! status); `admin` serves the admin service with thin handlers;
@@ -36,6 +37,7 @@ mod error;
 mod forward;
 pub mod load;
 pub mod membership;
+pub mod metrics;
 pub mod node;
 mod peer;
 pub mod placement;

@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::metrics::{CoordinatorMetrics, MoveOutcome};
 use crate::node::RaftHandle;
 use crate::state::{ClusterState, Command, ExpertKey, NodeRecord, NodeStatus, ReplicaState};
 use crate::{CoordinatorError, CoordinatorResult};
@@ -157,14 +158,49 @@ pub async fn add_replica(
 /// Moves a replica from one node to another: add the new one, wait until
 /// it serves, publish, drain the old one so routers leave it, give their
 /// in-flight requests time to finish, then remove it. Once the new replica
-/// serves, the rest runs to the end even if the caller goes away.
+/// serves, the rest runs to the end even if the caller goes away, and the
+/// move is counted in `metrics` when it ends.
 pub async fn move_replica(
     raft: &RaftHandle,
+    metrics: &CoordinatorMetrics,
     request_id: &str,
     key: ExpertKey,
     from_node: &str,
     to_node: &str,
     drain_grace: Duration,
+) -> CoordinatorResult<u64> {
+    let added = add_for_move(raft, request_id, &key, from_node, to_node).await;
+    if let Err(error) = added {
+        metrics.count_move(MoveOutcome::Failed);
+        return Err(error);
+    }
+    let (raft, metrics, request_id, from_node) = (
+        raft.clone(),
+        metrics.clone(),
+        request_id.to_string(),
+        from_node.to_string(),
+    );
+    let rest_of_move = tokio::spawn(async move {
+        let removed = drain_and_remove(&raft, &request_id, key, &from_node, drain_grace).await;
+        metrics.count_move(match removed {
+            Ok(_) => MoveOutcome::Done,
+            Err(_) => MoveOutcome::Failed,
+        });
+        removed
+    });
+    rest_of_move
+        .await
+        .map_err(|_| CoordinatorError::ShuttingDown)?
+}
+
+/// The first half of a move: checks it, adds the new replica and waits
+/// until it serves.
+async fn add_for_move(
+    raft: &RaftHandle,
+    request_id: &str,
+    key: &ExpertKey,
+    from_node: &str,
+    to_node: &str,
 ) -> CoordinatorResult<u64> {
     if from_node == to_node {
         return Err(CoordinatorError::Rejected(
@@ -174,29 +210,33 @@ pub async fn move_replica(
     let state = raft.read().await?;
     let holds_source = state
         .replicas
-        .get(&key)
+        .get(key)
         .is_some_and(|replicas| replicas.iter().any(|replica| replica.node == from_node));
     if !holds_source {
         return Err(CoordinatorError::Rejected(format!(
             "{from_node} holds no replica of {key}"
         )));
     }
-    add_replica(raft, request_id, key.clone(), to_node).await?;
-    let (raft, request_id, from_node) =
-        (raft.clone(), request_id.to_string(), from_node.to_string());
-    let rest_of_move = tokio::spawn(async move {
-        let drain = Command::DrainReplica {
-            key: key.clone(),
-            node: from_node.clone(),
-        };
-        raft.propose_applied(format!("{request_id}/drain"), drain)
-            .await?;
-        tokio::time::sleep(drain_grace).await;
-        remove_drained(&raft, format!("{request_id}/remove"), key, &from_node).await
-    });
-    rest_of_move
-        .await
-        .map_err(|_| CoordinatorError::ShuttingDown)?
+    add_replica(raft, request_id, key.clone(), to_node).await
+}
+
+/// The second half of a move: drains the old replica, gives routers the
+/// grace to leave it, and removes it.
+async fn drain_and_remove(
+    raft: &RaftHandle,
+    request_id: &str,
+    key: ExpertKey,
+    from_node: &str,
+    drain_grace: Duration,
+) -> CoordinatorResult<u64> {
+    let drain = Command::DrainReplica {
+        key: key.clone(),
+        node: from_node.to_string(),
+    };
+    raft.propose_applied(format!("{request_id}/drain"), drain)
+        .await?;
+    tokio::time::sleep(drain_grace).await;
+    remove_drained(raft, format!("{request_id}/remove"), key, from_node).await
 }
 
 /// Removes a drained replica; one already gone (the leader's monitor
@@ -232,6 +272,7 @@ pub async fn remove_drained(
 /// moves to another node through [`move_replica`]. Returns how many moved.
 pub async fn drain_node(
     raft: &RaftHandle,
+    metrics: &CoordinatorMetrics,
     node_id: &str,
     drain_grace: Duration,
 ) -> CoordinatorResult<u32> {
@@ -267,7 +308,16 @@ pub async fn drain_node(
             "drain/{node_id}/{}/{}/{}/{}",
             key.model, key.layer, key.expert, state.epoch
         );
-        move_replica(raft, &request_id, key, node_id, &target, drain_grace).await?;
+        move_replica(
+            raft,
+            metrics,
+            &request_id,
+            key,
+            node_id,
+            &target,
+            drain_grace,
+        )
+        .await?;
         moved += 1;
     }
 }
@@ -287,20 +337,24 @@ pub struct Membership {
     /// When this leader first saw each replica draining, to finish moves
     /// cut short.
     draining_since: Mutex<HashMap<(ExpertKey, String), Instant>>,
+    /// Counts the moves cut short that this leader finishes.
+    metrics: CoordinatorMetrics,
 }
 
 impl Membership {
     /// Membership with moves draining for [`DRAIN_GRACE`].
     pub fn new(raft: RaftHandle, dead_after: Duration) -> Arc<Self> {
-        Self::with_drain_grace(raft, dead_after, DRAIN_GRACE)
+        Self::with_drain_grace(raft, dead_after, DRAIN_GRACE, CoordinatorMetrics::default())
     }
 
     /// Membership with moves draining for `drain_grace`: a replica left
     /// draining for twice that is taken to belong to a move cut short.
+    /// The moves it finishes are counted in `metrics`.
     pub fn with_drain_grace(
         raft: RaftHandle,
         dead_after: Duration,
         drain_grace: Duration,
+        metrics: CoordinatorMetrics,
     ) -> Arc<Self> {
         Arc::new(Self {
             raft,
@@ -309,6 +363,7 @@ impl Membership {
             dead_after,
             drain_grace,
             draining_since: Mutex::new(HashMap::new()),
+            metrics,
         })
     }
 
@@ -423,6 +478,7 @@ impl Membership {
                 let restore = Command::RestoreReplica { key, node };
                 self.raft.propose_applied(tag, restore).await?;
             }
+            self.metrics.count_move(MoveOutcome::Abandoned);
         }
         Ok(())
     }

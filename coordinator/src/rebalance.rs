@@ -28,6 +28,7 @@ use moemesh_core::model::placement::planner::DEFAULT_BUFFERED_LOAD_FACTOR;
 use crate::CoordinatorResult;
 use crate::load::LoadTracker;
 use crate::membership::{add_replica, remove_drained};
+use crate::metrics::{CoordinatorMetrics, MoveOutcome, RebalanceRun};
 use crate::node::RaftHandle;
 use crate::state::{Command, ExpertKey};
 use planning::{ModelPlanning, window_loads};
@@ -91,18 +92,33 @@ pub struct RebalanceCounters {
     pub runs: AtomicU64,
     pub moves_done: AtomicU64,
     pub moves_failed: AtomicU64,
+    /// The same, and runs by outcome, for Prometheus.
+    pub metrics: CoordinatorMetrics,
 }
 
 impl RebalanceOutcome {
     fn record_done(&mut self, counters: &RebalanceCounters) {
         self.moves_done += 1;
         counters.moves_done.fetch_add(1, Ordering::Relaxed);
+        counters.metrics.count_move(MoveOutcome::Done);
     }
 
     fn record_failure(&mut self, counters: &RebalanceCounters, error: String) {
         self.moves_failed += 1;
         counters.moves_failed.fetch_add(1, Ordering::Relaxed);
+        counters.metrics.count_move(MoveOutcome::Failed);
         self.errors.push(error);
+    }
+
+    /// How the run that produced this outcome ended, for the metrics.
+    fn run_outcome(&self) -> RebalanceRun {
+        if !self.errors.is_empty() || self.moves_failed > 0 {
+            RebalanceRun::Failed
+        } else if self.moves_done > 0 {
+            RebalanceRun::Moved
+        } else {
+            RebalanceRun::NothingToDo
+        }
     }
 
     /// Layers whose plan adds or drops replicas.
@@ -127,12 +143,22 @@ pub struct Rebalancer {
 }
 
 impl Rebalancer {
-    pub fn new(raft: RaftHandle, load: Arc<LoadTracker>, options: RebalanceOptions) -> Self {
+    /// A rebalancer that also counts its runs and moves in `metrics`.
+    pub fn new(
+        raft: RaftHandle,
+        load: Arc<LoadTracker>,
+        options: RebalanceOptions,
+        metrics: CoordinatorMetrics,
+    ) -> Self {
+        let counters = RebalanceCounters {
+            metrics,
+            ..RebalanceCounters::default()
+        };
         Self {
             raft,
             load,
             options,
-            counters: Arc::new(RebalanceCounters::default()),
+            counters: Arc::new(counters),
             running: Arc::new(tokio::sync::Mutex::new(())),
         }
     }
@@ -149,7 +175,7 @@ impl Rebalancer {
         dry_run: bool,
     ) -> CoordinatorResult<RebalanceOutcome> {
         let _one_at_a_time = self.running.lock().await;
-        rebalance(
+        let result = rebalance(
             &self.raft,
             &self.load,
             model,
@@ -157,7 +183,15 @@ impl Rebalancer {
             dry_run,
             &self.counters,
         )
-        .await
+        .await;
+        if !dry_run {
+            let run = match &result {
+                Ok(outcome) => outcome.run_outcome(),
+                Err(_) => RebalanceRun::Failed,
+            };
+            self.counters.metrics.count_rebalance(run);
+        }
+        result
     }
 }
 

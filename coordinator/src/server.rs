@@ -33,6 +33,7 @@ use crate::auth::OperatorAuth;
 use crate::forward::LeaderForwarding;
 use crate::load::LoadTracker;
 use crate::membership::{self, Membership};
+use crate::metrics::CoordinatorMetrics;
 use crate::node::{RaftHandle, RaftNode, RaftNodeConfig};
 use crate::peer::PeerService;
 use crate::rebalance::{RebalanceOptions, Rebalancer, periodic_rebalance_task};
@@ -60,6 +61,8 @@ pub struct CoordinatorConfig {
     pub admin_token: Option<String>,
     /// How connections to and from peers are secured.
     pub tls: TlsConfig,
+    /// Where the coordinator's metrics go; the default is registered nowhere.
+    pub metrics: CoordinatorMetrics,
 }
 
 impl CoordinatorConfig {
@@ -76,6 +79,7 @@ impl CoordinatorConfig {
             rebalance_interval: None,
             admin_token: None,
             tls: TlsConfig::plaintext(),
+            metrics: CoordinatorMetrics::default(),
         }
     }
 }
@@ -117,13 +121,18 @@ impl Coordinator {
         };
         let mut raft_config = config.raft.clone();
         raft_config.voters = config.peers.keys().copied().collect();
+        raft_config.metrics = config.metrics.clone();
         let handle_slot = Arc::new(OnceLock::new());
         let transport =
             GrpcTransport::start(id, &config.peers, &config.tls, Arc::clone(&handle_slot))?;
         let raft = RaftNode::spawn(raft_config, Arc::new(transport))?;
         let _ = handle_slot.set(raft.clone());
-        let membership =
-            Membership::with_drain_grace(raft.clone(), config.dead_after, config.drain_grace);
+        let membership = Membership::with_drain_grace(
+            raft.clone(),
+            config.dead_after,
+            config.drain_grace,
+            config.metrics.clone(),
+        );
         tokio::spawn(Arc::clone(&membership).monitor_task());
         let auth = OperatorAuth::new(config.admin_token.clone(), config.tls.clone());
         let forward =
@@ -133,7 +142,12 @@ impl Coordinator {
             drain_grace: config.drain_grace,
             ..config.rebalance
         };
-        let rebalancer = Rebalancer::new(raft.clone(), Arc::clone(&load), rebalance_options);
+        let rebalancer = Rebalancer::new(
+            raft.clone(),
+            Arc::clone(&load),
+            rebalance_options,
+            config.metrics.clone(),
+        );
         if let Some(interval) = config.rebalance_interval {
             tokio::spawn(periodic_rebalance_task(rebalancer.clone(), interval));
         }
@@ -149,6 +163,7 @@ impl Coordinator {
             load,
             rebalancer,
             drain_grace: config.drain_grace,
+            metrics: config.metrics,
             streams_closing: Arc::clone(&streams_closing),
         };
         Ok(Self {
@@ -219,6 +234,10 @@ impl Coordinator {
             }
         };
         let services = [<AdminServiceServer<AdminApi> as NamedService>::NAME];
+        let with_peer = [
+            services[0],
+            <CoordinatorPeerServiceServer<PeerService> as NamedService>::NAME,
+        ];
         let guard = tls.members_only();
         let peer = InterceptedService::new(
             CoordinatorPeerServiceServer::new(peer)
@@ -235,7 +254,7 @@ impl Coordinator {
         let result = match peer_listener {
             None => {
                 let routes = Routes::new(peer).add_service(admin());
-                serve_routes(&tls, routes, &services, listener, until_stopping()).await
+                serve_routes(&tls, routes, &with_peer, listener, until_stopping()).await
             }
             Some(peer_listener) => {
                 let peer_routes = Routes::new(peer).add_service(admin());
@@ -250,7 +269,7 @@ impl Coordinator {
                     serve_routes(
                         &tls,
                         peer_routes,
-                        &services,
+                        &with_peer,
                         peer_listener,
                         until_stopping()
                     ),

@@ -2,18 +2,21 @@
 //! changed) leave replicas draining; the leader's membership monitor
 //! finishes them: it removes a drained replica once it has had twice the
 //! drain grace, or puts it back to ready when its expert has no other
-//! ready replica.
+//! ready replica. Either way the move is counted.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use moemesh_coordinator::membership::{Membership, move_replica};
+use moemesh_coordinator::metrics::CoordinatorMetrics;
 use moemesh_coordinator::node::{RaftHandle, RaftNode, RaftNodeConfig};
 use moemesh_coordinator::state::{
     ClusterState, Command, ExpertKey, ModelRecord, NodeRecord, NodeStatus, Outcome, Proposal,
     ReplicaState,
 };
 use moemesh_coordinator::transport::SimNetwork;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::registry::Registry;
 
 /// Long enough for a slow, noisy machine; only an upper bound.
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -100,6 +103,20 @@ fn replica_state(state: &ClusterState, expert: u32, node: &str) -> Option<Replic
         .map(|r| r.state)
 }
 
+/// Waits until `registry` shows `line` (a sample, as exposed).
+async fn wait_for_sample(registry: &Registry, line: &str) {
+    let started = Instant::now();
+    loop {
+        let mut text = String::new();
+        encode(&mut text, registry).unwrap();
+        if text.lines().any(|found| found == line) {
+            return;
+        }
+        assert!(started.elapsed() < PATIENCE, "never {line} in:\n{text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Waits until `done` holds of the applied state.
 async fn wait_for(raft: &RaftHandle, what: &str, done: impl Fn(&ClusterState) -> bool) {
     let started = Instant::now();
@@ -128,8 +145,13 @@ async fn replicas_left_draining_are_removed_or_put_back_to_ready() {
     };
     apply(&raft, "c-gone", remove).await;
 
-    let membership =
-        Membership::with_drain_grace(raft.clone(), Duration::from_secs(3600), DRAIN_GRACE);
+    let mut registry = Registry::default();
+    let membership = Membership::with_drain_grace(
+        raft.clone(),
+        Duration::from_secs(3600),
+        DRAIN_GRACE,
+        CoordinatorMetrics::register(&mut registry),
+    );
     let monitor = tokio::spawn(Arc::clone(&membership).monitor_task());
     wait_for(
         &raft,
@@ -144,6 +166,11 @@ async fn replicas_left_draining_are_removed_or_put_back_to_ready() {
     let state = raft.applied_state();
     assert_eq!(replica_state(&state, 0, "b"), Some(ReplicaState::Ready));
     assert_eq!(state.replicas[&key(1)].len(), 1);
+    wait_for_sample(
+        &registry,
+        "coordinator_moves_total{outcome=\"abandoned\"} 2",
+    )
+    .await;
     monitor.abort();
     raft.shutdown().await;
 }
@@ -168,10 +195,13 @@ async fn a_move_whose_caller_goes_away_still_finishes() {
             apply(&raft, "c-loaded", ready).await;
         })
     };
+    let mut registry = Registry::default();
+    let metrics = CoordinatorMetrics::register(&mut registry);
     let mover = {
         let raft = raft.clone();
         tokio::spawn(async move {
-            move_replica(&raft, "move", key(0), "a", "c", Duration::from_secs(1)).await
+            let grace = Duration::from_secs(1);
+            move_replica(&raft, &metrics, "move", key(0), "a", "c", grace).await
         })
     };
     wait_for(&raft, "the old replica drains", |state| {
@@ -189,5 +219,6 @@ async fn a_move_whose_caller_goes_away_still_finishes() {
         replica_state(&raft.applied_state(), 0, "c"),
         Some(ReplicaState::Ready)
     );
+    wait_for_sample(&registry, "coordinator_moves_total{outcome=\"done\"} 1").await;
     raft.shutdown().await;
 }

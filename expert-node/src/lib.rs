@@ -7,10 +7,12 @@
 //!   requests and hand them to the worker.
 //! - [`registration`]: joining a cluster through its coordinators:
 //!   registering, heartbeats, following the placement.
+//! - [`metrics`]: what the node tells Prometheus ([`ExpertMetrics`]).
 //! - [`ExpertNode`]: a loaded (and registered) node; [`run`] starts one
 //!   and serves it on a listener until shutdown.
 
 mod error;
+pub mod metrics;
 pub mod registration;
 pub mod residency;
 pub mod service;
@@ -34,6 +36,7 @@ use tonic::service::Routes;
 use crate::registration::{Registration, follow_placement_task, heartbeat_task, register};
 
 pub use error::{ExpertNodeError, ExpertNodeResult};
+pub use metrics::ExpertMetrics;
 pub use service::{ExpertNodeService, WorkCounters};
 
 /// What an expert node serves and how.
@@ -64,6 +67,8 @@ pub struct ExpertNodeConfig {
     /// The coordinators this node joins; None for a node that serves its
     /// `experts` alone (a placement file names it to routers).
     pub registration: Option<Registration>,
+    /// Where the node counts its work; the default counts for no one.
+    pub metrics: ExpertMetrics,
 }
 
 impl ExpertNodeConfig {
@@ -162,6 +167,7 @@ impl ExpertNode {
         };
         tracing::info!(node = %registration.node_id, epoch, "registered with the coordinators");
         self.registered_epoch = Some(epoch);
+        self.service.metrics().set_placement_epoch(epoch);
         self.membership_tasks
             .push(tokio::spawn(follow_placement_task(
                 self.service.clone(),

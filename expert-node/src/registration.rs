@@ -184,4 +184,5 @@ async fn apply_snapshot(
             tracing::warn!(layer, expert, %error, "cannot drop an expert");
         }
     }
+    service.metrics().set_placement_epoch(snapshot.epoch);
 }

@@ -40,6 +40,8 @@ pub struct Residency {
     resident: HashMap<ExpertKey, Arc<dyn Expert>>,
     /// None: no budget, every served expert is resident.
     buffer: Option<ExpertBuffer<ExpertKey>>,
+    /// Without a budget: the experts jobs needed, all found resident.
+    unbuffered_hits: u64,
     /// Where experts that are not resident are paged in from.
     checkpoint: Arc<Checkpoint>,
     backend: Arc<dyn ComputeBackend>,
@@ -57,6 +59,7 @@ impl Residency {
             served: BTreeSet::new(),
             resident: HashMap::new(),
             buffer: budget.map(ExpertBuffer::new),
+            unbuffered_hits: 0,
             checkpoint,
             backend,
         }
@@ -128,12 +131,21 @@ impl Residency {
             .sum()
     }
 
-    /// Expert Buffering's counts; all zero without a budget.
+    /// The experts whose weights are resident now.
+    pub fn resident_count(&self) -> usize {
+        self.resident.len()
+    }
+
+    /// Expert Buffering's counts. Without a budget every expert a job
+    /// needs is resident: each is a hit, and nothing is ever paged in.
     pub fn counters(&self) -> BufferCounters {
-        self.buffer
-            .as_ref()
-            .map(ExpertBuffer::counters)
-            .unwrap_or_default()
+        match &self.buffer {
+            Some(buffer) => buffer.counters(),
+            None => BufferCounters {
+                hits: self.unbuffered_hits,
+                ..BufferCounters::default()
+            },
+        }
     }
 
     /// Per expert of the job in order, each of its rows in order, the
@@ -228,6 +240,7 @@ impl Residency {
     /// decided first, so that no miss of this job evicts one of them.
     fn route(&mut self, job: &ComputeJob) -> ExpertNodeResult<Vec<Route>> {
         let Some(buffer) = &mut self.buffer else {
+            self.unbuffered_hits += job.assignments.len() as u64;
             return Ok(vec![Route::Resident; job.assignments.len()]);
         };
         let config = self.checkpoint.config();

@@ -28,6 +28,7 @@ use moemesh_proto::identity::Role;
 use moemesh_proto::tls::TlsConfig;
 
 use self::limits::ComputeLimits;
+use crate::metrics::ExpertMetrics;
 use crate::residency::Residency;
 use crate::worker::{ComputeJob, DeviceWorker, DeviceWorkerHandle, ExpertAssignment, HeldExperts};
 use crate::{ExpertNodeConfig, ExpertNodeError, ExpertNodeResult};
@@ -52,6 +53,7 @@ struct NodeInner {
     loads_eagerly: bool,
     /// Says who each caller is: only routers and clients compute.
     tls: TlsConfig,
+    metrics: ExpertMetrics,
 }
 
 /// A node's work as heartbeats report it: the coordinators' measure of how
@@ -94,7 +96,12 @@ impl ExpertNodeService {
             residency.serve((layer, expert), None)?;
         }
         crate::release_freed_memory();
-        let worker = DeviceWorker::spawn(residency, config.hidden_size, node_config.queue_capacity);
+        let worker = DeviceWorker::spawn(
+            residency,
+            config.hidden_size,
+            node_config.queue_capacity,
+            node_config.metrics.clone(),
+        );
         let limits = ComputeLimits::for_model(&config);
         tracing::info!(
             experts = node_config.experts.len(),
@@ -114,6 +121,7 @@ impl ExpertNodeService {
             worker,
             loads_eagerly,
             tls: node_config.tls.clone(),
+            metrics: node_config.metrics.clone(),
         };
         Ok(Self {
             inner: Arc::new(inner),
@@ -184,6 +192,11 @@ impl ExpertNodeService {
                 experts: experts.iter().copied().collect(),
             })
             .collect()
+    }
+
+    /// Where this node counts its work.
+    pub fn metrics(&self) -> &ExpertMetrics {
+        &self.inner.metrics
     }
 
     /// Returns the model id this node serves.
@@ -371,6 +384,32 @@ impl moemesh_proto::ExpertService for ExpertNodeService {
         &self,
         request: Request<ComputeRequest>,
     ) -> Result<Response<ComputeResponse>, Status> {
+        let metrics = &self.inner.metrics;
+        let call = metrics.start_request();
+        let input = request.get_ref().rows.as_ref();
+        metrics.count_bytes_received(input.map_or(0, |tensor| tensor.data.len()));
+        let result = self.compute_counted(request).await;
+        call.finish(
+            result
+                .as_ref()
+                .map_or_else(Status::code, |_| tonic::Code::Ok),
+        );
+        result
+    }
+
+    async fn info(&self, request: Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
+        self.inner.tls.caller(&request).permit_members("Info")?;
+        Ok(Response::new(self.describe()))
+    }
+}
+
+impl ExpertNodeService {
+    /// Compute's work, which [`moemesh_proto::ExpertService::compute`]
+    /// counts: admission, validation, the worker's result.
+    async fn compute_counted(
+        &self,
+        request: Request<ComputeRequest>,
+    ) -> Result<Response<ComputeResponse>, Status> {
         self.inner
             .tls
             .caller(&request)
@@ -386,228 +425,14 @@ impl moemesh_proto::ExpertService for ExpertNodeService {
             .map(|assignment| assignment.rows.len())
             .sum();
         let computed = slot.compute(job).await?;
+        let output = encode(&computed.output, &[rows, hidden_size], WireDtype::F32);
+        self.inner.metrics.count_bytes_sent(output.data.len());
         Ok(Response::new(ComputeResponse {
-            output: Some(encode(
-                &computed.output,
-                &[rows, hidden_size],
-                WireDtype::F32,
-            )),
+            output: Some(output),
             compute_micros: computed.compute_time.as_micros() as u64,
         }))
-    }
-
-    async fn info(&self, request: Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
-        self.inner.tls.caller(&request).permit_members("Info")?;
-        Ok(Response::new(self.describe()))
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use moemesh_core::compute::CpuBackend;
-    use moemesh_proto::ExpertService;
-    use moemesh_proto::tls::TlsConfig;
-    use tonic::Code;
-
-    use super::*;
-
-    const HIDDEN: usize = 64;
-
-    /// A node of the qwen2_moe fixture (8 routed experts, top-4, a shared
-    /// expert as 8; MoE layers 1 and 2) holding `experts` of layer 1.
-    fn node(experts: &[u32]) -> ExpertNodeService {
-        let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/qwen2_moe");
-        let checkpoint = Arc::new(Checkpoint::open(fixture.as_ref()).unwrap());
-        let config = ExpertNodeConfig {
-            model_dir: fixture.into(),
-            model_id: "test-model".into(),
-            experts: experts
-                .iter()
-                .map(|&expert| LayerExpert { layer: 1, expert })
-                .collect(),
-            threads: 1,
-            queue_capacity: 4,
-            weight_format: Default::default(),
-            device: Default::default(),
-            memory_budget: None,
-            device_memory_budget: None,
-            tls: TlsConfig::plaintext(),
-            registration: None,
-        };
-        ExpertNodeService::load(checkpoint, Arc::new(CpuBackend::new(1).unwrap()), &config).unwrap()
-    }
-
-    fn request(rows: usize, value: f32, experts: Vec<ExpertRows>) -> ComputeRequest {
-        ComputeRequest {
-            model: String::new(),
-            layer: 1,
-            rows: Some(encode(
-                &vec![value; rows * HIDDEN],
-                &[rows, HIDDEN],
-                WireDtype::F32,
-            )),
-            experts,
-        }
-    }
-
-    fn work(expert: u32, rows: Vec<u32>, weight: f32) -> ExpertRows {
-        ExpertRows {
-            expert,
-            weights: vec![weight; rows.len()],
-            rows,
-        }
-    }
-
-    async fn refusal(node: &ExpertNodeService, request: ComputeRequest) -> Status {
-        node.compute(Request::new(request)).await.unwrap_err()
-    }
-
-    #[tokio::test]
-    async fn an_expert_of_the_model_that_the_node_does_not_hold_is_a_failed_precondition() {
-        let node = node(&[0, 1]);
-        let status = refusal(&node, request(2, 0.5, vec![work(2, vec![0, 1], 1.0)])).await;
-        assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
-        assert!(
-            status.message().starts_with(
-                "not held: layer 1 expert 2; this node holds experts [0, 1] of layer 1"
-            ),
-            "{status:?}"
-        );
-        // Every missing expert is named, held ones are not.
-        let status = refusal(
-            &node,
-            request(
-                1,
-                0.5,
-                vec![
-                    work(0, vec![0], 1.0),
-                    work(3, vec![0], 1.0),
-                    work(8, vec![0], 1.0),
-                ],
-            ),
-        )
-        .await;
-        assert!(
-            status.message().starts_with(
-                "not held: layer 1 expert 3, expert 8; this node holds experts [0, 1] of layer 1"
-            ),
-            "{status:?}"
-        );
-        // A layer the node holds nothing of.
-        let status = refusal(
-            &node,
-            ComputeRequest {
-                layer: 2,
-                ..request(1, 0.5, vec![work(0, vec![0], 1.0)])
-            },
-        )
-        .await;
-        assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
-        assert!(
-            status
-                .message()
-                .starts_with("not held: layer 2 expert 0; this node holds no expert of layer 2"),
-            "{status:?}"
-        );
-    }
-
-    #[tokio::test]
-    async fn what_the_model_does_not_have_is_an_invalid_argument() {
-        let node = node(&[0, 1]);
-        let cases = [
-            (
-                request(1, 0.5, vec![work(9, vec![0], 1.0)]),
-                "expert 9 does not exist: this model's layers have experts 0 to 8 (8 is the shared expert)",
-            ),
-            (
-                ComputeRequest {
-                    layer: 0,
-                    ..request(1, 0.5, vec![work(0, vec![0], 1.0)])
-                },
-                "layer 0 has no MoE block in this model (its MoE layers are [1, 2])",
-            ),
-            (
-                ComputeRequest {
-                    layer: 7,
-                    ..request(1, 0.5, vec![])
-                },
-                "layer 7 has no MoE block",
-            ),
-            // Malformed work is refused as such even for an expert not held.
-            (
-                request(1, 0.5, vec![work(5, vec![0, 1], 1.0)]),
-                "row index 1 is out of range for 1 rows",
-            ),
-        ];
-        for (bad, needle) in cases {
-            let status = refusal(&node, bad).await;
-            assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-            assert!(status.message().contains(needle), "{status:?}");
-        }
-    }
-
-    #[tokio::test]
-    async fn sizes_are_checked_before_the_rows_are_decoded() {
-        let node = node(&[0, 1, 2, 3, 4, 5, 6, 7, 8]);
-        // One row sent to all nine experts: a token has at most top-4 and
-        // the shared expert, and a small message must not buy Σ rows × hidden
-        // floats of output.
-        let everything = (0..9).map(|expert| work(expert, vec![0], 1.0)).collect();
-        let status = refusal(&node, request(1, 0.5, everything)).await;
-        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-        assert!(
-            status.message().contains(
-                "9 token-expert pairs to 1 rows; this model routes a token to at most 5 experts"
-            ),
-            "{status:?}"
-        );
-        // More tokens than one request may carry.
-        let rows = limits::MAX_ROWS_PER_REQUEST + 1;
-        let status = refusal(&node, request(rows, 0.0, vec![])).await;
-        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-        assert!(
-            status.message().contains(&format!(
-                "request too large: {rows} rows; a node takes at most 65536 rows"
-            )),
-            "{status:?}"
-        );
-        // The node still computes good work.
-        let reply = node
-            .compute(Request::new(request(
-                2,
-                0.5,
-                vec![work(0, vec![0, 1], 1.0)],
-            )))
-            .await
-            .unwrap();
-        let output = decode_rows(reply.into_inner().output.as_ref(), HIDDEN).unwrap();
-        assert_eq!(output.rows, 2);
-    }
-
-    #[tokio::test]
-    async fn inputs_that_overflow_f32_are_invalid_arguments() {
-        let node = node(&[0, 1]);
-        // Inputs whose products overflow, and finite routing weights that
-        // carry a finite output past f32's range.
-        for (value, weight) in [(1e21, 1.0), (1e19, 1e30), (1e3, f32::MAX)] {
-            let status = refusal(&node, request(2, value, vec![work(1, vec![0, 1], weight)])).await;
-            assert_eq!(
-                status.code(),
-                Code::InvalidArgument,
-                "{value} × {weight}: {status:?}"
-            );
-            assert!(
-                status
-                    .message()
-                    .starts_with("inputs out of range: expert 1 of layer 1 overflows f32 on row 0"),
-                "{status:?}"
-            );
-        }
-        let reply = node
-            .compute(Request::new(request(1, 1e3, vec![work(1, vec![0], 1.0)])))
-            .await
-            .unwrap();
-        let output = decode_rows(reply.into_inner().output.as_ref(), HIDDEN).unwrap();
-        assert!(output.values.iter().all(|value| value.is_finite()));
-    }
-}
+mod tests;

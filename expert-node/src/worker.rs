@@ -13,9 +13,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use moemesh_core::compute::buffering::BufferCounters;
 use moemesh_core::compute::{Expert, scale_by_weight};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::metrics::{ExpertMetrics, Queued};
 use crate::residency::{ExpertKey, Residency};
 use crate::{ExpertNodeError, ExpertNodeResult};
 
@@ -55,6 +57,8 @@ enum WorkerCommand {
         job: ComputeJob,
         /// The handler awaiting the combined rows.
         reply_tx: oneshot::Sender<ExpertNodeResult<Computed>>,
+        /// Counts the job in the queue until the worker takes it up.
+        queued: Queued,
     },
     AddExpert {
         layer: usize,
@@ -100,6 +104,7 @@ pub struct WorkerStats {
 pub struct DeviceWorkerHandle {
     command_tx: mpsc::Sender<WorkerCommand>,
     stats: Arc<WorkerStats>,
+    metrics: ExpertMetrics,
     held_rx: watch::Receiver<Arc<HeldExperts>>,
 }
 
@@ -110,6 +115,7 @@ pub struct DeviceWorker {
     residency: Residency,
     hidden_size: usize,
     stats: Arc<WorkerStats>,
+    metrics: ExpertMetrics,
     /// Publishes the held set after every change; the service validates against it.
     held_tx: watch::Sender<Arc<HeldExperts>>,
 }
@@ -138,10 +144,12 @@ fn trim_memory_when_idle(stats: &WorkerStats, stopped: &AtomicBool) {
 
 impl DeviceWorker {
     /// Starts the worker thread; it exits when every handle is dropped.
+    /// Its work is counted in `metrics`.
     pub fn spawn(
         residency: Residency,
         hidden_size: usize,
         queue_capacity: usize,
+        metrics: ExpertMetrics,
     ) -> DeviceWorkerHandle {
         let stats = Arc::new(WorkerStats::default());
         let (held_tx, held_rx) = watch::channel(Arc::new(HeldExperts::new()));
@@ -149,6 +157,7 @@ impl DeviceWorker {
             residency,
             hidden_size,
             stats: Arc::clone(&stats),
+            metrics: metrics.clone(),
             held_tx,
         };
         {
@@ -181,6 +190,7 @@ impl DeviceWorker {
         DeviceWorkerHandle {
             command_tx,
             stats,
+            metrics,
             held_rx,
         }
     }
@@ -188,7 +198,12 @@ impl DeviceWorker {
     fn run(mut self, mut command_rx: mpsc::Receiver<WorkerCommand>) {
         while let Some(command) = command_rx.blocking_recv() {
             match command {
-                WorkerCommand::Compute { job, reply_tx } => {
+                WorkerCommand::Compute {
+                    job,
+                    reply_tx,
+                    queued,
+                } => {
+                    drop(queued);
                     if reply_tx.is_closed() {
                         self.stats.cancelled_jobs.fetch_add(1, Ordering::Relaxed);
                         continue;
@@ -200,8 +215,13 @@ impl DeviceWorker {
                         compute_time: started.elapsed(),
                     });
                     let elapsed = started.elapsed();
-                    let _ = reply_tx.send(result);
                     let pairs: usize = job.assignments.iter().map(|a| a.rows.len()).sum();
+                    self.metrics.observe_compute(elapsed);
+                    if result.is_ok() {
+                        let tokens = job.input.len() / self.hidden_size.max(1);
+                        self.metrics.count_computed(tokens, pairs);
+                    }
+                    let _ = reply_tx.send(result);
                     self.stats.pairs.fetch_add(pairs as u64, Ordering::Relaxed);
                     self.stats
                         .busy_micros
@@ -257,17 +277,21 @@ impl DeviceWorker {
         self.held_tx.send_replace(Arc::new(held));
     }
 
-    /// Publishes the resident bytes and Expert Buffering's counts.
+    /// Publishes the resident bytes and Expert Buffering's counts, and
+    /// counts the hits and misses since the last time in the metrics.
     fn publish_residency(&self) {
         let stats = &self.stats;
         let counters = self.residency.counters();
         stats
             .weight_bytes
             .store(self.residency.resident_bytes(), Ordering::Relaxed);
-        stats.buffer_hits.store(counters.hits, Ordering::Relaxed);
-        stats
-            .buffer_misses
-            .store(counters.misses, Ordering::Relaxed);
+        let before = BufferCounters {
+            hits: stats.buffer_hits.swap(counters.hits, Ordering::Relaxed),
+            misses: stats.buffer_misses.swap(counters.misses, Ordering::Relaxed),
+            ..BufferCounters::default()
+        };
+        self.metrics
+            .record_buffering(before, counters, self.residency.resident_count());
         stats
             .bytes_paged_in
             .store(counters.bytes_paged_in, Ordering::Relaxed);
@@ -339,13 +363,18 @@ fn check_outputs_finite(job: &ComputeJob, hidden: usize, outputs: &[f32]) -> Exp
 /// Dropping it gives the place back.
 pub struct ComputeSlot {
     permit: mpsc::OwnedPermit<WorkerCommand>,
+    queued: Queued,
 }
 
 impl ComputeSlot {
     /// Queues `job` in this place and waits for its result.
     pub async fn compute(self, job: ComputeJob) -> ExpertNodeResult<Computed> {
         let (reply_tx, reply_rx) = oneshot::channel();
-        self.permit.send(WorkerCommand::Compute { job, reply_tx });
+        self.permit.send(WorkerCommand::Compute {
+            job,
+            reply_tx,
+            queued: self.queued,
+        });
         reply_rx
             .await
             .map_err(|_| ExpertNodeError::Unavailable("device worker stopped".into()))?
@@ -357,7 +386,10 @@ impl DeviceWorkerHandle {
     /// queue is full.
     pub fn reserve_compute(&self) -> ExpertNodeResult<ComputeSlot> {
         match self.command_tx.clone().try_reserve_owned() {
-            Ok(permit) => Ok(ComputeSlot { permit }),
+            Ok(permit) => Ok(ComputeSlot {
+                permit,
+                queued: self.metrics.enqueue(),
+            }),
             Err(mpsc::error::TrySendError::Full(_)) => Err(ExpertNodeError::Overloaded(format!(
                 "work queue full ({} jobs waiting)",
                 self.command_tx.max_capacity()
@@ -485,7 +517,7 @@ mod tests {
         let checkpoint = moemesh_core::model::checkpoint::Checkpoint::open(fixture.as_ref());
         let mut residency = Residency::new(Arc::new(checkpoint.unwrap()), backend, None);
         residency.serve((0, 0), Some(expert)).unwrap();
-        let worker = DeviceWorker::spawn(residency, 1, 1);
+        let worker = DeviceWorker::spawn(residency, 1, 1, ExpertMetrics::default());
         assert_eq!(worker.stats().weight_bytes.load(Ordering::Relaxed), 7);
 
         let running = tokio::spawn({

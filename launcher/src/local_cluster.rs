@@ -133,14 +133,21 @@ impl Launch<'_> {
         let mut args = security.args;
         args.push(subcommand.to_string());
         args.extend(role_args);
+        args.extend(["--metrics-addr".into(), "127.0.0.1:0".into()]);
         let spec = MemberSpec {
             role: subcommand,
-            id,
+            id: id.clone(),
             args,
             env: security.env,
             env_remove: security.env_remove,
         };
-        SupervisedProcess::start(spec, self.policy).await
+        let process = SupervisedProcess::start(spec, self.policy).await?;
+        if self.announce
+            && let Some(metrics_url) = &process.metrics_url
+        {
+            println!("metrics {metrics_url} {id}");
+        }
+        Ok(process)
     }
 }
 

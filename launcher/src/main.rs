@@ -6,22 +6,25 @@
 //! - `moemesh up`: a whole local cluster as separate processes on 127.0.0.1,
 //!   restarted when they exit.
 //! - `moemesh certs`: a cluster CA and member certificates naming each member.
+//! - `moemesh config`: checks a configuration file (`--config`) or prints an example.
 //! - `moemesh demo`: `up` on a synthetic (or given) model, plus a workload
 //!   and a report.
 //! - `moemesh bench`: moemesh beside the GEMM ceiling and PyTorch.
 
 mod bench;
 mod certs;
+mod config_file;
 mod demo;
 mod expert_spec;
 mod local_cluster;
 mod memory_tiers;
+mod ops;
 mod roles;
 mod stats;
 mod synth_model;
 mod synthetic;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 /// Serve the Mixture-of-Experts layers of large models across machines.
 #[derive(Parser)]
@@ -57,15 +60,8 @@ enum Command {
     Certs(certs::CertsArgs),
     /// Writes a random Mixtral-shaped checkpoint (real tensor names) of any size, to try or measure moemesh without downloading weights.
     SynthModel(synth_model::SynthModelArgs),
-}
-
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    /// Checks a configuration file for coordinator, expert and router (`--config FILE`), or prints a commented example.
+    Config(config_file::ConfigArgs),
 }
 
 /// Keeps glibc to two malloc arenas unless the operator chose with
@@ -108,17 +104,23 @@ fn is_device_unavailable(error: &anyhow::Error) -> bool {
 
 fn run() -> anyhow::Result<()> {
     limit_malloc_arenas();
-    init_tracing();
-    let cli = Cli::parse();
+    let cli: Cli = config_file::parse_with_config(std::env::args_os())?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    // The span exporter's connection lives on the runtime; the guard
+    // flushes what is left when it drops, before the runtime does.
+    let _tracing = {
+        let _entered = runtime.enter();
+        moemesh_telemetry::traces::init(service_name(&cli.command))?
+    };
     match cli.command {
         Command::SynthModel(args) => return synth_model::run_synth_model(args),
         Command::BenchDevice(args) => return bench::device::run_bench_device(args),
         Command::Certs(args) => return certs::run_certs(args),
+        Command::Config(args) => return config_file::run_config(args, Cli::command()),
         _ => {}
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
     runtime.block_on(async move {
         match cli.command {
             Command::Coordinator(args) => roles::run_coordinator(args, &cli.tls).await,
@@ -131,9 +133,22 @@ fn run() -> anyhow::Result<()> {
                 bench::rebalance::run_bench_rebalance(args, &cli.tls).await
             }
             Command::Soak(args) => bench::soak::run_soak(args, &cli.tls).await,
-            Command::SynthModel(_) | Command::BenchDevice(_) | Command::Certs(_) => {
+            Command::SynthModel(_)
+            | Command::BenchDevice(_)
+            | Command::Certs(_)
+            | Command::Config(_) => {
                 unreachable!("runs before the runtime starts")
             }
         }
     })
+}
+
+/// The service name a process's spans carry.
+fn service_name(command: &Command) -> &'static str {
+    match command {
+        Command::Coordinator(_) => "moemesh-coordinator",
+        Command::Expert(_) => "moemesh-expert",
+        Command::Router(_) => "moemesh-router",
+        _ => "moemesh",
+    }
 }

@@ -6,21 +6,25 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use moemesh_client::TlsArgs;
+use moemesh_coordinator::metrics::CoordinatorMetrics;
 use moemesh_coordinator::node::RaftNodeConfig;
 use moemesh_coordinator::server::{Coordinator, CoordinatorConfig};
 use moemesh_core::compute::WeightFormat;
 use moemesh_core::model::checkpoint::Checkpoint;
 use moemesh_core::model::placement::{Placement, PlacementFile};
+use moemesh_expert_node::metrics::ExpertMetrics;
 use moemesh_expert_node::registration::Registration;
 use moemesh_expert_node::{ExpertNode, ExpertNodeConfig};
 use moemesh_proto::identity::{Member, Role};
 use moemesh_proto::tls::TlsConfig;
+use moemesh_router_node::metrics::RouterMetrics;
 use moemesh_router_node::{PlacementSource, Router, RouterConfig};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpListener;
 
 use crate::expert_spec::parse_expert_specs;
 use crate::memory_tiers::MemoryTierArgs;
+use crate::ops::{OpsArgs, Shutdown};
 
 /// How long an expert node keeps trying to register through elections.
 const REGISTRATION_PATIENCE: Duration = Duration::from_secs(60);
@@ -76,7 +80,10 @@ pub struct ExpertArgs {
     /// Milliseconds between heartbeats to the coordinators.
     #[arg(long, env = "MOEMESH_HEARTBEAT_MS", default_value_t = 1000)]
     heartbeat_ms: u64,
-    /// Topology group (host or rack) reported to the coordinators.
+    /// Topology group (zone, rack or host) reported to the coordinators.
+    /// Several comma-separated candidates may be given; the first that is
+    /// not empty is used, so a manifest can pass the node's zone and fall
+    /// back to its hostname: `--group=$(ZONE),$(NODE_NAME)`.
     #[arg(long, env = "MOEMESH_GROUP", default_value = "default")]
     group: String,
     /// Bytes of memory this node offers to keep expert weights resident
@@ -87,6 +94,8 @@ pub struct ExpertArgs {
     /// URL routers use to reach this node; defaults to the listening address.
     #[arg(long, env = "MOEMESH_ADVERTISE")]
     advertise: Option<String>,
+    #[command(flatten)]
+    ops: OpsArgs,
     /// Serve without authenticating callers: allows plaintext without a
     /// cluster secret, and plaintext on an address other than loopback.
     /// Only for a network you trust entirely.
@@ -99,9 +108,18 @@ pub struct ExpertArgs {
 
 #[derive(clap::Args)]
 pub struct CoordinatorArgs {
-    /// This coordinator's id in --peers.
-    #[arg(long, env = "MOEMESH_COORDINATOR_ID")]
-    id: u64,
+    /// This coordinator's id in --peers (ids start at 1).
+    #[arg(
+        long,
+        env = "MOEMESH_COORDINATOR_ID",
+        required_unless_present = "ordinal",
+        conflicts_with = "ordinal"
+    )]
+    id: Option<u64>,
+    /// This coordinator's ordinal in a StatefulSet (its pod index, from 0);
+    /// its id in --peers is the ordinal plus one.
+    #[arg(long, env = "MOEMESH_ORDINAL")]
+    ordinal: Option<u64>,
     /// Every coordinator of the group as ID=URL, comma-separated, this one included:
     /// `1=http://c1:7000,2=http://c2:7000,3=http://c3:7000`.
     #[arg(long, env = "MOEMESH_PEERS", value_delimiter = ',')]
@@ -141,6 +159,8 @@ pub struct CoordinatorArgs {
     /// with --token or MOEMESH_ADMIN_TOKEN.
     #[arg(long, env = "MOEMESH_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
+    #[command(flatten)]
+    ops: OpsArgs,
     /// Serve without authenticating callers: allows plaintext without a
     /// cluster secret, and plaintext on an address other than loopback.
     /// Only for a network you trust entirely.
@@ -177,8 +197,9 @@ pub struct RouterArgs {
     /// Address to serve on; port 0 picks a free port (printed once ready).
     #[arg(long, env = "MOEMESH_LISTEN", default_value = "127.0.0.1:50051")]
     listen: String,
-    /// Topology group (host or rack) of this router: among equally busy
-    /// replicas, those on expert nodes of the same group are preferred.
+    /// Topology group (zone, rack or host) of this router: among equally
+    /// busy replicas, those on expert nodes of the same group are
+    /// preferred. Comma-separated candidates: the first not empty is used.
     #[arg(long, env = "MOEMESH_GROUP", default_value = "")]
     group: String,
     /// Forwards in progress at once; more get RESOURCE_EXHAUSTED and the
@@ -189,6 +210,8 @@ pub struct RouterArgs {
     /// to router-PORT.
     #[arg(long, env = "MOEMESH_ROUTER_ID")]
     router_id: Option<String>,
+    #[command(flatten)]
+    ops: OpsArgs,
     /// Serve without authenticating callers: allows plaintext without a
     /// cluster secret, and plaintext on an address other than loopback.
     /// Only for a network you trust entirely.
@@ -318,6 +341,7 @@ pub async fn run_expert(args: ExpertArgs, tls: &TlsArgs) -> anyhow::Result<()> {
         .model_id
         .clone()
         .unwrap_or_else(|| default_model_id(&args.model));
+    let mut ops = args.ops.bind().await?;
     let (listener, url) = bind(&args.listen, tls, args.insecure).await?;
     let node_id = args
         .node_id
@@ -331,7 +355,9 @@ pub async fn run_expert(args: ExpertArgs, tls: &TlsArgs) -> anyhow::Result<()> {
         coordinators: args.coordinators.clone(),
         node_id,
         address: args.advertise.clone().unwrap_or_else(|| url.clone()),
-        group: args.group.clone(),
+        group: first_non_empty(&args.group)
+            .unwrap_or("default")
+            .to_string(),
         device: args.tiers.device.to_string(),
         memory_bytes: args.memory_bytes.unwrap_or(tiers.resident_bytes),
         buffer_bytes: tiers.buffer_bytes,
@@ -356,12 +382,23 @@ pub async fn run_expert(args: ExpertArgs, tls: &TlsArgs) -> anyhow::Result<()> {
         device_memory_budget: args.tiers.device_memory_budget,
         tls,
         registration,
+        metrics: ExpertMetrics::register(ops.registry()),
     };
     let node = ExpertNode::start(node_config, listener).await?;
+    let shutdown = Shutdown::on(shutdown_signal(args.exit_with_parent));
+    ops.serve(&shutdown).set_ready().await;
     println!("{READY_LINE_PREFIX}{url}");
     tracing::info!(%url, "expert node serving");
-    node.serve(shutdown_signal(args.exit_with_parent)).await?;
+    node.serve(shutdown.wait()).await?;
     Ok(())
+}
+
+/// The first of `candidates` (comma-separated) that is not empty.
+fn first_non_empty(candidates: &str) -> Option<&str> {
+    candidates
+        .split(',')
+        .map(str::trim)
+        .find(|candidate| !candidate.is_empty())
 }
 
 /// Returns the machine's memory, the default budget for expert weights.
@@ -390,20 +427,22 @@ pub async fn run_coordinator(args: CoordinatorArgs, tls_args: &TlsArgs) -> anyho
         }
         peers.insert(id, url.to_string());
     }
-    if !peers.contains_key(&args.id) {
-        bail!("--peers must list this coordinator's --id {}", args.id);
+    let id = match (args.id, args.ordinal) {
+        (Some(id), _) => id,
+        (None, Some(ordinal)) => ordinal.checked_add(1).context("--ordinal is too large")?,
+        (None, None) => bail!("give --id or --ordinal"),
+    };
+    if !peers.contains_key(&id) {
+        bail!("--peers must list this coordinator's id {id}");
     }
-    let tls = member_tls(tls_args, &Member::coordinator(args.id))?;
+    let tls = member_tls(tls_args, &Member::coordinator(id))?;
+    let mut ops = args.ops.bind().await?;
     let (listener, url) = bind(&args.listen, tls_args, args.insecure).await?;
     let peer_listener = match &args.peer_listen {
         Some(peer_listen) => Some(bind(peer_listen, tls_args, args.insecure).await?.0),
         None => None,
     };
-    let mut raft = RaftNodeConfig::new(
-        args.id,
-        peers.keys().copied().collect(),
-        args.data_dir.clone(),
-    );
+    let mut raft = RaftNodeConfig::new(id, peers.keys().copied().collect(), args.data_dir.clone());
     raft.tick_interval = Duration::from_millis(args.tick_ms.max(1));
     let mut config = CoordinatorConfig::new(raft, peers);
     config.dead_after = Duration::from_millis(args.dead_after_ms);
@@ -413,15 +452,14 @@ pub async fn run_coordinator(args: CoordinatorArgs, tls_args: &TlsArgs) -> anyho
     config.rebalance_interval =
         (args.rebalance_interval_s > 0).then(|| Duration::from_secs(args.rebalance_interval_s));
     config.tls = tls;
+    config.metrics = CoordinatorMetrics::register(ops.registry());
     let coordinator = Coordinator::start(config)?;
+    let shutdown = Shutdown::on(shutdown_signal(args.exit_with_parent));
+    ops.serve(&shutdown).set_ready().await;
     println!("{READY_LINE_PREFIX}{url}");
-    tracing::info!(%url, id = args.id, "coordinator serving");
+    tracing::info!(%url, id, "coordinator serving");
     coordinator
-        .serve_split(
-            listener,
-            peer_listener,
-            shutdown_signal(args.exit_with_parent),
-        )
+        .serve_split(listener, peer_listener, shutdown.wait())
         .await?;
     Ok(())
 }
@@ -443,6 +481,7 @@ pub async fn run_router(args: RouterArgs, tls: &TlsArgs) -> anyhow::Result<()> {
         .clone()
         .or(placement_model)
         .unwrap_or_else(|| default_model_id(&args.model));
+    let mut ops = args.ops.bind().await?;
     let (listener, url) = bind(&args.listen, tls, args.insecure).await?;
     let router_id = args
         .router_id
@@ -453,15 +492,16 @@ pub async fn run_router(args: RouterArgs, tls: &TlsArgs) -> anyhow::Result<()> {
         model_dir: args.model.clone(),
         model_id,
         placement,
-        group: args.group.clone(),
+        group: first_non_empty(&args.group).unwrap_or_default().to_string(),
         max_in_flight: args.max_in_flight,
         tls,
+        metrics: RouterMetrics::register(ops.registry()),
     };
     let router = Router::load(config).await?;
+    let shutdown = Shutdown::on(shutdown_signal(args.exit_with_parent));
+    ops.serve(&shutdown).set_ready().await;
     println!("{READY_LINE_PREFIX}{url}");
     tracing::info!(%url, "router serving");
-    router
-        .serve(listener, shutdown_signal(args.exit_with_parent))
-        .await?;
+    router.serve(listener, shutdown.wait()).await?;
     Ok(())
 }

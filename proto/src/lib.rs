@@ -18,6 +18,9 @@ pub mod v1 {
     tonic::include_proto!("moemesh.v1");
 }
 
+/// The encoded descriptors of `moemesh.v1`, served by gRPC reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("moemesh_descriptor");
+
 pub use v1::admin_service_client::AdminServiceClient;
 pub use v1::admin_service_server::{AdminService, AdminServiceServer};
 pub use v1::coordinator_peer_service_client::CoordinatorPeerServiceClient;
@@ -62,17 +65,20 @@ pub const DATA_CONNECTION_WINDOW_BYTES: u32 = 64 << 20;
 pub const DATA_MAX_FRAME_BYTES: u32 = 1 << 20;
 
 /// Serves `routes` with `server` on `listener` until `shutdown` completes,
-/// with the standard gRPC health service beside them: each service named
-/// in `services` reports SERVING, then NOT_SERVING once shutdown begins,
-/// while in-flight calls finish.
+/// with the standard gRPC health service and gRPC reflection beside them
+/// (both open to every caller: they reveal nothing the protocol does not),
+/// and each call in a span that continues its caller's trace. Each service
+/// named in `services` reports SERVING, then NOT_SERVING once shutdown
+/// begins, while in-flight calls finish.
 pub async fn serve_with_health(
-    mut server: tonic::transport::Server,
+    server: tonic::transport::Server,
     routes: tonic::service::Routes,
     services: &[&'static str],
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     use tonic_health::ServingStatus;
+    let (reflection_v1, reflection_v1alpha) = reflection_services(services);
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     for &service in services {
         health_reporter
@@ -89,9 +95,54 @@ pub async fn serve_with_health(
         }
     };
     server
-        .add_routes(routes.add_service(health_service))
+        .layer(moemesh_telemetry::traces::TraceContextLayer)
+        .add_routes(
+            routes
+                .add_service(health_service)
+                .add_service(reflection_v1)
+                .add_service(reflection_v1alpha),
+        )
         .serve_with_incoming_shutdown(incoming_without_delay(listener), shutdown)
         .await
+}
+
+/// The services every moemesh server offers beside its own.
+const INFRASTRUCTURE_SERVICES: [&str; 3] = [
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+];
+
+/// gRPC reflection listing `services` (what this server serves) and the
+/// infrastructure services, in both versions of the reflection protocol
+/// (grpcurl and grpc_cli ask for v1, older tools for v1alpha).
+fn reflection_services(
+    services: &[&'static str],
+) -> (
+    tonic_reflection::server::v1::ServerReflectionServer<
+        impl tonic_reflection::server::v1::ServerReflection,
+    >,
+    tonic_reflection::server::v1alpha::ServerReflectionServer<
+        impl tonic_reflection::server::v1alpha::ServerReflection,
+    >,
+) {
+    let builder = || {
+        let served = services.iter().chain(&INFRASTRUCTURE_SERVICES);
+        served.fold(
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET),
+            |builder, &service| builder.with_service_name(service),
+        )
+    };
+    (
+        builder()
+            .build_v1()
+            .expect("the compiled-in descriptors are valid"),
+        builder()
+            .build_v1alpha()
+            .expect("the compiled-in descriptors are valid"),
+    )
 }
 
 /// A server for the data path (routers, expert nodes): windows and frames

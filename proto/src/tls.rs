@@ -329,7 +329,8 @@ impl fmt::Display for Caller {
 }
 
 /// Stamps the cluster secret and this process's member name on each call
-/// (plaintext mode); with TLS or without a secret it adds nothing.
+/// (plaintext mode; with TLS or without a secret it adds neither), and the
+/// current span's W3C trace context when spans are exported.
 #[derive(Clone)]
 pub struct Credentials {
     stamp: Option<(AsciiMetadataValue, AsciiMetadataValue)>,
@@ -342,6 +343,7 @@ impl Interceptor for Credentials {
             metadata.insert(SECRET_HEADER, secret.clone());
             metadata.insert(MEMBER_HEADER, member.clone());
         }
+        moemesh_telemetry::traces::inject(request.metadata_mut());
         Ok(request)
     }
 }

@@ -16,6 +16,7 @@
 //!   and adding the nodes' answers in expert order.
 //! - [`table`]: the routing table and how it follows the coordinators.
 //! - [`load`]: the per-expert token counts reported to the coordinators.
+//! - [`metrics`]: what the router tells Prometheus.
 //! - [`run`]: serves a router on a listener until shutdown.
 
 pub mod dispatch;
@@ -23,6 +24,7 @@ mod error;
 pub mod fanout;
 pub mod health;
 pub mod load;
+pub mod metrics;
 pub mod node_call;
 pub mod service;
 pub mod table;
@@ -67,6 +69,9 @@ pub struct RouterConfig {
     pub max_in_flight: usize,
     /// How connections to and from this router are secured.
     pub tls: TlsConfig,
+    /// Where the router counts what it does (`RouterMetrics::default()`
+    /// when nobody scrapes it).
+    pub metrics: metrics::RouterMetrics,
 }
 
 /// A router with its gates and first routing table loaded.

@@ -18,7 +18,8 @@ use tracing::instrument;
 
 use crate::fanout::{ExpertFanOut, LayerOutput};
 use crate::load::LoadCounters;
-use crate::table::RoutingSetup;
+use crate::metrics::RouterMetrics;
+use crate::table::{RoutingSetup, RoutingTable};
 use crate::{RouterConfig, RouterError, RouterResult};
 
 /// Gates with at most this many multiply-adds (about 50 µs of work) run
@@ -39,6 +40,7 @@ pub struct RouterNodeService {
     /// Admission control: one permit per forward in progress.
     admission: Arc<tokio::sync::Semaphore>,
     max_in_flight: usize,
+    metrics: RouterMetrics,
 }
 
 impl RouterNodeService {
@@ -86,6 +88,7 @@ impl RouterNodeService {
         .await
         .map_err(|error| RouterError::Internal(format!("gate loading panicked: {error}")))??;
         tracing::info!(model = %router_config.model_id, layers = gates.len(), epoch = table_rx.borrow().epoch, "router ready");
+        follow_epoch(router_config.metrics.clone(), table_rx.clone());
         let fanout = ExpertFanOut::new(
             router_config.model_id.clone(),
             router_config.group,
@@ -100,6 +103,7 @@ impl RouterNodeService {
             load,
             admission: Arc::new(tokio::sync::Semaphore::new(max_in_flight)),
             max_in_flight,
+            metrics: router_config.metrics,
         })
     }
 
@@ -122,12 +126,14 @@ impl RouterNodeService {
         let mut fanout = self.fanout.start(layer, hidden_size);
         let gate_macs = rows.values.len() * self.config.num_experts;
         let load = Arc::clone(&self.load);
+        let metrics = self.metrics.clone();
         let gate_and_split = move || {
             let routing = gate.route(&rows.values, rows.rows);
             if let Err(error) = check_routing_finite(&routing) {
                 return (rows, Err(error), fanout);
             }
             load.count(layer, &routing);
+            metrics.count_routed(layer, routing.tokens(), routing.experts.len());
             let batches = fanout.split(&routing, &rows.values);
             (rows, batches, fanout)
         };
@@ -142,11 +148,9 @@ impl RouterNodeService {
         };
         let batches = batches?;
         let node_sends: usize = batches.iter().map(|batch| batch.tokens.len()).sum();
-        self.load.count_dispatch(
-            rows.rows,
-            node_sends,
-            node_sends * hidden_size * size_of::<f32>(),
-        );
+        let bytes_sent = node_sends * hidden_size * size_of::<f32>();
+        self.load.count_dispatch(rows.rows, node_sends, bytes_sent);
+        self.metrics.count_bytes_sent(bytes_sent);
         let output = fanout
             .run(&self.fanout, &rows.values, batches, deadline)
             .await?;
@@ -232,6 +236,21 @@ impl moemesh_proto::RouterService for RouterNodeService {
         &self,
         request: Request<ForwardRequest>,
     ) -> Result<Response<ForwardResponse>, Status> {
+        let started = Instant::now();
+        let _in_flight = self.metrics.start_forward();
+        let answer = self.answer_forward(request).await;
+        let code = answer.as_ref().err().map_or(tonic::Code::Ok, Status::code);
+        self.metrics.finish_forward(code, started.elapsed());
+        answer
+    }
+}
+
+impl RouterNodeService {
+    /// One forward, from admission to the encoded answer.
+    async fn answer_forward(
+        &self,
+        request: Request<ForwardRequest>,
+    ) -> Result<Response<ForwardResponse>, Status> {
         // Refuse at once rather than queue without bound: memory stays
         // bounded under any load, and the client backs off.
         let _admitted = self.admission.try_acquire().map_err(|_| {
@@ -270,6 +289,22 @@ impl moemesh_proto::RouterService for RouterNodeService {
             expert_compute_micros: output.slowest_compute_micros,
         }))
     }
+}
+
+/// Keeps the placement epoch gauge on the routing table's epoch.
+fn follow_epoch(
+    metrics: RouterMetrics,
+    mut table_rx: tokio::sync::watch::Receiver<Arc<RoutingTable>>,
+) {
+    tokio::spawn(async move {
+        loop {
+            let epoch = table_rx.borrow_and_update().epoch;
+            metrics.set_placement_epoch(epoch);
+            if table_rx.changed().await.is_err() {
+                return;
+            }
+        }
+    });
 }
 
 #[cfg(test)]

@@ -27,6 +27,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+pub mod exposition;
 mod security;
 pub use security::{SandboxSecurity, TEST_CLUSTER_SECRET, TestAuthority};
 
@@ -259,6 +260,7 @@ async fn spawn_node(
         device_memory_budget: None,
         tls,
         registration: None,
+        metrics: Default::default(),
     };
     let node = ExpertNode::start(node_config, listener)
         .await
@@ -294,6 +296,7 @@ async fn spawn_file_router(
         group: String::new(),
         max_in_flight: 0,
         tls,
+        metrics: Default::default(),
     };
     servers.spawn(async move {
         moemesh_router_node::run(router_config, listener, shutdown)
@@ -615,6 +618,7 @@ impl ManagedCluster {
                 device_memory_budget: None,
                 tls: security.for_role(Role::Expert, &entry.id),
                 registration: Some(registration),
+                metrics: Default::default(),
             };
             let node = ExpertNode::start(node_config, listener)
                 .await
@@ -642,6 +646,7 @@ impl ManagedCluster {
             group: String::new(),
             max_in_flight: 0,
             tls: security.for_role(Role::Router, SANDBOX_ROUTER),
+            metrics: Default::default(),
         };
         let router = Router::load(router_config).await.expect("router loads");
         Self {

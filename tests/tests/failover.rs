@@ -129,6 +129,7 @@ async fn overload_is_refused_quickly_and_nothing_hangs() {
         group: String::new(),
         max_in_flight: 2,
         tls: cluster.tls.clone(),
+        metrics: Default::default(),
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let router = tokio::spawn(moemesh_router_node::run(router_config, listener, async {

@@ -45,6 +45,7 @@ async fn start_node(
         device_memory_budget: None,
         tls: TlsConfig::plaintext(),
         registration: None,
+        metrics: Default::default(),
     };
     let node = ExpertNode::start(config, listener).await.unwrap();
     let (stop_tx, stop_rx) = oneshot::channel::<()>();

@@ -100,6 +100,7 @@ async fn start_replica(
         device_memory_budget: None,
         tls: TlsConfig::plaintext(),
         registration: None,
+        metrics: Default::default(),
     };
     let node = ExpertNode::start(node_config, node_listener).await.unwrap();
     let shutdown = wait_for_shutdown(shutdown_rx.clone());
@@ -112,6 +113,7 @@ async fn start_replica(
         group: String::new(),
         max_in_flight: 0,
         tls: TlsConfig::plaintext(),
+        metrics: Default::default(),
     };
     let shutdown = wait_for_shutdown(shutdown_rx.clone());
     servers.spawn(async move {

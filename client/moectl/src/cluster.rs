@@ -1,21 +1,26 @@
 //! `moectl cluster`: the coordinators, the leader and the expert nodes.
 
-use moemesh_client::TlsConfig;
 use moemesh_proto::v1::ClusterStatusResponse;
 use serde_json::json;
 
-use crate::connect::AdminArgs;
-use crate::output::print_pretty_json;
+use crate::connect::Ctl;
+use crate::output::{OutputArg, print_pretty_json};
 
 #[derive(clap::Subcommand)]
 pub enum ClusterCommand {
     /// Shows the coordinators, the leader and term, the placement epoch and the expert nodes.
-    Status(AdminArgs),
+    Status(StatusArgs),
 }
 
-pub async fn status(args: AdminArgs, tls: &TlsConfig) -> anyhow::Result<()> {
-    let status = args.connect(tls).await?.cluster_status().await?;
-    if args.json {
+#[derive(clap::Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub format: OutputArg,
+}
+
+pub async fn status(args: StatusArgs, ctl: &Ctl) -> anyhow::Result<()> {
+    let status = ctl.admin().await?.cluster_status().await?;
+    if ctl.is_json(&args.format) {
         return print_pretty_json(&status_json(&status));
     }
     print_summary(&status);

@@ -3,14 +3,18 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
+use moemesh_client::Client;
 use moemesh_client::npy::{Matrix, read_matrix, write_matrix};
-use moemesh_client::{Client, TlsConfig};
+use serde_json::json;
 
+use crate::connect::Ctl;
+use crate::output::OutputFormat;
+
+/// The router comes from `--router` (MOEMESH_ROUTER), before or after the
+/// subcommand. Here `--output` names the file to write; the output format
+/// is chosen before the subcommand (`moectl --output json forward ...`).
 #[derive(clap::Args)]
 pub struct ForwardArgs {
-    /// Router URL.
-    #[arg(long, env = "MOEMESH_ROUTER", default_value = "http://127.0.0.1:50051")]
-    router: String,
     /// Model id; empty selects the router's only model.
     #[arg(long, default_value = "")]
     model: String,
@@ -25,13 +29,14 @@ pub struct ForwardArgs {
     output: PathBuf,
 }
 
-pub async fn forward(args: ForwardArgs, tls: &TlsConfig) -> anyhow::Result<()> {
+pub async fn forward(args: ForwardArgs, ctl: &Ctl, format: OutputFormat) -> anyhow::Result<()> {
     let input = read_matrix(&args.input)?;
-    let mut client = Client::connect_with_tls(&args.router, tls).await?;
+    let router = &ctl.connection.router;
+    let mut client = Client::connect_with_tls(router, &ctl.tls()?).await?;
     let values = client
         .forward_f32(&args.model, args.layer, &input.values, input.columns)
         .await
-        .with_context(|| format!("forward of layer {} through {}", args.layer, args.router))?;
+        .with_context(|| format!("forward of layer {} through {router}", args.layer))?;
     write_matrix(
         &args.output,
         &Matrix {
@@ -40,11 +45,20 @@ pub async fn forward(args: ForwardArgs, tls: &TlsConfig) -> anyhow::Result<()> {
             values,
         },
     )?;
-    eprintln!(
-        "wrote {} tokens x {} to {}",
-        input.rows,
-        input.columns,
-        args.output.display()
-    );
+    if format == OutputFormat::Json {
+        let summary = json!({
+        "router": router, "model": args.model, "layer": args.layer,
+        "tokens": input.rows, "hidden_size": input.columns, "output": args.output,
+        });
+        println!("{summary}");
+    } else {
+        // Standard output stays free for scripts; the note is for people.
+        eprintln!(
+            "wrote {} tokens x {} to {}",
+            input.rows,
+            input.columns,
+            args.output.display()
+        );
+    }
     Ok(())
 }

@@ -1,6 +1,27 @@
-//! How moectl prints: tables for people, JSON (`--json`) for scripts.
+//! How moectl prints: tables for people, JSON (`--output json`) for scripts.
 
 use serde_json::Value;
+
+/// What a command prints on standard output.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    /// Tables and sentences, for people.
+    #[default]
+    Table,
+    /// JSON documents, for scripts (`jq`); progress bars stay hidden.
+    Json,
+}
+
+/// `--output FORMAT` given after the subcommand. The same flag before the
+/// subcommand (or MOEMESH_OUTPUT) sets it for every command; this one
+/// wins over both.
+#[derive(clap::Args, Debug, Default)]
+pub struct OutputArg {
+    /// How to print: `table` for people, `json` for scripts. Also accepted
+    /// before the subcommand, or from MOEMESH_OUTPUT.
+    #[arg(long = "output", value_enum, value_name = "FORMAT")]
+    pub format: Option<OutputFormat>,
+}
 
 /// Prints a JSON document over several indented lines.
 pub fn print_pretty_json(value: &Value) -> anyhow::Result<()> {
@@ -8,8 +29,8 @@ pub fn print_pretty_json(value: &Value) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Prints the outcome of a change: `value` as one line of JSON with
-/// `--json`, else the sentence `line`.
+/// Prints the outcome of a change: `value` as one line of JSON when
+/// `json`, else the sentence `line`.
 pub fn print_outcome(json: bool, value: Value, line: impl FnOnce() -> String) {
     if json {
         println!("{value}");

@@ -4,29 +4,38 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use moemesh_client::{CoordinatorClient, TlsConfig};
+use moemesh_client::CoordinatorClient;
 use moemesh_core::model::placement::planner::{
     LayerPlan, PlanNode, PlanOptions, node_loads, plan_layer,
 };
 use moemesh_proto::v1::{RebalanceResponse, ReplicaMove, ReplicaState};
 use serde_json::json;
 
-use crate::connect::AdminArgs;
-use crate::output::{percent_of, print_outcome, print_pretty_json};
+use crate::connect::Ctl;
+use crate::output::{OutputArg, percent_of, print_outcome, print_pretty_json};
+use crate::wait::WaitArgs;
+
+mod moves;
+use moves::Replica;
 
 #[derive(clap::Subcommand)]
 pub enum PlacementCommand {
     /// Lists every expert's replicas and their state.
     Show(ShowArgs),
-    /// Moves one replica to another node: add, wait until it serves, drain the old one, remove it.
+    /// Moves one replica to another node: add, wait until it serves, drain
+    /// the old one, remove it. The call returns when the move is done;
+    /// --wait adds a bar of its steps and --timeout.
     Move(MoveArgs),
-    /// Adds one more replica of an expert on a node and waits until it serves.
+    /// Adds one more replica of an expert on a node and waits until it
+    /// serves; --wait adds a bar of its state and --timeout.
     Replicate(ReplicateArgs),
     /// Plans a balanced placement offline from recorded expert loads: how
     /// many replicas each expert gets and which node holds each.
     Plan(PlanArgs),
     /// Plans from the live load window and moves replicas to follow it,
-    /// without pausing serving (--dry-run: only show the plan).
+    /// without pausing serving (--dry-run: only show the plan). The call
+    /// returns when the moves are done; --wait adds a bar of moves done
+    /// (sized by a dry run first) and --timeout.
     Rebalance(RebalanceArgs),
 }
 
@@ -39,7 +48,7 @@ pub struct ShowArgs {
     #[arg(long)]
     layer: Option<u32>,
     #[command(flatten)]
-    admin: AdminArgs,
+    format: OutputArg,
 }
 
 #[derive(clap::Args)]
@@ -66,7 +75,9 @@ pub struct MoveArgs {
     #[arg(long)]
     to: String,
     #[command(flatten)]
-    admin: AdminArgs,
+    wait: WaitArgs,
+    #[command(flatten)]
+    format: OutputArg,
 }
 
 #[derive(clap::Args)]
@@ -77,7 +88,9 @@ pub struct ReplicateArgs {
     #[arg(long)]
     to: String,
     #[command(flatten)]
-    admin: AdminArgs,
+    wait: WaitArgs,
+    #[command(flatten)]
+    format: OutputArg,
 }
 
 #[derive(clap::Args)]
@@ -104,27 +117,28 @@ pub struct PlanArgs {
     /// group is kept on as few nodes as balance allows.
     #[arg(long)]
     routing_groups: Option<usize>,
-    /// Print JSON instead of a table.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    format: OutputArg,
 }
 
 #[derive(clap::Args)]
 pub struct RebalanceArgs {
-    #[command(flatten)]
-    admin: AdminArgs,
     /// Model id; defaults to the only model.
     #[arg(long, default_value = "")]
     model: String,
     /// Show the plan without moving anything.
     #[arg(long)]
     dry_run: bool,
+    #[command(flatten)]
+    wait: WaitArgs,
+    #[command(flatten)]
+    format: OutputArg,
 }
 
-pub async fn show(args: ShowArgs, tls: &TlsConfig) -> anyhow::Result<()> {
-    let mut admin = args.admin.connect(tls).await?;
+pub async fn show(args: ShowArgs, ctl: &Ctl) -> anyhow::Result<()> {
+    let mut admin = ctl.admin().await?;
     let placement = admin.show_placement(&args.model, args.layer).await?;
-    if args.admin.json {
+    if ctl.is_json(&args.format) {
         let experts: Vec<_> = placement
             .experts
             .iter()
@@ -178,15 +192,32 @@ async fn model_or_only(admin: &mut CoordinatorClient, model: &str) -> anyhow::Re
     }
 }
 
-pub async fn move_replica(args: MoveArgs, tls: &TlsConfig) -> anyhow::Result<()> {
-    let mut admin = args.admin.connect(tls).await?;
+pub async fn move_replica(args: MoveArgs, ctl: &Ctl) -> anyhow::Result<()> {
+    let mut admin = ctl.admin().await?;
     let model = model_or_only(&mut admin, &args.expert.model).await?;
     let ExpertArgs { layer, expert, .. } = args.expert;
-    let moved = admin
-        .move_replica(&model, layer, expert, &args.from, &args.to)
-        .await?;
+    let replica = Replica {
+        model: &model,
+        layer,
+        expert,
+    };
+    let moved = if args.wait.wait {
+        let visible = ctl.shows_progress(&args.format);
+        moves::move_and_wait(
+            &mut admin,
+            replica,
+            (&args.from, &args.to),
+            &args.wait,
+            visible,
+        )
+        .await?
+    } else {
+        admin
+            .move_replica(&model, layer, expert, &args.from, &args.to)
+            .await?
+    };
     print_outcome(
-        args.admin.json,
+        ctl.is_json(&args.format),
         json!({"model": model, "layer": layer, "expert": expert, "from": args.from, "to": args.to, "epoch": moved.epoch, "took_ms": moved.took_ms}),
         || {
             format!(
@@ -198,13 +229,23 @@ pub async fn move_replica(args: MoveArgs, tls: &TlsConfig) -> anyhow::Result<()>
     Ok(())
 }
 
-pub async fn replicate(args: ReplicateArgs, tls: &TlsConfig) -> anyhow::Result<()> {
-    let mut admin = args.admin.connect(tls).await?;
+pub async fn replicate(args: ReplicateArgs, ctl: &Ctl) -> anyhow::Result<()> {
+    let mut admin = ctl.admin().await?;
     let model = model_or_only(&mut admin, &args.expert.model).await?;
     let ExpertArgs { layer, expert, .. } = args.expert;
-    let added = admin.add_replica(&model, layer, expert, &args.to).await?;
+    let replica = Replica {
+        model: &model,
+        layer,
+        expert,
+    };
+    let added = if args.wait.wait {
+        let visible = ctl.shows_progress(&args.format);
+        moves::replicate_and_wait(&mut admin, replica, &args.to, &args.wait, visible).await?
+    } else {
+        admin.add_replica(&model, layer, expert, &args.to).await?
+    };
     print_outcome(
-        args.admin.json,
+        ctl.is_json(&args.format),
         json!({"model": model, "layer": layer, "expert": expert, "node": args.to, "epoch": added.epoch}),
         || {
             format!(
@@ -251,7 +292,7 @@ fn read_loads(path: &Path) -> anyhow::Result<Vec<Vec<f64>>> {
         .collect()
 }
 
-pub fn plan(args: PlanArgs) -> anyhow::Result<()> {
+pub fn plan(args: PlanArgs, ctl: &Ctl) -> anyhow::Result<()> {
     if args.nodes == 0 || args.groups == 0 {
         anyhow::bail!("--nodes and --groups must be at least 1");
     }
@@ -273,7 +314,7 @@ pub fn plan(args: PlanArgs) -> anyhow::Result<()> {
             .map_err(|error| anyhow::anyhow!("layers[{index}]: {error}"))?;
         planned.push(plan);
     }
-    if args.json {
+    if ctl.is_json(&args.format) {
         let layers: Vec<_> = planned
             .iter()
             .map(|plan| json!({"nodes": plan.nodes, "max_over_mean": plan.max_over_mean}))
@@ -307,10 +348,15 @@ fn print_plans(planned: &[LayerPlan], layers: &[Vec<f64>], args: &PlanArgs) {
     }
 }
 
-pub async fn rebalance(args: RebalanceArgs, tls: &TlsConfig) -> anyhow::Result<()> {
-    let mut admin = args.admin.connect(tls).await?;
-    let outcome = admin.rebalance(&args.model, args.dry_run).await?;
-    if args.admin.json {
+pub async fn rebalance(args: RebalanceArgs, ctl: &Ctl) -> anyhow::Result<()> {
+    let mut admin = ctl.admin().await?;
+    let outcome = if args.wait.wait && !args.dry_run {
+        let visible = ctl.shows_progress(&args.format);
+        moves::rebalance_and_wait(&mut admin, &args.model, &args.wait, visible).await?
+    } else {
+        admin.rebalance(&args.model, args.dry_run).await?
+    };
+    if ctl.is_json(&args.format) {
         print_pretty_json(&rebalance_json(&outcome))?;
     } else {
         print_rebalance(&outcome);

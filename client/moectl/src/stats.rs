@@ -3,26 +3,26 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use moemesh_client::TlsConfig;
 use moemesh_proto::v1::{LoadStatsResponse, NodeWork};
 use serde_json::json;
 
-use crate::connect::AdminArgs;
-use crate::output::{human_bytes, percent_of};
+use crate::connect::Ctl;
+use crate::output::{OutputArg, human_bytes, percent_of};
 
 #[derive(clap::Args)]
 pub struct TopArgs {
-    #[command(flatten)]
-    admin: AdminArgs,
     /// Model id; defaults to the only model.
     #[arg(long, default_value = "")]
     model: String,
     /// Experts listed per layer, hottest first.
     #[arg(long, default_value_t = 8)]
     experts: usize,
-    /// Print once and exit instead of refreshing.
+    /// Print once and exit instead of refreshing. With JSON output, each
+    /// refresh prints one line.
     #[arg(long)]
     once: bool,
+    #[command(flatten)]
+    format: OutputArg,
 }
 
 #[derive(clap::Subcommand)]
@@ -31,13 +31,12 @@ pub enum StatsCommand {
     /// "layer_ids", "layers": [[tokens of expert 0, ...], ...], "nodes"},
     /// which `moectl placement plan --loads` reads. Each node has its
     /// device, work and Expert Buffering (window rates and cumulative counts).
+    /// It is JSON whatever the output format.
     Export(ExportArgs),
 }
 
 #[derive(clap::Args)]
 pub struct ExportArgs {
-    #[command(flatten)]
-    admin: AdminArgs,
     /// Model id; defaults to the only model.
     #[arg(long, default_value = "")]
     model: String,
@@ -71,8 +70,8 @@ fn stats_json(stats: &LoadStatsResponse) -> serde_json::Value {
     })
 }
 
-pub async fn export(args: ExportArgs, tls: &TlsConfig) -> anyhow::Result<()> {
-    let mut admin = args.admin.connect(tls).await?;
+pub async fn export(args: ExportArgs, ctl: &Ctl) -> anyhow::Result<()> {
+    let mut admin = ctl.admin().await?;
     let stats = admin.load_stats(&args.model).await?;
     let text = serde_json::to_string_pretty(&stats_json(&stats))?;
     match &args.output {
@@ -91,11 +90,12 @@ pub async fn export(args: ExportArgs, tls: &TlsConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn top(args: TopArgs, tls: &TlsConfig) -> anyhow::Result<()> {
-    let mut client = args.admin.connect(tls).await?;
+pub async fn top(args: TopArgs, ctl: &Ctl) -> anyhow::Result<()> {
+    let mut client = ctl.admin().await?;
+    let json = ctl.is_json(&args.format);
     loop {
         let stats = client.load_stats(&args.model).await?;
-        if args.admin.json {
+        if json {
             println!("{}", serde_json::to_string(&stats_json(&stats))?);
         } else {
             if !args.once {

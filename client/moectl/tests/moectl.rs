@@ -15,10 +15,21 @@ const MOECTL: &str = env!("CARGO_BIN_EXE_moectl");
 
 /// Runs moectl off the async runtime.
 async fn run_moectl(args: &[&str]) -> Output {
+    run_moectl_with_env(args, &[]).await
+}
+
+/// Runs moectl off the async runtime with `env` added to its environment.
+async fn run_moectl_with_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     let args: Vec<String> = args.iter().map(|arg| arg.to_string()).collect();
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(name, value)| (name.to_string(), value.to_string()))
+        .collect();
     tokio::task::spawn_blocking(move || {
         Command::new(MOECTL)
             .args(&args)
+            .env_remove("MOEMESH_OUTPUT")
+            .envs(env)
             .output()
             .expect("moectl runs")
     })
@@ -26,15 +37,19 @@ async fn run_moectl(args: &[&str]) -> Output {
     .expect("moectl task")
 }
 
-/// Runs moectl, checks that it succeeded and returns its standard output.
-async fn moectl_ok(args: &[&str]) -> String {
-    let output = run_moectl(args).await;
+/// Checks that moectl succeeded and returns its standard output.
+fn succeeded(args: &[&str], output: Output) -> String {
     assert!(
         output.status.success(),
         "moectl {args:?}: {}",
         String::from_utf8_lossy(&output.stderr)
     );
     String::from_utf8(output.stdout).expect("utf-8 output")
+}
+
+/// Runs moectl, checks that it succeeded and returns its standard output.
+async fn moectl_ok(args: &[&str]) -> String {
+    succeeded(args, run_moectl(args).await)
 }
 
 /// Runs moectl with `--json` and parses what it prints.
@@ -72,10 +87,14 @@ async fn moectl_forward_matches_transformers_for_every_family() {
             )
             .unwrap();
             let layer_arg = layer.to_string();
-            moectl_ok(&[
-                "forward",
+            // The router URL and the output format before the subcommand;
+            // after it, --output names the file.
+            let summary = moectl_ok(&[
                 "--router",
                 &cluster.router_url,
+                "--output",
+                "json",
+                "forward",
                 "--layer",
                 &layer_arg,
                 "--input",
@@ -84,6 +103,9 @@ async fn moectl_forward_matches_transformers_for_every_family() {
                 &output_path.to_string_lossy(),
             ])
             .await;
+            let summary: Value = serde_json::from_str(&summary).expect("forward prints JSON");
+            assert_eq!(summary["tokens"], input.len() / hidden, "{summary}");
+            assert_eq!(summary["output"], output_path.to_string_lossy().as_ref());
             let result = read_matrix(&output_path).unwrap();
             assert_eq!(
                 (result.rows, result.columns),
@@ -220,6 +242,9 @@ async fn moectl_manages_and_shows_the_cluster_through_any_coordinator() {
         .collect();
     assert_eq!(buffers, vec![0, 2 << 30]);
 
+    check_options_before_the_subcommand_and_from_the_environment(&via).await;
+    check_load_wait_gives_up_at_the_timeout(&via, &fixture).await;
+
     let stderr = moectl_err(&["cluster", "status", "--coordinator", "http://127.0.0.1:1"]).await;
     assert!(
         stderr.contains("cannot connect to http://127.0.0.1:1"),
@@ -227,6 +252,53 @@ async fn moectl_manages_and_shows_the_cluster_through_any_coordinator() {
     );
     assert!(stderr.contains("MOEMESH_COORDINATOR"), "{stderr}");
     group.shutdown().await;
+}
+
+/// `cluster status` of the coordinator at `via`, one model "mx" and two
+/// nodes, with the connection options and the output format before the
+/// subcommand, and from the environment.
+async fn check_options_before_the_subcommand_and_from_the_environment(via: &str) {
+    let before = moectl_ok(&[
+        "--coordinator",
+        via,
+        "--output",
+        "json",
+        "cluster",
+        "status",
+    ])
+    .await;
+    let before: Value = serde_json::from_str(&before).expect("--output json prints JSON");
+    assert_eq!(before["nodes"].as_array().unwrap().len(), 2, "{before}");
+    assert_eq!(before["models"], serde_json::json!(["mx"]));
+    // From the environment, and the flag after the subcommand wins over it.
+    let env = [("MOEMESH_COORDINATOR", via), ("MOEMESH_OUTPUT", "json")];
+    let from_env = succeeded(&[], run_moectl_with_env(&["cluster", "status"], &env).await);
+    let from_env: Value = serde_json::from_str(&from_env).expect("MOEMESH_OUTPUT=json prints JSON");
+    assert_eq!(from_env["models"], before["models"]);
+    let args = ["cluster", "status", "--output", "table"];
+    let table = succeeded(&args, run_moectl_with_env(&args, &env).await);
+    assert!(table.contains("placement epoch"), "{table}");
+}
+
+/// Loading model "mx" again through the coordinator at `via` with --wait:
+/// the registered nodes never load their replicas, so the wait gives up at
+/// --timeout and says how far loading got.
+async fn check_load_wait_gives_up_at_the_timeout(via: &str, fixture: &str) {
+    let load = [
+        "--coordinator",
+        via,
+        "model",
+        "load",
+        fixture,
+        "--model",
+        "mx",
+    ];
+    let stderr = moectl_err(&[&load[..], &["--wait", "--timeout", "1"]].concat()).await;
+    assert!(stderr.contains("model mx is loaded"), "{stderr}");
+    assert!(
+        stderr.contains("after 1 s (--timeout): 0 of 32 replicas serve"),
+        "{stderr}"
+    );
 }
 
 /// The nodes holding layer 0's `expert` in a `placement show --json` answer.
@@ -266,34 +338,43 @@ async fn moectl_moves_replicates_and_drains_while_the_cluster_serves() {
         .filter(|node| *node != holder)
         .collect();
     others.sort();
-    let expert_0 = [
-        "--layer",
-        "0",
-        "--expert",
-        "0",
+    let expert_0 = ["--layer", "0", "--expert", "0"];
+    let replicate = [
         "--coordinator",
-        coordinator.as_str(),
+        &coordinator,
+        "placement",
+        "replicate",
+        "--to",
+        &others[0],
+        "--wait",
     ];
-    moectl_ok(
-        &[
-            &["placement", "replicate", "--to", &others[0]][..],
-            &expert_0,
-        ]
-        .concat(),
-    )
-    .await;
-    moectl_ok(
-        &[
-            &["placement", "move", "--from", &holder, "--to", &others[1]][..],
-            &expert_0,
-        ]
-        .concat(),
-    )
-    .await;
+    moectl_ok(&[&replicate[..], &expert_0].concat()).await;
+    let move_away = [
+        "placement",
+        "move",
+        "--from",
+        &holder,
+        "--to",
+        &others[1],
+        "--wait",
+        "--coordinator",
+        &coordinator,
+    ];
+    moectl_ok(&[&move_away[..], &expert_0].concat()).await;
     assert_eq!(holders(&moectl_json(&show).await, 0), others);
 
-    let drained = moectl_json(&["node", "drain", &holder, "--coordinator", &coordinator]).await;
-    assert!(drained["moved"].as_u64().unwrap() > 0);
+    // As an expert pod's preStop hook runs it: the node and the
+    // coordinator come from the environment.
+    let drain = ["--output", "json", "node", "drain", "--wait"];
+    let env = [
+        ("MOEMESH_NODE_ID", holder.as_str()),
+        ("MOEMESH_COORDINATOR", coordinator.as_str()),
+    ];
+    let drained = succeeded(&drain, run_moectl_with_env(&drain, &env).await);
+    let drained: Value = serde_json::from_str(&drained).expect("drain prints JSON");
+    assert_eq!(drained["node"], holder.as_str());
+    assert!(drained["moved"].as_u64().unwrap() > 0, "{drained}");
+    assert_eq!(drained["replicas_left"], 0);
     let placement = moectl_json(&show).await;
     let mut replicas = placement["experts"]
         .as_array()
@@ -313,6 +394,7 @@ async fn moectl_moves_replicates_and_drains_while_the_cluster_serves() {
     let stderr = moectl_err(
         &[
             &["placement", "move", "--from", "nobody", "--to", &others[0]][..],
+            &["--coordinator", &coordinator],
             &expert_0,
         ]
         .concat(),
@@ -439,4 +521,57 @@ async fn moectl_plans_a_balanced_placement_from_recorded_loads() {
     ])
     .await;
     assert!(missing.contains("\"layers\""), "{missing}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moectl_model_load_waits_until_every_replica_serves() {
+    let fixture = Fixture::open("mixtral");
+    // The nodes start empty and the model is loaded through the
+    // coordinators: its replicas are loading now.
+    let cluster = ManagedCluster::start(&fixture.dir, 2, 0, Duration::from_secs(3600)).await;
+    let coordinator = cluster.coordinators.urls[&1].clone();
+    let dir = fixture.dir.to_string_lossy().into_owned();
+    let load = [
+        "--coordinator",
+        &coordinator,
+        "model",
+        "load",
+        &dir,
+        "--model",
+        "test-model",
+        "--replicas",
+        "2",
+        "--wait",
+    ];
+    let loaded = moectl_json(&load).await;
+    // Every expert of the 2 MoE layers of 8 experts, twice.
+    assert_eq!(loaded["replicas_ready"], 2 * 8 * 2, "{loaded}");
+    let placement = moectl_json(&["placement", "show", "--coordinator", &coordinator]).await;
+    let states: Vec<&str> = placement["experts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|entry| entry["replicas"].as_array().unwrap())
+        .map(|replica| replica["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states.len(), 2 * 8 * 2);
+    assert!(states.iter().all(|state| *state == "ready"), "{states:?}");
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn moectl_prints_completion_scripts() {
+    for shell in ["bash", "zsh", "fish", "elvish", "powershell"] {
+        let script = moectl_ok(&["completions", shell]).await;
+        assert!(script.contains("moectl"), "{shell}: {script}");
+        // Subcommands and the options that go before them complete.
+        assert!(script.contains("drain"), "{shell}");
+        assert!(script.contains("coordinator"), "{shell}");
+    }
+    let bash = moectl_ok(&["completions", "bash"]).await;
+    assert!(bash.contains("complete -F _moectl"), "{bash}");
+    // The completions need no cluster and no valid TLS settings.
+    let env = [("MOEMESH_TLS_CERT", "/nonexistent.pem")];
+    let output = run_moectl_with_env(&["completions", "bash"], &env).await;
+    assert_eq!(succeeded(&[], output), bash);
 }

@@ -34,6 +34,7 @@ use raft::prelude::{ConfChange, ConfChangeV2, Entry, EntryType, Message};
 use raft::{Config, RawNode, ReadOnlyOption, StateRole};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::metrics::CoordinatorMetrics;
 use crate::state::{ClusterState, Outcome, Proposal};
 use crate::storage::RaftStore;
 use crate::{CoordinatorError, CoordinatorResult};
@@ -71,6 +72,9 @@ pub struct RaftNodeConfig {
     pub compact_after_entries: u64,
     /// How long a proposal or read may wait to be applied.
     pub request_timeout: Duration,
+    /// Where the node reports its applied state and place in the group; a
+    /// coordinator puts its `CoordinatorConfig::metrics` here.
+    pub metrics: CoordinatorMetrics,
 }
 
 impl RaftNodeConfig {
@@ -85,6 +89,7 @@ impl RaftNodeConfig {
             heartbeat_ticks: 2,
             compact_after_entries: 1000,
             request_timeout: Duration::from_secs(5),
+            metrics: CoordinatorMetrics::default(),
         }
     }
 }
@@ -214,6 +219,7 @@ impl RaftNode {
             ..Config::default()
         };
         raft_config.validate()?;
+        config.metrics.observe_state(&state);
         let logger = slog::Logger::root(TracingDrain, slog::o!("coordinator" => config.id));
         let raw_node = RawNode::new(&raft_config, store, &logger)?;
         let (command_tx, command_rx) = mpsc::channel(4096);
@@ -460,6 +466,7 @@ impl RaftNode {
             })?;
             self.raw_node.store().persist(Some(&snapshot), &[], None)?;
             self.state = state;
+            self.config.metrics.observe_state(&self.state);
             self.applied_index = snapshot.get_metadata().index;
             self.applied_term = snapshot.get_metadata().term;
         }
@@ -486,6 +493,8 @@ impl RaftNode {
         self.raw_node.advance_apply();
         self.answer_reads();
         self.maybe_compact()?;
+        let raft = &self.raw_node.raft;
+        self.config.metrics.observe_raft(raft, self.applied_index);
         Ok(())
     }
 
@@ -537,6 +546,7 @@ impl RaftNode {
         // Publish before answering: whoever learns that a proposal applied
         // must also see it in `applied_state`.
         self.applied_tx.send_replace(Arc::new(self.state.clone()));
+        self.config.metrics.observe_state(&self.state);
         for (reply_tx, outcome) in answers {
             let _ = reply_tx.send(Ok(outcome));
         }

@@ -20,6 +20,7 @@ use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+use crate::ops::METRICS_LINE_PREFIX;
 use crate::roles::READY_LINE_PREFIX;
 
 /// How long a node may take to load its weights and start serving.
@@ -63,6 +64,8 @@ pub struct SupervisedProcess {
     pub role: &'static str,
     /// The URL it serves at, the same across restarts.
     pub url: String,
+    /// Its Prometheus metrics URL, when it was given `--metrics-addr`.
+    pub metrics_url: Option<String>,
     /// The current process's pid; None while it is not running.
     pid: Arc<Mutex<Option<u32>>>,
     /// Asks the supervising task to stop the process and return.
@@ -73,9 +76,12 @@ pub struct SupervisedProcess {
 impl SupervisedProcess {
     /// Starts `spec`, waits until it serves, then supervises it.
     pub async fn start(mut spec: MemberSpec, policy: RestartPolicy) -> anyhow::Result<Self> {
-        let (running, url) = spawn_until_serving(&spec).await?;
-        // A restart must come back where routers and peers look for it.
-        pin_listen_address(&mut spec.args, &url);
+        let (running, Announced { url, metrics_url }) = spawn_until_serving(&spec).await?;
+        // A restart must come back where routers, peers and scrapers look for it.
+        pin_address(&mut spec.args, "--listen", &url);
+        if let Some(metrics_url) = &metrics_url {
+            pin_address(&mut spec.args, "--metrics-addr", metrics_url);
+        }
         let pid = Arc::new(Mutex::new(running.pid));
         let (stop_tx, stop_rx) = oneshot::channel();
         let role = spec.role;
@@ -88,6 +94,7 @@ impl SupervisedProcess {
         Ok(Self {
             role,
             url,
+            metrics_url,
             pid,
             stop_tx: Some(stop_tx),
             supervise_task: Some(supervise_task),
@@ -119,24 +126,36 @@ impl Drop for SupervisedProcess {
     }
 }
 
-/// Replaces the value of `--listen` (which may ask for port 0) with the
-/// address the process serves at.
-fn pin_listen_address(args: &mut [String], url: &str) {
+/// Replaces the value of `flag` (`--listen`, `--metrics-addr`, which may
+/// ask for port 0) with the address of `url`, where the process serves.
+fn pin_address(args: &mut [String], flag: &str, url: &str) {
     let address = url.split_once("://").map_or(url, |(_, address)| address);
-    let position = args.iter().position(|arg| arg == "--listen");
+    let address = address
+        .split_once('/')
+        .map_or(address, |(address, _)| address);
+    let position = args.iter().position(|arg| arg == flag);
     if let Some(value) = position.and_then(|position| args.get_mut(position + 1)) {
         *value = address.to_string();
     }
 }
 
+/// What a child prints on stdout as it starts.
+struct Announced {
+    url: String,
+    metrics_url: Option<String>,
+}
+
 /// Starts `moemesh <spec.args>` and waits until it prints its URL.
-async fn spawn_until_serving(spec: &MemberSpec) -> anyhow::Result<(RunningChild, String)> {
+async fn spawn_until_serving(spec: &MemberSpec) -> anyhow::Result<(RunningChild, Announced)> {
     let (role, id) = (spec.role, &spec.id);
     let executable = std::env::current_exe().context("cannot find the moemesh executable")?;
     let mut command = Command::new(executable);
     for name in &spec.env_remove {
         command.env_remove(name);
     }
+    // up gives its children every setting on their command line; a
+    // configuration file meant for a role must not change them.
+    command.env_remove("MOEMESH_CONFIG");
     command
         .args(&spec.args)
         .arg("--exit-with-parent")
@@ -155,15 +174,20 @@ async fn spawn_until_serving(spec: &MemberSpec) -> anyhow::Result<(RunningChild,
     let stdout = child.stdout.take().expect("stdout is piped");
     let mut lines = BufReader::new(stdout).lines();
     let ready = async {
+        let mut metrics_url = None;
         while let Some(line) = lines.next_line().await? {
+            if let Some(url) = line.strip_prefix(METRICS_LINE_PREFIX) {
+                metrics_url = Some(url.to_string());
+            }
             if let Some(url) = line.strip_prefix(READY_LINE_PREFIX) {
-                return Ok::<_, std::io::Error>(Some(url.to_string()));
+                let url = url.to_string();
+                return Ok::<_, std::io::Error>(Some(Announced { url, metrics_url }));
             }
         }
         Ok(None)
     };
-    let url = match tokio::time::timeout(START_TIMEOUT, ready).await {
-        Ok(Ok(Some(url))) => url,
+    let announced = match tokio::time::timeout(START_TIMEOUT, ready).await {
+        Ok(Ok(Some(announced))) => announced,
         Ok(Ok(None)) | Ok(Err(_)) => {
             let status = child.wait().await?;
             bail!("the {role} process {id} exited before serving ({status}); its errors are above");
@@ -178,7 +202,7 @@ async fn spawn_until_serving(spec: &MemberSpec) -> anyhow::Result<(RunningChild,
         child,
         serving_since: Instant::now(),
     };
-    Ok((running, url))
+    Ok((running, announced))
 }
 
 /// The delay before a restart: 0.5 s, doubling on each crash up to 10 s,
@@ -286,7 +310,7 @@ impl Supervisor {
                 _ = &mut *stop_rx => return None,
             };
             match started {
-                Ok((running, url)) => {
+                Ok((running, Announced { url, .. })) => {
                     let pid = running.pid.map_or("?".into(), |pid| pid.to_string());
                     eprintln!("moemesh: {name} restarted (pid {pid}), serving at {url}");
                     self.set_pid(running.pid);
@@ -346,10 +370,22 @@ mod tests {
 
     #[test]
     fn a_restart_listens_where_the_first_start_did() {
-        let mut args: Vec<String> = ["expert", "--listen", "127.0.0.1:0", "--threads", "1"]
-            .map(String::from)
-            .to_vec();
-        pin_listen_address(&mut args, "https://127.0.0.1:40123");
+        let mut args: Vec<String> = [
+            "expert",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ]
+        .map(String::from)
+        .to_vec();
+        pin_address(&mut args, "--listen", "https://127.0.0.1:40123");
+        pin_address(
+            &mut args,
+            "--metrics-addr",
+            "http://127.0.0.1:40124/metrics",
+        );
         assert_eq!(args[2], "127.0.0.1:40123");
+        assert_eq!(args[4], "127.0.0.1:40124");
     }
 }

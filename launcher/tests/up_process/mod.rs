@@ -19,6 +19,8 @@ pub struct UpProcess {
     /// (node id, URL) of each expert node.
     pub experts: Vec<(String, String)>,
     pub router: String,
+    /// (member id, metrics URL) of each process.
+    pub metrics: Vec<(String, String)>,
     /// The `export NAME=VALUE` lines printed after the URLs.
     pub exports: BTreeMap<String, String>,
     /// Everything printed on stderr so far.
@@ -38,8 +40,14 @@ impl UpProcess {
     /// Starts `moemesh <args>` and reads its stdout up to the export of
     /// `last_export`, the last line it prints once the cluster serves.
     pub fn start(args: &[&str], last_export: &str) -> Self {
+        Self::start_with_env(args, &[], last_export)
+    }
+
+    /// [`UpProcess::start`] with `env` added to its environment (and its children's).
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)], last_export: &str) -> Self {
         let mut child = Command::new(MOEMESH)
             .args(args)
+            .envs(env.iter().copied())
             .env_remove("MOEMESH_CLUSTER_SECRET")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -71,6 +79,7 @@ impl UpProcess {
             coordinators: Vec::new(),
             experts: Vec::new(),
             router: String::new(),
+            metrics: Vec::new(),
             exports: BTreeMap::new(),
             stderr,
         };
@@ -96,6 +105,9 @@ impl UpProcess {
             self.experts.push((id.to_string(), url.to_string()));
         } else if let Some(url) = line.strip_prefix("router ") {
             self.router = url.to_string();
+        } else if let Some(rest) = line.strip_prefix("metrics ") {
+            let (url, id) = rest.split_once(' ').expect("metrics URL ID");
+            self.metrics.push((id.to_string(), url.to_string()));
         } else if let Some(export) = line.strip_prefix("export ") {
             let (name, value) = export.split_once('=').expect("export NAME=VALUE");
             self.exports.insert(name.to_string(), value.to_string());
