@@ -12,7 +12,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/moemesh/v1/expert.proto",
         "proto/moemesh/v1/coordinator.proto",
     ];
-    let descriptors = std::path::PathBuf::from(std::env::var("OUT_DIR")?).join("moemesh_descriptor.bin");
+    let descriptors =
+        std::path::PathBuf::from(std::env::var("OUT_DIR")?).join("moemesh_descriptor.bin");
     tonic_prost_build::configure()
         // Served by gRPC reflection, so grpcurl needs no .proto files.
         .file_descriptor_set_path(descriptors)

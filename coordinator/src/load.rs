@@ -29,6 +29,8 @@ use std::time::{Duration, Instant};
 
 use moemesh_proto::v1::{HeartbeatRequest, LayerLoad, NodeWork};
 
+use crate::metrics::CoordinatorMetrics;
+
 /// Per layer, per expert: tokens (cumulative as reported, or added in a slot).
 type Counts = BTreeMap<u32, Vec<u64>>;
 
@@ -144,6 +146,7 @@ pub struct LoadTracker {
     routers: Mutex<RouterWindows>,
     /// Per node, its heartbeats, oldest first.
     nodes: Mutex<HashMap<String, VecDeque<NodeSample>>>,
+    metrics: CoordinatorMetrics,
 }
 
 /// Removes the entry `last_heard` finds oldest, making room for a new one.
@@ -314,7 +317,14 @@ impl LoadTracker {
             limits,
             routers: Mutex::new(RouterWindows::default()),
             nodes: Mutex::new(HashMap::new()),
+            metrics: CoordinatorMetrics::default(),
         }
+    }
+
+    /// Counts the tokens of the reports it takes in `metrics`.
+    pub fn with_metrics(mut self, metrics: CoordinatorMetrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     fn window_start(&self, now: Instant) -> Instant {
@@ -383,6 +393,7 @@ impl LoadTracker {
         window.last_at = now;
         if let Some((counts, dispatch)) = added {
             window.add(now, self.window / SLOTS_PER_WINDOW, &counts, &dispatch);
+            self.metrics.count_reported_tokens(dispatch[0]);
         }
     }
 

@@ -114,6 +114,7 @@ pub struct CoordinatorMetrics {
     moves: Family<OutcomeLabels, Counter>,
     rebalances: Family<OutcomeLabels, Counter>,
     heartbeats: Counter,
+    reported_tokens: Counter,
 }
 
 impl CoordinatorMetrics {
@@ -174,6 +175,12 @@ impl CoordinatorMetrics {
              to the leader, which counts them too)",
             metrics.heartbeats.clone(),
         );
+        registry.register(
+            "coordinator_reported_tokens",
+            "Tokens the routers' load reports added to this coordinator's load window \
+             (the leader's covers every router; per-expert counts are in LoadStats)",
+            metrics.reported_tokens.clone(),
+        );
         metrics
     }
 
@@ -232,6 +239,11 @@ impl CoordinatorMetrics {
     /// Counts a heartbeat received.
     pub(crate) fn count_heartbeat(&self) {
         self.heartbeats.inc();
+    }
+
+    /// Counts tokens a router's load report added to the load window.
+    pub(crate) fn count_reported_tokens(&self, tokens: u64) {
+        self.reported_tokens.inc_by(tokens);
     }
 }
 

@@ -137,7 +137,8 @@ impl Coordinator {
         let auth = OperatorAuth::new(config.admin_token.clone(), config.tls.clone());
         let forward =
             LeaderForwarding::new(id, &config.peers, &config.tls, raft.clone(), auth.clone())?;
-        let load = Arc::new(LoadTracker::new(config.load_window));
+        let load =
+            Arc::new(LoadTracker::new(config.load_window).with_metrics(config.metrics.clone()));
         let rebalance_options = RebalanceOptions {
             drain_grace: config.drain_grace,
             ..config.rebalance

@@ -69,6 +69,46 @@ async fn every_process_serves_metrics_health_and_reflection() {
             ServingStatus::Serving,
             "{id} on its metrics listener"
         );
+        let listed = reflected_services(&address).await;
+        assert!(
+            listed.iter().any(|name| name == "grpc.health.v1.Health"),
+            "{id}'s metrics listener lists {listed:?}"
+        );
+    }
+
+    // Routers report their counts every second; the leader's load window
+    // takes each report's increase, so a forward after the first report
+    // shows there.
+    let leader = up
+        .metrics
+        .iter()
+        .find(|(id, url)| {
+            id.starts_with("coordinator")
+                && exposition::parse(&scrape(url))
+                    .unwrap()
+                    .sum("moemesh_coordinator_is_leader", &[])
+                    == 1.0
+        })
+        .map(|(_, url)| url.clone())
+        .expect("a coordinator leads");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (&layer, (input, _)) = fixture.cases.iter().next().unwrap();
+        client
+            .forward_f32("", layer as u32, input, fixture.hidden_size())
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let reported = exposition::parse(&scrape(&leader))
+            .unwrap()
+            .sum("moemesh_coordinator_reported_tokens_total", &[]);
+        if reported > 0.0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the leader's load window took no tokens"
+        );
     }
 
     let mut servers: Vec<(String, &[&str])> = Vec::new();
@@ -115,6 +155,7 @@ fn check_counts(id: &str, exposition: &Exposition, forwarded_tokens: usize) {
             "{id}'s epoch"
         );
         assert!(exposition.has("moemesh_coordinator_is_leader"));
+        assert!(exposition.has("moemesh_coordinator_reported_tokens_total"));
     }
 }
 

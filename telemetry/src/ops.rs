@@ -1,5 +1,6 @@
 //! The operations listener: `GET /metrics` in the Prometheus (OpenMetrics)
-//! text format and `grpc.health.v1.Health`, in plaintext and without
+//! text format and `grpc.health.v1.Health` (with gRPC reflection listing
+//! it), in plaintext and without
 //! authentication. It carries no activations and changes nothing, so it can
 //! stay open to the kubelet and to Prometheus while the data and admin ports
 //! require mutual TLS.
@@ -78,7 +79,12 @@ impl OpsListener {
             }),
         );
         let health_service = HealthServer::new(HealthService::from_health_reporter(self.health));
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .expect("tonic-health's descriptors are valid");
         let routes = tonic::service::Routes::new(health_service)
+            .add_service(reflection)
             .into_axum_router()
             .merge(metrics);
         tonic::transport::Server::builder()
