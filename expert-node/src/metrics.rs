@@ -9,6 +9,7 @@
 use std::time::{Duration, Instant};
 
 use moemesh_core::compute::buffering::BufferCounters;
+use moemesh_telemetry::GaugeGuard;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -153,7 +154,7 @@ impl ExpertMetrics {
         self.in_flight.dec();
         self.requests
             .get_or_create(&CodeLabels {
-                code: code_name(code),
+                code: moemesh_telemetry::code_label(code),
             })
             .inc();
         self.request_seconds.observe(elapsed.as_secs_f64());
@@ -163,8 +164,7 @@ impl ExpertMetrics {
     /// drops: when the worker takes it up, or when it is refused or
     /// abandoned before.
     pub fn enqueue(&self) -> Queued {
-        self.queue_depth.inc();
-        Queued(self.queue_depth.clone())
+        GaugeGuard::raise(&self.queue_depth)
     }
 
     /// Records the time the worker spent on one call, whether or not its
@@ -238,42 +238,11 @@ impl Drop for ComputeCall {
 }
 
 /// A Compute call counted in the queue; dropping it counts it out.
-#[derive(Debug)]
-pub struct Queued(Gauge);
-
-impl Drop for Queued {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
-}
-
-/// A gRPC code as Prometheus labels conventionally spell it: `ok`,
-/// `invalid_argument`, `resource_exhausted`.
-pub fn code_name(code: tonic::Code) -> String {
-    let name = format!("{code:?}");
-    let mut snake = String::with_capacity(name.len() + 4);
-    for (index, character) in name.chars().enumerate() {
-        if character.is_ascii_uppercase() && index > 0 {
-            snake.push('_');
-        }
-        snake.push(character.to_ascii_lowercase());
-    }
-    snake
-}
+pub type Queued = GaugeGuard;
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn codes_are_snake_case() {
-        assert_eq!(code_name(tonic::Code::Ok), "ok");
-        assert_eq!(code_name(tonic::Code::InvalidArgument), "invalid_argument");
-        assert_eq!(
-            code_name(tonic::Code::FailedPrecondition),
-            "failed_precondition"
-        );
-    }
 
     #[test]
     fn a_registered_node_exports_what_it_counted() {

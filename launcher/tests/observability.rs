@@ -23,24 +23,9 @@ use up_process::UpProcess;
 async fn every_process_serves_metrics_health_and_reflection() {
     let fixture = Fixture::open("mixtral");
     let model = fixture.dir.to_string_lossy().into_owned();
-    let up = tokio::task::spawn_blocking(move || {
-        UpProcess::start(
-            &[
-                "up",
-                "--model",
-                &model,
-                "--router-addr",
-                "127.0.0.1:0",
-                "--expert-nodes",
-                "2",
-                "--threads-per-node",
-                "1",
-            ],
-            "MOEMESH_CLUSTER_SECRET",
-        )
-    })
-    .await
-    .unwrap();
+    let up = tokio::task::spawn_blocking(move || UpProcess::two_expert_nodes(&model, &[]))
+        .await
+        .unwrap();
     assert_eq!(
         up.metrics.len(),
         6,

@@ -86,26 +86,12 @@ async fn a_forwards_spans_share_one_trace_from_router_to_expert_nodes() {
     let fixture = Fixture::open("mixtral");
     let model = fixture.dir.to_string_lossy().into_owned();
     let up = tokio::task::spawn_blocking(move || {
-        UpProcess::start_with_env(
-            &[
-                "up",
-                "--model",
-                &model,
-                "--router-addr",
-                "127.0.0.1:0",
-                "--expert-nodes",
-                "2",
-                "--threads-per-node",
-                "1",
-            ],
-            &[
-                ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
-                // Batches leave every 100 ms instead of every 5 s.
-                ("OTEL_BSP_SCHEDULE_DELAY", "100"),
-                ("RUST_LOG", "info"),
-            ],
-            "MOEMESH_CLUSTER_SECRET",
-        )
+        let env = [
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+            // Batches leave every 100 ms instead of every 5 s.
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ];
+        UpProcess::two_expert_nodes(&model, &env)
     })
     .await
     .unwrap();

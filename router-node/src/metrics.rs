@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use moemesh_telemetry::GaugeGuard;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -113,58 +114,24 @@ impl RouterMetrics {
     }
 
     /// Marks a forward in progress until the returned guard drops.
-    pub fn start_forward(&self) -> InFlight {
-        self.in_flight.inc();
-        InFlight(self.in_flight.clone())
+    pub fn start_forward(&self) -> GaugeGuard {
+        GaugeGuard::raise(&self.in_flight)
     }
 
     /// Counts a finished forward: its status code and how long it took.
     pub fn finish_forward(&self, code: tonic::Code, elapsed: Duration) {
         self.forwards
             .get_or_create(&CodeLabels {
-                code: code_name(code),
+                code: moemesh_telemetry::code_label(code),
             })
             .inc();
         self.forward_seconds.observe(elapsed.as_secs_f64());
     }
 }
 
-/// A forward counted in flight; dropping it counts it out.
-pub struct InFlight(Gauge);
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
-}
-
-/// A gRPC code as Prometheus labels conventionally spell it: `ok`,
-/// `invalid_argument`, `resource_exhausted`.
-pub fn code_name(code: tonic::Code) -> String {
-    let name = format!("{code:?}");
-    let mut snake = String::with_capacity(name.len() + 4);
-    for (index, character) in name.chars().enumerate() {
-        if character.is_ascii_uppercase() && index > 0 {
-            snake.push('_');
-        }
-        snake.push(character.to_ascii_lowercase());
-    }
-    snake
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn codes_are_snake_case() {
-        assert_eq!(code_name(tonic::Code::Ok), "ok");
-        assert_eq!(code_name(tonic::Code::InvalidArgument), "invalid_argument");
-        assert_eq!(
-            code_name(tonic::Code::ResourceExhausted),
-            "resource_exhausted"
-        );
-    }
 
     #[test]
     fn a_registered_router_exports_what_it_counted() {

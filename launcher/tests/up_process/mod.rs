@@ -43,6 +43,24 @@ impl UpProcess {
         Self::start_with_env(args, &[], last_export)
     }
 
+    /// `moemesh up` on the checkpoint in `model`: three coordinators, two
+    /// expert nodes of one thread each and a router, all on free ports;
+    /// `env` is added to their environment.
+    pub fn two_expert_nodes(model: &str, env: &[(&str, &str)]) -> Self {
+        let args = [
+            "up",
+            "--model",
+            model,
+            "--router-addr",
+            "127.0.0.1:0",
+            "--expert-nodes",
+            "2",
+            "--threads-per-node",
+            "1",
+        ];
+        Self::start_with_env(&args, env, "MOEMESH_CLUSTER_SECRET")
+    }
+
     /// [`UpProcess::start`] with `env` added to its environment (and its children's).
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)], last_export: &str) -> Self {
         let mut child = Command::new(MOEMESH)
