@@ -1,10 +1,12 @@
-//! [`Client`]: forwards through a moemesh router.
+//! [`Client`]: forwards through a moemesh router, gated there
+//! ([`Client::forward`]) or by the caller's own routing
+//! ([`Client::forward_routed`]).
 
 use std::time::Duration;
 
 use moemesh_proto::codec::{WireDtype, decode_rows, encode};
 use moemesh_proto::tls::{MemberChannel, TlsConfig};
-use moemesh_proto::v1::{ForwardRequest, Tensor};
+use moemesh_proto::v1::{ForwardRequest, ForwardResponse, ForwardRoutedRequest, Tensor};
 use moemesh_proto::{DEFAULT_DEADLINE, MAX_MESSAGE_BYTES, RouterServiceClient};
 
 use crate::ClientError;
@@ -29,6 +31,12 @@ pub struct Client {
 /// retry doubles it, up to [`MAX_BACKOFF`], with up to half again of jitter.
 const FIRST_BACKOFF: Duration = Duration::from_millis(20);
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
+
+/// A call to the router that answers with a layer's output.
+enum LayerCall {
+    Forward(ForwardRequest),
+    ForwardRouted(ForwardRoutedRequest),
+}
 
 /// A pseudo-random fraction in [0, 1) from the clock: spreads the retries
 /// of clients refused at the same moment.
@@ -104,16 +112,75 @@ impl Client {
             layer,
             hidden: Some(hidden),
         };
-        // Overloaded routers and nodes refuse at once; try again after a
-        // growing, jittered pause while the deadline allows.
+        timed_output(self.call(LayerCall::Forward(request)).await?)
+    }
+
+    /// Computes the routed experts of MoE layer `layer` of `model` (empty:
+    /// the router's only model) for `hidden`, a `[tokens, hidden_size]`
+    /// tensor, by the caller's routing: `expert_ids` and `weights` are
+    /// `[tokens * top_k]` row-major, each token's `top_k` distinct routed
+    /// experts (any order) and their weights. Each output row is the
+    /// weighted sum of its token's experts; a model's shared experts are
+    /// not run (they stay with the caller). Same shape and dtype as `hidden`.
+    pub async fn forward_routed(
+        &mut self,
+        model: &str,
+        layer: u32,
+        hidden: Tensor,
+        expert_ids: Vec<u32>,
+        weights: Vec<f32>,
+        top_k: u32,
+    ) -> Result<Tensor, ClientError> {
+        Ok(self
+            .forward_routed_timed(model, layer, hidden, expert_ids, weights, top_k)
+            .await?
+            .output)
+    }
+
+    /// [`Client::forward_routed`] with the slowest expert node's compute time.
+    pub async fn forward_routed_timed(
+        &mut self,
+        model: &str,
+        layer: u32,
+        hidden: Tensor,
+        expert_ids: Vec<u32>,
+        weights: Vec<f32>,
+        top_k: u32,
+    ) -> Result<Timed<Tensor>, ClientError> {
+        let request = ForwardRoutedRequest {
+            model: model.to_string(),
+            layer,
+            hidden: Some(hidden),
+            top_k,
+            expert_ids,
+            weights,
+        };
+        timed_output(self.call(LayerCall::ForwardRouted(request)).await?)
+    }
+
+    /// Sends `request`; a refusal because the cluster is overloaded is
+    /// tried again after a growing, jittered pause while the deadline
+    /// allows.
+    async fn call(&mut self, request: LayerCall) -> Result<ForwardResponse, ClientError> {
         let deadline = std::time::Instant::now() + self.deadline;
         let mut backoff = FIRST_BACKOFF;
-        let response = loop {
+        loop {
             let remaining = deadline.saturating_duration_since(std::time::Instant::now());
-            let mut call = tonic::Request::new(request.clone());
-            call.set_timeout(remaining.max(Duration::from_millis(1)));
-            match self.router.forward(call).await {
-                Ok(response) => break response.into_inner(),
+            let timeout = remaining.max(Duration::from_millis(1));
+            let answer = match &request {
+                LayerCall::Forward(request) => {
+                    let mut call = tonic::Request::new(request.clone());
+                    call.set_timeout(timeout);
+                    self.router.forward(call).await
+                }
+                LayerCall::ForwardRouted(request) => {
+                    let mut call = tonic::Request::new(request.clone());
+                    call.set_timeout(timeout);
+                    self.router.forward_routed(call).await
+                }
+            };
+            match answer {
+                Ok(response) => return Ok(response.into_inner()),
                 Err(status) if status.code() == tonic::Code::ResourceExhausted => {
                     let pause = backoff.mul_f64(1.0 + 0.5 * jitter());
                     if std::time::Instant::now() + pause >= deadline {
@@ -124,14 +191,7 @@ impl Client {
                 }
                 Err(status) => return Err(status.into()),
             }
-        };
-        let output = response
-            .output
-            .ok_or_else(|| ClientError::BadReply("reply has no output tensor".into()))?;
-        Ok(Timed {
-            output,
-            expert_compute: Duration::from_micros(response.expert_compute_micros),
-        })
+        }
     }
 
     /// Like [`Client::forward`] for f32 rows: `hidden` is `[tokens,
@@ -157,13 +217,7 @@ impl Client {
         hidden: &[f32],
         hidden_size: usize,
     ) -> Result<Timed<Vec<f32>>, ClientError> {
-        if hidden_size == 0 || !hidden.len().is_multiple_of(hidden_size) {
-            return Err(ClientError::InvalidArgument(format!(
-                "{} values do not form rows of hidden size {hidden_size}",
-                hidden.len()
-            )));
-        }
-        let tokens = hidden.len() / hidden_size;
+        let tokens = token_count(hidden, hidden_size)?;
         let timed = self
             .forward_timed(
                 model,
@@ -171,17 +225,84 @@ impl Client {
                 encode(hidden, &[tokens, hidden_size], WireDtype::F32),
             )
             .await?;
-        let rows = decode_rows(Some(&timed.output), hidden_size)
-            .map_err(|error| ClientError::BadReply(error.to_string()))?;
-        if rows.rows != tokens {
-            return Err(ClientError::BadReply(format!(
-                "{} output rows for {tokens} tokens",
-                rows.rows
-            )));
-        }
-        Ok(Timed {
-            output: rows.values,
-            expert_compute: timed.expert_compute,
-        })
+        output_rows(timed, tokens, hidden_size)
     }
+
+    /// Like [`Client::forward_routed`] for f32 rows: `hidden` is `[tokens,
+    /// hidden_size]` row-major, `expert_ids` and `weights` `[tokens *
+    /// top_k]` row-major, and the result `[tokens, hidden_size]`.
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "the f32 form of forward_routed: the model, layer, rows and routing each stand alone"
+    )]
+    pub async fn forward_routed_f32(
+        &mut self,
+        model: &str,
+        layer: u32,
+        hidden: &[f32],
+        hidden_size: usize,
+        expert_ids: &[u32],
+        weights: &[f32],
+        top_k: usize,
+    ) -> Result<Vec<f32>, ClientError> {
+        let tokens = token_count(hidden, hidden_size)?;
+        let top_k = u32::try_from(top_k).map_err(|_| {
+            ClientError::InvalidArgument(format!(
+                "top_k {top_k} is larger than any model's experts"
+            ))
+        })?;
+        let timed = self
+            .forward_routed_timed(
+                model,
+                layer,
+                encode(hidden, &[tokens, hidden_size], WireDtype::F32),
+                expert_ids.to_vec(),
+                weights.to_vec(),
+                top_k,
+            )
+            .await?;
+        Ok(output_rows(timed, tokens, hidden_size)?.output)
+    }
+}
+
+/// The rows of `hidden` at `hidden_size` values each.
+fn token_count(hidden: &[f32], hidden_size: usize) -> Result<usize, ClientError> {
+    if hidden_size == 0 || !hidden.len().is_multiple_of(hidden_size) {
+        return Err(ClientError::InvalidArgument(format!(
+            "{} values do not form rows of hidden size {hidden_size}",
+            hidden.len()
+        )));
+    }
+    Ok(hidden.len() / hidden_size)
+}
+
+/// The output tensor of a router's answer, with its compute time.
+fn timed_output(response: ForwardResponse) -> Result<Timed<Tensor>, ClientError> {
+    let output = response
+        .output
+        .ok_or_else(|| ClientError::BadReply("reply has no output tensor".into()))?;
+    Ok(Timed {
+        output,
+        expert_compute: Duration::from_micros(response.expert_compute_micros),
+    })
+}
+
+/// The f32 rows of an output tensor that must hold `tokens` rows.
+fn output_rows(
+    timed: Timed<Tensor>,
+    tokens: usize,
+    hidden_size: usize,
+) -> Result<Timed<Vec<f32>>, ClientError> {
+    let rows = decode_rows(Some(&timed.output), hidden_size)
+        .map_err(|error| ClientError::BadReply(error.to_string()))?;
+    if rows.rows != tokens {
+        return Err(ClientError::BadReply(format!(
+            "{} output rows for {tokens} tokens",
+            rows.rows
+        )));
+    }
+    Ok(Timed {
+        output: rows.values,
+        expert_compute: timed.expert_compute,
+    })
 }

@@ -5,6 +5,8 @@
 //!
 //! - [`service`]: the gRPC handlers: admission, decoding, gating, then the
 //!   fan-out, encoding and status codes.
+//! - [`routed`]: pre-routed forwards: the caller's routing, checked and
+//!   ordered for the fan-out.
 //! - [`fanout`]: one forward's fan-out: every node's share sent at once,
 //!   failed shares retried on other replicas within the deadline, answers
 //!   summed.
@@ -26,6 +28,7 @@ pub mod health;
 pub mod load;
 pub mod metrics;
 pub mod node_call;
+pub mod routed;
 pub mod service;
 pub mod table;
 

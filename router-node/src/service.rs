@@ -1,6 +1,7 @@
 //! `RouterService`: the gRPC face of a router. Admission control, decoding,
-//! gating, the fan-out to the expert nodes ([`crate::fanout`]), encoding,
-//! and the mapping of errors to status codes.
+//! gating (or the caller's routing, checked by [`crate::routed`]), the
+//! fan-out to the expert nodes ([`crate::fanout`]), encoding, and the
+//! mapping of errors to status codes.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -8,10 +9,11 @@ use std::time::{Duration, Instant};
 
 use moemesh_core::model::checkpoint::Checkpoint;
 use moemesh_core::model::config::ModelConfig;
-use moemesh_core::model::gating::Gate;
+use moemesh_core::model::gating::{Gate, Routing};
 use moemesh_proto::DEFAULT_DEADLINE;
-use moemesh_proto::codec::{Rows, decode_rows, encode};
-use moemesh_proto::v1::{ForwardRequest, ForwardResponse};
+use moemesh_proto::codec::{Rows, WireDtype, decode_rows, encode};
+use moemesh_proto::v1::{ForwardRequest, ForwardResponse, ForwardRoutedRequest};
+use tokio::sync::SemaphorePermit;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
@@ -19,12 +21,14 @@ use tracing::instrument;
 use crate::fanout::{ExpertFanOut, LayerOutput};
 use crate::load::LoadCounters;
 use crate::metrics::RouterMetrics;
+use crate::routed::caller_routing;
 use crate::table::{RoutingSetup, RoutingTable};
 use crate::{RouterConfig, RouterError, RouterResult};
 
-/// Gates with at most this many multiply-adds (about 50 µs of work) run
-/// on the async worker that received the request.
-const INLINE_GATING_MACS: usize = 1 << 20;
+/// Routing and splitting with at most this much work (a gate's
+/// multiply-adds, or the row values a pre-routed split reads: about 50 µs)
+/// run on the async worker that received the request.
+const INLINE_ROUTING_WORK: usize = 1 << 20;
 
 /// The gRPC face of a router.
 pub struct RouterNodeService {
@@ -114,37 +118,87 @@ impl RouterNodeService {
         rows: Rows,
         deadline: Instant,
     ) -> RouterResult<LayerOutput> {
-        let hidden_size = self.config.hidden_size;
-        if rows.rows == 0 {
-            return Ok(LayerOutput::default());
-        }
         let gate = Arc::clone(
             self.gates
                 .get(&layer)
                 .ok_or_else(|| self.unknown_layer(layer))?,
         );
-        let mut fanout = self.fanout.start(layer, hidden_size);
         let gate_macs = rows.values.len() * self.config.num_experts;
+        let route = move |hidden: &[f32], tokens: usize| {
+            let routing = gate.route(hidden, tokens);
+            check_routing_finite(&routing)?;
+            Ok(routing)
+        };
+        self.route_and_fan_out(layer, rows, deadline, gate_macs, route)
+            .await
+    }
+
+    /// Computes the routed experts of layer `layer` for `rows` by the
+    /// caller's `routing` (see [`caller_routing`]): no gate, no shared
+    /// expert.
+    pub async fn forward_routed_rows(
+        &self,
+        layer: usize,
+        rows: Rows,
+        routing: Routing,
+        deadline: Instant,
+    ) -> RouterResult<LayerOutput> {
+        if !self.gates.contains_key(&layer) {
+            return Err(self.unknown_layer(layer));
+        }
+        if routing.tokens() != rows.rows || routing.weights.len() != routing.experts.len() {
+            return Err(RouterError::InvalidArgument(format!(
+                "a routing of {} tokens for {} rows",
+                routing.tokens(),
+                rows.rows
+            )));
+        }
+        // Splitting reads each pair's row to choose among replicas.
+        let split_work = routing.experts.len() * self.config.hidden_size;
+        self.route_and_fan_out(layer, rows, deadline, split_work, move |_, _| Ok(routing))
+            .await
+    }
+
+    /// Routes `rows` with `route`, counts the routing, splits it per expert
+    /// node and runs the fan-out. `cpu_work` (in multiply-adds or row
+    /// values) decides whether routing and splitting leave the async worker.
+    async fn route_and_fan_out<F>(
+        &self,
+        layer: usize,
+        rows: Rows,
+        deadline: Instant,
+        cpu_work: usize,
+        route: F,
+    ) -> RouterResult<LayerOutput>
+    where
+        F: FnOnce(&[f32], usize) -> RouterResult<Routing> + Send + 'static,
+    {
+        let hidden_size = self.config.hidden_size;
+        if rows.rows == 0 {
+            return Ok(LayerOutput::default());
+        }
+        let mut fanout = self.fanout.start(layer, hidden_size);
         let load = Arc::clone(&self.load);
         let metrics = self.metrics.clone();
-        let gate_and_split = move || {
-            let routing = gate.route(&rows.values, rows.rows);
-            if let Err(error) = check_routing_finite(&routing) {
-                return (rows, Err(error), fanout);
-            }
+        let route_and_split = move || {
+            let routing = match route(&rows.values, rows.rows) {
+                Ok(routing) => routing,
+                Err(error) => return (rows, Err(error), fanout),
+            };
             load.count(layer, &routing);
             metrics.count_routed(layer, routing.tokens(), routing.experts.len());
             let batches = fanout.split(&routing, &rows.values);
             (rows, batches, fanout)
         };
-        // Gating is CPU work: large batches leave the async workers for it;
-        // a decode step's few tokens take less than the handoff would.
-        let (rows, batches, fanout) = if gate_macs <= INLINE_GATING_MACS {
-            gate_and_split()
+        // Gating and splitting are CPU work: large batches leave the async
+        // workers for it; a decode step's few tokens take less than the
+        // handoff would.
+        let (rows, batches, fanout) = if cpu_work <= INLINE_ROUTING_WORK {
+            route_and_split()
         } else {
-            tokio::task::spawn_blocking(gate_and_split)
+            tokio::task::spawn_blocking(route_and_split)
                 .await
-                .map_err(|error| RouterError::Internal(format!("gating panicked: {error}")))?
+                .map_err(|error| RouterError::Internal(format!("routing panicked: {error}")))?
         };
         let batches = batches?;
         let node_sends: usize = batches.iter().map(|batch| batch.tokens.len()).sum();
@@ -201,11 +255,9 @@ pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
     Some(timeout.min(MAX_FORWARD_DEADLINE))
 }
 
-/// When a forward received at `now` with `metadata` must be done: the
-/// client's `grpc-timeout`, or [`DEFAULT_DEADLINE`] without one.
 /// Refuses inputs so large that the gate's routing weights overflow f32:
 /// the experts' outputs would be meaningless.
-fn check_routing_finite(routing: &moemesh_core::model::gating::Routing) -> RouterResult<()> {
+fn check_routing_finite(routing: &Routing) -> RouterResult<()> {
     let shared = routing.shared_weights.iter().flatten();
     if routing
         .weights
@@ -220,6 +272,8 @@ fn check_routing_finite(routing: &moemesh_core::model::gating::Routing) -> Route
     ))
 }
 
+/// When a forward received at `now` with `metadata` must be done: the
+/// client's `grpc-timeout`, or [`DEFAULT_DEADLINE`] without one.
 fn forward_deadline(now: Instant, metadata: &MetadataMap) -> Instant {
     let timeout = metadata
         .get("grpc-timeout")
@@ -239,8 +293,19 @@ impl moemesh_proto::RouterService for RouterNodeService {
         let started = Instant::now();
         let _in_flight = self.metrics.start_forward();
         let answer = self.answer_forward(request).await;
-        let code = answer.as_ref().err().map_or(tonic::Code::Ok, Status::code);
-        self.metrics.finish_forward(code, started.elapsed());
+        self.count_answer(started, &answer);
+        answer
+    }
+
+    #[instrument(skip_all, fields(layer = request.get_ref().layer))]
+    async fn forward_routed(
+        &self,
+        request: Request<ForwardRoutedRequest>,
+    ) -> Result<Response<ForwardResponse>, Status> {
+        let started = Instant::now();
+        let _in_flight = self.metrics.start_forward();
+        let answer = self.answer_forward_routed(request).await;
+        self.count_answer(started, &answer);
         answer
     }
 }
@@ -251,43 +316,102 @@ impl RouterNodeService {
         &self,
         request: Request<ForwardRequest>,
     ) -> Result<Response<ForwardResponse>, Status> {
-        // Refuse at once rather than queue without bound: memory stays
-        // bounded under any load, and the client backs off.
-        let _admitted = self.admission.try_acquire().map_err(|_| {
-            RouterError::Overloaded(format!(
-                "router busy: {} forwards in progress; retry shortly",
-                self.max_in_flight
-            ))
-        })?;
+        let _admitted = self.admit()?;
         let deadline = forward_deadline(Instant::now(), request.metadata());
         let ForwardRequest {
             model,
             layer,
             hidden,
         } = request.into_inner();
-        if !model.is_empty() && model != self.model_id {
-            return Err(RouterError::InvalidArgument(format!(
-                "unknown model {model:?}; this router serves {:?}",
-                self.model_id
-            ))
-            .into());
-        }
-        let layer = layer as usize;
-        if !self.gates.contains_key(&layer) {
-            return Err(self.unknown_layer(layer).into());
-        }
+        let layer = self.check_target(&model, layer)?;
         let rows =
             decode_rows(hidden.as_ref(), self.config.hidden_size).map_err(RouterError::from)?;
         let (tokens, dtype) = (rows.rows, rows.wire_dtype);
         let output = self.forward_rows(layer, rows, deadline).await?;
-        Ok(Response::new(ForwardResponse {
+        Ok(self.respond(output, tokens, dtype))
+    }
+
+    /// One pre-routed forward, from admission to the encoded answer.
+    async fn answer_forward_routed(
+        &self,
+        request: Request<ForwardRoutedRequest>,
+    ) -> Result<Response<ForwardResponse>, Status> {
+        let _admitted = self.admit()?;
+        let deadline = forward_deadline(Instant::now(), request.metadata());
+        let ForwardRoutedRequest {
+            model,
+            layer,
+            hidden,
+            top_k,
+            expert_ids,
+            weights,
+        } = request.into_inner();
+        let layer = self.check_target(&model, layer)?;
+        let rows =
+            decode_rows(hidden.as_ref(), self.config.hidden_size).map_err(RouterError::from)?;
+        let routing = caller_routing(
+            rows.rows,
+            top_k,
+            expert_ids,
+            weights,
+            self.config.num_experts,
+            self.config.top_k,
+        )?;
+        let (tokens, dtype) = (rows.rows, rows.wire_dtype);
+        let output = self
+            .forward_routed_rows(layer, rows, routing, deadline)
+            .await?;
+        Ok(self.respond(output, tokens, dtype))
+    }
+
+    /// Admits one more forward, or refuses at once rather than queue
+    /// without bound: memory stays bounded under any load, and the client
+    /// backs off.
+    fn admit(&self) -> RouterResult<SemaphorePermit<'_>> {
+        self.admission.try_acquire().map_err(|_| {
+            RouterError::Overloaded(format!(
+                "router busy: {} forwards in progress; retry shortly",
+                self.max_in_flight
+            ))
+        })
+    }
+
+    /// The layer a request names, if this router serves its model and layer.
+    fn check_target(&self, model: &str, layer: u32) -> RouterResult<usize> {
+        if !model.is_empty() && model != self.model_id {
+            return Err(RouterError::InvalidArgument(format!(
+                "unknown model {model:?}; this router serves {:?}",
+                self.model_id
+            )));
+        }
+        let layer = layer as usize;
+        if !self.gates.contains_key(&layer) {
+            return Err(self.unknown_layer(layer));
+        }
+        Ok(layer)
+    }
+
+    /// The answer to a forward of `tokens` rows sent in `dtype`.
+    fn respond(
+        &self,
+        output: LayerOutput,
+        tokens: usize,
+        dtype: WireDtype,
+    ) -> Response<ForwardResponse> {
+        Response::new(ForwardResponse {
             output: Some(encode(
                 &output.rows,
                 &[tokens, self.config.hidden_size],
                 dtype,
             )),
             expert_compute_micros: output.slowest_compute_micros,
-        }))
+        })
+    }
+
+    /// Counts a finished forward of either kind by its status code.
+    fn count_answer<T>(&self, started: Instant, answer: &Result<T, Status>) {
+        let code = answer.as_ref().err().map_or(tonic::Code::Ok, Status::code);
+        self.metrics.finish_forward(code, started.elapsed());
     }
 }
 
