@@ -11,12 +11,15 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use moemesh_client::npy::{Matrix, read_matrix, write_matrix};
 use moemesh_client::{Client, TlsArgs};
 use moemesh_core::layer::MoeLayer;
+use moemesh_proto::tls::MemberChannel;
 use rand::SeedableRng;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
 
 use super::contestants::{Ceiling, InProcessLayers, TorchContestant};
 use super::figures::{Figures, NodeMemory};
@@ -331,6 +334,7 @@ async fn measure(
         torch,
         input,
         decode_inputs,
+        round_trip: round_trip_client(cluster).await?,
     };
     let mut figures = Figures::default();
     for _ in 0..args.rounds {
@@ -357,6 +361,8 @@ struct Round<'a> {
     torch: Option<&'a mut TorchContestant>,
     input: &'a [f32],
     decode_inputs: &'a [Vec<f32>],
+    /// The router's health service, for the bare round trip.
+    round_trip: HealthClient<MemberChannel>,
 }
 
 impl Round<'_> {
@@ -461,9 +467,30 @@ impl Round<'_> {
             figures
                 .decode_dispatch_us
                 .push(latency.saturating_sub(timed.expert_compute).as_secs_f64() * 1e6);
+            let started = Instant::now();
+            self.round_trip
+                .check(HealthCheckRequest::default())
+                .await
+                .context("the router's health check failed")?;
+            figures
+                .grpc_round_trip_us
+                .push(started.elapsed().as_secs_f64() * 1e6);
         }
         Ok(())
     }
+}
+
+/// A health client of the router on a channel set up as `Client`'s (the
+/// data path's windows and frames, no Nagle delay, the member's credentials).
+async fn round_trip_client(cluster: &LocalCluster) -> anyhow::Result<HealthClient<MemberChannel>> {
+    let endpoint = cluster.tls.endpoint(cluster.router_url.clone())?;
+    let channel = moemesh_proto::data_path_endpoint(endpoint)
+        .connect()
+        .await?;
+    let mut client = HealthClient::new(cluster.tls.channel(channel));
+    // Warm the connection and the handler once.
+    client.check(HealthCheckRequest::default()).await?;
+    Ok(client)
 }
 
 /// How long the nodes rest after the run before their memory is read:

@@ -65,6 +65,7 @@ struct Summary {
     decode_p99_us_cluster: f64,
     decode_dispatch_p50_us: f64,
     decode_dispatch_p99_us: f64,
+    grpc_round_trip_p50_us: f64,
 }
 
 impl Summary {
@@ -98,6 +99,7 @@ impl Summary {
             decode_p50_us_cluster: quantile(&figures.decode_cluster_us, 0.5),
             decode_p99_us_cluster: quantile(&figures.decode_cluster_us, 0.99),
             decode_dispatch_p50_us: quantile(&figures.decode_dispatch_us, 0.5),
+            grpc_round_trip_p50_us: quantile(&figures.grpc_round_trip_us, 0.5),
             decode_dispatch_p99_us: quantile(&figures.decode_dispatch_us, 0.99),
         }
     }
@@ -133,6 +135,7 @@ fn to_json(context: &RunContext<'_>, figures: &Figures) -> serde_json::Value {
         "decode_dispatch_overhead_p50_us": summary.decode_p50_us_cluster - summary.decode_p50_us_inprocess,
         "decode_dispatch_p50_us": summary.decode_dispatch_p50_us,
         "decode_dispatch_p99_us": summary.decode_dispatch_p99_us,
+        "grpc_round_trip_p50_us": summary.grpc_round_trip_p50_us,
         "bf16_tokens_per_s": summary.bf16_tokens_per_s,
         "bf16_over_f32": summary.bf16_tokens_per_s / summary.inprocess_tokens_per_s,
         "expert_node_rss_bytes": worst.and_then(|node| node.rss_bytes),
@@ -312,6 +315,11 @@ impl<'a> Table<'a> {
             format!("{:.0} us", summary.decode_dispatch_p50_us),
             format!("p99 {:.0} us", summary.decode_dispatch_p99_us),
             verdict_at_most(summary.decode_dispatch_p50_us, 200.0)
+        );
+        println!(
+            "{:<44} {:>12}",
+            "empty gRPC call to the router, p50",
+            format!("{:.0} us", summary.grpc_round_trip_p50_us),
         );
     }
 
