@@ -1,9 +1,12 @@
 //! `RouterService`: the gRPC face of a router. Admission control, decoding,
-//! gating (or the caller's routing, checked by [`crate::routed`]), the
-//! fan-out to the expert nodes ([`crate::fanout`]), encoding, and the
-//! mapping of errors to status codes.
+//! encoding and the mapping of errors to status codes around a
+//! [`LayerForwarder`], which gates (or takes the caller's routing, checked
+//! by [`crate::routed`]) and runs the fan-out to the expert nodes
+//! ([`crate::fanout`]). A one-hop client ([`crate::direct`]) holds a
+//! `LayerForwarder` too, so both forward with the same code.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,117 +15,167 @@ use moemesh_core::model::config::ModelConfig;
 use moemesh_core::model::gating::{Gate, Routing};
 use moemesh_proto::DEFAULT_DEADLINE;
 use moemesh_proto::codec::{Rows, WireDtype, decode_rows, encode};
+use moemesh_proto::tls::TlsConfig;
 use moemesh_proto::v1::{ForwardRequest, ForwardResponse, ForwardRoutedRequest};
-use tokio::sync::SemaphorePermit;
+use tokio::sync::{SemaphorePermit, oneshot, watch};
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
 use crate::fanout::{ExpertFanOut, LayerOutput};
-use crate::load::LoadCounters;
+use crate::load::{LoadCounters, router_id};
 use crate::metrics::RouterMetrics;
 use crate::routed::caller_routing;
 use crate::table::{RoutingSetup, RoutingTable};
-use crate::{RouterConfig, RouterError, RouterResult};
+use crate::{PlacementSource, RouterConfig, RouterError, RouterResult};
 
 /// Routing and splitting with at most this much work (a gate's
 /// multiply-adds, or the row values a pre-routed split reads: about 50 µs)
 /// run on the async worker that received the request.
 const INLINE_ROUTING_WORK: usize = 1 << 20;
 
-/// The gRPC face of a router.
-pub struct RouterNodeService {
-    model_id: String,
+/// What a [`LayerForwarder`] knows of the model it forwards for.
+#[derive(Debug, Clone)]
+pub enum ModelSource {
+    /// A Hugging Face model directory: its `config.json`, and the gates of
+    /// the MoE layers served (no expert weights are read), so that both
+    /// gated and pre-routed forwards are served.
+    Checkpoint(PathBuf),
+    /// The model's config alone (`ModelConfig::from_dir` or `from_json` of
+    /// its `config.json`): no gates, so pre-routed forwards only.
+    Config(ModelConfig),
+}
+
+/// How a [`LayerForwarder`] starts.
+pub struct ForwarderConfig {
+    /// The model id every expert node call names.
+    pub model_id: String,
+    pub model: ModelSource,
+    /// Expert nodes and which experts each holds.
+    pub placement: PlacementSource,
+    /// The name the coordinators hear load and unreachable nodes from:
+    /// `router-…` for a router, `client-…` for a one-hop client.
+    pub reporter: String,
+    /// The forwarder's topology group: among equally busy replicas it
+    /// prefers nodes of its own group. Empty: no preference.
+    pub group: String,
+    /// How connections to the coordinators and expert nodes are secured.
+    pub tls: TlsConfig,
+    /// Where routed tokens, bytes sent and the placement epoch are counted.
+    pub metrics: RouterMetrics,
+}
+
+/// Forwards one layer's rows to the expert nodes and sums their answers:
+/// the routing (a gate's or the caller's), the load counts the
+/// coordinators hear, and the fan-out with its choice of replicas, retries
+/// and combination in expert order. A router's service and a one-hop
+/// client each hold one.
+pub struct LayerForwarder {
     config: ModelConfig,
-    /// The gate of every layer this router serves.
+    /// The MoE layers served, ascending.
+    layers: Vec<usize>,
+    /// The gate of every layer served; empty when the model came as a
+    /// config alone.
     gates: HashMap<usize, Arc<Gate>>,
     /// Sends each forward's routed rows to the expert nodes and gathers
     /// their answers.
     fanout: ExpertFanOut,
+    /// The routing table the fan-out routes by, for its epoch.
+    table_rx: watch::Receiver<Arc<RoutingTable>>,
     /// Tokens sent to each expert, reported to the coordinators.
     load: Arc<LoadCounters>,
-    /// Admission control: one permit per forward in progress.
-    admission: Arc<tokio::sync::Semaphore>,
-    max_in_flight: usize,
     metrics: RouterMetrics,
+    /// Dropped with the forwarder, which ends the task that keeps the
+    /// placement epoch gauge current.
+    _epoch_gauge: oneshot::Sender<()>,
 }
 
-impl RouterNodeService {
-    /// Loads the gates of the layers to serve and the first routing table:
-    /// from the placement file, or from the coordinators (then following them).
-    pub async fn load(router_config: RouterConfig) -> RouterResult<Self> {
-        let model_dir = router_config.model_dir.clone();
-        let checkpoint = tokio::task::spawn_blocking(move || Checkpoint::open(&model_dir))
-            .await
-            .map_err(|error| {
-                RouterError::Internal(format!("checkpoint loading panicked: {error}"))
-            })??;
-        let config = checkpoint.config().clone();
-        let max_in_flight = match router_config.max_in_flight {
-            0 => DEFAULT_MAX_IN_FLIGHT,
-            limit => limit,
+impl LayerForwarder {
+    /// Reads the model's config (and gates, from a checkpoint), takes the
+    /// first routing table from the placement file or the coordinators
+    /// (then following them) and starts reporting to the coordinators.
+    pub async fn start(forwarder: ForwarderConfig) -> RouterResult<Self> {
+        let (config, checkpoint) = match forwarder.model {
+            ModelSource::Checkpoint(dir) => {
+                let checkpoint = off_the_workers("checkpoint loading", move || {
+                    Checkpoint::open(&dir).map_err(RouterError::from)
+                })
+                .await?;
+                (checkpoint.config().clone(), Some(checkpoint))
+            }
+            ModelSource::Config(config) => (config, None),
         };
         let load = Arc::new(LoadCounters::new(
             &config.moe_layers(),
             config.experts_per_layer(),
         ));
         let RoutingSetup {
-            layers,
+            mut layers,
             table_rx,
             health,
         } = RoutingSetup::start(
-            router_config.placement,
-            &router_config.model_id,
+            forwarder.placement,
+            &forwarder.model_id,
+            &forwarder.reporter,
             &config,
-            &router_config.tls,
+            &forwarder.tls,
             &load,
         )
         .await?;
-        let gates = tokio::task::spawn_blocking(move || {
-            layers
-                .into_iter()
-                .map(|layer| {
-                    Ok((
-                        layer,
-                        Arc::new(Gate::new(checkpoint.config(), checkpoint.load_gate(layer)?)),
-                    ))
-                })
-                .collect::<RouterResult<HashMap<_, _>>>()
-        })
-        .await
-        .map_err(|error| RouterError::Internal(format!("gate loading panicked: {error}")))??;
-        tracing::info!(model = %router_config.model_id, layers = gates.len(), epoch = table_rx.borrow().epoch, "router ready");
-        follow_epoch(router_config.metrics.clone(), table_rx.clone());
+        layers.sort_unstable();
+        let gates = match checkpoint {
+            Some(checkpoint) => load_gates(checkpoint, layers.clone()).await?,
+            None => HashMap::new(),
+        };
+        let (epoch_gauge, forwarder_gone) = oneshot::channel();
+        follow_epoch(forwarder.metrics.clone(), table_rx.clone(), forwarder_gone);
         let fanout = ExpertFanOut::new(
-            router_config.model_id.clone(),
-            router_config.group,
-            table_rx,
+            forwarder.model_id,
+            forwarder.group,
+            table_rx.clone(),
             health,
         );
         Ok(Self {
-            model_id: router_config.model_id,
             config,
+            layers,
             gates,
             fanout,
+            table_rx,
             load,
-            admission: Arc::new(tokio::sync::Semaphore::new(max_in_flight)),
-            max_in_flight,
-            metrics: router_config.metrics,
+            metrics: forwarder.metrics,
+            _epoch_gauge: epoch_gauge,
         })
     }
 
-    /// Computes layer `layer` for `rows`.
+    /// The model's config.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The MoE layers served, ascending.
+    pub fn layers(&self) -> &[usize] {
+        &self.layers
+    }
+
+    /// Whether `layer` is an MoE layer served here.
+    pub fn serves(&self, layer: usize) -> bool {
+        self.layers.binary_search(&layer).is_ok()
+    }
+
+    /// The epoch of the placement forwards route by now (0 for a file).
+    pub fn placement_epoch(&self) -> u64 {
+        self.table_rx.borrow().epoch
+    }
+
+    /// Computes layer `layer` for `rows`, routed by the layer's gate: the
+    /// routed experts and the shared expert, if the model has one.
     pub async fn forward_rows(
         &self,
         layer: usize,
         rows: Rows,
         deadline: Instant,
     ) -> RouterResult<LayerOutput> {
-        let gate = Arc::clone(
-            self.gates
-                .get(&layer)
-                .ok_or_else(|| self.unknown_layer(layer))?,
-        );
+        let gate = Arc::clone(self.gates.get(&layer).ok_or_else(|| self.no_gate(layer))?);
         let gate_macs = rows.values.len() * self.config.num_experts;
         let route = move |hidden: &[f32], tokens: usize| {
             let routing = gate.route(hidden, tokens);
@@ -134,8 +187,32 @@ impl RouterNodeService {
     }
 
     /// Computes the routed experts of layer `layer` for `rows` by the
-    /// caller's `routing` (see [`caller_routing`]): no gate, no shared
-    /// expert.
+    /// caller's routing: `top_k` experts per token, `expert_ids` and
+    /// `weights` row-major `[tokens * top_k]`, checked as
+    /// [`caller_routing`] does. No gate, no shared expert.
+    pub async fn forward_routed(
+        &self,
+        layer: usize,
+        rows: Rows,
+        top_k: usize,
+        expert_ids: Vec<u32>,
+        weights: Vec<f32>,
+        deadline: Instant,
+    ) -> RouterResult<LayerOutput> {
+        let routing = caller_routing(
+            rows.rows,
+            top_k,
+            expert_ids,
+            weights,
+            self.config.num_experts,
+            self.config.top_k,
+        )?;
+        self.forward_routed_rows(layer, rows, routing, deadline)
+            .await
+    }
+
+    /// Computes the routed experts of layer `layer` for `rows` by a
+    /// `routing` already checked by [`caller_routing`].
     pub async fn forward_routed_rows(
         &self,
         layer: usize,
@@ -143,7 +220,7 @@ impl RouterNodeService {
         routing: Routing,
         deadline: Instant,
     ) -> RouterResult<LayerOutput> {
-        if !self.gates.contains_key(&layer) {
+        if !self.serves(layer) {
             return Err(self.unknown_layer(layer));
         }
         if routing.tokens() != rows.rows || routing.weights.len() != routing.experts.len() {
@@ -213,12 +290,90 @@ impl RouterNodeService {
         Ok(output)
     }
 
-    fn unknown_layer(&self, layer: usize) -> RouterError {
-        let mut served: Vec<&usize> = self.gates.keys().collect();
-        served.sort();
+    /// The refusal of a forward of `layer`, which is not served here.
+    pub fn unknown_layer(&self, layer: usize) -> RouterError {
         RouterError::InvalidArgument(format!(
-            "layer {layer} is not served; this router serves MoE layers {served:?}"
+            "layer {layer} is not served; the MoE layers served are {:?}",
+            self.layers
         ))
+    }
+
+    /// The refusal of a gated forward of `layer`, which has no gate here.
+    fn no_gate(&self, layer: usize) -> RouterError {
+        if !self.serves(layer) {
+            return self.unknown_layer(layer);
+        }
+        RouterError::InvalidArgument(format!(
+            "layer {layer} has no gate here: the model came as a config without its \
+             checkpoint, so only pre-routed forwards are served"
+        ))
+    }
+}
+
+/// Runs `work` on the blocking pool; `what` names it if it panics.
+async fn off_the_workers<T: Send + 'static>(
+    what: &str,
+    work: impl FnOnce() -> RouterResult<T> + Send + 'static,
+) -> RouterResult<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|error| RouterError::Internal(format!("{what} panicked: {error}")))?
+}
+
+/// The gates of `layers` from `checkpoint`.
+async fn load_gates(
+    checkpoint: Checkpoint,
+    layers: Vec<usize>,
+) -> RouterResult<HashMap<usize, Arc<Gate>>> {
+    off_the_workers("gate loading", move || {
+        layers
+            .into_iter()
+            .map(|layer| {
+                let weights = checkpoint.load_gate(layer)?;
+                Ok((layer, Arc::new(Gate::new(checkpoint.config(), weights))))
+            })
+            .collect()
+    })
+    .await
+}
+
+/// The gRPC face of a router.
+pub struct RouterNodeService {
+    model_id: String,
+    /// Routes each forward and runs its fan-out.
+    forwarder: LayerForwarder,
+    /// Admission control: one permit per forward in progress.
+    admission: Arc<tokio::sync::Semaphore>,
+    max_in_flight: usize,
+    metrics: RouterMetrics,
+}
+
+impl RouterNodeService {
+    /// Loads the gates of the layers to serve and the first routing table:
+    /// from the placement file, or from the coordinators (then following them).
+    pub async fn load(router_config: RouterConfig) -> RouterResult<Self> {
+        let max_in_flight = match router_config.max_in_flight {
+            0 => DEFAULT_MAX_IN_FLIGHT,
+            limit => limit,
+        };
+        let forwarder = LayerForwarder::start(ForwarderConfig {
+            model_id: router_config.model_id.clone(),
+            model: ModelSource::Checkpoint(router_config.model_dir),
+            placement: router_config.placement,
+            reporter: router_id(),
+            group: router_config.group,
+            tls: router_config.tls,
+            metrics: router_config.metrics.clone(),
+        })
+        .await?;
+        tracing::info!(model = %router_config.model_id, layers = forwarder.layers().len(), epoch = forwarder.placement_epoch(), "router ready");
+        Ok(Self {
+            model_id: router_config.model_id,
+            forwarder,
+            admission: Arc::new(tokio::sync::Semaphore::new(max_in_flight)),
+            max_in_flight,
+            metrics: router_config.metrics,
+        })
     }
 }
 
