@@ -1,12 +1,15 @@
 //! [`Client`]: forwards through a moemesh router, gated there
 //! ([`Client::forward`]) or by the caller's own routing
-//! ([`Client::forward_routed`]).
+//! ([`Client::forward_routed`]), and what it serves ([`Client::describe`]).
 
 use std::time::Duration;
 
 use moemesh_proto::codec::{WireDtype, decode_rows, encode};
 use moemesh_proto::tls::{MemberChannel, TlsConfig};
-use moemesh_proto::v1::{ForwardRequest, ForwardResponse, ForwardRoutedRequest, Tensor};
+use moemesh_proto::v1::{
+    DescribeRequest, DescribeResponse, ForwardRequest, ForwardResponse, ForwardRoutedRequest,
+    Tensor,
+};
 use moemesh_proto::{DEFAULT_DEADLINE, MAX_MESSAGE_BYTES, RouterServiceClient};
 
 use crate::ClientError;
@@ -156,6 +159,19 @@ impl Client {
             weights,
         };
         timed_output(self.call(LayerCall::ForwardRouted(request)).await?)
+    }
+
+    /// What the router serves as `model` (empty: its only model): the
+    /// family, hidden size, routed experts and experts per token, and the
+    /// SHA-256 of each MoE layer's gate (`LayerGate` in the proto says
+    /// which bytes), so that a caller gating itself can check that it holds
+    /// the same checkpoint.
+    pub async fn describe(&mut self, model: &str) -> Result<DescribeResponse, ClientError> {
+        let mut call = tonic::Request::new(DescribeRequest {
+            model: model.to_string(),
+        });
+        call.set_timeout(self.deadline);
+        Ok(self.router.describe(call).await?.into_inner())
     }
 
     /// Sends `request`; a refusal because the cluster is overloaded is

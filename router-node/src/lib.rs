@@ -3,8 +3,14 @@
 //! node the rows it needs (one RPC per node, all in parallel) and sums the
 //! partial rows the nodes return.
 //!
-//! - [`service`]: the gRPC handlers: admission, decoding, gating, then the
-//!   fan-out, encoding and status codes.
+//! - [`service`]: the gRPC handlers: admission, decoding, encoding and
+//!   status codes around a [`LayerForwarder`].
+//! - [`forwarder`]: one layer's forward: gating or the caller's routing,
+//!   load counting, then the fan-out.
+//! - [`describe`]: `Describe`: the model's shape and a fingerprint of each
+//!   served gate, so that callers gating locally check the checkpoint.
+//! - [`direct`]: one hop: a client that runs a `LayerForwarder` itself,
+//!   following the coordinators' placement, with no router in between.
 //! - [`routed`]: pre-routed forwards: the caller's routing, checked and
 //!   ordered for the fan-out.
 //! - [`fanout`]: one forward's fan-out: every node's share sent at once,
@@ -21,9 +27,12 @@
 //! - [`metrics`]: what the router tells Prometheus.
 //! - [`run`]: serves a router on a listener until shutdown.
 
+pub mod describe;
+pub mod direct;
 pub mod dispatch;
 mod error;
 pub mod fanout;
+pub mod forwarder;
 pub mod health;
 pub mod load;
 pub mod metrics;
@@ -42,7 +51,9 @@ use tokio::net::TcpListener;
 use tonic::server::NamedService;
 use tonic::service::Routes;
 
+pub use direct::DirectClient;
 pub use error::{RouterError, RouterResult};
+pub use forwarder::{ForwarderConfig, LayerForwarder, ModelSource};
 pub use service::RouterNodeService;
 
 /// Where a router learns which node holds which expert.

@@ -22,13 +22,12 @@ use crate::{RouterError, RouterResult};
 /// the order the caller listed the experts in.
 pub fn caller_routing(
     tokens: usize,
-    top_k: u32,
+    top_k: usize,
     expert_ids: Vec<u32>,
     weights: Vec<f32>,
     num_experts: usize,
     model_top_k: usize,
 ) -> RouterResult<Routing> {
-    let top_k = top_k as usize;
     if top_k == 0 {
         return Err(invalid(
             "top_k is 0: every token needs at least one expert".into(),

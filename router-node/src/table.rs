@@ -24,7 +24,7 @@ use moemesh_proto::{
 use tokio::sync::watch;
 
 use crate::health::NodeHealth;
-use crate::load::{LoadCounters, report_load_task, router_id};
+use crate::load::{LoadCounters, report_load_task};
 use crate::{PlacementSource, RouterError, RouterResult};
 
 /// One long-lived channel to an expert node.
@@ -126,11 +126,13 @@ pub struct RoutingSetup {
 
 impl RoutingSetup {
     /// A placement file gives one table for good. With coordinators, the
-    /// router follows their placement (waiting for the first epoch),
-    /// reports `load` to them and tells them of nodes it cannot reach.
+    /// router (or one-hop client) follows their placement (waiting for the
+    /// first epoch), reports `load` to them and tells them of nodes it
+    /// cannot reach, both as `reporter`.
     pub async fn start(
         source: PlacementSource,
         model_id: &str,
+        reporter: &str,
         config: &ModelConfig,
         tls: &TlsConfig,
         load: &Arc<LoadCounters>,
@@ -154,14 +156,13 @@ impl RoutingSetup {
         let empty = Placement::from_parts(Vec::new(), HashMap::new());
         let empty = RoutingTable::new(0, empty, &[], None, tls)?;
         let (table_tx, mut table_rx) = watch::channel(Arc::new(empty));
-        let router = router_id();
         tokio::spawn(report_load_task(
             coordinators.clone(),
             model_id.to_string(),
-            router.clone(),
+            reporter.to_string(),
             Arc::downgrade(load),
         ));
-        let health = NodeHealth::reporting_to(coordinators.clone(), router);
+        let health = NodeHealth::reporting_to(coordinators.clone(), reporter.to_string());
         tokio::spawn(follow_coordinators_task(
             coordinators,
             model_id.to_string(),

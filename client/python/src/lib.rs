@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use moemesh_client::{Client, ClientError, TlsConfig};
 use moemesh_proto::identity::{Member, Role};
+use moemesh_proto::v1::DescribeResponse;
 
 #[cfg(feature = "python")]
 mod python;
@@ -153,6 +154,15 @@ impl BlockingClient {
             weights,
             top_k,
         ))
+    }
+}
+
+impl BlockingClient {
+    /// What the router serves: the model's shape and each MoE layer's gate
+    /// fingerprint, for `moemesh.attach` to check a local model against.
+    pub fn describe(&self) -> Result<DescribeResponse, ClientError> {
+        let mut client = self.client.clone();
+        self.runtime.block_on(client.describe(&self.model))
     }
 }
 

@@ -11,6 +11,7 @@ use numpy::{IntoPyArray, PyArray2, PyArrayMethods, PyReadonlyArray2, PyUntypedAr
 use pyo3::create_exception;
 use pyo3::exceptions::{PyException, PyValueError};
 use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict};
 
 use crate::{BlockingClient, Security, grpc_code_and_message};
 
@@ -197,6 +198,27 @@ impl PyClient {
             })
             .map_err(|error| python_error(py, error))?;
         matrix(py, output, tokens, hidden_size)
+    }
+
+    /// What the router serves, as a dict: `model`, `family`,
+    /// `hidden_size`, `num_experts`, `top_k`, and `layers`, which maps each
+    /// MoE layer to the SHA-256 (32 bytes) of its gate.
+    fn describe<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let described = py
+            .detach(|| self.client.describe())
+            .map_err(|error| python_error(py, error))?;
+        let layers = PyDict::new(py);
+        for gate in &described.layers {
+            layers.set_item(gate.layer, PyBytes::new(py, &gate.gate_sha256))?;
+        }
+        let description = PyDict::new(py);
+        description.set_item("model", described.model)?;
+        description.set_item("family", described.family)?;
+        description.set_item("hidden_size", described.hidden_size)?;
+        description.set_item("num_experts", described.num_experts)?;
+        description.set_item("top_k", described.top_k)?;
+        description.set_item("layers", layers)?;
+        Ok(description)
     }
 }
 

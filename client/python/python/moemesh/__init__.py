@@ -4,6 +4,8 @@
     client = moemesh.Client("http://127.0.0.1:50051")
     output = client.forward(1, hidden)  # hidden: [tokens, hidden_size]
 
+    moemesh.attach(model, client)  # a transformers model's experts, remote
+
 Arrays go in as numpy arrays, torch tensors or anything else numpy can read,
 and come back as float32 numpy arrays; ``torch.from_numpy(output)`` wraps the
 result without a copy. Calls release the GIL while they wait on the network,
@@ -12,6 +14,10 @@ several threads.
 
 Errors the cluster reports raise :class:`MoemeshError` (or one of its
 subclasses), whose ``code`` is the gRPC code name and ``message`` the reason.
+
+:func:`attach` runs the routed experts of a Hugging Face transformers model
+on the cluster (after checking with :func:`check_fingerprints` that the
+cluster serves the same checkpoint) and :func:`detach` undoes it.
 """
 
 import os
@@ -29,6 +35,8 @@ from ._native import (
     __version__,
 )
 from ._native import Client as _NativeClient
+from .attach import attach, detach
+from .fingerprint import ModelMismatch, check_fingerprints, gate_fingerprint
 
 __all__ = [
     "Client",
@@ -39,6 +47,11 @@ __all__ = [
     "DeadlineExceeded",
     "PermissionDenied",
     "Unauthenticated",
+    "ModelMismatch",
+    "attach",
+    "detach",
+    "check_fingerprints",
+    "gate_fingerprint",
     "__version__",
 ]
 
@@ -131,6 +144,15 @@ class Client:
         weights = _float_rows(weights, "weights", "[tokens, top_k]")
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         return self._native.forward_routed(layer, hidden, ids, weights)
+
+    def describe(self):
+        """What the cluster serves, as a dict: ``model`` (its id),
+        ``family`` (``config.json``'s ``model_type``), ``hidden_size``,
+        ``num_experts`` (routed experts per MoE layer), ``top_k`` and
+        ``layers``, which maps every MoE layer served to the SHA-256 of its
+        gate (32 bytes; :func:`gate_fingerprint` computes the same locally).
+        """
+        return self._native.describe()
 
     def __repr__(self):
         return f"moemesh.Client({self.router!r}, model={self.model!r})"

@@ -1,0 +1,152 @@
+"""Run the routed experts of a Hugging Face transformers model on a cluster.
+
+transformers 5 splits every sparse MoE block into a ``gate`` (the router,
+whose ``weight`` is ``[num_experts, hidden_size]``) and an ``experts``
+module called as ``experts(hidden_states, top_k_index, top_k_weights)``
+(Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3 and others). :func:`attach`
+keeps the gate, the shared experts and everything else local and swaps
+each ``experts`` module for one that sends the same three tensors to the
+cluster (``Client.forward_routed``). torch is imported only when a model is
+attached: checking a model against the cluster needs numpy alone.
+"""
+
+import functools
+import inspect
+import re
+
+from .fingerprint import check_fingerprints, gate_fingerprint
+
+# transformers' experts interface: the arguments of `experts.forward`.
+_EXPERTS_ARGUMENTS = ("hidden_states", "top_k_index", "top_k_weights")
+# A decoder layer's modules are named `….layers.N.…`.
+_LAYER_IN_PATH = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def attach(model, client):
+    """Runs the routed experts of ``model`` on the cluster behind ``client``.
+
+    ``model`` is a transformers model (5.x); ``client`` a
+    :class:`moemesh.Client` whose cluster serves the same checkpoint. Each
+    sparse MoE block's gate fingerprint is compared with the cluster's
+    (``client.describe()``) first: a differing gate, an MoE layer missing
+    on either side, or another hidden size or expert count raises
+    :class:`moemesh.ModelMismatch` naming the first differing layer, and
+    the model is left as it was. Then every block's ``experts`` module is
+    replaced by a ``RemoteExperts`` module; gates, shared experts,
+    attention and the rest stay local. Outputs come back in the dtype and
+    on the device of the block's input. The replaced modules are kept, on
+    their device, for :func:`detach`. Inference only: no gradients flow
+    through the cluster. Returns ``model``.
+    """
+    if _attached(model):
+        raise ValueError("the model is already attached; call moemesh.detach(model) first")
+    blocks = _sparse_moe_blocks(model)
+    local = {
+        layer: gate_fingerprint(block.gate.weight, getattr(block.gate, "e_score_correction_bias", None))
+        for layer, block in blocks.items()
+    }
+    num_experts, hidden_size = next(iter(blocks.values())).gate.weight.shape
+    check_fingerprints(local, client.describe(), hidden_size=hidden_size, num_experts=num_experts)
+    remote_experts = _remote_experts_class()
+    for layer, block in blocks.items():
+        block.experts = remote_experts(client, layer, block.experts)
+    return model
+
+
+def detach(model):
+    """Undoes :func:`attach`: every block gets back its local ``experts``
+    module. A model that is not attached is left as it is. Returns ``model``."""
+    for _, module in list(model.named_modules()):
+        experts = getattr(module, "experts", None)
+        if getattr(experts, "is_moemesh_remote", False):
+            module.experts = experts.original
+    return model
+
+
+def _attached(model):
+    """Whether some block of ``model`` runs its experts on a cluster."""
+    return any(
+        getattr(getattr(module, "experts", None), "is_moemesh_remote", False)
+        for _, module in model.named_modules()
+    )
+
+
+def _sparse_moe_blocks(model):
+    """``{decoder layer: block}`` for every sparse MoE block of ``model``: a
+    module with a ``gate`` holding a 2-D ``weight`` and an ``experts``
+    module. Refuses a block whose experts lack transformers 5's interface,
+    or whose decoder layer its name does not tell."""
+    blocks = {}
+    for name, module in model.named_modules():
+        gate = getattr(module, "gate", None)
+        experts = getattr(module, "experts", None)
+        if experts is None or len(getattr(getattr(gate, "weight", None), "shape", ())) != 2:
+            continue
+        if not _has_experts_interface(experts):
+            raise TypeError(
+                f"{name}.experts ({type(experts).__name__}) is not called as experts(hidden_states, "
+                "top_k_index, top_k_weights): moemesh.attach needs transformers 5 or later"
+            )
+        found = _LAYER_IN_PATH.search(name + ".")
+        if found is None:
+            raise ValueError(f"cannot tell the decoder layer of the MoE block {name!r}")
+        layer = int(found.group(1))
+        if layer in blocks:
+            raise ValueError(f"decoder layer {layer} has two MoE blocks; the second is {name!r}")
+        blocks[layer] = module
+    if not blocks:
+        raise ValueError(
+            f"{type(model).__name__} has no sparse MoE block (a module with a `gate` and `experts`)"
+        )
+    return blocks
+
+
+def _has_experts_interface(experts):
+    """Whether ``experts`` is called as transformers 5's experts modules are."""
+    forward = getattr(experts, "forward", None)
+    if forward is None:
+        return False
+    try:
+        parameters = list(inspect.signature(forward).parameters)
+    except (TypeError, ValueError):
+        return False
+    return tuple(parameters[:3]) == _EXPERTS_ARGUMENTS
+
+
+@functools.lru_cache(maxsize=None)
+def _remote_experts_class():
+    """``RemoteExperts``, defined on first use so that importing moemesh
+    does not import torch."""
+    import torch
+
+    class RemoteExperts(torch.nn.Module):
+        """A sparse MoE block's routed experts, computed by a moemesh
+        cluster: the weighted sum of each token's ``top_k`` experts, as the
+        local experts module computes it. ``original`` is that module,
+        kept (unregistered, so outside ``parameters()`` and
+        ``state_dict()``) for :func:`moemesh.detach`."""
+
+        is_moemesh_remote = True
+
+        def __init__(self, client, layer, original):
+            super().__init__()
+            self.client = client
+            self.layer = layer
+            # Plain attribute: registering it would keep its weights in the
+            # attached model's parameters and state dict.
+            object.__setattr__(self, "original", original)
+
+        def forward(self, hidden_states, top_k_index, top_k_weights):
+            if hidden_states.shape[0] == 0:
+                return torch.zeros_like(hidden_states)
+            with torch.no_grad():
+                hidden = hidden_states.detach().to("cpu", torch.float32).contiguous().numpy()
+                expert_ids = top_k_index.detach().to("cpu", torch.int64).contiguous().numpy()
+                weights = top_k_weights.detach().to("cpu", torch.float32).contiguous().numpy()
+            output = self.client.forward_routed(self.layer, hidden, expert_ids, weights)
+            return torch.from_numpy(output).to(hidden_states.device, hidden_states.dtype)
+
+        def extra_repr(self):
+            return f"layer={self.layer}, client={self.client!r}"
+
+    return RemoteExperts
