@@ -1,12 +1,12 @@
 //! `Describe`: what a router serves. A caller that computes the gate itself
 //! (a transformers model whose experts run on the cluster) checks with it
 //! that the cluster serves the same checkpoint: the model's shape, and per
-//! MoE layer a SHA-256 fingerprint of the gate, taken as the router starts.
+//! MoE layer a SHA-256 fingerprint of the gate, taken as the router loads
+//! its gates.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 
-use moemesh_core::model::checkpoint::{Checkpoint, GateWeights};
+use moemesh_core::model::checkpoint::GateWeights;
 use moemesh_core::model::config::ModelConfig;
 use moemesh_proto::v1::{DescribeResponse, LayerGate};
 use sha2::{Digest, Sha256};
@@ -37,24 +37,6 @@ pub fn gate_fingerprint(weights: &GateWeights) -> GateFingerprint {
         }
     }
     hasher.finalize().into()
-}
-
-/// The fingerprints of the gates of `layers` in the checkpoint at
-/// `model_dir`, read off the async workers as the router's gates are.
-pub async fn fingerprint_gates(
-    model_dir: PathBuf,
-    layers: Vec<usize>,
-) -> RouterResult<BTreeMap<usize, GateFingerprint>> {
-    let fingerprint = move || -> RouterResult<BTreeMap<usize, GateFingerprint>> {
-        let checkpoint = Checkpoint::open(&model_dir)?;
-        layers
-            .into_iter()
-            .map(|layer| Ok((layer, gate_fingerprint(&checkpoint.load_gate(layer)?))))
-            .collect()
-    };
-    tokio::task::spawn_blocking(fingerprint)
-        .await
-        .map_err(|error| RouterError::Internal(format!("gate fingerprinting panicked: {error}")))?
 }
 
 /// The answer to a `Describe` of `requested` (empty: the only model) from

@@ -5,7 +5,7 @@
 //! and a one-hop client ([`crate::direct`]) each hold a [`LayerForwarder`],
 //! so both forward with the same code.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -17,6 +17,7 @@ use moemesh_proto::codec::Rows;
 use moemesh_proto::tls::TlsConfig;
 use tokio::sync::{oneshot, watch};
 
+use crate::describe::{GateFingerprint, gate_fingerprint};
 use crate::fanout::{ExpertFanOut, LayerOutput};
 use crate::load::LoadCounters;
 use crate::metrics::RouterMetrics;
@@ -72,6 +73,9 @@ pub struct LayerForwarder {
     /// The gate of every layer served; empty when the model came as a
     /// config alone.
     gates: HashMap<usize, Arc<Gate>>,
+    /// The SHA-256 of each gate, from the weights the gate was built from;
+    /// empty with no gates.
+    gate_fingerprints: BTreeMap<usize, GateFingerprint>,
     /// Sends each forward's routed rows to the expert nodes and gathers
     /// their answers.
     fanout: ExpertFanOut,
@@ -118,9 +122,9 @@ impl LayerForwarder {
         )
         .await?;
         layers.sort_unstable();
-        let gates = match checkpoint {
+        let (gates, gate_fingerprints) = match checkpoint {
             Some(checkpoint) => load_gates(checkpoint, layers.clone()).await?,
-            None => HashMap::new(),
+            None => Default::default(),
         };
         let (epoch_gauge, forwarder_gone) = oneshot::channel();
         follow_epoch(forwarder.metrics.clone(), table_rx.clone(), forwarder_gone);
@@ -134,12 +138,20 @@ impl LayerForwarder {
             config,
             layers,
             gates,
+            gate_fingerprints,
             fanout,
             table_rx,
             load,
             metrics: forwarder.metrics,
             _epoch_gauge: epoch_gauge,
         })
+    }
+
+    /// The SHA-256 of every served layer's gate (see
+    /// [`crate::describe::gate_fingerprint`]); empty when the model came as
+    /// a config alone.
+    pub fn gate_fingerprints(&self) -> &BTreeMap<usize, GateFingerprint> {
+        &self.gate_fingerprints
     }
 
     /// The model's config.
@@ -315,19 +327,21 @@ async fn off_the_workers<T: Send + 'static>(
         .map_err(|error| RouterError::Internal(format!("{what} panicked: {error}")))?
 }
 
-/// The gates of `layers` from `checkpoint`.
+/// The gates of `layers` from `checkpoint`, and their fingerprints, taken
+/// from the same weights as they are read.
 async fn load_gates(
     checkpoint: Checkpoint,
     layers: Vec<usize>,
-) -> RouterResult<HashMap<usize, Arc<Gate>>> {
+) -> RouterResult<(HashMap<usize, Arc<Gate>>, BTreeMap<usize, GateFingerprint>)> {
     off_the_workers("gate loading", move || {
-        layers
-            .into_iter()
-            .map(|layer| {
-                let weights = checkpoint.load_gate(layer)?;
-                Ok((layer, Arc::new(Gate::new(checkpoint.config(), weights))))
-            })
-            .collect()
+        let mut gates = HashMap::new();
+        let mut fingerprints = BTreeMap::new();
+        for layer in layers {
+            let weights = checkpoint.load_gate(layer)?;
+            fingerprints.insert(layer, gate_fingerprint(&weights));
+            gates.insert(layer, Arc::new(Gate::new(checkpoint.config(), weights)));
+        }
+        Ok((gates, fingerprints))
     })
     .await
 }

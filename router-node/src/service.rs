@@ -3,7 +3,6 @@
 //! [`LayerForwarder`], which gates (or takes the caller's routing) and runs
 //! the fan-out to the expert nodes.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,7 +17,7 @@ use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
-use crate::describe::{GateFingerprint, describe, fingerprint_gates};
+use crate::describe::describe;
 use crate::fanout::LayerOutput;
 use crate::forwarder::{ForwarderConfig, LayerForwarder, ModelSource};
 use crate::load::router_id;
@@ -30,8 +29,6 @@ pub struct RouterNodeService {
     model_id: String,
     /// Routes each forward and runs its fan-out.
     forwarder: LayerForwarder,
-    /// The SHA-256 of every served layer's gate, for `Describe`.
-    gate_fingerprints: BTreeMap<usize, GateFingerprint>,
     /// Admission control: one permit per forward in progress.
     admission: Arc<tokio::sync::Semaphore>,
     max_in_flight: usize,
@@ -56,13 +53,10 @@ impl RouterNodeService {
             metrics: router_config.metrics.clone(),
         })
         .await?;
-        let gate_fingerprints =
-            fingerprint_gates(router_config.model_dir, forwarder.layers().to_vec()).await?;
         tracing::info!(model = %router_config.model_id, layers = forwarder.layers().len(), epoch = forwarder.placement_epoch(), "router ready");
         Ok(Self {
             model_id: router_config.model_id,
             forwarder,
-            gate_fingerprints,
             admission: Arc::new(tokio::sync::Semaphore::new(max_in_flight)),
             max_in_flight,
             metrics: router_config.metrics,
@@ -148,7 +142,7 @@ impl moemesh_proto::RouterService for RouterNodeService {
             &request.into_inner().model,
             &self.model_id,
             self.forwarder.config(),
-            &self.gate_fingerprints,
+            self.forwarder.gate_fingerprints(),
         )?;
         Ok(Response::new(description))
     }

@@ -28,6 +28,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 pub mod exposition;
+pub mod routing;
 mod security;
 pub use security::{SandboxSecurity, TEST_CLUSTER_SECRET, TestAuthority};
 

@@ -9,14 +9,13 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use moemesh_client::{Client, ClientError};
-use moemesh_core::compute::{ComputeBackend, CpuBackend, ExpertWork};
 use moemesh_core::model::config::ModelConfig;
 use moemesh_core::model::gating::{Gate, Routing};
 use moemesh_proto::identity::Role;
 use moemesh_proto::{NodeStatus, ReplicaState};
 use moemesh_router_node::{DirectClient, ModelSource, RouterError};
+use moemesh_tests::routing::{in_process_parts, random_routing, random_rows};
 use moemesh_tests::{FIXTURES, Fixture, ManagedCluster, SandboxSecurity, relative_l2};
-use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
 /// What every one-hop forward of these tests may take.
@@ -57,43 +56,6 @@ fn assert_same_bits(got: &[f32], want: &[f32], what: &str) {
             got[index], want[index]
         );
     }
-}
-
-/// The routed experts' weighted sum of `routing` computed in process, each
-/// token's experts summed in ascending id (the order of `work`).
-fn in_process_routed(
-    fixture: &Fixture,
-    layer: usize,
-    input: &[f32],
-    routing: &Routing,
-) -> Vec<f32> {
-    let config = fixture.checkpoint.config();
-    let backend = CpuBackend::new(1).unwrap();
-    let mut per_expert = vec![(Vec::new(), Vec::new()); config.num_experts];
-    for token in 0..routing.tokens() {
-        for (expert, weight) in routing.token(token) {
-            per_expert[expert as usize].0.push(token as u32);
-            per_expert[expert as usize].1.push(weight);
-        }
-    }
-    let experts: Vec<_> = (0..config.num_experts as u32)
-        .map(|expert| {
-            let weights = fixture.checkpoint.load_expert(layer, expert).unwrap();
-            backend.load_expert(weights).unwrap()
-        })
-        .collect();
-    let work: Vec<ExpertWork<'_>> = experts
-        .iter()
-        .zip(&per_expert)
-        .map(|(expert, (rows, weights))| ExpertWork {
-            expert: expert.as_ref(),
-            rows,
-            weights,
-        })
-        .collect();
-    backend
-        .run_experts(input, config.hidden_size, &work)
-        .unwrap()
 }
 
 /// A pre-routed forward of `rows` through the one-hop client.
@@ -235,7 +197,7 @@ async fn one_hop_answers_and_refusals_are_the_routers_bit_for_bit() {
             assert_same_bits(&one_hop, &routed, &format!("{what}: pre-routed"));
             let error = relative_l2(
                 &one_hop,
-                &in_process_routed(&fixture, layer, input, &routing),
+                &in_process_parts(&fixture, layer, input, &routing).0,
             );
             assert!(
                 error < 1e-6,
@@ -263,32 +225,6 @@ async fn one_hop_answers_and_refusals_are_the_routers_bit_for_bit() {
         drop(direct);
         cluster.shutdown().await;
     }
-}
-
-/// `tokens` tokens each routed to `top_k` distinct random experts of
-/// `num_experts`, with random positive weights.
-fn random_routing(rng: &mut impl Rng, tokens: usize, top_k: usize, num_experts: usize) -> Routing {
-    let mut ids: Vec<u32> = (0..num_experts as u32).collect();
-    let mut experts = Vec::with_capacity(tokens * top_k);
-    for _ in 0..tokens {
-        let (chosen, _) = ids.partial_shuffle(rng, top_k);
-        experts.extend_from_slice(chosen);
-    }
-    let weights = (0..tokens * top_k)
-        .map(|_| rng.random_range(0.05f32..1.0))
-        .collect();
-    Routing {
-        top_k,
-        experts,
-        weights,
-        shared_weights: None,
-    }
-}
-
-fn random_rows(rng: &mut impl Rng, tokens: usize, hidden: usize) -> Vec<f32> {
-    (0..tokens * hidden)
-        .map(|_| rng.random_range(-2f32..2.0))
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

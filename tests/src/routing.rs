@@ -1,0 +1,97 @@
+//! References for pre-routed forwards: random routings and hidden rows,
+//! and a layer's output for a given routing computed in this process.
+
+use moemesh_core::compute::{ComputeBackend, CpuBackend, ExpertWork};
+use moemesh_core::model::gating::Routing;
+use rand::Rng;
+use rand::seq::SliceRandom;
+
+use crate::Fixture;
+
+/// `tokens` tokens each routed to `top_k` distinct random experts of
+/// `num_experts`, with random positive weights.
+pub fn random_routing(
+    rng: &mut impl Rng,
+    tokens: usize,
+    top_k: usize,
+    num_experts: usize,
+) -> Routing {
+    let mut ids: Vec<u32> = (0..num_experts as u32).collect();
+    let mut experts = Vec::with_capacity(tokens * top_k);
+    for _ in 0..tokens {
+        let (chosen, _) = ids.partial_shuffle(rng, top_k);
+        experts.extend_from_slice(chosen);
+    }
+    let weights = (0..tokens * top_k)
+        .map(|_| rng.random_range(0.05f32..1.0))
+        .collect();
+    Routing {
+        top_k,
+        experts,
+        weights,
+        shared_weights: None,
+    }
+}
+
+/// `tokens` random hidden rows of `hidden` values in [-2, 2).
+pub fn random_rows(rng: &mut impl Rng, tokens: usize, hidden: usize) -> Vec<f32> {
+    (0..tokens * hidden)
+        .map(|_| rng.random_range(-2f32..2.0))
+        .collect()
+}
+
+/// One layer's output computed in process from `routing`, in its two
+/// parts: the routed experts' weighted sum (what `ForwardRouted` answers)
+/// and the shared expert's (zero for families without one, or a routing
+/// without shared weights). Experts are summed in ascending id, as the
+/// in-process layer and the router do.
+pub fn in_process_parts(
+    fixture: &Fixture,
+    layer: usize,
+    input: &[f32],
+    routing: &Routing,
+) -> (Vec<f32>, Vec<f32>) {
+    let config = fixture.checkpoint.config();
+    let backend = CpuBackend::new(1).unwrap();
+    let load = |expert: u32| {
+        backend
+            .load_expert(fixture.checkpoint.load_expert(layer, expert).unwrap())
+            .unwrap()
+    };
+    let mut per_expert = vec![(Vec::new(), Vec::new()); config.num_experts];
+    for token in 0..routing.tokens() {
+        for (expert, weight) in routing.token(token) {
+            per_expert[expert as usize].0.push(token as u32);
+            per_expert[expert as usize].1.push(weight);
+        }
+    }
+    let routed_experts: Vec<_> = (0..config.num_experts as u32).map(load).collect();
+    let work: Vec<ExpertWork<'_>> = routed_experts
+        .iter()
+        .zip(&per_expert)
+        .map(|(expert, (rows, weights))| ExpertWork {
+            expert: expert.as_ref(),
+            rows,
+            weights,
+        })
+        .collect();
+    let routed = backend
+        .run_experts(input, config.hidden_size, &work)
+        .unwrap();
+    let shared = match (config.shared_expert_id(), &routing.shared_weights) {
+        (Some(id), Some(weights)) => {
+            let expert = load(id);
+            let rows: Vec<u32> = (0..routing.tokens() as u32).collect();
+            let work = [ExpertWork {
+                expert: expert.as_ref(),
+                rows: &rows,
+                weights,
+            }];
+            backend
+                .run_experts(input, config.hidden_size, &work)
+                .unwrap()
+        }
+        _ => vec![0.0; input.len()],
+    };
+    (routed, shared)
+}
