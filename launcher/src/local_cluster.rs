@@ -98,6 +98,10 @@ pub struct LocalCluster {
     /// How this process connects to the cluster: the operator's
     /// certificate with `--tls-dir`, its own TLS flags otherwise.
     pub tls: TlsConfig,
+    /// How an application of this process connects: as member
+    /// `client/local`, whose calls the expert nodes serve (a one-hop
+    /// client's credentials).
+    pub application_tls: TlsConfig,
     /// The coordinators' admin URLs, by id starting at 1.
     pub coordinator_urls: Vec<String>,
     pub model_id: String,
@@ -108,6 +112,9 @@ pub struct LocalCluster {
     /// In start order: coordinators, expert nodes, the router.
     processes: Vec<SupervisedProcess>,
 }
+
+/// The client id a local cluster's own process uses for one-hop forwards.
+const APPLICATION_ID: &str = "local";
 
 /// The id of a local cluster's one router.
 const ROUTER_ID: &str = "router-0";
@@ -372,6 +379,7 @@ impl LocalCluster {
         Ok(Self {
             router_url,
             tls: security.client_tls()?,
+            application_tls: security.application_tls(APPLICATION_ID)?,
             coordinator_urls,
             model_id,
             config,

@@ -159,6 +159,8 @@ fn bench_measures_every_contestant_and_reports_json() {
         "decode_p50_us_cluster",
         "decode_p99_us_cluster",
         "decode_dispatch_p50_us",
+        "decode_p50_us_one_hop",
+        "decode_dispatch_p50_us_one_hop",
         "grpc_round_trip_p50_us",
         "bf16_tokens_per_s",
         "expert_node_rss_bytes",

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use moemesh_core::model::config::ModelConfig;
 use moemesh_proto::codec::{CodecError, Rows, WireDtype};
 use moemesh_proto::tls::TlsConfig;
+use moemesh_proto::v1::DescribeResponse;
 
 use crate::fanout::LayerOutput;
 use crate::forwarder::{ForwarderConfig, LayerForwarder, ModelSource};
@@ -31,14 +32,17 @@ use crate::{PlacementSource, RouterError, RouterResult};
 /// Dropping it ends its placement following and its reports.
 pub struct DirectClient {
     forwarder: LayerForwarder,
+    /// The model id every expert node call names.
+    model_id: String,
     /// The name the coordinators hear this client's load reports from.
     id: String,
 }
 
 impl DirectClient {
     /// Follows the placement of `model_id` from the coordinators at
-    /// `coordinators` (any of them answers) and waits for its first epoch
-    /// (60 s at most). `model` gives the model's config: a checkpoint
+    /// `coordinators` (any of them answers) and waits until it places the
+    /// model ([`PLACEMENT_WAIT`] at most: a model not loaded yet, or one of
+    /// another id, is refused as UNAVAILABLE, naming it). `model` gives the model's config: a checkpoint
     /// directory (config and gates) or a parsed `config.json`. `tls`
     /// secures the calls to the coordinators and the expert nodes; in a
     /// secured cluster it names a member of role client, which expert
@@ -53,19 +57,49 @@ impl DirectClient {
         model: ModelSource,
         tls: TlsConfig,
     ) -> RouterResult<Self> {
+        Self::start(
+            PlacementSource::Coordinators(coordinators),
+            model_id,
+            model,
+            tls,
+        )
+        .await
+    }
+
+    /// [`DirectClient::connect`] with the placement from `placement`: the
+    /// coordinators, or a fixed placement file (no coordinators to follow
+    /// or report to, as a router started with `--placement`).
+    pub async fn start(
+        placement: PlacementSource,
+        model_id: &str,
+        model: ModelSource,
+        tls: TlsConfig,
+    ) -> RouterResult<Self> {
         let id = client_id();
         let forwarder = LayerForwarder::start(ForwarderConfig {
             model_id: model_id.to_string(),
             model,
-            placement: PlacementSource::Coordinators(coordinators),
+            placement,
             reporter: id.clone(),
             group: String::new(),
             tls,
             metrics: RouterMetrics::default(),
         })
         .await?;
+        if tokio::time::timeout(PLACEMENT_WAIT, forwarder.wait_until_placed())
+            .await
+            .is_err()
+        {
+            return Err(RouterError::Unavailable(format!(
+                "the placement holds no expert of model {model_id:?} after {PLACEMENT_WAIT:?}: is it loaded (moectl model load), and under this id?"
+            )));
+        }
         tracing::info!(model = %model_id, client = %id, epoch = forwarder.placement_epoch(), "one-hop client ready");
-        Ok(Self { forwarder, id })
+        Ok(Self {
+            forwarder,
+            model_id: model_id.to_string(),
+            id,
+        })
     }
 
     /// The name the coordinators hear this client's reports from:
@@ -82,6 +116,18 @@ impl DirectClient {
     /// The MoE layers served, ascending.
     pub fn layers(&self) -> &[usize] {
         self.forwarder.layers()
+    }
+
+    /// What this client forwards for, as a router's `Describe` answers:
+    /// the model's shape and each served layer's gate fingerprint (none
+    /// when connected with [`ModelSource::Config`]).
+    pub fn describe(&self) -> RouterResult<DescribeResponse> {
+        crate::describe::describe(
+            "",
+            &self.model_id,
+            self.config(),
+            self.forwarder.gate_fingerprints(),
+        )
     }
 
     /// The placement epoch forwards route by now.
@@ -173,6 +219,10 @@ impl DirectClient {
         Ok((layer, rows_of(hidden, self.config().hidden_size)?))
     }
 }
+
+/// How long [`DirectClient::start`] waits for the placement to hold the
+/// model: long enough for `moectl model load` on a cluster starting.
+pub const PLACEMENT_WAIT: Duration = Duration::from_secs(60);
 
 /// When a forward given `deadline` from now must be done; a deadline past
 /// [`MAX_FORWARD_DEADLINE`] is clamped to it, as a router clamps its

@@ -169,6 +169,25 @@ impl LayerForwarder {
         self.layers.binary_search(&layer).is_ok()
     }
 
+    /// Waits until the placement holds a replica of at least one expert
+    /// of the model: a model the coordinators do not place yet has an
+    /// empty placement, on which every forward would fail.
+    pub async fn wait_until_placed(&self) {
+        let mut table_rx = self.table_rx.clone();
+        // The sender lives as long as the placement is followed, which is
+        // as long as `self`.
+        let _ = table_rx
+            .wait_for(|table| {
+                let placement = &table.placement;
+                placement.layers().into_iter().any(|layer| {
+                    placement
+                        .replicas(layer)
+                        .is_some_and(|experts| experts.iter().any(|nodes| !nodes.is_empty()))
+                })
+            })
+            .await;
+    }
+
     /// The epoch of the placement forwards route by now (0 for a file).
     pub fn placement_epoch(&self) -> u64 {
         self.table_rx.borrow().epoch

@@ -1,6 +1,7 @@
 //! moemesh-python: the native half of the `moemesh` Python package.
 //!
-//! - [`BlockingClient`]: a [`moemesh_client::Client`] with its own tokio
+//! - [`BlockingClient`]: a router's [`moemesh_client::Client`], or a
+//!   one-hop [`moemesh_router_node::DirectClient`], with its own tokio
 //!   runtime, so that callers without one (Python) forward with plain
 //!   blocking calls.
 //! - [`Security`]: how a Python client proves who it is, from its keyword
@@ -12,14 +13,15 @@
 //!   tests with no Python at all.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
-use moemesh_client::{Client, ClientError, TlsConfig};
+use moemesh_client::{ClientError, TlsConfig};
 use moemesh_proto::identity::{Member, Role};
-use moemesh_proto::v1::DescribeResponse;
 
+mod blocking;
 #[cfg(feature = "python")]
 mod python;
+
+pub use blocking::{BlockingClient, OneHop};
 
 /// How a Python client secures its connection: mutual TLS when all three
 /// files are given, plaintext with the cluster secret when it is, and
@@ -63,106 +65,6 @@ impl Security {
             }
             _ => Err("mutual TLS needs all of tls_cert, tls_key and tls_ca".into()),
         }
-    }
-}
-
-/// A connection to one router that blocks the calling thread until each
-/// call is answered.
-pub struct BlockingClient {
-    /// Runs the connection's background work (HTTP/2 pings and window
-    /// updates) between calls, and each call while its caller waits.
-    runtime: tokio::runtime::Runtime,
-    /// Cloned for each call (clones share the connection), so that calls
-    /// from several threads run at once.
-    client: Client,
-    /// The model every call names; empty selects the router's only model.
-    model: String,
-}
-
-/// The threads that drive the connection: a client waits on the network,
-/// it does not compute.
-const RUNTIME_THREADS: usize = 2;
-
-impl BlockingClient {
-    /// Connects to the router at `router` (`http://host:port`, or
-    /// `https://` with TLS), giving up after `deadline`, which also bounds
-    /// each call, retries included.
-    pub fn connect(
-        router: &str,
-        model: &str,
-        tls: &TlsConfig,
-        deadline: Duration,
-    ) -> Result<Self, ClientError> {
-        let connect_error = |message: String| ClientError::Connect {
-            address: router.to_string(),
-            message,
-        };
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(RUNTIME_THREADS)
-            .thread_name("moemesh-client")
-            .enable_all()
-            .build()
-            .map_err(|error| {
-                connect_error(format!("cannot start the client's runtime: {error}"))
-            })?;
-        let client = runtime.block_on(async {
-            tokio::time::timeout(deadline, Client::connect_with_tls(router, tls))
-                .await
-                .map_err(|_| connect_error(format!("no connection within {deadline:?}")))?
-        })?;
-        Ok(Self {
-            runtime,
-            client: client.with_deadline(deadline),
-            model: model.to_string(),
-        })
-    }
-
-    /// MoE layer `layer` of `hidden`, `[tokens, hidden_size]` row-major,
-    /// with the gate computed by the cluster.
-    pub fn forward(
-        &self,
-        layer: u32,
-        hidden: &[f32],
-        hidden_size: usize,
-    ) -> Result<Vec<f32>, ClientError> {
-        let mut client = self.client.clone();
-        self.runtime
-            .block_on(client.forward_f32(&self.model, layer, hidden, hidden_size))
-    }
-
-    /// The weighted sum of each token's routed experts: `expert_ids` and
-    /// `weights` are `[tokens, top_k]` row-major, the gate computed by the
-    /// caller. Ids are taken as Python gives them (i64) and refused when
-    /// they do not fit the wire's u32.
-    pub fn forward_routed(
-        &self,
-        layer: u32,
-        hidden: &[f32],
-        hidden_size: usize,
-        expert_ids: &[i64],
-        weights: &[f32],
-        top_k: usize,
-    ) -> Result<Vec<f32>, ClientError> {
-        let expert_ids = wire_expert_ids(expert_ids, top_k)?;
-        let mut client = self.client.clone();
-        self.runtime.block_on(client.forward_routed_f32(
-            &self.model,
-            layer,
-            hidden,
-            hidden_size,
-            &expert_ids,
-            weights,
-            top_k,
-        ))
-    }
-}
-
-impl BlockingClient {
-    /// What the router serves: the model's shape and each MoE layer's gate
-    /// fingerprint, for `moemesh.attach` to check a local model against.
-    pub fn describe(&self) -> Result<DescribeResponse, ClientError> {
-        let mut client = self.client.clone();
-        self.runtime.block_on(client.describe(&self.model))
     }
 }
 
@@ -217,6 +119,8 @@ fn screaming_snake_case(camel_case: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     fn code_of(status: tonic::Status) -> String {

@@ -13,7 +13,7 @@ use pyo3::exceptions::{PyException, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
-use crate::{BlockingClient, Security, grpc_code_and_message};
+use crate::{BlockingClient, OneHop, Security, grpc_code_and_message};
 
 create_exception!(
     moemesh,
@@ -103,6 +103,49 @@ fn matrix(
     values.into_pyarray(py).reshape([rows, columns])
 }
 
+/// Where a client's forwards go, from its arguments.
+enum ForwardPath {
+    Router { router: String, model: String },
+    OneHop(OneHop),
+}
+
+impl ForwardPath {
+    /// A router's URL, or one or more coordinators' URLs (comma-separated)
+    /// with the checkpoint directory: one of the two.
+    fn of(
+        router: Option<String>,
+        coordinator: Option<String>,
+        checkpoint: Option<PathBuf>,
+        model: String,
+    ) -> PyResult<Self> {
+        match (router, coordinator, checkpoint) {
+            (Some(router), None, None) => Ok(Self::Router { router, model }),
+            (None, Some(coordinator), Some(checkpoint)) => Ok(Self::OneHop(OneHop {
+                coordinators: coordinator
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|url| !url.is_empty())
+                    .map(String::from)
+                    .collect(),
+                checkpoint,
+                model,
+            })),
+            (None, Some(_), None) => Err(PyValueError::new_err(
+                "a one-hop client (coordinator=...) needs checkpoint=: the model's directory, for its config.json and gates",
+            )),
+            (Some(_), None, Some(_)) => Err(PyValueError::new_err(
+                "checkpoint= is for a one-hop client (coordinator=...); a router has the model already",
+            )),
+            (Some(_), Some(_), _) => Err(PyValueError::new_err(
+                "give a router's URL or coordinator=, not both",
+            )),
+            (None, None, _) => Err(PyValueError::new_err(
+                "give a router's URL, or coordinator= and checkpoint= for one hop",
+            )),
+        }
+    }
+}
+
 /// The native client: see `moemesh.Client` for the documented API.
 #[pyclass(module = "moemesh._native", name = "Client", frozen)]
 struct PyClient {
@@ -113,9 +156,9 @@ struct PyClient {
 impl PyClient {
     #[new]
     #[pyo3(signature = (
-        router, *, model = String::new(), client_id = String::from("python"),
-        cluster_secret = None, tls_ca = None, tls_cert = None, tls_key = None,
-        deadline_s = 30.0
+        router = None, *, coordinator = None, checkpoint = None, model = String::new(),
+        client_id = String::from("python"), cluster_secret = None, tls_ca = None,
+        tls_cert = None, tls_key = None, deadline_s = 30.0
     ))]
     #[allow(
         clippy::too_many_arguments,
@@ -123,7 +166,9 @@ impl PyClient {
     )]
     fn new(
         py: Python<'_>,
-        router: String,
+        router: Option<String>,
+        coordinator: Option<String>,
+        checkpoint: Option<PathBuf>,
         model: String,
         client_id: String,
         cluster_secret: Option<String>,
@@ -148,8 +193,16 @@ impl PyClient {
             tls_key,
         };
         let tls = security.tls_config().map_err(PyValueError::new_err)?;
+        let path = ForwardPath::of(router, coordinator, checkpoint, model)?;
         let client = py
-            .detach(|| BlockingClient::connect(&router, &model, &tls, deadline))
+            .detach(|| match path {
+                ForwardPath::Router { router, model } => {
+                    BlockingClient::connect(&router, &model, &tls, deadline)
+                }
+                ForwardPath::OneHop(one_hop) => {
+                    BlockingClient::connect_one_hop(one_hop, &tls, deadline)
+                }
+            })
             .map_err(|error| python_error(py, error))?;
         Ok(Self { client })
     }

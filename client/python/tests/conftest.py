@@ -1,6 +1,6 @@
 """The local cluster the Python tests share: one `moemesh up` serving the
-Mixtral golden fixture for the whole session (fixtures `cluster` and
-`client`).
+Mixtral golden fixture for the whole session (fixtures `cluster`, `client`
+through its router, and `one_hop_client` following its coordinators).
 
 Needs the moemesh binary: MOEMESH_BIN, or target/debug/moemesh of this
 repository.
@@ -26,13 +26,20 @@ STARTUP_SECONDS = 600
 class Cluster:
     """A `moemesh up` process and what it printed."""
 
-    def __init__(self, process, router, cluster_secret):
+    def __init__(self, process, router, coordinators, cluster_secret):
         self.process = process
         self.router = router
+        self.coordinators = coordinators
         self.cluster_secret = cluster_secret
 
     def client(self, **options):
         return moemesh.Client(self.router, cluster_secret=self.cluster_secret, **options)
+
+    def one_hop_client(self, **options):
+        options.setdefault("checkpoint", MIXTRAL)
+        return moemesh.Client(
+            coordinator=self.coordinators, cluster_secret=self.cluster_secret, **options
+        )
 
 
 def start_cluster(log_path):
@@ -59,7 +66,7 @@ def start_cluster(log_path):
         lines.put(None)  # it closed its stdout: it exited
 
     threading.Thread(target=read_lines, daemon=True).start()
-    router, secret = None, None
+    router, coordinators, secret = None, None, None
     while secret is None:
         try:
             line = lines.get(timeout=STARTUP_SECONDS)
@@ -70,10 +77,13 @@ def start_cluster(log_path):
             raise RuntimeError(f"moemesh up did not start; its log:\n{Path(log_path).read_text()}")
         if line.startswith("router "):
             router = line.split(" ", 1)[1]
+        elif line.startswith("export MOEMESH_COORDINATOR="):
+            coordinators = line.split("=", 1)[1].strip("'")
         elif line.startswith("export MOEMESH_CLUSTER_SECRET="):
             secret = line.split("=", 1)[1]
     assert router, "moemesh up printed no router URL"
-    return Cluster(process, router, secret)
+    assert coordinators, "moemesh up printed no coordinator URLs"
+    return Cluster(process, router, coordinators, secret)
 
 
 def stop_cluster(process):
@@ -97,3 +107,8 @@ def cluster(tmp_path_factory):
 @pytest.fixture(scope="session")
 def client(cluster):
     return cluster.client()
+
+
+@pytest.fixture(scope="session")
+def one_hop_client(cluster):
+    return cluster.one_hop_client()

@@ -225,6 +225,7 @@ impl ComputeBackend for CpuBackend {
             }
         }
         tasks.sort_by_key(|task| std::cmp::Reverse(task.rows.len()));
+        let task_count = tasks.len();
         let queue = std::sync::Mutex::new(tasks.into_iter());
         let next = || queue.lock().expect("task queue").next();
         let run = |task: ExpertTask<'_, '_>| {
@@ -238,12 +239,13 @@ impl ComputeBackend for CpuBackend {
                     .forward_serial(gathered, task.rows.len(), task.output);
             });
         };
-        if self.threads == 1 {
-            self.pool.install(|| {
-                while let Some(task) = next() {
-                    run(task);
-                }
-            });
+        if self.threads == 1 || task_count == 1 {
+            // One thread's work runs on the caller's thread (the node's
+            // device worker): handing it to a pool thread and back costs
+            // two wake-ups, a sizeable part of a decode step's latency.
+            while let Some(task) = next() {
+                run(task);
+            }
         } else {
             self.pool.scope(|scope| {
                 for _ in 0..self.threads {

@@ -223,8 +223,13 @@ impl Expert for CpuExpert {
     }
 
     fn forward(&self, input: &[f32], rows: usize, output: &mut [f32]) {
-        self.pool
-            .install(|| self.compute(input, rows, output, self.threads));
+        if self.threads == 1 {
+            // On the caller's thread: no hand-off to the pool and back.
+            self.compute(input, rows, output, 1);
+        } else {
+            self.pool
+                .install(|| self.compute(input, rows, output, self.threads));
+        }
     }
 
     fn forward_serial(&self, input: &[f32], rows: usize, output: &mut [f32]) {

@@ -59,6 +59,10 @@ pub(super) struct Figures {
     pub(super) decode_cluster_us: Vec<f64>,
     /// Per cluster decode step, its latency minus the slowest node's compute.
     pub(super) decode_dispatch_us: Vec<f64>,
+    /// The same decode steps from a one-hop client (no router).
+    pub(super) decode_one_hop_us: Vec<f64>,
+    /// Per one-hop decode step, its latency minus the slowest node's compute.
+    pub(super) decode_one_hop_dispatch_us: Vec<f64>,
     /// Per decode step, an empty unary call to the router (a health check)
     /// on a channel set up as the client's: the floor any dispatch stands on.
     pub(super) grpc_round_trip_us: Vec<f64>,

@@ -14,9 +14,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use moemesh_client::npy::{Matrix, read_matrix, write_matrix};
-use moemesh_client::{Client, TlsArgs};
+use moemesh_client::{Client, DEFAULT_DEADLINE, TlsArgs};
 use moemesh_core::layer::MoeLayer;
 use moemesh_proto::tls::MemberChannel;
+use moemesh_router_node::{DirectClient, ModelSource, PlacementSource};
 use rand::SeedableRng;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
@@ -158,10 +159,11 @@ pub async fn run_bench(args: BenchArgs, tls: &TlsArgs) -> anyhow::Result<()> {
     )?;
 
     let threads_per_node = args.threads_per_node(threads);
-    let cluster = start_cluster(&args, tls, model, threads_per_node).await?;
+    let cluster = start_cluster(&args, tls, model.clone(), threads_per_node).await?;
     let result = measure(
         &args,
         &cluster,
+        &model,
         &mut ceiling,
         &in_process,
         torch.as_mut().ok(),
@@ -295,9 +297,11 @@ fn layer_flops(shape: SyntheticShape, tokens: usize) -> f64 {
 
 /// Runs every round; returns the figures and the cluster's relative L2
 /// error against the in-process f32 layer.
+#[allow(clippy::too_many_arguments)]
 async fn measure(
     args: &BenchArgs,
     cluster: &LocalCluster,
+    model: &Path,
     ceiling: &mut Ceiling,
     in_process: &InProcessLayers,
     torch: Option<&mut TorchContestant>,
@@ -308,9 +312,17 @@ async fn measure(
     let mut client = Client::connect_with_tls(cluster.router_url.clone(), &cluster.tls).await?;
     let cluster_output = client.forward_f32("", 0, input, hidden).await?;
     let cluster_error = relative_l2(&cluster_output, &in_process.reference);
+    let one_hop = one_hop_client(cluster, model).await?;
+    let one_hop_output = one_hop.forward_f32(0, input, DEFAULT_DEADLINE).await?;
+    if one_hop_output != cluster_output {
+        bail!("the one-hop client's output differs from the router's");
+    }
     // Warm every path once: allocations, connections, page faults.
     for decode_input in decode_inputs {
         client.forward_f32("", 0, decode_input, hidden).await?;
+        one_hop
+            .forward_f32(0, decode_input, DEFAULT_DEADLINE)
+            .await?;
         in_process
             .f32_layer
             .forward(decode_input, args.decode_tokens)?;
@@ -329,6 +341,7 @@ async fn measure(
         args,
         hidden,
         client,
+        one_hop,
         ceiling,
         in_process,
         torch,
@@ -356,6 +369,8 @@ struct Round<'a> {
     hidden: usize,
     /// A client of the cluster's router.
     client: Client,
+    /// A client that sends to the expert nodes itself.
+    one_hop: DirectClient,
     ceiling: &'a mut Ceiling,
     in_process: &'a InProcessLayers,
     torch: Option<&'a mut TorchContestant>,
@@ -468,6 +483,17 @@ impl Round<'_> {
                 .decode_dispatch_us
                 .push(latency.saturating_sub(timed.expert_compute).as_secs_f64() * 1e6);
             let started = Instant::now();
+            let output = self
+                .one_hop
+                .forward(0, decode_input.clone(), DEFAULT_DEADLINE)
+                .await?;
+            let latency = started.elapsed();
+            let compute = Duration::from_micros(output.slowest_compute_micros);
+            figures.decode_one_hop_us.push(latency.as_secs_f64() * 1e6);
+            figures
+                .decode_one_hop_dispatch_us
+                .push(latency.saturating_sub(compute).as_secs_f64() * 1e6);
+            let started = Instant::now();
             self.round_trip
                 .check(HealthCheckRequest::default())
                 .await
@@ -491,6 +517,21 @@ async fn round_trip_client(cluster: &LocalCluster) -> anyhow::Result<HealthClien
     // Warm the connection and the handler once.
     client.check(HealthCheckRequest::default()).await?;
     Ok(client)
+}
+
+/// A one-hop client of the cluster: the router's placement file, the
+/// model's gates, and an application's credentials.
+async fn one_hop_client(cluster: &LocalCluster, model: &Path) -> anyhow::Result<DirectClient> {
+    let placement = cluster
+        .placement
+        .to_file(&cluster.config, Some(cluster.model_id.clone()));
+    Ok(DirectClient::start(
+        PlacementSource::File(placement),
+        &cluster.model_id,
+        ModelSource::Checkpoint(model.to_path_buf()),
+        cluster.application_tls.clone(),
+    )
+    .await?)
 }
 
 /// How long the nodes rest after the run before their memory is read:

@@ -123,6 +123,19 @@ impl ClusterSecurity {
         }
     }
 
+    /// How an application (member of role client, id `id`) connects:
+    /// a one-hop client's credentials, which expert nodes accept for
+    /// `Compute`.
+    pub fn application_tls(&self, id: &str) -> anyhow::Result<TlsConfig> {
+        let member = Member::new(Role::Client, id).map_err(anyhow::Error::msg)?;
+        match &self.tls {
+            MemberTls::Shared(tls) => tls.config(member),
+            MemberTls::PerMember(dir) => {
+                member_tls_args(dir, MemberRole::Client, id)?.config(member)
+            }
+        }
+    }
+
     /// The URL scheme of the cluster's servers.
     pub fn scheme(&self) -> &'static str {
         let mutual = match &self.tls {

@@ -66,13 +66,23 @@ _ENVIRONMENT = {
 
 
 class Client:
-    """A connection to a moemesh router, which runs MoE layers on the cluster.
+    """A connection to a moemesh cluster, which runs MoE layers.
 
-    ``router`` is the router's URL: ``http://host:port``, or ``https://``
-    with mutual TLS. Keyword arguments:
+    Through a router: ``Client("http://host:port")`` (``https://`` with
+    mutual TLS). In one hop, with no router in between:
+    ``Client(coordinator="http://host:port", checkpoint=DIR)``: the client
+    follows the coordinators' placement (several URLs may be given,
+    comma-separated) and sends each token straight to the expert nodes that
+    hold its experts, choosing replicas and retrying failed ones as a
+    router does. ``checkpoint`` is the model's directory as this machine
+    sees it (the one a transformers model loads from): its ``config.json``
+    and gates are read, never its expert weights, and the cluster must
+    serve that checkpoint. Keyword arguments:
 
-    - ``model``: the model id every call names; empty selects the router's
-      only model.
+    - ``model``: the model id every call names; through a router, empty
+      selects the router's only model; in one hop, empty is the checkpoint
+      directory's name, the id ``moemesh up`` and ``moectl model load``
+      give it.
     - ``cluster_secret``: the secret ``moemesh up`` prints, for clusters in
       plaintext; the client then calls as the member ``client/<client_id>``.
     - ``tls_ca``, ``tls_cert``, ``tls_key``: PEM files for mutual TLS (all
@@ -84,13 +94,16 @@ class Client:
       overloaded cluster included), may take.
 
     Connecting happens here: an unreachable router raises
-    :class:`Unavailable` at once.
+    :class:`Unavailable` at once; a one-hop client waits (at most
+    ``deadline_s``) for the coordinators' first placement of the model.
     """
 
     def __init__(
         self,
-        router,
+        router=None,
         *,
+        coordinator=None,
+        checkpoint=None,
         model="",
         client_id="python",
         cluster_secret=None,
@@ -111,9 +124,18 @@ class Client:
             if security[name] is not None:
                 security[name] = os.fspath(security[name])
         self.router = router
+        self.coordinator = coordinator
         self.model = model
+        if checkpoint is not None:
+            checkpoint = os.fspath(checkpoint)
         self._native = _NativeClient(
-            router, model=model, client_id=client_id, deadline_s=float(deadline_s), **security
+            router,
+            coordinator=coordinator,
+            checkpoint=checkpoint,
+            model=model,
+            client_id=client_id,
+            deadline_s=float(deadline_s),
+            **security,
         )
 
     def forward(self, layer, hidden):
@@ -155,6 +177,8 @@ class Client:
         return self._native.describe()
 
     def __repr__(self):
+        if self.router is None:
+            return f"moemesh.Client(coordinator={self.coordinator!r}, model={self.model!r})"
         return f"moemesh.Client({self.router!r}, model={self.model!r})"
 
 
