@@ -11,7 +11,11 @@ and exits 1 if any family differs.
 
     pip install torch transformers target/wheels/moemesh-*.whl
     cargo build -p moemesh
-    python3 examples/generate.py [--families mixtral deepseek_v3]
+    python3 examples/generate.py [--families mixtral deepseek_v3] [--one-hop]
+
+With --one-hop the client follows the coordinators and sends to the expert
+nodes itself (`moemesh.Client(coordinator=..., checkpoint=DIR)`) instead of
+going through the router.
 
 The moemesh binary is MOEMESH_BIN, or target/debug/moemesh of this
 repository.
@@ -97,7 +101,9 @@ def tiny_model(family, seed):
 class Cluster:
     """`moemesh up` serving one model directory, until `stop`."""
 
-    def __init__(self, model_dir, log_path):
+    def __init__(self, model_dir, log_path, one_hop=False):
+        self.model_dir = model_dir
+        self.one_hop = one_hop
         binary = os.environ.get("MOEMESH_BIN", str(REPO / "target" / "debug" / "moemesh"))
         arguments = [
             binary, "up", "--model", str(model_dir), "--expert-nodes", "2",
@@ -112,9 +118,9 @@ class Cluster:
                 arguments, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
                 env=environment, text=True,
             )
-        self.router, self.cluster_secret = self._read_router_and_secret()
+        self.router, self.coordinators, self.cluster_secret = self._read_urls_and_secret()
 
-    def _read_router_and_secret(self):
+    def _read_urls_and_secret(self):
         """Reads stdout up to the cluster secret, the last line `moemesh up`
         prints once the cluster serves."""
         lines = queue.Queue()
@@ -125,7 +131,7 @@ class Cluster:
             lines.put(None)  # it closed its stdout: it exited
 
         threading.Thread(target=read_lines, daemon=True).start()
-        router = None
+        router, coordinators = None, None
         while True:
             try:
                 line = lines.get(timeout=STARTUP_SECONDS)
@@ -136,13 +142,18 @@ class Cluster:
                 raise RuntimeError(f"moemesh up did not start; its log:\n{self.log_path.read_text()}")
             if line.startswith("router "):
                 router = line.split(" ", 1)[1]
+            elif line.startswith("export MOEMESH_COORDINATOR="):
+                coordinators = line.split("=", 1)[1]
             elif line.startswith("export MOEMESH_CLUSTER_SECRET="):
-                if router is None:
+                if router is None or coordinators is None:
                     self.stop()
-                    raise RuntimeError("moemesh up printed no router URL")
-                return router, line.split("=", 1)[1]
+                    raise RuntimeError("moemesh up printed no router or coordinator URL")
+                return router, coordinators, line.split("=", 1)[1]
 
     def client(self):
+        if self.one_hop:
+            return moemesh.Client(coordinator=self.coordinators, checkpoint=self.model_dir,
+                                  cluster_secret=self.cluster_secret)
         return moemesh.Client(self.router, cluster_secret=self.cluster_secret)
 
     def stop(self):
@@ -171,12 +182,12 @@ def greedy(model):
     return tokens, torch.cat(output.logits), seconds
 
 
-def compare(family, work_dir):
+def compare(family, work_dir, one_hop):
     """Generates with `family`'s tiny model local and attached; one row of the table."""
     model = tiny_model(family, seed=FAMILIES.index(family))
     model_dir = work_dir / family
     model.save_pretrained(model_dir)
-    cluster = Cluster(model_dir, work_dir / f"{family}.log")
+    cluster = Cluster(model_dir, work_dir / f"{family}.log", one_hop)
     try:
         client = cluster.client()
         greedy(model)  # warm-up: the first generate pays one-time setup
@@ -202,12 +213,15 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES),
                         help="model families to run (default: all)")
-    families = parser.parse_args().families
+    parser.add_argument("--one-hop", action="store_true",
+                        help="send to the expert nodes directly, following the coordinators")
+    arguments = parser.parse_args()
+    families = arguments.families
     transformers.utils.logging.disable_progress_bar()
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"moemesh {moemesh.__version__}")
+          f"moemesh {moemesh.__version__}, {'one hop' if arguments.one_hop else 'through the router'}")
     with tempfile.TemporaryDirectory(prefix="moemesh-generate-") as work_dir:
-        rows = [compare(family, Path(work_dir)) for family in families]
+        rows = [compare(family, Path(work_dir), arguments.one_hop) for family in families]
     header = f"{'family':<12} {'remote MoE layers':>17} {'tokens equal':>12} " \
              f"{'max logit diff':>15} {'ms/token local':>15} {'ms/token attached':>18}"
     print(header)
