@@ -74,10 +74,15 @@ def tiny_config(family):
             norm_topk_prob=True, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16,
             qk_rope_head_dim=8, v_head_dim=16,
         )
+    if family == "olmoe":
+        return transformers.OlmoeConfig(
+            **COMMON, intermediate_size=96, num_hidden_layers=2, num_experts=8,
+            num_experts_per_tok=3, norm_topk_prob=False,
+        )
     raise ValueError(f"unknown family {family!r}")
 
 
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "olmoe")
 
 
 def tiny_model(family, seed):

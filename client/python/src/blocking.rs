@@ -118,6 +118,7 @@ impl BlockingClient {
             one_hop.model
         };
         let runtime = runtime(connect_error)?;
+        let checkpoint = one_hop.checkpoint.display().to_string();
         let source = ModelSource::Checkpoint(one_hop.checkpoint);
         let client = runtime.block_on(async {
             let connecting =
@@ -127,6 +128,11 @@ impl BlockingClient {
                     "the placement holds no expert of model {model:?} within {deadline:?}: is it loaded (moectl model load), and under this id?"
                 ))),
                 Ok(Err(RouterError::Unavailable(message))) => Err(connect_error(message)),
+                // The checkpoint is the caller's argument: one this client
+                // cannot read is a bad argument, not a failure of the cluster.
+                Ok(Err(RouterError::Core(error))) => Err(ClientError::InvalidArgument(format!(
+                    "checkpoint {checkpoint}: {error}"
+                ))),
                 Ok(result) => result.map_err(client_error),
             }
         })?;

@@ -77,3 +77,10 @@ def test_one_hop_needs_the_checkpoint_and_one_destination(cluster):
         moemesh.Client()
     with pytest.raises(ValueError, match="one-hop"):
         moemesh.Client(cluster.router, checkpoint=MIXTRAL)
+
+
+def test_a_checkpoint_the_client_cannot_read_is_an_invalid_argument(cluster, tmp_path):
+    with pytest.raises(moemesh.InvalidArgument) as raised:
+        cluster.one_hop_client(checkpoint=tmp_path, model="mixtral", deadline_s=5)
+    assert str(tmp_path) in raised.value.message
+    assert "config.json" in raised.value.message

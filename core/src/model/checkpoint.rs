@@ -250,7 +250,7 @@ impl Checkpoint {
     fn layer_prefix(&self, layer: usize) -> String {
         match self.config.family {
             Family::Mixtral => format!("model.layers.{layer}.block_sparse_moe"),
-            Family::Qwen2Moe | Family::Qwen3Moe | Family::DeepseekV3 => {
+            Family::Qwen2Moe | Family::Qwen3Moe | Family::DeepseekV3 | Family::Olmoe => {
                 format!("model.layers.{layer}.mlp")
             }
         }

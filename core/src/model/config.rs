@@ -20,6 +20,9 @@ pub enum Family {
     /// `deepseek_v3`: sigmoid scores, a selection-only bias, group-limited
     /// top-k, a routed scaling factor and shared experts with weight one.
     DeepseekV3,
+    /// `olmoe`: softmax, top-k, optional renormalisation (off by default);
+    /// every layer MoE, no shared expert.
+    Olmoe,
 }
 
 impl Family {
@@ -30,8 +33,9 @@ impl Family {
             "qwen2_moe" => Ok(Self::Qwen2Moe),
             "qwen3_moe" => Ok(Self::Qwen3Moe),
             "deepseek_v3" => Ok(Self::DeepseekV3),
+            "olmoe" => Ok(Self::Olmoe),
             other => Err(CoreError::Config(format!(
-                "model_type {other:?} is not supported; expected mixtral, qwen2_moe, qwen3_moe or deepseek_v3"
+                "model_type {other:?} is not supported; expected mixtral, qwen2_moe, qwen3_moe, deepseek_v3 or olmoe"
             ))),
         }
     }
@@ -43,6 +47,7 @@ impl Family {
             Self::Qwen2Moe => "qwen2_moe",
             Self::Qwen3Moe => "qwen3_moe",
             Self::DeepseekV3 => "deepseek_v3",
+            Self::Olmoe => "olmoe",
         }
     }
 }
@@ -168,7 +173,7 @@ fn in_range(field: &str, value: usize, min: usize, max: usize) -> CoreResult<usi
 fn experts_field(family: Family) -> &'static str {
     match family {
         Family::Mixtral => "num_local_experts",
-        Family::Qwen2Moe | Family::Qwen3Moe => "num_experts",
+        Family::Qwen2Moe | Family::Qwen3Moe | Family::Olmoe => "num_experts",
         Family::DeepseekV3 => "n_routed_experts",
     }
 }
@@ -213,18 +218,25 @@ impl RawConfig {
         Ok(num_experts)
     }
 
-    /// Mixtral: every layer is MoE, top-k weights always renormalised.
-    fn mixtral_fields(&self) -> CoreResult<FamilyFields> {
+    /// Mixtral and OLMoE: every layer is MoE, experts of
+    /// `intermediate_size`. Mixtral always renormalises the top-k weights;
+    /// OLMoE only with `norm_topk_prob`, false unless set (as
+    /// `OlmoeConfig`).
+    fn every_layer_moe_fields(&self, family: Family) -> CoreResult<FamilyFields> {
         let expert_intermediate_size = in_range(
             "intermediate_size",
-            required(self.intermediate_size, "intermediate_size", Family::Mixtral)?,
+            required(self.intermediate_size, "intermediate_size", family)?,
             1,
             MAX_INTERMEDIATE_SIZE,
         )?;
+        let norm_topk_prob = match family {
+            Family::Olmoe => self.norm_topk_prob.unwrap_or(false),
+            _ => true,
+        };
         Ok(FamilyFields {
             expert_intermediate_size,
             shared_intermediate_size: None,
-            norm_topk_prob: true,
+            norm_topk_prob,
             moe_layers: vec![true; self.num_hidden_layers],
             group_limit: None,
             routed_scaling_factor: 1.0,
@@ -412,7 +424,7 @@ impl ModelConfig {
         let family = Family::from_model_type(&raw.model_type)?;
         let num_experts = raw.validate_common(family)?;
         let fields = match family {
-            Family::Mixtral => raw.mixtral_fields()?,
+            Family::Mixtral | Family::Olmoe => raw.every_layer_moe_fields(family)?,
             Family::Qwen2Moe | Family::Qwen3Moe => raw.qwen_fields(family)?,
             Family::DeepseekV3 => raw.deepseek_v3_fields(num_experts)?,
         };
@@ -497,6 +509,33 @@ mod tests {
         assert_eq!(config.shared_expert_id(), Some(4));
         assert_eq!(config.intermediate_size_of(4), 8);
         assert!(!config.norm_topk_prob);
+    }
+
+    #[test]
+    fn olmoe_layers_are_all_moe_and_renormalise_only_when_asked() {
+        let json = |norm: &str| {
+            format!(
+                r#"{{"model_type":"olmoe","hidden_size":8,"num_hidden_layers":3,
+                    "intermediate_size":4,"num_experts":4,"num_experts_per_tok":2{norm}}}"#
+            )
+        };
+        let config = ModelConfig::from_json(&json("")).unwrap();
+        assert_eq!(config.family, Family::Olmoe);
+        assert_eq!(config.moe_layers(), vec![0, 1, 2]);
+        assert_eq!(
+            (config.num_experts, config.expert_intermediate_size),
+            (4, 4)
+        );
+        assert!(!config.norm_topk_prob && !config.has_shared_expert());
+        let config = ModelConfig::from_json(&json(r#","norm_topk_prob":true"#)).unwrap();
+        assert!(config.norm_topk_prob);
+        let error = ModelConfig::from_json(&json("").replace(r#""intermediate_size":4,"#, ""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("olmoe config lacks field `intermediate_size`"),
+            "{error}"
+        );
     }
 
     #[test]

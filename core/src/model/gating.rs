@@ -161,7 +161,7 @@ impl Gate {
                 *logit = dot(row, expert_weight);
             }
             match self.family {
-                Family::Mixtral | Family::Qwen2Moe | Family::Qwen3Moe => {
+                Family::Mixtral | Family::Qwen2Moe | Family::Qwen3Moe | Family::Olmoe => {
                     self.softmax_top_k(&mut scratch)
                 }
                 Family::DeepseekV3 => self.sigmoid_group_top_k(&mut scratch),
