@@ -79,10 +79,17 @@ def tiny_config(family):
             **COMMON, intermediate_size=96, num_hidden_layers=2, num_experts=8,
             num_experts_per_tok=3, norm_topk_prob=False,
         )
+    if family == "glm4_moe":
+        return transformers.Glm4MoeConfig(
+            **COMMON, head_dim=16, intermediate_size=128, moe_intermediate_size=32,
+            num_hidden_layers=3, first_k_dense_replace=1, n_routed_experts=16, n_shared_experts=1,
+            num_experts_per_tok=4, n_group=1, topk_group=1, routed_scaling_factor=2.5,
+            norm_topk_prob=True,
+        )
     raise ValueError(f"unknown family {family!r}")
 
 
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "olmoe")
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "olmoe", "glm4_moe")
 
 
 def tiny_model(family, seed):

@@ -18,7 +18,8 @@ pub type GateFingerprint = [u8; 32];
 
 /// The gate's values as little-endian f32 bytes, hashed: `gate.weight`
 /// row-major `[num_experts, hidden_size]`, then DeepSeek-V3's
-/// `e_score_correction_bias`, the only gate bias of the families served.
+/// (and GLM-4.5's) `e_score_correction_bias`, the only gate bias of the
+/// families served.
 /// Qwen2-MoE's shared expert gate is left out: it belongs to the shared
 /// expert, which a pre-routed caller runs itself. The proto's `LayerGate`
 /// documents the same bytes for other implementations.

@@ -40,13 +40,14 @@ pub fn fixture_dir(name: &str) -> PathBuf {
 }
 
 /// Every golden fixture: (directory name, what it covers).
-pub const FIXTURES: [&str; 6] = [
+pub const FIXTURES: [&str; 7] = [
     "mixtral",
     "mixtral_bf16_sharded",
     "qwen2_moe",
     "qwen3_moe_f16",
     "deepseek_v3",
     "olmoe",
+    "glm4_moe",
 ];
 
 /// A golden case: a checkpoint and, per MoE layer, transformers' input and output.

@@ -250,7 +250,11 @@ impl Checkpoint {
     fn layer_prefix(&self, layer: usize) -> String {
         match self.config.family {
             Family::Mixtral => format!("model.layers.{layer}.block_sparse_moe"),
-            Family::Qwen2Moe | Family::Qwen3Moe | Family::DeepseekV3 | Family::Olmoe => {
+            Family::Qwen2Moe
+            | Family::Qwen3Moe
+            | Family::DeepseekV3
+            | Family::Olmoe
+            | Family::Glm4Moe => {
                 format!("model.layers.{layer}.mlp")
             }
         }
@@ -342,7 +346,7 @@ impl Checkpoint {
             &[config.num_experts, hidden],
         )?;
         let score_correction_bias = match config.family {
-            Family::DeepseekV3 => Some(self.load_f32(
+            Family::DeepseekV3 | Family::Glm4Moe => Some(self.load_f32(
                 &format!("{prefix}.gate.e_score_correction_bias"),
                 &[config.num_experts],
             )?),

@@ -23,6 +23,9 @@ pub enum Family {
     /// `olmoe`: softmax, top-k, optional renormalisation (off by default);
     /// every layer MoE, no shared expert.
     Olmoe,
+    /// `glm4_moe` (GLM-4.5, GLM-4.6): DeepSeek-V3's routing and shared
+    /// experts under DeepSeek-V3's config fields and tensor names.
+    Glm4Moe,
 }
 
 impl Family {
@@ -34,8 +37,9 @@ impl Family {
             "qwen3_moe" => Ok(Self::Qwen3Moe),
             "deepseek_v3" => Ok(Self::DeepseekV3),
             "olmoe" => Ok(Self::Olmoe),
+            "glm4_moe" => Ok(Self::Glm4Moe),
             other => Err(CoreError::Config(format!(
-                "model_type {other:?} is not supported; expected mixtral, qwen2_moe, qwen3_moe, deepseek_v3 or olmoe"
+                "model_type {other:?} is not supported; expected mixtral, qwen2_moe, qwen3_moe, deepseek_v3, olmoe or glm4_moe"
             ))),
         }
     }
@@ -48,6 +52,7 @@ impl Family {
             Self::Qwen3Moe => "qwen3_moe",
             Self::DeepseekV3 => "deepseek_v3",
             Self::Olmoe => "olmoe",
+            Self::Glm4Moe => "glm4_moe",
         }
     }
 }
@@ -174,7 +179,7 @@ fn experts_field(family: Family) -> &'static str {
     match family {
         Family::Mixtral => "num_local_experts",
         Family::Qwen2Moe | Family::Qwen3Moe | Family::Olmoe => "num_experts",
-        Family::DeepseekV3 => "n_routed_experts",
+        Family::DeepseekV3 | Family::Glm4Moe => "n_routed_experts",
     }
 }
 
@@ -294,18 +299,17 @@ impl RawConfig {
 
     /// DeepSeek-V3: dense layers first, then MoE with `n_shared_experts`
     /// shared experts, sigmoid scoring and group-limited top-k (`noaux_tc`).
-    fn deepseek_v3_fields(&self, num_experts: usize) -> CoreResult<FamilyFields> {
+    fn deepseek_v3_fields(&self, family: Family, num_experts: usize) -> CoreResult<FamilyFields> {
         let expert_intermediate_size = in_range(
             "moe_intermediate_size",
-            required(
-                self.moe_intermediate_size,
-                "moe_intermediate_size",
-                Family::DeepseekV3,
-            )?,
+            required(self.moe_intermediate_size, "moe_intermediate_size", family)?,
             1,
             MAX_INTERMEDIATE_SIZE,
         )?;
-        let shared = self.n_shared_experts.unwrap_or(0);
+        // Glm4MoeConfig has one shared expert unless it says otherwise.
+        let shared = self
+            .n_shared_experts
+            .unwrap_or(usize::from(family == Family::Glm4Moe));
         // The shared experts run as one expert of their summed width.
         let shared_intermediate_size = expert_intermediate_size
             .checked_mul(shared)
@@ -327,14 +331,14 @@ impl RawConfig {
             && method != "noaux_tc"
         {
             return Err(CoreError::Config(format!(
-                "topk_method {method:?} is not supported; deepseek_v3 uses noaux_tc"
+                "topk_method {method:?} is not supported; {family} uses noaux_tc"
             )));
         }
         if let Some(scoring) = &self.scoring_func
             && scoring != "sigmoid"
         {
             return Err(CoreError::Config(format!(
-                "scoring_func {scoring:?} is not supported; deepseek_v3 uses sigmoid"
+                "scoring_func {scoring:?} is not supported; {family} uses sigmoid"
             )));
         }
         Ok(FamilyFields {
@@ -426,7 +430,7 @@ impl ModelConfig {
         let fields = match family {
             Family::Mixtral | Family::Olmoe => raw.every_layer_moe_fields(family)?,
             Family::Qwen2Moe | Family::Qwen3Moe => raw.qwen_fields(family)?,
-            Family::DeepseekV3 => raw.deepseek_v3_fields(num_experts)?,
+            Family::DeepseekV3 | Family::Glm4Moe => raw.deepseek_v3_fields(family, num_experts)?,
         };
         if !fields.moe_layers.contains(&true) {
             return Err(CoreError::Config(format!(
@@ -536,6 +540,30 @@ mod tests {
             error.contains("olmoe config lacks field `intermediate_size`"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn glm4_moe_reads_deepseek_v3_fields_with_one_shared_expert_by_default() {
+        let config = ModelConfig::from_json(
+            r#"{"model_type":"glm4_moe","hidden_size":8,"num_hidden_layers":3,
+                "moe_intermediate_size":4,"n_routed_experts":8,"num_experts_per_tok":2,
+                "first_k_dense_replace":1,"n_group":1,"topk_group":1,"routed_scaling_factor":2.5}"#,
+        )
+        .unwrap();
+        assert_eq!(config.family, Family::Glm4Moe);
+        assert_eq!(config.moe_layers(), vec![1, 2]);
+        assert_eq!(config.shared_expert_id(), Some(8));
+        assert_eq!(config.intermediate_size_of(8), 4);
+        assert!(config.norm_topk_prob);
+        assert_eq!(config.routed_scaling_factor, 2.5);
+        let error = ModelConfig::from_json(
+            r#"{"model_type":"glm4_moe","hidden_size":8,"num_hidden_layers":1,
+                "moe_intermediate_size":4,"n_routed_experts":8,"num_experts_per_tok":2,
+                "scoring_func":"softmax"}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("glm4_moe uses sigmoid"), "{error}");
     }
 
     #[test]

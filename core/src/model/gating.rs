@@ -164,7 +164,7 @@ impl Gate {
                 Family::Mixtral | Family::Qwen2Moe | Family::Qwen3Moe | Family::Olmoe => {
                     self.softmax_top_k(&mut scratch)
                 }
-                Family::DeepseekV3 => self.sigmoid_group_top_k(&mut scratch),
+                Family::DeepseekV3 | Family::Glm4Moe => self.sigmoid_group_top_k(&mut scratch),
             }
             let chosen = &mut scratch.chosen;
             chosen.sort_by_key(|&(expert, _)| expert);

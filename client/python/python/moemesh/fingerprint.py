@@ -32,7 +32,7 @@ def gate_fingerprint(weight, bias=None):
     """SHA-256 of one MoE layer's gate, as the router computes it.
 
     ``weight`` is the gate's ``[num_experts, hidden_size]`` matrix and
-    ``bias`` its score correction bias (DeepSeek-V3's
+    ``bias`` its score correction bias (DeepSeek-V3's and GLM-4.5's
     ``e_score_correction_bias``; None for the other families): numpy arrays,
     torch tensors (any device, bfloat16 included) or anything numpy reads.
     The values are widened to float32 and hashed as little-endian bytes,
