@@ -86,10 +86,18 @@ def tiny_config(family):
             num_experts_per_tok=4, n_group=1, topk_group=1, routed_scaling_factor=2.5,
             norm_topk_prob=True,
         )
+    if family == "deepseek_v2":
+        return transformers.DeepseekV2Config(
+            **dict(COMMON, num_key_value_heads=4), intermediate_size=128, moe_intermediate_size=32,
+            num_hidden_layers=3, first_k_dense_replace=1, n_routed_experts=16, n_shared_experts=2,
+            num_experts_per_tok=4, topk_method="group_limited_greedy", n_group=4, topk_group=2,
+            routed_scaling_factor=16.0, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16,
+            qk_rope_head_dim=8, v_head_dim=16,
+        )
     raise ValueError(f"unknown family {family!r}")
 
 
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "olmoe", "glm4_moe")
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "olmoe", "glm4_moe", "deepseek_v2")
 
 
 def tiny_model(family, seed):

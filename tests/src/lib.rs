@@ -40,7 +40,7 @@ pub fn fixture_dir(name: &str) -> PathBuf {
 }
 
 /// Every golden fixture: (directory name, what it covers).
-pub const FIXTURES: [&str; 7] = [
+pub const FIXTURES: [&str; 9] = [
     "mixtral",
     "mixtral_bf16_sharded",
     "qwen2_moe",
@@ -48,6 +48,8 @@ pub const FIXTURES: [&str; 7] = [
     "deepseek_v3",
     "olmoe",
     "glm4_moe",
+    "deepseek_v2",
+    "deepseek_v2_lite",
 ];
 
 /// A golden case: a checkpoint and, per MoE layer, transformers' input and output.

@@ -35,7 +35,14 @@ fn batch_around(
 fn in_process_output_of_a_token_does_not_depend_on_its_batch() {
     let backend = CpuBackend::new(2).unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(11);
-    for name in ["deepseek_v3", "qwen2_moe", "mixtral", "olmoe", "glm4_moe"] {
+    for name in [
+        "deepseek_v3",
+        "qwen2_moe",
+        "mixtral",
+        "olmoe",
+        "glm4_moe",
+        "deepseek_v2",
+    ] {
         let fixture = Fixture::open(name);
         let hidden = fixture.hidden_size();
         for &layer in fixture.cases.keys() {

@@ -252,6 +252,7 @@ impl Checkpoint {
             Family::Mixtral => format!("model.layers.{layer}.block_sparse_moe"),
             Family::Qwen2Moe
             | Family::Qwen3Moe
+            | Family::DeepseekV2
             | Family::DeepseekV3
             | Family::Olmoe
             | Family::Glm4Moe => {

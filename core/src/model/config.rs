@@ -5,6 +5,8 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+mod deepseek_v2;
+
 use crate::{CoreError, CoreResult};
 
 /// The model families moemesh serves, named by `config.json`'s `model_type`.
@@ -26,6 +28,10 @@ pub enum Family {
     /// `glm4_moe` (GLM-4.5, GLM-4.6): DeepSeek-V3's routing and shared
     /// experts under DeepSeek-V3's config fields and tensor names.
     Glm4Moe,
+    /// `deepseek_v2`: softmax scores, greedy or group-limited greedy top-k
+    /// (groups ranked by their best expert), a routed scaling factor, no
+    /// renormalisation; shared experts with weight one.
+    DeepseekV2,
 }
 
 impl Family {
@@ -38,8 +44,9 @@ impl Family {
             "deepseek_v3" => Ok(Self::DeepseekV3),
             "olmoe" => Ok(Self::Olmoe),
             "glm4_moe" => Ok(Self::Glm4Moe),
+            "deepseek_v2" => Ok(Self::DeepseekV2),
             other => Err(CoreError::Config(format!(
-                "model_type {other:?} is not supported; expected mixtral, qwen2_moe, qwen3_moe, deepseek_v3, olmoe or glm4_moe"
+                "model_type {other:?} is not supported; expected mixtral, qwen2_moe, qwen3_moe, deepseek_v2, deepseek_v3, glm4_moe or olmoe"
             ))),
         }
     }
@@ -53,6 +60,7 @@ impl Family {
             Self::DeepseekV3 => "deepseek_v3",
             Self::Olmoe => "olmoe",
             Self::Glm4Moe => "glm4_moe",
+            Self::DeepseekV2 => "deepseek_v2",
         }
     }
 }
@@ -157,6 +165,8 @@ struct RawConfig {
     topk_method: Option<String>,
     #[serde(default)]
     scoring_func: Option<String>,
+    #[serde(default)]
+    moe_layer_freq: Option<usize>,
 }
 
 fn required<T>(value: Option<T>, field: &str, family: Family) -> CoreResult<T> {
@@ -179,7 +189,7 @@ fn experts_field(family: Family) -> &'static str {
     match family {
         Family::Mixtral => "num_local_experts",
         Family::Qwen2Moe | Family::Qwen3Moe | Family::Olmoe => "num_experts",
-        Family::DeepseekV3 | Family::Glm4Moe => "n_routed_experts",
+        Family::DeepseekV2 | Family::DeepseekV3 | Family::Glm4Moe => "n_routed_experts",
     }
 }
 
@@ -431,6 +441,7 @@ impl ModelConfig {
             Family::Mixtral | Family::Olmoe => raw.every_layer_moe_fields(family)?,
             Family::Qwen2Moe | Family::Qwen3Moe => raw.qwen_fields(family)?,
             Family::DeepseekV3 | Family::Glm4Moe => raw.deepseek_v3_fields(family, num_experts)?,
+            Family::DeepseekV2 => raw.deepseek_v2_fields(num_experts)?,
         };
         if !fields.moe_layers.contains(&true) {
             return Err(CoreError::Config(format!(
@@ -564,6 +575,65 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(error.contains("glm4_moe uses sigmoid"), "{error}");
+    }
+
+    #[test]
+    fn deepseek_v2_takes_greedy_or_group_limited_top_k_and_refuses_what_is_ambiguous() {
+        let json = |extra: &str| {
+            format!(
+                r#"{{"model_type":"deepseek_v2","hidden_size":8,"num_hidden_layers":3,
+                    "moe_intermediate_size":4,"n_routed_experts":8,"num_experts_per_tok":2,
+                    "first_k_dense_replace":1{extra}}}"#
+            )
+        };
+        let greedy = ModelConfig::from_json(&json("")).unwrap();
+        assert_eq!(greedy.family, Family::DeepseekV2);
+        assert_eq!(greedy.moe_layers(), vec![1, 2]);
+        assert_eq!(greedy.group_limit, None);
+        assert!(!greedy.norm_topk_prob);
+        // DeepseekV2Config's two shared experts when none are named.
+        assert_eq!(greedy.intermediate_size_of(8), 8);
+        let limited = ModelConfig::from_json(&json(
+            r#","topk_method":"group_limited_greedy","n_group":4,"topk_group":2,"routed_scaling_factor":16.0"#,
+        ))
+        .unwrap();
+        assert_eq!(
+            limited.group_limit,
+            Some(GroupLimit {
+                groups: 4,
+                top_groups: 2
+            })
+        );
+        assert_eq!(limited.routed_scaling_factor, 16.0);
+        for (extra, needle) in [
+            (r#","norm_topk_prob":true"#, "norm_topk_prob true"),
+            (r#","moe_layer_freq":2"#, "moe_layer_freq 2"),
+            (
+                r#","topk_method":"noaux_tc""#,
+                "greedy or group_limited_greedy",
+            ),
+            (r#","scoring_func":"sigmoid""#, "deepseek_v2 uses softmax"),
+            (
+                r#","topk_method":"group_limited_greedy""#,
+                "lacks field `n_group`",
+            ),
+            (
+                r#","topk_method":"group_limited_greedy","n_group":4,"topk_group":1,"num_experts_per_tok":3"#,
+                "exceeds the experts",
+            ),
+        ] {
+            let text = json(extra).replace(r#""num_experts_per_tok":2,"#, "");
+            let text = if text.contains("num_experts_per_tok") {
+                text
+            } else {
+                text.replace(
+                    r#""n_routed_experts":8,"#,
+                    r#""n_routed_experts":8,"num_experts_per_tok":2,"#,
+                )
+            };
+            let error = ModelConfig::from_json(&text).unwrap_err().to_string();
+            assert!(error.contains(needle), "{extra}: {error}");
+        }
     }
 
     #[test]

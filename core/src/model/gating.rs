@@ -108,6 +108,15 @@ fn top_k_into(values: &[f32], k: usize, order: &mut Vec<usize>) {
     order.sort_unstable_by(larger_first);
 }
 
+/// `probs` = softmax of `logits`, in f32 as transformers computes it.
+fn softmax_into(logits: &[f32], probs: &mut Vec<f32>) {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    probs.clear();
+    probs.extend(logits.iter().map(|logit| (logit - max).exp()));
+    let total: f32 = probs.iter().sum();
+    probs.iter_mut().for_each(|prob| *prob /= total);
+}
+
 /// Buffers reused from token to token while routing a batch.
 #[derive(Default)]
 struct Scratch {
@@ -165,6 +174,7 @@ impl Gate {
                     self.softmax_top_k(&mut scratch)
                 }
                 Family::DeepseekV3 | Family::Glm4Moe => self.sigmoid_group_top_k(&mut scratch),
+                Family::DeepseekV2 => self.softmax_group_top_k(&mut scratch),
             }
             let chosen = &mut scratch.chosen;
             chosen.sort_by_key(|&(expert, _)| expert);
@@ -185,8 +195,9 @@ impl Gate {
         }
     }
 
-    /// Mixtral, Qwen2-MoE and Qwen3-MoE: softmax over all experts, top-k of
-    /// the probabilities, divided by their sum where `norm_topk_prob`.
+    /// Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE: softmax over all experts,
+    /// top-k of the probabilities, divided by their sum where
+    /// `norm_topk_prob`.
     fn softmax_top_k(&self, scratch: &mut Scratch) {
         let Scratch {
             logits,
@@ -195,11 +206,7 @@ impl Gate {
             chosen,
             ..
         } = scratch;
-        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        probs.clear();
-        probs.extend(logits.iter().map(|logit| (logit - max).exp()));
-        let total: f32 = probs.iter().sum();
-        probs.iter_mut().for_each(|prob| *prob /= total);
+        softmax_into(logits, probs);
         top_k_into(probs, self.top_k, order);
         chosen.clear();
         chosen.extend(order.iter().map(|&expert| (expert as u32, probs[expert])));
@@ -207,6 +214,49 @@ impl Gate {
             let sum: f32 = chosen.iter().map(|&(_, weight)| weight).sum();
             chosen.iter_mut().for_each(|(_, weight)| *weight /= sum);
         }
+    }
+
+    /// DeepSeek-V2: softmax over all experts; with `group_limited_greedy`
+    /// groups are ranked by their best probability and only the best
+    /// `topk_group` compete (the others' probabilities set to 0, as
+    /// transformers masks them); the chosen probabilities, not
+    /// renormalised, times `routed_scaling_factor`.
+    fn softmax_group_top_k(&self, scratch: &mut Scratch) {
+        let Scratch {
+            logits,
+            scores: probs,
+            scores_for_choice,
+            group_scores,
+            order,
+            kept_groups,
+            chosen,
+        } = scratch;
+        softmax_into(logits, probs);
+        scores_for_choice.clear();
+        scores_for_choice.extend_from_slice(probs);
+        if let Some(GroupLimit { groups, top_groups }) = self.group_limit {
+            let group_size = self.num_experts / groups;
+            group_scores.clear();
+            group_scores.extend(
+                probs
+                    .chunks_exact(group_size)
+                    .map(|group| group.iter().copied().fold(f32::NEG_INFINITY, f32::max)),
+            );
+            top_k_into(group_scores, top_groups, kept_groups);
+            for (group, members) in scores_for_choice.chunks_exact_mut(group_size).enumerate() {
+                if !kept_groups.contains(&group) {
+                    members.fill(0.0);
+                }
+            }
+        }
+        top_k_into(scores_for_choice, self.top_k, order);
+        chosen.clear();
+        chosen.extend(order.iter().map(|&expert| {
+            (
+                expert as u32,
+                scores_for_choice[expert] * self.routed_scaling_factor,
+            )
+        }));
     }
 
     /// DeepSeek-V3: sigmoid scores; the bias shifts selection only; groups
