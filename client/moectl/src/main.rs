@@ -10,6 +10,7 @@
 mod cluster;
 mod connect;
 mod forward;
+mod inspect;
 mod model;
 mod node;
 mod output;
@@ -123,6 +124,10 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Cluster(ClusterCommand::Status(args)) => cluster::status(args, &ctl).await,
         Command::Model(ModelCommand::Load(args)) => model::load(args, &ctl).await,
+        Command::Model(ModelCommand::Inspect(args)) => {
+            let json = ctl.is_json(&args.format);
+            inspect::inspect(args, json)
+        }
         Command::Placement(PlacementCommand::Show(args)) => placement::show(args, &ctl).await,
         Command::Placement(PlacementCommand::Move(args)) => {
             placement::move_replica(args, &ctl).await

@@ -20,6 +20,12 @@ pub enum ModelCommand {
     /// --wait moectl stays until every replica of the model serves, with a
     /// bar of replicas ready out of placed.
     Load(LoadArgs),
+    /// Reports what moemesh makes of a checkpoint directory, with no
+    /// cluster: the family and its routing, which layers are MoE (dense
+    /// layers stay with the model), each layer's expert storage format and
+    /// bytes per expert, and what moemesh does with it. Exits with an
+    /// error when moemesh cannot serve the checkpoint, saying why.
+    Inspect(crate::inspect::InspectArgs),
 }
 
 #[derive(clap::Args)]

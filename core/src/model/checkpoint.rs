@@ -193,6 +193,20 @@ impl Checkpoint {
         Ok(values)
     }
 
+    /// A tensor's storage dtype as safetensors names it (`F32`, `BF16`,
+    /// `F8_E4M3`, `U8`, ...) and its shape, unchecked: for reports such as
+    /// `moectl model inspect`. None when the checkpoint lacks it.
+    pub fn tensor_dtype_and_shape(&self, name: &str) -> Option<(String, Vec<usize>)> {
+        let shard = &self.shards[*self.tensor_shard.get(name)?];
+        let info = shard.metadata.info(name)?;
+        Some((format!("{:?}", info.dtype), info.shape.clone()))
+    }
+
+    /// Whether the checkpoint holds a tensor of this name.
+    pub fn has_tensor(&self, name: &str) -> bool {
+        self.tensor_shard.contains_key(name)
+    }
+
     /// One tensor as stored, in the memory map, its shape and length checked.
     pub fn stored_tensor(&self, name: &str, shape: &[usize]) -> CoreResult<StoredTensor<'_>> {
         let &shard_index = self.tensor_shard.get(name).ok_or_else(|| {
