@@ -222,17 +222,7 @@ pub struct RouterArgs {
     exit_with_parent: bool,
 }
 
-/// The model id a node uses when none is given: the model directory's name.
-pub fn default_model_id(model_dir: &std::path::Path) -> String {
-    model_dir
-        .canonicalize()
-        .ok()
-        .and_then(|path| {
-            path.file_name()
-                .map(|name| name.to_string_lossy().into_owned())
-        })
-        .unwrap_or_else(|| "model".into())
-}
+pub use moemesh_core::model::default_model_id;
 
 /// Completes on Ctrl-C, SIGTERM, or (with `exit_with_parent`) when stdin closes.
 pub async fn shutdown_signal(exit_with_parent: bool) {

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use moemesh_client::{Client, ClientError, TlsConfig};
+use moemesh_core::model::default_model_id;
 use moemesh_proto::v1::DescribeResponse;
 use moemesh_router_node::{DirectClient, ModelSource, RouterError};
 
@@ -113,7 +114,7 @@ impl BlockingClient {
             message,
         };
         let model = if one_hop.model.is_empty() {
-            directory_name(&one_hop.checkpoint)
+            default_model_id(&one_hop.checkpoint)
         } else {
             one_hop.model
         };
@@ -233,17 +234,4 @@ fn check_hidden_size(client: &DirectClient, hidden_size: usize) -> Result<(), Cl
             "hidden has {hidden_size} columns; the model's hidden size is {expected}"
         )))
     }
-}
-
-/// The last component of `directory`, made absolute first ("." names the
-/// current directory): the model id `moemesh up` gives a checkpoint.
-fn directory_name(directory: &std::path::Path) -> String {
-    directory
-        .canonicalize()
-        .ok()
-        .and_then(|path| {
-            path.file_name()
-                .map(|name| name.to_string_lossy().into_owned())
-        })
-        .unwrap_or_else(|| "model".into())
 }

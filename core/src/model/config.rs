@@ -193,6 +193,13 @@ fn experts_field(family: Family) -> &'static str {
     }
 }
 
+/// What [`RawConfig::deepseek_experts`] reads.
+struct DeepseekExperts {
+    expert_intermediate_size: usize,
+    shared_intermediate_size: Option<usize>,
+    moe_layers: Vec<bool>,
+}
+
 /// The parts of a [`ModelConfig`] that each family spells differently in
 /// its `config.json`.
 struct FamilyFields {
@@ -310,33 +317,13 @@ impl RawConfig {
     /// DeepSeek-V3: dense layers first, then MoE with `n_shared_experts`
     /// shared experts, sigmoid scoring and group-limited top-k (`noaux_tc`).
     fn deepseek_v3_fields(&self, family: Family, num_experts: usize) -> CoreResult<FamilyFields> {
-        let expert_intermediate_size = in_range(
-            "moe_intermediate_size",
-            required(self.moe_intermediate_size, "moe_intermediate_size", family)?,
-            1,
-            MAX_INTERMEDIATE_SIZE,
-        )?;
         // Glm4MoeConfig has one shared expert unless it says otherwise.
-        let shared = self
-            .n_shared_experts
-            .unwrap_or(usize::from(family == Family::Glm4Moe));
-        // The shared experts run as one expert of their summed width.
-        let shared_intermediate_size = expert_intermediate_size
-            .checked_mul(shared)
-            .filter(|&size| size <= MAX_INTERMEDIATE_SIZE)
-            .ok_or_else(|| {
-                CoreError::Config(format!(
-                    "n_shared_experts {shared} × moe_intermediate_size {expert_intermediate_size} \
-                     exceeds the largest shared expert, {MAX_INTERMEDIATE_SIZE} columns"
-                ))
-            })?;
-        let first_moe = self.first_k_dense_replace.unwrap_or(0);
-        if first_moe >= self.num_hidden_layers {
-            return Err(CoreError::Config(format!(
-                "first_k_dense_replace is {first_moe}; it must be below num_hidden_layers {}",
-                self.num_hidden_layers
-            )));
-        }
+        let shared_default = usize::from(family == Family::Glm4Moe);
+        let DeepseekExperts {
+            expert_intermediate_size,
+            shared_intermediate_size,
+            moe_layers,
+        } = self.deepseek_experts(family, shared_default)?;
         if let Some(method) = &self.topk_method
             && method != "noaux_tc"
         {
@@ -353,13 +340,52 @@ impl RawConfig {
         }
         Ok(FamilyFields {
             expert_intermediate_size,
-            shared_intermediate_size: (shared > 0).then_some(shared_intermediate_size),
+            shared_intermediate_size,
             norm_topk_prob: self.norm_topk_prob.unwrap_or(true),
+            moe_layers,
+            group_limit: Some(self.deepseek_v3_group_limit(family, num_experts)?),
+            routed_scaling_factor: self.deepseek_v3_routed_scaling_factor()?,
+        })
+    }
+
+    /// The experts of the DeepSeek families: routed experts of
+    /// `moe_intermediate_size`, `n_shared_experts` (`shared_default` when
+    /// unnamed) run as one shared expert of their summed width, and MoE
+    /// layers from `first_k_dense_replace` on.
+    fn deepseek_experts(
+        &self,
+        family: Family,
+        shared_default: usize,
+    ) -> CoreResult<DeepseekExperts> {
+        let expert_intermediate_size = in_range(
+            "moe_intermediate_size",
+            required(self.moe_intermediate_size, "moe_intermediate_size", family)?,
+            1,
+            MAX_INTERMEDIATE_SIZE,
+        )?;
+        let shared = self.n_shared_experts.unwrap_or(shared_default);
+        let shared_intermediate_size = expert_intermediate_size
+            .checked_mul(shared)
+            .filter(|&size| size <= MAX_INTERMEDIATE_SIZE)
+            .ok_or_else(|| {
+                CoreError::Config(format!(
+                    "n_shared_experts {shared} × moe_intermediate_size {expert_intermediate_size} \
+                     exceeds the largest shared expert, {MAX_INTERMEDIATE_SIZE} columns"
+                ))
+            })?;
+        let first_moe = self.first_k_dense_replace.unwrap_or(0);
+        if first_moe >= self.num_hidden_layers {
+            return Err(CoreError::Config(format!(
+                "first_k_dense_replace is {first_moe}; it must be below num_hidden_layers {}",
+                self.num_hidden_layers
+            )));
+        }
+        Ok(DeepseekExperts {
+            expert_intermediate_size,
+            shared_intermediate_size: (shared > 0).then_some(shared_intermediate_size),
             moe_layers: (0..self.num_hidden_layers)
                 .map(|layer| layer >= first_moe)
                 .collect(),
-            group_limit: Some(self.deepseek_v3_group_limit(num_experts)?),
-            routed_scaling_factor: self.deepseek_v3_routed_scaling_factor()?,
         })
     }
 
@@ -377,11 +403,30 @@ impl RawConfig {
         }
     }
 
-    /// DeepSeek-V3's `n_group` and `topk_group`, checked against the experts
-    /// and `num_experts_per_tok`.
-    fn deepseek_v3_group_limit(&self, num_experts: usize) -> CoreResult<GroupLimit> {
+    /// DeepSeek-V3's `n_group` and `topk_group` (one group of all experts
+    /// when unnamed), checked as [`RawConfig::group_limit`] checks them.
+    fn deepseek_v3_group_limit(
+        &self,
+        family: Family,
+        num_experts: usize,
+    ) -> CoreResult<GroupLimit> {
         let groups = self.n_group.unwrap_or(1);
         let top_groups = self.topk_group.unwrap_or(groups);
+        self.group_limit(family, groups, top_groups, num_experts, 2)
+    }
+
+    /// `groups` equal groups of the experts of which the best `top_groups`
+    /// compete: the groups divide the experts, each holds the `scored_by`
+    /// best experts its score is taken from, and the kept groups hold
+    /// `num_experts_per_tok` at least.
+    fn group_limit(
+        &self,
+        family: Family,
+        groups: usize,
+        top_groups: usize,
+        num_experts: usize,
+        scored_by: usize,
+    ) -> CoreResult<GroupLimit> {
         if groups == 0 || !num_experts.is_multiple_of(groups) {
             return Err(CoreError::Config(format!(
                 "n_group {groups} must divide n_routed_experts {num_experts}"
@@ -392,10 +437,10 @@ impl RawConfig {
                 "topk_group {top_groups} must be between 1 and n_group {groups}"
             )));
         }
-        if num_experts / groups < 2 {
+        if num_experts / groups < scored_by {
             return Err(CoreError::Config(format!(
                 "n_group {groups} leaves {} of n_routed_experts {num_experts} per group; \
-                 deepseek_v3 scores a group by its best two experts, so each needs at least two",
+                 {family} scores a group by its best {scored_by} experts, so each needs that many",
                 num_experts / groups
             )));
         }

@@ -117,6 +117,25 @@ fn softmax_into(logits: &[f32], probs: &mut Vec<f32>) {
     probs.iter_mut().for_each(|prob| *prob /= total);
 }
 
+/// Keeps the `top_groups` groups of `scores` (equal groups, one
+/// `group_scores` value each) whose group scores are best, ties to the
+/// lowest group, and sets every score of the other groups to `masked`.
+fn keep_best_groups(
+    scores: &mut [f32],
+    group_scores: &[f32],
+    top_groups: usize,
+    kept_groups: &mut Vec<usize>,
+    masked: f32,
+) {
+    top_k_into(group_scores, top_groups, kept_groups);
+    let group_size = scores.len() / group_scores.len();
+    for (group, members) in scores.chunks_exact_mut(group_size).enumerate() {
+        if !kept_groups.contains(&group) {
+            members.fill(masked);
+        }
+    }
+}
+
 /// Buffers reused from token to token while routing a batch.
 #[derive(Default)]
 struct Scratch {
@@ -242,12 +261,13 @@ impl Gate {
                     .chunks_exact(group_size)
                     .map(|group| group.iter().copied().fold(f32::NEG_INFINITY, f32::max)),
             );
-            top_k_into(group_scores, top_groups, kept_groups);
-            for (group, members) in scores_for_choice.chunks_exact_mut(group_size).enumerate() {
-                if !kept_groups.contains(&group) {
-                    members.fill(0.0);
-                }
-            }
+            keep_best_groups(
+                scores_for_choice,
+                group_scores,
+                top_groups,
+                kept_groups,
+                0.0,
+            );
         }
         top_k_into(scores_for_choice, self.top_k, order);
         chosen.clear();
@@ -289,12 +309,13 @@ impl Gate {
                 top_k_into(group, 2, order);
                 group_scores.push(order.iter().map(|&index| group[index]).sum());
             }
-            top_k_into(group_scores, top_groups, kept_groups);
-            for (group, members) in scores_for_choice.chunks_exact_mut(group_size).enumerate() {
-                if !kept_groups.contains(&group) {
-                    members.fill(f32::NEG_INFINITY);
-                }
-            }
+            keep_best_groups(
+                scores_for_choice,
+                group_scores,
+                top_groups,
+                kept_groups,
+                f32::NEG_INFINITY,
+            );
         }
         top_k_into(scores_for_choice, self.top_k, order);
         chosen.clear();

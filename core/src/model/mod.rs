@@ -13,3 +13,16 @@ pub mod checkpoint;
 pub mod config;
 pub mod gating;
 pub mod placement;
+
+/// The model id a checkpoint gets when none is given: its directory's
+/// name, made absolute first ("." names the current directory).
+pub fn default_model_id(model_dir: &std::path::Path) -> String {
+    model_dir
+        .canonicalize()
+        .ok()
+        .and_then(|path| {
+            path.file_name()
+                .map(|name| name.to_string_lossy().into_owned())
+        })
+        .unwrap_or_else(|| "model".into())
+}
