@@ -42,10 +42,11 @@ impl DirectClient {
     /// Follows the placement of `model_id` from the coordinators at
     /// `coordinators` (any of them answers) and waits until it places the
     /// model ([`PLACEMENT_WAIT`] at most: a model not loaded yet, or one of
-    /// another id, is refused as UNAVAILABLE, naming it). `model` gives the model's config: a checkpoint
-    /// directory (config and gates) or a parsed `config.json`. `tls`
-    /// secures the calls to the coordinators and the expert nodes; in a
-    /// secured cluster it names a member of role client, which expert
+    /// another id, is refused as UNAVAILABLE, naming it). `model` gives the
+    /// model's config: a checkpoint directory (config and gates) or a
+    /// parsed `config.json`. `tls` secures the calls to the coordinators
+    /// and the expert nodes; in a secured cluster it names a member of
+    /// role client, which expert
     /// nodes accept for `Compute` and coordinators for the placement
     /// stream. Such coordinators take load and unreachable reports from
     /// routers only: a client member's are refused (logged at debug) and
