@@ -40,7 +40,7 @@ pub fn fixture_dir(name: &str) -> PathBuf {
 }
 
 /// Every golden fixture: (directory name, what it covers).
-pub const FIXTURES: [&str; 9] = [
+pub const FIXTURES: [&str; 10] = [
     "mixtral",
     "mixtral_bf16_sharded",
     "qwen2_moe",
@@ -50,6 +50,7 @@ pub const FIXTURES: [&str; 9] = [
     "glm4_moe",
     "deepseek_v2",
     "deepseek_v2_lite",
+    "deepseek_v3_fp8",
 ];
 
 /// A golden case: a checkpoint and, per MoE layer, transformers' input and output.

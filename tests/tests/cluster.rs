@@ -7,7 +7,7 @@ use moemesh_core::model::placement::LayerExpert;
 use moemesh_proto::ExpertServiceClient;
 use moemesh_proto::codec::{WireDtype, decode_rows, encode};
 use moemesh_proto::v1::{ComputeRequest, ExpertRows, InfoRequest, Tensor};
-use moemesh_tests::{ClusterSandbox, Fixture, partly_replicated, relative_l2};
+use moemesh_tests::{ClusterSandbox, FIXTURES, Fixture, partly_replicated, relative_l2};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
@@ -35,14 +35,7 @@ fn batch_around(
 fn in_process_output_of_a_token_does_not_depend_on_its_batch() {
     let backend = CpuBackend::new(2).unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(11);
-    for name in [
-        "deepseek_v3",
-        "qwen2_moe",
-        "mixtral",
-        "olmoe",
-        "glm4_moe",
-        "deepseek_v2",
-    ] {
+    for name in FIXTURES {
         let fixture = Fixture::open(name);
         let hidden = fixture.hidden_size();
         for &layer in fixture.cases.keys() {

@@ -1,7 +1,7 @@
 //! Golden tests: moemesh against the transformers modules, in process and
 //! through a cluster, on every committed fixture.
 
-use moemesh_core::compute::CpuBackend;
+use moemesh_core::compute::{CpuBackend, WeightFormat};
 use moemesh_core::layer::MoeLayer;
 use moemesh_tests::{ClusterSandbox, FIXTURES, Fixture, partly_replicated, relative_l2};
 
@@ -20,6 +20,28 @@ fn in_process_layers_match_transformers() {
             assert!(
                 error < 1e-5,
                 "{name} layer {layer}: relative L2 error {error:e}"
+            );
+        }
+    }
+}
+
+/// bf16 compute (weights rounded to bf16 at load, f32 accumulation) stays
+/// within the 1e-2 that bf16 inference is held to.
+#[test]
+fn in_process_layers_with_bf16_weights_match_transformers() {
+    let backend = CpuBackend::with_format(2, WeightFormat::Bf16).unwrap();
+    for name in FIXTURES {
+        let fixture = Fixture::open(name);
+        for (&layer, (input, expected)) in &fixture.cases {
+            let moe = MoeLayer::load(&fixture.checkpoint, layer, &backend).unwrap();
+            let output = moe
+                .forward(input, input.len() / fixture.hidden_size())
+                .unwrap();
+            let error = relative_l2(&output, expected);
+            println!("{name} layer {layer}, bf16 weights: relative L2 error {error:.2e}");
+            assert!(
+                error < 1e-2,
+                "{name} layer {layer}, bf16: relative L2 error {error:e}"
             );
         }
     }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use moemesh_core::model::checkpoint::Checkpoint;
-use moemesh_core::model::config::ModelConfig;
+use moemesh_core::model::config::{ModelConfig, Quantization};
 use serde_json::{Value, json};
 
 use crate::output::{OutputArg, human_bytes, print_pretty_json};
@@ -106,7 +106,15 @@ fn layer_report(checkpoint: &Checkpoint, layer: usize) -> LayerReport {
             } else {
                 ""
             };
-            report.action = format!("serves {} routed experts{shared}", config.num_experts);
+            let dequantized = if dtypes.iter().any(|dtype| dtype == "F8_E4M3") {
+                " (FP8 dequantized on load to the node's f32 or bf16)"
+            } else {
+                ""
+            };
+            report.action = format!(
+                "serves {} routed experts{shared}{dequantized}",
+                config.num_experts
+            );
             report.dtypes = dtypes;
         }
         Err(reason) => {
@@ -132,9 +140,10 @@ fn expert_storage(checkpoint: &Checkpoint, layer: usize) -> Result<(Vec<String>,
             let Some((dtype, shape)) = checkpoint.tensor_dtype_and_shape(name) else {
                 return Err(format!("tensor {name} is missing"));
             };
-            let Some(size) = dtype_size(&dtype) else {
+            let Some(size) = dtype_size(&dtype, config) else {
                 return Err(format!(
-                    "{name} is stored as {dtype}{}; moemesh reads F32, BF16 and F16",
+                    "{name} is stored as {dtype}{}; moemesh reads F32, BF16 and F16, and \
+                     F8_E4M3 with block scales where config.json's quantization_config says fp8",
                     quantization_hint(checkpoint, name)
                 ));
             };
@@ -149,10 +158,11 @@ fn expert_storage(checkpoint: &Checkpoint, layer: usize) -> Result<(Vec<String>,
     Ok((dtypes, expert_bytes))
 }
 
-fn dtype_size(dtype: &str) -> Option<u64> {
+fn dtype_size(dtype: &str, config: &ModelConfig) -> Option<u64> {
     match dtype {
         "F32" => Some(4),
         "BF16" | "F16" => Some(2),
+        "F8_E4M3" if matches!(config.quantization, Some(Quantization::Fp8Blocks { .. })) => Some(1),
         _ => None,
     }
 }
@@ -187,6 +197,17 @@ fn routing_text(config: &ModelConfig) -> String {
     text
 }
 
+/// The checkpoint's quantization in words.
+fn quantization_text(config: &ModelConfig) -> String {
+    match config.quantization {
+        None => "no".into(),
+        Some(Quantization::Fp8Blocks { block }) => {
+            format!("fp8 e4m3, one scale per {}x{} block", block[0], block[1])
+        }
+        Some(Quantization::Mxfp4) => "mxfp4, one scale per 32 values".into(),
+    }
+}
+
 fn report_json(dir: &Path, config: &ModelConfig, layers: &[LayerReport], servable: bool) -> Value {
     json!({
         "dir": dir,
@@ -202,6 +223,7 @@ fn report_json(dir: &Path, config: &ModelConfig, layers: &[LayerReport], servabl
         "expert_intermediate_size": config.expert_intermediate_size,
         "shared_expert_intermediate_size": config.shared_intermediate_size,
         "routing": routing_text(config),
+        "quantization": quantization_text(config),
         "per_layer": layers.iter().map(|layer| json!({
             "layer": layer.layer,
             "moe": layer.moe,
@@ -229,6 +251,7 @@ fn print_table(dir: &Path, config: &ModelConfig, layers: &[LayerReport]) {
             .shared_intermediate_size
             .map_or("none".to_string(), |size| format!("intermediate {size}"))
     );
+    println!("quantized  {}", quantization_text(config));
     println!();
     println!(
         "{:<6} {:<6} {:<12} {:>14}  moemesh",

@@ -57,8 +57,7 @@ fn every_fixture_is_reported_servable_with_its_moe_layers_and_expert_sizes() {
                 &[config.expert_intermediate_size, config.hidden_size],
             )
             .unwrap();
-        let expected_bytes =
-            3 * config.hidden_size * config.expert_intermediate_size * stored.dtype.size();
+        let expected_bytes = 3 * stored.bytes.len();
         for layer in report["per_layer"].as_array().unwrap() {
             let moe = layer["moe"].as_bool().unwrap();
             let index = layer["layer"].as_u64().unwrap() as usize;
@@ -122,7 +121,7 @@ fn with_an_fp8_expert(dir: &Path) {
 }
 
 #[test]
-fn experts_stored_in_fp8_are_named_and_the_checkpoint_refused() {
+fn experts_stored_in_fp8_without_a_quantization_config_are_named_and_refused() {
     let dir = tempfile::tempdir().unwrap();
     with_an_fp8_expert(dir.path());
     let output = inspect(dir.path(), true);
@@ -137,11 +136,34 @@ fn experts_stored_in_fp8_are_named_and_the_checkpoint_refused() {
     );
     let refused = layers[1]["action"].as_str().unwrap();
     assert!(
-        refused.contains("experts.3.w1.weight is stored as F8_E4M3 with block scales (FP8)"),
+        refused.contains("experts.3.w1.weight is stored as F8_E4M3 with block scales (FP8)")
+            && refused.contains("where config.json's quantization_config says fp8"),
         "{refused}"
     );
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("cannot serve yet"), "{stderr}");
+}
+
+#[test]
+fn an_fp8_checkpoint_is_served_dequantized() {
+    let output = inspect(&fixture_dir("deepseek_v3_fp8"), true);
+    assert!(output.status.success(), "{output:?}");
+    let report = report(&output);
+    assert_eq!(
+        report["quantization"],
+        "fp8 e4m3, one scale per 16x32 block"
+    );
+    let layer = &report["per_layer"][1];
+    assert_eq!(layer["dtypes"], serde_json::json!(["F8_E4M3"]));
+    // gate, up [32, 64] and down [64, 32], one byte each.
+    assert_eq!(layer["bytes_per_expert"], 3 * 32 * 64);
+    assert!(
+        layer["action"]
+            .as_str()
+            .unwrap()
+            .contains("FP8 dequantized on load"),
+        "{layer}"
+    );
 }
 
 #[test]

@@ -13,7 +13,8 @@ use moemesh_proto::codec::{WireDtype, decode_values};
 use safetensors::tensor::{Dtype, Metadata};
 use serde::Deserialize;
 
-use crate::model::config::{Family, ModelConfig};
+use crate::model::config::{Family, ModelConfig, Quantization};
+use crate::model::quantized;
 use crate::{CoreError, CoreResult};
 
 /// One memory-mapped safetensors file and its parsed header.
@@ -34,6 +35,14 @@ pub struct Checkpoint {
     tensor_shard: HashMap<String, usize>,
 }
 
+/// A tensor found in its shard.
+struct Located<'a> {
+    info: &'a safetensors::tensor::TensorInfo,
+    mmap: &'a Mmap,
+    range: std::ops::Range<usize>,
+    bytes: &'a [u8],
+}
+
 #[derive(Deserialize)]
 struct ShardIndex {
     weight_map: HashMap<String, String>,
@@ -52,19 +61,40 @@ pub struct ExpertWeights {
     pub down_proj: Vec<f32>,
 }
 
+/// How a stored tensor's bytes encode its values.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Encoding {
+    /// Little-endian values of this dtype.
+    Plain(WireDtype),
+    /// FP8 e4m3, a `[rows, columns]` matrix with one scale per `block`
+    /// tile (its `.weight_scale_inv`, widened to f32).
+    Fp8Blocks {
+        shape: [usize; 2],
+        block: [usize; 2],
+        scales: Vec<f32>,
+    },
+}
+
 /// One tensor as the checkpoint stores it, borrowed from the memory map.
 pub struct StoredTensor<'a> {
-    pub dtype: WireDtype,
-    /// Little-endian values, `dtype.size()` bytes each.
+    pub encoding: Encoding,
     pub bytes: &'a [u8],
     mmap: &'a Mmap,
     range: std::ops::Range<usize>,
 }
 
 impl StoredTensor<'_> {
-    /// The values widened to f32 (exact for every dtype read).
+    /// The values widened to f32: exact for the plain dtypes, dequantized
+    /// as the reference does for the quantized ones.
     pub fn to_f32(&self) -> Vec<f32> {
-        decode_values(self.bytes, self.dtype)
+        match &self.encoding {
+            Encoding::Plain(dtype) => decode_values(self.bytes, *dtype),
+            Encoding::Fp8Blocks {
+                shape,
+                block,
+                scales,
+            } => quantized::dequantize_fp8_blocks(self.bytes, *shape, scales, *block),
+        }
     }
 
     /// Drops the tensor's mapped pages from this process's resident memory
@@ -209,6 +239,44 @@ impl Checkpoint {
 
     /// One tensor as stored, in the memory map, its shape and length checked.
     pub fn stored_tensor(&self, name: &str, shape: &[usize]) -> CoreResult<StoredTensor<'_>> {
+        let located = self.locate(name)?;
+        let info = located.info;
+        if info.shape != shape {
+            return Err(CoreError::Checkpoint(format!(
+                "tensor {name} has shape {:?}, config.json implies {shape:?}",
+                info.shape
+            )));
+        }
+        let (mmap, range, bytes) = (located.mmap, located.range, located.bytes);
+        let (encoding, value_size) = match info.dtype {
+            Dtype::F32 => (Encoding::Plain(WireDtype::F32), 4),
+            Dtype::BF16 => (Encoding::Plain(WireDtype::Bf16), 2),
+            Dtype::F16 => (Encoding::Plain(WireDtype::F16), 2),
+            Dtype::F8_E4M3 => (self.fp8_encoding(name, shape)?, 1),
+            other => {
+                return Err(CoreError::Checkpoint(format!(
+                    "tensor {name} is {other:?}; moemesh reads F32, BF16, F16 and F8_E4M3 \
+                     with block scales"
+                )));
+            }
+        };
+        let elements: usize = shape.iter().product();
+        if bytes.len() != elements * value_size {
+            return Err(CoreError::Checkpoint(format!(
+                "tensor {name} has {} bytes for {elements} elements",
+                bytes.len()
+            )));
+        }
+        Ok(StoredTensor {
+            encoding,
+            bytes,
+            mmap,
+            range,
+        })
+    }
+
+    /// Where tensor `name` lies: its shard's header entry and its bytes.
+    fn locate(&self, name: &str) -> CoreResult<Located<'_>> {
         let &shard_index = self.tensor_shard.get(name).ok_or_else(|| {
             CoreError::Checkpoint(format!(
                 "tensor {name} is missing from {}",
@@ -222,12 +290,6 @@ impl Checkpoint {
                 shard.path.display()
             ))
         })?;
-        if info.shape != shape {
-            return Err(CoreError::Checkpoint(format!(
-                "tensor {name} has shape {:?}, config.json implies {shape:?}",
-                info.shape
-            )));
-        }
         let (start, end) = info.data_offsets;
         let range = shard.data_start + start..shard.data_start + end;
         let bytes = shard.mmap.get(range.clone()).ok_or_else(|| {
@@ -236,29 +298,73 @@ impl Checkpoint {
                 shard.path.display()
             ))
         })?;
-        let dtype = match info.dtype {
-            Dtype::F32 => WireDtype::F32,
-            Dtype::BF16 => WireDtype::Bf16,
-            Dtype::F16 => WireDtype::F16,
-            other => {
-                return Err(CoreError::Checkpoint(format!(
-                    "tensor {name} is {other:?}; moemesh reads F32, BF16 and F16"
-                )));
-            }
-        };
-        let elements: usize = shape.iter().product();
-        if bytes.len() != elements * dtype.size() {
-            return Err(CoreError::Checkpoint(format!(
-                "tensor {name} has {} bytes for {elements} elements",
-                bytes.len()
-            )));
-        }
-        Ok(StoredTensor {
-            dtype,
-            bytes,
+        Ok(Located {
+            info,
             mmap: &shard.mmap,
             range,
+            bytes,
         })
+    }
+
+    /// The bytes of a tensor of one-byte values (FP8, E8M0, U8), its
+    /// shape checked against `shape`.
+    fn byte_tensor(&self, name: &str, shape: &[usize]) -> CoreResult<&[u8]> {
+        let located = self.locate(name)?;
+        let elements: usize = shape.iter().product();
+        if located.info.shape != shape || located.bytes.len() != elements {
+            return Err(CoreError::Checkpoint(format!(
+                "tensor {name} is {:?} of shape {:?}; moemesh expects one byte per value in \
+                 {shape:?}",
+                located.info.dtype, located.info.shape
+            )));
+        }
+        Ok(located.bytes)
+    }
+
+    /// The encoding of FP8 weight `name`: its scales, in the blocks the
+    /// config's `quantization_config` gives.
+    fn fp8_encoding(&self, name: &str, shape: &[usize]) -> CoreResult<Encoding> {
+        let Some(Quantization::Fp8Blocks { block }) = self.config.quantization else {
+            return Err(CoreError::Checkpoint(format!(
+                "tensor {name} is F8_E4M3, but config.json has no fp8 quantization_config \
+                 to say how it is scaled"
+            )));
+        };
+        let &[rows, columns] = shape else {
+            return Err(CoreError::Checkpoint(format!(
+                "tensor {name} is F8_E4M3 of shape {shape:?}; moemesh reads FP8 matrices"
+            )));
+        };
+        let scale_name = format!("{name}_scale_inv");
+        let (_, scale_shape) = self.tensor_dtype_and_shape(&scale_name).ok_or_else(|| {
+            CoreError::Checkpoint(format!(
+                "tensor {name} is F8_E4M3 and {scale_name} is missing from {}",
+                self.dir.display()
+            ))
+        })?;
+        quantized::check_fp8_scale_grid(name, [rows, columns], block, &scale_shape)?;
+        Ok(Encoding::Fp8Blocks {
+            shape: [rows, columns],
+            block: if scale_shape.iter().product::<usize>() == 1 {
+                [rows, columns]
+            } else {
+                block
+            },
+            scales: self.load_scales(&scale_name, &scale_shape)?,
+        })
+    }
+
+    /// Scales as f32: stored as F32 or BF16, or as E8M0 exponents (UE8M0).
+    fn load_scales(&self, name: &str, shape: &[usize]) -> CoreResult<Vec<f32>> {
+        let (dtype, _) = self.tensor_dtype_and_shape(name).unwrap_or_default();
+        if dtype == "F8_E8M0" || dtype == "U8" {
+            let bytes = self.byte_tensor(name, shape)?;
+            return Ok(bytes
+                .iter()
+                .map(|&byte| quantized::e8m0_to_f32(byte))
+                .collect());
+        }
+        self.load_f32(name, shape)
     }
 
     fn layer_prefix(&self, layer: usize) -> String {
@@ -448,6 +554,43 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("expert 2 does not exist")
+        );
+    }
+
+    #[test]
+    fn fp8_tensors_are_dequantized_with_their_block_scales_or_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = CONFIG.replace(
+            r#""num_experts_per_tok":1"#,
+            r#""num_experts_per_tok":1,"quantization_config":{"quant_method":"fp8",
+                "weight_block_size":[2,2]}"#,
+        );
+        std::fs::write(dir.path().join("config.json"), config).unwrap();
+        // 3 × 5 values of 1.0 (0x38) but one of 1.5 (0x3c); 2 × 3 scales.
+        let mut ones = vec![0x38u8; 15];
+        ones[7] = 0x3c;
+        let scales = f32_bytes(&[1.0, 2.0, 3.0, 10.0, 20.0, 30.0]);
+        write(
+            dir.path(),
+            "model.safetensors",
+            &[
+                ("a.weight", Dtype::F8_E4M3, vec![3, 5], ones.clone()),
+                ("a.weight_scale_inv", Dtype::F32, vec![2, 3], scales.clone()),
+                ("b.weight", Dtype::F8_E4M3, vec![3, 5], ones.clone()),
+                ("c.weight", Dtype::F8_E4M3, vec![3, 5], ones),
+                ("c.weight_scale_inv", Dtype::F32, vec![3, 2], scales),
+            ],
+        );
+        let checkpoint = Checkpoint::open(dir.path()).unwrap();
+        let values = checkpoint.load_f32("a.weight", &[3, 5]).unwrap();
+        assert_eq!(&values[5..10], &[1.0, 1.0, 3.0, 2.0, 3.0]);
+        assert_eq!(values[14], 30.0);
+        let error = |name: &str| checkpoint.load_f32(name, &[3, 5]).unwrap_err().to_string();
+        assert!(error("b.weight").contains("b.weight_scale_inv is missing"));
+        assert!(
+            error("c.weight").contains("needs [2, 3]"),
+            "{}",
+            error("c.weight")
         );
     }
 

@@ -6,6 +6,10 @@ use std::path::Path;
 use serde::Deserialize;
 
 mod deepseek_v2;
+mod quantization;
+
+pub use quantization::Quantization;
+use quantization::RawQuantization;
 
 use crate::{CoreError, CoreResult};
 
@@ -124,6 +128,8 @@ pub struct ModelConfig {
     pub group_limit: Option<GroupLimit>,
     /// DeepSeek-V3's `routed_scaling_factor`; 1 elsewhere.
     pub routed_scaling_factor: f32,
+    /// How quantized weights are stored, if they are.
+    pub quantization: Option<Quantization>,
     /// Which decoder layers have an MoE block (the others are dense MLPs).
     moe_layers: Vec<bool>,
 }
@@ -167,6 +173,8 @@ struct RawConfig {
     scoring_func: Option<String>,
     #[serde(default)]
     moe_layer_freq: Option<usize>,
+    #[serde(default)]
+    quantization_config: Option<RawQuantization>,
 }
 
 fn required<T>(value: Option<T>, field: &str, family: Family) -> CoreResult<T> {
@@ -505,6 +513,11 @@ impl ModelConfig {
             norm_topk_prob: fields.norm_topk_prob,
             group_limit: fields.group_limit,
             routed_scaling_factor: fields.routed_scaling_factor,
+            quantization: raw
+                .quantization_config
+                .as_ref()
+                .map(RawQuantization::validate)
+                .transpose()?,
             moe_layers: fields.moe_layers,
         })
     }

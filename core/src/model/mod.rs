@@ -4,6 +4,7 @@
 //! - [`config`]: the model families and their `config.json`.
 //! - [`checkpoint`]: memory-mapped safetensors checkpoints, single or sharded,
 //!   with the tensor names of each family.
+//! - [`quantized`]: FP8 and MXFP4 weights, dequantized on load.
 //! - [`gating`]: the router of each family, exactly as transformers computes it.
 //! - [`placement`]: which node holds which expert, the placement file, the
 //!   first assignment of experts to nodes, and the [`placement::planner`]
@@ -13,6 +14,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod gating;
 pub mod placement;
+pub mod quantized;
 
 /// The model id a checkpoint gets when none is given: its directory's
 /// name, made absolute first ("." names the current directory).

@@ -13,7 +13,7 @@ use half::bf16;
 
 use moemesh_proto::codec::WireDtype;
 
-use crate::model::checkpoint::{ExpertWeights, StoredExpert, StoredTensor};
+use crate::model::checkpoint::{Encoding, ExpertWeights, StoredExpert, StoredTensor};
 use crate::{CoreError, CoreResult};
 
 /// The alignment of every matrix the GPU path hands to cuBLAS: cudaMalloc's
@@ -138,8 +138,8 @@ impl ExpertLayout {
 
 /// `tensor`'s values as bf16 into `into` (as many as it holds).
 fn copy_as_bf16(tensor: &StoredTensor<'_>, into: &mut [bf16]) {
-    match tensor.dtype {
-        WireDtype::Bf16 => {
+    match tensor.encoding {
+        Encoding::Plain(WireDtype::Bf16) => {
             for (slot, bytes) in into.iter_mut().zip(tensor.bytes.chunks_exact(2)) {
                 *slot = bf16::from_le_bytes([bytes[0], bytes[1]]);
             }
