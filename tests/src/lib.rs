@@ -40,7 +40,7 @@ pub fn fixture_dir(name: &str) -> PathBuf {
 }
 
 /// Every golden fixture: (directory name, what it covers).
-pub const FIXTURES: [&str; 10] = [
+pub const FIXTURES: [&str; 14] = [
     "mixtral",
     "mixtral_bf16_sharded",
     "qwen2_moe",
@@ -51,6 +51,10 @@ pub const FIXTURES: [&str; 10] = [
     "deepseek_v2",
     "deepseek_v2_lite",
     "deepseek_v3_fp8",
+    "phimoe",
+    "granitemoe",
+    "granitemoeshared",
+    "dbrx",
 ];
 
 /// A golden case: a checkpoint and, per MoE layer, transformers' input and output.

@@ -37,7 +37,8 @@ fn f32_values(dtype: Dtype, data: &[u8]) -> Vec<f32> {
 
 /// The decoder layer of a tensor named `model.layers.N.…`.
 fn layer_of(name: &str) -> Option<usize> {
-    name.strip_prefix("model.layers.")?
+    name.strip_prefix("model.layers.")
+        .or_else(|| name.strip_prefix("transformer.blocks."))?
         .split('.')
         .next()?
         .parse()
@@ -45,10 +46,11 @@ fn layer_of(name: &str) -> Option<usize> {
 }
 
 /// Per decoder layer, the SHA-256 the proto's `LayerGate` documents:
-/// every `*.gate.weight` tensor's f32 bytes, then its layer's
+/// every router weight's (`*.gate.weight`, or `*.router.layer.weight` as
+/// Granite and DBRX name it) f32 bytes, then its layer's
 /// `*.gate.e_score_correction_bias` if there is one. Read from every
 /// safetensors file of the fixture, sharded or not, with no knowledge of
-/// the family's tensor names beyond the `gate` module.
+/// the family's tensor names beyond the router's.
 fn expected_fingerprints(dir: &Path) -> BTreeMap<usize, Vec<u8>> {
     let mut weights = BTreeMap::new();
     let mut biases = BTreeMap::new();
@@ -65,7 +67,7 @@ fn expected_fingerprints(dir: &Path) -> BTreeMap<usize, Vec<u8>> {
             let Some(layer) = layer_of(&tensor) else {
                 continue;
             };
-            if tensor.ends_with(".gate.weight") {
+            if tensor.ends_with(".gate.weight") || tensor.ends_with(".router.layer.weight") {
                 assert!(weights.insert(layer, values()).is_none(), "{tensor}");
             } else if tensor.ends_with(".gate.e_score_correction_bias") {
                 biases.insert(layer, values());

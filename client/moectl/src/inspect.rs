@@ -133,11 +133,12 @@ fn expert_storage(checkpoint: &Checkpoint, layer: usize) -> Result<(Vec<String>,
     let mut dtypes: Vec<String> = Vec::new();
     let mut expert_bytes = 0;
     for expert in 0..config.experts_per_layer() as u32 {
-        let names = checkpoint
-            .expert_tensor_names(layer, expert)
+        let projections = checkpoint
+            .expert_projections(layer, expert)
             .map_err(|error| error.to_string())?;
-        for name in &names {
-            let Some((dtype, shape)) = checkpoint.tensor_dtype_and_shape(name) else {
+        for projection in &projections {
+            let name = &projection.tensor;
+            let Some((dtype, _)) = checkpoint.tensor_dtype_and_shape(name) else {
                 return Err(format!("tensor {name} is missing"));
             };
             let Some(size) = dtype_size(&dtype, config) else {
@@ -148,7 +149,9 @@ fn expert_storage(checkpoint: &Checkpoint, layer: usize) -> Result<(Vec<String>,
                 ));
             };
             if expert == 0 {
-                expert_bytes += shape.iter().product::<usize>() as u64 * size;
+                // Each projection holds hidden × intermediate weights.
+                let weights = config.hidden_size * config.intermediate_size_of(expert);
+                expert_bytes += weights as u64 * size;
             }
             if !dtypes.contains(&dtype) {
                 dtypes.push(dtype);
@@ -190,6 +193,9 @@ fn routing_text(config: &ModelConfig) -> String {
     }
     if let Some(limit) = config.group_limit {
         text += &format!(", best {} of {} groups", limit.top_groups, limit.groups);
+    }
+    if config.router_jitter_noise > 0.0 {
+        text += &format!(", sparsemixer within {}", config.router_jitter_noise);
     }
     if config.routed_scaling_factor != 1.0 {
         text += &format!(", scaled by {}", config.routed_scaling_factor);

@@ -47,17 +47,10 @@ fn every_fixture_is_reported_servable_with_its_moe_layers_and_expert_sizes() {
             serde_json::json!(moe_layers),
             "{name}"
         );
-        let stored = fixture
-            .checkpoint
-            .stored_tensor(
-                &fixture
-                    .checkpoint
-                    .expert_tensor_names(moe_layers[0], 0)
-                    .unwrap()[0],
-                &[config.expert_intermediate_size, config.hidden_size],
-            )
-            .unwrap();
-        let expected_bytes = 3 * stored.bytes.len();
+        let stored = fixture.checkpoint.stored_expert(moe_layers[0], 0).unwrap();
+        let expected_bytes = stored.gate_proj.bytes.len()
+            + stored.up_proj.bytes.len()
+            + stored.down_proj.bytes.len();
         for layer in report["per_layer"].as_array().unwrap() {
             let moe = layer["moe"].as_bool().unwrap();
             let index = layer["layer"].as_u64().unwrap() as usize;

@@ -6,74 +6,15 @@ use std::path::Path;
 use serde::Deserialize;
 
 mod deepseek_v2;
+mod every_layer_families;
+mod family;
 mod quantization;
 
+pub use family::Family;
 pub use quantization::Quantization;
 use quantization::RawQuantization;
 
 use crate::{CoreError, CoreResult};
-
-/// The model families moemesh serves, named by `config.json`'s `model_type`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Family {
-    /// `mixtral`: softmax, top-k, always renormalised; no shared expert.
-    Mixtral,
-    /// `qwen2_moe`: softmax, top-k, optional renormalisation; one shared
-    /// expert scaled by a sigmoid gate.
-    Qwen2Moe,
-    /// `qwen3_moe`: softmax, top-k, optional renormalisation; no shared expert.
-    Qwen3Moe,
-    /// `deepseek_v3`: sigmoid scores, a selection-only bias, group-limited
-    /// top-k, a routed scaling factor and shared experts with weight one.
-    DeepseekV3,
-    /// `olmoe`: softmax, top-k, optional renormalisation (off by default);
-    /// every layer MoE, no shared expert.
-    Olmoe,
-    /// `glm4_moe` (GLM-4.5, GLM-4.6): DeepSeek-V3's routing and shared
-    /// experts under DeepSeek-V3's config fields and tensor names.
-    Glm4Moe,
-    /// `deepseek_v2`: softmax scores, greedy or group-limited greedy top-k
-    /// (groups ranked by their best expert), a routed scaling factor, no
-    /// renormalisation; shared experts with weight one.
-    DeepseekV2,
-}
-
-impl Family {
-    /// Parses `config.json`'s `model_type`.
-    pub fn from_model_type(model_type: &str) -> CoreResult<Self> {
-        match model_type {
-            "mixtral" => Ok(Self::Mixtral),
-            "qwen2_moe" => Ok(Self::Qwen2Moe),
-            "qwen3_moe" => Ok(Self::Qwen3Moe),
-            "deepseek_v3" => Ok(Self::DeepseekV3),
-            "olmoe" => Ok(Self::Olmoe),
-            "glm4_moe" => Ok(Self::Glm4Moe),
-            "deepseek_v2" => Ok(Self::DeepseekV2),
-            other => Err(CoreError::Config(format!(
-                "model_type {other:?} is not supported; expected mixtral, qwen2_moe, qwen3_moe, deepseek_v2, deepseek_v3, glm4_moe or olmoe"
-            ))),
-        }
-    }
-
-    /// Returns `config.json`'s `model_type` for this family.
-    pub fn model_type(self) -> &'static str {
-        match self {
-            Self::Mixtral => "mixtral",
-            Self::Qwen2Moe => "qwen2_moe",
-            Self::Qwen3Moe => "qwen3_moe",
-            Self::DeepseekV3 => "deepseek_v3",
-            Self::Olmoe => "olmoe",
-            Self::Glm4Moe => "glm4_moe",
-            Self::DeepseekV2 => "deepseek_v2",
-        }
-    }
-}
-
-impl std::fmt::Display for Family {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.model_type())
-    }
-}
 
 /// DeepSeek-V3's group-limited routing: experts are split into `groups`
 /// equal groups and a token only picks experts from its best `top_groups`.
@@ -128,6 +69,9 @@ pub struct ModelConfig {
     pub group_limit: Option<GroupLimit>,
     /// DeepSeek-V3's `routed_scaling_factor`; 1 elsewhere.
     pub routed_scaling_factor: f32,
+    /// PhiMoE's `router_jitter_noise`: how close to the best logit the
+    /// others must be to share sparsemixer's softmax; 0 elsewhere.
+    pub router_jitter_noise: f32,
     /// How quantized weights are stored, if they are.
     pub quantization: Option<Quantization>,
     /// Which decoder layers have an MoE block (the others are dense MLPs).
@@ -175,6 +119,10 @@ struct RawConfig {
     moe_layer_freq: Option<usize>,
     #[serde(default)]
     quantization_config: Option<RawQuantization>,
+    #[serde(default)]
+    router_jitter_noise: Option<f32>,
+    #[serde(default)]
+    shared_intermediate_size: Option<usize>,
 }
 
 fn required<T>(value: Option<T>, field: &str, family: Family) -> CoreResult<T> {
@@ -195,7 +143,10 @@ fn in_range(field: &str, value: usize, min: usize, max: usize) -> CoreResult<usi
 /// The spelling of the routed-experts field in `family`'s `config.json`.
 fn experts_field(family: Family) -> &'static str {
     match family {
-        Family::Mixtral => "num_local_experts",
+        Family::Mixtral | Family::Phimoe | Family::GraniteMoe | Family::GraniteMoeShared => {
+            "num_local_experts"
+        }
+        Family::Dbrx => "ffn_config.moe_num_experts",
         Family::Qwen2Moe | Family::Qwen3Moe | Family::Olmoe => "num_experts",
         Family::DeepseekV2 | Family::DeepseekV3 | Family::Glm4Moe => "n_routed_experts",
     }
@@ -217,6 +168,7 @@ struct FamilyFields {
     moe_layers: Vec<bool>,
     group_limit: Option<GroupLimit>,
     routed_scaling_factor: f32,
+    router_jitter_noise: f32,
 }
 
 impl RawConfig {
@@ -270,6 +222,7 @@ impl RawConfig {
             moe_layers: vec![true; self.num_hidden_layers],
             group_limit: None,
             routed_scaling_factor: 1.0,
+            router_jitter_noise: 0.0,
         })
     }
 
@@ -319,6 +272,7 @@ impl RawConfig {
             moe_layers,
             group_limit: None,
             routed_scaling_factor: 1.0,
+            router_jitter_noise: 0.0,
         })
     }
 
@@ -353,6 +307,7 @@ impl RawConfig {
             moe_layers,
             group_limit: Some(self.deepseek_v3_group_limit(family, num_experts)?),
             routed_scaling_factor: self.deepseek_v3_routed_scaling_factor()?,
+            router_jitter_noise: 0.0,
         })
     }
 
@@ -482,9 +437,14 @@ impl ModelConfig {
 
     /// Parses and validates the text of a `config.json`.
     pub fn from_json(text: &str) -> CoreResult<Self> {
-        let raw: RawConfig =
-            serde_json::from_str(text).map_err(|error| CoreError::Config(error.to_string()))?;
-        Self::from_raw(raw)
+        let to_config_error = |error: serde_json::Error| CoreError::Config(error.to_string());
+        let mut value: serde_json::Value = serde_json::from_str(text).map_err(to_config_error)?;
+        if let Some(object) = value.as_object_mut()
+            && object.get("model_type").and_then(|kind| kind.as_str()) == Some("dbrx")
+        {
+            every_layer_families::flatten_dbrx(object)?;
+        }
+        Self::from_raw(serde_json::from_value(value).map_err(to_config_error)?)
     }
 
     fn from_raw(raw: RawConfig) -> CoreResult<Self> {
@@ -495,6 +455,9 @@ impl ModelConfig {
             Family::Qwen2Moe | Family::Qwen3Moe => raw.qwen_fields(family)?,
             Family::DeepseekV3 | Family::Glm4Moe => raw.deepseek_v3_fields(family, num_experts)?,
             Family::DeepseekV2 => raw.deepseek_v2_fields(num_experts)?,
+            Family::Phimoe | Family::GraniteMoe | Family::GraniteMoeShared | Family::Dbrx => {
+                raw.every_layer_family_fields(family)?
+            }
         };
         if !fields.moe_layers.contains(&true) {
             return Err(CoreError::Config(format!(
@@ -513,6 +476,7 @@ impl ModelConfig {
             norm_topk_prob: fields.norm_topk_prob,
             group_limit: fields.group_limit,
             routed_scaling_factor: fields.routed_scaling_factor,
+            router_jitter_noise: fields.router_jitter_noise,
             quantization: raw
                 .quantization_config
                 .as_ref()

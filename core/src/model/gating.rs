@@ -44,6 +44,7 @@ pub struct Gate {
     norm_topk_prob: bool,
     group_limit: Option<GroupLimit>,
     routed_scaling_factor: f32,
+    router_jitter_noise: f32,
     has_shared_expert: bool,
     weights: GateWeights,
 }
@@ -136,6 +137,60 @@ fn keep_best_groups(
     }
 }
 
+/// Granite MoE: the top-k logits, then a softmax over those k only.
+fn top_k_softmax(top_k: usize, scratch: &mut Scratch) {
+    let Scratch {
+        logits,
+        scores,
+        order,
+        chosen,
+        ..
+    } = scratch;
+    top_k_into(logits, top_k, order);
+    let top_logits: Vec<f32> = order.iter().map(|&expert| logits[expert]).collect();
+    softmax_into(&top_logits, scores);
+    chosen.clear();
+    chosen.extend(
+        order
+            .iter()
+            .zip(scores.iter())
+            .map(|(&expert, &weight)| (expert as u32, weight)),
+    );
+}
+
+/// PhiMoE's sparsemixer, as transformers computes it in eval mode: the best
+/// expert, weighted by the softmax over the logits within `2 · jitter_eps`
+/// of the best (relatively: `(best − l) / max(|l|, best)`), then the best
+/// of the others, weighted likewise against the runner-up among the
+/// others. The two weights are not renormalised.
+fn sparsemixer(jitter_eps: f32, scratch: &mut Scratch) {
+    let Scratch {
+        logits,
+        scores,
+        order,
+        chosen,
+        ..
+    } = scratch;
+    top_k_into(logits, 2, order);
+    chosen.clear();
+    for (rank, &expert) in order.iter().enumerate() {
+        let best = logits[expert];
+        // The first pick competes with every expert, the second with all but the first.
+        scores.clear();
+        scores.extend(logits.iter().enumerate().map(|(other, &logit)| {
+            let factor = logit.abs().max(best);
+            let far = (best - logit) / factor > 2.0 * jitter_eps;
+            if far || (rank == 1 && other == order[0]) {
+                f32::NEG_INFINITY
+            } else {
+                logit
+            }
+        }));
+        let total: f32 = scores.iter().map(|&logit| (logit - best).exp()).sum();
+        chosen.push((expert as u32, 1.0 / total));
+    }
+}
+
 /// Buffers reused from token to token while routing a batch.
 #[derive(Default)]
 struct Scratch {
@@ -165,6 +220,7 @@ impl Gate {
             norm_topk_prob: config.norm_topk_prob,
             group_limit: config.group_limit,
             routed_scaling_factor: config.routed_scaling_factor,
+            router_jitter_noise: config.router_jitter_noise,
             has_shared_expert: config.has_shared_expert(),
             weights,
         }
@@ -189,9 +245,15 @@ impl Gate {
                 *logit = dot(row, expert_weight);
             }
             match self.family {
-                Family::Mixtral | Family::Qwen2Moe | Family::Qwen3Moe | Family::Olmoe => {
-                    self.softmax_top_k(&mut scratch)
+                Family::Mixtral
+                | Family::Qwen2Moe
+                | Family::Qwen3Moe
+                | Family::Olmoe
+                | Family::Dbrx => self.softmax_top_k(&mut scratch),
+                Family::GraniteMoe | Family::GraniteMoeShared => {
+                    top_k_softmax(self.top_k, &mut scratch)
                 }
+                Family::Phimoe => sparsemixer(self.router_jitter_noise, &mut scratch),
                 Family::DeepseekV3 | Family::Glm4Moe => self.sigmoid_group_top_k(&mut scratch),
                 Family::DeepseekV2 => self.softmax_group_top_k(&mut scratch),
             }

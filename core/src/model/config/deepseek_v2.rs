@@ -35,6 +35,7 @@ impl RawConfig {
             moe_layers,
             group_limit,
             routed_scaling_factor: self.deepseek_v3_routed_scaling_factor()?,
+            router_jitter_noise: 0.0,
         })
     }
 

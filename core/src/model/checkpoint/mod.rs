@@ -15,7 +15,10 @@ use serde::Deserialize;
 
 use crate::model::config::{Family, ModelConfig, Quantization};
 use crate::model::quantized;
+
+mod projections;
 use crate::{CoreError, CoreResult};
+pub use projections::{Projection, ProjectionLayout};
 
 /// One memory-mapped safetensors file and its parsed header.
 struct Shard {
@@ -66,6 +69,15 @@ pub struct ExpertWeights {
 pub enum Encoding {
     /// Little-endian values of this dtype.
     Plain(WireDtype),
+    /// Little-endian values of this dtype holding `[in, columns]`, used as
+    /// `x · W`; the projection's row `o` is column `first + o · step`
+    /// (Llama 4's, gpt-oss's and DBRX's stacked experts).
+    Transposed {
+        dtype: WireDtype,
+        columns: usize,
+        first: usize,
+        step: usize,
+    },
     /// FP8 e4m3, a `[rows, columns]` matrix with one scale per `block`
     /// tile (its `.weight_scale_inv`, widened to f32).
     Fp8Blocks {
@@ -79,6 +91,8 @@ pub enum Encoding {
 pub struct StoredTensor<'a> {
     pub encoding: Encoding,
     pub bytes: &'a [u8],
+    /// Rows of the matrix its values make (`shape[0]`).
+    out_rows: usize,
     mmap: &'a Mmap,
     range: std::ops::Range<usize>,
 }
@@ -89,6 +103,18 @@ impl StoredTensor<'_> {
     pub fn to_f32(&self) -> Vec<f32> {
         match &self.encoding {
             Encoding::Plain(dtype) => decode_values(self.bytes, *dtype),
+            Encoding::Transposed {
+                dtype,
+                columns,
+                first,
+                step,
+            } => projections::transpose_columns(
+                &decode_values(self.bytes, *dtype),
+                *columns,
+                *first,
+                *step,
+                self.out_rows,
+            ),
             Encoding::Fp8Blocks {
                 shape,
                 block,
@@ -270,6 +296,7 @@ impl Checkpoint {
         Ok(StoredTensor {
             encoding,
             bytes,
+            out_rows: shape.first().copied().unwrap_or(1),
             mmap,
             range,
         })
@@ -367,105 +394,13 @@ impl Checkpoint {
         self.load_f32(name, shape)
     }
 
-    fn layer_prefix(&self, layer: usize) -> String {
-        match self.config.family {
-            Family::Mixtral => format!("model.layers.{layer}.block_sparse_moe"),
-            Family::Qwen2Moe
-            | Family::Qwen3Moe
-            | Family::DeepseekV2
-            | Family::DeepseekV3
-            | Family::Olmoe
-            | Family::Glm4Moe => {
-                format!("model.layers.{layer}.mlp")
-            }
-        }
-    }
-
-    fn check_moe_layer(&self, layer: usize) -> CoreResult<()> {
-        if self.config.is_moe_layer(layer) {
-            Ok(())
-        } else {
-            Err(CoreError::NotFound(format!(
-                "layer {layer} is not an MoE layer of this {} model (MoE layers: {:?})",
-                self.config.family,
-                self.config.moe_layers()
-            )))
-        }
-    }
-
-    /// Returns the tensor names of expert `expert` of `layer` (the shared
-    /// expert is `num_experts`), in the order gate, up, down.
-    pub fn expert_tensor_names(&self, layer: usize, expert: u32) -> CoreResult<[String; 3]> {
-        self.check_moe_layer(layer)?;
-        let prefix = self.layer_prefix(layer);
-        let config = &self.config;
-        if Some(expert) == config.shared_expert_id() {
-            let module = match config.family {
-                Family::Qwen2Moe => "shared_expert",
-                _ => "shared_experts",
-            };
-            return Ok(["gate_proj", "up_proj", "down_proj"]
-                .map(|proj| format!("{prefix}.{module}.{proj}.weight")));
-        }
-        if expert as usize >= config.num_experts {
-            return Err(CoreError::NotFound(format!(
-                "expert {expert} does not exist; layer {layer} has experts 0..{}{}",
-                config.num_experts,
-                if config.has_shared_expert() {
-                    " and the shared expert"
-                } else {
-                    ""
-                }
-            )));
-        }
-        Ok(match config.family {
-            Family::Mixtral => {
-                ["w1", "w3", "w2"].map(|proj| format!("{prefix}.experts.{expert}.{proj}.weight"))
-            }
-            _ => ["gate_proj", "up_proj", "down_proj"]
-                .map(|proj| format!("{prefix}.experts.{expert}.{proj}.weight")),
-        })
-    }
-
-    /// The three projections of one expert as stored (the shared expert
-    /// is `num_experts`), for backends that copy them as they are.
-    pub fn stored_expert(&self, layer: usize, expert: u32) -> CoreResult<StoredExpert<'_>> {
-        let [gate, up, down] = self.expert_tensor_names(layer, expert)?;
-        let hidden = self.config.hidden_size;
-        let intermediate = self.config.intermediate_size_of(expert);
-        Ok(StoredExpert {
-            hidden_size: hidden,
-            intermediate_size: intermediate,
-            gate_proj: self.stored_tensor(&gate, &[intermediate, hidden])?,
-            up_proj: self.stored_tensor(&up, &[intermediate, hidden])?,
-            down_proj: self.stored_tensor(&down, &[hidden, intermediate])?,
-        })
-    }
-
-    /// Loads the weights of one expert (the shared expert is `num_experts`).
-    pub fn load_expert(&self, layer: usize, expert: u32) -> CoreResult<ExpertWeights> {
-        let [gate, up, down] = self.expert_tensor_names(layer, expert)?;
-        let hidden = self.config.hidden_size;
-        let intermediate = self.config.intermediate_size_of(expert);
-        Ok(ExpertWeights {
-            hidden_size: hidden,
-            intermediate_size: intermediate,
-            gate_proj: self.load_f32(&gate, &[intermediate, hidden])?,
-            up_proj: self.load_f32(&up, &[intermediate, hidden])?,
-            down_proj: self.load_f32(&down, &[hidden, intermediate])?,
-        })
-    }
-
     /// Loads the router-side weights of one MoE layer.
     pub fn load_gate(&self, layer: usize) -> CoreResult<GateWeights> {
         self.check_moe_layer(layer)?;
         let prefix = self.layer_prefix(layer);
         let config = &self.config;
         let hidden = config.hidden_size;
-        let weight = self.load_f32(
-            &format!("{prefix}.gate.weight"),
-            &[config.num_experts, hidden],
-        )?;
+        let weight = self.load_f32(&self.gate_tensor_name(layer), &[config.num_experts, hidden])?;
         let score_correction_bias = match config.family {
             Family::DeepseekV3 | Family::Glm4Moe => Some(self.load_f32(
                 &format!("{prefix}.gate.e_score_correction_bias"),
