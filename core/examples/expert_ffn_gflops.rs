@@ -8,6 +8,7 @@ use std::time::Instant;
 use gemm::Parallelism;
 use moemesh_core::compute::{ComputeBackend, CpuBackend, matmul};
 use moemesh_core::model::checkpoint::ExpertWeights;
+use moemesh_core::model::config::Activation;
 
 fn main() {
     let mut args = std::env::args()
@@ -30,6 +31,8 @@ fn main() {
             gate_proj: pseudo_random(intermediate * hidden, 1),
             up_proj: pseudo_random(intermediate * hidden, 2),
             down_proj: pseudo_random(hidden * intermediate, 3),
+            activation: Activation::SiluGlu,
+            biases: None,
         })
         .expect("expert loads");
     let input = pseudo_random(tokens * hidden, 4);

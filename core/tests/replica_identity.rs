@@ -9,6 +9,7 @@ use moemesh_core::compute::{
     ComputeBackend, CpuBackend, CpuBlocking, Expert, ExpertWork, WeightFormat,
 };
 use moemesh_core::model::checkpoint::ExpertWeights;
+use moemesh_core::model::config::Activation;
 use rand::{Rng, SeedableRng};
 
 /// Deeper than gemm's smallest depth block (512) in both products, and
@@ -29,6 +30,8 @@ fn random_expert(seed: u64) -> ExpertWeights {
         gate_proj: matrix(INTERMEDIATE * HIDDEN),
         up_proj: matrix(INTERMEDIATE * HIDDEN),
         down_proj: matrix(HIDDEN * INTERMEDIATE),
+        activation: Activation::SiluGlu,
+        biases: None,
     }
 }
 

@@ -29,7 +29,8 @@ pub fn gate_fingerprint(weights: &GateWeights) -> GateFingerprint {
     let mut hasher = Sha256::new();
     let mut bytes = [0u8; CHUNK * 4];
     let bias = weights.score_correction_bias.as_deref().unwrap_or_default();
-    for values in [weights.weight.as_slice(), bias] {
+    let logit_bias = weights.logit_bias.as_deref().unwrap_or_default();
+    for values in [weights.weight.as_slice(), bias, logit_bias] {
         for chunk in values.chunks(CHUNK) {
             for (slot, value) in bytes.chunks_exact_mut(4).zip(chunk) {
                 slot.copy_from_slice(&value.to_le_bytes());
@@ -90,6 +91,7 @@ mod tests {
         GateWeights {
             weight: vec![1.0, -2.5, 0.0, 3.25],
             score_correction_bias: bias,
+            logit_bias: None,
             shared_expert_gate: Some(vec![7.0, 8.0]),
         }
     }
@@ -122,6 +124,7 @@ mod tests {
         let gate = GateWeights {
             weight,
             score_correction_bias: Some(bias),
+            logit_bias: None,
             shared_expert_gate: None,
         };
         let expected: GateFingerprint = Sha256::digest(&bytes).into();

@@ -40,7 +40,7 @@ pub fn fixture_dir(name: &str) -> PathBuf {
 }
 
 /// Every golden fixture: (directory name, what it covers).
-pub const FIXTURES: [&str; 14] = [
+pub const FIXTURES: [&str; 16] = [
     "mixtral",
     "mixtral_bf16_sharded",
     "qwen2_moe",
@@ -55,6 +55,8 @@ pub const FIXTURES: [&str; 14] = [
     "granitemoe",
     "granitemoeshared",
     "dbrx",
+    "gpt_oss_mxfp4",
+    "gpt_oss_bf16",
 ];
 
 /// A golden case: a checkpoint and, per MoE layer, transformers' input and output.

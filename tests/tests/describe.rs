@@ -46,8 +46,9 @@ fn layer_of(name: &str) -> Option<usize> {
 }
 
 /// Per decoder layer, the SHA-256 the proto's `LayerGate` documents:
-/// every router weight's (`*.gate.weight`, or `*.router.layer.weight` as
-/// Granite and DBRX name it) f32 bytes, then its layer's
+/// every router weight's (`*.gate.weight`, or `*.router.layer.weight` /
+/// `*.router.weight` as Granite, DBRX and gpt-oss name it) f32 bytes, then
+/// its layer's `*.router.bias` (gpt-oss) or
 /// `*.gate.e_score_correction_bias` if there is one. Read from every
 /// safetensors file of the fixture, sharded or not, with no knowledge of
 /// the family's tensor names beyond the router's.
@@ -67,10 +68,13 @@ fn expected_fingerprints(dir: &Path) -> BTreeMap<usize, Vec<u8>> {
             let Some(layer) = layer_of(&tensor) else {
                 continue;
             };
-            if tensor.ends_with(".gate.weight") || tensor.ends_with(".router.layer.weight") {
+            let router_weight = [".gate.weight", ".router.layer.weight", ".router.weight"];
+            if router_weight.iter().any(|suffix| tensor.ends_with(suffix)) {
                 assert!(weights.insert(layer, values()).is_none(), "{tensor}");
-            } else if tensor.ends_with(".gate.e_score_correction_bias") {
-                biases.insert(layer, values());
+            } else if tensor.ends_with(".gate.e_score_correction_bias")
+                || tensor.ends_with(".router.bias")
+            {
+                assert!(biases.insert(layer, values()).is_none(), "{tensor}");
             }
         }
     }

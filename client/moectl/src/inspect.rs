@@ -6,8 +6,8 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use moemesh_core::model::checkpoint::Checkpoint;
-use moemesh_core::model::config::{ModelConfig, Quantization};
+use moemesh_core::model::checkpoint::{Checkpoint, ProjectionLayout};
+use moemesh_core::model::config::{Activation, Family, ModelConfig, Quantization};
 use serde_json::{Value, json};
 
 use crate::output::{OutputArg, human_bytes, print_pretty_json};
@@ -106,10 +106,15 @@ fn layer_report(checkpoint: &Checkpoint, layer: usize) -> LayerReport {
             } else {
                 ""
             };
-            let dequantized = if dtypes.iter().any(|dtype| dtype == "F8_E4M3") {
-                " (FP8 dequantized on load to the node's f32 or bf16)"
-            } else {
-                ""
+            let dequantized = match dtypes
+                .iter()
+                .find(|dtype| ["F8_E4M3", "MXFP4"].contains(&dtype.as_str()))
+            {
+                Some(dtype) if dtype == "MXFP4" => {
+                    " (MXFP4 dequantized on load to the node's f32 or bf16)"
+                }
+                Some(_) => " (FP8 dequantized on load to the node's f32 or bf16)",
+                None => "",
             };
             report.action = format!(
                 "serves {} routed experts{shared}{dequantized}",
@@ -137,21 +142,34 @@ fn expert_storage(checkpoint: &Checkpoint, layer: usize) -> Result<(Vec<String>,
             .expert_projections(layer, expert)
             .map_err(|error| error.to_string())?;
         for projection in &projections {
-            let name = &projection.tensor;
-            let Some((dtype, _)) = checkpoint.tensor_dtype_and_shape(name) else {
+            let (name, dtype) = match projection.layout {
+                // Blocks of 32 FP4 values (16 bytes) and one scale byte.
+                ProjectionLayout::Mxfp4 { .. } => {
+                    let blocks = format!("{}_blocks", projection.tensor);
+                    let present = checkpoint.has_tensor(&blocks);
+                    (blocks, present.then(|| "MXFP4".to_string()))
+                }
+                _ => (
+                    projection.tensor.clone(),
+                    checkpoint
+                        .tensor_dtype_and_shape(&projection.tensor)
+                        .map(|(dtype, _)| dtype),
+                ),
+            };
+            let Some(dtype) = dtype else {
                 return Err(format!("tensor {name} is missing"));
             };
-            let Some(size) = dtype_size(&dtype, config) else {
+            let Some(bytes_per_32) = bytes_per_32_weights(&dtype, config) else {
                 return Err(format!(
                     "{name} is stored as {dtype}{}; moemesh reads F32, BF16 and F16, and \
                      F8_E4M3 with block scales where config.json's quantization_config says fp8",
-                    quantization_hint(checkpoint, name)
+                    quantization_hint(checkpoint, &name)
                 ));
             };
             if expert == 0 {
                 // Each projection holds hidden × intermediate weights.
                 let weights = config.hidden_size * config.intermediate_size_of(expert);
-                expert_bytes += weights as u64 * size;
+                expert_bytes += weights as u64 / 32 * bytes_per_32;
             }
             if !dtypes.contains(&dtype) {
                 dtypes.push(dtype);
@@ -161,11 +179,16 @@ fn expert_storage(checkpoint: &Checkpoint, layer: usize) -> Result<(Vec<String>,
     Ok((dtypes, expert_bytes))
 }
 
-fn dtype_size(dtype: &str, config: &ModelConfig) -> Option<u64> {
+/// The stored bytes of 32 weights in `dtype` (MXFP4: 16 bytes of values
+/// and a scale byte).
+fn bytes_per_32_weights(dtype: &str, config: &ModelConfig) -> Option<u64> {
     match dtype {
-        "F32" => Some(4),
-        "BF16" | "F16" => Some(2),
-        "F8_E4M3" if matches!(config.quantization, Some(Quantization::Fp8Blocks { .. })) => Some(1),
+        "F32" => Some(128),
+        "BF16" | "F16" => Some(64),
+        "F8_E4M3" if matches!(config.quantization, Some(Quantization::Fp8Blocks { .. })) => {
+            Some(32)
+        }
+        "MXFP4" => Some(17),
         _ => None,
     }
 }
@@ -193,6 +216,18 @@ fn routing_text(config: &ModelConfig) -> String {
     }
     if let Some(limit) = config.group_limit {
         text += &format!(", best {} of {} groups", limit.top_groups, limit.groups);
+    }
+    if matches!(
+        config.family,
+        Family::GraniteMoe | Family::GraniteMoeShared | Family::GptOss
+    ) {
+        text += ", softmax over the top-k logits";
+    }
+    if let Activation::ClampedSwiglu { alpha, limit } = config.expert_activation {
+        text += &format!("; experts: SwiGLU clamped at {limit}, alpha {alpha}");
+    }
+    if config.expert_biases {
+        text += ", with biases";
     }
     if config.router_jitter_noise > 0.0 {
         text += &format!(", sparsemixer within {}", config.router_jitter_noise);

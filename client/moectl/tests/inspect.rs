@@ -47,10 +47,27 @@ fn every_fixture_is_reported_servable_with_its_moe_layers_and_expert_sizes() {
             serde_json::json!(moe_layers),
             "{name}"
         );
-        let stored = fixture.checkpoint.stored_expert(moe_layers[0], 0).unwrap();
-        let expected_bytes = stored.gate_proj.bytes.len()
-            + stored.up_proj.bytes.len()
-            + stored.down_proj.bytes.len();
+        // Three projections of hidden × intermediate weights, at the
+        // stored size of one weight (MXFP4: 17 bytes per 32).
+        let weights = 3 * config.hidden_size * config.expert_intermediate_size;
+        let expected_bytes = match name {
+            "gpt_oss_mxfp4" => weights / 32 * 17,
+            "deepseek_v3_fp8" => weights,
+            _ => {
+                let checkpoint = &fixture.checkpoint;
+                let gate = &checkpoint.expert_projections(moe_layers[0], 0).unwrap()[0];
+                match checkpoint
+                    .tensor_dtype_and_shape(&gate.tensor)
+                    .unwrap()
+                    .0
+                    .as_str()
+                {
+                    "F32" => weights * 4,
+                    "BF16" | "F16" => weights * 2,
+                    other => panic!("{name}: {other}"),
+                }
+            }
+        };
         for layer in report["per_layer"].as_array().unwrap() {
             let moe = layer["moe"].as_bool().unwrap();
             let index = layer["layer"].as_u64().unwrap() as usize;

@@ -9,14 +9,17 @@
 use std::sync::Arc;
 
 use super::packed_matrix::{PackedMatrix, min_invariant_rows};
-use super::silu::silu_mul;
+use super::silu::{clamped_swiglu, silu_mul};
 use super::{CpuBlocking, Expert, WeightFormat};
-use crate::model::checkpoint::ExpertWeights;
+use crate::model::checkpoint::{ExpertBiases, ExpertWeights};
+use crate::model::config::Activation;
 use crate::{CoreError, CoreResult};
 
 /// The FFN restricted to a range of the intermediate dimension: summed
 /// over all slices, the outputs make the whole FFN.
 struct FfnSlice {
+    /// The slice's first intermediate column.
+    first: usize,
     /// Intermediate columns in this slice.
     width: usize,
     /// `[hidden, 2 * width]`, gate columns then up columns.
@@ -38,6 +41,13 @@ fn intermediate_slices(intermediate: usize) -> Vec<(usize, usize)> {
         .collect()
 }
 
+/// `values[i] += bias[i]`.
+fn add_into(values: &mut [f32], bias: &[f32]) {
+    for (value, bias) in values.iter_mut().zip(bias) {
+        *value += bias;
+    }
+}
+
 /// About how many intermediate columns one FFN slice takes.
 const SLICE_TARGET: usize = 768;
 
@@ -51,6 +61,8 @@ pub(super) struct CpuExpert {
     min_rows: usize,
     /// Emulates another host's gemm depth blocking (see [`CpuBlocking`]).
     host_depth_block: Option<usize>,
+    activation: Activation,
+    biases: Option<ExpertBiases>,
     pool: Arc<rayon::ThreadPool>,
     threads: usize,
 }
@@ -85,6 +97,8 @@ impl CpuExpert {
             gate_proj,
             up_proj,
             down_proj,
+            activation,
+            biases,
         } = weights;
         // Checked configs never ask for an empty expert, but weights can be
         // built by hand, and an empty dimension has no slices to cut.
@@ -99,6 +113,15 @@ impl CpuExpert {
         {
             return Err(CoreError::Checkpoint(
                 "expert projections do not match their sizes".into(),
+            ));
+        }
+        if let Some(biases) = &biases
+            && (biases.gate.len() != intermediate
+                || biases.up.len() != intermediate
+                || biases.down.len() != hidden)
+        {
+            return Err(CoreError::Checkpoint(
+                "expert biases do not match their projections".into(),
             ));
         }
         let mut slices = Vec::new();
@@ -122,6 +145,7 @@ impl CpuExpert {
                 .max(min_invariant_rows(gate_up.kernel_columns()))
                 .max(min_invariant_rows(down.kernel_columns()));
             slices.push(FfnSlice {
+                first,
                 width,
                 gate_up,
                 down,
@@ -132,6 +156,8 @@ impl CpuExpert {
             slices,
             min_rows,
             host_depth_block: blocking.host_depth_block,
+            activation,
+            biases,
             pool,
             threads,
         })
@@ -189,10 +215,20 @@ impl CpuExpert {
             );
             for (row_out, row_in) in activated
                 .chunks_exact_mut(width)
-                .zip(gate_up.chunks_exact(2 * width))
+                .zip(gate_up.chunks_exact_mut(2 * width))
             {
-                let (gate, up) = row_in.split_at(width);
-                silu_mul(row_out, gate, up);
+                let (gate, up) = row_in.split_at_mut(width);
+                if let Some(biases) = &self.biases {
+                    let columns = slice.first..slice.first + width;
+                    add_into(gate, &biases.gate[columns.clone()]);
+                    add_into(up, &biases.up[columns]);
+                }
+                match self.activation {
+                    Activation::SiluGlu => silu_mul(row_out, gate, up),
+                    Activation::ClampedSwiglu { alpha, limit } => {
+                        clamped_swiglu(row_out, gate, up, alpha, limit)
+                    }
+                }
             }
             slice.down.multiply(
                 output,
@@ -202,6 +238,11 @@ impl CpuExpert {
                 index > 0,
                 self.host_depth_block,
             );
+        }
+        if let Some(biases) = &self.biases {
+            for row in output.chunks_exact_mut(hidden) {
+                add_into(row, &biases.down);
+            }
         }
         if padded {
             output_rows.copy_from_slice(&padded_output[..rows * hidden]);
@@ -257,6 +298,8 @@ pub(crate) mod tests {
             gate_proj: matrix(intermediate * hidden),
             up_proj: matrix(intermediate * hidden),
             down_proj: matrix(hidden * intermediate),
+            activation: Activation::SiluGlu,
+            biases: None,
         }
     }
 

@@ -28,6 +28,16 @@ fn silu_mul_portable(out: &mut [f32], gate: &[f32], up: &[f32]) {
     }
 }
 
+/// gpt-oss's activation: `gate` clamped above at `limit`, `up` to
+/// `±limit`, then `out[i] = (up + 1) · gate · σ(alpha · gate)`.
+pub(super) fn clamped_swiglu(out: &mut [f32], gate: &[f32], up: &[f32], alpha: f32, limit: f32) {
+    for ((out, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        let g = g.min(limit);
+        let u = u.clamp(-limit, limit);
+        *out = (u + 1.0) * (g / (1.0 + exp_approx(-alpha * g)));
+    }
+}
+
 /// `e^x` to within 2 ulp over the whole f32 range, in branch-free
 /// arithmetic the compiler vectorises (libm's `expf` is a call per value).
 /// Cody-Waite reduction to `2^n · e^r` with |r| ≤ ln 2 / 2, then the

@@ -8,9 +8,11 @@ use serde::Deserialize;
 mod deepseek_v2;
 mod every_layer_families;
 mod family;
+mod gpt_oss;
 mod quantization;
 
 pub use family::Family;
+pub use gpt_oss::Activation;
 pub use quantization::Quantization;
 use quantization::RawQuantization;
 
@@ -74,6 +76,10 @@ pub struct ModelConfig {
     pub router_jitter_noise: f32,
     /// How quantized weights are stored, if they are.
     pub quantization: Option<Quantization>,
+    /// What the experts compute between their projections.
+    pub expert_activation: Activation,
+    /// Whether the experts' projections have biases (gpt-oss).
+    pub expert_biases: bool,
     /// Which decoder layers have an MoE block (the others are dense MLPs).
     moe_layers: Vec<bool>,
 }
@@ -123,6 +129,10 @@ struct RawConfig {
     router_jitter_noise: Option<f32>,
     #[serde(default)]
     shared_intermediate_size: Option<usize>,
+    #[serde(default)]
+    swiglu_alpha: Option<f32>,
+    #[serde(default)]
+    swiglu_limit: Option<f32>,
 }
 
 fn required<T>(value: Option<T>, field: &str, family: Family) -> CoreResult<T> {
@@ -143,9 +153,11 @@ fn in_range(field: &str, value: usize, min: usize, max: usize) -> CoreResult<usi
 /// The spelling of the routed-experts field in `family`'s `config.json`.
 fn experts_field(family: Family) -> &'static str {
     match family {
-        Family::Mixtral | Family::Phimoe | Family::GraniteMoe | Family::GraniteMoeShared => {
-            "num_local_experts"
-        }
+        Family::Mixtral
+        | Family::Phimoe
+        | Family::GraniteMoe
+        | Family::GraniteMoeShared
+        | Family::GptOss => "num_local_experts",
         Family::Dbrx => "ffn_config.moe_num_experts",
         Family::Qwen2Moe | Family::Qwen3Moe | Family::Olmoe => "num_experts",
         Family::DeepseekV2 | Family::DeepseekV3 | Family::Glm4Moe => "n_routed_experts",
@@ -458,7 +470,9 @@ impl ModelConfig {
             Family::Phimoe | Family::GraniteMoe | Family::GraniteMoeShared | Family::Dbrx => {
                 raw.every_layer_family_fields(family)?
             }
+            Family::GptOss => raw.gpt_oss_fields()?,
         };
+        let (expert_activation, expert_biases) = raw.expert_activation(family)?;
         if !fields.moe_layers.contains(&true) {
             return Err(CoreError::Config(format!(
                 "none of the {} layers has an MoE block; moemesh serves MoE layers only",
@@ -482,6 +496,8 @@ impl ModelConfig {
                 .as_ref()
                 .map(RawQuantization::validate)
                 .transpose()?,
+            expert_activation,
+            expert_biases,
             moe_layers: fields.moe_layers,
         })
     }

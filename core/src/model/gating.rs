@@ -137,7 +137,14 @@ fn keep_best_groups(
     }
 }
 
-/// Granite MoE: the top-k logits, then a softmax over those k only.
+/// `logits[i] += bias[i]`.
+fn add_bias(logits: &mut [f32], bias: &[f32]) {
+    for (logit, bias) in logits.iter_mut().zip(bias) {
+        *logit += bias;
+    }
+}
+
+/// Granite MoE and gpt-oss: the top-k logits, then a softmax over those k only.
 fn top_k_softmax(top_k: usize, scratch: &mut Scratch) {
     let Scratch {
         logits,
@@ -244,13 +251,16 @@ impl Gate {
             {
                 *logit = dot(row, expert_weight);
             }
+            if let Some(bias) = &self.weights.logit_bias {
+                add_bias(&mut scratch.logits, bias);
+            }
             match self.family {
                 Family::Mixtral
                 | Family::Qwen2Moe
                 | Family::Qwen3Moe
                 | Family::Olmoe
                 | Family::Dbrx => self.softmax_top_k(&mut scratch),
-                Family::GraniteMoe | Family::GraniteMoeShared => {
+                Family::GraniteMoe | Family::GraniteMoeShared | Family::GptOss => {
                     top_k_softmax(self.top_k, &mut scratch)
                 }
                 Family::Phimoe => sparsemixer(self.router_jitter_noise, &mut scratch),
@@ -436,6 +446,7 @@ mod tests {
             GateWeights {
                 weight: vec![1.0; 8],
                 score_correction_bias: None,
+                logit_bias: None,
                 shared_expert_gate: None,
             },
         );
@@ -458,6 +469,7 @@ mod tests {
             GateWeights {
                 weight: vec![2.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
                 score_correction_bias: Some(vec![0.0, 0.0, 0.0, 1.0]),
+                logit_bias: None,
                 shared_expert_gate: None,
             },
         );
@@ -480,6 +492,7 @@ mod tests {
             GateWeights {
                 weight: vec![5.0, -5.0, 3.0, 3.0, 0.0, 0.0],
                 score_correction_bias: Some(vec![0.0; 6]),
+                logit_bias: None,
                 shared_expert_gate: None,
             },
         );
@@ -512,7 +525,7 @@ mod tests {
             weight in proptest::collection::vec(-1f32..1.0, 2 * 8),
             position in 0usize..6,
         ) {
-            let gate = Gate::new(&mixtral(8, 3), GateWeights { weight, score_correction_bias: None, shared_expert_gate: None });
+            let gate = Gate::new(&mixtral(8, 3), GateWeights { weight, score_correction_bias: None, logit_bias: None, shared_expert_gate: None });
             let together = gate.route(&batch, 6);
             let alone = gate.route(&batch[position * 2..position * 2 + 2], 1);
             prop_assert_eq!(together.token(position).collect::<Vec<_>>(), alone.token(0).collect::<Vec<_>>());

@@ -130,6 +130,8 @@ impl HostTier {
         expert: u32,
         purpose: Purpose,
     ) -> CoreResult<Arc<HostExpert>> {
+        let config = checkpoint.config();
+        super::refuse_unless_silu_without_biases(config.expert_activation, config.expert_biases)?;
         let key = (layer, expert);
         if let Some(kept) = self.ledger().experts.get(&key) {
             return Ok(Arc::clone(kept));

@@ -44,7 +44,7 @@ pub(crate) use probe::probe_device;
 use super::buffering::{CostModel, format_byte_size};
 use super::{ComputeBackend, Expert, ExpertWork, gather_rows};
 use crate::model::checkpoint::{Checkpoint, ExpertWeights};
-use crate::model::config::ModelConfig;
+use crate::model::config::{Activation, ModelConfig};
 use crate::{CoreError, CoreResult};
 
 /// Experts resident on one GPU, waiting in pinned host memory when not.
@@ -92,12 +92,30 @@ impl CudaBackend {
     }
 }
 
+/// The CUDA kernels compute `silu(gate) · up` experts without biases;
+/// other experts (gpt-oss's) are refused by name rather than computed
+/// wrong.
+pub(super) fn refuse_unless_silu_without_biases(
+    activation: Activation,
+    biases: bool,
+) -> CoreResult<()> {
+    if activation == Activation::SiluGlu && !biases {
+        return Ok(());
+    }
+    Err(CoreError::Device(format!(
+        "the CUDA backend computes silu experts without biases, not {activation:?}{}; serve \
+         this model on CPU expert nodes (--device cpu)",
+        if biases { " with biases" } else { "" }
+    )))
+}
+
 impl ComputeBackend for CudaBackend {
     fn describe(&self) -> String {
         self.description.clone()
     }
 
     fn load_expert(&self, weights: ExpertWeights) -> CoreResult<Arc<dyn Expert>> {
+        refuse_unless_silu_without_biases(weights.activation, weights.biases.is_some())?;
         self.make_resident(&self.host_tier.staged(&weights)?)
     }
 

@@ -13,7 +13,7 @@ use moemesh_proto::codec::{WireDtype, decode_values};
 use safetensors::tensor::{Dtype, Metadata};
 use serde::Deserialize;
 
-use crate::model::config::{Family, ModelConfig, Quantization};
+use crate::model::config::{Activation, Family, ModelConfig, Quantization};
 use crate::model::quantized;
 
 mod projections;
@@ -62,6 +62,21 @@ pub struct ExpertWeights {
     pub up_proj: Vec<f32>,
     /// `down_proj` / `w2`: `[hidden, intermediate]`.
     pub down_proj: Vec<f32>,
+    /// What the expert computes between its projections.
+    pub activation: Activation,
+    /// The projections' biases, where the family has them (gpt-oss).
+    pub biases: Option<ExpertBiases>,
+}
+
+/// An expert's projection biases, added to each projection's output.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExpertBiases {
+    /// `[intermediate]`.
+    pub gate: Vec<f32>,
+    /// `[intermediate]`.
+    pub up: Vec<f32>,
+    /// `[hidden]`.
+    pub down: Vec<f32>,
 }
 
 /// How a stored tensor's bytes encode its values.
@@ -75,6 +90,15 @@ pub enum Encoding {
     Transposed {
         dtype: WireDtype,
         columns: usize,
+        first: usize,
+        step: usize,
+    },
+    /// MXFP4 rows `first, first + step, …` of a `[rows, groups · 32]`
+    /// matrix: the bytes hold every row's `groups × 16` bytes, `scales`
+    /// every row's `groups` exponents.
+    Mxfp4Rows {
+        groups: usize,
+        scales: Vec<u8>,
         first: usize,
         step: usize,
     },
@@ -115,6 +139,20 @@ impl StoredTensor<'_> {
                 *step,
                 self.out_rows,
             ),
+            Encoding::Mxfp4Rows {
+                groups,
+                scales,
+                first,
+                step,
+            } => (0..self.out_rows)
+                .flat_map(|row| {
+                    let row = first + row * step;
+                    quantized::dequantize_mxfp4(
+                        &self.bytes[row * groups * 16..(row + 1) * groups * 16],
+                        &scales[row * groups..(row + 1) * groups],
+                    )
+                })
+                .collect(),
             Encoding::Fp8Blocks {
                 shape,
                 block,
@@ -156,6 +194,8 @@ pub struct GateWeights {
     pub weight: Vec<f32>,
     /// DeepSeek-V3's `e_score_correction_bias`: `[num_experts]`.
     pub score_correction_bias: Option<Vec<f32>>,
+    /// gpt-oss's `router.bias`, added to every logit: `[num_experts]`.
+    pub logit_bias: Option<Vec<f32>>,
     /// Qwen2-MoE's `shared_expert_gate.weight`: `[1, hidden]`.
     pub shared_expert_gate: Option<Vec<f32>>,
 }
@@ -408,6 +448,12 @@ impl Checkpoint {
             )?),
             _ => None,
         };
+        let logit_bias = match config.family {
+            Family::GptOss => {
+                Some(self.load_f32(&format!("{prefix}.router.bias"), &[config.num_experts])?)
+            }
+            _ => None,
+        };
         let shared_expert_gate = match config.family {
             Family::Qwen2Moe => {
                 Some(self.load_f32(&format!("{prefix}.shared_expert_gate.weight"), &[1, hidden])?)
@@ -417,6 +463,7 @@ impl Checkpoint {
         Ok(GateWeights {
             weight,
             score_correction_bias,
+            logit_bias,
             shared_expert_gate,
         })
     }

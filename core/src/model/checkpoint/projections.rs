@@ -6,7 +6,7 @@
 use moemesh_proto::codec::WireDtype;
 use safetensors::tensor::Dtype;
 
-use super::{Checkpoint, Encoding, ExpertWeights, StoredExpert, StoredTensor};
+use super::{Checkpoint, Encoding, ExpertBiases, ExpertWeights, StoredExpert, StoredTensor};
 use crate::model::config::Family;
 use crate::{CoreError, CoreResult};
 
@@ -34,6 +34,19 @@ pub enum ProjectionLayout {
         rows: usize,
         columns: usize,
         transposed: bool,
+        first: usize,
+        step: usize,
+    },
+    /// MXFP4 as gpt-oss publishes its experts: `{tensor}_blocks`
+    /// `[experts, rows, columns / 32, 16]` and `{tensor}_scales`
+    /// `[experts, rows, columns / 32]`, bytes; expert `expert`'s slice
+    /// dequantizes to `[rows, columns]` (`[out…, in]`), and the projection
+    /// is its rows `first, first + step, …`.
+    Mxfp4 {
+        expert: usize,
+        experts: usize,
+        rows: usize,
+        columns: usize,
         first: usize,
         step: usize,
     },
@@ -86,7 +99,8 @@ impl Checkpoint {
             | Family::DeepseekV2
             | Family::DeepseekV3
             | Family::Olmoe
-            | Family::Glm4Moe => format!("model.layers.{layer}.mlp"),
+            | Family::Glm4Moe
+            | Family::GptOss => format!("model.layers.{layer}.mlp"),
         }
     }
 
@@ -97,6 +111,7 @@ impl Checkpoint {
             Family::GraniteMoe | Family::GraniteMoeShared | Family::Dbrx => {
                 format!("{prefix}.router.layer.weight")
             }
+            Family::GptOss => format!("{prefix}.router.weight"),
             _ => format!("{prefix}.gate.weight"),
         }
     }
@@ -189,10 +204,145 @@ impl Checkpoint {
                     },
                 ]
             }
+            Family::GptOss => self.gpt_oss_projections(&prefix, index, [hidden, intermediate]),
             _ => matrices(
                 ["gate_proj", "up_proj", "down_proj"]
                     .map(|proj| format!("{prefix}.experts.{expert}.{proj}.weight")),
             ),
+        })
+    }
+
+    /// gpt-oss's experts: gate and up interleaved (gate even, up odd) in
+    /// `gate_up_proj`. As published, MXFP4 in `[out, in]` order; as
+    /// transformers saves them dequantized, `gate_up_proj [E, hidden, 2 ·
+    /// intermediate]` and `down_proj [E, intermediate, hidden]`, used as
+    /// `x · W`.
+    fn gpt_oss_projections(
+        &self,
+        prefix: &str,
+        expert: usize,
+        [hidden, intermediate]: [usize; 2],
+    ) -> [Projection; 3] {
+        let experts = self.config.num_experts;
+        let gate_up = format!("{prefix}.experts.gate_up_proj");
+        let down = format!("{prefix}.experts.down_proj");
+        let mxfp4 = self.has_tensor(&format!("{gate_up}_blocks"));
+        let interleaved = |first| match mxfp4 {
+            true => ProjectionLayout::Mxfp4 {
+                expert,
+                experts,
+                rows: 2 * intermediate,
+                columns: hidden,
+                first,
+                step: 2,
+            },
+            false => ProjectionLayout::Stacked {
+                expert,
+                experts,
+                rows: hidden,
+                columns: 2 * intermediate,
+                transposed: true,
+                first,
+                step: 2,
+            },
+        };
+        let down_layout = match mxfp4 {
+            true => ProjectionLayout::Mxfp4 {
+                expert,
+                experts,
+                rows: hidden,
+                columns: intermediate,
+                first: 0,
+                step: 1,
+            },
+            false => ProjectionLayout::Stacked {
+                expert,
+                experts,
+                rows: intermediate,
+                columns: hidden,
+                transposed: true,
+                first: 0,
+                step: 1,
+            },
+        };
+        [
+            Projection {
+                tensor: gate_up.clone(),
+                layout: interleaved(0),
+            },
+            Projection {
+                tensor: gate_up,
+                layout: interleaved(1),
+            },
+            Projection {
+                tensor: down,
+                layout: down_layout,
+            },
+        ]
+    }
+
+    /// Expert `expert`'s MXFP4 rows, its blocks and scales checked.
+    fn stored_mxfp4(
+        &self,
+        name: &str,
+        [expert, experts, rows, columns]: [usize; 4],
+        [out, first, step]: [usize; 3],
+    ) -> CoreResult<StoredTensor<'_>> {
+        let groups = columns / 32;
+        let blocks_name = format!("{name}_blocks");
+        let blocks = self.locate(&blocks_name)?;
+        let scales = self.byte_tensor(&format!("{name}_scales"), &[experts, rows, groups])?;
+        if columns % 32 != 0
+            || blocks.info.dtype != Dtype::U8
+            || blocks.info.shape != [experts, rows, groups, 16]
+        {
+            return Err(CoreError::Checkpoint(format!(
+                "tensor {blocks_name} is {:?} of shape {:?}; MXFP4 experts of {rows} × {columns} \
+                 need U8 [{experts}, {rows}, {groups}, 16]",
+                blocks.info.dtype, blocks.info.shape
+            )));
+        }
+        let slice = rows * groups * 16;
+        let bytes = expert * slice..(expert + 1) * slice;
+        debug_assert!(first + (out - 1) * step < rows);
+        Ok(StoredTensor {
+            encoding: Encoding::Mxfp4Rows {
+                groups,
+                scales: scales[expert * rows * groups..(expert + 1) * rows * groups].to_vec(),
+                first,
+                step,
+            },
+            bytes: &blocks.bytes[bytes.clone()],
+            out_rows: out,
+            mmap: blocks.mmap,
+            range: blocks.range.start + bytes.start..blocks.range.start + bytes.end,
+        })
+    }
+
+    /// gpt-oss's biases of expert `expert`: `gate_up_proj_bias [E, 2 ·
+    /// intermediate]` interleaved as the weights, `down_proj_bias [E, hidden]`.
+    fn expert_biases(&self, layer: usize, expert: usize) -> CoreResult<ExpertBiases> {
+        let prefix = self.layer_prefix(layer);
+        let config = &self.config;
+        let experts = config.num_experts;
+        let row = |name: String, width: usize| {
+            let projection = Projection {
+                tensor: name,
+                layout: ProjectionLayout::rows_of(expert, experts, [1, width], 0),
+            };
+            Ok::<_, CoreError>(self.stored_projection(&projection, [1, width])?.to_f32())
+        };
+        let gate_up = row(
+            format!("{prefix}.experts.gate_up_proj_bias"),
+            2 * config.expert_intermediate_size,
+        )?;
+        Ok(ExpertBiases {
+            gate: gate_up.iter().step_by(2).copied().collect(),
+            up: gate_up.iter().skip(1).step_by(2).copied().collect(),
+            down: row(
+                format!("{prefix}.experts.down_proj_bias"),
+                config.hidden_size,
+            )?,
         })
     }
 
@@ -202,17 +352,34 @@ impl Checkpoint {
         projection: &Projection,
         [out, input]: [usize; 2],
     ) -> CoreResult<StoredTensor<'_>> {
-        let ProjectionLayout::Stacked {
-            expert,
-            experts,
-            rows,
-            columns,
-            transposed,
-            first,
-            step,
-        } = projection.layout
-        else {
-            return self.stored_tensor(&projection.tensor, &[out, input]);
+        let (expert, experts, rows, columns, transposed, first, step) = match projection.layout {
+            ProjectionLayout::Matrix => {
+                return self.stored_tensor(&projection.tensor, &[out, input]);
+            }
+            ProjectionLayout::Mxfp4 {
+                expert,
+                experts,
+                rows,
+                columns,
+                first,
+                step,
+            } => {
+                debug_assert_eq!(columns, input);
+                return self.stored_mxfp4(
+                    &projection.tensor,
+                    [expert, experts, rows, columns],
+                    [out, first, step],
+                );
+            }
+            ProjectionLayout::Stacked {
+                expert,
+                experts,
+                rows,
+                columns,
+                transposed,
+                first,
+                step,
+            } => (expert, experts, rows, columns, transposed, first, step),
         };
         let name = &projection.tensor;
         let located = self.locate(name)?;
@@ -293,12 +460,18 @@ impl Checkpoint {
             tensor.release_pages();
             values
         };
+        let biases = match self.config.expert_biases {
+            true => Some(self.expert_biases(layer, expert as usize)?),
+            false => None,
+        };
         Ok(ExpertWeights {
             hidden_size: stored.hidden_size,
             intermediate_size: stored.intermediate_size,
             gate_proj: widen(&stored.gate_proj),
             up_proj: widen(&stored.up_proj),
             down_proj: widen(&stored.down_proj),
+            activation: self.config.expert_activation,
+            biases,
         })
     }
 }

@@ -36,6 +36,9 @@ pub enum Family {
     /// `dbrx`: softmax, top-k, divided by their sum; experts stacked in
     /// `w1`, `v1`, `w2`.
     Dbrx,
+    /// `gpt_oss`: softmax over the top-k logits of a biased router;
+    /// experts with biases and a clamped SwiGLU, in MXFP4 as published.
+    GptOss,
 }
 
 impl Family {
@@ -53,10 +56,11 @@ impl Family {
             "granitemoe" => Ok(Self::GraniteMoe),
             "granitemoeshared" => Ok(Self::GraniteMoeShared),
             "dbrx" => Ok(Self::Dbrx),
+            "gpt_oss" => Ok(Self::GptOss),
             other => Err(CoreError::Config(format!(
                 "model_type {other:?} is not supported; expected mixtral, qwen2_moe, qwen3_moe, \
-                 deepseek_v2, deepseek_v3, glm4_moe, olmoe, phimoe, granitemoe, granitemoeshared \
-                 or dbrx"
+                 deepseek_v2, deepseek_v3, glm4_moe, olmoe, phimoe, granitemoe, granitemoeshared, \
+                 dbrx or gpt_oss"
             ))),
         }
     }
@@ -75,6 +79,7 @@ impl Family {
             Self::GraniteMoe => "granitemoe",
             Self::GraniteMoeShared => "granitemoeshared",
             Self::Dbrx => "dbrx",
+            Self::GptOss => "gpt_oss",
         }
     }
 }
