@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use crate::CoreResult;
-use crate::compute::{ComputeBackend, Expert, ExpertWork};
+use crate::compute::{ComputeBackend, Expert, ExpertWork, add_weighted, weighted_inputs};
 use crate::model::checkpoint::Checkpoint;
 use crate::model::config::ModelConfig;
 use crate::model::gating::{Gate, Routing};
@@ -89,6 +89,9 @@ impl MoeLayer {
     pub fn forward(&self, hidden: &[f32], tokens: usize) -> CoreResult<Vec<f32>> {
         let routing = self.gate.route(hidden, tokens);
         let per_expert = tokens_per_expert(&routing, self.experts.len());
+        if self.config.weights_scale_input {
+            return self.forward_weighting_inputs(hidden, tokens, &per_expert);
+        }
         let work: Vec<ExpertWork<'_>> = self
             .experts
             .iter()
@@ -101,5 +104,49 @@ impl MoeLayer {
             .collect();
         self.backend
             .run_experts(hidden, self.config.hidden_size, &work)
+    }
+
+    /// Llama 4: each expert computes on its tokens' rows multiplied by
+    /// their weights ([`weighted_inputs`]), and a token's output is the sum
+    /// of its experts' outputs, in expert order as elsewhere.
+    fn forward_weighting_inputs(
+        &self,
+        hidden: &[f32],
+        tokens: usize,
+        per_expert: &[ExpertTokens],
+    ) -> CoreResult<Vec<f32>> {
+        let width = self.config.hidden_size;
+        let input = weighted_inputs(
+            hidden,
+            width,
+            per_expert
+                .iter()
+                .map(|tokens| (&tokens.rows[..], &tokens.weights[..])),
+        );
+        let rows: Vec<u32> = (0..(input.len() / width) as u32).collect();
+        let ones = vec![1f32; rows.len()];
+        let mut work = Vec::with_capacity(per_expert.len());
+        let mut first = 0;
+        for (expert, tokens) in self.experts.iter().zip(per_expert) {
+            let count = tokens.rows.len();
+            work.push(ExpertWork {
+                expert: expert.as_ref(),
+                rows: &rows[first..first + count],
+                weights: &ones[first..first + count],
+            });
+            first += count;
+        }
+        let outputs = self.backend.expert_outputs(&input, width, &work)?;
+        let mut combined = vec![0f32; tokens * width];
+        let token_rows = per_expert.iter().flat_map(|tokens| &tokens.rows);
+        for (&token, output) in token_rows.zip(outputs.chunks_exact(width)) {
+            let token = token as usize;
+            add_weighted(
+                &mut combined[token * width..(token + 1) * width],
+                output,
+                1.0,
+            );
+        }
+        Ok(combined)
     }
 }

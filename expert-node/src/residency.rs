@@ -65,6 +65,12 @@ impl Residency {
         }
     }
 
+    /// Whether the model's routing weights multiply the experts' inputs
+    /// (Llama 4) rather than their outputs.
+    pub fn weights_scale_input(&self) -> bool {
+        self.checkpoint.config().weights_scale_input
+    }
+
     /// Whether serving a new expert needs its weights loaded first (no
     /// budget); with a budget the worker pages experts in itself.
     pub fn loads_eagerly(&self) -> bool {

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use moemesh_core::compute::buffering::BufferCounters;
-use moemesh_core::compute::{Expert, scale_by_weight};
+use moemesh_core::compute::{Expert, scale_by_weight, weighted_inputs};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::metrics::{ExpertMetrics, Queued};
@@ -37,6 +37,43 @@ pub struct ComputeJob {
     pub input: Vec<f32>,
     /// By ascending expert id.
     pub assignments: Vec<ExpertAssignment>,
+}
+
+impl ComputeJob {
+    /// For families whose routing weight multiplies an expert's input
+    /// (Llama 4): the same job on the weighted rows
+    /// ([`moemesh_core::compute::weighted_inputs`]), each expert taking
+    /// its own in order with weight one, so that its output rows come
+    /// back in the same places.
+    fn weighting_inputs(&self, hidden: usize) -> Self {
+        let input = weighted_inputs(
+            &self.input,
+            hidden,
+            self.assignments
+                .iter()
+                .map(|assignment| (&assignment.rows[..], &assignment.weights[..])),
+        );
+        let mut first = 0u32;
+        let assignments = self
+            .assignments
+            .iter()
+            .map(|assignment| {
+                let count = assignment.rows.len() as u32;
+                let weighted = ExpertAssignment {
+                    expert: assignment.expert,
+                    rows: (first..first + count).collect(),
+                    weights: vec![1.0; count as usize],
+                };
+                first += count;
+                weighted
+            })
+            .collect();
+        Self {
+            layer: self.layer,
+            input,
+            assignments,
+        }
+    }
 }
 
 /// The experts a worker holds, per layer.
@@ -305,6 +342,13 @@ impl DeviceWorker {
     /// The service validates jobs, but an expert removed since is refused
     /// here rather than taking the worker down.
     pub fn compute(&mut self, job: &ComputeJob) -> ExpertNodeResult<Vec<f32>> {
+        let weighted;
+        let job = if self.residency.weights_scale_input() {
+            weighted = job.weighting_inputs(self.hidden_size);
+            &weighted
+        } else {
+            job
+        };
         let result = self.residency.compute(job, self.hidden_size);
         self.publish_residency();
         let mut outputs = result?;

@@ -1,7 +1,10 @@
 //! References for pre-routed forwards: random routings and hidden rows,
 //! and a layer's output for a given routing computed in this process.
 
-use moemesh_core::compute::{ComputeBackend, CpuBackend, ExpertWork};
+use moemesh_core::compute::{
+    ComputeBackend, CpuBackend, Expert, ExpertWork, add_weighted, weighted_inputs,
+};
+use moemesh_core::model::config::ModelConfig;
 use moemesh_core::model::gating::Routing;
 use rand::Rng;
 use rand::seq::SliceRandom;
@@ -31,6 +34,42 @@ pub fn random_routing(
         weights,
         shared_weights: None,
     }
+}
+
+/// Per token, the sum of `experts`' outputs on their `(rows, weights)`,
+/// each weighted as the model says: the output (most families) or, for
+/// Llama 4, the input ([`weighted_inputs`]); summed in the order given.
+fn combine(
+    backend: &CpuBackend,
+    config: &ModelConfig,
+    input: &[f32],
+    experts: &[&dyn Expert],
+    per_expert: &[(Vec<u32>, Vec<f32>)],
+) -> Vec<f32> {
+    let width = config.hidden_size;
+    if !config.weights_scale_input {
+        let work: Vec<ExpertWork<'_>> = experts
+            .iter()
+            .zip(per_expert)
+            .map(|(&expert, (rows, weights))| ExpertWork {
+                expert,
+                rows,
+                weights,
+            })
+            .collect();
+        return backend.run_experts(input, width, &work).unwrap();
+    }
+    let mut combined = vec![0f32; input.len()];
+    for (&expert, (rows, weights)) in experts.iter().zip(per_expert) {
+        let weighted = weighted_inputs(input, width, [(&rows[..], &weights[..])]);
+        let mut output = vec![0f32; weighted.len()];
+        expert.forward(&weighted, rows.len(), &mut output);
+        for (&row, output) in rows.iter().zip(output.chunks_exact(width)) {
+            let row = row as usize;
+            add_weighted(&mut combined[row * width..(row + 1) * width], output, 1.0);
+        }
+    }
+    combined
 }
 
 /// `tokens` random hidden rows of `hidden` values in [-2, 2).
@@ -66,30 +105,22 @@ pub fn in_process_parts(
         }
     }
     let routed_experts: Vec<_> = (0..config.num_experts as u32).map(load).collect();
-    let work: Vec<ExpertWork<'_>> = routed_experts
+    let experts: Vec<&dyn Expert> = routed_experts
         .iter()
-        .zip(&per_expert)
-        .map(|(expert, (rows, weights))| ExpertWork {
-            expert: expert.as_ref(),
-            rows,
-            weights,
-        })
+        .map(|expert| expert.as_ref())
         .collect();
-    let routed = backend
-        .run_experts(input, config.hidden_size, &work)
-        .unwrap();
+    let routed = combine(&backend, config, input, &experts, &per_expert);
     let shared = match (config.shared_expert_id(), &routing.shared_weights) {
         (Some(id), Some(weights)) => {
             let expert = load(id);
             let rows: Vec<u32> = (0..routing.tokens() as u32).collect();
-            let work = [ExpertWork {
-                expert: expert.as_ref(),
-                rows: &rows,
-                weights,
-            }];
-            backend
-                .run_experts(input, config.hidden_size, &work)
-                .unwrap()
+            combine(
+                &backend,
+                config,
+                input,
+                &[expert.as_ref()],
+                &[(rows, weights.clone())],
+            )
         }
         _ => vec![0.0; input.len()],
     };

@@ -93,3 +93,36 @@ async fn cluster_matches_transformers_and_the_in_process_layer() {
         cluster.shutdown().await;
     }
 }
+
+/// Published Llama 4 checkpoints are multimodal (`llama4`): the text
+/// model's config sits in `text_config` and its tensors under
+/// `language_model.`; moemesh serves the text model's MoE layers.
+#[test]
+fn a_multimodal_llama4_checkpoint_serves_its_text_model() {
+    let fixture = Fixture::open("llama4_text");
+    let dir = tempfile::tempdir().unwrap();
+    let text_config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture.dir.join("config.json")).unwrap())
+            .unwrap();
+    let config = serde_json::json!({"model_type": "llama4", "text_config": text_config});
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+    let bytes = std::fs::read(fixture.dir.join("model.safetensors")).unwrap();
+    let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let renamed: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| (format!("language_model.{name}"), view))
+        .collect();
+    safetensors::serialize_to_file(renamed, None, &dir.path().join("model.safetensors")).unwrap();
+    let checkpoint = moemesh_core::model::checkpoint::Checkpoint::open(dir.path()).unwrap();
+    assert_eq!(checkpoint.config().moe_layers(), vec![1, 3]);
+    let backend = CpuBackend::new(1).unwrap();
+    for (&layer, (input, expected)) in &fixture.cases {
+        let moe = MoeLayer::load(&checkpoint, layer, &backend).unwrap();
+        let output = moe
+            .forward(input, input.len() / fixture.hidden_size())
+            .unwrap();
+        let error = relative_l2(&output, expected);
+        assert!(error < 1e-5, "layer {layer}: relative L2 error {error:e}");
+    }
+}

@@ -229,6 +229,9 @@ fn routing_text(config: &ModelConfig) -> String {
     if config.expert_biases {
         text += ", with biases";
     }
+    if config.weights_scale_input {
+        text += ", each weight (its logit's sigmoid) scaling the expert's input";
+    }
     if config.router_jitter_noise > 0.0 {
         text += &format!(", sparsemixer within {}", config.router_jitter_noise);
     }

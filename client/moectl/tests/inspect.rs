@@ -181,23 +181,17 @@ fn a_family_moemesh_does_not_serve_is_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("config.json"),
-        r#"{"model_type":"llama4_text","hidden_size":8,"num_hidden_layers":1,"num_experts_per_tok":1}"#,
+        r#"{"model_type":"jamba","hidden_size":8,"num_hidden_layers":1,"num_experts_per_tok":1}"#,
     )
     .unwrap();
     let output = inspect(dir.path(), false);
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        stderr.contains("(llama4_text) cannot be served"),
-        "{stderr}"
-    );
-    assert!(
-        stderr.contains("\"llama4_text\" is not supported"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("(jamba) cannot be served"), "{stderr}");
+    assert!(stderr.contains("\"jamba\" is not supported"), "{stderr}");
     let json = report(&inspect(dir.path(), true));
     assert_eq!(
         (json["servable"].as_bool(), json["model_type"].as_str()),
-        (Some(false), Some("llama4_text"))
+        (Some(false), Some("jamba"))
     );
 }

@@ -173,6 +173,29 @@ pub fn scale_by_weight(values: &mut [f32], weight: f32) {
     }
 }
 
+/// For families whose routing weight multiplies an expert's input (Llama
+/// 4): per item, its rows of `input` (`[_, width]`) each multiplied by its
+/// weight, item after item, as one matrix (`[Σ rows, width]`). The experts
+/// then take these rows in order, with weight one.
+pub fn weighted_inputs<'a>(
+    input: &[f32],
+    width: usize,
+    items: impl IntoIterator<Item = (&'a [u32], &'a [f32])>,
+) -> Vec<f32> {
+    let mut weighted = Vec::new();
+    for (rows, weights) in items {
+        for (&row, &weight) in rows.iter().zip(weights) {
+            let row = row as usize;
+            weighted.extend(
+                input[row * width..(row + 1) * width]
+                    .iter()
+                    .map(|value| value * weight),
+            );
+        }
+    }
+    weighted
+}
+
 /// The rows `rows` of `input` (`[_, width]`), in order, as one matrix.
 pub fn gather_rows(input: &[f32], width: usize, rows: &[u32]) -> Vec<f32> {
     let mut gathered = Vec::with_capacity(rows.len() * width);

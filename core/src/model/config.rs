@@ -9,6 +9,7 @@ mod deepseek_v2;
 mod every_layer_families;
 mod family;
 mod gpt_oss;
+mod llama4;
 mod quantization;
 
 pub use family::Family;
@@ -80,6 +81,12 @@ pub struct ModelConfig {
     pub expert_activation: Activation,
     /// Whether the experts' projections have biases (gpt-oss).
     pub expert_biases: bool,
+    /// Whether a routing weight multiplies the expert's input rather than
+    /// its output (Llama 4): the expert computes `f(w · x)`.
+    pub weights_scale_input: bool,
+    /// What the checkpoint's tensor names start with before `model.`
+    /// (`language_model.` in multimodal Llama 4 checkpoints).
+    pub tensor_prefix: String,
     /// Which decoder layers have an MoE block (the others are dense MLPs).
     moe_layers: Vec<bool>,
 }
@@ -129,6 +136,11 @@ struct RawConfig {
     router_jitter_noise: Option<f32>,
     #[serde(default)]
     shared_intermediate_size: Option<usize>,
+    /// Llama 4's explicit list (Qwen's `mlp_only_layers` is the opposite).
+    #[serde(default, rename = "moe_layers")]
+    llama4_moe_layers: Option<Vec<usize>>,
+    #[serde(default)]
+    interleave_moe_layer_step: Option<usize>,
     #[serde(default)]
     swiglu_alpha: Option<f32>,
     #[serde(default)]
@@ -157,7 +169,8 @@ fn experts_field(family: Family) -> &'static str {
         | Family::Phimoe
         | Family::GraniteMoe
         | Family::GraniteMoeShared
-        | Family::GptOss => "num_local_experts",
+        | Family::GptOss
+        | Family::Llama4Text => "num_local_experts",
         Family::Dbrx => "ffn_config.moe_num_experts",
         Family::Qwen2Moe | Family::Qwen3Moe | Family::Olmoe => "num_experts",
         Family::DeepseekV2 | Family::DeepseekV3 | Family::Glm4Moe => "n_routed_experts",
@@ -451,12 +464,20 @@ impl ModelConfig {
     pub fn from_json(text: &str) -> CoreResult<Self> {
         let to_config_error = |error: serde_json::Error| CoreError::Config(error.to_string());
         let mut value: serde_json::Value = serde_json::from_str(text).map_err(to_config_error)?;
-        if let Some(object) = value.as_object_mut()
-            && object.get("model_type").and_then(|kind| kind.as_str()) == Some("dbrx")
-        {
-            every_layer_families::flatten_dbrx(object)?;
+        let mut tensor_prefix = "";
+        if let Some(object) = value.as_object_mut() {
+            match object.get("model_type").and_then(|kind| kind.as_str()) {
+                Some("dbrx") => every_layer_families::flatten_dbrx(object)?,
+                Some("llama4") => {
+                    llama4::lift_text_config(object)?;
+                    tensor_prefix = llama4::MULTIMODAL_PREFIX;
+                }
+                _ => {}
+            }
         }
-        Self::from_raw(serde_json::from_value(value).map_err(to_config_error)?)
+        let mut config = Self::from_raw(serde_json::from_value(value).map_err(to_config_error)?)?;
+        config.tensor_prefix = tensor_prefix.into();
+        Ok(config)
     }
 
     fn from_raw(raw: RawConfig) -> CoreResult<Self> {
@@ -471,6 +492,7 @@ impl ModelConfig {
                 raw.every_layer_family_fields(family)?
             }
             Family::GptOss => raw.gpt_oss_fields()?,
+            Family::Llama4Text => raw.llama4_fields()?,
         };
         let (expert_activation, expert_biases) = raw.expert_activation(family)?;
         if !fields.moe_layers.contains(&true) {
@@ -498,6 +520,8 @@ impl ModelConfig {
                 .transpose()?,
             expert_activation,
             expert_biases,
+            weights_scale_input: family == Family::Llama4Text,
+            tensor_prefix: String::new(),
             moe_layers: fields.moe_layers,
         })
     }

@@ -165,6 +165,24 @@ fn top_k_softmax(top_k: usize, scratch: &mut Scratch) {
     );
 }
 
+/// Llama 4: the top-k logits, each expert weighted by its logit's sigmoid
+/// (a weight its input is multiplied by), not renormalised.
+fn sigmoid_top_k(top_k: usize, scratch: &mut Scratch) {
+    let Scratch {
+        logits,
+        order,
+        chosen,
+        ..
+    } = scratch;
+    top_k_into(logits, top_k, order);
+    chosen.clear();
+    chosen.extend(
+        order
+            .iter()
+            .map(|&expert| (expert as u32, sigmoid(logits[expert]))),
+    );
+}
+
 /// PhiMoE's sparsemixer, as transformers computes it in eval mode: the best
 /// expert, weighted by the softmax over the logits within `2 · jitter_eps`
 /// of the best (relatively: `(best − l) / max(|l|, best)`), then the best
@@ -264,6 +282,7 @@ impl Gate {
                     top_k_softmax(self.top_k, &mut scratch)
                 }
                 Family::Phimoe => sparsemixer(self.router_jitter_noise, &mut scratch),
+                Family::Llama4Text => sigmoid_top_k(self.top_k, &mut scratch),
                 Family::DeepseekV3 | Family::Glm4Moe => self.sigmoid_group_top_k(&mut scratch),
                 Family::DeepseekV2 => self.softmax_group_top_k(&mut scratch),
             }

@@ -101,6 +101,10 @@ impl Checkpoint {
             | Family::Olmoe
             | Family::Glm4Moe
             | Family::GptOss => format!("model.layers.{layer}.mlp"),
+            Family::Llama4Text => format!(
+                "{}model.layers.{layer}.feed_forward",
+                self.config.tensor_prefix
+            ),
         }
     }
 
@@ -111,7 +115,7 @@ impl Checkpoint {
             Family::GraniteMoe | Family::GraniteMoeShared | Family::Dbrx => {
                 format!("{prefix}.router.layer.weight")
             }
-            Family::GptOss => format!("{prefix}.router.weight"),
+            Family::GptOss | Family::Llama4Text => format!("{prefix}.router.weight"),
             _ => format!("{prefix}.gate.weight"),
         }
     }
@@ -161,7 +165,7 @@ impl Checkpoint {
                     let shared = format!("model.layers.{layer}.shared_mlp");
                     fused_gate_up(&shared, 0, 1, [hidden, intermediate])
                 }
-                Family::Qwen2Moe => matrices(
+                Family::Qwen2Moe | Family::Llama4Text => matrices(
                     ["gate_proj", "up_proj", "down_proj"]
                         .map(|proj| format!("{prefix}.shared_expert.{proj}.weight")),
                 ),
@@ -205,6 +209,28 @@ impl Checkpoint {
                 ]
             }
             Family::GptOss => self.gpt_oss_projections(&prefix, index, [hidden, intermediate]),
+            // `gate_up_proj [E, hidden, 2 · intermediate]`, gate columns
+            // first, and `down_proj [E, intermediate, hidden]`, used as `x · W`.
+            Family::Llama4Text => {
+                let used_as_x_w = |tensor: &str, [rows, columns]: [usize; 2], first| Projection {
+                    tensor: format!("{prefix}.experts.{tensor}"),
+                    layout: ProjectionLayout::Stacked {
+                        expert: index,
+                        experts,
+                        rows,
+                        columns,
+                        transposed: true,
+                        first,
+                        step: 1,
+                    },
+                };
+                let gate_up = [hidden, 2 * intermediate];
+                [
+                    used_as_x_w("gate_up_proj", gate_up, 0),
+                    used_as_x_w("gate_up_proj", gate_up, intermediate),
+                    used_as_x_w("down_proj", [intermediate, hidden], 0),
+                ]
+            }
             _ => matrices(
                 ["gate_proj", "up_proj", "down_proj"]
                     .map(|proj| format!("{prefix}.experts.{expert}.{proj}.weight")),

@@ -39,6 +39,10 @@ pub enum Family {
     /// `gpt_oss`: softmax over the top-k logits of a biased router;
     /// experts with biases and a clamped SwiGLU, in MXFP4 as published.
     GptOss,
+    /// `llama4_text` (and the text model of `llama4`): the sigmoid of each
+    /// top-k logit scales the expert's input; a shared expert with weight
+    /// one; experts stacked as `x · W`.
+    Llama4Text,
 }
 
 impl Family {
@@ -57,10 +61,11 @@ impl Family {
             "granitemoeshared" => Ok(Self::GraniteMoeShared),
             "dbrx" => Ok(Self::Dbrx),
             "gpt_oss" => Ok(Self::GptOss),
+            "llama4_text" => Ok(Self::Llama4Text),
             other => Err(CoreError::Config(format!(
                 "model_type {other:?} is not supported; expected mixtral, qwen2_moe, qwen3_moe, \
                  deepseek_v2, deepseek_v3, glm4_moe, olmoe, phimoe, granitemoe, granitemoeshared, \
-                 dbrx or gpt_oss"
+                 dbrx, gpt_oss or llama4 / llama4_text"
             ))),
         }
     }
@@ -80,6 +85,7 @@ impl Family {
             Self::GraniteMoeShared => "granitemoeshared",
             Self::Dbrx => "dbrx",
             Self::GptOss => "gpt_oss",
+            Self::Llama4Text => "llama4_text",
         }
     }
 }
