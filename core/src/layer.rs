@@ -4,7 +4,9 @@
 use std::sync::Arc;
 
 use crate::CoreResult;
-use crate::compute::{ComputeBackend, Expert, ExpertWork, add_weighted, weighted_inputs};
+use crate::compute::{
+    ComputeBackend, Expert, ExpertWork, add_weighted, add_zero_experts, weighted_inputs,
+};
 use crate::model::checkpoint::Checkpoint;
 use crate::model::config::ModelConfig;
 use crate::model::gating::{Gate, Routing};
@@ -20,8 +22,13 @@ struct ExpertTokens {
 /// Per expert id (shared expert last), the tokens routed to it.
 fn tokens_per_expert(routing: &Routing, experts_per_layer: usize) -> Vec<ExpertTokens> {
     let mut per_expert = vec![ExpertTokens::default(); experts_per_layer];
+    let routed = experts_per_layer - usize::from(routing.shared_weights.is_some());
     for token in 0..routing.tokens() {
-        for (expert, weight) in routing.token(token) {
+        // Zero experts (LongCat-Flash's, ids from `routed` on) are added apart.
+        for (expert, weight) in routing
+            .token(token)
+            .filter(|&(expert, _)| (expert as usize) < routed)
+        {
             per_expert[expert as usize].rows.push(token as u32);
             per_expert[expert as usize].weights.push(weight);
         }
@@ -102,8 +109,13 @@ impl MoeLayer {
                 weights: &tokens.weights,
             })
             .collect();
-        self.backend
-            .run_experts(hidden, self.config.hidden_size, &work)
+        let width = self.config.hidden_size;
+        let mut output = self.backend.run_experts(hidden, width, &work)?;
+        if self.config.zero_experts > 0 {
+            let picks = routing.zero_expert_picks(self.config.num_experts);
+            add_zero_experts(&mut output, hidden, width, &picks);
+        }
+        Ok(output)
     }
 
     /// Llama 4: each expert computes on its tokens' rows multiplied by

@@ -149,13 +149,22 @@ pub struct Pair {
 
 /// The pairs of `routing`, token by token, each token's routed experts in
 /// order and then the shared expert (`shared_expert`) if the model has one.
-pub fn routing_pairs(routing: &Routing, shared_expert: Option<u32>) -> Vec<Pair> {
+/// Zero experts (LongCat-Flash's, ids from `routed_experts` on) are not
+/// pairs: no node computes them ([`moemesh_core::compute::add_zero_experts`]).
+pub fn routing_pairs(
+    routing: &Routing,
+    shared_expert: Option<u32>,
+    routed_experts: usize,
+) -> Vec<Pair> {
     let mut pairs = Vec::with_capacity(routing.experts.len() + routing.tokens());
     for token in 0..routing.tokens() {
         let shared = shared_expert
             .zip(routing.shared_weights.as_ref())
             .map(|(expert, weights)| (expert, weights[token]));
-        for (expert, weight) in routing.token(token).chain(shared) {
+        let routed = routing
+            .token(token)
+            .filter(|&(expert, _)| (expert as usize) < routed_experts);
+        for (expert, weight) in routed.chain(shared) {
             pairs.push(Pair {
                 token: token as u32,
                 expert,
@@ -181,7 +190,7 @@ pub fn split_by_node(
     picker: &mut ReplicaPicker,
 ) -> Result<Vec<NodeBatch>, Vec<u32>> {
     let splitter = PairSplitter::new(routing, hidden, hidden_size, replicas);
-    let pairs = routing_pairs(routing, splitter.shared_expert);
+    let pairs = routing_pairs(routing, splitter.shared_expert, splitter.routed_experts());
     let every_node = vec![false; picker.nodes()];
     let choice = ReplicaChoice {
         excluded: &every_node,
@@ -242,6 +251,11 @@ impl<'a> PairSplitter<'a> {
             replicas,
             shared_expert,
         }
+    }
+
+    /// The routed experts the placement holds (the shared expert aside).
+    pub fn routed_experts(&self) -> usize {
+        self.replicas.len() - usize::from(self.shared_expert.is_some())
     }
 
     /// [`split_by_node`] for `pairs` (grouped by ascending token), each
@@ -483,7 +497,7 @@ mod tests {
         };
         let replicas = vec![vec![0, 1], vec![1], vec![1, 2]];
         let splitter = PairSplitter::new(&routing, &[1.0], 1, &replicas);
-        let pairs = routing_pairs(&routing, None);
+        let pairs = routing_pairs(&routing, None, replicas.len());
         let experts_per_node = |choice: ReplicaChoice<'_>| {
             splitter
                 .split(&pairs, &mut picker(3), choice)

@@ -144,7 +144,7 @@ impl LayerFanOut {
         };
         let splitter = PairSplitter::new(routing, hidden, self.hidden_size, replicas);
         self.shared_expert = splitter.shared_expert;
-        let pairs = routing_pairs(routing, splitter.shared_expert);
+        let pairs = routing_pairs(routing, splitter.shared_expert, splitter.routed_experts());
         let none_failed = vec![false; self.avoided.len()];
         let choice = ReplicaChoice {
             excluded: &none_failed,

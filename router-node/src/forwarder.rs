@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
+use moemesh_core::compute::add_zero_experts;
 use moemesh_core::model::checkpoint::Checkpoint;
 use moemesh_core::model::config::ModelConfig;
 use moemesh_core::model::gating::{Gate, Routing};
@@ -230,7 +231,7 @@ impl LayerForwarder {
             top_k,
             expert_ids,
             weights,
-            self.config.num_experts,
+            self.config.gate_experts(),
             self.config.top_k,
         )?;
         self.forward_routed_rows(layer, rows, routing, deadline)
@@ -277,6 +278,7 @@ impl LayerForwarder {
         F: FnOnce(&[f32], usize) -> RouterResult<Routing> + Send + 'static,
     {
         let hidden_size = self.config.hidden_size;
+        let (num_experts, zero_experts) = (self.config.num_experts, self.config.zero_experts);
         if rows.rows == 0 {
             return Ok(LayerOutput::default());
         }
@@ -290,8 +292,12 @@ impl LayerForwarder {
             };
             load.count(layer, &routing);
             metrics.count_routed(layer, routing.tokens(), routing.experts.len());
+            let zero_picks = match zero_experts {
+                0 => Vec::new(),
+                _ => routing.zero_expert_picks(num_experts),
+            };
             let batches = fanout.split(&routing, &rows.values);
-            (rows, batches, fanout)
+            (rows, batches.map(|batches| (batches, zero_picks)), fanout)
         };
         // Gating and splitting are CPU work: large batches leave the async
         // workers for it; a decode step's few tokens take less than the
@@ -303,14 +309,15 @@ impl LayerForwarder {
                 .await
                 .map_err(|error| RouterError::Internal(format!("routing panicked: {error}")))?
         };
-        let batches = batches?;
+        let (batches, zero_picks) = batches?;
         let node_sends: usize = batches.iter().map(|batch| batch.tokens.len()).sum();
         let bytes_sent = node_sends * hidden_size * size_of::<f32>();
         self.load.count_dispatch(rows.rows, node_sends, bytes_sent);
         self.metrics.count_bytes_sent(bytes_sent);
-        let output = fanout
+        let mut output = fanout
             .run(&self.fanout, &rows.values, batches, deadline)
             .await?;
+        add_zero_experts(&mut output.rows, &rows.values, hidden_size, &zero_picks);
         // Finite partial sums from the nodes can still add up to infinity.
         moemesh_proto::codec::check_no_overflow(&output.rows, hidden_size)?;
         Ok(output)

@@ -40,7 +40,7 @@ pub fn fixture_dir(name: &str) -> PathBuf {
 }
 
 /// Every golden fixture: (directory name, what it covers).
-pub const FIXTURES: [&str; 17] = [
+pub const FIXTURES: [&str; 18] = [
     "mixtral",
     "mixtral_bf16_sharded",
     "qwen2_moe",
@@ -58,6 +58,7 @@ pub const FIXTURES: [&str; 17] = [
     "gpt_oss_mxfp4",
     "gpt_oss_bf16",
     "llama4_text",
+    "longcat_flash",
 ];
 
 /// A golden case: a checkpoint and, per MoE layer, transformers' input and output.

@@ -2,7 +2,7 @@
 //! and a layer's output for a given routing computed in this process.
 
 use moemesh_core::compute::{
-    ComputeBackend, CpuBackend, Expert, ExpertWork, add_weighted, weighted_inputs,
+    ComputeBackend, CpuBackend, Expert, ExpertWork, add_weighted, add_zero_experts, weighted_inputs,
 };
 use moemesh_core::model::config::ModelConfig;
 use moemesh_core::model::gating::Routing;
@@ -99,7 +99,11 @@ pub fn in_process_parts(
     };
     let mut per_expert = vec![(Vec::new(), Vec::new()); config.num_experts];
     for token in 0..routing.tokens() {
-        for (expert, weight) in routing.token(token) {
+        // Zero experts (ids from num_experts on) are added below.
+        let routed = routing
+            .token(token)
+            .filter(|&(expert, _)| (expert as usize) < config.num_experts);
+        for (expert, weight) in routed {
             per_expert[expert as usize].0.push(token as u32);
             per_expert[expert as usize].1.push(weight);
         }
@@ -109,7 +113,9 @@ pub fn in_process_parts(
         .iter()
         .map(|expert| expert.as_ref())
         .collect();
-    let routed = combine(&backend, config, input, &experts, &per_expert);
+    let mut routed = combine(&backend, config, input, &experts, &per_expert);
+    let zero_picks = routing.zero_expert_picks(config.num_experts);
+    add_zero_experts(&mut routed, input, config.hidden_size, &zero_picks);
     let shared = match (config.shared_expert_id(), &routing.shared_weights) {
         (Some(id), Some(weights)) => {
             let expert = load(id);

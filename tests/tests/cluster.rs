@@ -59,21 +59,39 @@ fn in_process_output_of_a_token_does_not_depend_on_its_batch() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_output_of_a_request_does_not_depend_on_its_batch() {
-    let fixture = Fixture::open("deepseek_v3");
+    // DeepSeek-V3, and the families whose nodes or routers weight experts
+    // differently: Llama 4 (weights scale the input on the nodes),
+    // LongCat-Flash (the router adds the zero experts).
+    for (name, rounds) in [
+        ("deepseek_v3", 12),
+        ("llama4_text", 4),
+        ("longcat_flash", 4),
+    ] {
+        a_requests_output_does_not_depend_on_its_batch(name, rounds).await;
+    }
+}
+
+async fn a_requests_output_does_not_depend_on_its_batch(name: &str, rounds: usize) {
+    let fixture = Fixture::open(name);
     let hidden = fixture.hidden_size();
+    let layer = *fixture.cases.keys().min().unwrap() as u32;
     let cluster = ClusterSandbox::start(&fixture.dir, 3, partly_replicated(&fixture.dir)).await;
     let mut client = cluster.client().await;
     let mut rng = rand::rngs::StdRng::seed_from_u64(12);
-    for _ in 0..12 {
+    for _ in 0..rounds {
         let victim_tokens = rng.random_range(1..4);
         let victim = random_rows(&mut rng, victim_tokens, hidden);
-        let alone = client.forward_f32("", 1, &victim, hidden).await.unwrap();
+        let alone = client
+            .forward_f32("", layer, &victim, hidden)
+            .await
+            .unwrap();
         let others = rng.random_range(1..100);
         let (batch, position) = batch_around(&mut rng, &victim, hidden, others);
-        let together = client.forward_f32("", 1, &batch, hidden).await.unwrap();
+        let together = client.forward_f32("", layer, &batch, hidden).await.unwrap();
         assert_eq!(
             &together[position * hidden..(position + victim_tokens) * hidden],
-            &alone[..]
+            &alone[..],
+            "{name}"
         );
         // And while other requests run concurrently.
         let mut concurrent = Vec::new();
@@ -82,10 +100,13 @@ async fn cluster_output_of_a_request_does_not_depend_on_its_batch() {
             let other_tokens = rng.random_range(1..64);
             let other = random_rows(&mut rng, other_tokens, hidden);
             concurrent.push(tokio::spawn(async move {
-                other_client.forward_f32("", 1, &other, hidden).await
+                other_client.forward_f32("", layer, &other, hidden).await
             }));
         }
-        let again = client.forward_f32("", 1, &victim, hidden).await.unwrap();
+        let again = client
+            .forward_f32("", layer, &victim, hidden)
+            .await
+            .unwrap();
         assert_eq!(again, alone);
         for task in concurrent {
             task.await.unwrap().unwrap();

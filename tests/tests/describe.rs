@@ -68,10 +68,15 @@ fn expected_fingerprints(dir: &Path) -> BTreeMap<usize, Vec<u8>> {
             let Some(layer) = layer_of(&tensor) else {
                 continue;
             };
-            let router_weight = [".gate.weight", ".router.layer.weight", ".router.weight"];
+            let router_weight = [
+                ".gate.weight",
+                ".router.layer.weight",
+                ".router.weight",
+                ".router.classifier.weight",
+            ];
             if router_weight.iter().any(|suffix| tensor.ends_with(suffix)) {
                 assert!(weights.insert(layer, values()).is_none(), "{tensor}");
-            } else if tensor.ends_with(".gate.e_score_correction_bias")
+            } else if tensor.ends_with(".e_score_correction_bias")
                 || tensor.ends_with(".router.bias")
             {
                 assert!(biases.insert(layer, values()).is_none(), "{tensor}");

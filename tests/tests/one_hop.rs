@@ -98,7 +98,7 @@ fn malformed_requests(
     layer: u32,
     input: &[f32],
 ) -> Vec<(&'static str, u32, Vec<f32>, Routing)> {
-    let (hidden, top_k, experts) = (config.hidden_size, config.top_k, config.num_experts);
+    let (hidden, top_k, experts) = (config.hidden_size, config.top_k, config.gate_experts());
     let good = Routing {
         top_k,
         experts: (0..2 * top_k as u32)

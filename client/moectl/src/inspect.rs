@@ -229,6 +229,12 @@ fn routing_text(config: &ModelConfig) -> String {
     if config.expert_biases {
         text += ", with biases";
     }
+    if config.zero_experts > 0 {
+        text += &format!(
+            " and {} zero (identity) experts the router adds itself",
+            config.zero_experts
+        );
+    }
     if config.weights_scale_input {
         text += ", each weight (its logit's sigmoid) scaling the expert's input";
     }

@@ -165,6 +165,16 @@ pub fn add_weighted(sum: &mut [f32], value: &[f32], weight: f32) {
     }
 }
 
+/// Adds zero experts' outputs (LongCat-Flash's identity experts: a row's
+/// input times the pick's weight) for `picks` of (row, weight), after the
+/// routed experts', as transformers adds them (their ids come last).
+pub fn add_zero_experts(output: &mut [f32], input: &[f32], width: usize, picks: &[(u32, f32)]) {
+    for &(row, weight) in picks {
+        let row = row as usize * width..(row as usize + 1) * width;
+        add_weighted(&mut output[row.clone()], &input[row], weight);
+    }
+}
+
 /// `value · weight`, element by element, in place (see [`add_weighted`]:
 /// adding the result to zero gives the same bits as adding it directly).
 pub fn scale_by_weight(values: &mut [f32], weight: f32) {

@@ -10,6 +10,7 @@ mod every_layer_families;
 mod family;
 mod gpt_oss;
 mod llama4;
+mod longcat;
 mod quantization;
 
 pub use family::Family;
@@ -84,6 +85,10 @@ pub struct ModelConfig {
     /// Whether a routing weight multiplies the expert's input rather than
     /// its output (Llama 4): the expert computes `f(w · x)`.
     pub weights_scale_input: bool,
+    /// LongCat-Flash's zero (identity) experts: ids `num_experts ..
+    /// num_experts + zero_experts` in a routing; their output is their
+    /// input. Routers add them; expert nodes never see them.
+    pub zero_experts: usize,
     /// What the checkpoint's tensor names start with before `model.`
     /// (`language_model.` in multimodal Llama 4 checkpoints).
     pub tensor_prefix: String,
@@ -142,6 +147,10 @@ struct RawConfig {
     #[serde(default)]
     interleave_moe_layer_step: Option<usize>,
     #[serde(default)]
+    zero_expert_num: Option<usize>,
+    #[serde(default)]
+    zero_expert_type: Option<String>,
+    #[serde(default)]
     swiglu_alpha: Option<f32>,
     #[serde(default)]
     swiglu_limit: Option<f32>,
@@ -173,7 +182,9 @@ fn experts_field(family: Family) -> &'static str {
         | Family::Llama4Text => "num_local_experts",
         Family::Dbrx => "ffn_config.moe_num_experts",
         Family::Qwen2Moe | Family::Qwen3Moe | Family::Olmoe => "num_experts",
-        Family::DeepseekV2 | Family::DeepseekV3 | Family::Glm4Moe => "n_routed_experts",
+        Family::DeepseekV2 | Family::DeepseekV3 | Family::Glm4Moe | Family::LongcatFlash => {
+            "n_routed_experts"
+        }
     }
 }
 
@@ -468,6 +479,7 @@ impl ModelConfig {
         if let Some(object) = value.as_object_mut() {
             match object.get("model_type").and_then(|kind| kind.as_str()) {
                 Some("dbrx") => every_layer_families::flatten_dbrx(object)?,
+                Some("longcat_flash") => longcat::rename_longcat_fields(object)?,
                 Some("llama4") => {
                     llama4::lift_text_config(object)?;
                     tensor_prefix = llama4::MULTIMODAL_PREFIX;
@@ -493,6 +505,7 @@ impl ModelConfig {
             }
             Family::GptOss => raw.gpt_oss_fields()?,
             Family::Llama4Text => raw.llama4_fields()?,
+            Family::LongcatFlash => raw.longcat_fields(num_experts)?,
         };
         let (expert_activation, expert_biases) = raw.expert_activation(family)?;
         if !fields.moe_layers.contains(&true) {
@@ -521,6 +534,7 @@ impl ModelConfig {
             expert_activation,
             expert_biases,
             weights_scale_input: family == Family::Llama4Text,
+            zero_experts: raw.zero_experts(family),
             tensor_prefix: String::new(),
             moe_layers: fields.moe_layers,
         })
@@ -547,6 +561,12 @@ impl ModelConfig {
     /// after the routed experts.
     pub fn shared_expert_id(&self) -> Option<u32> {
         self.has_shared_expert().then_some(self.num_experts as u32)
+    }
+
+    /// The experts the router's softmax spans: the routed ones and
+    /// LongCat-Flash's zero experts.
+    pub fn gate_experts(&self) -> usize {
+        self.num_experts + self.zero_experts
     }
 
     /// Returns the number of addressable experts per layer, shared included.

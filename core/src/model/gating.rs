@@ -24,6 +24,19 @@ impl Routing {
         self.experts.len().checked_div(self.top_k).unwrap_or(0)
     }
 
+    /// Every pick of a zero expert (an id from `num_experts` on:
+    /// LongCat-Flash's identity experts) as (token, weight), by token and
+    /// then expert id.
+    pub fn zero_expert_picks(&self, num_experts: usize) -> Vec<(u32, f32)> {
+        (0..self.tokens())
+            .flat_map(|token| {
+                self.token(token)
+                    .filter(move |&(expert, _)| expert as usize >= num_experts)
+                    .map(move |(_, weight)| (token as u32, weight))
+            })
+            .collect()
+    }
+
     /// Returns the (expert, weight) pairs of one token.
     pub fn token(&self, token: usize) -> impl Iterator<Item = (u32, f32)> + '_ {
         let range = token * self.top_k..(token + 1) * self.top_k;
@@ -235,12 +248,12 @@ impl Gate {
     pub fn new(config: &ModelConfig, weights: GateWeights) -> Self {
         debug_assert_eq!(
             weights.weight.len(),
-            config.num_experts * config.hidden_size
+            config.gate_experts() * config.hidden_size
         );
         Self {
             family: config.family,
             hidden_size: config.hidden_size,
-            num_experts: config.num_experts,
+            num_experts: config.gate_experts(),
             top_k: config.top_k,
             norm_topk_prob: config.norm_topk_prob,
             group_limit: config.group_limit,
@@ -283,6 +296,7 @@ impl Gate {
                 }
                 Family::Phimoe => sparsemixer(self.router_jitter_noise, &mut scratch),
                 Family::Llama4Text => sigmoid_top_k(self.top_k, &mut scratch),
+                Family::LongcatFlash => self.softmax_biased_top_k(&mut scratch),
                 Family::DeepseekV3 | Family::Glm4Moe => self.sigmoid_group_top_k(&mut scratch),
                 Family::DeepseekV2 => self.softmax_group_top_k(&mut scratch),
             }
@@ -324,6 +338,33 @@ impl Gate {
             let sum: f32 = chosen.iter().map(|&(_, weight)| weight).sum();
             chosen.iter_mut().for_each(|(_, weight)| *weight /= sum);
         }
+    }
+
+    /// LongCat-Flash: softmax over the routed and zero experts; the
+    /// selection-only bias picks the top-k; the chosen probabilities,
+    /// not renormalised, times `routed_scaling_factor`.
+    fn softmax_biased_top_k(&self, scratch: &mut Scratch) {
+        let Scratch {
+            logits,
+            scores: probs,
+            scores_for_choice,
+            order,
+            chosen,
+            ..
+        } = scratch;
+        softmax_into(logits, probs);
+        scores_for_choice.clear();
+        scores_for_choice.extend_from_slice(probs);
+        if let Some(bias) = &self.weights.score_correction_bias {
+            add_bias(scores_for_choice, bias);
+        }
+        top_k_into(scores_for_choice, self.top_k, order);
+        chosen.clear();
+        chosen.extend(
+            order
+                .iter()
+                .map(|&expert| (expert as u32, probs[expert] * self.routed_scaling_factor)),
+        );
     }
 
     /// DeepSeek-V2: softmax over all experts; with `group_limited_greedy`

@@ -440,11 +440,16 @@ impl Checkpoint {
         let prefix = self.layer_prefix(layer);
         let config = &self.config;
         let hidden = config.hidden_size;
-        let weight = self.load_f32(&self.gate_tensor_name(layer), &[config.num_experts, hidden])?;
+        let gate_experts = config.gate_experts();
+        let weight = self.load_f32(&self.gate_tensor_name(layer), &[gate_experts, hidden])?;
         let score_correction_bias = match config.family {
             Family::DeepseekV3 | Family::Glm4Moe => Some(self.load_f32(
                 &format!("{prefix}.gate.e_score_correction_bias"),
-                &[config.num_experts],
+                &[gate_experts],
+            )?),
+            Family::LongcatFlash => Some(self.load_f32(
+                &format!("{prefix}.router.e_score_correction_bias"),
+                &[gate_experts],
             )?),
             _ => None,
         };

@@ -100,7 +100,8 @@ impl Checkpoint {
             | Family::DeepseekV3
             | Family::Olmoe
             | Family::Glm4Moe
-            | Family::GptOss => format!("model.layers.{layer}.mlp"),
+            | Family::GptOss
+            | Family::LongcatFlash => format!("model.layers.{layer}.mlp"),
             Family::Llama4Text => format!(
                 "{}model.layers.{layer}.feed_forward",
                 self.config.tensor_prefix
@@ -116,6 +117,9 @@ impl Checkpoint {
                 format!("{prefix}.router.layer.weight")
             }
             Family::GptOss | Family::Llama4Text => format!("{prefix}.router.weight"),
+            // Its `classifier.bias`, where there is one, is unused, as in
+            // transformers' `LongcatFlashTopkRouter`.
+            Family::LongcatFlash => format!("{prefix}.router.classifier.weight"),
             _ => format!("{prefix}.gate.weight"),
         }
     }
@@ -182,54 +186,10 @@ impl Checkpoint {
             Family::GraniteMoe | Family::GraniteMoeShared => {
                 fused_gate_up(&prefix, index, experts, [hidden, intermediate])
             }
-            Family::Dbrx => {
-                let stacked = |proj: &str| format!("{prefix}.experts.mlp.{proj}");
-                let slice = [intermediate, hidden];
-                [
-                    Projection {
-                        tensor: stacked("w1"),
-                        layout: ProjectionLayout::rows_of(index, experts, slice, 0),
-                    },
-                    Projection {
-                        tensor: stacked("v1"),
-                        layout: ProjectionLayout::rows_of(index, experts, slice, 0),
-                    },
-                    Projection {
-                        tensor: stacked("w2"),
-                        layout: ProjectionLayout::Stacked {
-                            expert: index,
-                            experts,
-                            rows: intermediate,
-                            columns: hidden,
-                            transposed: true,
-                            first: 0,
-                            step: 1,
-                        },
-                    },
-                ]
-            }
+            Family::Dbrx => dbrx_projections(&prefix, index, experts, [hidden, intermediate]),
             Family::GptOss => self.gpt_oss_projections(&prefix, index, [hidden, intermediate]),
-            // `gate_up_proj [E, hidden, 2 · intermediate]`, gate columns
-            // first, and `down_proj [E, intermediate, hidden]`, used as `x · W`.
             Family::Llama4Text => {
-                let used_as_x_w = |tensor: &str, [rows, columns]: [usize; 2], first| Projection {
-                    tensor: format!("{prefix}.experts.{tensor}"),
-                    layout: ProjectionLayout::Stacked {
-                        expert: index,
-                        experts,
-                        rows,
-                        columns,
-                        transposed: true,
-                        first,
-                        step: 1,
-                    },
-                };
-                let gate_up = [hidden, 2 * intermediate];
-                [
-                    used_as_x_w("gate_up_proj", gate_up, 0),
-                    used_as_x_w("gate_up_proj", gate_up, intermediate),
-                    used_as_x_w("down_proj", [intermediate, hidden], 0),
-                ]
+                llama4_projections(&prefix, index, experts, [hidden, intermediate])
             }
             _ => matrices(
                 ["gate_proj", "up_proj", "down_proj"]
@@ -526,5 +486,67 @@ fn fused_gate_up(
             tensor: format!("{prefix}.output_linear.weight"),
             layout: ProjectionLayout::rows_of(expert, experts, [hidden, intermediate], 0),
         },
+    ]
+}
+
+/// DBRX's experts: `w1` (gate) and `v1` (up) stack `[intermediate,
+/// hidden]` per expert; `w2` stacks `[intermediate, hidden]` used as `x · W`.
+fn dbrx_projections(
+    prefix: &str,
+    index: usize,
+    experts: usize,
+    [hidden, intermediate]: [usize; 2],
+) -> [Projection; 3] {
+    let stacked = |proj: &str| format!("{prefix}.experts.mlp.{proj}");
+    let slice = [intermediate, hidden];
+    [
+        Projection {
+            tensor: stacked("w1"),
+            layout: ProjectionLayout::rows_of(index, experts, slice, 0),
+        },
+        Projection {
+            tensor: stacked("v1"),
+            layout: ProjectionLayout::rows_of(index, experts, slice, 0),
+        },
+        Projection {
+            tensor: stacked("w2"),
+            layout: ProjectionLayout::Stacked {
+                expert: index,
+                experts,
+                rows: intermediate,
+                columns: hidden,
+                transposed: true,
+                first: 0,
+                step: 1,
+            },
+        },
+    ]
+}
+
+/// Llama 4's experts: `gate_up_proj [E, hidden, 2 · intermediate]`, gate
+/// columns first, and `down_proj [E, intermediate, hidden]`, used as `x · W`.
+fn llama4_projections(
+    prefix: &str,
+    index: usize,
+    experts: usize,
+    [hidden, intermediate]: [usize; 2],
+) -> [Projection; 3] {
+    let used_as_x_w = |tensor: &str, [rows, columns]: [usize; 2], first| Projection {
+        tensor: format!("{prefix}.experts.{tensor}"),
+        layout: ProjectionLayout::Stacked {
+            expert: index,
+            experts,
+            rows,
+            columns,
+            transposed: true,
+            first,
+            step: 1,
+        },
+    };
+    let gate_up = [hidden, 2 * intermediate];
+    [
+        used_as_x_w("gate_up_proj", gate_up, 0),
+        used_as_x_w("gate_up_proj", gate_up, intermediate),
+        used_as_x_w("down_proj", [intermediate, hidden], 0),
     ]
 }

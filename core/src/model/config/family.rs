@@ -43,6 +43,9 @@ pub enum Family {
     /// top-k logit scales the expert's input; a shared expert with weight
     /// one; experts stacked as `x · W`.
     Llama4Text,
+    /// `longcat_flash`: softmax over the routed and the zero (identity)
+    /// experts, a selection-only bias, weights times a scaling factor.
+    LongcatFlash,
 }
 
 impl Family {
@@ -62,10 +65,11 @@ impl Family {
             "dbrx" => Ok(Self::Dbrx),
             "gpt_oss" => Ok(Self::GptOss),
             "llama4_text" => Ok(Self::Llama4Text),
+            "longcat_flash" => Ok(Self::LongcatFlash),
             other => Err(CoreError::Config(format!(
                 "model_type {other:?} is not supported; expected mixtral, qwen2_moe, qwen3_moe, \
                  deepseek_v2, deepseek_v3, glm4_moe, olmoe, phimoe, granitemoe, granitemoeshared, \
-                 dbrx, gpt_oss or llama4 / llama4_text"
+                 dbrx, gpt_oss, llama4 / llama4_text or longcat_flash"
             ))),
         }
     }
@@ -86,6 +90,7 @@ impl Family {
             Self::Dbrx => "dbrx",
             Self::GptOss => "gpt_oss",
             Self::Llama4Text => "llama4_text",
+            Self::LongcatFlash => "longcat_flash",
         }
     }
 }
