@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Greedy generation with a transformers model whose experts run on moemesh.
 
-For each model family moemesh serves, this builds a tiny random model,
+For each model family moemesh.attach covers (every family moemesh serves but
+Llama 4, whose experts take inputs already scaled by their weights), this
+builds a tiny random model,
 saves it with `save_pretrained`, serves it with `moemesh up --model DIR`,
 and generates 8 tokens greedily from a fixed prompt twice: with the model
 all local, then after `moemesh.attach(model, client)` (routed experts on
@@ -94,10 +96,48 @@ def tiny_config(family):
             routed_scaling_factor=16.0, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16,
             qk_rope_head_dim=8, v_head_dim=16,
         )
+    return tiny_config_of_the_newer_families(family)
+
+
+def tiny_config_of_the_newer_families(family):
+    """`tiny_config` for PhiMoE, Granite MoE, DBRX, gpt-oss and LongCat-Flash."""
+    if family == "phimoe":
+        return transformers.PhimoeConfig(
+            **COMMON, intermediate_size=96, num_hidden_layers=2, num_local_experts=8,
+            num_experts_per_tok=2, router_jitter_noise=0.1,
+        )
+    if family in ("granitemoe", "granitemoeshared"):
+        shared = family == "granitemoeshared"
+        config_class = transformers.GraniteMoeSharedConfig if shared else transformers.GraniteMoeConfig
+        return config_class(
+            **COMMON, intermediate_size=32, num_hidden_layers=2, num_local_experts=8,
+            num_experts_per_tok=3, **({"shared_intermediate_size": 80} if shared else {}),
+        )
+    if family == "dbrx":
+        return transformers.DbrxConfig(
+            vocab_size=COMMON["vocab_size"], d_model=COMMON["hidden_size"], n_heads=4, n_layers=2,
+            attn_config={"kv_n_heads": 2, "rope_theta": 10000.0},
+            ffn_config={"ffn_hidden_size": 32, "moe_num_experts": 8, "moe_top_k": 3},
+        )
+    if family == "gpt_oss":
+        return transformers.GptOssConfig(
+            **COMMON, head_dim=16, intermediate_size=32, num_hidden_layers=2, num_local_experts=8,
+            num_experts_per_tok=4,
+        )
+    if family == "longcat_flash":
+        return transformers.LongcatFlashConfig(
+            vocab_size=COMMON["vocab_size"], hidden_size=COMMON["hidden_size"], num_attention_heads=4,
+            num_layers=2, n_routed_experts=8, zero_expert_num=4, moe_topk=3, expert_ffn_hidden_size=32,
+            ffn_hidden_size=96, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16,
+            v_head_dim=16,
+        )
     raise ValueError(f"unknown family {family!r}")
 
 
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "olmoe", "glm4_moe", "deepseek_v2")
+FAMILIES = (
+    "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "olmoe", "glm4_moe", "deepseek_v2", "phimoe",
+    "granitemoe", "granitemoeshared", "dbrx", "gpt_oss", "longcat_flash",
+)
 
 
 def tiny_model(family, seed):

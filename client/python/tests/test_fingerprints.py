@@ -56,6 +56,10 @@ def test_gate_fingerprint_hashes_float32_values_weight_then_bias():
     assert moemesh.gate_fingerprint(weight) == hashlib.sha256(weight.tobytes()).digest()
     both = hashlib.sha256(weight.tobytes() + bias.tobytes()).digest()
     assert moemesh.gate_fingerprint(weight, bias) == both
+    # gpt-oss's logit bias comes after the weight (and a score bias, had it one).
+    assert moemesh.gate_fingerprint(weight, None, bias) == both
+    three = hashlib.sha256(weight.tobytes() + bias.tobytes() + (2 * bias).tobytes()).digest()
+    assert moemesh.gate_fingerprint(weight, bias, 2 * bias) == three
     # The same float32 values held in other dtypes or layouts hash alike.
     assert moemesh.gate_fingerprint(weight.astype(np.float64), bias.tolist()) == both
     assert moemesh.gate_fingerprint(np.asfortranarray(weight), bias) == both

@@ -207,6 +207,23 @@ struct FamilyFields {
     router_jitter_noise: f32,
 }
 
+impl FamilyFields {
+    /// Every one of `layers` layers MoE with routed experts of
+    /// `expert_intermediate_size`, and nothing else: no shared expert, no
+    /// renormalisation, no group limit or scaling.
+    fn every_layer(expert_intermediate_size: usize, layers: usize) -> Self {
+        Self {
+            expert_intermediate_size,
+            shared_intermediate_size: None,
+            norm_topk_prob: false,
+            moe_layers: vec![true; layers],
+            group_limit: None,
+            routed_scaling_factor: 1.0,
+            router_jitter_noise: 0.0,
+        }
+    }
+}
+
 impl RawConfig {
     /// Checks the fields every family reads, before anything is sized from
     /// them, and returns the number of routed experts.

@@ -1,9 +1,11 @@
 """Run the routed experts of a Hugging Face transformers model on a cluster.
 
-transformers 5 splits every sparse MoE block into a ``gate`` (the router,
-whose ``weight`` is ``[num_experts, hidden_size]``) and an ``experts``
-module called as ``experts(hidden_states, top_k_index, top_k_weights)``
-(Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3 and others). :func:`attach`
+transformers 5 splits every sparse MoE block into a router (``gate``, or
+``router`` in PhiMoE, Granite MoE, DBRX, gpt-oss and LongCat-Flash, whose
+weight is ``[num_experts, hidden_size]``) and an ``experts`` module called
+as ``experts(hidden_states, top_k_index, top_k_weights)`` (Mixtral,
+Qwen2-MoE, Qwen3-MoE, DeepSeek-V3 and others). Llama 4's block computes its
+experts on inputs already scaled by their weights and is not covered. :func:`attach`
 keeps the gate, the shared experts and everything else local and swaps
 each ``experts`` module for one that sends the same three tensors to the
 cluster (``Client.forward_routed``). torch is imported only when a model is
@@ -16,10 +18,14 @@ import re
 
 from .fingerprint import check_fingerprints, gate_fingerprint
 
-# transformers' experts interface: the arguments of `experts.forward`.
-_EXPERTS_ARGUMENTS = ("hidden_states", "top_k_index", "top_k_weights")
-# A decoder layer's modules are named `….layers.N.…`.
-_LAYER_IN_PATH = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+# transformers' experts interface: the arguments of `experts.forward`
+# (gpt-oss names the last two differently).
+_EXPERTS_ARGUMENTS = (
+    ("hidden_states", "top_k_index", "top_k_weights"),
+    ("hidden_states", "router_indices", "routing_weights"),
+)
+# A decoder layer's modules are named `….layers.N.…` (DBRX: `….blocks.N.…`).
+_LAYER_IN_PATH = re.compile(r"(?:^|\.)(?:layers|blocks)\.(\d+)\.")
 
 
 def attach(model, client):
@@ -41,11 +47,11 @@ def attach(model, client):
     if _attached(model):
         raise ValueError("the model is already attached; call moemesh.detach(model) first")
     blocks = _sparse_moe_blocks(model)
-    local = {
-        layer: gate_fingerprint(block.gate.weight, getattr(block.gate, "e_score_correction_bias", None))
-        for layer, block in blocks.items()
-    }
-    num_experts, hidden_size = next(iter(blocks.values())).gate.weight.shape
+    local = {layer: gate_fingerprint(*_router_weights(block)) for layer, block in blocks.items()}
+    first = next(iter(blocks.values()))
+    gate_experts, hidden_size = _router_weights(first)[0].shape
+    # LongCat-Flash's router also scores its zero experts, which are not routed experts.
+    num_experts = getattr(first.experts, "num_routed_experts", gate_experts)
     check_fingerprints(local, client.describe(), hidden_size=hidden_size, num_experts=num_experts)
     remote_experts = _remote_experts_class()
     for layer, block in blocks.items():
@@ -73,19 +79,20 @@ def _attached(model):
 
 def _sparse_moe_blocks(model):
     """``{decoder layer: block}`` for every sparse MoE block of ``model``: a
-    module with a ``gate`` holding a 2-D ``weight`` and an ``experts``
+    module with a router (see :func:`_router_weights`) and an ``experts``
     module. Refuses a block whose experts lack transformers 5's interface,
     or whose decoder layer its name does not tell."""
     blocks = {}
     for name, module in model.named_modules():
-        gate = getattr(module, "gate", None)
         experts = getattr(module, "experts", None)
-        if experts is None or len(getattr(getattr(gate, "weight", None), "shape", ())) != 2:
+        if experts is None or _router_weights(module) is None:
             continue
         if not _has_experts_interface(experts):
             raise TypeError(
                 f"{name}.experts ({type(experts).__name__}) is not called as experts(hidden_states, "
-                "top_k_index, top_k_weights): moemesh.attach needs transformers 5 or later"
+                "top_k_index, top_k_weights): moemesh.attach covers sparse MoE blocks of that "
+                "interface (transformers 5 or later; not Llama 4's, whose experts take inputs "
+                "already scaled by their weights); Client.forward serves any family"
             )
         found = _LAYER_IN_PATH.search(name + ".")
         if found is None:
@@ -96,9 +103,28 @@ def _sparse_moe_blocks(model):
         blocks[layer] = module
     if not blocks:
         raise ValueError(
-            f"{type(model).__name__} has no sparse MoE block (a module with a `gate` and `experts`)"
+            f"{type(model).__name__} has no sparse MoE block (a module with a `gate` or `router` "
+            "and `experts`)"
         )
     return blocks
+
+
+def _router_weights(block):
+    """(weight, score correction bias, logit bias) of a sparse MoE block's
+    router, as the router fingerprints them, or None for a module without
+    one: its ``gate`` or ``router``, whose 2-D weight may sit in a ``layer``
+    (DBRX) or a ``classifier`` (LongCat-Flash, whose classifier bias is
+    unused); only a router holding its weight itself adds a ``bias`` to its
+    logits (gpt-oss)."""
+    for router in (getattr(block, "gate", None), getattr(block, "router", None)):
+        if router is None:
+            continue
+        for holder in (router, getattr(router, "layer", None), getattr(router, "classifier", None)):
+            weight = getattr(holder, "weight", None)
+            if len(getattr(weight, "shape", ())) == 2:
+                logit_bias = getattr(router, "bias", None) if holder is router else None
+                return weight, getattr(router, "e_score_correction_bias", None), logit_bias
+    return None
 
 
 def _has_experts_interface(experts):
@@ -110,7 +136,7 @@ def _has_experts_interface(experts):
         parameters = list(inspect.signature(forward).parameters)
     except (TypeError, ValueError):
         return False
-    return tuple(parameters[:3]) == _EXPERTS_ARGUMENTS
+    return tuple(parameters[:3]) in _EXPERTS_ARGUMENTS
 
 
 @functools.lru_cache(maxsize=None)

@@ -28,18 +28,20 @@ class ModelMismatch(MoemeshError):
         self.layer = layer
 
 
-def gate_fingerprint(weight, bias=None):
+def gate_fingerprint(weight, bias=None, logit_bias=None):
     """SHA-256 of one MoE layer's gate, as the router computes it.
 
-    ``weight`` is the gate's ``[num_experts, hidden_size]`` matrix and
-    ``bias`` its score correction bias (DeepSeek-V3's and GLM-4.5's
-    ``e_score_correction_bias``; None for the other families): numpy arrays,
-    torch tensors (any device, bfloat16 included) or anything numpy reads.
-    The values are widened to float32 and hashed as little-endian bytes,
-    row-major, the weight first. Returns 32 bytes.
+    ``weight`` is the gate's ``[num_experts, hidden_size]`` matrix (the
+    router's weight, whatever the family calls it), ``bias`` its score
+    correction bias (DeepSeek-V3's, GLM-4.5's and LongCat-Flash's
+    ``e_score_correction_bias``; None for the other families) and
+    ``logit_bias`` the bias added to its logits (gpt-oss's ``router.bias``):
+    numpy arrays, torch tensors (any device, bfloat16 included) or anything
+    numpy reads. The values are widened to float32 and hashed as
+    little-endian bytes, row-major, in that order. Returns 32 bytes.
     """
     hasher = hashlib.sha256()
-    for tensor in (weight, bias):
+    for tensor in (weight, bias, logit_bias):
         if tensor is not None:
             hasher.update(_float32_bytes(tensor))
     return hasher.digest()

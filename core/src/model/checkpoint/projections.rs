@@ -53,6 +53,26 @@ pub enum ProjectionLayout {
 }
 
 impl ProjectionLayout {
+    /// Expert `expert` of `experts` in `[rows, columns]` slices used as
+    /// `x · W`, the projection's row `o` from column `first + o · step`.
+    fn columns_of(
+        expert: usize,
+        experts: usize,
+        [rows, columns]: [usize; 2],
+        first: usize,
+        step: usize,
+    ) -> Self {
+        Self::Stacked {
+            expert,
+            experts,
+            rows,
+            columns,
+            transposed: true,
+            first,
+            step,
+        }
+    }
+
     /// Expert `expert` of `experts` in untransposed `[rows, columns]`
     /// slices, from row `first`.
     fn rows_of(expert: usize, experts: usize, [rows, columns]: [usize; 2], first: usize) -> Self {
@@ -222,15 +242,9 @@ impl Checkpoint {
                 first,
                 step: 2,
             },
-            false => ProjectionLayout::Stacked {
-                expert,
-                experts,
-                rows: hidden,
-                columns: 2 * intermediate,
-                transposed: true,
-                first,
-                step: 2,
-            },
+            false => {
+                ProjectionLayout::columns_of(expert, experts, [hidden, 2 * intermediate], first, 2)
+            }
         };
         let down_layout = match mxfp4 {
             true => ProjectionLayout::Mxfp4 {
@@ -241,15 +255,7 @@ impl Checkpoint {
                 first: 0,
                 step: 1,
             },
-            false => ProjectionLayout::Stacked {
-                expert,
-                experts,
-                rows: intermediate,
-                columns: hidden,
-                transposed: true,
-                first: 0,
-                step: 1,
-            },
+            false => ProjectionLayout::columns_of(expert, experts, [intermediate, hidden], 0, 1),
         };
         [
             Projection {
@@ -510,15 +516,7 @@ fn dbrx_projections(
         },
         Projection {
             tensor: stacked("w2"),
-            layout: ProjectionLayout::Stacked {
-                expert: index,
-                experts,
-                rows: intermediate,
-                columns: hidden,
-                transposed: true,
-                first: 0,
-                step: 1,
-            },
+            layout: ProjectionLayout::columns_of(index, experts, [intermediate, hidden], 0, 1),
         },
     ]
 }
@@ -533,15 +531,7 @@ fn llama4_projections(
 ) -> [Projection; 3] {
     let used_as_x_w = |tensor: &str, [rows, columns]: [usize; 2], first| Projection {
         tensor: format!("{prefix}.experts.{tensor}"),
-        layout: ProjectionLayout::Stacked {
-            expert: index,
-            experts,
-            rows,
-            columns,
-            transposed: true,
-            first,
-            step: 1,
-        },
+        layout: ProjectionLayout::columns_of(index, experts, [rows, columns], first, 1),
     };
     let gate_up = [hidden, 2 * intermediate];
     [

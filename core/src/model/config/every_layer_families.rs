@@ -21,16 +21,9 @@ impl RawConfig {
             1,
             MAX_INTERMEDIATE_SIZE,
         )?;
-        let mut fields = FamilyFields {
-            expert_intermediate_size,
-            shared_intermediate_size: None,
-            // Granite's softmax over the top-k logits sums to one by itself.
-            norm_topk_prob: false,
-            moe_layers: vec![true; self.num_hidden_layers],
-            group_limit: None,
-            routed_scaling_factor: 1.0,
-            router_jitter_noise: 0.0,
-        };
+        // Granite's softmax over the top-k logits sums to one by itself.
+        let mut fields =
+            FamilyFields::every_layer(expert_intermediate_size, self.num_hidden_layers);
         match family {
             Family::Phimoe => {
                 // sparsemixer picks two experts whatever num_experts_per_tok says.

@@ -47,15 +47,10 @@ impl RawConfig {
                 self.hidden_size
             )));
         }
-        Ok(FamilyFields {
+        Ok(FamilyFields::every_layer(
             expert_intermediate_size,
-            shared_intermediate_size: None,
-            norm_topk_prob: false,
-            moe_layers: vec![true; self.num_hidden_layers],
-            group_limit: None,
-            routed_scaling_factor: 1.0,
-            router_jitter_noise: 0.0,
-        })
+            self.num_hidden_layers,
+        ))
     }
 
     /// The experts' activation and whether they have biases.

@@ -43,13 +43,9 @@ impl RawConfig {
             }
         };
         Ok(FamilyFields {
-            expert_intermediate_size: intermediate,
             shared_intermediate_size: Some(intermediate),
-            norm_topk_prob: false,
             moe_layers,
-            group_limit: None,
-            routed_scaling_factor: 1.0,
-            router_jitter_noise: 0.0,
+            ..FamilyFields::every_layer(intermediate, layers)
         })
     }
 }

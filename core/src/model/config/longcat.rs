@@ -48,13 +48,8 @@ impl RawConfig {
             )));
         }
         Ok(FamilyFields {
-            expert_intermediate_size,
-            shared_intermediate_size: None,
-            norm_topk_prob: false,
-            moe_layers: vec![true; self.num_hidden_layers],
-            group_limit: None,
             routed_scaling_factor: factor,
-            router_jitter_noise: 0.0,
+            ..FamilyFields::every_layer(expert_intermediate_size, self.num_hidden_layers)
         })
     }
 
