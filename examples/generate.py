@@ -116,7 +116,7 @@ def tiny_config_of_the_newer_families(family):
     if family == "dbrx":
         return transformers.DbrxConfig(
             vocab_size=COMMON["vocab_size"], d_model=COMMON["hidden_size"], n_heads=4, n_layers=2,
-            attn_config={"kv_n_heads": 2, "rope_theta": 10000.0},
+            attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
             ffn_config={"ffn_hidden_size": 32, "moe_num_experts": 8, "moe_top_k": 3},
         )
     if family == "gpt_oss":
@@ -128,7 +128,7 @@ def tiny_config_of_the_newer_families(family):
         return transformers.LongcatFlashConfig(
             vocab_size=COMMON["vocab_size"], hidden_size=COMMON["hidden_size"], num_attention_heads=4,
             num_layers=2, n_routed_experts=8, zero_expert_num=4, moe_topk=3, expert_ffn_hidden_size=32,
-            ffn_hidden_size=96, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16,
+            ffn_hidden_size=96, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, head_dim=8, qk_nope_head_dim=16,
             v_head_dim=16,
         )
     raise ValueError(f"unknown family {family!r}")
@@ -282,12 +282,12 @@ def main():
           f"moemesh {moemesh.__version__}, {'one hop' if arguments.one_hop else 'through the router'}")
     with tempfile.TemporaryDirectory(prefix="moemesh-generate-") as work_dir:
         rows = [compare(family, Path(work_dir), arguments.one_hop) for family in families]
-    header = f"{'family':<12} {'remote MoE layers':>17} {'tokens equal':>12} " \
+    header = f"{'family':<16} {'remote MoE layers':>17} {'tokens equal':>12} " \
              f"{'max logit diff':>15} {'ms/token local':>15} {'ms/token attached':>18}"
     print(header)
     print("-" * len(header))
     for row in rows:
-        print(f"{row['family']:<12} {row['remote_layers']:>17} {str(row['tokens_equal']):>12} "
+        print(f"{row['family']:<16} {row['remote_layers']:>17} {str(row['tokens_equal']):>12} "
               f"{row['max_logit_diff']:>15.2e} "
               f"{row['local_ms']:>15.2f} {row['attached_ms']:>18.2f}")
     failed = [row["family"] for row in rows if row["remote_layers"] == 0

@@ -163,14 +163,19 @@ def _remote_experts_class():
             object.__setattr__(self, "original", original)
 
         def forward(self, hidden_states, top_k_index, top_k_weights):
-            if hidden_states.shape[0] == 0:
+            if hidden_states.numel() == 0:
                 return torch.zeros_like(hidden_states)
+            # Rows of tokens, whatever leading dimensions the block keeps (DBRX keeps the batch's).
+            tokens = hidden_states.reshape(-1, hidden_states.shape[-1])
             with torch.no_grad():
-                hidden = hidden_states.detach().to("cpu", torch.float32).contiguous().numpy()
-                expert_ids = top_k_index.detach().to("cpu", torch.int64).contiguous().numpy()
-                weights = top_k_weights.detach().to("cpu", torch.float32).contiguous().numpy()
+                hidden = tokens.detach().to("cpu", torch.float32).contiguous().numpy()
+                expert_ids = top_k_index.detach().reshape(tokens.shape[0], -1)
+                expert_ids = expert_ids.to("cpu", torch.int64).contiguous().numpy()
+                weights = top_k_weights.detach().reshape(tokens.shape[0], -1)
+                weights = weights.to("cpu", torch.float32).contiguous().numpy()
             output = self.client.forward_routed(self.layer, hidden, expert_ids, weights)
-            return torch.from_numpy(output).to(hidden_states.device, hidden_states.dtype)
+            output = torch.from_numpy(output).reshape(hidden_states.shape)
+            return output.to(hidden_states.device, hidden_states.dtype)
 
         def extra_repr(self):
             return f"layer={self.layer}, client={self.client!r}"
