@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use super::packed_matrix::{PackedMatrix, min_invariant_rows};
 use super::silu::{clamped_swiglu, silu_mul};
-use super::{CpuBlocking, Expert, WeightFormat};
+use super::{CpuBlocking, Expert, WeightFormat, add_into};
 use crate::model::checkpoint::{ExpertBiases, ExpertWeights};
 use crate::model::config::Activation;
 use crate::{CoreError, CoreResult};
@@ -39,13 +39,6 @@ fn intermediate_slices(intermediate: usize) -> Vec<(usize, usize)> {
         .step_by(width)
         .map(|first| (first, width.min(intermediate - first)))
         .collect()
-}
-
-/// `values[i] += bias[i]`.
-fn add_into(values: &mut [f32], bias: &[f32]) {
-    for (value, bias) in values.iter_mut().zip(bias) {
-        *value += bias;
-    }
 }
 
 /// About how many intermediate columns one FFN slice takes.

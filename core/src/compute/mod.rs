@@ -156,6 +156,13 @@ pub trait ComputeBackend: Send + Sync {
     }
 }
 
+/// `values[i] += bias[i]`: biases added to logits and to projections.
+pub fn add_into(values: &mut [f32], bias: &[f32]) {
+    for (value, bias) in values.iter_mut().zip(bias) {
+        *value += bias;
+    }
+}
+
 /// `sum += value · weight`, element by element: the one way every path
 /// (in process, an expert node weighting its rows, a router adding them)
 /// forms a weighted contribution, so that all give the same bits.

@@ -2,6 +2,7 @@
 //! module does, one token at a time so that a token's routing never depends
 //! on the other tokens in its batch. Ties break by lowest expert id.
 
+use crate::compute::add_into;
 use crate::model::checkpoint::GateWeights;
 use crate::model::config::{Family, GroupLimit, ModelConfig};
 
@@ -150,25 +151,20 @@ fn keep_best_groups(
     }
 }
 
-/// `logits[i] += bias[i]`.
-fn add_bias(logits: &mut [f32], bias: &[f32]) {
-    for (logit, bias) in logits.iter_mut().zip(bias) {
-        *logit += bias;
-    }
-}
-
 /// Granite MoE and gpt-oss: the top-k logits, then a softmax over those k only.
 fn top_k_softmax(top_k: usize, scratch: &mut Scratch) {
     let Scratch {
         logits,
         scores,
+        scores_for_choice: top_logits,
         order,
         chosen,
         ..
     } = scratch;
     top_k_into(logits, top_k, order);
-    let top_logits: Vec<f32> = order.iter().map(|&expert| logits[expert]).collect();
-    softmax_into(&top_logits, scores);
+    top_logits.clear();
+    top_logits.extend(order.iter().map(|&expert| logits[expert]));
+    softmax_into(top_logits, scores);
     chosen.clear();
     chosen.extend(
         order
@@ -235,7 +231,8 @@ struct Scratch {
     logits: Vec<f32>,
     /// Probabilities (softmax) or sigmoid scores.
     scores: Vec<f32>,
-    /// DeepSeek-V3's biased scores used for selection.
+    /// The scores selection ranks (DeepSeek-V3's and LongCat's biased ones), or
+    /// Granite's and gpt-oss's top-k logits.
     scores_for_choice: Vec<f32>,
     group_scores: Vec<f32>,
     order: Vec<usize>,
@@ -283,7 +280,7 @@ impl Gate {
                 *logit = dot(row, expert_weight);
             }
             if let Some(bias) = &self.weights.logit_bias {
-                add_bias(&mut scratch.logits, bias);
+                add_into(&mut scratch.logits, bias);
             }
             match self.family {
                 Family::Mixtral
@@ -356,7 +353,7 @@ impl Gate {
         scores_for_choice.clear();
         scores_for_choice.extend_from_slice(probs);
         if let Some(bias) = &self.weights.score_correction_bias {
-            add_bias(scores_for_choice, bias);
+            add_into(scores_for_choice, bias);
         }
         top_k_into(scores_for_choice, self.top_k, order);
         chosen.clear();
