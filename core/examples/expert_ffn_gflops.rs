@@ -1,29 +1,33 @@
 //! Measures the CPU expert FFN: one Mixtral-shaped expert (hidden 1024,
 //! intermediate 2816) on a batch of tokens, as GFLOP/s.
 //!
-//!     cargo run --release -p moemesh-core --example expert_ffn_gflops -- [tokens] [threads] [repeats]
+//!     cargo run --release -p moemesh-core --example expert_ffn_gflops -- [tokens] [threads] [repeats] [f32|bf16]
 
 use std::time::Instant;
 
 use gemm::Parallelism;
-use moemesh_core::compute::{ComputeBackend, CpuBackend, matmul};
+use moemesh_core::compute::{ComputeBackend, CpuBackend, WeightFormat, matmul};
 use moemesh_core::model::checkpoint::ExpertWeights;
 use moemesh_core::model::config::Activation;
 
 fn main() {
-    let mut args = std::env::args()
-        .skip(1)
-        .map(|arg| arg.parse::<usize>().expect("numeric arguments"));
-    let tokens = args.next().unwrap_or(512);
-    let threads = args.next().unwrap_or(0);
-    let repeats = args.next().unwrap_or(20);
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let number = |index: usize, default: usize| {
+        args.get(index)
+            .map_or(default, |arg| arg.parse().expect("numeric arguments"))
+    };
+    let (tokens, threads, repeats) = (number(0, 512), number(1, 0), number(2, 20));
+    let format: WeightFormat = args
+        .get(3)
+        .map_or(Ok(WeightFormat::F32), |arg| arg.parse())
+        .expect("f32 or bf16");
     let (hidden, intermediate) = (1024, 2816);
     let pseudo_random = |len: usize, seed: u32| -> Vec<f32> {
         (0..len as u32)
             .map(|i| ((i.wrapping_mul(2654435761) ^ seed) % 2000) as f32 / 10000.0 - 0.1)
             .collect()
     };
-    let backend = CpuBackend::new(threads).expect("thread pool");
+    let backend = CpuBackend::with_format(threads, format).expect("thread pool");
     let expert = backend
         .load_expert(ExpertWeights {
             hidden_size: hidden,

@@ -1,7 +1,6 @@
 //! A token's output is the same bits whichever replica computes it: CPU
-//! backends with other thread counts and other blockings (bf16 panel
-//! widths, task sizes, and the depth block gemm would take on hosts with
-//! other caches) agree bit for bit, in f32 and in bf16.
+//! backends with other thread counts and other blockings (columns per
+//! thread, task sizes) agree bit for bit, in f32 and in bf16.
 
 use std::sync::Arc;
 
@@ -12,9 +11,9 @@ use moemesh_core::model::checkpoint::ExpertWeights;
 use moemesh_core::model::config::Activation;
 use rand::{Rng, SeedableRng};
 
-/// Deeper than gemm's smallest depth block (512) in both products, and
-/// not a multiple of any vector width: the gate/up product sums 1100
-/// inputs, the down product an intermediate slice of 672 or 628.
+/// Dimensions that are multiples of neither a panel nor a register: the
+/// gate/up product sums 1100 inputs, the down product an intermediate
+/// slice of 672 or 628.
 const HIDDEN: usize = 1100;
 const INTERMEDIATE: usize = 1300;
 const EXPERTS: u64 = 4;
@@ -57,9 +56,9 @@ impl Replica {
     }
 }
 
-/// The replicas compared with the first: other thread counts, bf16 panels
-/// narrower and wider than the default, tasks cut finer, and gemm's depth
-/// block of hosts with larger L1 caches.
+/// The replicas compared with the first: other thread counts, columns per
+/// thread fewer and more than the default (one panel each), tasks cut
+/// finer.
 fn replicas(format: WeightFormat) -> Vec<Replica> {
     let default = CpuBlocking::default();
     vec![
@@ -70,7 +69,6 @@ fn replicas(format: WeightFormat) -> Vec<Replica> {
             CpuBlocking {
                 panel_columns: 48,
                 min_task_rows: 5,
-                host_depth_block: Some(768),
             },
         ),
         Replica::new(
@@ -79,14 +77,13 @@ fn replicas(format: WeightFormat) -> Vec<Replica> {
             CpuBlocking {
                 panel_columns: 300,
                 min_task_rows: 33,
-                host_depth_block: Some(1024),
             },
         ),
         Replica::new(
             2,
             format,
             CpuBlocking {
-                host_depth_block: Some(4096),
+                panel_columns: 1,
                 ..default
             },
         ),
@@ -193,9 +190,4 @@ fn blockings_that_cannot_run_are_refused_with_the_bad_value() {
         ..default
     });
     assert!(error.contains("min_task_rows is 0"), "{error}");
-    let error = refused(CpuBlocking {
-        host_depth_block: Some(256),
-        ..default
-    });
-    assert!(error.contains("256") && error.contains("512"), "{error}");
 }

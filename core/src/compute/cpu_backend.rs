@@ -9,7 +9,6 @@ use std::sync::Arc;
 
 use super::buffering::CostModel;
 use super::cpu_expert::CpuExpert;
-use super::packed_matrix::{DEFAULT_PANEL_COLUMNS, DEPTH_CHUNK};
 use super::{ComputeBackend, Expert, ExpertWork};
 use crate::model::checkpoint::ExpertWeights;
 use crate::model::config::ModelConfig;
@@ -65,25 +64,23 @@ impl std::str::FromStr for WeightFormat {
 /// same bits, which tests check by comparing backends cut differently.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CpuBlocking {
-    /// Output columns per bf16 weight panel, widened to f32 one at a time:
-    /// narrow enough that a widened panel stays in cache.
+    /// Output columns a multi-threaded product hands to one thread at a
+    /// time (rounded up to the kernel's 64-column panels).
     pub panel_columns: usize,
     /// The fewest rows worth a task of their own when experts are cut into
     /// row ranges: below it the GEMM loses efficiency.
     pub min_task_rows: usize,
-    /// Emulates a host whose cache makes gemm block the depth of its
-    /// products by this many (gemm never picks fewer than 512): each gemm
-    /// call is cut this way before gemm sees it. None: this host's own
-    /// blocking.
-    pub host_depth_block: Option<usize>,
 }
+
+/// Output columns a product hands to one thread at a time unless a
+/// backend sets its own: two kernel panels.
+const DEFAULT_PANEL_COLUMNS: usize = 128;
 
 impl Default for CpuBlocking {
     fn default() -> Self {
         Self {
             panel_columns: DEFAULT_PANEL_COLUMNS,
             min_task_rows: MIN_TASK_ROWS,
-            host_depth_block: None,
         }
     }
 }
@@ -100,14 +97,6 @@ impl CpuBlocking {
             return Err(CoreError::Config(
                 "cpu blocking: min_task_rows is 0; it must be at least 1".into(),
             ));
-        }
-        if let Some(block) = self.host_depth_block
-            && block < DEPTH_CHUNK
-        {
-            return Err(CoreError::Config(format!(
-                "cpu blocking: host_depth_block {block} is below {DEPTH_CHUNK}, \
-                 the smallest depth block gemm uses on any host"
-            )));
         }
         Ok(())
     }

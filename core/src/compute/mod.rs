@@ -9,11 +9,13 @@
 //!   pool, never on the async runtime; [`CpuBlocking`], how it cuts the
 //!   work, which changes no result.
 //! - `cpu_expert`: one expert on the CPU, its weights laid out once, at
-//!   load, as `[in, out]` (the layout the `gemm` crate is fastest on), with
-//!   gate and up fused into one GEMM.
-//! - `packed_matrix`: weight matrices in f32 or in bf16 panels, their GEMM
-//!   (depth summed in fixed chunks, so that results do not depend on the
-//!   host's caches), and [`matmul`].
+//!   load, for its kernel, with gate and up fused into one product.
+//! - `panel_gemm`: the experts' products, on weights in column panels of
+//!   f32 or bf16 (AVX-512 FMA, AVX512-BF16 `vdpbf16ps`, or portable
+//!   kernels that compute the same bits), in a summation order that
+//!   depends on nothing but the shapes.
+//! - `plain_gemm`: [`matmul`], the `gemm` crate's plain product, the
+//!   benchmarks' ceiling.
 //! - `silu`: the vectorised `silu(gate) * up` between the two GEMMs.
 //! - [`buffering`]: Expert Buffering, which experts stay resident within a
 //!   memory budget.
@@ -24,7 +26,8 @@ mod cpu_expert;
 #[cfg(feature = "cuda")]
 mod cuda;
 pub mod device;
-mod packed_matrix;
+mod panel_gemm;
+mod plain_gemm;
 mod silu;
 
 use std::sync::Arc;
@@ -35,7 +38,7 @@ use crate::{CoreError, CoreResult};
 
 pub use cpu_backend::{CpuBackend, CpuBlocking, WeightFormat};
 pub use device::{BackendOptions, Device, open_backend};
-pub use packed_matrix::matmul;
+pub use plain_gemm::matmul;
 
 /// One expert's share of a batch: which rows it takes and with what weight.
 pub struct ExpertWork<'a> {

@@ -1,0 +1,440 @@
+//! The products of the CPU experts: `dst (+)= lhs · W`, with `W` laid out
+//! once, at load, in panels of [`PANEL`] columns, in f32 or in bf16.
+//!
+//! - **f32**: each output is one chain of fused multiply-adds from zero,
+//!   in depth order, then added to `dst` when accumulating; AVX-512 FMA
+//!   where the CPU has it, the same chain in scalar `mul_add` elsewhere.
+//! - **bf16**: the activations are rounded to bf16 (to nearest, ties to
+//!   even) and the sums kept in f32, on AVX512-BF16's `vdpbf16ps` where the
+//!   CPU has it (twice the multiply-adds of an f32 FMA per instruction,
+//!   half the bytes of f32 weights). It takes the depth in pairs: each f32
+//!   lane adds the product of the pair's odd elements, rounds, then adds
+//!   the product of its even elements and rounds again (bf16 products are
+//!   exact in f32), flushing subnormal inputs and results to zero. That is
+//!   Intel's specification and what AMD's Zen 4 computes; the portable
+//!   kernel computes the same, and a test checks it against the instruction
+//!   bit for bit.
+//!
+//! Either way the summation order follows from the shapes alone: every row
+//! is computed alike whatever the batch (no padding needed for batch
+//! invariance), and neither the threads, nor the columns given to each,
+//! nor the host's caches change a bit. A decode-sized product reads each
+//! weight once, in order.
+
+/// Lanes of one AVX-512 register of f32.
+const LANES: usize = 16;
+/// Output columns of one panel: four registers of accumulators per row.
+pub(super) const PANEL: usize = 4 * LANES;
+/// Rows one kernel call computes: 6 rows × 4 registers of accumulators,
+/// 4 of weights and one of broadcast activations fit in 32 registers.
+const ROWS: usize = 6;
+
+/// How a panel matrix stores its weights, one 32-bit word per depth step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Words {
+    /// One f32 per depth.
+    F32,
+    /// Two bf16 per word: an even depth in the low half, the next odd
+    /// depth in the high half.
+    Bf16Pairs,
+}
+
+impl Words {
+    /// Words a depth of `k` takes.
+    fn depth_words(self, k: usize) -> usize {
+        match self {
+            Self::F32 => k,
+            Self::Bf16Pairs => k.div_ceil(2),
+        }
+    }
+
+    /// Word `index` of a row of `k` values given by `value(depth)`.
+    fn word(self, index: usize, k: usize, value: impl Fn(usize) -> f32) -> u32 {
+        match self {
+            Self::F32 => value(index).to_bits(),
+            Self::Bf16Pairs => {
+                let odd = 2 * index + 1;
+                let high = if odd < k { value(odd) } else { 0.0 };
+                to_bf16_bits(value(2 * index)) | to_bf16_bits(high) << 16
+            }
+        }
+    }
+}
+
+/// `value` rounded to bf16 (to nearest, ties to even), a subnormal
+/// flushed to zero as `vdpbf16ps` reads it.
+fn to_bf16_bits(value: f32) -> u32 {
+    let bits = half::bf16::from_f32(value).to_bits() as u32;
+    if bits & 0x7f80 == 0 {
+        bits & 0x8000
+    } else {
+        bits
+    }
+}
+
+/// A weight matrix `[k, n]` (inputs by outputs) in panels.
+pub(super) struct PanelMatrix {
+    /// Panel after panel; panel `p` is `[depth words][width_p]`, its width
+    /// padded with zero columns to whole registers.
+    words: Vec<u32>,
+    kind: Words,
+    k: usize,
+    n: usize,
+}
+
+impl PanelMatrix {
+    /// Lays out `[k, n]` from `at(row, column)`, visiting the source in
+    /// column order (checkpoints store `[out, in]`, so that reads it in
+    /// order).
+    pub(super) fn pack(kind: Words, k: usize, n: usize, at: impl Fn(usize, usize) -> f32) -> Self {
+        let depth_words = kind.depth_words(k);
+        let mut words = vec![0u32; depth_words * padded_columns(n)];
+        for column in 0..n {
+            let (start, width) = panel_bounds(n, column / PANEL);
+            let base = start * depth_words + column - start;
+            for index in 0..depth_words {
+                words[base + index * width] = kind.word(index, k, |row| at(row, column));
+            }
+        }
+        Self { words, kind, k, n }
+    }
+
+    pub(super) fn bytes(&self) -> usize {
+        self.words.len() * size_of::<u32>()
+    }
+
+    /// `dst[m, n] = lhs[m, k] · self`, or `dst +=` it when `accumulate`;
+    /// panels go to the pool's threads in groups of at least
+    /// `task_columns` columns when `threads > 1` (call inside the pool).
+    pub(super) fn multiply(
+        &self,
+        dst: &mut [f32],
+        lhs: &[f32],
+        m: usize,
+        threads: usize,
+        accumulate: bool,
+        task_columns: usize,
+    ) {
+        let (k, n) = (self.k, self.n);
+        assert!(dst.len() >= m * n && lhs.len() >= m * k);
+        if m == 0 || n == 0 {
+            return;
+        }
+        // Taken out rather than borrowed: a thread waiting for the pool may
+        // run another product meanwhile.
+        let mut packed_lhs = PACKED_LHS.take();
+        pack_lhs(&mut packed_lhs, self.kind, lhs, m, k);
+        let product = Product {
+            weights: self,
+            lhs: &packed_lhs,
+            dst: SharedOutput(dst.as_mut_ptr()),
+            m,
+            accumulate,
+        };
+        let panels = n.div_ceil(PANEL);
+        let per_task = task_columns.div_ceil(PANEL).max(1);
+        if threads > 1 && panels > per_task {
+            use rayon::prelude::*;
+            (0..panels.div_ceil(per_task))
+                .into_par_iter()
+                .for_each(|task| {
+                    let first = task * per_task;
+                    (first..panels.min(first + per_task)).for_each(|panel| product.panel(panel));
+                });
+        } else {
+            (0..panels).for_each(|panel| product.panel(panel));
+        }
+        PACKED_LHS.set(packed_lhs);
+    }
+}
+
+/// Columns of all panels of `n` columns: every panel is [`PANEL`] wide
+/// but the last, padded to whole registers.
+fn padded_columns(n: usize) -> usize {
+    let full = n / PANEL * PANEL;
+    full + (n - full).next_multiple_of(LANES)
+}
+
+/// The first column and the padded width of panel `index` of `n` columns.
+fn panel_bounds(n: usize, index: usize) -> (usize, usize) {
+    let start = index * PANEL;
+    (start, (n - start).min(PANEL).next_multiple_of(LANES))
+}
+
+thread_local! {
+    /// The activations of this thread's last product, laid out for the
+    /// kernel; reused from call to call.
+    static PACKED_LHS: std::cell::Cell<Vec<u32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Lays out `lhs [m, k]` as `kind` words in blocks of [`ROWS`] rows:
+/// `[block][depth word][row in block]`, rows past `m` zero.
+fn pack_lhs(packed: &mut Vec<u32>, kind: Words, lhs: &[f32], m: usize, k: usize) {
+    let depth_words = kind.depth_words(k);
+    packed.clear();
+    packed.resize(m.div_ceil(ROWS) * depth_words * ROWS, 0);
+    for row in 0..m {
+        let values = &lhs[row * k..(row + 1) * k];
+        let block = &mut packed[row / ROWS * depth_words * ROWS..][..depth_words * ROWS];
+        let offset = row % ROWS;
+        for index in 0..depth_words {
+            block[index * ROWS + offset] = kind.word(index, k, |depth| values[depth]);
+        }
+    }
+}
+
+/// The output matrix shared by tasks that write disjoint columns of it.
+#[derive(Clone, Copy)]
+struct SharedOutput(*mut f32);
+
+// SAFETY: every task writes columns no other task writes.
+unsafe impl Send for SharedOutput {}
+unsafe impl Sync for SharedOutput {}
+
+/// One product in progress: what every panel's tiles read and write.
+struct Product<'a> {
+    weights: &'a PanelMatrix,
+    lhs: &'a [u32],
+    dst: SharedOutput,
+    m: usize,
+    accumulate: bool,
+}
+
+impl Product<'_> {
+    /// Every row block of panel `index`; the panel's weights stay in cache
+    /// from block to block.
+    fn panel(&self, index: usize) {
+        let PanelMatrix { words, kind, k, n } = self.weights;
+        let depth_words = kind.depth_words(*k);
+        let (start, padded_width) = panel_bounds(*n, index);
+        let weights = &words[start * depth_words..][..depth_words * padded_width];
+        for block in 0..self.m.div_ceil(ROWS) {
+            let tile = Tile {
+                kind: *kind,
+                lhs: &self.lhs[block * depth_words * ROWS..][..depth_words * ROWS],
+                weights,
+                padded_width,
+                dst: self.dst.0.wrapping_add(block * ROWS * n + start),
+                dst_row_stride: *n,
+                rows: (self.m - block * ROWS).min(ROWS),
+                width: (*n - start).min(PANEL),
+                accumulate: self.accumulate,
+            };
+            tile.run();
+        }
+    }
+}
+
+/// Up to [`ROWS`] rows by up to [`PANEL`] columns of the output.
+struct Tile<'a> {
+    kind: Words,
+    /// `[depth word][ROWS]` activations.
+    lhs: &'a [u32],
+    /// `[depth word][padded_width]` weights.
+    weights: &'a [u32],
+    padded_width: usize,
+    /// The tile's first output; its rows and columns lie inside the
+    /// product's `dst`.
+    dst: *mut f32,
+    dst_row_stride: usize,
+    rows: usize,
+    width: usize,
+    accumulate: bool,
+}
+
+impl Tile<'_> {
+    fn run(&self) {
+        #[cfg(target_arch = "x86_64")]
+        if avx512::available(self.kind) {
+            // SAFETY: the CPU has the instructions (checked just above);
+            // the tile's slices and output lie inside their matrices.
+            unsafe { avx512::tile(self) };
+            return;
+        }
+        self.run_portable();
+    }
+
+    /// The kernel in plain arithmetic, in the same order and rounding.
+    fn run_portable(&self) {
+        let mut sums = [[0f32; PANEL]; ROWS];
+        match self.kind {
+            Words::F32 => self.sum_portable(&mut sums, |sum, x, w| {
+                f32::from_bits(x).mul_add(f32::from_bits(w), sum)
+            }),
+            Words::Bf16Pairs => self.sum_portable(&mut sums, |sum, x, w| {
+                let partial = flush_subnormal(sum + high(x) * high(w));
+                flush_subnormal(partial + low(x) * low(w))
+            }),
+        }
+        for (row, sums) in sums.iter().enumerate().take(self.rows) {
+            for (column, &sum) in sums.iter().enumerate().take(self.width) {
+                // SAFETY: the tile's rows and columns lie inside dst.
+                unsafe {
+                    let out = self.dst.add(row * self.dst_row_stride + column);
+                    *out = if self.accumulate { *out + sum } else { sum };
+                }
+            }
+        }
+    }
+
+    /// Every depth word into `sums` with `step(sum, activation, weight)`.
+    #[inline(always)]
+    fn sum_portable(&self, sums: &mut [[f32; PANEL]; ROWS], step: impl Fn(f32, u32, u32) -> f32) {
+        let depth_words = self.lhs.len() / ROWS;
+        for index in 0..depth_words {
+            let weights = &self.weights[index * self.padded_width..][..self.width];
+            for (row, sums) in sums.iter_mut().enumerate().take(self.rows) {
+                let activation = self.lhs[index * ROWS + row];
+                for (sum, &weight) in sums.iter_mut().zip(weights) {
+                    *sum = step(*sum, activation, weight);
+                }
+            }
+        }
+    }
+}
+
+fn low(pair: u32) -> f32 {
+    f32::from_bits(pair << 16)
+}
+
+fn high(pair: u32) -> f32 {
+    f32::from_bits(pair & 0xffff_0000)
+}
+
+/// Zero (of the same sign) for a subnormal, as `vdpbf16ps` flushes them.
+fn flush_subnormal(value: f32) -> f32 {
+    if value.is_subnormal() {
+        f32::from_bits(value.to_bits() & 0x8000_0000)
+    } else {
+        value
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{LANES, ROWS, Tile, Words};
+
+    /// Whether this CPU runs the AVX-512 kernel for `kind`.
+    pub(super) fn available(kind: Words) -> bool {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && match kind {
+                Words::F32 => std::arch::is_x86_feature_detected!("fma"),
+                Words::Bf16Pairs => std::arch::is_x86_feature_detected!("avx512bf16"),
+            }
+    }
+
+    /// The tile on AVX-512, 16 columns per register.
+    ///
+    /// # Safety
+    /// [`available`] for the tile's kind; the tile's slices and output as
+    /// [`Tile`] says, its padded width a whole number of registers.
+    pub(super) unsafe fn tile(tile: &Tile<'_>) {
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            match (tile.kind, tile.padded_width / LANES) {
+                (Words::F32, 1) => f32_tile::<1>(tile),
+                (Words::F32, 2) => f32_tile::<2>(tile),
+                (Words::F32, 3) => f32_tile::<3>(tile),
+                (Words::F32, _) => f32_tile::<4>(tile),
+                (Words::Bf16Pairs, 1) => bf16_tile::<1>(tile),
+                (Words::Bf16Pairs, 2) => bf16_tile::<2>(tile),
+                (Words::Bf16Pairs, 3) => bf16_tile::<3>(tile),
+                (Words::Bf16Pairs, _) => bf16_tile::<4>(tile),
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f,fma")]
+    unsafe fn f32_tile<const NV: usize>(tile: &Tile<'_>) {
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            let sums = accumulate::<NV>(tile, |sum, activation, weights| {
+                _mm512_fmadd_ps(activation, weights, sum)
+            });
+            store::<NV>(tile, &sums);
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn bf16_tile<const NV: usize>(tile: &Tile<'_>) {
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            let sums = accumulate::<NV>(tile, |sum, activation, weights| {
+                _mm512_dpbf16_ps(
+                    sum,
+                    std::mem::transmute::<__m512, __m512bh>(activation),
+                    std::mem::transmute::<__m512, __m512bh>(weights),
+                )
+            });
+            store::<NV>(tile, &sums);
+        }
+    }
+
+    /// Sums every depth word with `step(sum, broadcast activation,
+    /// weights)`: per word, `NV` registers of weights, then each row's
+    /// activation broadcast against them.
+    #[inline(always)]
+    unsafe fn accumulate<const NV: usize>(
+        tile: &Tile<'_>,
+        step: impl Fn(__m512, __m512, __m512) -> __m512,
+    ) -> [[__m512; NV]; ROWS] {
+        debug_assert_eq!(tile.padded_width, NV * LANES);
+        let depth_words = tile.lhs.len() / ROWS;
+        debug_assert!(tile.weights.len() >= depth_words * tile.padded_width);
+        let (weights, lhs) = (tile.weights.as_ptr(), tile.lhs.as_ptr());
+        // SAFETY: (all reads) index < depth_words keeps them inside the
+        // slices: NV registers make the padded width, ROWS words per index.
+        unsafe {
+            let mut sums = [[_mm512_setzero_ps(); NV]; ROWS];
+            for index in 0..depth_words {
+                let row_weights = weights.add(index * tile.padded_width);
+                let mut columns = [_mm512_setzero_ps(); NV];
+                for (vector, column) in columns.iter_mut().enumerate() {
+                    *column = _mm512_loadu_ps(row_weights.add(vector * LANES).cast());
+                }
+                for (row, sums) in sums.iter_mut().enumerate() {
+                    let word = *lhs.add(index * ROWS + row);
+                    let activation = _mm512_castsi512_ps(_mm512_set1_epi32(word as i32));
+                    for (sum, &column) in sums.iter_mut().zip(&columns) {
+                        *sum = step(*sum, activation, column);
+                    }
+                }
+            }
+            sums
+        }
+    }
+
+    /// Writes (or adds) the tile's rows, the last register masked to its width.
+    #[inline(always)]
+    unsafe fn store<const NV: usize>(tile: &Tile<'_>, sums: &[[__m512; NV]; ROWS]) {
+        let last_lanes = tile.width - (NV - 1) * LANES;
+        let last_mask: __mmask16 = if last_lanes >= LANES {
+            0xffff
+        } else {
+            (1u16 << last_lanes) - 1
+        };
+        for (row, sums) in sums.iter().enumerate().take(tile.rows) {
+            // SAFETY: the tile's rows and columns lie inside dst; the last
+            // register's loads and stores are masked to the tile's width.
+            unsafe {
+                let out = tile.dst.add(row * tile.dst_row_stride);
+                for (vector, &sum) in sums.iter().enumerate() {
+                    let at = out.add(vector * LANES);
+                    let mask = if vector + 1 == NV { last_mask } else { 0xffff };
+                    let value = if tile.accumulate {
+                        _mm512_add_ps(_mm512_maskz_loadu_ps(mask, at), sum)
+                    } else {
+                        sum
+                    };
+                    _mm512_mask_storeu_ps(at, mask, value);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "panel_gemm_tests.rs"]
+mod tests;

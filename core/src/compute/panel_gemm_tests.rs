@@ -1,0 +1,172 @@
+use rand::{Rng, SeedableRng};
+
+use super::*;
+
+fn bf16_value(value: f32) -> f32 {
+    f32::from_bits(to_bf16_bits(value) << 16)
+}
+
+/// The promised sums written out in scalars, per output from zero: f32,
+/// one fused multiply-add per depth in order; bf16, pair after pair, the
+/// odd depth's product then the even one's, each rounded and flushed.
+fn product_in_the_promised_order(
+    kind: Words,
+    lhs: &[f32],
+    weights: &[f32],
+    (m, k, n): (usize, usize, usize),
+) -> Vec<f32> {
+    let mut dst = vec![0f32; m * n];
+    for row in 0..m {
+        for column in 0..n {
+            let x = |depth: usize| lhs[row * k + depth];
+            let w = |depth: usize| weights[depth * n + column];
+            let mut sum = 0f32;
+            match kind {
+                Words::F32 => {
+                    for depth in 0..k {
+                        sum = x(depth).mul_add(w(depth), sum);
+                    }
+                }
+                Words::Bf16Pairs => {
+                    for even in (0..k).step_by(2) {
+                        let odd = even + 1;
+                        if odd < k {
+                            sum = flush_subnormal(sum + bf16_value(x(odd)) * bf16_value(w(odd)));
+                        }
+                        sum = flush_subnormal(sum + bf16_value(x(even)) * bf16_value(w(even)));
+                    }
+                }
+            }
+            dst[row * n + column] = sum;
+        }
+    }
+    dst
+}
+
+fn random(rng: &mut impl Rng, len: usize) -> Vec<f32> {
+    (0..len).map(|_| rng.random_range(-1f32..1.0)).collect()
+}
+
+#[test]
+fn products_sum_in_the_promised_order_bit_for_bit() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    // Odd depth, a partial last panel and a partial last register, rows
+    // that leave a partial block; a single column; a depth of two.
+    for (m, k, n) in [(13, 301, 150), (1, 64, 1), (7, 2, 64)] {
+        let lhs = random(&mut rng, m * k);
+        let weights = random(&mut rng, k * n);
+        let start = random(&mut rng, m * n);
+        for kind in [Words::F32, Words::Bf16Pairs] {
+            let packed = PanelMatrix::pack(kind, k, n, |row, column| weights[row * n + column]);
+            let fresh = product_in_the_promised_order(kind, &lhs, &weights, (m, k, n));
+            let added: Vec<f32> = start.iter().zip(&fresh).map(|(a, b)| a + b).collect();
+            for (threads, task_columns, accumulate) in [(1, 64, true), (2, 64, true), (2, 1, false)]
+            {
+                let mut dst = start.clone();
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap()
+                    .install(|| {
+                        packed.multiply(&mut dst, &lhs, m, threads, accumulate, task_columns)
+                    });
+                let want = if accumulate { &added } else { &fresh };
+                assert_eq!(
+                    &dst, want,
+                    "{kind:?} {m}x{k}x{n}, {threads} threads, {accumulate}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn the_portable_kernels_compute_what_the_instructions_compute() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(10);
+    let (m, k, n) = (6, 200, 64);
+    // Magnitudes from 1e-25 to 1e3, so that sums round, products cancel
+    // and some results fall below the normal range.
+    let mut wide = |len: usize| -> Vec<f32> {
+        (0..len)
+            .map(|_| {
+                let magnitude = 10f32.powf(rng.random_range(-25f32..3.0));
+                if rng.random_bool(0.5) {
+                    magnitude
+                } else {
+                    -magnitude
+                }
+            })
+            .collect()
+    };
+    let lhs = wide(m * k);
+    let weights = wide(k * n);
+    for kind in [Words::F32, Words::Bf16Pairs] {
+        #[cfg(target_arch = "x86_64")]
+        if !avx512::available(kind) {
+            continue;
+        }
+        let packed = PanelMatrix::pack(kind, k, n, |row, column| weights[row * n + column]);
+        let mut packed_lhs = Vec::new();
+        pack_lhs(&mut packed_lhs, kind, &lhs, m, k);
+        let (mut hardware, mut portable) = (vec![0f32; m * n], vec![0f32; m * n]);
+        for (dst, portable_kernel) in [(&mut hardware, false), (&mut portable, true)] {
+            let tile = Tile {
+                kind,
+                lhs: &packed_lhs,
+                weights: &packed.words,
+                padded_width: PANEL,
+                dst: dst.as_mut_ptr(),
+                dst_row_stride: n,
+                rows: m,
+                width: n,
+                accumulate: false,
+            };
+            if portable_kernel {
+                tile.run_portable();
+            } else {
+                tile.run();
+            }
+        }
+        let bits = |values: &[f32]| values.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&hardware), bits(&portable), "{kind:?}");
+    }
+}
+
+#[test]
+fn activations_round_to_nearest_even_and_flush_subnormals() {
+    // 1 + 2^-8 lies halfway between two bf16 values: ties to even.
+    assert_eq!(to_bf16_bits(1.0 + 2f32.powi(-8)), 0x3f80);
+    assert_eq!(to_bf16_bits(1.0 + 3.0 * 2f32.powi(-8)), 0x3f82);
+    assert_eq!(to_bf16_bits(1e-40), 0);
+    assert_eq!(to_bf16_bits(-1e-40), 0x8000);
+    assert_eq!(to_bf16_bits(-2.0), 0xc000);
+}
+
+#[test]
+fn a_row_is_the_same_in_every_batch() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(12);
+    let (k, n) = (97, 200);
+    let weights = random(&mut rng, k * n);
+    let lhs = random(&mut rng, 40 * k);
+    for kind in [Words::F32, Words::Bf16Pairs] {
+        let packed = PanelMatrix::pack(kind, k, n, |row, column| weights[row * n + column]);
+        let mut alone = vec![0f32; n];
+        packed.multiply(&mut alone, &lhs[..k], 1, 1, false, PANEL);
+        for rows in [2, 5, 6, 7, 12, 40] {
+            let mut dst = vec![0f32; rows * n];
+            packed.multiply(&mut dst, &lhs[..rows * k], rows, 1, false, PANEL);
+            assert_eq!(&dst[..n], &alone[..], "{kind:?}, {rows} rows");
+        }
+    }
+}
+
+#[test]
+fn panels_pad_to_whole_registers() {
+    assert_eq!(padded_columns(64), 64);
+    assert_eq!(padded_columns(65), 80);
+    assert_eq!(padded_columns(150), 160);
+    assert_eq!(panel_bounds(150, 2), (128, 32));
+    let packed = PanelMatrix::pack(Words::Bf16Pairs, 5, 150, |_, _| 1.0);
+    // Three depth pairs of 160 columns, four bytes each.
+    assert_eq!(packed.bytes(), 3 * 160 * 4);
+}
