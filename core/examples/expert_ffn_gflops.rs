@@ -1,6 +1,8 @@
 //! Measures the CPU expert FFN: one Mixtral-shaped expert (hidden 1024,
 //! intermediate 2816) on a batch of tokens, as GFLOP/s.
 //!
+//! Eight experts run in turn, so that their weights come from memory.
+//!
 //!     cargo run --release -p moemesh-core --example expert_ffn_gflops -- [tokens] [threads] [repeats] [f32|bf16]
 
 use std::time::Instant;
@@ -28,34 +30,43 @@ fn main() {
             .collect()
     };
     let backend = CpuBackend::with_format(threads, format).expect("thread pool");
-    let expert = backend
-        .load_expert(ExpertWeights {
-            hidden_size: hidden,
-            intermediate_size: intermediate,
-            gate_proj: pseudo_random(intermediate * hidden, 1),
-            up_proj: pseudo_random(intermediate * hidden, 2),
-            down_proj: pseudo_random(hidden * intermediate, 3),
-            activation: Activation::SiluGlu,
-            biases: None,
+    // Eight experts, run in turn, so that a small batch streams its
+    // weights from memory as a decode step does, not from the cache.
+    let experts: Vec<_> = (0..8)
+        .map(|seed| {
+            backend
+                .load_expert(ExpertWeights {
+                    hidden_size: hidden,
+                    intermediate_size: intermediate,
+                    gate_proj: pseudo_random(intermediate * hidden, 1 + seed),
+                    up_proj: pseudo_random(intermediate * hidden, 2 + seed),
+                    down_proj: pseudo_random(hidden * intermediate, 3 + seed),
+                    activation: Activation::SiluGlu,
+                    biases: None,
+                })
+                .expect("expert loads")
         })
-        .expect("expert loads");
+        .collect();
     let input = pseudo_random(tokens * hidden, 4);
     let mut output = vec![0f32; tokens * hidden];
-    expert.forward(&input, tokens, &mut output);
+    experts[0].forward(&input, tokens, &mut output);
     let mut seconds = Vec::with_capacity(repeats);
-    for _ in 0..repeats {
+    for repeat in 0..repeats {
         let started = Instant::now();
-        expert.forward(&input, tokens, &mut output);
+        experts[repeat % experts.len()].forward(&input, tokens, &mut output);
         seconds.push(started.elapsed().as_secs_f64());
     }
+    let weight_bytes = experts[0].weight_bytes() as f64;
     seconds.sort_by(f64::total_cmp);
     report_plain_gemm(tokens, hidden, intermediate, threads, repeats);
     let flops = 2.0 * tokens as f64 * 3.0 * hidden as f64 * intermediate as f64;
     let gflops = |s: f64| flops / s / 1e9;
+    let median = seconds[seconds.len() / 2];
     println!(
-        "expert FFN {tokens}x{hidden}x{intermediate} on {}: median {:.1} GFLOP/s (best {:.1}, worst {:.1}) over {repeats} runs",
+        "expert FFN {tokens}x{hidden}x{intermediate} on {}: median {:.1} GFLOP/s, weights read at {:.1} GB/s (best {:.1}, worst {:.1} GFLOP/s) over {repeats} runs",
         backend.describe(),
-        gflops(seconds[seconds.len() / 2]),
+        gflops(median),
+        weight_bytes / median / 1e9,
         gflops(seconds[0]),
         gflops(seconds[seconds.len() - 1]),
     );

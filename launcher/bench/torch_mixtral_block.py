@@ -4,7 +4,10 @@ MixtralSparseMoeBlock on the same checkpoint, input and thread count.
 
 `moemesh bench` starts this script once, then alternates it with the other
 contestants: each line it writes on stdin is a number of forwards to run,
-and the script answers with the seconds they took. It needs
+and the script answers with the seconds they took; a line `gemm N` runs N
+plain products [tokens, hidden] x [hidden, intermediate] in f32 instead
+(PyTorch's own BLAS on the layer's shape: a ceiling beside the bench's).
+It needs
 
     pip install torch transformers safetensors numpy
 
@@ -72,11 +75,22 @@ def main():
     if args.output:
         numpy.save(args.output, output[0].numpy())
     print(f"ready torch {torch.__version__} transformers {transformers.__version__} threads {torch.get_num_threads()}", flush=True)
+    generator = torch.Generator().manual_seed(3)
+    gemm_lhs = torch.rand(hidden.shape[1], block.experts.down_proj.shape[1], generator=generator)
+    gemm_rhs = torch.rand(block.experts.down_proj.shape[1], block.experts.down_proj.shape[2], generator=generator)
+    with torch.inference_mode():
+        torch.mm(gemm_lhs, gemm_rhs)
     for line in sys.stdin:
-        count = int(line)
+        words = line.split()
+        work = forward
+        if words[0] == "gemm":
+            work = lambda: torch.mm(gemm_lhs, gemm_rhs)
+            words = words[1:]
+        count = int(words[0])
         started = time.perf_counter()
-        for _ in range(count):
-            forward()
+        with torch.inference_mode():
+            for _ in range(count):
+                work()
         print(time.perf_counter() - started, flush=True)
 
 

@@ -156,6 +156,13 @@ fn bench_measures_every_contestant_and_reports_json() {
         "inprocess_gflops",
         "cluster_tokens_per_s",
         "decode_p50_us_inprocess",
+        "decode_p50_us_inprocess_bf16",
+        "decode_bf16_over_f32",
+        "memory_read_gbps",
+        "decode_bound_us",
+        "decode_inprocess_over_bound",
+        "best_ceiling_gflops",
+        "inprocess_over_best_ceiling",
         "decode_p50_us_cluster",
         "decode_p99_us_cluster",
         "decode_dispatch_p50_us",
@@ -175,6 +182,8 @@ fn bench_measures_every_contestant_and_reports_json() {
     }
     // Without a usable Python the PyTorch contestant is skipped, with the reason.
     assert!(report["torch_tokens_per_s"].is_null());
+    assert!(report["torch_gemm_gflops"].is_null());
+    assert_eq!(report["best_ceiling_gflops"], report["ceiling_gflops"]);
     let skipped = report["torch_skipped"].as_str().unwrap_or_default();
     assert!(skipped.contains("/nonexistent/python3"), "{skipped}");
     assert!(stderr.contains("skipping PyTorch"), "{stderr}");

@@ -325,50 +325,64 @@ mod avx512 {
             }
     }
 
-    /// The tile on AVX-512, 16 columns per register.
+    /// The tile on AVX-512, 16 columns per register, as many rows as it
+    /// has (a decode-sized tile computes no rows it does not need).
     ///
     /// # Safety
     /// [`available`] for the tile's kind; the tile's slices and output as
     /// [`Tile`] says, its padded width a whole number of registers.
     pub(super) unsafe fn tile(tile: &Tile<'_>) {
+        /// The kernel `$kernel::<registers, rows>` for this tile.
+        macro_rules! by_rows {
+            ($kernel:ident, $registers:literal) => {
+                match tile.rows {
+                    1 => $kernel::<$registers, 1>(tile),
+                    2 => $kernel::<$registers, 2>(tile),
+                    3 => $kernel::<$registers, 3>(tile),
+                    4 => $kernel::<$registers, 4>(tile),
+                    5 => $kernel::<$registers, 5>(tile),
+                    _ => $kernel::<$registers, ROWS>(tile),
+                }
+            };
+        }
         // SAFETY: forwarded from the caller.
         unsafe {
             match (tile.kind, tile.padded_width / LANES) {
-                (Words::F32, 1) => f32_tile::<1>(tile),
-                (Words::F32, 2) => f32_tile::<2>(tile),
-                (Words::F32, 3) => f32_tile::<3>(tile),
-                (Words::F32, _) => f32_tile::<4>(tile),
-                (Words::Bf16Pairs, 1) => bf16_tile::<1>(tile),
-                (Words::Bf16Pairs, 2) => bf16_tile::<2>(tile),
-                (Words::Bf16Pairs, 3) => bf16_tile::<3>(tile),
-                (Words::Bf16Pairs, _) => bf16_tile::<4>(tile),
+                (Words::F32, 1) => by_rows!(f32_tile, 1),
+                (Words::F32, 2) => by_rows!(f32_tile, 2),
+                (Words::F32, 3) => by_rows!(f32_tile, 3),
+                (Words::F32, _) => by_rows!(f32_tile, 4),
+                (Words::Bf16Pairs, 1) => by_rows!(bf16_tile, 1),
+                (Words::Bf16Pairs, 2) => by_rows!(bf16_tile, 2),
+                (Words::Bf16Pairs, 3) => by_rows!(bf16_tile, 3),
+                (Words::Bf16Pairs, _) => by_rows!(bf16_tile, 4),
             }
         }
     }
 
     #[target_feature(enable = "avx512f,fma")]
-    unsafe fn f32_tile<const NV: usize>(tile: &Tile<'_>) {
+    unsafe fn f32_tile<const NV: usize, const R: usize>(tile: &Tile<'_>) {
         // SAFETY: forwarded from the caller.
         unsafe {
-            let sums = accumulate::<NV>(tile, |sum, activation, weights| {
+            let sums = accumulate::<NV, R>(tile, |sum, activation, weights| {
                 _mm512_fmadd_ps(activation, weights, sum)
             });
-            store::<NV>(tile, &sums);
+            store::<NV, R>(tile, &sums);
         }
     }
 
     #[target_feature(enable = "avx512f,avx512bf16")]
-    unsafe fn bf16_tile<const NV: usize>(tile: &Tile<'_>) {
+    unsafe fn bf16_tile<const NV: usize, const R: usize>(tile: &Tile<'_>) {
         // SAFETY: forwarded from the caller.
         unsafe {
-            let sums = accumulate::<NV>(tile, |sum, activation, weights| {
+            let sums = accumulate::<NV, R>(tile, |sum, activation, weights| {
                 _mm512_dpbf16_ps(
                     sum,
                     std::mem::transmute::<__m512, __m512bh>(activation),
                     std::mem::transmute::<__m512, __m512bh>(weights),
                 )
             });
-            store::<NV>(tile, &sums);
+            store::<NV, R>(tile, &sums);
         }
     }
 
@@ -376,10 +390,10 @@ mod avx512 {
     /// weights)`: per word, `NV` registers of weights, then each row's
     /// activation broadcast against them.
     #[inline(always)]
-    unsafe fn accumulate<const NV: usize>(
+    unsafe fn accumulate<const NV: usize, const R: usize>(
         tile: &Tile<'_>,
         step: impl Fn(__m512, __m512, __m512) -> __m512,
-    ) -> [[__m512; NV]; ROWS] {
+    ) -> [[__m512; NV]; R] {
         debug_assert_eq!(tile.padded_width, NV * LANES);
         let depth_words = tile.lhs.len() / ROWS;
         debug_assert!(tile.weights.len() >= depth_words * tile.padded_width);
@@ -387,7 +401,7 @@ mod avx512 {
         // SAFETY: (all reads) index < depth_words keeps them inside the
         // slices: NV registers make the padded width, ROWS words per index.
         unsafe {
-            let mut sums = [[_mm512_setzero_ps(); NV]; ROWS];
+            let mut sums = [[_mm512_setzero_ps(); NV]; R];
             for index in 0..depth_words {
                 let row_weights = weights.add(index * tile.padded_width);
                 let mut columns = [_mm512_setzero_ps(); NV];
@@ -408,13 +422,14 @@ mod avx512 {
 
     /// Writes (or adds) the tile's rows, the last register masked to its width.
     #[inline(always)]
-    unsafe fn store<const NV: usize>(tile: &Tile<'_>, sums: &[[__m512; NV]; ROWS]) {
+    unsafe fn store<const NV: usize, const R: usize>(tile: &Tile<'_>, sums: &[[__m512; NV]; R]) {
         let last_lanes = tile.width - (NV - 1) * LANES;
         let last_mask: __mmask16 = if last_lanes >= LANES {
             0xffff
         } else {
             (1u16 << last_lanes) - 1
         };
+        debug_assert!(tile.rows <= R);
         for (row, sums) in sums.iter().enumerate().take(tile.rows) {
             // SAFETY: the tile's rows and columns lie inside dst; the last
             // register's loads and stores are masked to the tile's width.

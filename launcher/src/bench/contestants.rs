@@ -199,7 +199,18 @@ impl TorchContestant {
 
     /// Runs `count` forwards in the Python process; returns their seconds.
     pub(super) fn run(&mut self, count: usize) -> anyhow::Result<f64> {
-        writeln!(self.stdin, "{count}")?;
+        self.ask(&count.to_string())
+    }
+
+    /// Runs `count` of PyTorch's plain f32 GEMMs of the ceiling's shape
+    /// (`[tokens, hidden] · [hidden, intermediate]`); returns their seconds.
+    pub(super) fn run_gemm(&mut self, count: usize) -> anyhow::Result<f64> {
+        self.ask(&format!("gemm {count}"))
+    }
+
+    /// Sends one request line; returns the seconds the script answers.
+    fn ask(&mut self, request: &str) -> anyhow::Result<f64> {
+        writeln!(self.stdin, "{request}")?;
         self.stdin.flush()?;
         let mut line = String::new();
         self.stdout.read_line(&mut line)?;

@@ -5,6 +5,12 @@
 #[derive(Default)]
 pub(super) struct Samples(Vec<f64>);
 
+impl From<Vec<f64>> for Samples {
+    fn from(values: Vec<f64>) -> Self {
+        Self(values)
+    }
+}
+
 impl Samples {
     pub(super) fn push(&mut self, value: f64) {
         self.0.push(value);
@@ -49,6 +55,10 @@ impl Samples {
 #[derive(Default)]
 pub(super) struct Figures {
     pub(super) ceiling_gflops: Samples,
+    /// PyTorch's plain GEMM of the ceiling's shape.
+    pub(super) torch_gemm_gflops: Samples,
+    /// The machine's memory read rate, every thread reading.
+    pub(super) memory_read_gbps: Samples,
     pub(super) inprocess_tokens_per_s: Samples,
     pub(super) torch_tokens_per_s: Samples,
     pub(super) cluster_tokens_per_s: Samples,
@@ -56,6 +66,10 @@ pub(super) struct Figures {
     pub(super) cluster_sequential_tokens_per_s: Samples,
     pub(super) bf16_tokens_per_s: Samples,
     pub(super) decode_inprocess_us: Vec<f64>,
+    /// The same decode steps in process with bf16 weights.
+    pub(super) decode_inprocess_bf16_us: Vec<f64>,
+    /// Per decode step, the bytes of f32 expert weights its forward reads.
+    pub(super) decode_expert_bytes: Vec<f64>,
     pub(super) decode_cluster_us: Vec<f64>,
     /// Per cluster decode step, its latency minus the slowest node's compute.
     pub(super) decode_dispatch_us: Vec<f64>,

@@ -9,22 +9,23 @@
 //! gives each figure's median over the rounds and its range.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use indicatif::{ProgressBar, ProgressStyle};
 use moemesh_client::npy::{Matrix, read_matrix, write_matrix};
 use moemesh_client::{Client, DEFAULT_DEADLINE, TlsArgs};
-use moemesh_core::layer::MoeLayer;
 use moemesh_proto::tls::MemberChannel;
 use moemesh_router_node::{DirectClient, ModelSource, PlacementSource};
 use rand::SeedableRng;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
+use super::bandwidth::{BUFFER_BYTES, ReadBandwidth, decode_bytes};
 use super::contestants::{Ceiling, InProcessLayers, TorchContestant};
 use super::figures::{Figures, NodeMemory};
 use super::report::{RunContext, print_report};
+use super::round::Round;
 use super::{expert_node_info, resident_bytes};
 use crate::local_cluster::{LocalCluster, UpArgs};
 use crate::stats::{random_hidden, relative_l2};
@@ -54,7 +55,7 @@ pub struct BenchArgs {
     pub(super) rounds: usize,
     /// Forwards per contestant per round at the full batch size.
     #[arg(long, default_value_t = 3)]
-    forwards: usize,
+    pub(super) forwards: usize,
     /// Tokens per forward for the throughput contestants.
     #[arg(long, default_value_t = 512)]
     pub(super) tokens: usize,
@@ -68,7 +69,7 @@ pub struct BenchArgs {
     pub(super) in_flight: usize,
     /// Decode-sized forwards per round, in process and through the cluster each.
     #[arg(long, default_value_t = 40)]
-    decode_steps: usize,
+    pub(super) decode_steps: usize,
     /// Python interpreter with torch and transformers for the PyTorch contestant.
     #[arg(long, default_value = "python3")]
     python: String,
@@ -149,6 +150,8 @@ pub async fn run_bench(args: BenchArgs, tls: &TlsArgs) -> anyhow::Result<()> {
     eprintln!("loading the in-process layers ({threads} threads)");
     let in_process = InProcessLayers::load(&model, threads, &input, args.tokens, shape.experts)?;
     let mut ceiling = Ceiling::new(threads, args.tokens, shape)?;
+    let bandwidth_bytes = if args.small { 16 << 20 } else { BUFFER_BYTES };
+    let bandwidth = ReadBandwidth::new(threads, bandwidth_bytes)?;
     let (mut torch, torch_error) = start_torch(
         &args,
         workdir.path(),
@@ -165,6 +168,7 @@ pub async fn run_bench(args: BenchArgs, tls: &TlsArgs) -> anyhow::Result<()> {
         &cluster,
         &model,
         &mut ceiling,
+        &bandwidth,
         &in_process,
         torch.as_mut().ok(),
         &input,
@@ -303,6 +307,7 @@ async fn measure(
     cluster: &LocalCluster,
     model: &Path,
     ceiling: &mut Ceiling,
+    bandwidth: &ReadBandwidth,
     in_process: &InProcessLayers,
     torch: Option<&mut TorchContestant>,
     input: &[f32],
@@ -337,16 +342,31 @@ async fn measure(
         ProgressStyle::with_template("{bar:40} round {pos}/{len}  {msg}  [{elapsed_precise}]")
             .expect("valid template"),
     );
+    let shape = args.shape();
+    let expert_bytes = (3 * shape.hidden_size * shape.intermediate_size * size_of::<f32>()) as u64;
+    let decode_bytes: Vec<u64> = decode_inputs
+        .iter()
+        .map(|decode_input| {
+            decode_bytes(
+                &in_process.f32_layer,
+                decode_input,
+                args.decode_tokens,
+                expert_bytes,
+            )
+        })
+        .collect();
     let mut round = Round {
         args,
         hidden,
         client,
         one_hop,
         ceiling,
+        bandwidth,
         in_process,
         torch,
         input,
         decode_inputs,
+        decode_bytes: &decode_bytes,
         round_trip: round_trip_client(cluster).await?,
     };
     let mut figures = Figures::default();
@@ -361,149 +381,6 @@ async fn measure(
     }
     progress.finish_and_clear();
     Ok((figures, cluster_error))
-}
-
-/// The contestants and inputs one round runs, each contestant once.
-struct Round<'a> {
-    args: &'a BenchArgs,
-    hidden: usize,
-    /// A client of the cluster's router.
-    client: Client,
-    /// A client that sends to the expert nodes itself.
-    one_hop: DirectClient,
-    ceiling: &'a mut Ceiling,
-    in_process: &'a InProcessLayers,
-    torch: Option<&'a mut TorchContestant>,
-    input: &'a [f32],
-    decode_inputs: &'a [Vec<f32>],
-    /// The router's health service, for the bare round trip.
-    round_trip: HealthClient<MemberChannel>,
-}
-
-impl Round<'_> {
-    /// Runs every contestant once, in turn, and adds one sample to each figure.
-    async fn run(&mut self, figures: &mut Figures) -> anyhow::Result<()> {
-        let args = self.args;
-        let tokens = (args.tokens * args.forwards) as f64;
-        let ceiling_count = args.forwards * 4;
-        let seconds = tokio::task::block_in_place(|| self.ceiling.run(ceiling_count));
-        figures
-            .ceiling_gflops
-            .push(self.ceiling.flops() * ceiling_count as f64 / seconds / 1e9);
-
-        figures
-            .inprocess_tokens_per_s
-            .push(tokens / self.time_layer(&self.in_process.f32_layer));
-
-        if let Some(torch) = self.torch.as_deref_mut() {
-            let seconds = tokio::task::block_in_place(|| torch.run(args.forwards))?;
-            figures.torch_tokens_per_s.push(tokens / seconds);
-        }
-
-        figures
-            .cluster_sequential_tokens_per_s
-            .push(tokens / self.time_cluster_sequential().await?);
-        figures
-            .cluster_tokens_per_s
-            .push(tokens * args.in_flight as f64 / self.time_cluster_in_flight().await?);
-
-        figures
-            .bf16_tokens_per_s
-            .push(tokens / self.time_layer(&self.in_process.bf16_layer));
-
-        self.run_decode_steps(figures).await
-    }
-
-    /// Seconds `layer` takes for --forwards forwards of the full batch.
-    fn time_layer(&self, layer: &MoeLayer) -> f64 {
-        tokio::task::block_in_place(|| {
-            let started = Instant::now();
-            for _ in 0..self.args.forwards {
-                // A CPU layer does not fail; its outputs were checked already.
-                std::hint::black_box(layer.forward(self.input, self.args.tokens).ok());
-            }
-            started.elapsed().as_secs_f64()
-        })
-    }
-
-    /// Seconds the cluster takes for --forwards forwards, one at a time.
-    async fn time_cluster_sequential(&mut self) -> anyhow::Result<f64> {
-        let started = Instant::now();
-        for _ in 0..self.args.forwards {
-            self.client
-                .forward_f32("", 0, self.input, self.hidden)
-                .await?;
-        }
-        Ok(started.elapsed().as_secs_f64())
-    }
-
-    /// Seconds the cluster takes for --forwards forwards from each of
-    /// --in-flight streams at once.
-    async fn time_cluster_in_flight(&self) -> anyhow::Result<f64> {
-        let (input, hidden, forwards) = (self.input, self.hidden, self.args.forwards);
-        let started = Instant::now();
-        let streams = (0..self.args.in_flight).map(|_| {
-            let mut client = self.client.clone();
-            async move {
-                for _ in 0..forwards {
-                    client.forward_f32("", 0, input, hidden).await?;
-                }
-                Ok::<_, moemesh_client::ClientError>(())
-            }
-        });
-        futures::future::try_join_all(streams).await?;
-        Ok(started.elapsed().as_secs_f64())
-    }
-
-    /// Decode-sized forwards, alternating between the two paths step by step.
-    async fn run_decode_steps(&mut self, figures: &mut Figures) -> anyhow::Result<()> {
-        let (decode_tokens, hidden) = (self.args.decode_tokens, self.hidden);
-        for step in 0..self.args.decode_steps {
-            let decode_input = &self.decode_inputs[step % self.decode_inputs.len()];
-            let started = Instant::now();
-            tokio::task::block_in_place(|| {
-                std::hint::black_box(
-                    self.in_process
-                        .f32_layer
-                        .forward(decode_input, decode_tokens)
-                        .ok(),
-                )
-            });
-            figures
-                .decode_inprocess_us
-                .push(started.elapsed().as_secs_f64() * 1e6);
-            let started = Instant::now();
-            let timed = self
-                .client
-                .forward_f32_timed("", 0, decode_input, hidden)
-                .await?;
-            let latency = started.elapsed();
-            figures.decode_cluster_us.push(latency.as_secs_f64() * 1e6);
-            figures
-                .decode_dispatch_us
-                .push(latency.saturating_sub(timed.expert_compute).as_secs_f64() * 1e6);
-            let started = Instant::now();
-            let output = self
-                .one_hop
-                .forward(0, decode_input.clone(), DEFAULT_DEADLINE)
-                .await?;
-            let latency = started.elapsed();
-            let compute = Duration::from_micros(output.slowest_compute_micros);
-            figures.decode_one_hop_us.push(latency.as_secs_f64() * 1e6);
-            figures
-                .decode_one_hop_dispatch_us
-                .push(latency.saturating_sub(compute).as_secs_f64() * 1e6);
-            let started = Instant::now();
-            self.round_trip
-                .check(HealthCheckRequest::default())
-                .await
-                .context("the router's health check failed")?;
-            figures
-                .grpc_round_trip_us
-                .push(started.elapsed().as_secs_f64() * 1e6);
-        }
-        Ok(())
-    }
 }
 
 /// A health client of the router on a channel set up as `Client`'s (the

@@ -14,12 +14,14 @@
 //!   (a GPU), in process: correctness against the CPU, throughput,
 //!   decode latency, Expert Buffering.
 
+mod bandwidth;
 mod contestants;
 pub mod device;
 mod figures;
 pub mod layer;
 pub mod rebalance;
 mod report;
+mod round;
 pub mod soak;
 
 use anyhow::Context;
