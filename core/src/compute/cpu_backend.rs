@@ -17,12 +17,13 @@ use crate::{CoreError, CoreResult};
 /// How the CPU backend keeps expert weights resident.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum WeightFormat {
-    /// Four bytes per weight; the format the GEMM kernel runs on directly.
+    /// Four bytes per weight; products in f32.
     #[default]
     F32,
-    /// Two bytes per weight (half the memory), widened to f32 one cache-sized
-    /// panel at a time during each GEMM. Exact for bf16 checkpoints; f32
-    /// checkpoints are rounded to nearest even once, at load.
+    /// Two bytes per weight (half the memory); each product rounds its
+    /// activations to bf16 and sums in f32 (AVX512-BF16 where the CPU has
+    /// it). Exact for bf16 checkpoints; f32 checkpoints are rounded to
+    /// nearest even once, at load.
     Bf16,
 }
 

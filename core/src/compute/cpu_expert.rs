@@ -436,8 +436,8 @@ pub(crate) mod tests {
 
     #[test]
     fn cpu_expert_rows_are_batch_invariant() {
-        // Real shapes, the fixtures' tiny ones (the horizontal kernel), and a
-        // narrow output over a deep input (gemm's small-shape depth blocking).
+        // Real shapes, the fixtures' tiny ones (a partial panel), and a
+        // narrow output over a deep input.
         for (hidden, intermediate) in [(1024, 1408), (64, 96), (48, 600)] {
             for format in [WeightFormat::F32, WeightFormat::Bf16] {
                 rows_are_batch_invariant(format, hidden, intermediate);
