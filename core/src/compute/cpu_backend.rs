@@ -271,9 +271,9 @@ pub(super) fn compute_pool(threads: usize, name: &str) -> CoreResult<(rayon::Thr
     Ok((pool, threads))
 }
 
-/// The fewest rows worth a task of their own by default: below this the GEMM runs
-/// well under its peak (measured: 78 GFLOP/s at 64 rows against 94 at 128
-/// on one Zen 4 core).
+/// The fewest rows worth a task of their own by default: fewer rows run
+/// under the kernels' peak (measured on one Zen 4 core, `expert_ffn_gflops
+/// -- ROWS 1`: 78-88 GFLOP/s at 32 rows, 90-94 at 64, 96-100 at 128).
 const MIN_TASK_ROWS: usize = 96;
 
 /// A range of one expert's rows, computed by one thread into its own

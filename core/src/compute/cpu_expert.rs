@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use super::panel_gemm::{PanelMatrix, Words};
+use super::panel_gemm::{PackedRows, PanelMatrix, Words};
 use super::silu::{clamped_swiglu, silu_mul};
 use super::{CpuBlocking, Expert, WeightFormat, add_into};
 use crate::model::checkpoint::{ExpertBiases, ExpertWeights};
@@ -48,8 +48,11 @@ pub(super) struct CpuExpert {
     hidden: usize,
     /// The FFN by slices of the intermediate dimension, in order.
     slices: Vec<FfnSlice>,
-    /// How the products cut their work (see [`CpuBlocking`]).
-    blocking: CpuBlocking,
+    /// How the weights are stored, and so how activations are laid out.
+    words: Words,
+    /// Columns a multi-threaded product hands to one thread at a time
+    /// ([`CpuBlocking::panel_columns`]).
+    task_columns: usize,
     activation: Activation,
     biases: Option<ExpertBiases>,
     pool: Arc<rayon::ThreadPool>,
@@ -59,8 +62,12 @@ pub(super) struct CpuExpert {
 /// Per-thread buffers of the CPU experts, reused from call to call.
 #[derive(Default)]
 struct Scratch {
+    /// The input, laid out once for every slice's gate/up product.
+    input: PackedRows,
     gate_up: Vec<f32>,
     activated: Vec<f32>,
+    /// A slice's activations, laid out for its down product.
+    packed_activated: PackedRows,
 }
 
 thread_local! {
@@ -139,7 +146,8 @@ impl CpuExpert {
         Ok(Self {
             hidden,
             slices,
-            blocking,
+            words,
+            task_columns: blocking.panel_columns,
             activation,
             biases,
             pool,
@@ -158,21 +166,22 @@ impl CpuExpert {
         // Taken out rather than borrowed: a thread waiting inside a parallel
         // GEMM may run another expert's work, which then starts afresh.
         let mut scratch = SCRATCH.take();
-        let Scratch { gate_up, activated } = &mut scratch;
+        let Scratch {
+            input: packed_input,
+            gate_up,
+            activated,
+            packed_activated,
+        } = &mut scratch;
+        packed_input.pack(self.words, input, rows, hidden);
         // Slice by slice: this slice's activations, then its share of the
         // down projection added into the output.
         for (index, slice) in self.slices.iter().enumerate() {
             let width = slice.width;
             gate_up.resize(rows * 2 * width, 0.0);
             activated.resize(rows * width, 0.0);
-            slice.gate_up.multiply(
-                gate_up,
-                input,
-                rows,
-                threads,
-                false,
-                self.blocking.panel_columns,
-            );
+            slice
+                .gate_up
+                .multiply(gate_up, packed_input, threads, false, self.task_columns);
             for (row_out, row_in) in activated
                 .chunks_exact_mut(width)
                 .zip(gate_up.chunks_exact_mut(2 * width))
@@ -190,13 +199,13 @@ impl CpuExpert {
                     }
                 }
             }
+            packed_activated.pack(self.words, activated, rows, width);
             slice.down.multiply(
                 output_rows,
-                activated,
-                rows,
+                packed_activated,
                 threads,
                 index > 0,
-                self.blocking.panel_columns,
+                self.task_columns,
             );
         }
         if let Some(biases) = &self.biases {

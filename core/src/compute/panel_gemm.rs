@@ -30,9 +30,10 @@ pub(super) const PANEL: usize = 4 * LANES;
 const ROWS: usize = 6;
 
 /// How a panel matrix stores its weights, one 32-bit word per depth step.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub(super) enum Words {
     /// One f32 per depth.
+    #[default]
     F32,
     /// Two bf16 per word: an even depth in the low half, the next odd
     /// depth in the high half.
@@ -103,30 +104,26 @@ impl PanelMatrix {
         self.words.len() * size_of::<u32>()
     }
 
-    /// `dst[m, n] = lhs[m, k] · self`, or `dst +=` it when `accumulate`;
-    /// panels go to the pool's threads in groups of at least
-    /// `task_columns` columns when `threads > 1` (call inside the pool).
+    /// `dst[m, n] = lhs · self`, or `dst +=` it when `accumulate`, for
+    /// `lhs` laid out for this matrix's kind and depth; panels go to the
+    /// pool's threads in groups of at least `task_columns` columns when
+    /// `threads > 1` (call inside the pool).
     pub(super) fn multiply(
         &self,
         dst: &mut [f32],
-        lhs: &[f32],
-        m: usize,
+        lhs: &PackedRows,
         threads: usize,
         accumulate: bool,
         task_columns: usize,
     ) {
-        let (k, n) = (self.k, self.n);
-        assert!(dst.len() >= m * n && lhs.len() >= m * k);
+        let (m, n) = (lhs.rows, self.n);
+        assert!(lhs.kind == self.kind && lhs.k == self.k && dst.len() >= m * n);
         if m == 0 || n == 0 {
             return;
         }
-        // Taken out rather than borrowed: a thread waiting for the pool may
-        // run another product meanwhile.
-        let mut packed_lhs = PACKED_LHS.take();
-        pack_lhs(&mut packed_lhs, self.kind, lhs, m, k);
         let product = Product {
             weights: self,
-            lhs: &packed_lhs,
+            lhs: &lhs.words,
             dst: SharedOutput(dst.as_mut_ptr()),
             m,
             accumulate,
@@ -144,7 +141,37 @@ impl PanelMatrix {
         } else {
             (0..panels).for_each(|panel| product.panel(panel));
         }
-        PACKED_LHS.set(packed_lhs);
+    }
+}
+
+/// Rows of activations laid out for the kernels, once for every product
+/// that takes them: `[block][depth word][row in block]` in blocks of
+/// [`ROWS`] rows, rows past the last zero. Reused from call to call.
+#[derive(Default)]
+pub(super) struct PackedRows {
+    words: Vec<u32>,
+    kind: Words,
+    rows: usize,
+    k: usize,
+}
+
+impl PackedRows {
+    /// Lays out `lhs [rows, k]` as `kind` words.
+    pub(super) fn pack(&mut self, kind: Words, lhs: &[f32], rows: usize, k: usize) {
+        assert!(lhs.len() >= rows * k);
+        let depth_words = kind.depth_words(k);
+        self.words.clear();
+        self.words
+            .resize(rows.div_ceil(ROWS) * depth_words * ROWS, 0);
+        for row in 0..rows {
+            let values = &lhs[row * k..(row + 1) * k];
+            let block = &mut self.words[row / ROWS * depth_words * ROWS..][..depth_words * ROWS];
+            let offset = row % ROWS;
+            for index in 0..depth_words {
+                block[index * ROWS + offset] = kind.word(index, k, |depth| values[depth]);
+            }
+        }
+        (self.kind, self.rows, self.k) = (kind, rows, k);
     }
 }
 
@@ -159,28 +186,6 @@ fn padded_columns(n: usize) -> usize {
 fn panel_bounds(n: usize, index: usize) -> (usize, usize) {
     let start = index * PANEL;
     (start, (n - start).min(PANEL).next_multiple_of(LANES))
-}
-
-thread_local! {
-    /// The activations of this thread's last product, laid out for the
-    /// kernel; reused from call to call.
-    static PACKED_LHS: std::cell::Cell<Vec<u32>> = const { std::cell::Cell::new(Vec::new()) };
-}
-
-/// Lays out `lhs [m, k]` as `kind` words in blocks of [`ROWS`] rows:
-/// `[block][depth word][row in block]`, rows past `m` zero.
-fn pack_lhs(packed: &mut Vec<u32>, kind: Words, lhs: &[f32], m: usize, k: usize) {
-    let depth_words = kind.depth_words(k);
-    packed.clear();
-    packed.resize(m.div_ceil(ROWS) * depth_words * ROWS, 0);
-    for row in 0..m {
-        let values = &lhs[row * k..(row + 1) * k];
-        let block = &mut packed[row / ROWS * depth_words * ROWS..][..depth_words * ROWS];
-        let offset = row % ROWS;
-        for index in 0..depth_words {
-            block[index * ROWS + offset] = kind.word(index, k, |depth| values[depth]);
-        }
-    }
 }
 
 /// The output matrix shared by tasks that write disjoint columns of it.

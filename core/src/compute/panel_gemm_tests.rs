@@ -43,6 +43,13 @@ fn product_in_the_promised_order(
     dst
 }
 
+/// The first `count` rows of `lhs [_, k]`, laid out for `kind`.
+fn rows(kind: Words, lhs: &[f32], count: usize, k: usize) -> PackedRows {
+    let mut packed = PackedRows::default();
+    packed.pack(kind, &lhs[..count * k], count, k);
+    packed
+}
+
 fn random(rng: &mut impl Rng, len: usize) -> Vec<f32> {
     (0..len).map(|_| rng.random_range(-1f32..1.0)).collect()
 }
@@ -68,7 +75,13 @@ fn products_sum_in_the_promised_order_bit_for_bit() {
                     .build()
                     .unwrap()
                     .install(|| {
-                        packed.multiply(&mut dst, &lhs, m, threads, accumulate, task_columns)
+                        packed.multiply(
+                            &mut dst,
+                            &rows(kind, &lhs, m, k),
+                            threads,
+                            accumulate,
+                            task_columns,
+                        )
                     });
                 let want = if accumulate { &added } else { &fresh };
                 assert_eq!(
@@ -106,13 +119,12 @@ fn the_portable_kernels_compute_what_the_instructions_compute() {
             continue;
         }
         let packed = PanelMatrix::pack(kind, k, n, |row, column| weights[row * n + column]);
-        let mut packed_lhs = Vec::new();
-        pack_lhs(&mut packed_lhs, kind, &lhs, m, k);
+        let packed_lhs = rows(kind, &lhs, m, k);
         let (mut hardware, mut portable) = (vec![0f32; m * n], vec![0f32; m * n]);
         for (dst, portable_kernel) in [(&mut hardware, false), (&mut portable, true)] {
             let tile = Tile {
                 kind,
-                lhs: &packed_lhs,
+                lhs: &packed_lhs.words,
                 weights: &packed.words,
                 padded_width: PANEL,
                 dst: dst.as_mut_ptr(),
@@ -151,11 +163,11 @@ fn a_row_is_the_same_in_every_batch() {
     for kind in [Words::F32, Words::Bf16Pairs] {
         let packed = PanelMatrix::pack(kind, k, n, |row, column| weights[row * n + column]);
         let mut alone = vec![0f32; n];
-        packed.multiply(&mut alone, &lhs[..k], 1, 1, false, PANEL);
-        for rows in [2, 5, 6, 7, 12, 40] {
-            let mut dst = vec![0f32; rows * n];
-            packed.multiply(&mut dst, &lhs[..rows * k], rows, 1, false, PANEL);
-            assert_eq!(&dst[..n], &alone[..], "{kind:?}, {rows} rows");
+        packed.multiply(&mut alone, &rows(kind, &lhs, 1, k), 1, false, PANEL);
+        for count in [2, 5, 6, 7, 12, 40] {
+            let mut dst = vec![0f32; count * n];
+            packed.multiply(&mut dst, &rows(kind, &lhs, count, k), 1, false, PANEL);
+            assert_eq!(&dst[..n], &alone[..], "{kind:?}, {count} rows");
         }
     }
 }

@@ -5,12 +5,6 @@
 #[derive(Default)]
 pub(super) struct Samples(Vec<f64>);
 
-impl From<Vec<f64>> for Samples {
-    fn from(values: Vec<f64>) -> Self {
-        Self(values)
-    }
-}
-
 impl Samples {
     pub(super) fn push(&mut self, value: f64) {
         self.0.push(value);
@@ -69,7 +63,7 @@ pub(super) struct Figures {
     /// The same decode steps in process with bf16 weights.
     pub(super) decode_inprocess_bf16_us: Vec<f64>,
     /// Per decode step, the bytes of f32 expert weights its forward reads.
-    pub(super) decode_expert_bytes: Vec<f64>,
+    pub(super) decode_expert_bytes: Samples,
     pub(super) decode_cluster_us: Vec<f64>,
     /// Per cluster decode step, its latency minus the slowest node's compute.
     pub(super) decode_dispatch_us: Vec<f64>,

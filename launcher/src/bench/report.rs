@@ -98,13 +98,12 @@ impl Summary {
         let ceiling_gflops = median(&figures.ceiling_gflops);
         let torch_gemm_gflops = figures.torch_gemm_gflops.median();
         let memory_read_gbps = median(&figures.memory_read_gbps);
-        let decode_bytes = Samples::from(figures.decode_expert_bytes.clone());
         Self {
             ceiling_gflops,
             torch_gemm_gflops,
             best_ceiling_gflops: ceiling_gflops.max(torch_gemm_gflops.unwrap_or(0.0)),
             memory_read_gbps,
-            decode_bound_us: median(&decode_bytes) / (memory_read_gbps * 1e9) * 1e6,
+            decode_bound_us: median(&figures.decode_expert_bytes) / (memory_read_gbps * 1e9) * 1e6,
             decode_p50_us_inprocess_bf16: quantile(&figures.decode_inprocess_bf16_us, 0.5),
             inprocess_tokens_per_s,
             inprocess_gflops: inprocess_tokens_per_s * context.inprocess_flops
