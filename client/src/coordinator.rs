@@ -17,10 +17,13 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use moemesh_proto::AdminServiceClient;
+use moemesh_proto::placement::PlacementView;
 use moemesh_proto::tls::{MemberChannel, TlsConfig};
-use moemesh_proto::v1::{PlacementSnapshot, WatchPlacementRequest};
+use moemesh_proto::v1::{
+    PlacementSnapshot, PlacementUpdate, WatchPlacementRequest, placement_update,
+};
 use tokio::sync::mpsc;
 use tonic::Code;
 
@@ -201,27 +204,53 @@ impl CoordinatorClient {
         Err(last_error.expect("a client has at least one address"))
     }
 
-    /// Every placement epoch of `model` (empty: the only model) from
-    /// `from_epoch` on, forever: the current snapshot first, then each new
-    /// one. When a coordinator's stream ends, the next coordinator's is
-    /// opened; an epoch older than one already delivered (from a lagging
-    /// coordinator) is never delivered. The stream ends when dropped.
+    /// The placement updates of `model` (empty: every model) forever: a
+    /// snapshot first, then what changes (see [`PlacementView`]). When a
+    /// coordinator's stream ends, the next coordinator's is opened from the
+    /// revision already delivered, so the updates go on applying in order
+    /// to one view. The stream ends when dropped.
+    pub fn watch_placement_updates(
+        &self,
+        model: &str,
+    ) -> impl Stream<Item = PlacementUpdate> + Send + Unpin + 'static {
+        // One update at a time: a slow reader holds the coordinator's
+        // stream back, and the coordinator folds what changes meanwhile
+        // into its next update.
+        let (update_tx, update_rx) = mpsc::channel(1);
+        let watcher = PlacementWatcher {
+            client: self.clone(),
+            model: model.to_string(),
+            revision: None,
+            update_tx,
+        };
+        tokio::spawn(watcher.run());
+        tokio_stream::wrappers::ReceiverStream::new(update_rx)
+    }
+
+    /// The placement of `model` (empty: every model) after every update
+    /// from `from_epoch` on, forever, as whole snapshots kept from the
+    /// updates of [`watch_placement_updates`](Self::watch_placement_updates).
+    /// The stream ends when dropped.
     pub fn watch_placement(
         &self,
         model: &str,
         from_epoch: u64,
     ) -> impl Stream<Item = PlacementSnapshot> + Send + Unpin + 'static {
-        // One snapshot at a time: a slow reader holds the coordinator's
-        // stream back rather than queueing stale epochs.
-        let (snapshot_tx, snapshot_rx) = mpsc::channel(1);
-        let watcher = PlacementWatcher {
-            client: self.clone(),
-            model: model.to_string(),
-            newest_epoch: from_epoch,
-            snapshot_tx,
-        };
-        tokio::spawn(watcher.run());
-        tokio_stream::wrappers::ReceiverStream::new(snapshot_rx)
+        let model = model.to_string();
+        let mut view = PlacementView::new();
+        self.watch_placement_updates(&model)
+            .filter_map(move |update| {
+                let snapshot = match view.apply(update, &model) {
+                    Ok(_) if view.epoch() >= from_epoch => Some(view.snapshot()),
+                    Ok(_) => None,
+                    Err(error) => {
+                        tracing::warn!(%error, "placement update dropped");
+                        None
+                    }
+                };
+                std::future::ready(snapshot)
+            })
+            .boxed()
     }
 }
 
@@ -244,49 +273,64 @@ async fn connect(
     Ok(AdminServiceClient::new(tls.channel(channel)))
 }
 
-/// The task behind [`CoordinatorClient::watch_placement`].
+/// The task behind [`CoordinatorClient::watch_placement_updates`].
 struct PlacementWatcher {
     client: CoordinatorClient,
     model: String,
-    /// Snapshots older than this are skipped.
-    newest_epoch: u64,
+    /// The revision of the updates delivered so far; None before the first
+    /// snapshot.
+    revision: Option<u64>,
     /// The stream the caller holds; closed when the caller drops it.
-    snapshot_tx: mpsc::Sender<PlacementSnapshot>,
+    update_tx: mpsc::Sender<PlacementUpdate>,
 }
 
 impl PlacementWatcher {
     async fn run(mut self) {
         loop {
-            let snapshot_tx = self.snapshot_tx.clone();
+            let update_tx = self.update_tx.clone();
             tokio::select! {
                 result = self.follow_one() => {
                     if let Err(error) = result {
                         tracing::debug!(%error, "placement stream ended; trying the next coordinator");
                     }
                 }
-                _ = snapshot_tx.closed() => return,
+                _ = update_tx.closed() => return,
             }
             self.client.move_on();
             tokio::select! {
                 _ = tokio::time::sleep(REWATCH_PAUSE) => {}
-                _ = self.snapshot_tx.closed() => return,
+                _ = self.update_tx.closed() => return,
             }
         }
     }
 
-    /// Follows one coordinator's stream until it ends or fails.
+    /// Follows one coordinator's stream, from the revision delivered so
+    /// far, until it ends or fails.
     async fn follow_one(&mut self) -> Result<(), ClientError> {
         let mut admin = self.client.connection().await?;
         let request = WatchPlacementRequest {
             model: self.model.clone(),
+            since_revision: self.revision,
         };
         let mut stream = admin.watch_placement(request).await?.into_inner();
-        while let Some(snapshot) = stream.message().await? {
-            if snapshot.epoch < self.newest_epoch {
-                continue;
-            }
-            self.newest_epoch = snapshot.epoch;
-            if self.snapshot_tx.send(snapshot).await.is_err() {
+        while let Some(update) = stream.message().await? {
+            let revision = match &update.update {
+                Some(placement_update::Update::Snapshot(snapshot)) => snapshot.revision,
+                Some(placement_update::Update::Delta(delta)) if self.revision.is_some() => {
+                    delta.revision
+                }
+                _ => {
+                    // Nothing to apply it to: start again from a snapshot.
+                    self.revision = None;
+                    return Err(ClientError::Other {
+                        code: Code::Internal,
+                        message: "the coordinator sent a placement update that does not apply"
+                            .into(),
+                    });
+                }
+            };
+            self.revision = Some(revision);
+            if self.update_tx.send(update).await.is_err() {
                 return Ok(());
             }
         }

@@ -18,8 +18,8 @@ use moemesh_proto::v1::{
     AddReplicaRequest, AddReplicaResponse, ClusterStatusRequest, ClusterStatusResponse,
     DrainNodeRequest, DrainNodeResponse, HeartbeatRequest, HeartbeatResponse, LayerRebalance,
     LoadModelRequest, LoadModelResponse, LoadStatsRequest, LoadStatsResponse, MoveReplicaRequest,
-    MoveReplicaResponse, PlacementSnapshot, RebalanceRequest, RebalanceResponse,
-    RegisterNodeRequest, RegisterNodeResponse, ReplicaMove, ReportLoadRequest, ReportLoadResponse,
+    MoveReplicaResponse, PlacementUpdate, RebalanceRequest, RebalanceResponse, RegisterNodeRequest,
+    RegisterNodeResponse, ReplicaMove, ReportLoadRequest, ReportLoadResponse,
     ReportReplicaReadyRequest, ReportReplicaReadyResponse, ReportUnreachableRequest,
     ReportUnreachableResponse, ShowPlacementRequest, ShowPlacementResponse, WatchPlacementRequest,
 };
@@ -40,7 +40,8 @@ use crate::placement::{
 };
 use crate::rebalance::{RebalanceOutcome, Rebalancer};
 use crate::registration;
-use crate::state::{ClusterState, Command};
+use crate::state::Command;
+use crate::watch::{PlacementStream, run_placement_stream};
 
 /// What the `AdminService` handlers of one coordinator work with; the
 /// server wires it up.
@@ -66,31 +67,6 @@ pub(crate) struct AdminApi {
     /// which would otherwise hold the graceful shutdown open forever. The
     /// server holds another clone to send it.
     pub(crate) streams_closing: Arc<watch::Sender<bool>>,
-}
-
-/// Sends `model`'s placement (all models when empty) on `snapshot_tx`
-/// whenever it changes, until the client or the server goes away.
-async fn watch_placement_task(
-    model: String,
-    mut applied: watch::Receiver<Arc<ClusterState>>,
-    mut closing: watch::Receiver<bool>,
-    snapshot_tx: mpsc::Sender<Result<PlacementSnapshot, Status>>,
-) {
-    let mut last_sent: Option<PlacementSnapshot> = None;
-    loop {
-        let snapshot = placement_snapshot(&applied.borrow_and_update(), &model, None);
-        if last_sent.as_ref() != Some(&snapshot) {
-            if snapshot_tx.send(Ok(snapshot.clone())).await.is_err() {
-                return;
-            }
-            last_sent = Some(snapshot);
-        }
-        tokio::select! {
-            changed = applied.changed() => if changed.is_err() { return },
-            _ = snapshot_tx.closed() => return,
-            _ = closing.wait_for(|closing| *closing) => return,
-        }
-    }
 }
 
 fn rebalance_response(
@@ -131,7 +107,7 @@ fn rebalance_response(
 #[tonic::async_trait]
 impl moemesh_proto::AdminService for AdminApi {
     type WatchPlacementStream = std::pin::Pin<
-        Box<dyn tokio_stream::Stream<Item = Result<PlacementSnapshot, Status>> + Send + 'static>,
+        Box<dyn tokio_stream::Stream<Item = Result<PlacementUpdate, Status>> + Send + 'static>,
     >;
 
     async fn watch_placement(
@@ -139,16 +115,20 @@ impl moemesh_proto::AdminService for AdminApi {
         request: Request<WatchPlacementRequest>,
     ) -> Result<Response<Self::WatchPlacementStream>, Status> {
         self.auth.authorize_member(&request, "WatchPlacement")?;
-        let model = request.into_inner().model;
-        let (snapshot_tx, snapshot_rx) = mpsc::channel(16);
-        tokio::spawn(watch_placement_task(
-            model,
+        let request = request.into_inner();
+        let stream = PlacementStream::new(request.model, request.since_revision);
+        // One update waits at a time: a slow watcher's next one folds in
+        // whatever changes meanwhile.
+        let (update_tx, update_rx) = mpsc::channel(1);
+        tokio::spawn(run_placement_stream(
+            stream,
             self.raft.watch_applied(),
+            self.raft.placement_history(),
             self.streams_closing.subscribe(),
-            snapshot_tx,
+            update_tx,
         ));
         Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(snapshot_rx),
+            tokio_stream::wrappers::ReceiverStream::new(update_rx),
         )))
     }
 

@@ -12,6 +12,8 @@
 //!   else proposes (once per request id) and reads; and the
 //!   [`node::RaftTransport`] trait it sends raft messages through.
 //! - [`state`]: the replicated state machine and its commands.
+//! - [`history`]: what recent commands touched, so that placement watchers
+//!   get only what changed since the revision they have.
 //! - [`storage`]: the Raft log, hard state and snapshots in redb.
 //! - [`transport`]: the transports: gRPC between coordinators, and a
 //!   simulated network with faults for tests.
@@ -19,6 +21,8 @@
 //! What the coordinator does with it:
 //! - [`placement`]: placement policy as plain functions over the state
 //!   (describing models, first replicas, the placement on the wire).
+//! - [`watch`]: the placement streams: a snapshot or the changes since a
+//!   watcher's revision, then the changes as they are applied.
 //! - [`membership`]: heartbeats, dead nodes, and moving replicas safely.
 //! - [`rebalance`]: planning from the load window and carrying plans out,
 //!   on request or periodically on the leader.
@@ -35,6 +39,7 @@ mod admin;
 mod auth;
 mod error;
 mod forward;
+pub mod history;
 pub mod load;
 pub mod membership;
 pub mod metrics;
@@ -47,5 +52,6 @@ pub mod server;
 pub mod state;
 pub mod storage;
 pub mod transport;
+pub mod watch;
 
 pub use error::{CoordinatorError, CoordinatorResult};

@@ -16,7 +16,9 @@ use moemesh_core::model::placement::{
 use moemesh_proto::LayerExperts;
 use moemesh_proto::v1::{ExpertPlacement, NodeInfo, PlacementSnapshot, ReplicaInfo};
 
-use crate::state::{ClusterState, ExpertKey, ModelRecord, NodeRecord, NodeStatus, ReplicaState};
+use crate::state::{
+    ClusterState, ExpertKey, ModelRecord, NodeRecord, NodeStatus, Replica, ReplicaState,
+};
 
 /// Why a placement question has no answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -278,6 +280,22 @@ pub fn node_info(node: &NodeRecord) -> NodeInfo {
     }
 }
 
+/// One expert's replicas on the wire.
+pub fn expert_placement(key: &ExpertKey, replicas: &[Replica]) -> ExpertPlacement {
+    ExpertPlacement {
+        model: key.model.clone(),
+        layer: key.layer as u32,
+        expert: key.expert,
+        replicas: replicas
+            .iter()
+            .map(|replica| ReplicaInfo {
+                node: replica.node.clone(),
+                state: replica_state_to_proto(replica.state).into(),
+            })
+            .collect(),
+    }
+}
+
 /// The placement of `model` (all models when empty), of one `layer` when
 /// given, with every node.
 pub fn placement_snapshot(
@@ -290,23 +308,13 @@ pub fn placement_snapshot(
         .iter()
         .filter(|(key, _)| model.is_empty() || key.model == model)
         .filter(|(key, _)| layer.is_none_or(|layer| key.layer == layer))
-        .map(|(key, replicas)| ExpertPlacement {
-            model: key.model.clone(),
-            layer: key.layer as u32,
-            expert: key.expert,
-            replicas: replicas
-                .iter()
-                .map(|replica| ReplicaInfo {
-                    node: replica.node.clone(),
-                    state: replica_state_to_proto(replica.state).into(),
-                })
-                .collect(),
-        })
+        .map(|(key, replicas)| expert_placement(key, replicas))
         .collect();
     PlacementSnapshot {
         epoch: state.epoch,
         nodes: state.nodes.values().map(node_info).collect(),
         experts,
+        revision: state.applied_commands,
     }
 }
 

@@ -10,6 +10,7 @@
 
 pub mod codec;
 pub mod identity;
+pub mod placement;
 pub mod tls;
 
 /// Generated messages, clients and servers of package `moemesh.v1`.

@@ -1328,12 +1328,22 @@ impl AdminFuzz<'_> {
             placement,
             |mut admin, request| async move { admin.show_placement(request).await },
         );
-        let watch = model_name().prop_map(|model| WatchPlacementRequest { model });
+        let since = prop_oneof![
+            Just(None),
+            (0..64u64).prop_map(Some),
+            any::<u64>().prop_map(Some)
+        ];
+        let watch =
+            (model_name(), since).prop_map(|(model, since_revision)| WatchPlacementRequest {
+                model,
+                since_revision,
+            });
         self.fuzz("WatchPlacement", watch, |mut admin, request| async move {
-            let mut snapshots = admin.watch_placement(request).await?.into_inner();
-            // The current placement comes first, whatever the filter.
-            snapshots.message().await?.ok_or_else(|| {
-                Status::internal("the placement stream ended before its first snapshot")
+            let mut updates = admin.watch_placement(request).await?.into_inner();
+            // An update comes first, whatever the filter or revision (one
+            // ahead of the coordinator's gets a snapshot after a while).
+            updates.message().await?.ok_or_else(|| {
+                Status::internal("the placement stream ended before its first update")
             })
         });
         let stats = model_name().prop_map(|model| LoadStatsRequest { model });

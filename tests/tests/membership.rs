@@ -36,14 +36,17 @@ async fn moves_under_continuous_load_fail_no_request() {
     let mut stream = watcher
         .watch_placement(moemesh_proto::v1::WatchPlacementRequest {
             model: "test-model".into(),
+            since_revision: None,
         })
         .await
         .unwrap()
         .into_inner();
     let snapshots = tokio::spawn(async move {
         let mut seen = Vec::new();
-        while let Ok(Some(snapshot)) = stream.message().await {
-            seen.push(snapshot);
+        let mut view = moemesh_proto::placement::PlacementView::new();
+        while let Ok(Some(update)) = stream.message().await {
+            view.apply(update, "test-model").unwrap();
+            seen.push(view.snapshot());
         }
         seen
     });

@@ -2,12 +2,13 @@
 //! to its [`RaftNode`](super::RaftNode) actor, and the request ids that make
 //! a retried proposal apply at most once.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use raft::prelude::Message;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{RaftCommand, RaftStatus};
+use crate::history::PlacementHistory;
 use crate::state::{ClusterState, Command, Outcome, Proposal};
 use crate::{CoordinatorError, CoordinatorResult};
 
@@ -27,16 +28,19 @@ pub fn fresh_request_id(given: String, kind: &str) -> String {
 pub struct RaftHandle {
     command_tx: mpsc::Sender<RaftCommand>,
     applied_rx: watch::Receiver<Arc<ClusterState>>,
+    history: Arc<Mutex<PlacementHistory>>,
 }
 
 impl RaftHandle {
     pub(super) fn new(
         command_tx: mpsc::Sender<RaftCommand>,
         applied_rx: watch::Receiver<Arc<ClusterState>>,
+        history: Arc<Mutex<PlacementHistory>>,
     ) -> Self {
         Self {
             command_tx,
             applied_rx,
+            history,
         }
     }
 
@@ -101,6 +105,12 @@ impl RaftHandle {
     /// Returns a receiver that sees every newly applied state.
     pub fn watch_applied(&self) -> watch::Receiver<Arc<ClusterState>> {
         self.applied_rx.clone()
+    }
+
+    /// What recent commands touched; it always reaches the state
+    /// [`watch_applied`](Self::watch_applied) shows, or beyond.
+    pub fn placement_history(&self) -> Arc<Mutex<PlacementHistory>> {
+        Arc::clone(&self.history)
     }
 
     /// Delivers a message from a peer; dropped if the mailbox is full (raft retries).

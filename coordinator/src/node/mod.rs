@@ -26,7 +26,7 @@ mod handle;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use protobuf::Message as _;
@@ -34,6 +34,7 @@ use raft::prelude::{ConfChange, ConfChangeV2, Entry, EntryType, Message};
 use raft::{Config, RawNode, ReadOnlyOption, StateRole};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::history::{self, PlacementHistory};
 use crate::metrics::CoordinatorMetrics;
 use crate::state::{ClusterState, Outcome, Proposal};
 use crate::storage::RaftStore;
@@ -72,6 +73,9 @@ pub struct RaftNodeConfig {
     pub compact_after_entries: u64,
     /// How long a proposal or read may wait to be applied.
     pub request_timeout: Duration,
+    /// Node and expert ids the placement history keeps (see
+    /// [`crate::history`]); watchers further behind get a snapshot.
+    pub history_ids: usize,
     /// Where the node reports its applied state and place in the group; a
     /// coordinator puts its `CoordinatorConfig::metrics` here.
     pub metrics: CoordinatorMetrics,
@@ -89,6 +93,7 @@ impl RaftNodeConfig {
             heartbeat_ticks: 2,
             compact_after_entries: 1000,
             request_timeout: Duration::from_secs(5),
+            history_ids: crate::history::DEFAULT_HISTORY_IDS,
             metrics: CoordinatorMetrics::default(),
         }
     }
@@ -142,6 +147,9 @@ pub struct RaftNode {
     next_read_context: u64,
     /// Publishes the state after each applied batch; the handle reads it.
     applied_tx: watch::Sender<Arc<ClusterState>>,
+    /// What recent commands touched, for placement watchers; shared with
+    /// the handle, written only here.
+    history: Arc<Mutex<PlacementHistory>>,
     /// The leader as of the last soft state; `None` during elections.
     current_leader: Option<u64>,
     /// The last leader known, kept through elections as a hint for errors.
@@ -224,6 +232,10 @@ impl RaftNode {
         let raw_node = RawNode::new(&raft_config, store, &logger)?;
         let (command_tx, command_rx) = mpsc::channel(4096);
         let (applied_tx, applied_rx) = watch::channel(Arc::new(state.clone()));
+        let history = Arc::new(Mutex::new(PlacementHistory::new(
+            state.applied_commands,
+            config.history_ids,
+        )));
         let node = Self {
             config,
             raw_node,
@@ -236,11 +248,12 @@ impl RaftNode {
             reads_awaiting_apply: Vec::new(),
             next_read_context: 0,
             applied_tx,
+            history: Arc::clone(&history),
             current_leader: None,
             last_leader: None,
         };
         tokio::spawn(node.run(command_rx));
-        Ok(RaftHandle::new(command_tx, applied_rx))
+        Ok(RaftHandle::new(command_tx, applied_rx, history))
     }
 
     async fn run(mut self, mut command_rx: mpsc::Receiver<RaftCommand>) {
@@ -466,6 +479,11 @@ impl RaftNode {
             })?;
             self.raw_node.store().persist(Some(&snapshot), &[], None)?;
             self.state = state;
+            self.history
+                .lock()
+                .expect("the history lock is never poisoned")
+                .restart_at(self.state.applied_commands);
+            self.applied_tx.send_replace(Arc::new(self.state.clone()));
             self.config.metrics.observe_state(&self.state);
             self.applied_index = snapshot.get_metadata().index;
             self.applied_term = snapshot.get_metadata().term;
@@ -503,6 +521,8 @@ impl RaftNode {
             return Ok(());
         }
         let mut answers = Vec::new();
+        let history = Arc::clone(&self.history);
+        let mut history = history.lock().expect("the history lock is never poisoned");
         for entry in entries {
             self.applied_index = entry.index;
             self.applied_term = entry.term;
@@ -520,7 +540,7 @@ impl RaftNode {
                         }
                     };
                     let request_id = proposal.request_id.clone();
-                    let outcome = self.state.apply(proposal);
+                    let outcome = history::apply_recorded(&mut self.state, &mut history, proposal);
                     for (_, reply_tx) in self
                         .pending_proposals
                         .remove(&request_id)
@@ -543,6 +563,7 @@ impl RaftNode {
                 }
             }
         }
+        drop(history);
         // Publish before answering: whoever learns that a proposal applied
         // must also see it in `applied_state`.
         self.applied_tx.send_replace(Arc::new(self.state.clone()));

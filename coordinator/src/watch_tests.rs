@@ -1,0 +1,265 @@
+//! The delta property: a watcher that applies its stream's updates, read
+//! at any points and reconnecting at any points (to a coordinator whose
+//! history may not reach back), has exactly the snapshot the coordinator
+//! would send at the same revision.
+
+use moemesh_proto::placement::PlacementView;
+use moemesh_proto::v1::PlacementSnapshot;
+use proptest::prelude::*;
+
+use super::*;
+use crate::history::apply_recorded;
+use crate::state::{
+    Command, ExpertKey, ModelRecord, NodeRecord, NodeStatus, Proposal, ReplicaState,
+};
+
+const MODELS: [&str; 2] = ["m1", "m2"];
+const NODES: [&str; 4] = ["a", "b", "c", "d"];
+
+fn node_record(id: usize, bf16: bool, status: NodeStatus) -> NodeRecord {
+    NodeRecord {
+        id: NODES[id].into(),
+        address: format!("http://{}:1", NODES[id]),
+        group: format!("g{}", id % 2),
+        device: "cpu".into(),
+        memory_bytes: 1 << 30,
+        buffer_bytes: 0,
+        weight_format: if bf16 { "bf16" } else { "f32" }.into(),
+        status,
+    }
+}
+
+fn key() -> impl Strategy<Value = ExpertKey> {
+    // Layer 3 is not an MoE layer: commands naming it are refused.
+    (
+        0..MODELS.len(),
+        prop_oneof![Just(0usize), Just(1), Just(3)],
+        0..4u32,
+    )
+        .prop_map(|(model, layer, expert)| ExpertKey {
+            model: MODELS[model].into(),
+            layer,
+            expert,
+        })
+}
+
+fn status() -> impl Strategy<Value = NodeStatus> {
+    prop_oneof![
+        Just(NodeStatus::Joining),
+        Just(NodeStatus::Ready),
+        Just(NodeStatus::Draining),
+        Just(NodeStatus::Dead),
+    ]
+}
+
+fn node() -> impl Strategy<Value = String> {
+    (0..NODES.len()).prop_map(|id| NODES[id].to_string())
+}
+
+fn command() -> impl Strategy<Value = Command> {
+    prop_oneof![
+        1 => (0..NODES.len(), any::<bool>(), status())
+            .prop_map(|(id, bf16, status)| Command::RegisterNode {
+                node: node_record(id, bf16, status)
+            }),
+        1 => (node(), status()).prop_map(|(node, status)| Command::SetNodeStatus { node, status }),
+        4 => (key(), node()).prop_map(|(key, node)| Command::AddReplica { key, node }),
+        4 => (key(), node()).prop_map(|(key, node)| Command::ReplicaReady { key, node }),
+        2 => (key(), node()).prop_map(|(key, node)| Command::DrainReplica { key, node }),
+        1 => (key(), node()).prop_map(|(key, node)| Command::RemoveReplica { key, node }),
+        1 => (key(), node()).prop_map(|(key, node)| Command::RemoveDrainedReplica { key, node }),
+        1 => (key(), node()).prop_map(|(key, node)| Command::RestoreReplica { key, node }),
+        1 => prop::collection::vec((key(), node()), 1..6)
+            .prop_map(|replicas| Command::AddReplicas { replicas }),
+        1 => (node(), prop::collection::vec(key(), 1..6))
+            .prop_map(|(node, keys)| Command::AddServingReplicas { node, keys }),
+        1 => (node(), prop::collection::vec(key(), 0..4))
+            .prop_map(|(node, serving)| Command::ReconcileNodeReplicas { node, serving }),
+    ]
+}
+
+/// What happens next: the cluster applies a command, or watcher `w` reads
+/// its stream, or drops it and watches again (from its revision, or from
+/// nothing).
+#[derive(Debug, Clone)]
+enum Step {
+    Apply(Command),
+    Read(usize),
+    Reconnect { watcher: usize, keep_revision: bool },
+}
+
+fn step(watchers: usize) -> impl Strategy<Value = Step> {
+    prop_oneof![
+        3 => command().prop_map(Step::Apply),
+        2 => (0..watchers).prop_map(Step::Read),
+        1 => (0..watchers, any::<bool>())
+            .prop_map(|(watcher, keep_revision)| Step::Reconnect { watcher, keep_revision }),
+    ]
+}
+
+struct Watcher {
+    model: &'static str,
+    stream: PlacementStream,
+    view: PlacementView,
+}
+
+impl Watcher {
+    fn read(&mut self, state: &ClusterState, history: &Mutex<PlacementHistory>) {
+        if let Some(update) = self.stream.next_update(state, history) {
+            self.view
+                .apply(update, self.model)
+                .expect("an update applies");
+        }
+        let expected = placement_snapshot(state, self.model, None);
+        // Changes that concern no one of this stream are not sent: its
+        // revision may stay behind while its placement is the same.
+        let revision = self.view.revision().expect("a first update came");
+        assert!(revision <= expected.revision);
+        let seen = PlacementSnapshot {
+            revision: expected.revision,
+            ..self.view.snapshot()
+        };
+        assert_eq!(
+            seen, expected,
+            "watcher of {:?} at revision {}",
+            self.model, state.applied_commands
+        );
+    }
+}
+
+/// A cluster with both models and two nodes, as a test starts from.
+fn seeded() -> ClusterState {
+    let mut state = ClusterState::default();
+    let commands = MODELS
+        .iter()
+        .map(|id| Command::AddModel {
+            model: ModelRecord {
+                id: id.to_string(),
+                checkpoint: format!("/models/{id}"),
+                family: "mixtral".into(),
+                moe_layers: vec![0, 1],
+                experts_per_layer: 4,
+            },
+        })
+        .chain((0..2).map(|id| Command::RegisterNode {
+            node: node_record(id, false, NodeStatus::Ready),
+        }));
+    for (index, command) in commands.enumerate() {
+        state.apply(Proposal {
+            request_id: format!("seed-{index}"),
+            command,
+        });
+    }
+    state
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn deltas_give_the_snapshot_whatever_the_reads_and_reconnections(
+        steps in prop::collection::vec(step(3), 1..80),
+        history_ids in 1usize..40,
+    ) {
+        let mut state = seeded();
+        let history = Mutex::new(PlacementHistory::new(state.applied_commands, history_ids));
+        let mut watchers: Vec<Watcher> = ["", "m1", "m2"]
+            .into_iter()
+            .map(|model| Watcher {
+                model,
+                stream: PlacementStream::new(model.into(), None),
+                view: PlacementView::new(),
+            })
+            .collect();
+        for (index, step) in steps.into_iter().enumerate() {
+            match step {
+                Step::Apply(command) => {
+                    let proposal = Proposal { request_id: format!("r{index}"), command };
+                    apply_recorded(&mut state, &mut history.lock().unwrap(), proposal);
+                }
+                Step::Read(watcher) => watchers[watcher].read(&state, &history),
+                Step::Reconnect { watcher, keep_revision } => {
+                    let watcher = &mut watchers[watcher];
+                    let since = if keep_revision { watcher.view.revision() } else { None };
+                    if since.is_none() {
+                        watcher.view = PlacementView::new();
+                    }
+                    watcher.stream = PlacementStream::new(watcher.model.into(), since);
+                    watcher.read(&state, &history);
+                }
+            }
+        }
+        for watcher in &mut watchers {
+            watcher.read(&state, &history);
+        }
+    }
+}
+
+#[test]
+fn a_move_costs_each_watcher_a_few_bytes_per_step() {
+    use moemesh_proto::placement::update_wire_bytes;
+    let mut state = seeded();
+    let history = Mutex::new(PlacementHistory::new(state.applied_commands, 1000));
+    let key = ExpertKey {
+        model: "m1".into(),
+        layer: 1,
+        expert: 2,
+    };
+    let mut stream = PlacementStream::new("m1".into(), None);
+    stream
+        .next_update(&state, &history)
+        .expect("a first snapshot");
+    let steps = [
+        Command::AddServingReplicas {
+            node: "a".into(),
+            keys: vec![key.clone()],
+        },
+        Command::AddReplica {
+            key: key.clone(),
+            node: "b".into(),
+        },
+        Command::ReplicaReady {
+            key: key.clone(),
+            node: "b".into(),
+        },
+        Command::DrainReplica {
+            key: key.clone(),
+            node: "a".into(),
+        },
+        Command::RemoveReplica {
+            key: key.clone(),
+            node: "a".into(),
+        },
+    ];
+    for (index, command) in steps.into_iter().enumerate() {
+        let proposal = Proposal {
+            request_id: format!("move-{index}"),
+            command,
+        };
+        let outcome = apply_recorded(&mut state, &mut history.lock().unwrap(), proposal);
+        assert!(
+            matches!(outcome, crate::state::Outcome::Applied { .. }),
+            "{outcome:?}"
+        );
+        let update = stream.next_update(&state, &history).expect("a delta");
+        let Some(placement_update::Update::Delta(delta)) = &update.update else {
+            panic!("expected a delta, got {update:?}");
+        };
+        assert_eq!(delta.experts.len(), 1);
+        assert!(delta.nodes.is_empty());
+        assert!(
+            update_wire_bytes(&update) < 60,
+            "{} bytes",
+            update_wire_bytes(&update)
+        );
+    }
+    assert_eq!(
+        state.replicas[&key]
+            .iter()
+            .map(|r| (r.node.as_str(), r.state))
+            .collect::<Vec<_>>(),
+        [("b", ReplicaState::Ready)]
+    );
+    // Nothing changed for this stream: nothing is sent.
+    assert!(stream.next_update(&state, &history).is_none());
+}
