@@ -205,13 +205,15 @@ impl CoordinatorClient {
     }
 
     /// The placement updates of `model` (empty: every model) forever: a
-    /// snapshot first, then what changes (see [`PlacementView`]). When a
-    /// coordinator's stream ends, the next coordinator's is opened from the
-    /// revision already delivered, so the updates go on applying in order
-    /// to one view. The stream ends when dropped.
+    /// snapshot first (or, given the revision of a [`PlacementView`] kept
+    /// from an earlier stream, what changed since), then what changes. When
+    /// a coordinator's stream ends, the next coordinator's is opened from
+    /// the revision already delivered, so the updates go on applying in
+    /// order to one view. The stream ends when dropped.
     pub fn watch_placement_updates(
         &self,
         model: &str,
+        since_revision: Option<u64>,
     ) -> impl Stream<Item = PlacementUpdate> + Send + Unpin + 'static {
         // One update at a time: a slow reader holds the coordinator's
         // stream back, and the coordinator folds what changes meanwhile
@@ -220,7 +222,7 @@ impl CoordinatorClient {
         let watcher = PlacementWatcher {
             client: self.clone(),
             model: model.to_string(),
-            revision: None,
+            revision: since_revision,
             update_tx,
         };
         tokio::spawn(watcher.run());
@@ -238,7 +240,7 @@ impl CoordinatorClient {
     ) -> impl Stream<Item = PlacementSnapshot> + Send + Unpin + 'static {
         let model = model.to_string();
         let mut view = PlacementView::new();
-        self.watch_placement_updates(&model)
+        self.watch_placement_updates(&model, None)
             .filter_map(move |update| {
                 let snapshot = match view.apply(update, &model) {
                     Ok(_) if view.epoch() >= from_epoch => Some(view.snapshot()),

@@ -222,6 +222,52 @@ async fn start_coordinators(
     Ok(urls)
 }
 
+/// A coordinator group alone, as processes, for tools that drive the
+/// control plane themselves (`moemesh bench-control-plane`).
+pub struct CoordinatorGroup {
+    /// Admin URLs, by id starting at 1.
+    pub urls: Vec<String>,
+    /// Credentials of the group's members.
+    pub security: ClusterSecurity,
+    /// Holds the coordinators' data.
+    _workdir: tempfile::TempDir,
+    processes: Vec<SupervisedProcess>,
+}
+
+impl CoordinatorGroup {
+    /// Starts `count` coordinators secured as `tls` says; a process that
+    /// exits is reported, not restarted.
+    pub async fn start(count: usize, tls: &TlsArgs) -> anyhow::Result<Self> {
+        let security = ClusterSecurity::prepare(tls, None)?;
+        let launch = Launch {
+            security: &security,
+            policy: RestartPolicy::Never,
+            announce: false,
+        };
+        let workdir = tempfile::tempdir()?;
+        let mut processes = Vec::new();
+        let urls = start_coordinators(count, workdir.path(), &mut processes, &launch).await?;
+        Ok(Self {
+            urls,
+            security,
+            _workdir: workdir,
+            processes,
+        })
+    }
+
+    /// Each coordinator's pid, by id starting at 1; None when not running.
+    pub fn pids(&self) -> Vec<Option<u32>> {
+        self.processes.iter().map(SupervisedProcess::pid).collect()
+    }
+
+    /// Stops every coordinator gracefully.
+    pub async fn shutdown(mut self) {
+        for process in self.processes.iter_mut().rev() {
+            process.stop().await;
+        }
+    }
+}
+
 /// What every expert node of a local cluster is started with.
 struct NodeOptions<'a> {
     model: &'a str,

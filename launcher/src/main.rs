@@ -52,6 +52,8 @@ enum Command {
     Bench(bench::layer::BenchArgs),
     /// Runs a skewed (Zipf) workload on a local cluster before, during and after one live rebalance, and reports node balance, throughput and latency.
     BenchRebalance(bench::rebalance::BenchRebalanceArgs),
+    /// Runs three coordinators with simulated expert nodes and routers (a thousand of each by default) through a rebalance, and reports placement bytes per watcher, propagation latency, coordinator CPU and memory, and Raft log growth.
+    BenchControlPlane(bench::control_plane::BenchControlPlaneArgs),
     /// Runs many clients against a local cluster for a bounded time and reports errors, throughput and memory over time.
     Soak(bench::soak::SoakArgs),
     /// Measures one expert node's backend on a device (a GPU) in process: correctness against the CPU on test checkpoints, throughput, decode latency and Expert Buffering, as one JSON object.
@@ -133,6 +135,9 @@ fn run() -> anyhow::Result<()> {
                 bench::rebalance::run_bench_rebalance(args, &cli.tls).await
             }
             Command::Soak(args) => bench::soak::run_soak(args, &cli.tls).await,
+            Command::BenchControlPlane(args) => {
+                bench::control_plane::run_bench_control_plane(args, &cli.tls).await
+            }
             Command::SynthModel(_)
             | Command::BenchDevice(_)
             | Command::Certs(_)

@@ -8,6 +8,9 @@
 //!   its table and JSON in [`report`].
 //! - `moemesh bench-rebalance` ([`rebalance`]): a skewed workload before,
 //!   during and after one live rebalance.
+//! - `moemesh bench-control-plane` ([`control_plane`]): coordinators
+//!   with a thousand simulated expert nodes and routers, through a
+//!   rebalance: placement bytes, propagation, coordinator CPU and memory.
 //! - `moemesh soak` ([`soak`]): many clients for a bounded time, watching
 //!   errors and memory.
 //! - `moemesh bench-device` ([`device`]): one node's backend on a device
@@ -16,6 +19,7 @@
 
 mod bandwidth;
 mod contestants;
+pub mod control_plane;
 pub mod device;
 mod figures;
 pub mod layer;

@@ -127,12 +127,23 @@ impl ClusterSecurity {
     /// a one-hop client's credentials, which expert nodes accept for
     /// `Compute`.
     pub fn application_tls(&self, id: &str) -> anyhow::Result<TlsConfig> {
-        let member = Member::new(Role::Client, id).map_err(anyhow::Error::msg)?;
+        self.member_tls(MemberRole::Client, id)
+    }
+
+    /// How a process of this machine connects as member `id` in `role`:
+    /// for tools that stand in for expert nodes or routers.
+    pub fn member_tls(&self, role: MemberRole, id: &str) -> anyhow::Result<TlsConfig> {
+        let identity_role = match role {
+            MemberRole::Coordinator => Role::Coordinator,
+            MemberRole::Expert => Role::Expert,
+            MemberRole::Router => Role::Router,
+            MemberRole::Operator => Role::Operator,
+            MemberRole::Client => Role::Client,
+        };
+        let member = Member::new(identity_role, id).map_err(anyhow::Error::msg)?;
         match &self.tls {
             MemberTls::Shared(tls) => tls.config(member),
-            MemberTls::PerMember(dir) => {
-                member_tls_args(dir, MemberRole::Client, id)?.config(member)
-            }
+            MemberTls::PerMember(dir) => member_tls_args(dir, role, id)?.config(member),
         }
     }
 
