@@ -317,3 +317,25 @@ async fn the_majority_commits_through_a_partition_and_the_minority_refuses_write
     assert!(state.applied_commands == 26 || state.applied_commands == 27);
     group.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_through_every_coordinator_at_once_are_all_answered() {
+    // Each coordinator counts its reads; the leader keeps one pending read
+    // per context, so contexts must differ between coordinators.
+    let group = Group::new(3, 1000);
+    group.leader().await;
+    for round in 0..10 {
+        let reads = [1, 2, 3].map(|id| {
+            let handle = group.handles[&id].clone();
+            tokio::spawn(async move { handle.read().await.map(|_| ()) })
+        });
+        for (id, read) in [1, 2, 3].into_iter().zip(reads) {
+            let answer = read.await.unwrap();
+            assert!(
+                answer.is_ok(),
+                "round {round}: a read through {id}: {answer:?}"
+            );
+        }
+    }
+    group.shutdown().await;
+}

@@ -180,6 +180,14 @@ impl slog::Drain for TracingDrain {
     }
 }
 
+/// The context of this coordinator's `number`-th read: unique in the
+/// group, since the leader keeps one pending read per context and drops a
+/// second with the same bytes, which a follower counting from 1 like
+/// every other coordinator would send.
+fn read_context(coordinator: u64, number: u64) -> Vec<u8> {
+    [coordinator.to_be_bytes(), number.to_be_bytes()].concat()
+}
+
 /// Decodes a snapshot's state machine; the error says what does not fit.
 fn decode_state(data: &[u8]) -> Result<ClusterState, String> {
     serde_json::from_slice(data)
@@ -347,7 +355,7 @@ impl RaftNode {
                     return;
                 }
                 self.next_read_context += 1;
-                let context = self.next_read_context.to_be_bytes().to_vec();
+                let context = read_context(self.config.id, self.next_read_context);
                 self.raw_node.read_index(context.clone());
                 self.pending_reads.insert(
                     context,
