@@ -26,6 +26,9 @@ use crate::local_cluster::ClusterSecurity;
 /// Registrations in flight at once.
 const CONCURRENT_REGISTRATIONS: usize = 32;
 
+/// Tries of one ready report.
+const REPORT_ATTEMPTS: u32 = 5;
+
 /// What the fleet is.
 pub struct FleetSpec {
     pub coordinator_urls: Vec<String>,
@@ -62,8 +65,8 @@ pub fn rotated(addresses: &[String], index: usize) -> Vec<String> {
 }
 
 impl Fleet {
-    /// Registers every node (printing progress on stderr), then starts
-    /// their heartbeats and the ready reports.
+    /// Registers every node (printing progress on stderr), each starting
+    /// its heartbeats once registered, then starts the ready reports.
     pub async fn start(security: &ClusterSecurity, spec: FleetSpec) -> anyhow::Result<Self> {
         let nodes = spec.serving.len();
         let clients = (0..nodes)
@@ -76,34 +79,36 @@ impl Fleet {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let spec = Arc::new(spec);
-        let registrations = futures::stream::iter(clients.clone().into_iter().enumerate())
-            .map(|(index, client)| register(client, index, Arc::clone(&spec)))
-            .buffer_unordered(CONCURRENT_REGISTRATIONS);
-        futures::pin_mut!(registrations);
-        let mut registered = 0;
-        while let Some(result) = registrations.next().await {
-            result?;
-            registered += 1;
-            if registered % 100 == 0 || registered == nodes {
-                eprintln!("  {registered}/{nodes} expert nodes registered");
-            }
-        }
         let mut fleet = Self {
             clients,
             heartbeats: Arc::default(),
             ready_marks: Arc::default(),
             tasks: JoinSet::new(),
         };
-        for (index, client) in fleet.clients.iter().enumerate() {
-            // Spread the heartbeats over the period, as independent nodes would.
-            let offset = spec.heartbeat_every.mul_f64(index as f64 / nodes as f64);
+        let registrations = futures::stream::iter(fleet.clients.clone().into_iter().enumerate())
+            .map(|(index, client)| {
+                let spec = Arc::clone(&spec);
+                async move {
+                    register(client.clone(), index, &spec).await?;
+                    anyhow::Ok((index, client))
+                }
+            })
+            .buffer_unordered(CONCURRENT_REGISTRATIONS);
+        futures::pin_mut!(registrations);
+        let mut registered = 0;
+        while let Some(result) = registrations.next().await {
+            // A node heartbeats from its registration on, as a real one does.
+            let (index, client) = result?;
             fleet.tasks.spawn(heartbeat_loop(
-                client.clone(),
+                client,
                 index,
-                offset,
                 spec.heartbeat_every,
                 Arc::clone(&fleet.heartbeats),
             ));
+            registered += 1;
+            if registered % 100 == 0 || registered == nodes {
+                eprintln!("  {registered}/{nodes} expert nodes registered");
+            }
         }
         fleet.tasks.spawn(report_ready_replicas(
             fleet.clients.clone(),
@@ -127,7 +132,7 @@ impl Fleet {
 async fn register(
     mut client: CoordinatorClient,
     index: usize,
-    spec: Arc<FleetSpec>,
+    spec: &FleetSpec,
 ) -> anyhow::Result<()> {
     let id = node_id(index);
     let request = RegisterNodeRequest {
@@ -157,11 +162,9 @@ async fn register(
 async fn heartbeat_loop(
     mut client: CoordinatorClient,
     index: usize,
-    offset: Duration,
     every: Duration,
     answered: Arc<AtomicU64>,
 ) {
-    tokio::time::sleep(offset).await;
     let mut ticks = tokio::time::interval(every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let node = node_id(index);
@@ -224,12 +227,19 @@ async fn report_ready_replicas(
                 let mut client = clients[index].clone();
                 let marks = Arc::clone(&marks);
                 tokio::spawn(async move {
-                    match client.report_replica_ready(request).await {
-                        Ok(answer) => marks
-                            .lock()
-                            .expect("never poisoned")
-                            .push((answer.epoch, Instant::now())),
-                        Err(error) => tracing::warn!(%error, "ready report failed"),
+                    // A node retries until the coordinators hear it.
+                    for attempt in 1..=REPORT_ATTEMPTS {
+                        match client.report_replica_ready(request.clone()).await {
+                            Ok(answer) => {
+                                let mark = (answer.epoch, Instant::now());
+                                marks.lock().expect("never poisoned").push(mark);
+                                return;
+                            }
+                            Err(error) => {
+                                tracing::warn!(%error, attempt, "ready report failed");
+                                tokio::time::sleep(Duration::from_millis(200)).await;
+                            }
+                        }
                     }
                 });
             }
