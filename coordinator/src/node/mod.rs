@@ -21,13 +21,13 @@
 //! [`crate::transport`] implement. The rest of the coordinator talks to it
 //! through the cloneable [`RaftHandle`] (`node/handle.rs`).
 
+mod config;
 mod guard;
 mod handle;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use protobuf::Message as _;
 use raft::prelude::{ConfChange, ConfChangeV2, Entry, EntryType, Message};
@@ -35,11 +35,11 @@ use raft::{Config, RawNode, ReadOnlyOption, StateRole};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::history::{self, PlacementHistory};
-use crate::metrics::CoordinatorMetrics;
 use crate::state::{ClusterState, Outcome, Proposal};
 use crate::storage::RaftStore;
 use crate::{CoordinatorError, CoordinatorResult};
 
+pub use config::RaftNodeConfig;
 pub use handle::{RaftHandle, fresh_request_id};
 
 /// Carries raft messages to their destinations. Raft tolerates lost,
@@ -53,51 +53,6 @@ pub trait RaftTransport: Send + Sync + 'static {
 type ProposalReply = oneshot::Sender<CoordinatorResult<Outcome>>;
 /// Where a linearizable read's state is sent.
 type ReadReply = oneshot::Sender<CoordinatorResult<Arc<ClusterState>>>;
-
-/// Settings of one coordinator's Raft node.
-#[derive(Debug, Clone)]
-pub struct RaftNodeConfig {
-    /// This coordinator's id, non-zero and unique in the group.
-    pub id: u64,
-    /// Ids of every coordinator of the group (its first configuration).
-    pub voters: Vec<u64>,
-    /// Where the log, hard state and snapshots are kept.
-    pub data_dir: PathBuf,
-    /// Length of one raft tick.
-    pub tick_interval: Duration,
-    /// Ticks without a leader before a follower campaigns (randomised up to twice this).
-    pub election_ticks: usize,
-    /// Ticks between a leader's heartbeats.
-    pub heartbeat_ticks: usize,
-    /// Applied entries after which the log is compacted behind a snapshot.
-    pub compact_after_entries: u64,
-    /// How long a proposal or read may wait to be applied.
-    pub request_timeout: Duration,
-    /// Node and expert ids the placement history keeps (see
-    /// [`crate::history`]); watchers further behind get a snapshot.
-    pub history_ids: usize,
-    /// Where the node reports its applied state and place in the group; a
-    /// coordinator puts its `CoordinatorConfig::metrics` here.
-    pub metrics: CoordinatorMetrics,
-}
-
-impl RaftNodeConfig {
-    /// Defaults for a coordinator on a LAN: 100 ms ticks, elections after 1-2 s.
-    pub fn new(id: u64, voters: Vec<u64>, data_dir: PathBuf) -> Self {
-        Self {
-            id,
-            voters,
-            data_dir,
-            tick_interval: Duration::from_millis(100),
-            election_ticks: 10,
-            heartbeat_ticks: 2,
-            compact_after_entries: 1000,
-            request_timeout: Duration::from_secs(5),
-            history_ids: crate::history::DEFAULT_HISTORY_IDS,
-            metrics: CoordinatorMetrics::default(),
-        }
-    }
-}
 
 /// A coordinator's view of the group, for `moectl cluster status`.
 #[derive(Debug, Clone, PartialEq, Eq)]
