@@ -6,6 +6,7 @@
 use moemesh_proto::placement::PlacementView;
 use moemesh_proto::v1::PlacementSnapshot;
 use proptest::prelude::*;
+use tokio::sync::{mpsc, watch};
 
 use super::*;
 use crate::history::apply_recorded;
@@ -262,4 +263,80 @@ fn a_move_costs_each_watcher_a_few_bytes_per_step() {
     );
     // Nothing changed for this stream: nothing is sent.
     assert!(stream.next_update(&state, &history).is_none());
+}
+
+#[tokio::test]
+async fn a_watcher_that_reads_late_gets_every_change_folded_into_few_updates() {
+    let mut state = seeded();
+    let history = Arc::new(Mutex::new(PlacementHistory::new(
+        state.applied_commands,
+        1000,
+    )));
+    let (applied_tx, applied_rx) = watch::channel(Arc::new(state.clone()));
+    let (_closing_tx, closing_rx) = watch::channel(false);
+    let (update_tx, mut update_rx) = mpsc::channel(1);
+    let stream = PlacementStream::new("m1".into(), None);
+    tokio::spawn(run_placement_stream(
+        stream,
+        applied_rx,
+        Arc::clone(&history),
+        closing_rx,
+        update_tx,
+    ));
+    // Forty changes while the watcher reads nothing.
+    for (index, (layer, expert)) in (0..2).flat_map(|l| (0..4).map(move |e| (l, e))).enumerate() {
+        let key = ExpertKey {
+            model: "m1".into(),
+            layer,
+            expert,
+        };
+        for (step, command) in [
+            Command::AddServingReplicas {
+                node: "a".into(),
+                keys: vec![key.clone()],
+            },
+            Command::AddReplica {
+                key: key.clone(),
+                node: "b".into(),
+            },
+            Command::ReplicaReady {
+                key: key.clone(),
+                node: "b".into(),
+            },
+            Command::DrainReplica {
+                key: key.clone(),
+                node: "a".into(),
+            },
+            Command::RemoveReplica {
+                key: key.clone(),
+                node: "a".into(),
+            },
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let proposal = Proposal {
+                request_id: format!("c{index}-{step}"),
+                command,
+            };
+            apply_recorded(&mut state, &mut history.lock().unwrap(), proposal);
+            applied_tx.send_replace(Arc::new(state.clone()));
+            tokio::task::yield_now().await;
+        }
+    }
+    let mut view = PlacementView::new();
+    let mut updates = 0;
+    while view.revision() != Some(state.applied_commands) {
+        let update = tokio::time::timeout(Duration::from_secs(10), update_rx.recv())
+            .await
+            .expect("the stream keeps up")
+            .expect("the stream stays open")
+            .expect("no error");
+        view.apply(update, "m1").unwrap();
+        updates += 1;
+    }
+    // The first snapshot, at most the one update built while the channel
+    // was full, then one with everything since.
+    assert!(updates <= 3, "{updates} updates for 40 changes");
+    assert_eq!(view.snapshot(), placement_snapshot(&state, "m1", None));
 }
