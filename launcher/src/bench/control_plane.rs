@@ -475,48 +475,42 @@ fn report_json(args: &BenchControlPlaneArgs, figures: Figures) -> serde_json::Va
 }
 
 fn print_report(report: &serde_json::Value) {
-    let get = |key: &str| report[key].clone();
-    let goal = |met: bool| if met { "met" } else { "MISSED" };
     let number = |key: &str| report[key].as_f64().unwrap_or(f64::NAN);
     println!(
         "control plane: {} nodes, {} watchers, {} moves; {} MoE layers x {} experts",
-        get("nodes"),
-        get("watchers"),
-        get("moves"),
-        get("moe_layers"),
-        get("experts_per_layer")
+        report["nodes"],
+        report["watchers"],
+        report["moves"],
+        report["moe_layers"],
+        report["experts_per_layer"]
     );
-    let rows = [
+    let goals = [
         (
-            "bytes per watcher per changed replica",
             "bytes_per_watcher_per_change",
             "<= 300",
             number("bytes_per_watcher_per_change") <= 300.0,
         ),
         (
-            "propagation p99 (ms)",
             "propagation_p99_ms",
             "<= 500",
             number("propagation_p99_ms") <= 500.0,
         ),
         (
-            "leader peak RSS (bytes)",
             "leader_peak_rss_bytes",
             "<= 512 MiB",
-            number("leader_peak_rss_bytes") <= 512.0 * 1048576.0,
+            number("leader_peak_rss_bytes") <= 512.0 * MIB,
         ),
         (
-            "log entries per heartbeat",
             "log_entries_per_heartbeat",
             "= 0",
             number("log_entries_per_heartbeat") == 0.0,
         ),
     ];
-    for (label, key, target, met) in rows {
+    for (key, goal, met) in goals {
+        let verdict = if met { "met" } else { "MISSED" };
         println!(
-            "  {label:<40} {:>14}  goal {target:<10} {}",
-            get(key),
-            goal(met)
+            "  {key:<38} {:>16}   goal {goal:<10} {verdict}",
+            shown(key, &report[key])
         );
     }
     for key in [
@@ -524,11 +518,11 @@ fn print_report(report: &serde_json::Value) {
         "propagation_max_ms",
         "every_watcher_saw_every_change",
         "epochs_during_moves",
+        "log_entries_per_move",
+        "quiet_heartbeats",
         "leader_cpu_seconds_during_moves",
         "coordinator_cpu_seconds_during_moves",
         "coordinator_peak_rss_bytes",
-        "log_entries_per_move",
-        "quiet_heartbeats",
         "catch_up_epochs_missed",
         "catch_up_was_snapshot",
         "catch_up_bytes",
@@ -536,6 +530,32 @@ fn print_report(report: &serde_json::Value) {
         "catch_up_matches_snapshot",
         "snapshot_bytes",
     ] {
-        println!("  {key:<40} {}", get(key));
+        println!("  {key:<38} {:>16}", shown(key, &report[key]));
+    }
+}
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+/// A figure of the report as people read it: memory in MiB, times and
+/// rates with one or two decimals.
+fn shown(key: &str, value: &serde_json::Value) -> String {
+    if let Some(values) = value.as_array() {
+        let parts: Vec<String> = values.iter().map(|value| shown(key, value)).collect();
+        return parts.join(", ");
+    }
+    let Some(number) = value
+        .as_f64()
+        .filter(|_| !value.is_u64() || key.ends_with("rss_bytes"))
+    else {
+        return value.to_string();
+    };
+    if key.ends_with("rss_bytes") {
+        format!("{:.0} MiB", number / MIB)
+    } else if key.ends_with("_seconds_during_moves") {
+        format!("{number:.2} s")
+    } else if key.ends_with("_ms") {
+        format!("{number:.1} ms")
+    } else {
+        format!("{number:.1}")
     }
 }
