@@ -209,7 +209,8 @@ impl CoordinatorClient {
     /// from an earlier stream, what changed since), then what changes. When
     /// a coordinator's stream ends, the next coordinator's is opened from
     /// the revision already delivered, so the updates go on applying in
-    /// order to one view. The stream ends when dropped.
+    /// order to one view, and never go back to an older revision (from a
+    /// coordinator that lags). The stream ends when dropped.
     pub fn watch_placement_updates(
         &self,
         model: &str,
@@ -331,6 +332,11 @@ impl PlacementWatcher {
                     });
                 }
             };
+            if self.revision.is_some_and(|have| revision < have) {
+                // This coordinator is behind the one before: its updates
+                // apply again once it has caught up (see `PlacementView`).
+                continue;
+            }
             self.revision = Some(revision);
             if self.update_tx.send(update).await.is_err() {
                 return Ok(());

@@ -148,11 +148,6 @@ impl PlacementHistory {
         }
         Some(touched)
     }
-
-    /// The oldest revision a watcher can resume from.
-    pub fn oldest_resumable(&self) -> u64 {
-        self.complete_after
-    }
 }
 
 /// Applies `proposal` to `state` and records what it touched: the one way

@@ -79,43 +79,93 @@ fn command() -> impl Strategy<Value = Command> {
     ]
 }
 
-/// What happens next: the cluster applies a command, or watcher `w` reads
-/// its stream, or drops it and watches again (from its revision, or from
-/// nothing).
+/// What happens next: the leader applies a command (the follower later),
+/// the follower catches up by some commands, watcher `w` reads its
+/// stream, drops it and watches again (from its revision or from nothing,
+/// on the leader or the follower), or waits out its coordinator being
+/// behind it (and is sent that coordinator's snapshot).
 #[derive(Debug, Clone)]
 enum Step {
     Apply(Command),
+    CatchUp(usize),
     Read(usize),
-    Reconnect { watcher: usize, keep_revision: bool },
+    Reconnect {
+        watcher: usize,
+        keep_revision: bool,
+        to_follower: bool,
+    },
+    Patience(usize),
 }
 
 fn step(watchers: usize) -> impl Strategy<Value = Step> {
     prop_oneof![
-        3 => command().prop_map(Step::Apply),
-        2 => (0..watchers).prop_map(Step::Read),
-        1 => (0..watchers, any::<bool>())
-            .prop_map(|(watcher, keep_revision)| Step::Reconnect { watcher, keep_revision }),
+        6 => command().prop_map(Step::Apply),
+        2 => (1..8usize).prop_map(Step::CatchUp),
+        4 => (0..watchers).prop_map(Step::Read),
+        2 => (0..watchers, any::<bool>(), any::<bool>()).prop_map(
+            |(watcher, keep_revision, to_follower)| Step::Reconnect {
+                watcher,
+                keep_revision,
+                to_follower,
+            }
+        ),
+        1 => (0..watchers).prop_map(Step::Patience),
     ]
+}
+
+/// One coordinator: its state and its history.
+struct Coordinator {
+    state: ClusterState,
+    history: Mutex<PlacementHistory>,
+}
+
+impl Coordinator {
+    fn new(state: ClusterState, history_ids: usize) -> Self {
+        let history = PlacementHistory::new(state.applied_commands, history_ids);
+        Self {
+            state,
+            history: Mutex::new(history),
+        }
+    }
+
+    fn apply(&mut self, proposal: Proposal) {
+        apply_recorded(&mut self.state, &mut self.history.lock().unwrap(), proposal);
+    }
 }
 
 struct Watcher {
     model: &'static str,
+    on_follower: bool,
     stream: PlacementStream,
     view: PlacementView,
 }
 
 impl Watcher {
-    fn read(&mut self, state: &ClusterState, history: &Mutex<PlacementHistory>) {
-        if let Some(update) = self.stream.next_update(state, history) {
+    /// Reads what the stream sends now from `coordinator`, as
+    /// `run_placement_stream` would, and checks the view.
+    fn read(&mut self, coordinator: &Coordinator) {
+        let state = &coordinator.state;
+        let before = self.view.clone();
+        if !self.stream.is_ahead_of(state)
+            && let Some(update) = self.stream.next_update(state, &coordinator.history)
+        {
             self.view
                 .apply(update, self.model)
                 .expect("an update applies");
         }
-        let expected = placement_snapshot(state, self.model, None);
+        let revision = self.view.revision().expect("a first update came");
+        assert!(
+            before.revision() <= self.view.revision(),
+            "the view went back"
+        );
+        if revision > state.applied_commands {
+            // Its coordinator is behind it: nothing changes.
+            assert_eq!(self.view, before);
+            return;
+        }
         // Changes that concern no one of this stream are not sent: its
         // revision may stay behind while its placement is the same.
-        let revision = self.view.revision().expect("a first update came");
-        assert!(revision <= expected.revision);
+        let expected = placement_snapshot(state, self.model, None);
         let seen = PlacementSnapshot {
             revision: expected.revision,
             ..self.view.snapshot()
@@ -159,39 +209,66 @@ proptest! {
 
     #[test]
     fn deltas_give_the_snapshot_whatever_the_reads_and_reconnections(
-        steps in prop::collection::vec(step(3), 1..80),
+        steps in prop::collection::vec(step(3), 1..100),
         history_ids in 1usize..40,
     ) {
-        let mut state = seeded();
-        let history = Mutex::new(PlacementHistory::new(state.applied_commands, history_ids));
+        let mut leader = Coordinator::new(seeded(), history_ids);
+        let mut follower = Coordinator::new(seeded(), history_ids);
+        let mut lagging = std::collections::VecDeque::new();
         let mut watchers: Vec<Watcher> = ["", "m1", "m2"]
             .into_iter()
             .map(|model| Watcher {
                 model,
+                on_follower: false,
                 stream: PlacementStream::new(model.into(), None),
                 view: PlacementView::new(),
             })
             .collect();
+        for watcher in &mut watchers {
+            watcher.read(&leader);
+        }
         for (index, step) in steps.into_iter().enumerate() {
             match step {
                 Step::Apply(command) => {
                     let proposal = Proposal { request_id: format!("r{index}"), command };
-                    apply_recorded(&mut state, &mut history.lock().unwrap(), proposal);
+                    leader.apply(proposal.clone());
+                    lagging.push_back(proposal);
                 }
-                Step::Read(watcher) => watchers[watcher].read(&state, &history),
-                Step::Reconnect { watcher, keep_revision } => {
+                Step::CatchUp(commands) => {
+                    for proposal in lagging.drain(..commands.min(lagging.len())) {
+                        follower.apply(proposal);
+                    }
+                }
+                Step::Read(watcher) => {
+                    let watcher = &mut watchers[watcher];
+                    watcher.read(if watcher.on_follower { &follower } else { &leader });
+                }
+                Step::Reconnect { watcher, keep_revision, to_follower } => {
                     let watcher = &mut watchers[watcher];
                     let since = if keep_revision { watcher.view.revision() } else { None };
                     if since.is_none() {
                         watcher.view = PlacementView::new();
                     }
+                    watcher.on_follower = to_follower;
                     watcher.stream = PlacementStream::new(watcher.model.into(), since);
-                    watcher.read(&state, &history);
+                    watcher.read(if to_follower { &follower } else { &leader });
+                }
+                Step::Patience(watcher) => {
+                    let watcher = &mut watchers[watcher];
+                    let coordinator = if watcher.on_follower { &follower } else { &leader };
+                    if watcher.stream.is_ahead_of(&coordinator.state) {
+                        watcher.stream.sent_revision = None;
+                    }
+                    watcher.read(coordinator);
                 }
             }
         }
+        for proposal in lagging {
+            follower.apply(proposal);
+        }
         for watcher in &mut watchers {
-            watcher.read(&state, &history);
+            watcher.read(if watcher.on_follower { &follower } else { &leader });
+            prop_assert!(watcher.view.revision().unwrap() <= leader.state.applied_commands);
         }
     }
 }

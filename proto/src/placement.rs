@@ -24,8 +24,6 @@ pub enum PlacementViewError {
     Empty,
     #[error("a placement delta arrived before any snapshot")]
     DeltaWithoutBase,
-    #[error("a placement delta goes from revision {have} back to {got}")]
-    Backwards { have: u64, got: u64 },
 }
 
 /// The placement as a watcher has it, at one revision.
@@ -41,6 +39,9 @@ pub struct PlacementView {
 /// What one update changed in a view.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Applied {
+    /// The update was older than the view (from a coordinator that is
+    /// behind the one the view came from) and was left out.
+    pub stale: bool,
     /// The update was a whole snapshot.
     pub snapshot: bool,
     /// Nodes and experts it set (every one, for a snapshot).
@@ -80,12 +81,30 @@ impl PlacementView {
     /// Applies the next update of a stream that follows `model` (empty: all
     /// models; a delta of a one-model stream leaves the model out of its
     /// experts).
+    ///
+    /// An update older than the view is left out, so the view never goes
+    /// back: after a reconnection to a coordinator that is behind, its
+    /// updates apply again once it has caught up. A delta then covers at
+    /// least what changed since the view's revision (it names everything
+    /// changed since an older one, as it is now), so it still gives the
+    /// coordinator's snapshot.
     pub fn apply(
         &mut self,
         update: PlacementUpdate,
         model: &str,
     ) -> Result<Applied, PlacementViewError> {
-        match update.update.ok_or(PlacementViewError::Empty)? {
+        let update = update.update.ok_or(PlacementViewError::Empty)?;
+        let revision = match &update {
+            placement_update::Update::Snapshot(snapshot) => snapshot.revision,
+            placement_update::Update::Delta(delta) => delta.revision,
+        };
+        if self.revision.is_some_and(|have| revision < have) {
+            return Ok(Applied {
+                stale: true,
+                ..Applied::default()
+            });
+        }
+        match update {
             placement_update::Update::Snapshot(snapshot) => Ok(self.replace(snapshot)),
             placement_update::Update::Delta(delta) => self.patch(delta, model),
         }
@@ -93,6 +112,7 @@ impl PlacementView {
 
     fn replace(&mut self, snapshot: PlacementSnapshot) -> Applied {
         let applied = Applied {
+            stale: false,
             snapshot: true,
             nodes: snapshot.nodes.len(),
             experts: snapshot.experts.len(),
@@ -116,14 +136,9 @@ impl PlacementView {
     }
 
     fn patch(&mut self, delta: PlacementDelta, model: &str) -> Result<Applied, PlacementViewError> {
-        let have = self.revision.ok_or(PlacementViewError::DeltaWithoutBase)?;
-        if delta.revision < have {
-            return Err(PlacementViewError::Backwards {
-                have,
-                got: delta.revision,
-            });
-        }
+        self.revision.ok_or(PlacementViewError::DeltaWithoutBase)?;
         let applied = Applied {
+            stale: false,
             snapshot: false,
             nodes: delta.nodes.len(),
             experts: delta.experts.len(),
