@@ -273,6 +273,30 @@ proptest! {
     }
 }
 
+/// `key` served on `from`, then moved to `to` as `MoveReplica` does.
+fn serve_then_move(key: &ExpertKey, from: &str, to: &str) -> [Command; 5] {
+    let (key, from, to) = (key.clone(), from.to_string(), to.to_string());
+    [
+        Command::AddServingReplicas {
+            node: from.clone(),
+            keys: vec![key.clone()],
+        },
+        Command::AddReplica {
+            key: key.clone(),
+            node: to.clone(),
+        },
+        Command::ReplicaReady {
+            key: key.clone(),
+            node: to,
+        },
+        Command::DrainReplica {
+            key: key.clone(),
+            node: from.clone(),
+        },
+        Command::RemoveReplica { key, node: from },
+    ]
+}
+
 #[test]
 fn a_move_costs_each_watcher_a_few_bytes_per_step() {
     use moemesh_proto::placement::update_wire_bytes;
@@ -287,29 +311,7 @@ fn a_move_costs_each_watcher_a_few_bytes_per_step() {
     stream
         .next_update(&state, &history)
         .expect("a first snapshot");
-    let steps = [
-        Command::AddServingReplicas {
-            node: "a".into(),
-            keys: vec![key.clone()],
-        },
-        Command::AddReplica {
-            key: key.clone(),
-            node: "b".into(),
-        },
-        Command::ReplicaReady {
-            key: key.clone(),
-            node: "b".into(),
-        },
-        Command::DrainReplica {
-            key: key.clone(),
-            node: "a".into(),
-        },
-        Command::RemoveReplica {
-            key: key.clone(),
-            node: "a".into(),
-        },
-    ];
-    for (index, command) in steps.into_iter().enumerate() {
+    for (index, command) in serve_then_move(&key, "a", "b").into_iter().enumerate() {
         let proposal = Proposal {
             request_id: format!("move-{index}"),
             command,
@@ -367,31 +369,7 @@ async fn a_watcher_that_reads_late_gets_every_change_folded_into_few_updates() {
             layer,
             expert,
         };
-        for (step, command) in [
-            Command::AddServingReplicas {
-                node: "a".into(),
-                keys: vec![key.clone()],
-            },
-            Command::AddReplica {
-                key: key.clone(),
-                node: "b".into(),
-            },
-            Command::ReplicaReady {
-                key: key.clone(),
-                node: "b".into(),
-            },
-            Command::DrainReplica {
-                key: key.clone(),
-                node: "a".into(),
-            },
-            Command::RemoveReplica {
-                key: key.clone(),
-                node: "a".into(),
-            },
-        ]
-        .into_iter()
-        .enumerate()
-        {
+        for (step, command) in serve_then_move(&key, "a", "b").into_iter().enumerate() {
             let proposal = Proposal {
                 request_id: format!("c{index}-{step}"),
                 command,

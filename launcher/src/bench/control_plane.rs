@@ -425,15 +425,13 @@ struct Figures {
 
 fn report_json(args: &BenchControlPlaneArgs, figures: Figures) -> serde_json::Value {
     let Figures {
-        leader,
-        quiet,
         before,
         after,
-        propagation,
-        all_arrived,
-        bytes_per_watcher_per_change,
+        quiet,
         catch_up,
-    } = figures;
+        ..
+    } = &figures;
+    let leader = figures.leader;
     let leader_index = (leader as usize).saturating_sub(1);
     let cpu: Vec<f64> = after
         .cpu_seconds
@@ -442,18 +440,18 @@ fn report_json(args: &BenchControlPlaneArgs, figures: Figures) -> serde_json::Va
         .map(|(after, before)| after - before)
         .collect();
     let log_growth = after.applied_index - before.applied_index;
-    let [p50, p99, max] = propagation.unwrap_or([f64::NAN; 3]);
+    let [p50, p99, max] = figures.propagation.unwrap_or([f64::NAN; 3]);
     json!({
         "nodes": args.nodes,
         "watchers": args.watchers,
         "moves": args.moves,
         "moe_layers": args.layers,
         "experts_per_layer": args.experts + 1,
-        "bytes_per_watcher_per_change": bytes_per_watcher_per_change,
+        "bytes_per_watcher_per_change": figures.bytes_per_watcher_per_change,
         "propagation_p50_ms": p50,
         "propagation_p99_ms": p99,
         "propagation_max_ms": max,
-        "every_watcher_saw_every_change": all_arrived,
+        "every_watcher_saw_every_change": figures.all_arrived,
         "epochs_during_moves": after.epoch - before.epoch,
         "leader_id": leader,
         "leader_peak_rss_bytes": after.peak_rss.get(leader_index).copied().unwrap_or(0),
