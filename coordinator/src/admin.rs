@@ -126,6 +126,7 @@ impl moemesh_proto::AdminService for AdminApi {
             self.raft.placement_history(),
             self.streams_closing.subscribe(),
             update_tx,
+            self.metrics.clone(),
         ));
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(update_rx),

@@ -28,6 +28,11 @@ struct OutcomeLabels {
     outcome: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: &'static str,
+}
+
 /// How a replica move or replication ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MoveOutcome {
@@ -115,6 +120,9 @@ pub struct CoordinatorMetrics {
     rebalances: Family<OutcomeLabels, Counter>,
     heartbeats: Counter,
     reported_tokens: Counter,
+    placement_watchers: Gauge,
+    placement_updates: Family<KindLabels, Counter>,
+    placement_update_bytes: Counter,
 }
 
 impl CoordinatorMetrics {
@@ -181,6 +189,23 @@ impl CoordinatorMetrics {
              (the leader's covers every router; per-expert counts are in LoadStats)",
             metrics.reported_tokens.clone(),
         );
+        registry.register(
+            "coordinator_placement_watchers",
+            "Placement streams (routers, expert nodes, tools) this coordinator serves now",
+            metrics.placement_watchers.clone(),
+        );
+        registry.register(
+            "coordinator_placement_updates",
+            "Placement updates this coordinator sent its watchers, by kind: snapshot \
+             (a new watcher, or one further behind than the history reaches) or delta",
+            metrics.placement_updates.clone(),
+        );
+        registry.register(
+            "coordinator_placement_update_bytes",
+            "Bytes of the placement updates this coordinator sent (messages with gRPC \
+             and HTTP/2 framing)",
+            metrics.placement_update_bytes.clone(),
+        );
         metrics
     }
 
@@ -218,6 +243,20 @@ impl CoordinatorMetrics {
         self.term.set(gauge_value(raft.term));
         self.commit_index.set(gauge_value(raft.raft_log.committed));
         self.applied_index.set(gauge_value(applied_index));
+    }
+
+    /// Counts a placement stream opened (`open`) or closed.
+    pub(crate) fn count_placement_watcher(&self, open: bool) {
+        self.placement_watchers.inc_by(if open { 1 } else { -1 });
+    }
+
+    /// Counts a placement update sent, whole or a delta, of `bytes` on the wire.
+    pub(crate) fn count_placement_update(&self, snapshot: bool, bytes: u64) {
+        let kind = if snapshot { "snapshot" } else { "delta" };
+        self.placement_updates
+            .get_or_create(&KindLabels { kind })
+            .inc();
+        self.placement_update_bytes.inc_by(bytes);
     }
 
     /// Counts a replica move or replication that ended.

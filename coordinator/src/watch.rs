@@ -13,11 +13,13 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use moemesh_proto::placement::update_wire_bytes;
 use moemesh_proto::v1::{PlacementDelta, PlacementUpdate, placement_update};
 use tokio::sync::{mpsc, watch};
 use tonic::Status;
 
 use crate::history::{PlacementHistory, Touched};
+use crate::metrics::CoordinatorMetrics;
 use crate::placement::{expert_placement, node_info, placement_snapshot};
 use crate::state::ClusterState;
 
@@ -129,15 +131,34 @@ impl PlacementStream {
     }
 }
 
+/// Counts a stream among the open ones for as long as it lives.
+struct OpenStream(CoordinatorMetrics);
+
+impl OpenStream {
+    fn new(metrics: CoordinatorMetrics) -> Self {
+        metrics.count_placement_watcher(true);
+        Self(metrics)
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.count_placement_watcher(false);
+    }
+}
+
 /// Sends the updates of `stream` on `update_tx` whenever the applied state
-/// changes, until the client or the server goes away.
+/// changes, until the client or the server goes away; counts them in
+/// `metrics`.
 pub async fn run_placement_stream(
     mut stream: PlacementStream,
     mut applied: watch::Receiver<Arc<ClusterState>>,
     history: Arc<Mutex<PlacementHistory>>,
     mut closing: watch::Receiver<bool>,
     update_tx: mpsc::Sender<Result<PlacementUpdate, Status>>,
+    metrics: CoordinatorMetrics,
 ) {
+    let open = OpenStream::new(metrics);
     let mut ahead_until = None;
     loop {
         // The state is let go before waiting to send.
@@ -152,6 +173,9 @@ pub async fn run_placement_stream(
             }
         };
         if let Some(update) = update {
+            let snapshot = matches!(update.update, Some(placement_update::Update::Snapshot(_)));
+            open.0
+                .count_placement_update(snapshot, update_wire_bytes(&update));
             tokio::select! {
                 sent = update_tx.send(Ok(update)) => if sent.is_err() { return },
                 _ = closing.wait_for(|closing| *closing) => return,

@@ -354,6 +354,8 @@ async fn a_watcher_that_reads_late_gets_every_change_folded_into_few_updates() {
     let (applied_tx, applied_rx) = watch::channel(Arc::new(state.clone()));
     let (_closing_tx, closing_rx) = watch::channel(false);
     let (update_tx, mut update_rx) = mpsc::channel(1);
+    let mut registry = prometheus_client::registry::Registry::with_prefix("moemesh");
+    let metrics = CoordinatorMetrics::register(&mut registry);
     let stream = PlacementStream::new("m1".into(), None);
     tokio::spawn(run_placement_stream(
         stream,
@@ -361,6 +363,7 @@ async fn a_watcher_that_reads_late_gets_every_change_folded_into_few_updates() {
         Arc::clone(&history),
         closing_rx,
         update_tx,
+        metrics,
     ));
     // Forty changes while the watcher reads nothing.
     for (index, (layer, expert)) in (0..2).flat_map(|l| (0..4).map(move |e| (l, e))).enumerate() {
@@ -394,4 +397,16 @@ async fn a_watcher_that_reads_late_gets_every_change_folded_into_few_updates() {
     // was full, then one with everything since.
     assert!(updates <= 3, "{updates} updates for 40 changes");
     assert_eq!(view.snapshot(), placement_snapshot(&state, "m1", None));
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    for line in [
+        "moemesh_coordinator_placement_watchers 1".to_string(),
+        "moemesh_coordinator_placement_updates_total{kind=\"snapshot\"} 1".to_string(),
+        format!(
+            "moemesh_coordinator_placement_updates_total{{kind=\"delta\"}} {}",
+            updates - 1
+        ),
+    ] {
+        assert!(text.lines().any(|found| found == line), "{line} in\n{text}");
+    }
 }
