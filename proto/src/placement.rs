@@ -36,17 +36,16 @@ pub struct PlacementView {
     experts: BTreeMap<ExpertId, Vec<ReplicaInfo>>,
 }
 
-/// What one update changed in a view.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Applied {
-    /// The update was older than the view (from a coordinator that is
-    /// behind the one the view came from) and was left out.
-    pub stale: bool,
-    /// The update was a whole snapshot.
-    pub snapshot: bool,
-    /// Nodes and experts it set (every one, for a snapshot).
-    pub nodes: usize,
-    pub experts: usize,
+/// What one update did to a view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// It was older than the view (from a coordinator behind the one the
+    /// view came from) and was left out.
+    Stale,
+    /// It replaced the view with a whole snapshot.
+    Snapshot,
+    /// It patched the nodes and experts that changed.
+    Delta,
 }
 
 impl PlacementView {
@@ -64,18 +63,6 @@ impl PlacementView {
     /// The placement epoch the view is at.
     pub fn epoch(&self) -> u64 {
         self.epoch
-    }
-
-    /// The replicas of one expert, in the coordinator's order.
-    pub fn replicas(&self, model: &str, layer: u32, expert: u32) -> &[ReplicaInfo] {
-        self.experts
-            .get(&(model.to_string(), layer, expert))
-            .map_or(&[], Vec::as_slice)
-    }
-
-    /// Every node the placement names, by id.
-    pub fn nodes(&self) -> &BTreeMap<String, NodeInfo> {
-        &self.nodes
     }
 
     /// Applies the next update of a stream that follows `model` (empty: all
@@ -99,10 +86,7 @@ impl PlacementView {
             placement_update::Update::Delta(delta) => delta.revision,
         };
         if self.revision.is_some_and(|have| revision < have) {
-            return Ok(Applied {
-                stale: true,
-                ..Applied::default()
-            });
+            return Ok(Applied::Stale);
         }
         match update {
             placement_update::Update::Snapshot(snapshot) => Ok(self.replace(snapshot)),
@@ -111,12 +95,6 @@ impl PlacementView {
     }
 
     fn replace(&mut self, snapshot: PlacementSnapshot) -> Applied {
-        let applied = Applied {
-            stale: false,
-            snapshot: true,
-            nodes: snapshot.nodes.len(),
-            experts: snapshot.experts.len(),
-        };
         self.revision = Some(snapshot.revision);
         self.epoch = snapshot.epoch;
         self.nodes = snapshot
@@ -132,17 +110,11 @@ impl PlacementView {
                 (id, placement.replicas)
             })
             .collect();
-        applied
+        Applied::Snapshot
     }
 
     fn patch(&mut self, delta: PlacementDelta, model: &str) -> Result<Applied, PlacementViewError> {
         self.revision.ok_or(PlacementViewError::DeltaWithoutBase)?;
-        let applied = Applied {
-            stale: false,
-            snapshot: false,
-            nodes: delta.nodes.len(),
-            experts: delta.experts.len(),
-        };
         self.revision = Some(delta.revision);
         self.epoch = delta.epoch;
         for node in delta.nodes {
@@ -161,7 +133,7 @@ impl PlacementView {
                 self.experts.insert(id, placement.replicas);
             }
         }
-        Ok(applied)
+        Ok(Applied::Delta)
     }
 
     /// The view as the snapshot a coordinator would send at its revision.

@@ -69,6 +69,8 @@ pub struct BenchControlPlaneArgs {
     json: bool,
 }
 
+/// Dense layers before the first MoE layer, as in DeepSeek-V3.
+const DENSE_LAYERS: usize = 3;
 /// The model's id in the cluster.
 const MODEL: &str = "control-plane-bench";
 /// How long every watcher may take to see the last move.
@@ -101,14 +103,13 @@ pub async fn run_bench_control_plane(
 /// A DeepSeek-V3 config with the shape asked for (routed experts plus one
 /// shared, as moemesh places them).
 fn write_config(dir: &Path, args: &BenchControlPlaneArgs) -> anyhow::Result<()> {
-    let dense_layers = 3;
     let config = json!({
         "model_type": "deepseek_v3",
         "hidden_size": 7168,
         "intermediate_size": 18432,
         "moe_intermediate_size": 2048,
-        "num_hidden_layers": args.layers + dense_layers,
-        "first_k_dense_replace": dense_layers,
+        "num_hidden_layers": args.layers + DENSE_LAYERS,
+        "first_k_dense_replace": DENSE_LAYERS,
         "n_routed_experts": args.experts,
         "n_shared_experts": 1,
         "num_experts_per_tok": args.top_k,
@@ -124,10 +125,9 @@ fn write_config(dir: &Path, args: &BenchControlPlaneArgs) -> anyhow::Result<()> 
 
 /// Expert (layer, expert) pairs of the model, dealt to the nodes round-robin.
 fn deal_experts(args: &BenchControlPlaneArgs) -> Vec<Vec<LayerExperts>> {
-    let dense_layers = 3;
     let mut serving: Vec<Vec<LayerExperts>> = vec![Vec::new(); args.nodes];
     let mut next = 0;
-    for layer in dense_layers..dense_layers + args.layers {
+    for layer in DENSE_LAYERS..DENSE_LAYERS + args.layers {
         // The shared expert is expert `experts`.
         for expert in 0..=args.experts {
             let node = &mut serving[next % args.nodes];

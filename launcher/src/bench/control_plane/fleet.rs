@@ -13,7 +13,6 @@ use anyhow::Context;
 use futures::StreamExt;
 use moemesh_client::CoordinatorClient;
 use moemesh_proto::LayerExperts;
-use moemesh_proto::placement::PlacementView;
 use moemesh_proto::v1::{
     HeartbeatRequest, NodeInfo, NodeStatus, RegisterNodeRequest, ReplicaState,
     ReportReplicaReadyRequest, placement_update,
@@ -190,19 +189,16 @@ async fn report_ready_replicas(
     model: String,
     marks: Arc<Mutex<Vec<(u64, Instant)>>>,
 ) {
+    // The stream never goes back a revision, so each update's experts are
+    // as the placement has them now; no view is needed.
     let mut updates = clients[0].watch_placement_updates(&model, None);
-    let mut view = PlacementView::new();
     let mut reported = HashSet::new();
     while let Some(update) = updates.next().await {
         let placements = match &update.update {
-            Some(placement_update::Update::Delta(delta)) => delta.experts.clone(),
-            Some(placement_update::Update::Snapshot(snapshot)) => snapshot.experts.clone(),
+            Some(placement_update::Update::Delta(delta)) => &delta.experts,
+            Some(placement_update::Update::Snapshot(snapshot)) => &snapshot.experts,
             None => continue,
         };
-        if let Err(error) = view.apply(update, &model) {
-            tracing::warn!(%error, "the fleet's placement stream broke");
-            continue;
-        }
         for placement in placements {
             for replica in &placement.replicas {
                 let loading = replica.state == ReplicaState::Loading as i32;

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use moemesh_client::CoordinatorClient;
-use moemesh_proto::placement::{PlacementView, update_wire_bytes};
+use moemesh_proto::placement::{Applied, PlacementView, update_wire_bytes};
 use moemesh_proto::v1::{PlacementSnapshot, PlacementUpdate};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio::task::JoinSet;
@@ -143,7 +143,7 @@ pub fn apply(view: &mut PlacementView, update: PlacementUpdate, model: &str) -> 
             at: Instant::now(),
             epoch: view.epoch(),
             wire_bytes,
-            snapshot: applied.snapshot,
+            snapshot: applied == Applied::Snapshot,
         }),
         Err(error) => {
             tracing::warn!(%error, "a placement update did not apply");
