@@ -247,16 +247,70 @@ struct Tile<'a> {
     accumulate: bool,
 }
 
+/// The code a tile runs on: every kernel computes the same bits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kernel {
+    Portable,
+    /// AVX2 and FMA: 8 columns per register, 16 registers.
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    /// AVX-512 (and AVX512-BF16 for bf16 words).
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+}
+
+impl Kernel {
+    /// Every kernel this CPU runs for `kind`, the fastest last.
+    #[cfg(test)]
+    fn available(kind: Words) -> Vec<Self> {
+        let mut kernels = vec![Self::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if avx2::available() {
+                kernels.push(Self::Avx2);
+            }
+            if avx512::available(kind) {
+                kernels.push(Self::Avx512);
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = kind;
+        kernels
+    }
+
+    /// The fastest kernel this CPU runs for `kind`.
+    fn fastest(kind: Words) -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if avx512::available(kind) {
+                return Self::Avx512;
+            }
+            if avx2::available() {
+                return Self::Avx2;
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = kind;
+        Self::Portable
+    }
+}
+
 impl Tile<'_> {
     fn run(&self) {
-        #[cfg(target_arch = "x86_64")]
-        if avx512::available(self.kind) {
-            // SAFETY: the CPU has the instructions (checked just above);
+        self.run_on(Kernel::fastest(self.kind));
+    }
+
+    /// The tile on `kernel`, one this CPU runs ([`Kernel::available`]).
+    fn run_on(&self, kernel: Kernel) {
+        match kernel {
+            Kernel::Portable => self.run_portable(),
+            // SAFETY: the CPU has the instructions (the caller's promise);
             // the tile's slices and output lie inside their matrices.
-            unsafe { avx512::tile(self) };
-            return;
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => unsafe { avx2::tile(self) },
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 => unsafe { avx512::tile(self) },
         }
-        self.run_portable();
     }
 
     /// The kernel in plain arithmetic, in the same order and rounding.
@@ -316,144 +370,12 @@ fn flush_subnormal(value: f32) -> f32 {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx512 {
-    use std::arch::x86_64::*;
+#[path = "panel_gemm_avx512.rs"]
+mod avx512;
 
-    use super::{LANES, ROWS, Tile, Words};
-
-    /// Whether this CPU runs the AVX-512 kernel for `kind`.
-    pub(super) fn available(kind: Words) -> bool {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && match kind {
-                Words::F32 => std::arch::is_x86_feature_detected!("fma"),
-                Words::Bf16Pairs => std::arch::is_x86_feature_detected!("avx512bf16"),
-            }
-    }
-
-    /// The tile on AVX-512, 16 columns per register, as many rows as it
-    /// has (a decode-sized tile computes no rows it does not need).
-    ///
-    /// # Safety
-    /// [`available`] for the tile's kind; the tile's slices and output as
-    /// [`Tile`] says, its padded width a whole number of registers.
-    pub(super) unsafe fn tile(tile: &Tile<'_>) {
-        /// The kernel `$kernel::<registers, rows>` for this tile.
-        macro_rules! by_rows {
-            ($kernel:ident, $registers:literal) => {
-                match tile.rows {
-                    1 => $kernel::<$registers, 1>(tile),
-                    2 => $kernel::<$registers, 2>(tile),
-                    3 => $kernel::<$registers, 3>(tile),
-                    4 => $kernel::<$registers, 4>(tile),
-                    5 => $kernel::<$registers, 5>(tile),
-                    _ => $kernel::<$registers, ROWS>(tile),
-                }
-            };
-        }
-        // SAFETY: forwarded from the caller.
-        unsafe {
-            match (tile.kind, tile.padded_width / LANES) {
-                (Words::F32, 1) => by_rows!(f32_tile, 1),
-                (Words::F32, 2) => by_rows!(f32_tile, 2),
-                (Words::F32, 3) => by_rows!(f32_tile, 3),
-                (Words::F32, _) => by_rows!(f32_tile, 4),
-                (Words::Bf16Pairs, 1) => by_rows!(bf16_tile, 1),
-                (Words::Bf16Pairs, 2) => by_rows!(bf16_tile, 2),
-                (Words::Bf16Pairs, 3) => by_rows!(bf16_tile, 3),
-                (Words::Bf16Pairs, _) => by_rows!(bf16_tile, 4),
-            }
-        }
-    }
-
-    #[target_feature(enable = "avx512f,fma")]
-    unsafe fn f32_tile<const NV: usize, const R: usize>(tile: &Tile<'_>) {
-        // SAFETY: forwarded from the caller.
-        unsafe {
-            let sums = accumulate::<NV, R>(tile, |sum, activation, weights| {
-                _mm512_fmadd_ps(activation, weights, sum)
-            });
-            store::<NV, R>(tile, &sums);
-        }
-    }
-
-    #[target_feature(enable = "avx512f,avx512bf16")]
-    unsafe fn bf16_tile<const NV: usize, const R: usize>(tile: &Tile<'_>) {
-        // SAFETY: forwarded from the caller.
-        unsafe {
-            let sums = accumulate::<NV, R>(tile, |sum, activation, weights| {
-                _mm512_dpbf16_ps(
-                    sum,
-                    std::mem::transmute::<__m512, __m512bh>(activation),
-                    std::mem::transmute::<__m512, __m512bh>(weights),
-                )
-            });
-            store::<NV, R>(tile, &sums);
-        }
-    }
-
-    /// Sums every depth word with `step(sum, broadcast activation,
-    /// weights)`: per word, `NV` registers of weights, then each row's
-    /// activation broadcast against them.
-    #[inline(always)]
-    unsafe fn accumulate<const NV: usize, const R: usize>(
-        tile: &Tile<'_>,
-        step: impl Fn(__m512, __m512, __m512) -> __m512,
-    ) -> [[__m512; NV]; R] {
-        debug_assert_eq!(tile.padded_width, NV * LANES);
-        let depth_words = tile.lhs.len() / ROWS;
-        debug_assert!(tile.weights.len() >= depth_words * tile.padded_width);
-        let (weights, lhs) = (tile.weights.as_ptr(), tile.lhs.as_ptr());
-        // SAFETY: (all reads) index < depth_words keeps them inside the
-        // slices: NV registers make the padded width, ROWS words per index.
-        unsafe {
-            let mut sums = [[_mm512_setzero_ps(); NV]; R];
-            for index in 0..depth_words {
-                let row_weights = weights.add(index * tile.padded_width);
-                let mut columns = [_mm512_setzero_ps(); NV];
-                for (vector, column) in columns.iter_mut().enumerate() {
-                    *column = _mm512_loadu_ps(row_weights.add(vector * LANES).cast());
-                }
-                for (row, sums) in sums.iter_mut().enumerate() {
-                    let word = *lhs.add(index * ROWS + row);
-                    let activation = _mm512_castsi512_ps(_mm512_set1_epi32(word as i32));
-                    for (sum, &column) in sums.iter_mut().zip(&columns) {
-                        *sum = step(*sum, activation, column);
-                    }
-                }
-            }
-            sums
-        }
-    }
-
-    /// Writes (or adds) the tile's rows, the last register masked to its width.
-    #[inline(always)]
-    unsafe fn store<const NV: usize, const R: usize>(tile: &Tile<'_>, sums: &[[__m512; NV]; R]) {
-        let last_lanes = tile.width - (NV - 1) * LANES;
-        let last_mask: __mmask16 = if last_lanes >= LANES {
-            0xffff
-        } else {
-            (1u16 << last_lanes) - 1
-        };
-        debug_assert!(tile.rows <= R);
-        for (row, sums) in sums.iter().enumerate().take(tile.rows) {
-            // SAFETY: the tile's rows and columns lie inside dst; the last
-            // register's loads and stores are masked to the tile's width.
-            unsafe {
-                let out = tile.dst.add(row * tile.dst_row_stride);
-                for (vector, &sum) in sums.iter().enumerate() {
-                    let at = out.add(vector * LANES);
-                    let mask = if vector + 1 == NV { last_mask } else { 0xffff };
-                    let value = if tile.accumulate {
-                        _mm512_add_ps(_mm512_maskz_loadu_ps(mask, at), sum)
-                    } else {
-                        sum
-                    };
-                    _mm512_mask_storeu_ps(at, mask, value);
-                }
-            }
-        }
-    }
-}
+#[cfg(target_arch = "x86_64")]
+#[path = "panel_gemm_avx2.rs"]
+mod avx2;
 
 #[cfg(test)]
 #[path = "panel_gemm_tests.rs"]
