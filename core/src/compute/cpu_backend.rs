@@ -183,38 +183,92 @@ impl ComputeBackend for CpuBackend {
     /// ranges) and runs them at once, one per compute thread, largest
     /// first: small per-expert batches keep every thread busy without the
     /// synchronisation a multi-threaded GEMM pays inside each product.
+    /// Pieces of few rows (a decode step's) cost their weights' bytes
+    /// whatever their rows, so they go out in parts (slices of the
+    /// expert) for the threads to share evenly, and their terms are added
+    /// in order after.
     fn expert_outputs(
         &self,
         input: &[f32],
         width: usize,
         work: &[ExpertWork<'_>],
     ) -> CoreResult<Vec<f32>> {
-        let total_rows: usize = work.iter().map(|item| item.rows.len()).sum();
+        let pieces = self.pieces(work);
+        let total_rows: usize = pieces.iter().map(|piece| piece.rows.len()).sum();
         let mut outputs = vec![0f32; total_rows * width];
-        // Cut experts into pieces of at most `max_rows`, enough pieces for
-        // every thread to take two, but never below `min_task_rows` rows,
-        // where the GEMM loses efficiency.
-        let max_rows = self
-            .blocking
-            .min_task_rows
-            .max(total_rows.div_ceil(self.threads * 2));
+        let term_rows: usize = pieces
+            .iter()
+            .map(|piece| piece.parts * piece.rows.len())
+            .sum();
+        let mut terms = vec![0f32; term_rows * width];
         let mut tasks = Vec::new();
-        let mut rest = &mut outputs[..];
+        let (mut rest, mut rest_terms) = (&mut outputs[..], &mut terms[..]);
+        for piece in &pieces {
+            let (output, tail) = std::mem::take(&mut rest).split_at_mut(piece.rows.len() * width);
+            rest = tail;
+            if piece.parts == 1 {
+                tasks.push(ExpertTask::new(piece, Part::Whole, output));
+                continue;
+            }
+            let (piece_terms, tail) =
+                std::mem::take(&mut rest_terms).split_at_mut(piece.parts * output.len());
+            rest_terms = tail;
+            for (part, term) in piece_terms.chunks_exact_mut(output.len()).enumerate() {
+                tasks.push(ExpertTask::new(piece, Part::Slice(part), term));
+            }
+        }
+        // Stable: an expert's parts stay together, in order.
+        tasks.sort_by_key(|task| std::cmp::Reverse(task.rows.len()));
+        self.run_tasks(input, width, tasks);
+        let (mut offset, mut term_offset) = (0, 0);
+        for piece in &pieces {
+            let len = piece.rows.len() * width;
+            if piece.parts > 1 {
+                let piece_terms = &terms[term_offset..term_offset + piece.parts * len];
+                piece
+                    .expert
+                    .sum_parts(piece_terms, &mut outputs[offset..offset + len]);
+                term_offset += piece_terms.len();
+            }
+            offset += len;
+        }
+        Ok(outputs)
+    }
+}
+
+impl CpuBackend {
+    /// The work cut into pieces of at most `max_rows` rows, enough pieces
+    /// for every thread to take two, but never below `min_task_rows` rows,
+    /// where the GEMM loses efficiency; each piece with the parts it is
+    /// computed in.
+    fn pieces<'work>(&self, work: &[ExpertWork<'work>]) -> Vec<Piece<'work>> {
+        let total_rows: usize = work.iter().map(|item| item.rows.len()).sum();
+        let min_rows = self.blocking.min_task_rows;
+        let max_rows = min_rows.max(total_rows.div_ceil(self.threads * 2));
+        let mut pieces = Vec::new();
         for item in work {
             let rows = item.rows.len();
-            let pieces = rows.div_ceil(max_rows).max(1);
-            for piece in 0..pieces {
-                let range = piece * rows / pieces..(piece + 1) * rows / pieces;
-                let (output, tail) = std::mem::take(&mut rest).split_at_mut(range.len() * width);
-                rest = tail;
-                tasks.push(ExpertTask {
+            let count = rows.div_ceil(max_rows).max(1);
+            for piece in 0..count {
+                let range = piece * rows / count..(piece + 1) * rows / count;
+                let parts = if self.threads > 1 && !range.is_empty() && range.len() < min_rows {
+                    item.expert.parts()
+                } else {
+                    1
+                };
+                pieces.push(Piece {
                     expert: item.expert,
                     rows: &item.rows[range],
-                    output,
+                    parts,
                 });
             }
         }
-        tasks.sort_by_key(|task| std::cmp::Reverse(task.rows.len()));
+        pieces
+    }
+
+    /// Runs `tasks`, each on one thread, the pool's threads taking the next
+    /// as they finish.
+    fn run_tasks(&self, input: &[f32], width: usize, tasks: Vec<ExpertTask<'_, '_>>) {
         let task_count = tasks.len();
         let queue = std::sync::Mutex::new(tasks.into_iter());
         let next = || queue.lock().expect("task queue").next();
@@ -225,8 +279,13 @@ impl ComputeBackend for CpuBackend {
                     let row = row as usize;
                     gathered.extend_from_slice(&input[row * width..(row + 1) * width]);
                 }
-                task.expert
-                    .forward_serial(gathered, task.rows.len(), task.output);
+                let rows = task.rows.len();
+                match task.part {
+                    Part::Whole => task.expert.forward_serial(gathered, rows, task.output),
+                    Part::Slice(part) => {
+                        task.expert.forward_part(part, gathered, rows, task.output)
+                    }
+                }
             });
         };
         if self.threads == 1 || task_count == 1 {
@@ -247,7 +306,6 @@ impl ComputeBackend for CpuBackend {
                 }
             });
         }
-        Ok(outputs)
     }
 }
 
@@ -276,12 +334,40 @@ pub(super) fn compute_pool(threads: usize, name: &str) -> CoreResult<(rayon::Thr
 /// -- ROWS 1`: 78-88 GFLOP/s at 32 rows, 90-94 at 64, 96-100 at 128).
 const MIN_TASK_ROWS: usize = 96;
 
-/// A range of one expert's rows, computed by one thread into its own
-/// slice of the outputs.
+/// A range of one expert's rows, and the parts it is computed in.
+struct Piece<'work> {
+    expert: &'work dyn Expert,
+    rows: &'work [u32],
+    parts: usize,
+}
+
+/// What of its expert a task computes.
+#[derive(Clone, Copy)]
+enum Part {
+    /// The whole FFN, into the piece's outputs.
+    Whole,
+    /// One part's term ([`Expert::forward_part`]).
+    Slice(usize),
+}
+
+/// A piece, or one part of it, computed by one thread into its own slice
+/// of the outputs (or of the terms).
 struct ExpertTask<'work, 'out> {
     expert: &'work dyn Expert,
     rows: &'work [u32],
+    part: Part,
     output: &'out mut [f32],
+}
+
+impl<'work, 'out> ExpertTask<'work, 'out> {
+    fn new(piece: &Piece<'work>, part: Part, output: &'out mut [f32]) -> Self {
+        Self {
+            expert: piece.expert,
+            rows: piece.rows,
+            part,
+            output,
+        }
+    }
 }
 
 thread_local! {
@@ -295,6 +381,7 @@ mod tests {
 
     use super::*;
     use crate::compute::cpu_expert::tests::random_expert;
+    use crate::model::checkpoint::ExpertBiases;
 
     /// The experts' work run one expert after another, as the trait's
     /// provided method does.
@@ -356,6 +443,61 @@ mod tests {
         let want = Sequential.run_experts(&input, hidden, &work).unwrap();
         assert_eq!(got, want);
         assert!(got.iter().any(|&value| value != 0.0));
+    }
+
+    #[test]
+    fn decode_sized_work_in_parts_gives_the_bits_of_whole_experts() {
+        // Three slices of the intermediate dimension, biases after them,
+        // and both weight formats: the parts' terms must add up exactly as
+        // one thread computing each expert whole.
+        let (hidden, intermediate, tokens) = (64, 1600, 8);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        for format in [WeightFormat::F32, WeightFormat::Bf16] {
+            let parallel = CpuBackend::with_format(2, format).unwrap();
+            let serial = CpuBackend::with_format(1, format).unwrap();
+            let weights: Vec<ExpertWeights> = (0..3)
+                .map(|seed| {
+                    let mut weights = random_expert(hidden, intermediate, seed);
+                    let mut bias = |len: usize| -> Vec<f32> {
+                        (0..len).map(|_| rng.random_range(-0.5f32..0.5)).collect()
+                    };
+                    weights.biases = Some(ExpertBiases {
+                        gate: bias(intermediate),
+                        up: bias(intermediate),
+                        down: bias(hidden),
+                    });
+                    weights
+                })
+                .collect();
+            let load = |backend: &CpuBackend| -> Vec<Arc<dyn Expert>> {
+                weights
+                    .iter()
+                    .map(|weights| backend.load_expert(weights.clone()).unwrap())
+                    .collect()
+            };
+            let (in_parts, whole) = (load(&parallel), load(&serial));
+            assert_eq!(in_parts[0].parts(), 3);
+            let input: Vec<f32> = (0..tokens * hidden)
+                .map(|_| rng.random_range(-1f32..1.0))
+                .collect();
+            let rows: [&[u32]; 3] = [&[0, 3, 5, 7], &[1, 2], &[6]];
+            let weights = [0.25f32; 4];
+            let outputs = |backend: &CpuBackend, experts: &[Arc<dyn Expert>]| -> Vec<f32> {
+                let work: Vec<ExpertWork<'_>> = experts
+                    .iter()
+                    .zip(rows)
+                    .map(|(expert, rows)| ExpertWork {
+                        expert: expert.as_ref(),
+                        rows,
+                        weights: &weights[..rows.len()],
+                    })
+                    .collect();
+                backend.expert_outputs(&input, hidden, &work).unwrap()
+            };
+            let (got, want) = (outputs(&parallel, &in_parts), outputs(&serial, &whole));
+            assert_eq!(got, want, "{format}");
+            assert!(got.iter().all(|value| value.is_finite()) && got.iter().any(|&v| v != 0.0));
+        }
     }
 
     #[test]

@@ -157,63 +157,80 @@ impl CpuExpert {
 
     /// The FFN on `threads` threads of the pool (1: the calling thread).
     fn compute(&self, input: &[f32], rows: usize, output_rows: &mut [f32], threads: usize) {
-        let hidden = self.hidden;
-        debug_assert_eq!(input.len(), rows * hidden);
-        debug_assert_eq!(output_rows.len(), rows * hidden);
+        debug_assert_eq!(input.len(), rows * self.hidden);
+        debug_assert_eq!(output_rows.len(), rows * self.hidden);
         if rows == 0 {
             return;
         }
         // Taken out rather than borrowed: a thread waiting inside a parallel
         // GEMM may run another expert's work, which then starts afresh.
         let mut scratch = SCRATCH.take();
+        scratch.input.pack(self.words, input, rows, self.hidden);
+        // Slice by slice: each slice's term added into the output.
+        for (index, slice) in self.slices.iter().enumerate() {
+            self.slice_term(slice, &mut scratch, output_rows, threads, index > 0);
+        }
+        self.add_down_bias(output_rows);
+        SCRATCH.set(scratch);
+    }
+
+    /// One slice's term of the FFN for the rows in `scratch.input`: its
+    /// activations, then its share of the down projection, written to
+    /// `dst` or added to it when `accumulate`.
+    fn slice_term(
+        &self,
+        slice: &FfnSlice,
+        scratch: &mut Scratch,
+        dst: &mut [f32],
+        threads: usize,
+        accumulate: bool,
+    ) {
         let Scratch {
             input: packed_input,
             gate_up,
             activated,
             packed_activated,
-        } = &mut scratch;
-        packed_input.pack(self.words, input, rows, hidden);
-        // Slice by slice: this slice's activations, then its share of the
-        // down projection added into the output.
-        for (index, slice) in self.slices.iter().enumerate() {
-            let width = slice.width;
-            gate_up.resize(rows * 2 * width, 0.0);
-            activated.resize(rows * width, 0.0);
-            slice
-                .gate_up
-                .multiply(gate_up, packed_input, threads, false, self.task_columns);
-            for (row_out, row_in) in activated
-                .chunks_exact_mut(width)
-                .zip(gate_up.chunks_exact_mut(2 * width))
-            {
-                let (gate, up) = row_in.split_at_mut(width);
-                if let Some(biases) = &self.biases {
-                    let columns = slice.first..slice.first + width;
-                    add_into(gate, &biases.gate[columns.clone()]);
-                    add_into(up, &biases.up[columns]);
-                }
-                match self.activation {
-                    Activation::SiluGlu => silu_mul(row_out, gate, up),
-                    Activation::ClampedSwiglu { alpha, limit } => {
-                        clamped_swiglu(row_out, gate, up, alpha, limit)
-                    }
+        } = scratch;
+        let (rows, width) = (dst.len() / self.hidden, slice.width);
+        gate_up.resize(rows * 2 * width, 0.0);
+        activated.resize(rows * width, 0.0);
+        slice
+            .gate_up
+            .multiply(gate_up, packed_input, threads, false, self.task_columns);
+        for (row_out, row_in) in activated
+            .chunks_exact_mut(width)
+            .zip(gate_up.chunks_exact_mut(2 * width))
+        {
+            let (gate, up) = row_in.split_at_mut(width);
+            if let Some(biases) = &self.biases {
+                let columns = slice.first..slice.first + width;
+                add_into(gate, &biases.gate[columns.clone()]);
+                add_into(up, &biases.up[columns]);
+            }
+            match self.activation {
+                Activation::SiluGlu => silu_mul(row_out, gate, up),
+                Activation::ClampedSwiglu { alpha, limit } => {
+                    clamped_swiglu(row_out, gate, up, alpha, limit)
                 }
             }
-            packed_activated.pack(self.words, activated, rows, width);
-            slice.down.multiply(
-                output_rows,
-                packed_activated,
-                threads,
-                index > 0,
-                self.task_columns,
-            );
         }
+        packed_activated.pack(self.words, activated, rows, width);
+        slice.down.multiply(
+            dst,
+            packed_activated,
+            threads,
+            accumulate,
+            self.task_columns,
+        );
+    }
+
+    /// The down projection's bias, after every slice's term.
+    fn add_down_bias(&self, output_rows: &mut [f32]) {
         if let Some(biases) = &self.biases {
-            for row in output_rows.chunks_exact_mut(hidden) {
+            for row in output_rows.chunks_exact_mut(self.hidden) {
                 add_into(row, &biases.down);
             }
         }
-        SCRATCH.set(scratch);
     }
 }
 
@@ -241,6 +258,32 @@ impl Expert for CpuExpert {
 
     fn forward_serial(&self, input: &[f32], rows: usize, output: &mut [f32]) {
         self.compute(input, rows, output, 1);
+    }
+
+    fn parts(&self) -> usize {
+        self.slices.len()
+    }
+
+    /// Slice `part` alone: written, not added, so that [`Expert::sum_parts`]
+    /// adds the terms in the order `compute` adds them.
+    fn forward_part(&self, part: usize, input: &[f32], rows: usize, term: &mut [f32]) {
+        debug_assert_eq!(term.len(), rows * self.hidden);
+        if rows == 0 {
+            return;
+        }
+        let mut scratch = SCRATCH.take();
+        scratch.input.pack(self.words, input, rows, self.hidden);
+        self.slice_term(&self.slices[part], &mut scratch, term, 1, false);
+        SCRATCH.set(scratch);
+    }
+
+    fn sum_parts(&self, terms: &[f32], output: &mut [f32]) {
+        let (first, rest) = terms.split_at(output.len());
+        output.copy_from_slice(first);
+        for term in rest.chunks_exact(output.len().max(1)) {
+            add_into(output, term);
+        }
+        self.add_down_bias(output);
     }
 }
 

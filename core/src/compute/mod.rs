@@ -243,4 +243,24 @@ pub trait Expert: Send + Sync {
     fn forward_serial(&self, input: &[f32], rows: usize, output: &mut [f32]) {
         self.forward(input, rows, output);
     }
+
+    /// Parts [`Expert::forward_part`] cuts this expert into (slices of its
+    /// intermediate dimension on the CPU), so that a backend can spread a
+    /// few small batches over all its threads: 1 where there is no cut.
+    fn parts(&self) -> usize {
+        1
+    }
+
+    /// Part `part`'s term of the FFN for `rows` rows, on the calling
+    /// thread, written to `term` (`[rows, hidden]`).
+    fn forward_part(&self, part: usize, input: &[f32], rows: usize, term: &mut [f32]) {
+        debug_assert_eq!(part, 0);
+        self.forward_serial(input, rows, term);
+    }
+
+    /// The FFN's output from every part's term (`[parts][rows, hidden]`),
+    /// the same bits as [`Expert::forward`].
+    fn sum_parts(&self, terms: &[f32], output: &mut [f32]) {
+        output.copy_from_slice(&terms[..output.len()]);
+    }
 }
