@@ -81,6 +81,7 @@ pub(super) struct PanelMatrix {
     kind: Words,
     k: usize,
     n: usize,
+    magnitudes: Magnitudes,
 }
 
 impl PanelMatrix {
@@ -97,7 +98,14 @@ impl PanelMatrix {
                 words[base + index * width] = kind.word(index, k, |row| at(row, column));
             }
         }
-        Self { words, kind, k, n }
+        let magnitudes = Magnitudes::of(kind, &words);
+        Self {
+            words,
+            kind,
+            k,
+            n,
+            magnitudes,
+        }
     }
 
     pub(super) fn bytes(&self) -> usize {
@@ -127,6 +135,7 @@ impl PanelMatrix {
             dst: SharedOutput(dst.as_mut_ptr()),
             m,
             accumulate,
+            exact_products: lhs.magnitudes.products_exact(self.magnitudes),
         };
         let panels = n.div_ceil(PANEL);
         let per_task = task_columns.div_ceil(PANEL).max(1);
@@ -153,6 +162,7 @@ pub(super) struct PackedRows {
     kind: Words,
     rows: usize,
     k: usize,
+    magnitudes: Magnitudes,
 }
 
 impl PackedRows {
@@ -172,6 +182,62 @@ impl PackedRows {
             }
         }
         (self.kind, self.rows, self.k) = (kind, rows, k);
+        self.magnitudes = Magnitudes::of(kind, &self.words);
+    }
+}
+
+/// The smallest nonzero and the largest magnitude of a matrix's bf16
+/// values, which tell whether a product of two matrices may take a fused
+/// multiply-add where the kernels' arithmetic multiplies, adds and
+/// flushes (the AVX2 kernel, without `vdpbf16ps`).
+#[derive(Debug, Clone, Copy)]
+struct Magnitudes {
+    smallest: f32,
+    largest: f32,
+}
+
+impl Default for Magnitudes {
+    /// No values: every product is exact.
+    fn default() -> Self {
+        Self {
+            smallest: f32::INFINITY,
+            largest: 0.0,
+        }
+    }
+}
+
+impl Magnitudes {
+    /// Of the values in `words`; f32 words keep the default, since their
+    /// kernels fuse anyway.
+    fn of(kind: Words, words: &[u32]) -> Self {
+        let mut magnitudes = Self::default();
+        if kind == Words::Bf16Pairs {
+            for &word in words {
+                for value in [low(word).abs(), high(word).abs()] {
+                    if value != 0.0 && value < magnitudes.smallest {
+                        magnitudes.smallest = value;
+                    }
+                    // NaN becomes infinity: never exact.
+                    magnitudes.largest =
+                        magnitudes
+                            .largest
+                            .max(if value.is_nan() { f32::INFINITY } else { value });
+                }
+            }
+        }
+        magnitudes
+    }
+
+    /// Whether `fma(x, w, sum)` is `flush(sum + x·w)` for every value `x`
+    /// of one side and `w` of the other, whatever the sums: bf16 products
+    /// have 16 significant bits, so they are exact unless out of range;
+    /// every nonzero one at least 2^-102 is a multiple of 2^-117, and so is
+    /// every rounded sum of them, which therefore never falls below the
+    /// normal range but to zero and needs no flush.
+    fn products_exact(self, other: Self) -> bool {
+        let smallest = f64::from(self.smallest) * f64::from(other.smallest);
+        let largest = f64::from(self.largest) * f64::from(other.largest);
+        smallest >= 2f64.powi(-102) && largest < 2f64.powi(127)
     }
 }
 
@@ -203,13 +269,16 @@ struct Product<'a> {
     dst: SharedOutput,
     m: usize,
     accumulate: bool,
+    exact_products: bool,
 }
 
 impl Product<'_> {
     /// Every row block of panel `index`; the panel's weights stay in cache
     /// from block to block.
     fn panel(&self, index: usize) {
-        let PanelMatrix { words, kind, k, n } = self.weights;
+        let PanelMatrix {
+            words, kind, k, n, ..
+        } = self.weights;
         let depth_words = kind.depth_words(*k);
         let (start, padded_width) = panel_bounds(*n, index);
         let weights = &words[start * depth_words..][..depth_words * padded_width];
@@ -224,6 +293,7 @@ impl Product<'_> {
                 rows: (self.m - block * ROWS).min(ROWS),
                 width: (*n - start).min(PANEL),
                 accumulate: self.accumulate,
+                exact_products: self.exact_products,
             };
             tile.run();
         }
@@ -245,6 +315,9 @@ struct Tile<'a> {
     rows: usize,
     width: usize,
     accumulate: bool,
+    /// bf16 products are exact and sums never subnormal
+    /// ([`Magnitudes::products_exact`]).
+    exact_products: bool,
 }
 
 /// The code a tile runs on: every kernel computes the same bits.

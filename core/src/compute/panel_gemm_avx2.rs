@@ -177,27 +177,49 @@ unsafe fn f32_group<const NV: usize, const R: usize>(
 
 /// `NV` registers of columns from `first`, `R` rows, in bf16 pairs;
 /// returns `NV`. Per pair, each lane adds the odd depths' product, rounds
-/// and flushes, then the even depths': the portable kernel's arithmetic.
+/// and flushes, then the even depths': the portable kernel's arithmetic,
+/// in two fused multiply-adds where the tile's products are exact.
 #[target_feature(enable = "avx2,fma")]
-unsafe fn bf16_group<const NV: usize, const R: usize>(
+unsafe fn bf16_group<const NV: usize, const R: usize>(tile: &Tile<'_>, group: Group<'_>) -> usize {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        if tile.exact_products {
+            bf16_sums::<NV, R, true>(tile, group);
+        } else {
+            bf16_sums::<NV, R, false>(tile, group);
+        }
+    }
+    NV
+}
+
+/// [`bf16_group`]'s sums; `FUSED`: `fma` for `flush(sum + x·w)`.
+#[inline(always)]
+unsafe fn bf16_sums<const NV: usize, const R: usize, const FUSED: bool>(
     tile: &Tile<'_>,
     mut group: Group<'_>,
-) -> usize {
+) {
     let first = group.first;
     debug_assert!(tile.weights.len() >= tile.lhs.len() / ROWS * tile.padded_width);
     debug_assert!(first + NV * LANES <= tile.padded_width);
-    let high_half = _mm256_set1_epi32(0xffff_0000_u32 as i32);
-    let magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
-    let smallest_normal = _mm256_set1_ps(f32::MIN_POSITIVE);
-    // Zero (of the same sign) where a lane is subnormal, as `vdpbf16ps`.
-    let flush = |value: __m256| {
-        let tiny = _mm256_cmp_ps::<_CMP_LT_OQ>(_mm256_and_ps(value, magnitude), smallest_normal);
-        _mm256_andnot_ps(_mm256_and_ps(tiny, magnitude), value)
-    };
-    let weights = tile.weights.as_ptr();
-    let lhs = tile.lhs.as_ptr();
-    // SAFETY: as in `f32_group`.
+    // SAFETY: the caller runs with AVX2 and FMA; the chunk's depth words
+    // and the group inside the padded width keep every read inside the
+    // slices.
     unsafe {
+        let high_half = _mm256_set1_epi32(0xffff_0000_u32 as i32);
+        let magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+        let smallest_normal = _mm256_set1_ps(f32::MIN_POSITIVE);
+        let step = |sum: __m256, x: __m256, w: __m256| {
+            if FUSED {
+                return _mm256_fmadd_ps(x, w, sum);
+            }
+            // Zero (of the same sign) where a lane is subnormal, as
+            // `vdpbf16ps` flushes.
+            let value = _mm256_add_ps(sum, _mm256_mul_ps(x, w));
+            let tiny =
+                _mm256_cmp_ps::<_CMP_LT_OQ>(_mm256_and_ps(value, magnitude), smallest_normal);
+            _mm256_andnot_ps(_mm256_and_ps(tiny, magnitude), value)
+        };
+        let (weights, lhs) = (tile.weights.as_ptr(), tile.lhs.as_ptr());
         let mut sums = group.start::<NV, R>();
         for index in group.chunk.depth.clone() {
             let row_weights = weights.add(index * tile.padded_width + first);
@@ -208,18 +230,16 @@ unsafe fn bf16_group<const NV: usize, const R: usize>(
                 lows[vector] = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(pairs));
             }
             for (row, sums) in sums.iter_mut().enumerate() {
-                let word = *lhs.add(index * ROWS + row);
-                let high = _mm256_set1_ps(f32::from_bits(word & 0xffff_0000));
-                let low = _mm256_set1_ps(f32::from_bits(word << 16));
+                let pair = _mm256_set1_epi32(*lhs.add(index * ROWS + row) as i32);
+                let high = _mm256_castsi256_ps(_mm256_and_si256(pair, high_half));
+                let low = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(pair));
                 for (vector, sum) in sums.iter_mut().enumerate() {
-                    let partial = flush(_mm256_add_ps(*sum, _mm256_mul_ps(high, highs[vector])));
-                    *sum = flush(_mm256_add_ps(partial, _mm256_mul_ps(low, lows[vector])));
+                    *sum = step(step(*sum, high, highs[vector]), low, lows[vector]);
                 }
             }
         }
         group.finish(tile, &sums);
     }
-    NV
 }
 
 /// Writes (or adds) the group's rows, lanes past the tile's width masked.

@@ -97,51 +97,81 @@ fn products_sum_in_the_promised_order_bit_for_bit() {
 fn every_kernel_computes_what_the_portable_kernel_computes() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(10);
     let k = 200;
-    // Magnitudes from 1e-25 to 1e3, so that sums round, products cancel
-    // and some results fall below the normal range.
-    let mut wide = |len: usize| -> Vec<f32> {
-        (0..len)
-            .map(|_| {
-                let magnitude = 10f32.powf(rng.random_range(-25f32..3.0));
-                if rng.random_bool(0.5) {
-                    magnitude
-                } else {
-                    -magnitude
-                }
-            })
-            .collect()
-    };
-    // Every row count the kernels specialise, a whole panel and one whose
-    // last register is partial, written and added.
-    for (m, n, accumulate) in [(6, 64, false), (2, 64, true), (1, 40, false), (5, 40, true)] {
-        let lhs = wide(m * k);
-        let weights = wide(k * n);
-        let start = wide(m * n);
-        for kind in [Words::F32, Words::Bf16Pairs] {
-            let packed = PanelMatrix::pack(kind, k, n, |row, column| weights[row * n + column]);
-            let packed_lhs = rows(kind, &lhs, m, k);
-            let on = |kernel: Kernel| {
-                let mut dst = start.clone();
-                let tile = Tile {
-                    kind,
-                    lhs: &packed_lhs.words,
-                    weights: &packed.words,
-                    padded_width: padded_columns(n),
-                    dst: dst.as_mut_ptr(),
-                    dst_row_stride: n,
-                    rows: m,
-                    width: n,
-                    accumulate,
+    // Ordinary values, and magnitudes from 1e-25 to 1e3, so that sums
+    // round, products cancel and some results fall below the normal range
+    // (bf16 products that a fused multiply-add would not compute alike).
+    for wide in [false, true] {
+        let mut values = |len: usize| -> Vec<f32> {
+            (0..len)
+                .map(|_| {
+                    let magnitude = if wide {
+                        10f32.powf(rng.random_range(-25f32..3.0))
+                    } else {
+                        rng.random_range(0f32..2.0)
+                    };
+                    if rng.random_bool(0.5) {
+                        magnitude
+                    } else {
+                        -magnitude
+                    }
+                })
+                .collect()
+        };
+        // Every row count the kernels specialise, a whole panel and one
+        // whose last register is partial, written and added.
+        for (m, n, accumulate) in [(6, 64, false), (2, 64, true), (1, 40, false), (5, 40, true)] {
+            let (lhs, weights, start) = (values(m * k), values(k * n), values(m * n));
+            for kind in [Words::F32, Words::Bf16Pairs] {
+                let packed = PanelMatrix::pack(kind, k, n, |row, column| weights[row * n + column]);
+                let packed_lhs = rows(kind, &lhs, m, k);
+                let exact_products = packed_lhs.magnitudes.products_exact(packed.magnitudes);
+                assert_eq!(exact_products, !wide || kind == Words::F32);
+                let on = |kernel: Kernel| {
+                    let mut dst = start.clone();
+                    let tile = Tile {
+                        kind,
+                        lhs: &packed_lhs.words,
+                        weights: &packed.words,
+                        padded_width: padded_columns(n),
+                        dst: dst.as_mut_ptr(),
+                        dst_row_stride: n,
+                        rows: m,
+                        width: n,
+                        accumulate,
+                        exact_products,
+                    };
+                    tile.run_on(kernel);
+                    dst.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
                 };
-                tile.run_on(kernel);
-                dst.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
-            };
-            let portable = on(Kernel::Portable);
-            for kernel in Kernel::available(kind) {
-                assert_eq!(on(kernel), portable, "{kernel:?} {kind:?} {m}x{n}");
+                let portable = on(Kernel::Portable);
+                for kernel in Kernel::available(kind) {
+                    assert_eq!(
+                        on(kernel),
+                        portable,
+                        "{kernel:?} {kind:?} {m}x{n}, wide {wide}"
+                    );
+                }
             }
         }
     }
+}
+
+#[test]
+fn bf16_products_are_exact_only_inside_the_range_that_needs_no_flush() {
+    let of = |values: &[f32]| {
+        let words: Vec<u32> = values
+            .chunks(2)
+            .map(|pair| to_bf16_bits(pair[0]) | to_bf16_bits(pair[1]) << 16)
+            .collect();
+        Magnitudes::of(Words::Bf16Pairs, &words)
+    };
+    let ordinary = of(&[0.5, -3.0, 0.0, 1e-3]);
+    assert!(ordinary.products_exact(of(&[2e-20, 7.0])));
+    // 1e-3 · 1e-28 < 2^-102: its sums could fall below the normal range.
+    assert!(!ordinary.products_exact(of(&[1e-28, 1.0])));
+    assert!(!ordinary.products_exact(of(&[1e38, 1.0])));
+    assert!(!ordinary.products_exact(of(&[f32::NAN, 1.0])));
+    assert!(ordinary.products_exact(of(&[0.0, 0.0])));
 }
 
 #[test]
