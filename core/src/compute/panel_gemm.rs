@@ -1,5 +1,6 @@
 //! The products of the CPU experts: `dst (+)= lhs · W`, with `W` laid out
-//! once, at load, in panels of [`PANEL`] columns, in f32 or in bf16.
+//! once, at load, in panels of up to [`PANEL`] columns (as wide as the
+//! CPU's fastest kernel reads in one pass), in f32 or in bf16.
 //!
 //! - **f32**: each output is one chain of fused multiply-adds from zero,
 //!   in depth order, then added to `dst` when accumulating; AVX-512 FMA
@@ -23,7 +24,8 @@
 
 /// Lanes of one AVX-512 register of f32.
 const LANES: usize = 16;
-/// Output columns of one panel: four registers of accumulators per row.
+/// Output columns of the widest panel: four AVX-512 registers of
+/// accumulators per row.
 pub(super) const PANEL: usize = 4 * LANES;
 /// Rows one kernel call computes: 6 rows × 4 registers of accumulators,
 /// 4 of weights and one of broadcast activations fit in 32 registers.
@@ -81,6 +83,8 @@ pub(super) struct PanelMatrix {
     kind: Words,
     k: usize,
     n: usize,
+    /// Columns of every panel but the last: [`panel_width`].
+    panel: usize,
     magnitudes: Magnitudes,
 }
 
@@ -89,10 +93,23 @@ impl PanelMatrix {
     /// column order (checkpoints store `[out, in]`, so that reads it in
     /// order).
     pub(super) fn pack(kind: Words, k: usize, n: usize, at: impl Fn(usize, usize) -> f32) -> Self {
+        Self::pack_in_panels(kind, k, n, panel_width(kind), at)
+    }
+
+    /// [`PanelMatrix::pack`] in panels of `panel` columns, a multiple of
+    /// 16 up to [`PANEL`].
+    fn pack_in_panels(
+        kind: Words,
+        k: usize,
+        n: usize,
+        panel: usize,
+        at: impl Fn(usize, usize) -> f32,
+    ) -> Self {
+        debug_assert!(panel % LANES == 0 && panel <= PANEL);
         let depth_words = kind.depth_words(k);
-        let mut words = vec![0u32; depth_words * padded_columns(n)];
+        let mut words = vec![0u32; depth_words * padded_columns(n, panel)];
         for column in 0..n {
-            let (start, width) = panel_bounds(n, column / PANEL);
+            let (start, width) = panel_bounds(n, panel, column / panel);
             let base = start * depth_words + column - start;
             for index in 0..depth_words {
                 words[base + index * width] = kind.word(index, k, |row| at(row, column));
@@ -104,6 +121,7 @@ impl PanelMatrix {
             kind,
             k,
             n,
+            panel,
             magnitudes,
         }
     }
@@ -137,8 +155,8 @@ impl PanelMatrix {
             accumulate,
             exact_products: lhs.magnitudes.products_exact(self.magnitudes),
         };
-        let panels = n.div_ceil(PANEL);
-        let per_task = task_columns.div_ceil(PANEL).max(1);
+        let panels = n.div_ceil(self.panel);
+        let per_task = task_columns.div_ceil(self.panel).max(1);
         if threads > 1 && panels > per_task {
             use rayon::prelude::*;
             (0..panels.div_ceil(per_task))
@@ -241,17 +259,31 @@ impl Magnitudes {
     }
 }
 
-/// Columns of all panels of `n` columns: every panel is [`PANEL`] wide
-/// but the last, padded to whole registers.
-fn padded_columns(n: usize) -> usize {
-    let full = n / PANEL * PANEL;
+/// Columns of every panel but the last for `kind` on this CPU: the
+/// AVX-512 kernel reads [`PANEL`] columns per depth in one pass; the AVX2
+/// kernel's accumulators hold 16, and a panel that narrow streams from
+/// memory in order (a wider one would be read in column groups, a cache
+/// line of each depth at a time).
+fn panel_width(kind: Words) -> usize {
+    match Kernel::fastest(kind) {
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx2 => LANES,
+        _ => PANEL,
+    }
+}
+
+/// Columns of all panels of `n` columns: every panel is `panel` wide but
+/// the last, padded to whole registers.
+fn padded_columns(n: usize, panel: usize) -> usize {
+    let full = n / panel * panel;
     full + (n - full).next_multiple_of(LANES)
 }
 
-/// The first column and the padded width of panel `index` of `n` columns.
-fn panel_bounds(n: usize, index: usize) -> (usize, usize) {
-    let start = index * PANEL;
-    (start, (n - start).min(PANEL).next_multiple_of(LANES))
+/// The first column and the padded width of panel `index` of `n` columns
+/// in panels of `panel`.
+fn panel_bounds(n: usize, panel: usize, index: usize) -> (usize, usize) {
+    let start = index * panel;
+    (start, (n - start).min(panel).next_multiple_of(LANES))
 }
 
 /// The output matrix shared by tasks that write disjoint columns of it.
@@ -277,10 +309,15 @@ impl Product<'_> {
     /// from block to block.
     fn panel(&self, index: usize) {
         let PanelMatrix {
-            words, kind, k, n, ..
+            words,
+            kind,
+            k,
+            n,
+            panel,
+            ..
         } = self.weights;
         let depth_words = kind.depth_words(*k);
-        let (start, padded_width) = panel_bounds(*n, index);
+        let (start, padded_width) = panel_bounds(*n, *panel, index);
         let weights = &words[start * depth_words..][..depth_words * padded_width];
         for block in 0..self.m.div_ceil(ROWS) {
             let tile = Tile {
@@ -291,7 +328,7 @@ impl Product<'_> {
                 dst: self.dst.0.wrapping_add(block * ROWS * n + start),
                 dst_row_stride: *n,
                 rows: (self.m - block * ROWS).min(ROWS),
-                width: (*n - start).min(PANEL),
+                width: (*n - start).min(*panel),
                 accumulate: self.accumulate,
                 exact_products: self.exact_products,
             };

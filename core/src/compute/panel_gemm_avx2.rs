@@ -39,13 +39,20 @@ pub(super) unsafe fn tile(tile: &Tile<'_>) {
     }
     let few_rows = tile.rows <= 2;
     let depth_words = tile.lhs.len() / ROWS;
+    // A tile of one group (a 16-column panel in f32) streams its weights
+    // in order: nothing to keep in cache for another group.
+    let one_group = match tile.kind {
+        Words::F32 => tile.padded_width <= 2 * LANES,
+        Words::Bf16Pairs => few_rows && tile.padded_width <= 2 * LANES,
+    };
+    let chunk_depth = if one_group { depth_words } else { DEPTH_CHUNK };
     let mut saved = [[0f32; PANEL]; ROWS];
     let mut start = 0;
     loop {
         let chunk = Chunk {
-            depth: start..(start + DEPTH_CHUNK).min(depth_words),
+            depth: start..(start + chunk_depth).min(depth_words),
             first: start == 0,
-            last: start + DEPTH_CHUNK >= depth_words,
+            last: start + chunk_depth >= depth_words,
         };
         let mut first = 0;
         while first < tile.padded_width {

@@ -122,7 +122,10 @@ fn every_kernel_computes_what_the_portable_kernel_computes() {
         for (m, n, accumulate) in [(6, 64, false), (2, 64, true), (1, 40, false), (5, 40, true)] {
             let (lhs, weights, start) = (values(m * k), values(k * n), values(m * n));
             for kind in [Words::F32, Words::Bf16Pairs] {
-                let packed = PanelMatrix::pack(kind, k, n, |row, column| weights[row * n + column]);
+                // One tile of the widest panel, which every kernel runs.
+                let packed = PanelMatrix::pack_in_panels(kind, k, n, PANEL, |row, column| {
+                    weights[row * n + column]
+                });
                 let packed_lhs = rows(kind, &lhs, m, k);
                 let exact_products = packed_lhs.magnitudes.products_exact(packed.magnitudes);
                 assert_eq!(exact_products, !wide || kind == Words::F32);
@@ -132,7 +135,7 @@ fn every_kernel_computes_what_the_portable_kernel_computes() {
                         kind,
                         lhs: &packed_lhs.words,
                         weights: &packed.words,
-                        padded_width: padded_columns(n),
+                        padded_width: padded_columns(n, PANEL),
                         dst: dst.as_mut_ptr(),
                         dst_row_stride: n,
                         rows: m,
@@ -204,11 +207,35 @@ fn a_row_is_the_same_in_every_batch() {
 
 #[test]
 fn panels_pad_to_whole_registers() {
-    assert_eq!(padded_columns(64), 64);
-    assert_eq!(padded_columns(65), 80);
-    assert_eq!(padded_columns(150), 160);
-    assert_eq!(panel_bounds(150, 2), (128, 32));
+    assert_eq!(padded_columns(64, PANEL), 64);
+    assert_eq!(padded_columns(65, PANEL), 80);
+    assert_eq!(padded_columns(150, PANEL), 160);
+    assert_eq!(padded_columns(150, 16), 160);
+    assert_eq!(panel_bounds(150, PANEL, 2), (128, 32));
+    assert_eq!(panel_bounds(150, 16, 9), (144, 16));
     let packed = PanelMatrix::pack(Words::Bf16Pairs, 5, 150, |_, _| 1.0);
     // Three depth pairs of 160 columns, four bytes each.
     assert_eq!(packed.bytes(), 3 * 160 * 4);
+}
+
+#[test]
+fn products_are_the_same_in_every_panel_width() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(13);
+    let (m, k, n) = (9, 70, 150);
+    let (lhs, weights) = (random(&mut rng, m * k), random(&mut rng, k * n));
+    for kind in [Words::F32, Words::Bf16Pairs] {
+        let products: Vec<Vec<f32>> = [16, 32, PANEL]
+            .into_iter()
+            .map(|panel| {
+                let packed = PanelMatrix::pack_in_panels(kind, k, n, panel, |row, column| {
+                    weights[row * n + column]
+                });
+                let mut dst = vec![0f32; m * n];
+                packed.multiply(&mut dst, &rows(kind, &lhs, m, k), 1, false, PANEL);
+                dst
+            })
+            .collect();
+        assert_eq!(products[0], products[1], "{kind:?}");
+        assert_eq!(products[0], products[2], "{kind:?}");
+    }
 }
