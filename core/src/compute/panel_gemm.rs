@@ -105,7 +105,7 @@ impl PanelMatrix {
         panel: usize,
         at: impl Fn(usize, usize) -> f32,
     ) -> Self {
-        debug_assert!(panel % LANES == 0 && panel <= PANEL);
+        debug_assert!(panel.is_multiple_of(LANES) && panel <= PANEL);
         let depth_words = kind.depth_words(k);
         let mut words = vec![0u32; depth_words * padded_columns(n, panel)];
         for column in 0..n {
