@@ -64,8 +64,12 @@ impl PlacementStream {
     ) -> Option<PlacementUpdate> {
         let revision = state.applied_commands;
         let update = match self.sent_revision {
-            // Up to date, or ahead of this coordinator (it will catch up).
-            Some(have) if have >= revision => return None,
+            // Ahead of this coordinator (it will catch up).
+            Some(have) if have > revision => return None,
+            // Up to date. A stream's first update still comes (an empty
+            // delta when the watcher resumes at this revision): it tells
+            // the watcher the stream is live and where this coordinator is.
+            Some(have) if have == revision && self.sent_epoch.is_some() => return None,
             Some(have) => {
                 let touched = history
                     .lock()

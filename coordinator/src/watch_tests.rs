@@ -344,6 +344,25 @@ fn a_move_costs_each_watcher_a_few_bytes_per_step() {
     assert!(stream.next_update(&state, &history).is_none());
 }
 
+#[test]
+fn a_watcher_resuming_at_the_coordinators_revision_hears_an_empty_delta_first() {
+    let state = seeded();
+    let history = Mutex::new(PlacementHistory::new(state.applied_commands, 1000));
+    let mut stream = PlacementStream::new("m1".into(), Some(state.applied_commands));
+    let Some(placement_update::Update::Delta(delta)) =
+        stream.next_update(&state, &history).and_then(|update| update.update)
+    else {
+        panic!("a first update, as a delta");
+    };
+    assert_eq!(
+        (delta.epoch, delta.revision),
+        (state.epoch, state.applied_commands)
+    );
+    assert!(delta.nodes.is_empty() && delta.experts.is_empty());
+    // Then nothing until something changes.
+    assert!(stream.next_update(&state, &history).is_none());
+}
+
 #[tokio::test]
 async fn a_watcher_that_reads_late_gets_every_change_folded_into_few_updates() {
     let mut state = seeded();
