@@ -150,6 +150,7 @@ impl PanelMatrix {
         let product = Product {
             weights: self,
             lhs: &lhs.words,
+            lhs_halves: &lhs.halves,
             dst: SharedOutput(dst.as_mut_ptr()),
             m,
             accumulate,
@@ -177,6 +178,10 @@ impl PanelMatrix {
 #[derive(Default)]
 pub(super) struct PackedRows {
     words: Vec<u32>,
+    /// For bf16 words, each word's two values as f32, high then low, in
+    /// the words' order: the AVX2 kernel broadcasts them from memory
+    /// instead of splitting every word once per column group.
+    halves: Vec<f32>,
     kind: Words,
     rows: usize,
     k: usize,
@@ -201,6 +206,11 @@ impl PackedRows {
         }
         (self.kind, self.rows, self.k) = (kind, rows, k);
         self.magnitudes = Magnitudes::of(kind, &self.words);
+        self.halves.clear();
+        if kind == Words::Bf16Pairs {
+            let halves = self.words.iter().flat_map(|&word| [high(word), low(word)]);
+            self.halves.extend(halves);
+        }
     }
 }
 
@@ -298,6 +308,7 @@ unsafe impl Sync for SharedOutput {}
 struct Product<'a> {
     weights: &'a PanelMatrix,
     lhs: &'a [u32],
+    lhs_halves: &'a [f32],
     dst: SharedOutput,
     m: usize,
     accumulate: bool,
@@ -323,6 +334,11 @@ impl Product<'_> {
             let tile = Tile {
                 kind: *kind,
                 lhs: &self.lhs[block * depth_words * ROWS..][..depth_words * ROWS],
+                lhs_halves: if self.lhs_halves.is_empty() {
+                    &[]
+                } else {
+                    &self.lhs_halves[2 * block * depth_words * ROWS..][..2 * depth_words * ROWS]
+                },
                 weights,
                 padded_width,
                 dst: self.dst.0.wrapping_add(block * ROWS * n + start),
@@ -342,6 +358,8 @@ struct Tile<'a> {
     kind: Words,
     /// `[depth word][ROWS]` activations.
     lhs: &'a [u32],
+    /// bf16 activations split ([`PackedRows::halves`]); empty for f32.
+    lhs_halves: &'a [f32],
     /// `[depth word][padded_width]` weights.
     weights: &'a [u32],
     padded_width: usize,

@@ -1,10 +1,12 @@
 //! The panel kernels on AVX2 and FMA, for CPUs without AVX-512 (AMD before
 //! Zen 4, most Intel desktops, many cloud guests). A register holds 8
-//! columns and there are only 16 registers, so a tile's panel is computed
-//! in column groups whose accumulators stay in registers: 6 rows × 16
-//! columns, or 32 columns when the tile has 2 rows or fewer (decode). Every
-//! output is still one chain in depth order: the same bits as the other
-//! kernels.
+//! columns and there are only 16 registers, so the weights are packed in
+//! 16-column panels for these kernels (`panel_width`) and a tile computes
+//! its panel in column groups whose accumulators stay in registers: 6 rows
+//! × 16 columns, in f32 and in bf16 pairs.
+//! A wider panel (the AVX-512 layout, which tests run here too) goes group
+//! by group a depth chunk at a time. Every output is still one chain in
+//! depth order: the same bits as the other kernels.
 
 use std::arch::x86_64::*;
 
@@ -39,12 +41,9 @@ pub(super) unsafe fn tile(tile: &Tile<'_>) {
     }
     let few_rows = tile.rows <= 2;
     let depth_words = tile.lhs.len() / ROWS;
-    // A tile of one group (a 16-column panel in f32) streams its weights
-    // in order: nothing to keep in cache for another group.
-    let one_group = match tile.kind {
-        Words::F32 => tile.padded_width <= 2 * LANES,
-        Words::Bf16Pairs => few_rows && tile.padded_width <= 2 * LANES,
-    };
+    // A tile of one group (a 16-column panel) streams its weights in
+    // order: nothing to keep in cache for another group.
+    let one_group = tile.padded_width <= 2 * LANES;
     let chunk_depth = if one_group { depth_words } else { DEPTH_CHUNK };
     let mut saved = [[0f32; PANEL]; ROWS];
     let mut start = 0;
@@ -68,8 +67,7 @@ pub(super) unsafe fn tile(tile: &Tile<'_>) {
                 match tile.kind {
                     Words::F32 if few_rows && left >= 4 => by_rows!(f32_group, 4, group),
                     Words::F32 => by_rows!(f32_group, 2, group),
-                    Words::Bf16Pairs if few_rows => by_rows!(bf16_group, 2, group),
-                    Words::Bf16Pairs => by_rows!(bf16_group, 1, group),
+                    Words::Bf16Pairs => by_rows!(bf16_group, 2, group),
                 }
             };
             first += registers * LANES;
@@ -82,9 +80,9 @@ pub(super) unsafe fn tile(tile: &Tile<'_>) {
 }
 
 /// Depth words a tile's column groups take in turn before the next
-/// ones: the chunk's weights (8 KiB of a 64-column panel) stay in the
-/// first-level cache from group to group, so memory streams each panel
-/// once, in order, as the AVX-512 kernel reads it in one pass.
+/// ones, when it has several: the chunk's weights (at most 8 KiB) stay in
+/// the first-level cache from group to group, so memory streams each
+/// panel once, in order.
 const DEPTH_CHUNK: usize = 32;
 
 /// A range of depth words every column group sums in turn.
@@ -226,22 +224,32 @@ unsafe fn bf16_sums<const NV: usize, const R: usize, const FUSED: bool>(
                 _mm256_cmp_ps::<_CMP_LT_OQ>(_mm256_and_ps(value, magnitude), smallest_normal);
             _mm256_andnot_ps(_mm256_and_ps(tiny, magnitude), value)
         };
-        let (weights, lhs) = (tile.weights.as_ptr(), tile.lhs.as_ptr());
+        debug_assert_eq!(tile.lhs_halves.len(), 2 * tile.lhs.len());
+        let (weights, lhs_halves) = (tile.weights.as_ptr(), tile.lhs_halves.as_ptr());
         let mut sums = group.start::<NV, R>();
+        // Every row's odd-depth step, then every row's even-depth step:
+        // each sum still takes the pair in order, and only one half of the
+        // weights is held at a time (12 accumulators fit beside them).
+        let split = |pairs: __m256i, high: bool| {
+            _mm256_castsi256_ps(if high {
+                _mm256_and_si256(pairs, high_half)
+            } else {
+                _mm256_slli_epi32::<16>(pairs)
+            })
+        };
         for index in group.chunk.depth.clone() {
             let row_weights = weights.add(index * tile.padded_width + first);
-            let (mut highs, mut lows) = ([_mm256_setzero_ps(); NV], [_mm256_setzero_ps(); NV]);
-            for vector in 0..NV {
-                let pairs = _mm256_loadu_si256(row_weights.add(vector * LANES).cast());
-                highs[vector] = _mm256_castsi256_ps(_mm256_and_si256(pairs, high_half));
-                lows[vector] = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(pairs));
-            }
-            for (row, sums) in sums.iter_mut().enumerate() {
-                let pair = _mm256_set1_epi32(*lhs.add(index * ROWS + row) as i32);
-                let high = _mm256_castsi256_ps(_mm256_and_si256(pair, high_half));
-                let low = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(pair));
-                for (vector, sum) in sums.iter_mut().enumerate() {
-                    *sum = step(step(*sum, high, highs[vector]), low, lows[vector]);
+            for (half, high) in [(0, true), (1, false)] {
+                let mut columns = [_mm256_setzero_ps(); NV];
+                for (vector, column) in columns.iter_mut().enumerate() {
+                    let pairs = _mm256_loadu_si256(row_weights.add(vector * LANES).cast());
+                    *column = split(pairs, high);
+                }
+                for (row, sums) in sums.iter_mut().enumerate() {
+                    let x = _mm256_broadcast_ss(&*lhs_halves.add(2 * (index * ROWS + row) + half));
+                    for (sum, &column) in sums.iter_mut().zip(&columns) {
+                        *sum = step(*sum, x, column);
+                    }
                 }
             }
         }

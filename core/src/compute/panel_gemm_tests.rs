@@ -134,6 +134,7 @@ fn every_kernel_computes_what_the_portable_kernel_computes() {
                     let tile = Tile {
                         kind,
                         lhs: &packed_lhs.words,
+                        lhs_halves: &packed_lhs.halves,
                         weights: &packed.words,
                         padded_width: padded_columns(n, PANEL),
                         dst: dst.as_mut_ptr(),
