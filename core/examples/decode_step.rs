@@ -8,9 +8,10 @@
 
 use std::time::Instant;
 
+use mixtral_shaped::{HIDDEN, pseudo_random};
 use moemesh_core::compute::{ComputeBackend, CpuBackend, ExpertWork, WeightFormat};
-use moemesh_core::model::checkpoint::ExpertWeights;
-use moemesh_core::model::config::Activation;
+
+mod mixtral_shaped;
 
 const EXPERTS: u32 = 8;
 const TOP_K: usize = 2;
@@ -26,23 +27,9 @@ fn main() {
         .get(3)
         .map_or(Ok(WeightFormat::F32), |arg| arg.parse())
         .expect("f32 or bf16");
-    let (hidden, intermediate) = (1024, 2816);
+    let hidden = HIDDEN;
     let backend = CpuBackend::with_format(threads, format).expect("thread pool");
-    let experts: Vec<_> = (0..EXPERTS)
-        .map(|seed| {
-            backend
-                .load_expert(ExpertWeights {
-                    hidden_size: hidden,
-                    intermediate_size: intermediate,
-                    gate_proj: pseudo_random(intermediate * hidden, 1 + seed),
-                    up_proj: pseudo_random(intermediate * hidden, 2 + seed),
-                    down_proj: pseudo_random(hidden * intermediate, 3 + seed),
-                    activation: Activation::SiluGlu,
-                    biases: None,
-                })
-                .expect("expert loads")
-        })
-        .collect();
+    let experts = mixtral_shaped::experts(&backend, EXPERTS);
     let input = pseudo_random(tokens * hidden, 4);
     let mut step_seconds = Vec::with_capacity(steps);
     let mut step_bytes = Vec::with_capacity(steps);
@@ -112,12 +99,6 @@ fn routes(tokens: usize, step: u32) -> Vec<(u32, Vec<u32>, Vec<f32>)> {
         }
     }
     routes
-}
-
-fn pseudo_random(len: usize, seed: u32) -> Vec<f32> {
-    (0..len as u32)
-        .map(|i| ((i.wrapping_mul(2654435761) ^ seed) % 2000) as f32 / 10000.0 - 0.1)
-        .collect()
 }
 
 /// A buffer far past any cache, read by threads each taking a share.

@@ -8,9 +8,10 @@
 use std::time::Instant;
 
 use gemm::Parallelism;
+use mixtral_shaped::{HIDDEN, INTERMEDIATE, pseudo_random};
 use moemesh_core::compute::{ComputeBackend, CpuBackend, WeightFormat, matmul};
-use moemesh_core::model::checkpoint::ExpertWeights;
-use moemesh_core::model::config::Activation;
+
+mod mixtral_shaped;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -23,30 +24,9 @@ fn main() {
         .get(3)
         .map_or(Ok(WeightFormat::F32), |arg| arg.parse())
         .expect("f32 or bf16");
-    let (hidden, intermediate) = (1024, 2816);
-    let pseudo_random = |len: usize, seed: u32| -> Vec<f32> {
-        (0..len as u32)
-            .map(|i| ((i.wrapping_mul(2654435761) ^ seed) % 2000) as f32 / 10000.0 - 0.1)
-            .collect()
-    };
+    let (hidden, intermediate) = (HIDDEN, INTERMEDIATE);
     let backend = CpuBackend::with_format(threads, format).expect("thread pool");
-    // Eight experts, run in turn, so that a small batch streams its
-    // weights from memory as a decode step does, not from the cache.
-    let experts: Vec<_> = (0..8)
-        .map(|seed| {
-            backend
-                .load_expert(ExpertWeights {
-                    hidden_size: hidden,
-                    intermediate_size: intermediate,
-                    gate_proj: pseudo_random(intermediate * hidden, 1 + seed),
-                    up_proj: pseudo_random(intermediate * hidden, 2 + seed),
-                    down_proj: pseudo_random(hidden * intermediate, 3 + seed),
-                    activation: Activation::SiluGlu,
-                    biases: None,
-                })
-                .expect("expert loads")
-        })
-        .collect();
+    let experts = mixtral_shaped::experts(&backend, 8);
     let input = pseudo_random(tokens * hidden, 4);
     let mut output = vec![0f32; tokens * hidden];
     experts[0].forward(&input, tokens, &mut output);
