@@ -349,8 +349,9 @@ fn a_watcher_resuming_at_the_coordinators_revision_hears_an_empty_delta_first() 
     let state = seeded();
     let history = Mutex::new(PlacementHistory::new(state.applied_commands, 1000));
     let mut stream = PlacementStream::new("m1".into(), Some(state.applied_commands));
-    let Some(placement_update::Update::Delta(delta)) =
-        stream.next_update(&state, &history).and_then(|update| update.update)
+    let Some(placement_update::Update::Delta(delta)) = stream
+        .next_update(&state, &history)
+        .and_then(|update| update.update)
     else {
         panic!("a first update, as a delta");
     };
