@@ -155,6 +155,7 @@ impl PanelMatrix {
             m,
             accumulate,
             exact_products: lhs.magnitudes.products_exact(self.magnitudes),
+            kernel: Kernel::fastest(self.kind),
         };
         let panels = n.div_ceil(self.panel);
         let per_task = task_columns.div_ceil(self.panel).max(1);
@@ -178,8 +179,8 @@ impl PanelMatrix {
 #[derive(Default)]
 pub(super) struct PackedRows {
     words: Vec<u32>,
-    /// For bf16 words, each word's two values as f32, high then low, in
-    /// the words' order: the AVX2 kernel broadcasts them from memory
+    /// For bf16 words and the AVX2 kernel, each word's two values as f32,
+    /// high then low, in the words' order: it broadcasts them from memory
     /// instead of splitting every word once per column group.
     halves: Vec<f32>,
     kind: Words,
@@ -205,9 +206,21 @@ impl PackedRows {
             }
         }
         (self.kind, self.rows, self.k) = (kind, rows, k);
-        self.magnitudes = Magnitudes::of(kind, &self.words);
         self.halves.clear();
-        if kind == Words::Bf16Pairs {
+        self.magnitudes = Magnitudes::default();
+        #[cfg(target_arch = "x86_64")]
+        if Kernel::fastest(kind) == Kernel::Avx2 {
+            self.prepare_for_avx2();
+        }
+    }
+
+    /// What the AVX2 kernel reads of bf16 activations beside the words:
+    /// their halves, and their magnitudes (whether its products may fuse).
+    /// Other kernels need neither, so only packs for it pay for them.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    fn prepare_for_avx2(&mut self) {
+        if self.kind == Words::Bf16Pairs {
+            self.magnitudes = Magnitudes::of(self.kind, &self.words);
             let halves = self.words.iter().flat_map(|&word| [high(word), low(word)]);
             self.halves.extend(halves);
         }
@@ -313,6 +326,8 @@ struct Product<'a> {
     m: usize,
     accumulate: bool,
     exact_products: bool,
+    /// The kernel every tile runs on, the one the weights were laid out for.
+    kernel: Kernel,
 }
 
 impl Product<'_> {
@@ -348,7 +363,7 @@ impl Product<'_> {
                 accumulate: self.accumulate,
                 exact_products: self.exact_products,
             };
-            tile.run();
+            tile.run_on(self.kernel);
         }
     }
 }
@@ -424,10 +439,6 @@ impl Kernel {
 }
 
 impl Tile<'_> {
-    fn run(&self) {
-        self.run_on(Kernel::fastest(self.kind));
-    }
-
     /// The tile on `kernel`, one this CPU runs ([`Kernel::available`]).
     fn run_on(&self, kernel: Kernel) {
         match kernel {

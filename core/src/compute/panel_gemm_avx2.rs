@@ -39,7 +39,6 @@ pub(super) unsafe fn tile(tile: &Tile<'_>) {
             }
         };
     }
-    let few_rows = tile.rows <= 2;
     let depth_words = tile.lhs.len() / ROWS;
     // A tile of one group (a 16-column panel) streams its weights in
     // order: nothing to keep in cache for another group.
@@ -55,7 +54,6 @@ pub(super) unsafe fn tile(tile: &Tile<'_>) {
         };
         let mut first = 0;
         while first < tile.padded_width {
-            let left = (tile.padded_width - first) / LANES;
             let group = Group {
                 first,
                 chunk: &chunk,
@@ -65,7 +63,6 @@ pub(super) unsafe fn tile(tile: &Tile<'_>) {
             // padded width, a multiple of 16 columns.
             let registers = unsafe {
                 match tile.kind {
-                    Words::F32 if few_rows && left >= 4 => by_rows!(f32_group, 4, group),
                     Words::F32 => by_rows!(f32_group, 2, group),
                     Words::Bf16Pairs => by_rows!(bf16_group, 2, group),
                 }

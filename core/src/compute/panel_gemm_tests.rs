@@ -117,16 +117,29 @@ fn every_kernel_computes_what_the_portable_kernel_computes() {
                 })
                 .collect()
         };
-        // Every row count the kernels specialise, a whole panel and one
-        // whose last register is partial, written and added.
-        for (m, n, accumulate) in [(6, 64, false), (2, 64, true), (1, 40, false), (5, 40, true)] {
+        // Every row count the kernels specialise; a whole panel, one whose
+        // last register is partial, and AVX2's 16-column panels whole and
+        // partial; written and added.
+        let shapes = [
+            (6, 64, false),
+            (2, 64, true),
+            (1, 40, false),
+            (5, 40, true),
+            (3, 16, false),
+            (4, 10, true),
+        ];
+        for (m, n, accumulate) in shapes {
             let (lhs, weights, start) = (values(m * k), values(k * n), values(m * n));
             for kind in [Words::F32, Words::Bf16Pairs] {
                 // One tile of the widest panel, which every kernel runs.
                 let packed = PanelMatrix::pack_in_panels(kind, k, n, PANEL, |row, column| {
                     weights[row * n + column]
                 });
-                let packed_lhs = rows(kind, &lhs, m, k);
+                let mut packed_lhs = rows(kind, &lhs, m, k);
+                if packed_lhs.halves.is_empty() {
+                    // Packed for another kernel; the AVX2 one runs here too.
+                    packed_lhs.prepare_for_avx2();
+                }
                 let exact_products = packed_lhs.magnitudes.products_exact(packed.magnitudes);
                 assert_eq!(exact_products, !wide || kind == Words::F32);
                 let on = |kernel: Kernel| {
