@@ -62,17 +62,45 @@ impl Words {
             }
         }
     }
+
+    /// Every word of a row of `values` into `words`, in order. The
+    /// arithmetic has no branches, so that the compiler vectorizes it: a
+    /// prefill rounds every activation it packs.
+    fn row_words(self, values: &[f32], words: &mut [u32]) {
+        match self {
+            Self::F32 => {
+                for (word, value) in words.iter_mut().zip(values) {
+                    *word = value.to_bits();
+                }
+            }
+            Self::Bf16Pairs => {
+                let pairs = values.chunks_exact(2);
+                let odd_tail = pairs.remainder().first().copied();
+                for (word, pair) in words.iter_mut().zip(pairs) {
+                    *word = to_bf16_bits(pair[0]) | to_bf16_bits(pair[1]) << 16;
+                }
+                if let Some(last) = odd_tail {
+                    words[values.len() / 2] = to_bf16_bits(last);
+                }
+            }
+        }
+    }
 }
 
-/// `value` rounded to bf16 (to nearest, ties to even), a subnormal
-/// flushed to zero as `vdpbf16ps` reads it.
+/// `value` rounded to bf16 (to nearest, ties to even; a NaN stays a quiet
+/// NaN with its high bits, as `half::bf16::from_f32` does), a subnormal
+/// flushed to zero as `vdpbf16ps` reads it. Without branches (see
+/// [`Words::row_words`]).
 fn to_bf16_bits(value: f32) -> u32 {
-    let bits = half::bf16::from_f32(value).to_bits() as u32;
-    if bits & 0x7f80 == 0 {
-        bits & 0x8000
-    } else {
-        bits
-    }
+    let bits = value.to_bits();
+    // Adding just under half a unit of the last kept place, plus its
+    // lowest bit, carries into it exactly when rounding to nearest even
+    // goes up (an overflow rounds to infinity, as it should).
+    let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16;
+    let nan = bits & 0x7fff_ffff > 0x7f80_0000;
+    let bf16 = if nan { (bits >> 16) | 0x0040 } else { rounded };
+    let subnormal = bf16 & 0x7f80 == 0;
+    if subnormal { bf16 & 0x8000 } else { bf16 }
 }
 
 /// A weight matrix `[k, n]` (inputs by outputs) in panels.
@@ -183,6 +211,8 @@ pub(super) struct PackedRows {
     /// high then low, in the words' order: it broadcasts them from memory
     /// instead of splitting every word once per column group.
     halves: Vec<f32>,
+    /// One row's words before they are spread over its block.
+    row_words: Vec<u32>,
     kind: Words,
     rows: usize,
     k: usize,
@@ -197,14 +227,16 @@ impl PackedRows {
         self.words.clear();
         self.words
             .resize(rows.div_ceil(ROWS) * depth_words * ROWS, 0);
+        let mut row_words = std::mem::take(&mut self.row_words);
+        row_words.resize(depth_words, 0);
         for row in 0..rows {
-            let values = &lhs[row * k..(row + 1) * k];
+            kind.row_words(&lhs[row * k..(row + 1) * k], &mut row_words);
             let block = &mut self.words[row / ROWS * depth_words * ROWS..][..depth_words * ROWS];
-            let offset = row % ROWS;
-            for index in 0..depth_words {
-                block[index * ROWS + offset] = kind.word(index, k, |depth| values[depth]);
+            for (slot, &word) in block[row % ROWS..].iter_mut().step_by(ROWS).zip(&row_words) {
+                *slot = word;
             }
         }
+        self.row_words = row_words;
         (self.kind, self.rows, self.k) = (kind, rows, k);
         self.halves.clear();
         self.magnitudes = Magnitudes::default();
@@ -221,8 +253,10 @@ impl PackedRows {
     fn prepare_for_avx2(&mut self) {
         if self.kind == Words::Bf16Pairs {
             self.magnitudes = Magnitudes::of(self.kind, &self.words);
-            let halves = self.words.iter().flat_map(|&word| [high(word), low(word)]);
-            self.halves.extend(halves);
+            self.halves.resize(2 * self.words.len(), 0.0);
+            for (halves, &word) in self.halves.chunks_exact_mut(2).zip(&self.words) {
+                halves.copy_from_slice(&[high(word), low(word)]);
+            }
         }
     }
 }
@@ -251,22 +285,34 @@ impl Magnitudes {
     /// Of the values in `words`; f32 words keep the default, since their
     /// kernels fuse anyway.
     fn of(kind: Words, words: &[u32]) -> Self {
-        let mut magnitudes = Self::default();
-        if kind == Words::Bf16Pairs {
-            for &word in words {
-                for value in [low(word).abs(), high(word).abs()] {
-                    if value != 0.0 && value < magnitudes.smallest {
-                        magnitudes.smallest = value;
-                    }
-                    // NaN becomes infinity: never exact.
-                    magnitudes.largest =
-                        magnitudes
-                            .largest
-                            .max(if value.is_nan() { f32::INFINITY } else { value });
-                }
+        if kind != Words::Bf16Pairs {
+            return Self::default();
+        }
+        // On the bits of magnitudes, which order as their values do, so
+        // that the loop has no branches and vectorizes.
+        const INFINITY_BITS: u32 = 0x7f80_0000;
+        let (mut smallest, mut largest) = (u32::MAX, 0u32);
+        for &word in words {
+            for bits in [word << 16 & 0x7fff_0000, word & 0x7fff_0000] {
+                // Zero and NaN never count as the smallest nonzero.
+                let nonzero = if bits == 0 || bits > INFINITY_BITS {
+                    u32::MAX
+                } else {
+                    bits
+                };
+                smallest = smallest.min(nonzero);
+                largest = largest.max(bits);
             }
         }
-        magnitudes
+        Self {
+            smallest: if smallest == u32::MAX {
+                f32::INFINITY
+            } else {
+                f32::from_bits(smallest)
+            },
+            // NaN becomes infinity: never exact.
+            largest: f32::from_bits(largest.min(INFINITY_BITS)),
+        }
     }
 
     /// Whether `fma(x, w, sum)` is `flush(sum + x·w)` for every value `x`

@@ -202,6 +202,106 @@ fn activations_round_to_nearest_even_and_flush_subnormals() {
 }
 
 #[test]
+fn rounding_to_bf16_matches_the_half_crate_and_flushes_subnormals() {
+    // Every sign, exponent and high mantissa, with the low bits that
+    // decide rounding: none, sticky only, just under, at and just over
+    // half a unit, all ones.
+    for high in 0..=u16::MAX as u32 {
+        for low in [0, 1, 0x4000, 0x7fff, 0x8000, 0x8001, 0xffff] {
+            let value = f32::from_bits(high << 16 | low);
+            let reference = half::bf16::from_f32(value).to_bits() as u32;
+            let flushed = if reference & 0x7f80 == 0 {
+                reference & 0x8000
+            } else {
+                reference
+            };
+            assert_eq!(
+                to_bf16_bits(value),
+                flushed,
+                "bits {:#010x}",
+                value.to_bits()
+            );
+        }
+    }
+}
+
+#[test]
+fn magnitudes_are_the_smallest_nonzero_and_the_largest_value() {
+    let cases: [&[f32]; 6] = [
+        &[],
+        &[0.0, -0.0],
+        &[0.5, -3.0, 0.0, 1e-3, -7e-30],
+        &[f32::NAN, 2.0],
+        &[f32::INFINITY, -0.0],
+        &[-f32::NAN, 1e-37, 3e38, 1.0],
+    ];
+    for values in cases {
+        let mut words = vec![0u32; values.len().div_ceil(2)];
+        Words::Bf16Pairs.row_words(values, &mut words);
+        let magnitudes = Magnitudes::of(Words::Bf16Pairs, &words);
+        let rounded: Vec<f32> = words
+            .iter()
+            .flat_map(|&word| [low(word), high(word)])
+            .collect();
+        let smallest = rounded
+            .iter()
+            .map(|value| value.abs())
+            .filter(|&value| value != 0.0 && value < f32::INFINITY)
+            .fold(f32::INFINITY, f32::min);
+        let largest = rounded
+            .iter()
+            .map(|value| {
+                if value.is_nan() {
+                    f32::INFINITY
+                } else {
+                    value.abs()
+                }
+            })
+            .fold(0.0, f32::max);
+        assert_eq!(
+            magnitudes.smallest.to_bits(),
+            smallest.to_bits(),
+            "{values:?}"
+        );
+        assert_eq!(
+            magnitudes.largest.to_bits(),
+            largest.to_bits(),
+            "{values:?}"
+        );
+    }
+}
+
+#[test]
+fn packed_rows_hold_each_value_word_by_word() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    // One PackedRows for all, as a backend reuses it: nothing stays from
+    // a larger earlier pack.
+    let mut packed = PackedRows::default();
+    for kind in [Words::F32, Words::Bf16Pairs] {
+        for (rows, k) in [(13, 64), (7, 33), (1, 1)] {
+            let lhs = random(&mut rng, rows * k);
+            packed.pack(kind, &lhs, rows, k);
+            let depth_words = kind.depth_words(k);
+            assert_eq!(packed.words.len(), rows.div_ceil(ROWS) * depth_words * ROWS);
+            for row in 0..rows.div_ceil(ROWS) * ROWS {
+                for index in 0..depth_words {
+                    let expected = if row < rows {
+                        kind.word(index, k, |depth| lhs[row * k + depth])
+                    } else {
+                        0
+                    };
+                    let at = row / ROWS * depth_words * ROWS + index * ROWS + row % ROWS;
+                    assert_eq!(
+                        packed.words[at], expected,
+                        "{kind:?} row {row} word {index}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
 fn a_row_is_the_same_in_every_batch() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(12);
     let (k, n) = (97, 200);
