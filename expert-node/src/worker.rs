@@ -376,7 +376,7 @@ impl DeviceWorker {
 /// products overflow f32. The message names the first such row, its
 /// largest input and its routing weight.
 fn check_outputs_finite(job: &ComputeJob, hidden: usize, outputs: &[f32]) -> ExpertNodeResult<()> {
-    let Some(position) = outputs.iter().position(|value| !value.is_finite()) else {
+    let Some(position) = moemesh_proto::codec::first_non_finite(outputs) else {
         return Ok(());
     };
     let mut pair = position / hidden;

@@ -119,7 +119,7 @@ pub fn decode_rows(tensor: Option<&Tensor>, width: usize) -> CodecResult<Rows> {
     let RowsHeader { rows, wire_dtype } = check_rows_header(tensor, width)?;
     let data = tensor.map(|tensor| &tensor.data[..]).unwrap_or_default();
     let values = decode_values(data, wire_dtype);
-    if let Some(position) = values.iter().position(|value| !value.is_finite()) {
+    if let Some(position) = first_non_finite(&values) {
         return Err(CodecError::InvalidTensor(format!(
             "value at token {}, column {} is {} (NaN and infinity are not accepted)",
             position / width,
@@ -138,7 +138,7 @@ pub fn decode_rows(tensor: Option<&Tensor>, width: usize) -> CodecResult<Rows> {
 /// Checks that rows computed from finite inputs (`[_, width]`) are finite,
 /// naming the first value that overflowed f32.
 pub fn check_no_overflow(values: &[f32], width: usize) -> CodecResult<()> {
-    let Some(position) = values.iter().position(|value| !value.is_finite()) else {
+    let Some(position) = first_non_finite(values) else {
         return Ok(());
     };
     Err(CodecError::OutOfRange(format!(
@@ -147,6 +147,24 @@ pub fn check_no_overflow(values: &[f32], width: usize) -> CodecResult<()> {
         position % width.max(1),
         values[position]
     )))
+}
+
+/// The index of the first NaN or infinity in `values`. Activations are
+/// checked on every hop, so the scan tests whole blocks without an early
+/// exit (which vectorizes) and looks inside a block only when it holds one.
+pub fn first_non_finite(values: &[f32]) -> Option<usize> {
+    const BLOCK: usize = 256;
+    const INFINITY_BITS: u32 = 0x7f80_0000;
+    values.chunks(BLOCK).enumerate().find_map(|(block, chunk)| {
+        let largest_magnitude_bits = chunk.iter().fold(0, |largest: u32, value| {
+            largest.max(value.to_bits() & 0x7fff_ffff)
+        });
+        if largest_magnitude_bits < INFINITY_BITS {
+            return None;
+        }
+        let position = chunk.iter().position(|value| !value.is_finite())?;
+        Some(block * BLOCK + position)
+    })
 }
 
 /// Decodes little-endian elements of `dtype` to f32; a trailing partial
@@ -175,6 +193,10 @@ pub fn encode(values: &[f32], shape: &[usize], dtype: WireDtype) -> Tensor {
     debug_assert_eq!(values.len(), shape.iter().product::<usize>());
     let mut data = Vec::with_capacity(values.len() * dtype.size());
     match dtype {
+        // One copy: f32 in memory is the wire's little-endian f32 here.
+        #[cfg(target_endian = "little")]
+        WireDtype::F32 => data.extend_from_slice(bytemuck::cast_slice(values)),
+        #[cfg(not(target_endian = "little"))]
         WireDtype::F32 => values
             .iter()
             .for_each(|value| data.extend_from_slice(&value.to_le_bytes())),
@@ -207,6 +229,21 @@ mod tests {
             let decoded = decode_rows(Some(&tensor), 4).unwrap();
             prop_assert_eq!(decoded.values, values.to_vec());
             prop_assert_eq!(decoded.rows, rows);
+        }
+
+        #[test]
+        fn the_first_non_finite_value_is_found_wherever_it_lies(
+            len in 0usize..1200,
+            bad in proptest::collection::vec((0usize..1200, 0usize..3), 0..3),
+        ) {
+            let mut values: Vec<f32> = (0..len).map(|index| index as f32 * -1e35).collect();
+            for (at, kind) in bad {
+                if at < len {
+                    values[at] = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY][kind];
+                }
+            }
+            let expected = values.iter().position(|value| !value.is_finite());
+            prop_assert_eq!(first_non_finite(&values), expected);
         }
 
         #[test]

@@ -16,7 +16,7 @@ use std::hash::{BuildHasher, Hasher};
 use std::time::{Duration, Instant};
 
 use moemesh_core::model::config::ModelConfig;
-use moemesh_proto::codec::{CodecError, Rows, WireDtype};
+use moemesh_proto::codec::{CodecError, Rows, WireDtype, first_non_finite};
 use moemesh_proto::tls::TlsConfig;
 use moemesh_proto::v1::DescribeResponse;
 
@@ -241,7 +241,7 @@ fn rows_of(hidden: Vec<f32>, width: usize) -> RouterResult<Rows> {
             hidden.len()
         )));
     }
-    if let Some(position) = hidden.iter().position(|value| !value.is_finite()) {
+    if let Some(position) = first_non_finite(&hidden) {
         return Err(RouterError::Codec(CodecError::InvalidTensor(format!(
             "value at token {}, column {} is {} (NaN and infinity are not accepted)",
             position / width,
