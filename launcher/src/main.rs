@@ -81,6 +81,29 @@ fn limit_malloc_arenas() {
     }
 }
 
+/// Keeps a router's freed activation buffers in its heap. Each forward
+/// allocates and frees a few MB per request and reply; glibc gave the top
+/// of the heap back after each and the next forward faulted it in again,
+/// zeroed page by page: a third of a router's CPU under a prefill load.
+/// Below 32 MiB, buffers come from the heap, and up to 64 MiB of free heap
+/// top is kept. MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ still win.
+fn keep_freed_buffers() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        const MMAP_THRESHOLD_BYTES: i32 = 32 << 20;
+        const TRIM_THRESHOLD_BYTES: i32 = 64 << 20;
+        // SAFETY: mallopt only changes allocator tuning; called before any thread starts.
+        unsafe {
+            if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() {
+                libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES);
+            }
+            if std::env::var_os("MALLOC_TRIM_THRESHOLD_").is_none() {
+                libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES);
+            }
+        }
+    }
+}
+
 /// The exit code of a run that asked for a device this machine cannot
 /// give (no GPU, no driver, or a build without CUDA).
 const EXIT_DEVICE_UNAVAILABLE: i32 = 2;
@@ -107,6 +130,9 @@ fn is_device_unavailable(error: &anyhow::Error) -> bool {
 fn run() -> anyhow::Result<()> {
     limit_malloc_arenas();
     let cli: Cli = config_file::parse_with_config(std::env::args_os())?;
+    if matches!(cli.command, Command::Router(_)) {
+        keep_freed_buffers();
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
