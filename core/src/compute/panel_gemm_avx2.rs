@@ -26,6 +26,38 @@ pub(super) fn available() -> bool {
 /// [`available`]; the tile's slices and output as [`Tile`] says, its
 /// padded width a whole number of 16-column registers of AVX-512.
 pub(super) unsafe fn tile(tile: &Tile<'_>) {
+    let depth_words = tile.lhs.len() / ROWS;
+    // A tile of one group (a 16-column panel) streams its weights in
+    // order: nothing to keep in cache for another group.
+    let one_group = tile.padded_width <= 2 * LANES;
+    let chunk_depth = if one_group { depth_words } else { DEPTH_CHUNK };
+    SAVED_SUMS.with_borrow_mut(|saved| {
+        // SAFETY: forwarded from the caller.
+        unsafe { run_chunks(tile, depth_words, chunk_depth, saved) }
+    });
+}
+
+thread_local! {
+    /// The sums a tile's column groups keep between depth chunks, one set
+    /// per thread rather than per tile: a tile writes a group's sums
+    /// before it reads them, and a tile of one chunk (a 16-column panel)
+    /// never touches them, so they need no zeroing, which cost 1-2% of a
+    /// prefill when every tile zeroed its own.
+    static SAVED_SUMS: std::cell::RefCell<[[f32; PANEL]; ROWS]> =
+        const { std::cell::RefCell::new([[0.0; PANEL]; ROWS]) };
+}
+
+/// The tile's depth in chunks of `chunk_depth` words, every column group
+/// per chunk.
+///
+/// # Safety
+/// As [`tile`].
+unsafe fn run_chunks(
+    tile: &Tile<'_>,
+    depth_words: usize,
+    chunk_depth: usize,
+    saved: &mut [[f32; PANEL]; ROWS],
+) {
     /// The kernel `$kernel::<registers, rows>` on `$group`.
     macro_rules! by_rows {
         ($kernel:ident, $registers:literal, $group:expr) => {
@@ -39,12 +71,6 @@ pub(super) unsafe fn tile(tile: &Tile<'_>) {
             }
         };
     }
-    let depth_words = tile.lhs.len() / ROWS;
-    // A tile of one group (a 16-column panel) streams its weights in
-    // order: nothing to keep in cache for another group.
-    let one_group = tile.padded_width <= 2 * LANES;
-    let chunk_depth = if one_group { depth_words } else { DEPTH_CHUNK };
-    let mut saved = [[0f32; PANEL]; ROWS];
     let mut start = 0;
     loop {
         let chunk = Chunk {
@@ -57,7 +83,7 @@ pub(super) unsafe fn tile(tile: &Tile<'_>) {
             let group = Group {
                 first,
                 chunk: &chunk,
-                saved: &mut saved,
+                saved: &mut *saved,
             };
             // SAFETY: forwarded from the caller; a group never passes the
             // padded width, a multiple of 16 columns.
