@@ -119,20 +119,27 @@ pub fn decode_rows(tensor: Option<&Tensor>, width: usize) -> CodecResult<Rows> {
     let RowsHeader { rows, wire_dtype } = check_rows_header(tensor, width)?;
     let data = tensor.map(|tensor| &tensor.data[..]).unwrap_or_default();
     let values = decode_values(data, wire_dtype);
-    if let Some(position) = first_non_finite(&values) {
-        return Err(CodecError::InvalidTensor(format!(
-            "value at token {}, column {} is {} (NaN and infinity are not accepted)",
-            position / width,
-            position % width,
-            values[position]
-        )));
-    }
+    check_finite(&values, width)?;
     Ok(Rows {
         rows,
         width,
         values,
         wire_dtype,
     })
+}
+
+/// Refuses `[_, width]` activations that hold a NaN or an infinity,
+/// naming the first.
+pub fn check_finite(values: &[f32], width: usize) -> CodecResult<()> {
+    let Some(position) = first_non_finite(values) else {
+        return Ok(());
+    };
+    Err(CodecError::InvalidTensor(format!(
+        "value at token {}, column {} is {} (NaN and infinity are not accepted)",
+        position / width.max(1),
+        position % width.max(1),
+        values[position]
+    )))
 }
 
 /// Checks that rows computed from finite inputs (`[_, width]`) are finite,

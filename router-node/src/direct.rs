@@ -16,7 +16,7 @@ use std::hash::{BuildHasher, Hasher};
 use std::time::{Duration, Instant};
 
 use moemesh_core::model::config::ModelConfig;
-use moemesh_proto::codec::{CodecError, Rows, WireDtype, first_non_finite};
+use moemesh_proto::codec::{Rows, WireDtype, check_finite};
 use moemesh_proto::tls::TlsConfig;
 use moemesh_proto::v1::DescribeResponse;
 
@@ -241,14 +241,7 @@ fn rows_of(hidden: Vec<f32>, width: usize) -> RouterResult<Rows> {
             hidden.len()
         )));
     }
-    if let Some(position) = first_non_finite(&hidden) {
-        return Err(RouterError::Codec(CodecError::InvalidTensor(format!(
-            "value at token {}, column {} is {} (NaN and infinity are not accepted)",
-            position / width,
-            position % width,
-            hidden[position]
-        ))));
-    }
+    check_finite(&hidden, width).map_err(RouterError::Codec)?;
     Ok(Rows {
         rows: hidden.len() / width,
         width,
