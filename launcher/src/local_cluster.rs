@@ -125,6 +125,8 @@ struct Launch<'a> {
     policy: RestartPolicy,
     /// Print one line per process started on stdout.
     announce: bool,
+    /// Each member's async runtime threads (`--io-threads`); 0: one per core.
+    io_threads: usize,
 }
 
 impl Launch<'_> {
@@ -138,6 +140,9 @@ impl Launch<'_> {
     ) -> anyhow::Result<SupervisedProcess> {
         let security = self.security.member(role, &id)?;
         let mut args = security.args;
+        if self.io_threads > 0 {
+            args.extend(["--io-threads".into(), self.io_threads.to_string()]);
+        }
         args.push(subcommand.to_string());
         args.extend(role_args);
         args.extend(["--metrics-addr".into(), "127.0.0.1:0".into()]);
@@ -243,6 +248,8 @@ impl CoordinatorGroup {
             security: &security,
             policy: RestartPolicy::Never,
             announce: false,
+            // The group alone has the machine.
+            io_threads: 0,
         };
         let workdir = tempfile::tempdir()?;
         let mut processes = Vec::new();
@@ -332,8 +339,21 @@ fn threads_per_node(args: &UpArgs) -> usize {
     if args.threads_per_node > 0 {
         return args.threads_per_node;
     }
+    cores_shared_by(args.expert_nodes)
+}
+
+/// Each member's async runtime threads: the cores shared out among the
+/// processes on the data path (the expert nodes and the router), which
+/// all run on this one machine. The coordinators take the same share;
+/// they are mostly idle.
+fn io_threads_per_member(args: &UpArgs) -> usize {
+    cores_shared_by(args.expert_nodes + 1)
+}
+
+/// This machine's cores divided among `processes`, at least one each.
+fn cores_shared_by(processes: usize) -> usize {
     let cores = std::thread::available_parallelism().map_or(1, |cores| cores.get());
-    (cores / args.expert_nodes).max(1)
+    (cores / processes.max(1)).max(1)
 }
 
 impl LocalCluster {
@@ -376,6 +396,7 @@ impl LocalCluster {
             security,
             policy,
             announce: args.announce,
+            io_threads: io_threads_per_member(args),
         };
 
         let mut processes = Vec::new();
@@ -509,4 +530,25 @@ pub async fn run_up(args: UpCommandArgs, tls: &TlsArgs) -> anyhow::Result<()> {
     shutdown_signal(false).await;
     eprintln!("stopping the cluster");
     cluster.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cores_are_shared_out_and_nobody_gets_none() {
+        let cores = std::thread::available_parallelism().map_or(1, |cores| cores.get());
+        assert_eq!(cores_shared_by(1), cores);
+        assert_eq!(cores_shared_by(0), cores);
+        for processes in 1..=4 * cores {
+            let share = cores_shared_by(processes);
+            assert!(share >= 1, "{processes} processes");
+            assert!(
+                share * processes <= cores.max(processes),
+                "{processes} processes get {share} cores each of {cores}"
+            );
+        }
+        assert_eq!(cores_shared_by(cores + 1), 1);
+    }
 }

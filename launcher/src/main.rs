@@ -32,6 +32,13 @@ use clap::{CommandFactory, Parser, Subcommand};
 struct Cli {
     #[command(flatten)]
     tls: moemesh_client::TlsArgs,
+    /// Threads of the async runtime that carries this process's network
+    /// work; 0 gives one per core. Processes that share a machine's cores
+    /// answer sooner with fewer: idle runtime threads are woken to look for
+    /// work on every call. `moemesh up`, `demo` and `bench` give each
+    /// member its share of the cores
+    #[arg(long, global = true, env = "MOEMESH_IO_THREADS", default_value_t = 0)]
+    io_threads: usize,
     #[command(subcommand)]
     command: Command,
 }
@@ -133,9 +140,11 @@ fn run() -> anyhow::Result<()> {
     if matches!(cli.command, Command::Router(_)) {
         keep_freed_buffers();
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if cli.io_threads > 0 {
+        runtime.worker_threads(cli.io_threads);
+    }
+    let runtime = runtime.enable_all().build()?;
     // The span exporter's connection lives on the runtime; the guard
     // flushes what is left when it drops, before the runtime does.
     let _tracing = {
