@@ -8,6 +8,7 @@
 //! [`codec`] turns a `moemesh.v1.Tensor` into f32 rows and back, checking
 //! its shape, dtype and values.
 
+pub mod coalesce;
 pub mod codec;
 pub mod identity;
 pub mod placement;
@@ -50,10 +51,17 @@ pub const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
 /// `Server::serve_with_incoming*`: small replies (a decode step's few
 /// tokens) leave at once instead of waiting up to 40 ms for the peer's
 /// delayed ACK. `Server::tcp_nodelay` only covers listeners tonic binds itself.
+/// Each connection sends a reply and its trailers in one write
+/// ([`coalesce::CoalescingIo`]).
 pub fn incoming_without_delay(
     listener: tokio::net::TcpListener,
-) -> tonic::transport::server::TcpIncoming {
-    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+) -> impl tokio_stream::Stream<Item = std::io::Result<coalesce::CoalescingIo<tokio::net::TcpStream>>>
++ Send
++ 'static {
+    use tokio_stream::StreamExt;
+    tonic::transport::server::TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .map(|accepted| accepted.map(coalesce::CoalescingIo::new))
 }
 
 /// HTTP/2 flow-control window per stream on the data path: a whole batch
