@@ -14,9 +14,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let calls: usize = args
         .next()
         .map_or(1000, |calls| calls.parse().expect("a count"));
-    let endpoint =
-        moemesh_proto::data_path_endpoint(tonic::transport::Endpoint::from_shared(address)?);
-    let mut client = ExpertServiceClient::new(endpoint.connect().await?);
+    let endpoint = tonic::transport::Endpoint::from_shared(address)?;
+    let mut client = ExpertServiceClient::new(moemesh_proto::data_path_channel(endpoint).await?);
     let mut micros = Vec::with_capacity(calls);
     for _ in 0..calls {
         let started = Instant::now();

@@ -70,8 +70,7 @@ impl Client {
         let endpoint = tls
             .endpoint(address.clone())
             .map_err(|error| connect_error(error.to_string()))?;
-        let channel = moemesh_proto::data_path_endpoint(endpoint)
-            .connect()
+        let channel = moemesh_proto::data_path_channel(endpoint)
             .await
             .map_err(|error| connect_error(format!("{error:?}")))?;
         let router = RouterServiceClient::new(tls.channel(channel))

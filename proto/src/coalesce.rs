@@ -11,9 +11,13 @@
 //! sends everything at once. It wakes its task when it holds bytes back:
 //! the connection is polled again at once and flushes on that poll
 //! (h2 flushes on every poll of a connection), so nothing waits longer
-//! than one turn of the runtime. A reader that polls only its read side on
-//! that turn (a TLS handshake awaiting the peer's next message) gets the
-//! held bytes written before its read.
+//! than one turn of the runtime. A reader that polls only its read side
+//! (a TLS handshake awaiting the peer's next message) gets the held bytes
+//! written on its second read, one turn later.
+//!
+//! Clients get the same through [`CoalescingConnector`]: hyper queues a
+//! request's headers, its data and an empty end-of-stream frame, which
+//! otherwise leave as three writes.
 //!
 //! Only for sockets, whose flush does nothing: a held write is sent
 //! without flushing `T` when it leaves on a read.
@@ -39,6 +43,8 @@ pub struct CoalescingIo<T> {
     written: usize,
     /// A flush was put off, and the task woken to flush on its next poll.
     flush_put_off: bool,
+    /// Reads since the flush was put off.
+    reads_while_put_off: u8,
 }
 
 impl<T> CoalescingIo<T> {
@@ -48,6 +54,7 @@ impl<T> CoalescingIo<T> {
             held: Vec::new(),
             written: 0,
             flush_put_off: false,
+            reads_while_put_off: 0,
         }
     }
 
@@ -81,14 +88,18 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for CoalescingIo<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         // A reader that woke for the put-off flush may not flush again (a
-        // TLS handshake waiting for the peer's answer only reads): what is
-        // held leaves now, before the read that waits for that answer.
+        // TLS handshake waiting for the peer's answer only reads): on its
+        // second read what is held leaves. The first read may be h2's on
+        // the poll that flushes the rest of a request queued meanwhile.
         let this = self.get_mut();
-        if this.flush_put_off
-            && let Poll::Ready(written) = this.poll_write_held(cx)
-        {
-            written?;
-            this.flush_put_off = false;
+        if this.flush_put_off {
+            this.reads_while_put_off += 1;
+            if this.reads_while_put_off < 2 {
+                cx.waker().wake_by_ref();
+            } else if let Poll::Ready(written) = this.poll_write_held(cx) {
+                written?;
+                this.flush_put_off = false;
+            }
         }
         Pin::new(&mut this.inner).poll_read(cx, buf)
     }
@@ -128,6 +139,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for CoalescingIo<T> {
         let this = self.get_mut();
         if !this.held.is_empty() && !this.flush_put_off {
             this.flush_put_off = true;
+            this.reads_while_put_off = 0;
             cx.waker().wake_by_ref();
             return Poll::Ready(Ok(()));
         }
@@ -151,6 +163,63 @@ impl<T: tonic::transport::server::Connected> tonic::transport::server::Connected
 
     fn connect_info(&self) -> Self::ConnectInfo {
         self.inner.connect_info()
+    }
+}
+
+/// Connects a data-path channel's TCP connections, each a
+/// [`CoalescingIo`]: a request's headers, data and end of stream leave in
+/// one write. TLS, when the endpoint has it, runs on top (tonic adds it).
+#[derive(Clone, Debug)]
+pub struct CoalescingConnector {
+    http: hyper_util::client::legacy::connect::HttpConnector,
+}
+
+impl CoalescingConnector {
+    /// Connections with Nagle's algorithm off, to any URI scheme (tonic
+    /// checks the scheme against its TLS settings).
+    pub fn new() -> Self {
+        let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        Self { http }
+    }
+}
+
+impl Default for CoalescingConnector {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Why a connection could not be made, as tonic takes it.
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+type Connecting = Pin<
+    Box<
+        dyn std::future::Future<
+                Output = Result<
+                    hyper_util::rt::TokioIo<CoalescingIo<tokio::net::TcpStream>>,
+                    BoxError,
+                >,
+            > + Send,
+    >,
+>;
+
+impl tower::Service<http::Uri> for CoalescingConnector {
+    type Response = hyper_util::rt::TokioIo<CoalescingIo<tokio::net::TcpStream>>;
+    type Error = BoxError;
+    type Future = Connecting;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.http.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let connecting = self.http.call(uri);
+        Box::pin(async move {
+            let stream = connecting.await?.into_inner();
+            Ok(hyper_util::rt::TokioIo::new(CoalescingIo::new(stream)))
+        })
     }
 }
 
@@ -282,7 +351,8 @@ mod tests {
 
     #[test]
     fn a_reader_that_does_not_flush_again_still_sends_what_is_held() {
-        let waker = Waker::from(Arc::new(Wakes::default()));
+        let wakes = Arc::new(Wakes::default());
+        let waker = Waker::from(Arc::clone(&wakes));
         let mut cx = Context::from_waker(&waker);
         let mut io = CoalescingIo::new(Recorder::default());
         // A TLS handshake: its flight, a flush, then only reads.
@@ -291,6 +361,10 @@ mod tests {
         assert!(io.get_ref().writes.is_empty());
         let mut space = [0u8; 16];
         let mut buf = ReadBuf::new(&mut space);
+        // The read of the same poll, then the read of the poll it woke.
+        assert!(Pin::new(&mut io).poll_read(&mut cx, &mut buf).is_pending());
+        assert!(io.get_ref().writes.is_empty());
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 2, "woken again to read");
         assert!(Pin::new(&mut io).poll_read(&mut cx, &mut buf).is_pending());
         assert_eq!(io.get_ref().writes, vec![b"server hello".to_vec()]);
         // Nothing is sent twice, and the next flush goes straight through.
@@ -298,6 +372,24 @@ mod tests {
         flush(&mut io, &mut cx);
         assert_eq!(io.get_ref().writes.len(), 1);
         assert_eq!(io.get_ref().flushes, 1);
+    }
+
+    #[test]
+    fn frames_queued_before_the_next_poll_flushes_join_the_held_ones() {
+        let waker = Waker::from(Arc::new(Wakes::default()));
+        let mut cx = Context::from_waker(&waker);
+        let mut io = CoalescingIo::new(Recorder::default());
+        // A client's poll that found only the request's headers.
+        write(&mut io, &mut cx, b"headers");
+        flush(&mut io, &mut cx);
+        // The next poll reads first, then writes and flushes the body.
+        let mut space = [0u8; 16];
+        let mut buf = ReadBuf::new(&mut space);
+        assert!(Pin::new(&mut io).poll_read(&mut cx, &mut buf).is_pending());
+        write(&mut io, &mut cx, b"data");
+        write(&mut io, &mut cx, b"eos");
+        flush(&mut io, &mut cx);
+        assert_eq!(io.get_ref().writes, vec![b"headersdataeos".to_vec()]);
     }
 
     #[test]

@@ -10,6 +10,7 @@
 
 pub mod coalesce;
 pub mod codec;
+pub mod end_of_stream;
 pub mod identity;
 pub mod placement;
 pub mod tls;
@@ -167,13 +168,29 @@ pub fn data_path_server(
 }
 
 /// `endpoint` set up for the data path: no Nagle delay, windows and frames
-/// sized for megabyte messages.
+/// sized for megabyte messages. Connect it with [`data_path_channel`] or
+/// [`data_path_channel_lazy`].
 pub fn data_path_endpoint(endpoint: tonic::transport::Endpoint) -> tonic::transport::Endpoint {
     endpoint
         .tcp_nodelay(true)
         .initial_stream_window_size(DATA_STREAM_WINDOW_BYTES)
         .initial_connection_window_size(DATA_CONNECTION_WINDOW_BYTES)
         .max_frame_size(DATA_MAX_FRAME_BYTES)
+}
+
+/// A data-path channel to `endpoint`, connected now: each request leaves
+/// in one write ([`coalesce::CoalescingConnector`]).
+pub async fn data_path_channel(
+    endpoint: tonic::transport::Endpoint,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    data_path_endpoint(endpoint)
+        .connect_with_connector(coalesce::CoalescingConnector::new())
+        .await
+}
+
+/// [`data_path_channel`], connecting on first use and reconnecting as needed.
+pub fn data_path_channel_lazy(endpoint: tonic::transport::Endpoint) -> tonic::transport::Channel {
+    data_path_endpoint(endpoint).connect_with_connector_lazy(coalesce::CoalescingConnector::new())
 }
 
 impl std::fmt::Display for v1::NodeStatus {

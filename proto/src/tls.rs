@@ -28,6 +28,7 @@ use tonic::transport::{
 };
 use tonic::{Request, Status};
 
+use crate::end_of_stream::EndOfStreamChannel;
 use crate::identity::Member;
 
 /// The metadata key that carries the cluster secret in plaintext mode.
@@ -35,8 +36,9 @@ const SECRET_HEADER: &str = "x-moemesh-secret";
 /// The metadata key that carries the member a plaintext caller claims to be.
 const MEMBER_HEADER: &str = "x-moemesh-member";
 
-/// A channel whose every call carries this process's [`Credentials`].
-pub type MemberChannel = InterceptedService<Channel, Credentials>;
+/// A channel whose every call carries this process's [`Credentials`], and
+/// whose requests end with their data ([`EndOfStreamChannel`]).
+pub type MemberChannel = InterceptedService<EndOfStreamChannel, Credentials>;
 
 /// How a process secures its connections: plaintext (the default) or
 /// mutual TLS with one identity and the cluster's CA. Cheap to clone.
@@ -189,7 +191,7 @@ impl TlsConfig {
 
     /// `channel` with this process's credentials on every call.
     pub fn channel(&self, channel: Channel) -> MemberChannel {
-        InterceptedService::new(channel, self.credentials())
+        InterceptedService::new(EndOfStreamChannel::new(channel), self.credentials())
     }
 
     /// What each call of this process carries to prove who it is.

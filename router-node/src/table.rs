@@ -19,7 +19,7 @@ use moemesh_core::model::placement::{NodeEntry, Placement};
 use moemesh_proto::tls::{MemberChannel, TlsConfig};
 use moemesh_proto::v1::PlacementSnapshot;
 use moemesh_proto::{
-    ExpertServiceClient, MAX_MESSAGE_BYTES, NodeStatus, ReplicaState, data_path_endpoint,
+    ExpertServiceClient, MAX_MESSAGE_BYTES, NodeStatus, ReplicaState, data_path_channel_lazy,
 };
 use tokio::sync::watch;
 
@@ -51,7 +51,7 @@ impl NodeLink {
                 node.id, node.address
             ))
         })?;
-        let channel = tls.channel(data_path_endpoint(endpoint).connect_lazy());
+        let channel = tls.channel(data_path_channel_lazy(endpoint));
         let client = ExpertServiceClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);

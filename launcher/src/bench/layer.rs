@@ -387,9 +387,7 @@ async fn measure(
 /// data path's windows and frames, no Nagle delay, the member's credentials).
 async fn round_trip_client(cluster: &LocalCluster) -> anyhow::Result<HealthClient<MemberChannel>> {
     let endpoint = cluster.tls.endpoint(cluster.router_url.clone())?;
-    let channel = moemesh_proto::data_path_endpoint(endpoint)
-        .connect()
-        .await?;
+    let channel = moemesh_proto::data_path_channel(endpoint).await?;
     let mut client = HealthClient::new(cluster.tls.channel(channel));
     // Warm the connection and the handler once.
     client.check(HealthCheckRequest::default()).await?;
