@@ -15,9 +15,9 @@
 //! (a TLS handshake awaiting the peer's next message) gets the held bytes
 //! written on its second read, one turn later.
 //!
-//! Clients get the same through [`CoalescingConnector`]: hyper queues a
-//! request's headers, its data and an empty end-of-stream frame, which
-//! otherwise leave as three writes.
+//! Clients get the same through [`CoalescingConnector`]: a request's
+//! headers and its data (which ends the stream, see
+//! [`crate::end_of_stream`]) leave in one write.
 //!
 //! Only for sockets, whose flush does nothing: a held write is sent
 //! without flushing `T` when it leaves on a read.
@@ -292,6 +292,12 @@ mod tests {
         }
     }
 
+    /// A waker and the count of its wake-ups.
+    fn counted_waker() -> (Arc<Wakes>, Waker) {
+        let wakes = Arc::new(Wakes::default());
+        (Arc::clone(&wakes), Waker::from(wakes))
+    }
+
     fn write(io: &mut CoalescingIo<Recorder>, cx: &mut Context<'_>, bytes: &[u8]) {
         let poll = Pin::new(io).poll_write(cx, bytes);
         assert!(matches!(poll, Poll::Ready(Ok(n)) if n == bytes.len()));
@@ -303,8 +309,7 @@ mod tests {
 
     #[test]
     fn a_reply_and_its_trailers_leave_in_one_write() {
-        let wakes = Arc::new(Wakes::default());
-        let waker = Waker::from(Arc::clone(&wakes));
+        let (wakes, waker) = counted_waker();
         let mut cx = Context::from_waker(&waker);
         let mut io = CoalescingIo::new(Recorder::default());
 
@@ -329,8 +334,7 @@ mod tests {
 
     #[test]
     fn a_lone_frame_leaves_on_the_next_flush() {
-        let wakes = Arc::new(Wakes::default());
-        let waker = Waker::from(Arc::clone(&wakes));
+        let (wakes, waker) = counted_waker();
         let mut cx = Context::from_waker(&waker);
         let mut io = CoalescingIo::new(Recorder::default());
         write(&mut io, &mut cx, b"ping ack");
@@ -351,8 +355,7 @@ mod tests {
 
     #[test]
     fn a_reader_that_does_not_flush_again_still_sends_what_is_held() {
-        let wakes = Arc::new(Wakes::default());
-        let waker = Waker::from(Arc::clone(&wakes));
+        let (wakes, waker) = counted_waker();
         let mut cx = Context::from_waker(&waker);
         let mut io = CoalescingIo::new(Recorder::default());
         // A TLS handshake: its flight, a flush, then only reads.
@@ -376,7 +379,7 @@ mod tests {
 
     #[test]
     fn frames_queued_before_the_next_poll_flushes_join_the_held_ones() {
-        let waker = Waker::from(Arc::new(Wakes::default()));
+        let (_, waker) = counted_waker();
         let mut cx = Context::from_waker(&waker);
         let mut io = CoalescingIo::new(Recorder::default());
         // A client's poll that found only the request's headers.
@@ -394,7 +397,7 @@ mod tests {
 
     #[test]
     fn large_writes_pass_through_after_what_is_held() {
-        let waker = Waker::from(Arc::new(Wakes::default()));
+        let (_, waker) = counted_waker();
         let mut cx = Context::from_waker(&waker);
         let mut io = CoalescingIo::new(Recorder::default());
         write(&mut io, &mut cx, b"head");
@@ -407,7 +410,7 @@ mod tests {
 
     #[test]
     fn shutdown_writes_what_is_held_first() {
-        let waker = Waker::from(Arc::new(Wakes::default()));
+        let (_, waker) = counted_waker();
         let mut cx = Context::from_waker(&waker);
         let mut io = CoalescingIo::new(Recorder::default());
         write(&mut io, &mut cx, b"goaway");
