@@ -3,8 +3,9 @@
 # and checks it offline: kubernetes-validate --strict against the
 # Kubernetes API of the oldest version we support, then moemesh's own rules
 # (non-root, read-only root, resources, $(VAR)s that resolve, no plaintext
-# left with TLS on, a dashboard for every metric it should show). Also
-# renders the tls/cert-manager component, which no overlay uses.
+# left with TLS on, a dashboard for every metric it should show, network
+# policies that let one-hop clients in). Also renders the tls/cert-manager
+# component, which no overlay uses.
 #
 # k8s/rendered/dev.yaml is the dev overlay as rendered, so that tests can
 # read it without kubectl: `--update` rewrites it; without, the script
@@ -100,6 +101,8 @@ import yaml
 
 out = Path(sys.argv[1])
 tls_overlays = {"cpu", "gpu", "cpu-cert-manager"}
+# Who may follow the placement and call expert nodes without a router.
+one_hop_client = {"podSelector": {"matchLabels": {"moemesh.io/client": "true"}}}
 dashboard_metrics = [
     "moemesh_router_tokens_total", "moemesh_router_forwards_total",
     "moemesh_router_forward_seconds_bucket", "moemesh_expert_compute_seconds_bucket",
@@ -173,6 +176,14 @@ for path in sorted(out.glob("*.yaml")):
             for metric in dashboard_metrics:
                 if metric not in queries:
                     errors.append(f"{overlay}: the dashboard shows no {metric}")
+    for doc in documents:
+        if doc["kind"] != "NetworkPolicy":
+            continue
+        for rule in doc["spec"].get("ingress", []):
+            ports = {port["port"] for port in rule.get("ports", [])}
+            if ports & {7000, 50061} and one_hop_client not in rule.get("from", []):
+                errors.append(f"{overlay}: NetworkPolicy/{doc['metadata']['name']} keeps "
+                              f"one-hop clients (moemesh.io/client) from port {sorted(ports)}")
     kinds = {doc["kind"] for doc in documents}
     if overlay == "dev" and "Secret" not in kinds:
         errors.append("dev: no cluster secret")
