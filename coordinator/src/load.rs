@@ -8,6 +8,11 @@
 //! with. Nothing here goes through Raft: losing it loses a minute of
 //! statistics, not placement.
 //!
+//! One-hop clients, whose own reports a secured cluster refuses, reach the
+//! window through the expert nodes: each node's heartbeat carries the
+//! tokens such clients had it compute, counted as a report of its own into
+//! the experts' load (not into the routers' dispatch figures).
+//!
 //! A router's report counts for what it adds to the router's previous one.
 //! Those additions are summed per model into time slots (a sixteenth of the
 //! window each), and the window is the sum of the slots inside it. What one
@@ -30,6 +35,9 @@ use std::time::{Duration, Instant};
 use moemesh_proto::v1::{HeartbeatRequest, LayerLoad, NodeWork};
 
 use crate::metrics::CoordinatorMetrics;
+
+mod node_samples;
+use node_samples::{NodeSample, went_backwards, window_work};
 
 /// Per layer, per expert: tokens (cumulative as reported, or added in a slot).
 type Counts = BTreeMap<u32, Vec<u64>>;
@@ -107,19 +115,25 @@ struct ModelWindow {
     slots: VecDeque<Slot>,
 }
 
-/// The routers' side of the window, under one lock.
+/// The reports' side of the window (routers', and nodes' for their
+/// one-hop clients), under one lock.
 #[derive(Debug, Default)]
 struct RouterWindows {
     routers: HashMap<(String, String), RouterState>,
+    /// By (model, node): what one-hop clients had each expert node compute.
+    node_clients: HashMap<(String, String), RouterState>,
     models: HashMap<String, ModelWindow>,
 }
 
-/// An expert node's heartbeat (its queue now, its cumulative work and
-/// Expert Buffering counters) and when it arrived.
-#[derive(Debug, Clone)]
-struct NodeSample {
-    at: Instant,
-    heartbeat: HeartbeatRequest,
+/// Who speaks in a load report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reporter {
+    /// A router, for the tokens it forwarded.
+    Router,
+    /// An expert node, for the tokens one-hop clients sent it: counted
+    /// into the experts' load but not into the routers' dispatch figures
+    /// (a token sent to two nodes is two of these tokens).
+    NodeForClients,
 }
 
 /// The tokens routed to each expert of a model within the window.
@@ -291,6 +305,7 @@ impl RouterWindows {
     /// Forgets routers, models and slots last heard of before `start`.
     fn expire(&mut self, start: Instant) {
         self.routers.retain(|_, router| router.heard_at > start);
+        self.node_clients.retain(|_, node| node.heard_at > start);
         self.models.retain(|_, model| model.last_at > start);
         for model in self.models.values_mut() {
             while model
@@ -301,6 +316,33 @@ impl RouterWindows {
                 model.slots.pop_front();
             }
         }
+    }
+
+    /// `model`'s window, made (covering the time from `since`, evicting
+    /// the stalest model when full) if it has none; marked as heard from
+    /// `now`.
+    fn model_window(
+        &mut self,
+        model: &str,
+        since: Instant,
+        now: Instant,
+        limits: &LoadLimits,
+    ) -> &mut ModelWindow {
+        if !self.models.contains_key(model) {
+            while self.models.len() >= limits.models.max(1) {
+                evict_stalest(&mut self.models, |window| window.last_at);
+            }
+        }
+        let window = self
+            .models
+            .entry(model.to_string())
+            .or_insert_with(|| ModelWindow {
+                since,
+                last_at: now,
+                slots: VecDeque::new(),
+            });
+        window.last_at = now;
+        window
     }
 }
 
@@ -352,10 +394,23 @@ impl LoadTracker {
         layers: &[LayerLoad],
         dispatch: Dispatch,
     ) {
-        if model.len() > MAX_NAME_BYTES || router.len() > MAX_NAME_BYTES {
+        self.record_report_at(now, model, (Reporter::Router, router), layers, dispatch);
+    }
+
+    /// A report of `reporter` (its kind and name) for `model`: what it
+    /// adds to the reporter's last one goes into the model's window.
+    fn record_report_at(
+        &self,
+        now: Instant,
+        model: &str,
+        (reporter, name): (Reporter, &str),
+        layers: &[LayerLoad],
+        dispatch: Dispatch,
+    ) {
+        if model.len() > MAX_NAME_BYTES || name.len() > MAX_NAME_BYTES {
             tracing::warn!(
                 model_bytes = model.len(),
-                router_bytes = router.len(),
+                reporter_bytes = name.len(),
                 limit = MAX_NAME_BYTES,
                 "dropped a load report with an overlong name"
             );
@@ -363,46 +418,59 @@ impl LoadTracker {
         }
         let limits = &self.limits;
         let counts = bounded_counts(layers, limits.counters_per_report);
-        let mut windows = self.routers.lock().expect("load tracker");
+        let mut guard = self.routers.lock().expect("load tracker");
+        let windows = &mut *guard;
         windows.expire(self.window_start(now));
-        let key = (model.to_string(), router.to_string());
-        let added = match windows.routers.get_mut(&key) {
-            Some(state) => state.take_report(counts, dispatch, now, limits),
+        let (reporters, capacity) = match reporter {
+            Reporter::Router => (&mut windows.routers, limits.routers),
+            Reporter::NodeForClients => (&mut windows.node_clients, limits.nodes),
+        };
+        let key = (model.to_string(), name.to_string());
+        // What this report adds covers the time since the reporter's last.
+        let mut covers_since = now;
+        let added = match reporters.get_mut(&key) {
+            Some(state) => {
+                covers_since = state.heard_at;
+                state.take_report(counts, dispatch, now, limits)
+            }
             None => {
-                while windows.routers.len() >= limits.routers.max(1) {
-                    evict_stalest(&mut windows.routers, |router| router.heard_at);
+                while reporters.len() >= capacity.max(1) {
+                    evict_stalest(reporters, |state| state.heard_at);
                 }
-                let state = RouterState::new(counts, dispatch, now, limits);
-                windows.routers.insert(key, state);
+                reporters.insert(key, RouterState::new(counts, dispatch, now, limits));
                 None
             }
         };
-        if !windows.models.contains_key(model) {
-            while windows.models.len() >= limits.models.max(1) {
-                evict_stalest(&mut windows.models, |window| window.last_at);
-            }
+        if reporter == Reporter::NodeForClients {
+            // Only tokens open a model's window here: every node reports,
+            // whether clients call it or not.
+            let Some((counts, _)) = added.filter(|(_, [tokens, ..])| *tokens > 0) else {
+                return;
+            };
+            let window = windows.model_window(model, covers_since, now, limits);
+            window.add(now, self.window / SLOTS_PER_WINDOW, &counts, &[0; 3]);
+            return;
         }
-        let window = windows
-            .models
-            .entry(model.to_string())
-            .or_insert_with(|| ModelWindow {
-                since: now,
-                last_at: now,
-                slots: VecDeque::new(),
-            });
-        window.last_at = now;
+        let window = windows.model_window(model, now, now, limits);
         if let Some((counts, dispatch)) = added {
             window.add(now, self.window / SLOTS_PER_WINDOW, &counts, &dispatch);
             self.metrics.count_reported_tokens(dispatch[0]);
         }
     }
 
-    /// Records an expert node's heartbeat.
+    /// Records an expert node's heartbeat, and the load its one-hop
+    /// clients put on it (a report of its own, as a router's).
     pub fn record_node(&self, heartbeat: &HeartbeatRequest) {
         self.record_node_at(Instant::now(), heartbeat);
     }
 
     fn record_node_at(&self, now: Instant, heartbeat: &HeartbeatRequest) {
+        if !heartbeat.model.is_empty() {
+            let dispatch = [heartbeat.client_tokens, 0, 0];
+            let reporter = (Reporter::NodeForClients, heartbeat.node.as_str());
+            let layers = &heartbeat.client_layers;
+            self.record_report_at(now, &heartbeat.model, reporter, layers, dispatch);
+        }
         let start = self.window_start(now);
         let mut nodes = self.nodes.lock().expect("load tracker");
         nodes.retain(|_, samples| samples.back().is_some_and(|sample| sample.at > start));
@@ -498,67 +566,6 @@ impl LoadTracker {
             .collect();
         work.sort_by(|a, b| a.node.cmp(&b.node));
         work
-    }
-}
-
-/// The cumulative counters of a heartbeat, for telling growth from a restart.
-fn node_counters(heartbeat: &HeartbeatRequest) -> [u64; 6] {
-    [
-        heartbeat.busy_micros,
-        heartbeat.pairs,
-        heartbeat.buffer_hits,
-        heartbeat.buffer_misses,
-        heartbeat.bytes_paged_in,
-        heartbeat.host_fallbacks,
-    ]
-}
-
-/// Whether any cumulative counter of `newer` is below `older`'s.
-fn went_backwards(older: &HeartbeatRequest, newer: &HeartbeatRequest) -> bool {
-    node_counters(newer)
-        .iter()
-        .zip(node_counters(older))
-        .any(|(now, then)| *now < then)
-}
-
-/// A node's work between its oldest sample in the window and its newest:
-/// rates over that span (0 until it spans any time), the queue and the
-/// cumulative counts as of the newest. Samples before a restart are gone
-/// (see [`LoadTracker::record_node`]); growth saturates all the same.
-fn window_work(node: &str, first: &NodeSample, last: &NodeSample) -> NodeWork {
-    let (oldest, newest) = (&first.heartbeat, &last.heartbeat);
-    let seconds = last.at.duration_since(first.at).as_secs_f64();
-    let growth =
-        |counter: fn(&HeartbeatRequest) -> u64| counter(newest).saturating_sub(counter(oldest));
-    let per_second = |counter: fn(&HeartbeatRequest) -> u64| {
-        if seconds > 0.0 {
-            growth(counter) as f64 / seconds
-        } else {
-            0.0
-        }
-    };
-    let (hits, misses) = (
-        growth(|heartbeat| heartbeat.buffer_hits),
-        growth(|heartbeat| heartbeat.buffer_misses),
-    );
-    NodeWork {
-        node: node.to_string(),
-        queue_depth: newest.queue_depth,
-        busy_fraction: (per_second(|heartbeat| heartbeat.busy_micros) / 1e6).min(1.0),
-        pairs_per_second: per_second(|heartbeat| heartbeat.pairs),
-        device: String::new(),
-        // No lookup in the window: nothing missed.
-        buffer_hit_rate: if hits.saturating_add(misses) == 0 {
-            1.0
-        } else {
-            hits as f64 / (hits as f64 + misses as f64)
-        },
-        bytes_paged_in_per_second: per_second(|heartbeat| heartbeat.bytes_paged_in),
-        host_fallbacks_per_second: per_second(|heartbeat| heartbeat.host_fallbacks),
-        buffer_hits: newest.buffer_hits,
-        buffer_misses: newest.buffer_misses,
-        bytes_paged_in: newest.bytes_paged_in,
-        host_fallbacks: newest.host_fallbacks,
     }
 }
 
@@ -740,6 +747,56 @@ mod tests {
             pairs,
             ..HeartbeatRequest::default()
         }
+    }
+
+    /// A heartbeat of `node` carrying its one-hop clients' cumulative tokens.
+    fn clients(node: &str, model: &str, layers: &[LayerLoad], tokens: u64) -> HeartbeatRequest {
+        HeartbeatRequest {
+            node: node.into(),
+            model: model.into(),
+            client_layers: layers.to_vec(),
+            client_tokens: tokens,
+            ..HeartbeatRequest::default()
+        }
+    }
+
+    #[test]
+    fn nodes_add_their_one_hop_clients_tokens_to_the_load_but_not_to_dispatch() {
+        let tracker = LoadTracker::new(Duration::from_secs(60));
+        let start = Instant::now();
+        let at = |seconds: u64| start + Duration::from_secs(seconds);
+        tracker.record_router_at(at(0), "m", "r1", &[layer(0, &[0, 0, 0])], [0; 3]);
+        tracker.record_node_at(at(0), &clients("a", "m", &[], 0));
+        tracker.record_router_at(at(1), "m", "r1", &[layer(0, &[4, 0, 2])], [4, 6, 60]);
+        tracker.record_node_at(at(1), &clients("a", "m", &[layer(0, &[0, 3, 1])], 3));
+        // A node first heard of: its counts are the baseline, as a router's.
+        tracker.record_node_at(at(1), &clients("b", "m", &[layer(0, &[5, 5, 5])], 10));
+        // A node that names no model reports no clients.
+        tracker.record_node_at(at(0), &clients("c", "", &[], 0));
+        tracker.record_node_at(at(1), &clients("c", "", &[layer(0, &[9, 9, 9])], 9));
+        let loads = tracker.layer_loads_at(at(1), "m");
+        assert_eq!(loads.layers, vec![layer(0, &[4, 3, 3])]);
+        // Only the router's tokens: 4 tokens sent 6 times, 60 bytes.
+        let (_, _, dispatch) = tracker.sums(at(1), "m");
+        assert_eq!(dispatch, [4, 6, 60]);
+
+        // One-hop clients alone: their tokens cover the time since the
+        // node's previous heartbeat.
+        tracker.record_node_at(at(0), &clients("d", "solo", &[], 0));
+        tracker.record_node_at(at(2), &clients("d", "solo", &[layer(1, &[0, 2])], 2));
+        let loads = tracker.layer_loads_at(at(2), "solo");
+        assert_eq!(loads.layers, vec![layer(1, &[0, 2])]);
+        assert_eq!(loads.seconds, 2.0);
+        // Nodes no client calls open no window.
+        tracker.record_node_at(at(0), &clients("e", "quiet", &[], 0));
+        tracker.record_node_at(at(1), &clients("e", "quiet", &[layer(0, &[0])], 0));
+        let loads = tracker.layer_loads_at(at(1), "quiet");
+        assert_eq!((loads.seconds, loads.layers.len()), (0.0, 0));
+        // A restarted node (counters back) starts over from that heartbeat.
+        tracker.record_node_at(at(3), &clients("a", "m", &[layer(0, &[0, 1, 0])], 1));
+        tracker.record_node_at(at(4), &clients("a", "m", &[layer(0, &[2, 1, 0])], 3));
+        let loads = tracker.layer_loads_at(at(4), "m");
+        assert_eq!(loads.layers, vec![layer(0, &[6, 3, 3])]);
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! - [`ExpertNode`]: a loaded (and registered) node; [`run`] starts one
 //!   and serves it on a listener until shutdown.
 
+pub mod client_load;
 mod error;
 pub mod metrics;
 pub mod registration;

@@ -102,6 +102,7 @@ pub async fn heartbeat_task(
     loop {
         interval.tick().await;
         let work = service.work_counters();
+        let (client_layers, client_tokens) = service.client_load();
         let request = HeartbeatRequest {
             node: registration.node_id.clone(),
             queue_depth: work.queue_depth,
@@ -111,6 +112,9 @@ pub async fn heartbeat_task(
             buffer_misses: work.buffer_misses,
             bytes_paged_in: work.bytes_paged_in,
             host_fallbacks: work.host_fallbacks,
+            model: service.model_id().to_string(),
+            client_layers,
+            client_tokens,
         };
         if let Err(error) = coordinators.heartbeat(request).await {
             tracing::debug!(%error, "heartbeat not delivered");

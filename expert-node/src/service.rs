@@ -19,7 +19,7 @@ use moemesh_core::model::placement::LayerExpert;
 use moemesh_proto::codec::{WireDtype, check_rows_header, decode_rows, encode};
 use moemesh_proto::v1::{
     ComputeRequest, ComputeResponse, ExpertLoad, ExpertRows, InfoRequest, InfoResponse,
-    LayerExperts,
+    LayerExperts, LayerLoad,
 };
 use tonic::{Request, Response, Status};
 use tracing::instrument;
@@ -28,6 +28,7 @@ use moemesh_proto::identity::Role;
 use moemesh_proto::tls::TlsConfig;
 
 use self::limits::ComputeLimits;
+use crate::client_load::{ClientLoad, JobLoad};
 use crate::metrics::ExpertMetrics;
 use crate::residency::Residency;
 use crate::worker::{ComputeJob, DeviceWorker, DeviceWorkerHandle, ExpertAssignment, HeldExperts};
@@ -54,6 +55,8 @@ struct NodeInner {
     /// Says who each caller is: only routers and clients compute.
     tls: TlsConfig,
     metrics: ExpertMetrics,
+    /// What one-hop clients had this node compute, for heartbeats.
+    client_load: ClientLoad,
 }
 
 /// A node's work as heartbeats report it: the coordinators' measure of how
@@ -122,6 +125,7 @@ impl ExpertNodeService {
             loads_eagerly,
             tls: node_config.tls.clone(),
             metrics: node_config.metrics.clone(),
+            client_load: ClientLoad::default(),
         };
         Ok(Self {
             inner: Arc::new(inner),
@@ -179,6 +183,12 @@ impl ExpertNodeService {
             bytes_paged_in: stats.bytes_paged_in.load(Ordering::Relaxed),
             host_fallbacks: stats.host_fallbacks.load(Ordering::Relaxed),
         }
+    }
+
+    /// The tokens one-hop clients sent this node since it started, per
+    /// layer and expert, and in all ([`ClientLoad`]).
+    pub fn client_load(&self) -> (Vec<LayerLoad>, u64) {
+        self.inner.client_load.snapshot()
     }
 
     /// Returns the experts this node serves, per layer.
@@ -410,21 +420,23 @@ impl ExpertNodeService {
         &self,
         request: Request<ComputeRequest>,
     ) -> Result<Response<ComputeResponse>, Status> {
-        self.inner
-            .tls
-            .caller(&request)
-            .permit_roles("Compute", &[Role::Router, Role::Client])?;
+        let caller = self.inner.tls.caller(&request);
+        caller.permit_roles("Compute", &[Role::Router, Role::Client])?;
         // Admission before anything is decoded: an overloaded node spends
         // no memory on work it would refuse.
         let slot = self.inner.worker.reserve_compute()?;
         let job = self.validate(request.into_inner())?;
         let hidden_size = self.inner.config.hidden_size;
+        let client_job = JobLoad::of_client(&caller, &job, hidden_size);
         let rows: usize = job
             .assignments
             .iter()
             .map(|assignment| assignment.rows.len())
             .sum();
         let computed = slot.compute(job).await?;
+        if let Some(client_job) = &client_job {
+            self.inner.client_load.add(client_job);
+        }
         let output = encode(&computed.output, &[rows, hidden_size], WireDtype::F32);
         self.inner.metrics.count_bytes_sent(output.data.len());
         Ok(Response::new(ComputeResponse {

@@ -50,8 +50,9 @@ impl DirectClient {
     /// nodes accept for `Compute` and coordinators for the placement
     /// stream. Such coordinators take load and unreachable reports from
     /// routers only: a client member's are refused (logged at debug) and
-    /// its forwards are unaffected. Needs a tokio runtime: the placement
-    /// and the reports follow in tasks of their own.
+    /// its forwards are unaffected; its load reaches them through the
+    /// expert nodes' heartbeats instead. Needs a tokio runtime: the
+    /// placement and the reports follow in tasks of their own.
     pub async fn connect(
         coordinators: Vec<String>,
         model_id: &str,

@@ -1138,6 +1138,16 @@ fn count() -> BoxedStrategy<u64> {
     small_or_extreme(1000)
 }
 
+/// Tokens per expert of a few layers, as load reports and heartbeats carry them.
+fn layer_loads() -> BoxedStrategy<Vec<LayerLoad>> {
+    prop::collection::vec(
+        (layer(), prop::collection::vec(count(), 0..12))
+            .prop_map(|(layer, tokens)| LayerLoad { layer, tokens }),
+        0..4,
+    )
+    .boxed()
+}
+
 /// A real expert node, or a name no node has.
 fn real_or_unknown_node() -> BoxedStrategy<String> {
     prop_oneof![
@@ -1363,8 +1373,10 @@ impl AdminFuzz<'_> {
             count(),
             count(),
         );
-        let heartbeat = (real_or_unknown_node(), counters).prop_map(
-            |(node, (queue_depth, busy_micros, pairs, hits, misses, paged, fallbacks))| {
+        let clients = (model_name(), layer_loads(), count());
+        let heartbeat = (real_or_unknown_node(), counters, clients).prop_map(
+            |(node, counters, (model, client_layers, client_tokens))| {
+                let (queue_depth, busy_micros, pairs, hits, misses, paged, fallbacks) = counters;
                 HeartbeatRequest {
                     node,
                     queue_depth,
@@ -1374,6 +1386,9 @@ impl AdminFuzz<'_> {
                     buffer_misses: misses,
                     bytes_paged_in: paged,
                     host_fallbacks: fallbacks,
+                    model,
+                    client_layers,
+                    client_tokens,
                 }
             },
         );
@@ -1393,21 +1408,24 @@ impl AdminFuzz<'_> {
             unreachable,
             |mut admin, request| async move { admin.report_unreachable(request).await },
         );
-        let layers = prop::collection::vec(
-            (layer(), prop::collection::vec(count(), 0..12))
-                .prop_map(|(layer, tokens)| LayerLoad { layer, tokens }),
-            0..4,
-        );
-        let load = (text(), model_name(), layers, count(), count(), count()).prop_map(
-            |(router, model, layers, tokens, node_sends, bytes_sent)| ReportLoadRequest {
-                router,
-                model,
-                layers,
-                tokens,
-                node_sends,
-                bytes_sent,
-            },
-        );
+        let load = (
+            text(),
+            model_name(),
+            layer_loads(),
+            count(),
+            count(),
+            count(),
+        )
+            .prop_map(|(router, model, layers, tokens, node_sends, bytes_sent)| {
+                ReportLoadRequest {
+                    router,
+                    model,
+                    layers,
+                    tokens,
+                    node_sends,
+                    bytes_sent,
+                }
+            });
         self.fuzz("ReportLoad", load, |mut admin, request| async move {
             admin.report_load(request).await
         });

@@ -528,3 +528,57 @@ async fn a_one_hop_client_follows_replica_moves_and_reports_its_load() {
     drop(direct);
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secured_cluster_counts_one_hop_load_through_its_expert_nodes() {
+    let fixture = Fixture::open("mixtral");
+    let (input, _) = fixture.cases[&0].clone();
+    let config = fixture.checkpoint.config();
+    let tokens = input.len() / config.hidden_size;
+    let routing = covering_routing(tokens, config.top_k, config.num_experts);
+    let dead_after = Duration::from_secs(3600);
+    let cluster =
+        ManagedCluster::start_secured(&fixture.dir, 2, 1, dead_after, SandboxSecurity::secret())
+            .await;
+    let direct = one_hop_client(&cluster, ModelSource::Checkpoint(fixture.dir.clone())).await;
+    // Every node's first heartbeat is its baseline: let them all come
+    // before the client sends anything.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    const FORWARDS: u64 = 5;
+    for _ in 0..FORWARDS {
+        one_hop_routed(&direct, 0, &input, &routing).await.unwrap();
+    }
+    let mut want = vec![0u64; config.num_experts];
+    for &expert in &routing.experts {
+        want[expert as usize] += FORWARDS;
+    }
+    let want_total: u64 = want.iter().sum();
+
+    // The client's own reports are refused (it is a member of role
+    // client), so the window holds exactly what the nodes computed for it.
+    let mut admin = cluster.admin(1).await;
+    let started = Instant::now();
+    let counted = loop {
+        let stats = admin.load_stats("test-model").await.unwrap();
+        let counted = stats
+            .layers
+            .iter()
+            .find(|layer| layer.layer == 0)
+            .map(|layer| layer.tokens.clone())
+            .unwrap_or_default();
+        if counted.iter().sum::<u64>() >= want_total {
+            assert_eq!(stats.nodes_per_token, 0.0, "no router forwarded anything");
+            break counted;
+        }
+        assert!(
+            started.elapsed() < PATIENCE,
+            "the one-hop load never reached the coordinators: {stats:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut counted = counted;
+    counted.resize(config.num_experts, 0);
+    assert_eq!(counted, want, "tokens per expert of layer 0");
+    drop(direct);
+    cluster.shutdown().await;
+}
