@@ -32,7 +32,7 @@ use std::hash::Hash;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use moemesh_proto::v1::{HeartbeatRequest, LayerLoad, NodeWork};
+use moemesh_proto::v1::{ExpertTokens, HeartbeatRequest, LayerLoad, NodeWork};
 
 use crate::metrics::CoordinatorMetrics;
 
@@ -209,6 +209,32 @@ fn bounded_counts(layers: &[LayerLoad], limit: usize) -> Counts {
         counts.insert(layer.layer, kept.to_vec());
     }
     counts
+}
+
+/// Per-expert counts as a router reports them, a vector per layer, with
+/// at most `limit` counters in all: no expert id, however large, makes
+/// one longer.
+fn dense_layers(experts: &[ExpertTokens], limit: usize) -> Vec<LayerLoad> {
+    let mut layers = Counts::new();
+    let mut room = limit;
+    for count in experts {
+        let index = count.expert as usize;
+        let known = layers.get(&count.layer).map_or(0, Vec::len);
+        if index >= known {
+            let grown = index + 1 - known;
+            if grown > room {
+                continue;
+            }
+            room -= grown;
+            layers.entry(count.layer).or_default().resize(index + 1, 0);
+        }
+        let tokens = &mut layers.get_mut(&count.layer).expect("sized above")[index];
+        *tokens = tokens.saturating_add(count.tokens);
+    }
+    layers
+        .into_iter()
+        .map(|(layer, tokens)| LayerLoad { layer, tokens })
+        .collect()
 }
 
 impl RouterState {
@@ -468,8 +494,8 @@ impl LoadTracker {
         if !heartbeat.model.is_empty() {
             let dispatch = [heartbeat.client_tokens, 0, 0];
             let reporter = (Reporter::NodeForClients, heartbeat.node.as_str());
-            let layers = &heartbeat.client_layers;
-            self.record_report_at(now, &heartbeat.model, reporter, layers, dispatch);
+            let layers = dense_layers(&heartbeat.client_experts, self.limits.counters_per_report);
+            self.record_report_at(now, &heartbeat.model, reporter, &layers, dispatch);
         }
         let start = self.window_start(now);
         let mut nodes = self.nodes.lock().expect("load tracker");
@@ -749,15 +775,50 @@ mod tests {
         }
     }
 
-    /// A heartbeat of `node` carrying its one-hop clients' cumulative tokens.
+    /// A heartbeat of `node` carrying its one-hop clients' cumulative
+    /// tokens, the experts' given as dense layers.
     fn clients(node: &str, model: &str, layers: &[LayerLoad], tokens: u64) -> HeartbeatRequest {
+        let client_experts = layers
+            .iter()
+            .flat_map(|load| {
+                let layer = load.layer;
+                let counts = load.tokens.iter().enumerate();
+                counts.map(move |(expert, &tokens)| ExpertTokens {
+                    layer,
+                    expert: expert as u32,
+                    tokens,
+                })
+            })
+            .filter(|count| count.tokens > 0)
+            .collect();
         HeartbeatRequest {
             node: node.into(),
             model: model.into(),
-            client_layers: layers.to_vec(),
+            client_experts,
             client_tokens: tokens,
             ..HeartbeatRequest::default()
         }
+    }
+
+    #[test]
+    fn sparse_expert_counts_become_bounded_dense_layers() {
+        let count = |layer, expert, tokens| ExpertTokens {
+            layer,
+            expert,
+            tokens,
+        };
+        let experts = [
+            count(2, 3, 7),
+            count(0, 1, 4),
+            count(2, 0, 1),
+            count(2, 3, 1),
+        ];
+        let layers = dense_layers(&experts, 100);
+        assert_eq!(layers, vec![layer(0, &[0, 4]), layer(2, &[1, 0, 0, 8])]);
+        // A huge expert id would need more counters than allowed: dropped.
+        let layers = dense_layers(&[count(1, u32::MAX, 5), count(1, 2, 5)], 100);
+        assert_eq!(layers, vec![layer(1, &[0, 0, 5])]);
+        assert_eq!(dense_layers(&[count(1, 2, 5)], 2), vec![]);
     }
 
     #[test]

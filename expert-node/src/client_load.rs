@@ -13,7 +13,7 @@ use std::sync::Mutex;
 
 use moemesh_proto::identity::Role;
 use moemesh_proto::tls::Caller;
-use moemesh_proto::v1::LayerLoad;
+use moemesh_proto::v1::ExpertTokens;
 
 use crate::worker::ComputeJob;
 
@@ -23,10 +23,10 @@ pub struct ClientLoad {
     counts: Mutex<ClientCounts>,
 }
 
-#[derive(Debug, Default, Clone, PartialEq)]
+#[derive(Debug, Default)]
 struct ClientCounts {
-    /// Per layer, tokens per expert id.
-    layers: BTreeMap<u32, Vec<u64>>,
+    /// Per (layer, expert) the node computed for clients.
+    experts: BTreeMap<(u32, u32), u64>,
     /// Token rows received.
     tokens: u64,
 }
@@ -65,29 +65,26 @@ impl ClientLoad {
     pub fn add(&self, job: &JobLoad) {
         let mut counts = self.counts.lock().expect("client load");
         counts.tokens = counts.tokens.saturating_add(job.tokens);
-        let tokens = counts.layers.entry(job.layer).or_default();
         for &(expert, rows) in &job.experts {
-            let index = expert as usize;
-            if tokens.len() <= index {
-                tokens.resize(index + 1, 0);
-            }
-            tokens[index] = tokens[index].saturating_add(rows);
+            let count = counts.experts.entry((job.layer, expert)).or_default();
+            *count = count.saturating_add(rows);
         }
     }
 
-    /// The counts so far, as a heartbeat carries them: per layer, then the
-    /// tokens in all.
-    pub fn snapshot(&self) -> (Vec<LayerLoad>, u64) {
+    /// The counts so far, as a heartbeat carries them: per expert, then
+    /// the tokens in all.
+    pub fn snapshot(&self) -> (Vec<ExpertTokens>, u64) {
         let counts = self.counts.lock().expect("client load");
-        let layers = counts
-            .layers
+        let experts = counts
+            .experts
             .iter()
-            .map(|(&layer, tokens)| LayerLoad {
+            .map(|(&(layer, expert), &tokens)| ExpertTokens {
                 layer,
-                tokens: tokens.clone(),
+                expert,
+                tokens,
             })
             .collect();
-        (layers, counts.tokens)
+        (experts, counts.tokens)
     }
 }
 
@@ -142,20 +139,12 @@ mod tests {
         ] {
             load.add(&JobLoad::of_client(&client, &job, 4).unwrap());
         }
-        let (layers, tokens) = load.snapshot();
+        let (experts, tokens) = load.snapshot();
         assert_eq!(tokens, 6);
-        assert_eq!(
-            layers,
-            [
-                LayerLoad {
-                    layer: 1,
-                    tokens: vec![2, 0, 0, 0, 0, 3]
-                },
-                LayerLoad {
-                    layer: 3,
-                    tokens: vec![0, 0, 1]
-                },
-            ]
-        );
+        let experts: Vec<_> = experts
+            .iter()
+            .map(|count| (count.layer, count.expert, count.tokens))
+            .collect();
+        assert_eq!(experts, [(1, 0, 2), (1, 5, 3), (3, 2, 1)]);
     }
 }

@@ -102,7 +102,7 @@ pub async fn heartbeat_task(
     loop {
         interval.tick().await;
         let work = service.work_counters();
-        let (client_layers, client_tokens) = service.client_load();
+        let (client_experts, client_tokens) = service.client_load();
         let request = HeartbeatRequest {
             node: registration.node_id.clone(),
             queue_depth: work.queue_depth,
@@ -113,7 +113,7 @@ pub async fn heartbeat_task(
             bytes_paged_in: work.bytes_paged_in,
             host_fallbacks: work.host_fallbacks,
             model: service.model_id().to_string(),
-            client_layers,
+            client_experts,
             client_tokens,
         };
         if let Err(error) = coordinators.heartbeat(request).await {

@@ -18,8 +18,8 @@ use moemesh_core::model::config::ModelConfig;
 use moemesh_core::model::placement::LayerExpert;
 use moemesh_proto::codec::{WireDtype, check_rows_header, decode_rows, encode};
 use moemesh_proto::v1::{
-    ComputeRequest, ComputeResponse, ExpertLoad, ExpertRows, InfoRequest, InfoResponse,
-    LayerExperts, LayerLoad,
+    ComputeRequest, ComputeResponse, ExpertLoad, ExpertRows, ExpertTokens, InfoRequest,
+    InfoResponse, LayerExperts,
 };
 use tonic::{Request, Response, Status};
 use tracing::instrument;
@@ -186,8 +186,8 @@ impl ExpertNodeService {
     }
 
     /// The tokens one-hop clients sent this node since it started, per
-    /// layer and expert, and in all ([`ClientLoad`]).
-    pub fn client_load(&self) -> (Vec<LayerLoad>, u64) {
+    /// expert, and in all ([`ClientLoad`]).
+    pub fn client_load(&self) -> (Vec<ExpertTokens>, u64) {
         self.inner.client_load.snapshot()
     }
 

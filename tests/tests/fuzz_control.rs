@@ -36,10 +36,11 @@ use moemesh_coordinator::state::{
 use moemesh_core::model::config::{Family, ModelConfig, limits};
 use moemesh_proto::tls::MemberChannel;
 use moemesh_proto::v1::{
-    AddReplicaRequest, ClusterStatusRequest, CoordinatorStatus, DrainNodeRequest, HeartbeatRequest,
-    LayerLoad, LoadModelRequest, LoadStatsRequest, MoveReplicaRequest, NodeInfo, PeerStatusRequest,
-    RaftBatch, RebalanceRequest, RegisterNodeRequest, ReportLoadRequest, ReportReplicaReadyRequest,
-    ReportUnreachableRequest, ShowPlacementRequest, WatchPlacementRequest,
+    AddReplicaRequest, ClusterStatusRequest, CoordinatorStatus, DrainNodeRequest, ExpertTokens,
+    HeartbeatRequest, LayerLoad, LoadModelRequest, LoadStatsRequest, MoveReplicaRequest, NodeInfo,
+    PeerStatusRequest, RaftBatch, RebalanceRequest, RegisterNodeRequest, ReportLoadRequest,
+    ReportReplicaReadyRequest, ReportUnreachableRequest, ShowPlacementRequest,
+    WatchPlacementRequest,
 };
 use moemesh_proto::{AdminServiceClient, CoordinatorPeerServiceClient, LayerExperts};
 use moemesh_proto::{MAX_MESSAGE_BYTES, ReplicaState};
@@ -1373,9 +1374,16 @@ impl AdminFuzz<'_> {
             count(),
             count(),
         );
-        let clients = (model_name(), layer_loads(), count());
+        let expert_tokens =
+            (layer(), expert(), count()).prop_map(|(layer, expert, tokens)| ExpertTokens {
+                layer,
+                expert,
+                tokens,
+            });
+        let client_experts = prop::collection::vec(expert_tokens, 0..12);
+        let clients = (model_name(), client_experts, count());
         let heartbeat = (real_or_unknown_node(), counters, clients).prop_map(
-            |(node, counters, (model, client_layers, client_tokens))| {
+            |(node, counters, (model, client_experts, client_tokens))| {
                 let (queue_depth, busy_micros, pairs, hits, misses, paged, fallbacks) = counters;
                 HeartbeatRequest {
                     node,
@@ -1387,7 +1395,7 @@ impl AdminFuzz<'_> {
                     bytes_paged_in: paged,
                     host_fallbacks: fallbacks,
                     model,
-                    client_layers,
+                    client_experts,
                     client_tokens,
                 }
             },
