@@ -71,6 +71,13 @@ impl Residency {
         self.checkpoint.config().weights_scale_input
     }
 
+    /// Whether a job may compute on its caller's thread: every served
+    /// expert is resident (none waits to be paged in) and the backend
+    /// computes on any thread.
+    pub fn computes_on_any_thread(&self) -> bool {
+        self.loads_eagerly() && self.backend.computes_on_any_thread()
+    }
+
     /// Whether serving a new expert needs its weights loaded first (no
     /// budget); with a budget the worker pages experts in itself.
     pub fn loads_eagerly(&self) -> bool {

@@ -4,10 +4,13 @@
 //! once (the router then tries another replica) so memory never grows with
 //! load. Experts are added and removed through the same queue, so a change
 //! of placement takes effect between two jobs, never during one. The worker
-//! runs on its own OS thread, never on the async runtime, and drops work
-//! whose caller has already gone. A job whose outputs overflow f32 (inputs
-//! or routing weights far out of range) is refused, never answered with
-//! infinities.
+//! runs on its own OS thread and drops work whose caller has already gone.
+//! A small job (a decode step's) that finds the worker idle and nothing
+//! queued computes on its caller's thread instead, under the same lock,
+//! where the backend allows it (CPU experts, all resident): it saves the
+//! two thread wake-ups of the hand-off, a large share of a decode step's
+//! time on the node. A job whose outputs overflow f32 (inputs or routing
+//! weights far out of range) is refused, never answered with infinities.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -143,6 +146,11 @@ pub struct DeviceWorkerHandle {
     stats: Arc<WorkerStats>,
     metrics: ExpertMetrics,
     held_rx: watch::Receiver<Arc<HeldExperts>>,
+    /// The worker, for jobs computed on the caller's thread when it is idle.
+    shared: Arc<Mutex<DeviceWorker>>,
+    /// Whether small jobs may run on the caller's thread: every expert is
+    /// resident on the CPU, so none waits for a page-in or a GPU context.
+    inline: bool,
 }
 
 /// Owns the served experts and computes queued jobs in order.
@@ -207,12 +215,15 @@ impl DeviceWorker {
         worker.publish_residency();
         let (command_tx, command_rx) = mpsc::channel(queue_capacity.max(1));
         let stopped = Arc::new(AtomicBool::new(false));
+        let inline = worker.residency.computes_on_any_thread();
+        let shared = Arc::new(Mutex::new(worker));
         std::thread::Builder::new()
             .name("moemesh-device-worker".into())
             .spawn({
                 let stopped = Arc::clone(&stopped);
+                let shared = Arc::clone(&shared);
                 move || {
-                    worker.run(command_rx);
+                    Self::run(&shared, command_rx);
                     stopped.store(true, Ordering::Relaxed);
                 }
             })
@@ -229,66 +240,80 @@ impl DeviceWorker {
             stats,
             metrics,
             held_rx,
+            shared,
+            inline,
         }
     }
 
-    fn run(mut self, mut command_rx: mpsc::Receiver<WorkerCommand>) {
+    /// Carries out queued commands until every handle is dropped.
+    fn run(shared: &Mutex<DeviceWorker>, mut command_rx: mpsc::Receiver<WorkerCommand>) {
         while let Some(command) = command_rx.blocking_recv() {
-            match command {
-                WorkerCommand::Compute {
-                    job,
-                    reply_tx,
-                    queued,
-                } => {
-                    drop(queued);
-                    if reply_tx.is_closed() {
-                        self.stats.cancelled_jobs.fetch_add(1, Ordering::Relaxed);
-                        continue;
-                    }
-                    // A send error means the caller left while we computed: nothing to do.
-                    let started = std::time::Instant::now();
-                    let result = self.compute(&job).map(|output| Computed {
-                        output,
-                        compute_time: started.elapsed(),
-                    });
-                    let elapsed = started.elapsed();
-                    let pairs: usize = job.assignments.iter().map(|a| a.rows.len()).sum();
-                    self.metrics.observe_compute(elapsed);
-                    if result.is_ok() {
-                        let tokens = job.input.len() / self.hidden_size.max(1);
-                        self.metrics.count_computed(tokens, pairs);
-                    }
-                    let _ = reply_tx.send(result);
-                    self.stats.pairs.fetch_add(pairs as u64, Ordering::Relaxed);
+            let mut worker = shared.lock().expect("device worker");
+            worker.carry_out(command);
+        }
+    }
+
+    /// Computes `job`, counting it in the metrics and stats.
+    fn run_job(&mut self, job: &ComputeJob) -> ExpertNodeResult<Computed> {
+        let started = std::time::Instant::now();
+        let result = self.compute(job).map(|output| Computed {
+            output,
+            compute_time: started.elapsed(),
+        });
+        let elapsed = started.elapsed();
+        let pairs: usize = job.assignments.iter().map(|a| a.rows.len()).sum();
+        self.metrics.observe_compute(elapsed);
+        if result.is_ok() {
+            let tokens = job.input.len() / self.hidden_size.max(1);
+            self.metrics.count_computed(tokens, pairs);
+        }
+        self.stats.pairs.fetch_add(pairs as u64, Ordering::Relaxed);
+        self.stats
+            .busy_micros
+            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+        self.stats.completed_jobs.fetch_add(1, Ordering::Relaxed);
+        result
+    }
+
+    /// Carries out one command from the queue.
+    fn carry_out(&mut self, command: WorkerCommand) {
+        match command {
+            WorkerCommand::Compute {
+                job,
+                reply_tx,
+                queued,
+            } => {
+                drop(queued);
+                if reply_tx.is_closed() {
+                    self.stats.cancelled_jobs.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                // A send error means the caller left while we computed: nothing to do.
+                let _ = reply_tx.send(self.run_job(&job));
+            }
+            WorkerCommand::AddExpert {
+                layer,
+                expert,
+                loaded,
+                done_tx,
+            } => {
+                let _ = done_tx.send(self.add((layer, expert), loaded));
+            }
+            WorkerCommand::RemoveExpert {
+                layer,
+                expert,
+                done_tx,
+            } => {
+                if self.residency.stop_serving(&(layer, expert)) {
                     self.stats
-                        .busy_micros
-                        .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
-                    self.stats.completed_jobs.fetch_add(1, Ordering::Relaxed);
+                        .tokens
+                        .lock()
+                        .expect("worker stats")
+                        .remove(&(layer, expert));
+                    self.publish_held();
                 }
-                WorkerCommand::AddExpert {
-                    layer,
-                    expert,
-                    loaded,
-                    done_tx,
-                } => {
-                    let _ = done_tx.send(self.add((layer, expert), loaded));
-                }
-                WorkerCommand::RemoveExpert {
-                    layer,
-                    expert,
-                    done_tx,
-                } => {
-                    if self.residency.stop_serving(&(layer, expert)) {
-                        self.stats
-                            .tokens
-                            .lock()
-                            .expect("worker stats")
-                            .remove(&(layer, expert));
-                        self.publish_held();
-                    }
-                    self.publish_residency();
-                    let _ = done_tx.send(Ok(()));
-                }
+                self.publish_residency();
+                let _ = done_tx.send(Ok(()));
             }
         }
     }
@@ -408,11 +433,32 @@ fn check_outputs_finite(job: &ComputeJob, hidden: usize, outputs: &[f32]) -> Exp
 pub struct ComputeSlot {
     permit: mpsc::OwnedPermit<WorkerCommand>,
     queued: Queued,
+    /// The worker, when small jobs may run on the caller's thread.
+    inline: Option<(Arc<Mutex<DeviceWorker>>, mpsc::Sender<WorkerCommand>)>,
 }
 
+/// Token-expert pairs up to which a job may run on its caller's thread:
+/// decode steps, not prefills, whose compute would hold the caller's
+/// (async) thread long enough to delay the node's other requests.
+const INLINE_PAIRS: usize = 64;
+
 impl ComputeSlot {
-    /// Queues `job` in this place and waits for its result.
+    /// Queues `job` in this place and waits for its result. A small job
+    /// that finds the worker idle and nothing queued before it computes at
+    /// once on this thread instead: no hand-off to the worker and back.
     pub async fn compute(self, job: ComputeJob) -> ExpertNodeResult<Computed> {
+        if let Some((shared, command_tx)) = &self.inline {
+            let pairs: usize = job.assignments.iter().map(|a| a.rows.len()).sum();
+            // Only this slot's place is taken: nothing queued before it.
+            let alone = command_tx.capacity() + 1 == command_tx.max_capacity();
+            if pairs <= INLINE_PAIRS
+                && alone
+                && let Ok(mut worker) = shared.try_lock()
+            {
+                drop(self.queued);
+                return worker.run_job(&job);
+            }
+        }
         let (reply_tx, reply_rx) = oneshot::channel();
         self.permit.send(WorkerCommand::Compute {
             job,
@@ -433,6 +479,9 @@ impl DeviceWorkerHandle {
             Ok(permit) => Ok(ComputeSlot {
                 permit,
                 queued: self.metrics.enqueue(),
+                inline: self
+                    .inline
+                    .then(|| (Arc::clone(&self.shared), self.command_tx.clone())),
             }),
             Err(mpsc::error::TrySendError::Full(_)) => Err(ExpertNodeError::Overloaded(format!(
                 "work queue full ({} jobs waiting)",
@@ -537,15 +586,32 @@ mod tests {
     }
 
     fn job(weight: f32) -> ComputeJob {
+        rows_job(1, weight)
+    }
+
+    /// `rows` rows of 2.0 to expert 0 of layer 0, each weighted `weight`.
+    fn rows_job(rows: u32, weight: f32) -> ComputeJob {
         ComputeJob {
             layer: 0,
-            input: vec![2.0],
+            input: vec![2.0; rows as usize],
             assignments: vec![ExpertAssignment {
                 expert: 0,
-                rows: vec![0],
-                weights: vec![weight],
+                rows: (0..rows).collect(),
+                weights: vec![weight; rows as usize],
             }],
         }
+    }
+
+    /// A worker of one thread on the CPU backend (which computes on any
+    /// thread) serving `expert` as expert 0 of layer 0, with room for one
+    /// job in its queue.
+    fn worker_serving(expert: Arc<dyn Expert>) -> DeviceWorkerHandle {
+        let backend = Arc::new(moemesh_core::compute::CpuBackend::new(1).unwrap());
+        let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/mixtral");
+        let checkpoint = moemesh_core::model::checkpoint::Checkpoint::open(fixture.as_ref());
+        let mut residency = Residency::new(Arc::new(checkpoint.unwrap()), backend, None);
+        residency.serve((0, 0), Some(expert)).unwrap();
+        DeviceWorker::spawn(residency, 1, 1, ExpertMetrics::default())
     }
 
     #[tokio::test]
@@ -556,17 +622,14 @@ mod tests {
             started_tx: Mutex::new(started_tx),
             go_rx: Mutex::new(go_rx),
         });
-        let backend = Arc::new(moemesh_core::compute::CpuBackend::new(1).unwrap());
-        let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/mixtral");
-        let checkpoint = moemesh_core::model::checkpoint::Checkpoint::open(fixture.as_ref());
-        let mut residency = Residency::new(Arc::new(checkpoint.unwrap()), backend, None);
-        residency.serve((0, 0), Some(expert)).unwrap();
-        let worker = DeviceWorker::spawn(residency, 1, 1, ExpertMetrics::default());
+        let worker = worker_serving(expert);
         assert_eq!(worker.stats().weight_bytes.load(Ordering::Relaxed), 7);
 
+        // Too large to compute on the caller's thread: the worker takes it.
+        let large = INLINE_PAIRS as u32 + 1;
         let running = tokio::spawn({
             let worker = worker.clone();
-            async move { worker.compute(job(1.5)).await }
+            async move { worker.compute(rows_job(large, 1.5)).await }
         });
         tokio::task::spawn_blocking(move || started_rx.recv().unwrap())
             .await
@@ -589,11 +652,55 @@ mod tests {
         let _ = abandoned.await;
 
         go_tx.send(()).unwrap();
-        assert_eq!(running.await.unwrap().unwrap().output, vec![3.0]);
+        let output = running.await.unwrap().unwrap().output;
+        assert_eq!(output, vec![3.0; large as usize]);
         // The abandoned job is dropped without running: the expert never starts again.
         while worker.stats().cancelled_jobs.load(Ordering::Relaxed) == 0 {
             tokio::task::yield_now().await;
         }
-        assert_eq!(worker.stats().tokens.lock().unwrap()[&(0, 0)], 1);
+        let tokens = worker.stats().tokens.lock().unwrap()[&(0, 0)];
+        assert_eq!(tokens, u64::from(large));
+    }
+
+    /// An identity expert that records the name of each thread it ran on.
+    #[derive(Default)]
+    struct ThreadRecorder {
+        threads: Mutex<Vec<String>>,
+    }
+
+    impl Expert for ThreadRecorder {
+        fn hidden_size(&self) -> usize {
+            1
+        }
+        fn weight_bytes(&self) -> usize {
+            4
+        }
+        fn forward(&self, input: &[f32], _rows: usize, output: &mut [f32]) {
+            let name = std::thread::current().name().unwrap_or("").to_string();
+            self.threads.lock().unwrap().push(name);
+            output.copy_from_slice(input);
+        }
+    }
+
+    #[test]
+    fn small_jobs_compute_on_the_callers_thread_when_the_worker_is_idle() {
+        let recorder = Arc::new(ThreadRecorder::default());
+        let worker = worker_serving(recorder.clone());
+        // A current-thread runtime polls on this thread.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let caller = std::thread::current().name().unwrap().to_string();
+        let small = runtime.block_on(worker.compute(rows_job(2, 0.5))).unwrap();
+        assert_eq!(small.output, vec![1.0, 1.0]);
+        let large = INLINE_PAIRS as u32 + 1;
+        let computed = runtime.block_on(worker.compute(rows_job(large, 1.0)));
+        assert_eq!(computed.unwrap().output.len(), large as usize);
+        // Both counted as the worker counts its own jobs.
+        let tokens = worker.stats().tokens.lock().unwrap()[&(0, 0)];
+        assert_eq!(tokens, 2 + u64::from(large));
+        assert_eq!(worker.stats().completed_jobs.load(Ordering::Relaxed), 2);
+        let threads = recorder.threads.lock().unwrap().clone();
+        assert_eq!(threads, [caller.as_str(), "moemesh-device-worker"]);
     }
 }

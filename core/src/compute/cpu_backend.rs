@@ -153,6 +153,10 @@ impl ComputeBackend for CpuBackend {
         format!("cpu ({} threads, {} weights)", self.threads, self.format)
     }
 
+    fn computes_on_any_thread(&self) -> bool {
+        true
+    }
+
     fn load_expert(&self, weights: ExpertWeights) -> CoreResult<Arc<dyn Expert>> {
         let expert = CpuExpert::new(
             weights,

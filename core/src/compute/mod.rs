@@ -54,6 +54,13 @@ pub trait ComputeBackend: Send + Sync {
     /// Returns a short description, for example `cpu (2 threads)`.
     fn describe(&self) -> String;
 
+    /// Whether a small job may compute on whichever thread asks, its caller
+    /// waiting (the CPU's arithmetic), rather than only on the thread that
+    /// owns the device (a GPU's queue and context).
+    fn computes_on_any_thread(&self) -> bool {
+        false
+    }
+
     /// Makes one expert resident on this backend.
     fn load_expert(&self, weights: ExpertWeights) -> CoreResult<Arc<dyn Expert>>;
 
