@@ -32,12 +32,12 @@ use std::hash::Hash;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use moemesh_proto::v1::{ExpertTokens, HeartbeatRequest, LayerLoad, NodeWork};
+use moemesh_proto::v1::{HeartbeatRequest, LayerLoad, NodeWork};
 
 use crate::metrics::CoordinatorMetrics;
 
 mod node_samples;
-use node_samples::{NodeSample, went_backwards, window_work};
+use node_samples::{NodeSample, dense_counts, went_backwards, window_work};
 
 /// Per layer, per expert: tokens (cumulative as reported, or added in a slot).
 type Counts = BTreeMap<u32, Vec<u64>>;
@@ -209,32 +209,6 @@ fn bounded_counts(layers: &[LayerLoad], limit: usize) -> Counts {
         counts.insert(layer.layer, kept.to_vec());
     }
     counts
-}
-
-/// Per-expert counts as a router reports them, a vector per layer, with
-/// at most `limit` counters in all: no expert id, however large, makes
-/// one longer.
-fn dense_layers(experts: &[ExpertTokens], limit: usize) -> Vec<LayerLoad> {
-    let mut layers = Counts::new();
-    let mut room = limit;
-    for count in experts {
-        let index = count.expert as usize;
-        let known = layers.get(&count.layer).map_or(0, Vec::len);
-        if index >= known {
-            let grown = index + 1 - known;
-            if grown > room {
-                continue;
-            }
-            room -= grown;
-            layers.entry(count.layer).or_default().resize(index + 1, 0);
-        }
-        let tokens = &mut layers.get_mut(&count.layer).expect("sized above")[index];
-        *tokens = tokens.saturating_add(count.tokens);
-    }
-    layers
-        .into_iter()
-        .map(|(layer, tokens)| LayerLoad { layer, tokens })
-        .collect()
 }
 
 impl RouterState {
@@ -420,17 +394,19 @@ impl LoadTracker {
         layers: &[LayerLoad],
         dispatch: Dispatch,
     ) {
-        self.record_report_at(now, model, (Reporter::Router, router), layers, dispatch);
+        let counts = bounded_counts(layers, self.limits.counters_per_report);
+        self.record_report_at(now, model, (Reporter::Router, router), counts, dispatch);
     }
 
-    /// A report of `reporter` (its kind and name) for `model`: what it
-    /// adds to the reporter's last one goes into the model's window.
+    /// A report of `reporter` (its kind and name) for `model`, its counts
+    /// already bounded: what it adds to the reporter's last one goes into
+    /// the model's window.
     fn record_report_at(
         &self,
         now: Instant,
         model: &str,
         (reporter, name): (Reporter, &str),
-        layers: &[LayerLoad],
+        counts: Counts,
         dispatch: Dispatch,
     ) {
         if model.len() > MAX_NAME_BYTES || name.len() > MAX_NAME_BYTES {
@@ -443,7 +419,6 @@ impl LoadTracker {
             return;
         }
         let limits = &self.limits;
-        let counts = bounded_counts(layers, limits.counters_per_report);
         let mut guard = self.routers.lock().expect("load tracker");
         let windows = &mut *guard;
         windows.expire(self.window_start(now));
@@ -494,8 +469,8 @@ impl LoadTracker {
         if !heartbeat.model.is_empty() {
             let dispatch = [heartbeat.client_tokens, 0, 0];
             let reporter = (Reporter::NodeForClients, heartbeat.node.as_str());
-            let layers = dense_layers(&heartbeat.client_experts, self.limits.counters_per_report);
-            self.record_report_at(now, &heartbeat.model, reporter, &layers, dispatch);
+            let counts = dense_counts(&heartbeat.client_experts, self.limits.counters_per_report);
+            self.record_report_at(now, &heartbeat.model, reporter, counts, dispatch);
         }
         let start = self.window_start(now);
         let mut nodes = self.nodes.lock().expect("load tracker");
@@ -597,6 +572,8 @@ impl LoadTracker {
 
 #[cfg(test)]
 mod tests {
+    use moemesh_proto::v1::ExpertTokens;
+
     use super::*;
 
     fn layer(layer: u32, tokens: &[u64]) -> LayerLoad {
@@ -807,18 +784,21 @@ mod tests {
             expert,
             tokens,
         };
+        let dense = |experts: &[ExpertTokens], limit| -> Vec<(u32, Vec<u64>)> {
+            dense_counts(experts, limit).into_iter().collect()
+        };
         let experts = [
             count(2, 3, 7),
             count(0, 1, 4),
             count(2, 0, 1),
             count(2, 3, 1),
         ];
-        let layers = dense_layers(&experts, 100);
-        assert_eq!(layers, vec![layer(0, &[0, 4]), layer(2, &[1, 0, 0, 8])]);
+        let want = vec![(0, vec![0, 4]), (2, vec![1, 0, 0, 8])];
+        assert_eq!(dense(&experts, 100), want);
         // A huge expert id would need more counters than allowed: dropped.
-        let layers = dense_layers(&[count(1, u32::MAX, 5), count(1, 2, 5)], 100);
-        assert_eq!(layers, vec![layer(1, &[0, 0, 5])]);
-        assert_eq!(dense_layers(&[count(1, 2, 5)], 2), vec![]);
+        let layers = dense(&[count(1, u32::MAX, 5), count(1, 2, 5)], 100);
+        assert_eq!(layers, vec![(1, vec![0, 0, 5])]);
+        assert_eq!(dense(&[count(1, 2, 5)], 2), vec![]);
     }
 
     #[test]

@@ -1139,16 +1139,6 @@ fn count() -> BoxedStrategy<u64> {
     small_or_extreme(1000)
 }
 
-/// Tokens per expert of a few layers, as load reports and heartbeats carry them.
-fn layer_loads() -> BoxedStrategy<Vec<LayerLoad>> {
-    prop::collection::vec(
-        (layer(), prop::collection::vec(count(), 0..12))
-            .prop_map(|(layer, tokens)| LayerLoad { layer, tokens }),
-        0..4,
-    )
-    .boxed()
-}
-
 /// A real expert node, or a name no node has.
 fn real_or_unknown_node() -> BoxedStrategy<String> {
     prop_oneof![
@@ -1416,24 +1406,21 @@ impl AdminFuzz<'_> {
             unreachable,
             |mut admin, request| async move { admin.report_unreachable(request).await },
         );
-        let load = (
-            text(),
-            model_name(),
-            layer_loads(),
-            count(),
-            count(),
-            count(),
-        )
-            .prop_map(|(router, model, layers, tokens, node_sends, bytes_sent)| {
-                ReportLoadRequest {
-                    router,
-                    model,
-                    layers,
-                    tokens,
-                    node_sends,
-                    bytes_sent,
-                }
-            });
+        let layers = prop::collection::vec(
+            (layer(), prop::collection::vec(count(), 0..12))
+                .prop_map(|(layer, tokens)| LayerLoad { layer, tokens }),
+            0..4,
+        );
+        let load = (text(), model_name(), layers, count(), count(), count()).prop_map(
+            |(router, model, layers, tokens, node_sends, bytes_sent)| ReportLoadRequest {
+                router,
+                model,
+                layers,
+                tokens,
+                node_sends,
+                bytes_sent,
+            },
+        );
         self.fuzz("ReportLoad", load, |mut admin, request| async move {
             admin.report_load(request).await
         });

@@ -1,9 +1,12 @@
-//! The expert nodes' side of the load window: their heartbeats' samples
-//! and what a node did between two of them.
+//! The expert nodes' side of the load window: their heartbeats' samples,
+//! what a node did between two of them, and the counts of its one-hop
+//! clients.
 
 use std::time::Instant;
 
-use moemesh_proto::v1::{HeartbeatRequest, NodeWork};
+use moemesh_proto::v1::{ExpertTokens, HeartbeatRequest, NodeWork};
+
+use super::Counts;
 
 /// An expert node's heartbeat (its queue now, its cumulative work and
 /// Expert Buffering counters) and when it arrived.
@@ -36,7 +39,7 @@ pub(super) fn went_backwards(older: &HeartbeatRequest, newer: &HeartbeatRequest)
 /// A node's work between its oldest sample in the window and its newest:
 /// rates over that span (0 until it spans any time), the queue and the
 /// cumulative counts as of the newest. Samples before a restart are gone
-/// (see [`LoadTracker::record_node`]); growth saturates all the same.
+/// (see [`super::LoadTracker::record_node`]); growth saturates all the same.
 pub(super) fn window_work(node: &str, first: &NodeSample, last: &NodeSample) -> NodeWork {
     let (oldest, newest) = (&first.heartbeat, &last.heartbeat);
     let seconds = last.at.duration_since(first.at).as_secs_f64();
@@ -72,4 +75,27 @@ pub(super) fn window_work(node: &str, first: &NodeSample, last: &NodeSample) -> 
         bytes_paged_in: newest.bytes_paged_in,
         host_fallbacks: newest.host_fallbacks,
     }
+}
+
+/// A heartbeat's per-expert counts of its one-hop clients as a router
+/// reports them, a vector per layer, with at most `limit` counters in all:
+/// no expert id, however large, makes one longer.
+pub(super) fn dense_counts(experts: &[ExpertTokens], limit: usize) -> Counts {
+    let mut layers = Counts::new();
+    let mut room = limit;
+    for count in experts {
+        let index = count.expert as usize;
+        let tokens = layers.entry(count.layer).or_default();
+        if index >= tokens.len() {
+            let grown = index + 1 - tokens.len();
+            if grown > room {
+                continue;
+            }
+            room -= grown;
+            tokens.resize(index + 1, 0);
+        }
+        tokens[index] = tokens[index].saturating_add(count.tokens);
+    }
+    layers.retain(|_, tokens| !tokens.is_empty());
+    layers
 }
