@@ -5,6 +5,7 @@
 use crate::compute::add_into;
 use crate::model::checkpoint::GateWeights;
 use crate::model::config::{Family, GroupLimit, ModelConfig};
+use gate_logits::{dot, logits};
 
 /// The routing of a batch: per token, `top_k` (expert, weight) pairs sorted
 /// by expert id, and the shared expert's weight where the layer has one.
@@ -61,47 +62,6 @@ pub struct Gate {
     router_jitter_noise: f32,
     has_shared_expert: bool,
     weights: GateWeights,
-}
-
-/// Dot product with eight independent fused accumulators, so that it
-/// vectorises; its summation order depends only on the length, and its
-/// result is the same with or without FMA hardware (`mul_add` is exact).
-fn dot(lhs: &[f32], rhs: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("fma") && std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports FMA and AVX2, checked just above.
-        return unsafe { dot_fma(lhs, rhs) };
-    }
-    dot_portable(lhs, rhs)
-}
-
-/// [`dot`] compiled for FMA: without the feature each `mul_add` is a call
-/// into a software fused multiply-add.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn dot_fma(lhs: &[f32], rhs: &[f32]) -> f32 {
-    dot_portable(lhs, rhs)
-}
-
-#[inline(always)]
-fn dot_portable(lhs: &[f32], rhs: &[f32]) -> f32 {
-    debug_assert_eq!(lhs.len(), rhs.len());
-    let mut lanes = [0f32; 8];
-    let chunks = lhs.len() / 8 * 8;
-    for (lhs_chunk, rhs_chunk) in lhs[..chunks]
-        .chunks_exact(8)
-        .zip(rhs[..chunks].chunks_exact(8))
-    {
-        for lane in 0..8 {
-            lanes[lane] = lhs_chunk[lane].mul_add(rhs_chunk[lane], lanes[lane]);
-        }
-    }
-    let mut sum = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
-        + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
-    for (l, r) in lhs[chunks..].iter().zip(&rhs[chunks..]) {
-        sum = l.mul_add(*r, sum);
-    }
-    sum
 }
 
 fn sigmoid(x: f32) -> f32 {
@@ -272,13 +232,7 @@ impl Gate {
             ..Scratch::default()
         };
         for row in hidden.chunks_exact(self.hidden_size) {
-            for (logit, expert_weight) in scratch
-                .logits
-                .iter_mut()
-                .zip(self.weights.weight.chunks_exact(self.hidden_size))
-            {
-                *logit = dot(row, expert_weight);
-            }
+            logits(row, &self.weights.weight, &mut scratch.logits);
             if let Some(bias) = &self.weights.logit_bias {
                 add_into(&mut scratch.logits, bias);
             }
@@ -479,23 +433,6 @@ mod tests {
     }
 
     #[test]
-    fn dot_gives_the_same_bits_with_and_without_fma_hardware() {
-        let lhs: Vec<f32> = (0..1027)
-            .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013)
-            .collect();
-        let rhs: Vec<f32> = (0..1027)
-            .map(|i| ((i * 53 % 97) as f32 - 48.0) * 0.021)
-            .collect();
-        for len in [0, 1, 7, 8, 9, 64, 1027] {
-            assert_eq!(
-                dot(&lhs[..len], &rhs[..len]).to_bits(),
-                dot_portable(&lhs[..len], &rhs[..len]).to_bits(),
-                "length {len}"
-            );
-        }
-    }
-
-    #[test]
     fn ties_break_by_lowest_expert_id() {
         // Every expert gets the same logit: the first top_k ids win.
         let gate = Gate::new(
@@ -591,3 +528,6 @@ mod tests {
         }
     }
 }
+
+#[path = "gate_logits.rs"]
+mod gate_logits;
