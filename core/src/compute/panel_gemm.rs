@@ -22,6 +22,8 @@
 //! nor the host's caches change a bit. A decode-sized product reads each
 //! weight once, in order.
 
+use chunks::{CHUNK_BYTES, Carry, PARTIAL_SUMS, Prefetch};
+
 /// Lanes of one AVX-512 register of f32.
 const LANES: usize = 16;
 /// Output columns of the widest panel: four AVX-512 registers of
@@ -378,8 +380,93 @@ struct Product<'a> {
 
 impl Product<'_> {
     /// Every row block of panel `index`; the panel's weights stay in cache
-    /// from block to block.
+    /// from block to block. On AVX-512 a panel of several blocks goes a
+    /// depth chunk at a time ([`Product::chunk_words`]), its sums carried
+    /// between chunks, and each chunk's first blocks prefetch the weights
+    /// that follow it in memory (the panel's next chunk, or the next
+    /// panel), so that the next chunk's first block need not wait on
+    /// memory: that first pass ran at the speed of DRAM, a sixth of a
+    /// prefill's time.
     fn panel(&self, index: usize) {
+        let depth_words = self.weights.kind.depth_words(self.weights.k);
+        let (_, padded_width) = panel_bounds(self.weights.n, self.weights.panel, index);
+        let blocks = self.m.div_ceil(ROWS);
+        let chunk_words = self.chunk_words(depth_words, padded_width, blocks);
+        let chunks = depth_words.div_ceil(chunk_words).max(1);
+        let run = |partial: &mut [f32]| {
+            for chunk in 0..chunks {
+                let depth = chunk * chunk_words..((chunk + 1) * chunk_words).min(depth_words);
+                let ahead = self.weights_after(index, &depth);
+                for block in 0..blocks {
+                    let carry = if chunks == 1 {
+                        Carry::WHOLE
+                    } else {
+                        Carry {
+                            partial: partial[block * ROWS * PANEL..].as_mut_ptr(),
+                            resume: chunk > 0,
+                            finish: chunk + 1 == chunks,
+                        }
+                    };
+                    let prefetch = if blocks > 1 && self.kernel.prefetches() {
+                        Prefetch::share(ahead, block, depth.len())
+                    } else {
+                        Prefetch::NONE
+                    };
+                    self.tile(index, block, depth.clone(), carry, prefetch)
+                        .run_on(self.kernel);
+                }
+            }
+        };
+        if chunks == 1 {
+            run(&mut []);
+        } else {
+            PARTIAL_SUMS.with_borrow_mut(|partial| {
+                partial.resize(blocks * ROWS * PANEL, 0.0);
+                run(partial);
+            });
+        }
+    }
+
+    /// Depth words per chunk of a panel `padded_width` wide: the whole
+    /// depth but on AVX-512 with more than one row block, where a chunk
+    /// of weights is at most [`CHUNK_BYTES`], so that it and the chunk
+    /// prefetched after it stay in L2 together.
+    fn chunk_words(&self, depth_words: usize, padded_width: usize, blocks: usize) -> usize {
+        if blocks == 1 || !self.kernel.prefetches() {
+            return depth_words.max(1);
+        }
+        let most = (CHUNK_BYTES / (padded_width * size_of::<u32>())).max(1);
+        depth_words
+            .div_ceil(depth_words.div_ceil(most).max(1))
+            .max(1)
+    }
+
+    /// As many weights as the chunk `depth` of panel `index` has, from
+    /// where it ends in memory (fewer at the end of the matrix).
+    fn weights_after(&self, index: usize, depth: &std::ops::Range<usize>) -> &[u32] {
+        let PanelMatrix {
+            words,
+            kind,
+            k,
+            n,
+            panel,
+            ..
+        } = self.weights;
+        let (start, padded_width) = panel_bounds(*n, *panel, index);
+        let end = (start * kind.depth_words(*k) + depth.end * padded_width).min(words.len());
+        &words[end..(end + depth.len() * padded_width).min(words.len())]
+    }
+
+    /// The tile of row block `block` of panel `index` over the depth words
+    /// `depth`.
+    fn tile(
+        &self,
+        index: usize,
+        block: usize,
+        depth: std::ops::Range<usize>,
+        carry: Carry,
+        prefetch: Prefetch,
+    ) -> Tile<'_> {
         let PanelMatrix {
             words,
             kind,
@@ -391,25 +478,25 @@ impl Product<'_> {
         let depth_words = kind.depth_words(*k);
         let (start, padded_width) = panel_bounds(*n, *panel, index);
         let weights = &words[start * depth_words..][..depth_words * padded_width];
-        for block in 0..self.m.div_ceil(ROWS) {
-            let tile = Tile {
-                kind: *kind,
-                lhs: &self.lhs[block * depth_words * ROWS..][..depth_words * ROWS],
-                lhs_halves: if self.lhs_halves.is_empty() {
-                    &[]
-                } else {
-                    &self.lhs_halves[2 * block * depth_words * ROWS..][..2 * depth_words * ROWS]
-                },
-                weights,
-                padded_width,
-                dst: self.dst.0.wrapping_add(block * ROWS * n + start),
-                dst_row_stride: *n,
-                rows: (self.m - block * ROWS).min(ROWS),
-                width: (*n - start).min(*panel),
-                accumulate: self.accumulate,
-                exact_products: self.exact_products,
-            };
-            tile.run_on(self.kernel);
+        let lhs = &self.lhs[block * depth_words * ROWS..][..depth_words * ROWS];
+        Tile {
+            kind: *kind,
+            lhs: &lhs[depth.start * ROWS..depth.end * ROWS],
+            lhs_halves: if self.lhs_halves.is_empty() {
+                &[]
+            } else {
+                &self.lhs_halves[2 * block * depth_words * ROWS..][..2 * depth_words * ROWS]
+            },
+            weights: &weights[depth.start * padded_width..depth.end * padded_width],
+            padded_width,
+            dst: self.dst.0.wrapping_add(block * ROWS * n + start),
+            dst_row_stride: *n,
+            rows: (self.m - block * ROWS).min(ROWS),
+            width: (*n - start).min(*panel),
+            accumulate: self.accumulate,
+            exact_products: self.exact_products,
+            carry,
+            prefetch,
         }
     }
 }
@@ -434,6 +521,10 @@ struct Tile<'a> {
     /// bf16 products are exact and sums never subnormal
     /// ([`Magnitudes::products_exact`]).
     exact_products: bool,
+    /// Sums carried between depth chunks (AVX-512 only).
+    carry: Carry,
+    /// Weights to bring into L2 for the next chunk (AVX-512 only).
+    prefetch: Prefetch,
 }
 
 /// The code a tile runs on: every kernel computes the same bits.
@@ -465,6 +556,16 @@ impl Kernel {
         #[cfg(not(target_arch = "x86_64"))]
         let _ = kind;
         kernels
+    }
+
+    /// Whether tiles on this kernel take depth chunks and prefetch
+    /// ([`Product::panel`]).
+    fn prefetches(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if self == Self::Avx512 {
+            return true;
+        }
+        false
     }
 
     /// The fastest kernel this CPU runs for `kind`.
@@ -553,6 +654,9 @@ fn flush_subnormal(value: f32) -> f32 {
         value
     }
 }
+
+#[path = "panel_gemm_chunks.rs"]
+mod chunks;
 
 #[cfg(target_arch = "x86_64")]
 #[path = "panel_gemm_avx512.rs"]

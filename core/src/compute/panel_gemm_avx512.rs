@@ -3,7 +3,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{LANES, ROWS, Tile, Words};
+use super::{LANES, PANEL, ROWS, Tile, Words};
 
 /// Whether this CPU runs the AVX-512 kernel for `kind`.
 pub(super) fn available(kind: Words) -> bool {
@@ -91,7 +91,18 @@ unsafe fn accumulate<const NV: usize, const R: usize>(
     // slices: NV registers make the padded width, ROWS words per index.
     unsafe {
         let mut sums = [[_mm512_setzero_ps(); NV]; R];
+        if tile.carry.resume {
+            for (row, sums) in sums.iter_mut().enumerate() {
+                for (vector, sum) in sums.iter_mut().enumerate() {
+                    *sum = _mm512_loadu_ps(tile.carry.partial.add(row * PANEL + vector * LANES));
+                }
+            }
+        }
+        let prefetch = tile.prefetch;
         for index in 0..depth_words {
+            if index < prefetch.lines {
+                _mm_prefetch::<_MM_HINT_T1>(prefetch.first.add(index * 16).cast());
+            }
             let row_weights = weights.add(index * tile.padded_width);
             let mut columns = [_mm512_setzero_ps(); NV];
             for (vector, column) in columns.iter_mut().enumerate() {
@@ -119,6 +130,17 @@ unsafe fn store<const NV: usize, const R: usize>(tile: &Tile<'_>, sums: &[[__m51
         (1u16 << last_lanes) - 1
     };
     debug_assert!(tile.rows <= R);
+    if !tile.carry.finish {
+        for (row, sums) in sums.iter().enumerate() {
+            for (vector, &sum) in sums.iter().enumerate() {
+                // SAFETY: `partial` holds ROWS rows of PANEL sums.
+                unsafe {
+                    _mm512_storeu_ps(tile.carry.partial.add(row * PANEL + vector * LANES), sum)
+                };
+            }
+        }
+        return;
+    }
     for (row, sums) in sums.iter().enumerate().take(tile.rows) {
         // SAFETY: the tile's rows and columns lie inside dst; the last
         // register's loads and stores are masked to the tile's width.

@@ -58,8 +58,9 @@ fn random(rng: &mut impl Rng, len: usize) -> Vec<f32> {
 fn products_sum_in_the_promised_order_bit_for_bit() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(9);
     // Odd depth, a partial last panel and a partial last register, rows
-    // that leave a partial block; a single column; a depth of two.
-    for (m, k, n) in [(13, 301, 150), (1, 64, 1), (7, 2, 64)] {
+    // that leave a partial block; a single column; a depth of two; a depth
+    // the AVX-512 kernel takes in chunks (three in f32, two in bf16).
+    for (m, k, n) in [(13, 301, 150), (1, 64, 1), (7, 2, 64), (13, 2500, 70)] {
         let lhs = random(&mut rng, m * k);
         let weights = random(&mut rng, k * n);
         let start = random(&mut rng, m * n);
@@ -156,6 +157,8 @@ fn every_kernel_computes_what_the_portable_kernel_computes() {
                         width: n,
                         accumulate,
                         exact_products,
+                        carry: Carry::WHOLE,
+                        prefetch: Prefetch::NONE,
                     };
                     tile.run_on(kernel);
                     dst.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
