@@ -22,7 +22,7 @@
 //! nor the host's caches change a bit. A decode-sized product reads each
 //! weight once, in order.
 
-use chunks::{CHUNK_BYTES, Carry, PARTIAL_SUMS, Prefetch};
+use chunks::{CHUNK_BYTES, Carry, PARTIAL_SUMS, Prefetch, STREAM_AHEAD};
 
 /// Lanes of one AVX-512 register of f32.
 const LANES: usize = 16;
@@ -407,10 +407,12 @@ impl Product<'_> {
                             finish: chunk + 1 == chunks,
                         }
                     };
-                    let prefetch = if blocks > 1 && self.kernel.prefetches() {
-                        Prefetch::share(ahead, block, depth.len())
-                    } else {
+                    let prefetch = if !self.kernel.prefetches() {
                         Prefetch::NONE
+                    } else if blocks == 1 {
+                        Prefetch::STREAM
+                    } else {
+                        Prefetch::share(ahead, block, depth.len())
                     };
                     self.tile(index, block, depth.clone(), carry, prefetch)
                         .run_on(self.kernel);
@@ -523,7 +525,7 @@ struct Tile<'a> {
     exact_products: bool,
     /// Sums carried between depth chunks (AVX-512 only).
     carry: Carry,
-    /// Weights to bring into L2 for the next chunk (AVX-512 only).
+    /// Weights to prefetch (AVX-512 only).
     prefetch: Prefetch,
 }
 
@@ -559,7 +561,7 @@ impl Kernel {
     }
 
     /// Whether tiles on this kernel take depth chunks and prefetch
-    /// ([`Product::panel`]).
+    /// ([`Product::panel`], [`Prefetch`]).
     fn prefetches(self) -> bool {
         #[cfg(target_arch = "x86_64")]
         if self == Self::Avx512 {

@@ -3,7 +3,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{LANES, PANEL, ROWS, Tile, Words};
+use super::{LANES, PANEL, ROWS, STREAM_AHEAD, Tile, Words};
 
 /// Whether this CPU runs the AVX-512 kernel for `kind`.
 pub(super) fn available(kind: Words) -> bool {
@@ -88,7 +88,10 @@ unsafe fn accumulate<const NV: usize, const R: usize>(
     debug_assert!(tile.weights.len() >= depth_words * tile.padded_width);
     let (weights, lhs) = (tile.weights.as_ptr(), tile.lhs.as_ptr());
     // SAFETY: (all reads) index < depth_words keeps them inside the
-    // slices: NV registers make the padded width, ROWS words per index.
+    // slices: NV registers make the padded width, ROWS words per index;
+    // streaming prefetches stay below depth_words, and lines below
+    // `prefetch.lines` lie inside the weights `Prefetch::share` took.
+    // `carry.partial` holds ROWS rows of PANEL sums when resuming.
     unsafe {
         let mut sums = [[_mm512_setzero_ps(); NV]; R];
         if tile.carry.resume {
@@ -99,11 +102,22 @@ unsafe fn accumulate<const NV: usize, const R: usize>(
             }
         }
         let prefetch = tile.prefetch;
+        let streamed = if prefetch.stream {
+            depth_words.saturating_sub(STREAM_AHEAD)
+        } else {
+            0
+        };
         for index in 0..depth_words {
             if index < prefetch.lines {
                 _mm_prefetch::<_MM_HINT_T1>(prefetch.first.add(index * 16).cast());
             }
             let row_weights = weights.add(index * tile.padded_width);
+            if index < streamed {
+                let ahead = row_weights.add(STREAM_AHEAD * tile.padded_width);
+                for vector in 0..NV {
+                    _mm_prefetch::<_MM_HINT_NTA>(ahead.add(vector * LANES).cast());
+                }
+            }
             let mut columns = [_mm512_setzero_ps(); NV];
             for (vector, column) in columns.iter_mut().enumerate() {
                 *column = _mm512_loadu_ps(row_weights.add(vector * LANES).cast());
