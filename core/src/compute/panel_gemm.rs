@@ -22,7 +22,7 @@
 //! nor the host's caches change a bit. A decode-sized product reads each
 //! weight once, in order.
 
-use chunks::{CHUNK_BYTES, Carry, PARTIAL_SUMS, Prefetch, STREAM_AHEAD};
+use chunks::{CHUNK_BYTES, Carry, PARTIAL_SUMS, Prefetch, stream_ahead_words};
 
 /// Lanes of one AVX-512 register of f32.
 const LANES: usize = 16;
@@ -407,12 +407,12 @@ impl Product<'_> {
                             finish: chunk + 1 == chunks,
                         }
                     };
-                    let prefetch = if !self.kernel.prefetches() {
-                        Prefetch::NONE
-                    } else if blocks == 1 {
+                    let prefetch = if blocks == 1 && self.kernel.streams() {
                         Prefetch::STREAM
-                    } else {
+                    } else if blocks > 1 && self.kernel.prefetches() {
                         Prefetch::share(ahead, block, depth.len())
+                    } else {
+                        Prefetch::NONE
                     };
                     self.tile(index, block, depth.clone(), carry, prefetch)
                         .run_on(self.kernel);
@@ -568,6 +568,12 @@ impl Kernel {
             return true;
         }
         false
+    }
+
+    /// Whether tiles of one row block on this kernel stream their weights
+    /// ([`Prefetch::STREAM`]).
+    fn streams(self) -> bool {
+        self != Self::Portable
     }
 
     /// The fastest kernel this CPU runs for `kind`.

@@ -10,7 +10,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{PANEL, ROWS, Tile, Words};
+use super::{PANEL, ROWS, Tile, Words, stream_ahead_words};
 
 /// Lanes of one AVX2 register of f32.
 const LANES: usize = 8;
@@ -170,6 +170,18 @@ impl Group<'_> {
     }
 }
 
+/// For a tile that streams its weights (one 16-column group, a panel of
+/// one row block), the depth words below which it prefetches the line of
+/// weights `ahead` words later, and `ahead`; (0, _) for every other tile.
+#[inline(always)]
+fn streamed_depth(tile: &Tile<'_>, group: &Group<'_>) -> (usize, usize) {
+    let ahead = stream_ahead_words(tile.padded_width);
+    if !tile.prefetch.stream || tile.padded_width > 2 * LANES {
+        return (0, ahead);
+    }
+    (group.chunk.depth.end.saturating_sub(ahead), ahead)
+}
+
 /// `NV` registers of columns from `first`, `R` rows, in f32; returns `NV`.
 #[target_feature(enable = "avx2,fma")]
 unsafe fn f32_group<const NV: usize, const R: usize>(
@@ -185,8 +197,12 @@ unsafe fn f32_group<const NV: usize, const R: usize>(
     // width keep every read inside the slices.
     unsafe {
         let mut sums = group.start::<NV, R>();
+        let (streamed, ahead) = streamed_depth(tile, &group);
         for index in group.chunk.depth.clone() {
             let row_weights = weights.add(index * tile.padded_width + first);
+            if index < streamed {
+                _mm_prefetch::<_MM_HINT_NTA>(row_weights.add(ahead * tile.padded_width).cast());
+            }
             let mut columns = [_mm256_setzero_ps(); NV];
             for (vector, column) in columns.iter_mut().enumerate() {
                 *column = _mm256_loadu_ps(row_weights.add(vector * LANES));
@@ -260,8 +276,12 @@ unsafe fn bf16_sums<const NV: usize, const R: usize, const FUSED: bool>(
                 _mm256_slli_epi32::<16>(pairs)
             })
         };
+        let (streamed, ahead) = streamed_depth(tile, &group);
         for index in group.chunk.depth.clone() {
             let row_weights = weights.add(index * tile.padded_width + first);
+            if index < streamed {
+                _mm_prefetch::<_MM_HINT_NTA>(row_weights.add(ahead * tile.padded_width).cast());
+            }
             for (half, high) in [(0, true), (1, false)] {
                 let mut columns = [_mm256_setzero_ps(); NV];
                 for (vector, column) in columns.iter_mut().enumerate() {

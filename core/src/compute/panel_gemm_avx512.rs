@@ -3,7 +3,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{LANES, PANEL, ROWS, STREAM_AHEAD, Tile, Words};
+use super::{LANES, PANEL, ROWS, Tile, Words, stream_ahead_words};
 
 /// Whether this CPU runs the AVX-512 kernel for `kind`.
 pub(super) fn available(kind: Words) -> bool {
@@ -102,8 +102,9 @@ unsafe fn accumulate<const NV: usize, const R: usize>(
             }
         }
         let prefetch = tile.prefetch;
+        let ahead = stream_ahead_words(tile.padded_width);
         let streamed = if prefetch.stream {
-            depth_words.saturating_sub(STREAM_AHEAD)
+            depth_words.saturating_sub(ahead)
         } else {
             0
         };
@@ -113,9 +114,9 @@ unsafe fn accumulate<const NV: usize, const R: usize>(
             }
             let row_weights = weights.add(index * tile.padded_width);
             if index < streamed {
-                let ahead = row_weights.add(STREAM_AHEAD * tile.padded_width);
+                let later = row_weights.add(ahead * tile.padded_width);
                 for vector in 0..NV {
-                    _mm_prefetch::<_MM_HINT_NTA>(ahead.add(vector * LANES).cast());
+                    _mm_prefetch::<_MM_HINT_NTA>(later.add(vector * LANES).cast());
                 }
             }
             let mut columns = [_mm512_setzero_ps(); NV];

@@ -47,19 +47,25 @@ pub(super) struct Prefetch {
     pub(super) first: *const u32,
     pub(super) lines: usize,
     /// Each weight is read once (a panel of one row block): prefetch it
-    /// [`STREAM_AHEAD`] words ahead as non-temporal, so that a decode
+    /// [`STREAM_AHEAD_BYTES`] ahead as non-temporal, so that a decode
     /// step's hundreds of MB of weights do not evict what the caches hold
     /// for the code that answers the request once they are computed.
     pub(super) stream: bool,
 }
 
-/// Depth words ahead a streaming tile prefetches: 4 KiB of a 64-column
-/// f32 panel. On a Zen 5 guest (`bench --no-torch`, three rounds of three
-/// interleaved runs), 16 words took decode dispatch alone from 0.80-1.04
-/// ms to 0.62-0.67 through the router and from 377-515 to 328-346 µs in one
-/// hop; 48 words were in between, and an ordinary (T0) prefetch 16 words
-/// ahead changed nothing.
-pub(super) const STREAM_AHEAD: usize = 16;
+/// Bytes of its weights ahead a streaming tile prefetches: 16 depth
+/// words of a 64-column f32 panel. On a Zen 5 guest (`bench --no-torch`,
+/// three rounds of three interleaved runs), 4 KiB took decode dispatch
+/// alone from 0.80-1.04 ms to 0.62-0.67 through the router and from
+/// 377-515 to 328-346 µs in one hop; 12 KiB was in between, and an
+/// ordinary (T0) prefetch 4 KiB ahead changed nothing.
+const STREAM_AHEAD_BYTES: usize = 4 << 10;
+
+/// Depth words ahead a streaming tile of a panel `padded_width` wide
+/// prefetches ([`STREAM_AHEAD_BYTES`]).
+pub(super) fn stream_ahead_words(padded_width: usize) -> usize {
+    (STREAM_AHEAD_BYTES / (padded_width * size_of::<u32>())).max(1)
+}
 
 impl Prefetch {
     pub(super) const NONE: Self = Self {
