@@ -221,6 +221,26 @@ pub fn encode(values: &[f32], shape: &[usize], dtype: WireDtype) -> Tensor {
     }
 }
 
+/// Encodes rows `rows` of `values` (`[_, width]`) as one f32 tensor
+/// `[rows.len(), width]`, copying each row once, straight into the wire
+/// bytes: what a router sends an expert node, the tokens it needs.
+pub fn encode_rows(values: &[f32], width: usize, rows: &[u32]) -> Tensor {
+    let mut data = Vec::with_capacity(rows.len() * width * size_of::<f32>());
+    for &row in rows {
+        let row = &values[row as usize * width..(row as usize + 1) * width];
+        #[cfg(target_endian = "little")]
+        data.extend_from_slice(bytemuck::cast_slice(row));
+        #[cfg(not(target_endian = "little"))]
+        row.iter()
+            .for_each(|value| data.extend_from_slice(&value.to_le_bytes()));
+    }
+    Tensor {
+        dtype: WireDtype::F32.to_proto() as i32,
+        shape: vec![rows.len() as u64, width as u64],
+        data: Bytes::from(data),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
@@ -336,6 +356,18 @@ mod tests {
             error,
             "inputs out of range: the output of token 1, column 1 overflows f32 (-inf)"
         );
+    }
+
+    #[test]
+    fn encoded_rows_are_the_chosen_rows_in_their_order() {
+        let values: Vec<f32> = (0..12).map(|value| value as f32 * 0.5 - 1.0).collect();
+        let tensor = encode_rows(&values, 3, &[3, 0, 3]);
+        let chosen: Vec<f32> = [3, 0, 3]
+            .iter()
+            .flat_map(|&row| values[row * 3..row * 3 + 3].to_vec())
+            .collect();
+        assert_eq!(tensor, encode(&chosen, &[3, 3], WireDtype::F32));
+        assert_eq!(encode_rows(&values, 3, &[]).shape, vec![0, 3]);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use moemesh_proto::codec::{WireDtype, decode_rows, encode};
+use moemesh_proto::codec::{decode_rows, encode_rows};
 use moemesh_proto::v1::ComputeRequest;
 use tonic::{Code, Request, Status};
 
@@ -271,12 +271,7 @@ impl NodeCall {
 
 /// Packs the rows of the batch's tokens into one f32 tensor.
 fn gather_rows(hidden: &[f32], hidden_size: usize, batch: &NodeBatch) -> moemesh_proto::Tensor {
-    let mut values = Vec::with_capacity(batch.tokens.len() * hidden_size);
-    for &token in &batch.tokens {
-        let token = token as usize;
-        values.extend_from_slice(&hidden[token * hidden_size..(token + 1) * hidden_size]);
-    }
-    encode(&values, &[batch.tokens.len(), hidden_size], WireDtype::F32)
+    encode_rows(hidden, hidden_size, &batch.tokens)
 }
 
 /// Token-expert pairs counted as outstanding at a node while a call to it
