@@ -162,3 +162,23 @@ def test_attach_refuses_experts_without_the_transformers_5_interface(client, gat
         moemesh.attach(StandInModel(gates, experts=ExpertList), client)
     with pytest.raises(ValueError, match="no sparse MoE block"):
         moemesh.attach(StandInModel({}), client)
+
+
+def test_zero_weight_repeats_move_to_experts_the_token_does_not_use():
+    from moemesh.attach import distinct_expert_ids
+
+    ids = np.array([[4, 4, 1], [0, 1, 2], [3, 3, 3], [2, 2, 5]])
+    weights = np.array(
+        [[0.5, 0.0, 0.5], [0.2, 0.3, 0.5], [0.0, 0.7, 0.0], [0.5, 0.5, 0.0]], dtype=np.float32
+    )
+    moved = distinct_expert_ids(ids, weights, EXPERTS)
+    # A zero-weight repeat takes the smallest id the token does not use.
+    assert moved[0].tolist() == [4, 0, 1]
+    assert moved[1].tolist() == [0, 1, 2]
+    # The weighted pick keeps its id; both zero-weight repeats move.
+    assert moved[2].tolist() == [0, 3, 1]
+    # Repeats with weight are left for the cluster to refuse.
+    assert moved[3].tolist() == [2, 2, 5]
+    assert ids[0].tolist() == [4, 4, 1], "the input is not changed"
+    distinct = ids[1:2]
+    assert distinct_expert_ids(distinct, weights[1:2], EXPERTS) is distinct

@@ -50,12 +50,15 @@ def attach(model, client):
     local = {layer: gate_fingerprint(*_router_weights(block)) for layer, block in blocks.items()}
     first = next(iter(blocks.values()))
     gate_experts, hidden_size = _router_weights(first)[0].shape
-    # LongCat-Flash's router also scores its zero experts, which are not routed experts.
-    num_experts = getattr(first.experts, "num_routed_experts", gate_experts)
+    # LongCat-Flash's router also scores its zero experts, which are not
+    # routed experts; transformers keeps the routed count on the block
+    # (5.25) or on its experts module (earlier 5.x).
+    routed_counts = (getattr(module, "num_routed_experts", None) for module in (first, first.experts))
+    num_experts = next((count for count in routed_counts if count is not None), gate_experts)
     check_fingerprints(local, client.describe(), hidden_size=hidden_size, num_experts=num_experts)
     remote_experts = _remote_experts_class()
     for layer, block in blocks.items():
-        block.experts = remote_experts(client, layer, block.experts)
+        block.experts = remote_experts(client, layer, block.experts, num_experts)
     return model
 
 
@@ -139,6 +142,36 @@ def _has_experts_interface(experts):
     return tuple(parameters[:3]) in _EXPERTS_ARGUMENTS
 
 
+def distinct_expert_ids(expert_ids, weights, num_experts):
+    """``expert_ids`` (numpy ``[tokens, top_k]``) with every repeat of an
+    id within a token that has weight 0 moved to an expert the token does
+    not use. A zero weight adds nothing wherever it points, and the cluster
+    takes each token's experts once: LongCat-Flash in transformers 5.25
+    points its zero experts' picks at routed experts with weight 0, which
+    may repeat one of the token's real picks. Other repeats are left for
+    the cluster to refuse. Returns ``expert_ids`` itself when nothing
+    repeats."""
+    import numpy as np
+
+    ordered = np.sort(expert_ids, axis=1)
+    repeating = np.nonzero((ordered[:, 1:] == ordered[:, :-1]).any(axis=1))[0]
+    if repeating.size == 0:
+        return expert_ids
+    expert_ids = expert_ids.copy()
+    for token in repeating:
+        ids, token_weights = expert_ids[token], weights[token]
+        # Weighted picks keep their ids; then each id's first zero-weight pick.
+        keep = token_weights != 0
+        for pick in np.nonzero(~keep)[0]:
+            if ids[pick] not in ids[keep]:
+                keep[pick] = True
+        used = set(ids[keep].tolist())
+        free = (expert for expert in range(num_experts) if expert not in used)
+        for pick in np.nonzero(~keep)[0]:
+            ids[pick] = next(free, ids[pick])
+    return expert_ids
+
+
 @functools.lru_cache(maxsize=None)
 def _remote_experts_class():
     """``RemoteExperts``, defined on first use so that importing moemesh
@@ -154,10 +187,11 @@ def _remote_experts_class():
 
         is_moemesh_remote = True
 
-        def __init__(self, client, layer, original):
+        def __init__(self, client, layer, original, num_experts):
             super().__init__()
             self.client = client
             self.layer = layer
+            self.num_experts = num_experts
             # Plain attribute: registering it would keep its weights in the
             # attached model's parameters and state dict.
             object.__setattr__(self, "original", original)
@@ -173,6 +207,7 @@ def _remote_experts_class():
                 expert_ids = expert_ids.to("cpu", torch.int64).contiguous().numpy()
                 weights = top_k_weights.detach().reshape(tokens.shape[0], -1)
                 weights = weights.to("cpu", torch.float32).contiguous().numpy()
+            expert_ids = distinct_expert_ids(expert_ids, weights, self.num_experts)
             output = self.client.forward_routed(self.layer, hidden, expert_ids, weights)
             output = torch.from_numpy(output).reshape(hidden_states.shape)
             return output.to(hidden_states.device, hidden_states.dtype)
