@@ -386,7 +386,9 @@ impl Product<'_> {
     /// that follow it in memory (the panel's next chunk, or the next
     /// panel), so that the next chunk's first block need not wait on
     /// memory: that first pass ran at the speed of DRAM, a sixth of a
-    /// prefill's time.
+    /// prefill's time. A panel of one row block (a decode step's) reads
+    /// each weight once and streams it past the caches instead
+    /// ([`Prefetch::STREAM`]).
     fn panel(&self, index: usize) {
         let depth_words = self.weights.kind.depth_words(self.weights.k);
         let (_, padded_width) = panel_bounds(self.weights.n, self.weights.panel, index);
@@ -409,7 +411,7 @@ impl Product<'_> {
                     };
                     let prefetch = if blocks == 1 && self.kernel.streams() {
                         Prefetch::STREAM
-                    } else if blocks > 1 && self.kernel.prefetches() {
+                    } else if blocks > 1 && self.kernel.prefetches_next_chunk() {
                         Prefetch::share(ahead, block, depth.len())
                     } else {
                         Prefetch::NONE
@@ -434,7 +436,7 @@ impl Product<'_> {
     /// of weights is at most [`CHUNK_BYTES`], so that it and the chunk
     /// prefetched after it stay in L2 together.
     fn chunk_words(&self, depth_words: usize, padded_width: usize, blocks: usize) -> usize {
-        if blocks == 1 || !self.kernel.prefetches() {
+        if blocks == 1 || !self.kernel.prefetches_next_chunk() {
             return depth_words.max(1);
         }
         let most = (CHUNK_BYTES / (padded_width * size_of::<u32>())).max(1);
@@ -487,7 +489,8 @@ impl Product<'_> {
             lhs_halves: if self.lhs_halves.is_empty() {
                 &[]
             } else {
-                &self.lhs_halves[2 * block * depth_words * ROWS..][..2 * depth_words * ROWS]
+                let halves = &self.lhs_halves[2 * block * depth_words * ROWS..];
+                &halves[2 * depth.start * ROWS..2 * depth.end * ROWS]
             },
             weights: &weights[depth.start * padded_width..depth.end * padded_width],
             padded_width,
@@ -525,7 +528,8 @@ struct Tile<'a> {
     exact_products: bool,
     /// Sums carried between depth chunks (AVX-512 only).
     carry: Carry,
-    /// Weights to prefetch (AVX-512 only).
+    /// Weights to prefetch: the next chunk's (AVX-512), or the tile's own,
+    /// streamed (AVX-512 and AVX2).
     prefetch: Prefetch,
 }
 
@@ -560,9 +564,9 @@ impl Kernel {
         kernels
     }
 
-    /// Whether tiles on this kernel take depth chunks and prefetch
-    /// ([`Product::panel`], [`Prefetch`]).
-    fn prefetches(self) -> bool {
+    /// Whether this kernel takes a panel of several row blocks a depth
+    /// chunk at a time, prefetching the next chunk ([`Product::panel`]).
+    fn prefetches_next_chunk(self) -> bool {
         #[cfg(target_arch = "x86_64")]
         if self == Self::Avx512 {
             return true;

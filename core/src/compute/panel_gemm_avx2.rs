@@ -194,7 +194,8 @@ unsafe fn f32_group<const NV: usize, const R: usize>(
     let weights = tile.weights.as_ptr().cast::<f32>();
     let lhs = tile.lhs.as_ptr().cast::<f32>();
     // SAFETY: the chunk's depth words and the group inside the padded
-    // width keep every read inside the slices.
+    // width keep every read inside the slices, and every streaming
+    // prefetch `ahead` words before the chunk's end.
     unsafe {
         let mut sums = group.start::<NV, R>();
         let (streamed, ahead) = streamed_depth(tile, &group);
@@ -247,7 +248,8 @@ unsafe fn bf16_sums<const NV: usize, const R: usize, const FUSED: bool>(
     debug_assert!(first + NV * LANES <= tile.padded_width);
     // SAFETY: the caller runs with AVX2 and FMA; the chunk's depth words
     // and the group inside the padded width keep every read inside the
-    // slices.
+    // slices, and every streaming prefetch `ahead` words before the
+    // chunk's end.
     unsafe {
         let high_half = _mm256_set1_epi32(0xffff_0000_u32 as i32);
         let magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
