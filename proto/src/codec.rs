@@ -200,13 +200,7 @@ pub fn encode(values: &[f32], shape: &[usize], dtype: WireDtype) -> Tensor {
     debug_assert_eq!(values.len(), shape.iter().product::<usize>());
     let mut data = Vec::with_capacity(values.len() * dtype.size());
     match dtype {
-        // One copy: f32 in memory is the wire's little-endian f32 here.
-        #[cfg(target_endian = "little")]
-        WireDtype::F32 => data.extend_from_slice(bytemuck::cast_slice(values)),
-        #[cfg(not(target_endian = "little"))]
-        WireDtype::F32 => values
-            .iter()
-            .for_each(|value| data.extend_from_slice(&value.to_le_bytes())),
+        WireDtype::F32 => extend_f32_le(&mut data, values),
         WireDtype::Bf16 => values
             .iter()
             .for_each(|value| data.extend_from_slice(&bf16::from_f32(*value).to_le_bytes())),
@@ -221,18 +215,27 @@ pub fn encode(values: &[f32], shape: &[usize], dtype: WireDtype) -> Tensor {
     }
 }
 
+/// Appends `values` as little-endian f32: one copy where memory is
+/// little-endian, as the wire is.
+fn extend_f32_le(data: &mut Vec<u8>, values: &[f32]) {
+    #[cfg(target_endian = "little")]
+    data.extend_from_slice(bytemuck::cast_slice(values));
+    #[cfg(not(target_endian = "little"))]
+    values
+        .iter()
+        .for_each(|value| data.extend_from_slice(&value.to_le_bytes()));
+}
+
 /// Encodes rows `rows` of `values` (`[_, width]`) as one f32 tensor
 /// `[rows.len(), width]`, copying each row once, straight into the wire
 /// bytes: what a router sends an expert node, the tokens it needs.
 pub fn encode_rows(values: &[f32], width: usize, rows: &[u32]) -> Tensor {
     let mut data = Vec::with_capacity(rows.len() * width * size_of::<f32>());
     for &row in rows {
-        let row = &values[row as usize * width..(row as usize + 1) * width];
-        #[cfg(target_endian = "little")]
-        data.extend_from_slice(bytemuck::cast_slice(row));
-        #[cfg(not(target_endian = "little"))]
-        row.iter()
-            .for_each(|value| data.extend_from_slice(&value.to_le_bytes()));
+        extend_f32_le(
+            &mut data,
+            &values[row as usize * width..(row as usize + 1) * width],
+        );
     }
     Tensor {
         dtype: WireDtype::F32.to_proto() as i32,

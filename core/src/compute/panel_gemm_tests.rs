@@ -59,8 +59,15 @@ fn products_sum_in_the_promised_order_bit_for_bit() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(9);
     // Odd depth, a partial last panel and a partial last register, rows
     // that leave a partial block; a single column; a depth of two; a depth
-    // the AVX-512 kernel takes in chunks (three in f32, two in bf16).
-    for (m, k, n) in [(13, 301, 150), (1, 64, 1), (7, 2, 64), (13, 2500, 70)] {
+    // the AVX-512 kernel takes in chunks (three in f32, two in bf16); one
+    // block deep enough that its weights stream past the prefetch distance.
+    for (m, k, n) in [
+        (13, 301, 150),
+        (1, 64, 1),
+        (7, 2, 64),
+        (13, 2500, 70),
+        (2, 700, 40),
+    ] {
         let lhs = random(&mut rng, m * k);
         let weights = random(&mut rng, k * n);
         let start = random(&mut rng, m * n);

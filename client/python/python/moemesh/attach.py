@@ -16,6 +16,8 @@ import functools
 import inspect
 import re
 
+import numpy as np
+
 from .fingerprint import check_fingerprints, gate_fingerprint
 
 # transformers' experts interface: the arguments of `experts.forward`
@@ -151,8 +153,6 @@ def distinct_expert_ids(expert_ids, weights, num_experts):
     may repeat one of the token's real picks. Other repeats are left for
     the cluster to refuse. Returns ``expert_ids`` itself when nothing
     repeats."""
-    import numpy as np
-
     ordered = np.sort(expert_ids, axis=1)
     repeating = np.nonzero((ordered[:, 1:] == ordered[:, :-1]).any(axis=1))[0]
     if repeating.size == 0:
