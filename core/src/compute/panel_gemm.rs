@@ -22,6 +22,8 @@
 //! nor the host's caches change a bit. A decode-sized product reads each
 //! weight once, in order.
 
+#[cfg(target_arch = "x86_64")]
+use chunks::prefetch_streamed;
 use chunks::{CHUNK_BYTES, Carry, PARTIAL_SUMS, Prefetch, stream_ahead_words};
 
 /// Lanes of one AVX-512 register of f32.
@@ -387,8 +389,8 @@ impl Product<'_> {
     /// panel), so that the next chunk's first block need not wait on
     /// memory: that first pass ran at the speed of DRAM, a sixth of a
     /// prefill's time. A panel of one row block (a decode step's) reads
-    /// each weight once and streams it past the caches instead
-    /// ([`Prefetch::STREAM`]).
+    /// each weight once and prefetches it a little ahead of use instead
+    /// ([`Prefetch::stream`]).
     fn panel(&self, index: usize) {
         let depth_words = self.weights.kind.depth_words(self.weights.k);
         let (_, padded_width) = panel_bounds(self.weights.n, self.weights.panel, index);
@@ -410,7 +412,7 @@ impl Product<'_> {
                         }
                     };
                     let prefetch = if blocks == 1 && self.kernel.streams() {
-                        Prefetch::STREAM
+                        Prefetch::stream()
                     } else if blocks > 1 && self.kernel.prefetches_next_chunk() {
                         Prefetch::share(ahead, block, depth.len())
                     } else {
@@ -575,7 +577,7 @@ impl Kernel {
     }
 
     /// Whether tiles of one row block on this kernel stream their weights
-    /// ([`Prefetch::STREAM`]).
+    /// ([`Prefetch::stream`]).
     fn streams(self) -> bool {
         self != Self::Portable
     }

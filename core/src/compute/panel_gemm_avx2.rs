@@ -10,7 +10,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{PANEL, ROWS, Tile, Words, stream_ahead_words};
+use super::{PANEL, ROWS, Tile, Words, prefetch_streamed, stream_ahead_words};
 
 /// Lanes of one AVX2 register of f32.
 const LANES: usize = 8;
@@ -202,7 +202,10 @@ unsafe fn f32_group<const NV: usize, const R: usize>(
         for index in group.chunk.depth.clone() {
             let row_weights = weights.add(index * tile.padded_width + first);
             if index < streamed {
-                _mm_prefetch::<_MM_HINT_NTA>(row_weights.add(ahead * tile.padded_width).cast());
+                prefetch_streamed(
+                    row_weights.add(ahead * tile.padded_width).cast(),
+                    tile.prefetch.past_caches,
+                );
             }
             let mut columns = [_mm256_setzero_ps(); NV];
             for (vector, column) in columns.iter_mut().enumerate() {
@@ -282,7 +285,10 @@ unsafe fn bf16_sums<const NV: usize, const R: usize, const FUSED: bool>(
         for index in group.chunk.depth.clone() {
             let row_weights = weights.add(index * tile.padded_width + first);
             if index < streamed {
-                _mm_prefetch::<_MM_HINT_NTA>(row_weights.add(ahead * tile.padded_width).cast());
+                prefetch_streamed(
+                    row_weights.add(ahead * tile.padded_width).cast(),
+                    tile.prefetch.past_caches,
+                );
             }
             for (half, high) in [(0, true), (1, false)] {
                 let mut columns = [_mm256_setzero_ps(); NV];

@@ -3,7 +3,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{LANES, PANEL, ROWS, Tile, Words, stream_ahead_words};
+use super::{LANES, PANEL, ROWS, Tile, Words, prefetch_streamed, stream_ahead_words};
 
 /// Whether this CPU runs the AVX-512 kernel for `kind`.
 pub(super) fn available(kind: Words) -> bool {
@@ -116,7 +116,7 @@ unsafe fn accumulate<const NV: usize, const R: usize>(
             if index < streamed {
                 let later = row_weights.add(ahead * tile.padded_width);
                 for vector in 0..NV {
-                    _mm_prefetch::<_MM_HINT_NTA>(later.add(vector * LANES).cast());
+                    prefetch_streamed(later.add(vector * LANES).cast(), prefetch.past_caches);
                 }
             }
             let mut columns = [_mm512_setzero_ps(); NV];

@@ -40,25 +40,72 @@ impl Carry {
 }
 
 /// What a tile prefetches: lines of the weights after its own into L2,
-/// one per depth word from `first`, or its own weights ahead of use,
-/// non-temporally (`stream`).
+/// one per depth word from `first`, or its own weights ahead of use
+/// (`stream`).
 #[derive(Clone, Copy)]
 pub(super) struct Prefetch {
     pub(super) first: *const u32,
     pub(super) lines: usize,
     /// Each weight is read once (a panel of one row block): prefetch it
-    /// [`STREAM_AHEAD_BYTES`] ahead as non-temporal, so that a decode
-    /// step's hundreds of MB of weights do not evict what the caches hold
-    /// for the code that answers the request once they are computed.
+    /// [`STREAM_AHEAD_BYTES`] ahead, past the caches where
+    /// [`streams_past_caches`].
     pub(super) stream: bool,
+    pub(super) past_caches: bool,
+}
+
+/// Whether streamed weights are prefetched non-temporally
+/// (`prefetchnta`) rather than into L1 (`prefetcht0`): on AMD, so that a
+/// decode step's hundreds of MB of weights do not evict what the caches
+/// hold for the code that answers the request (Zen 5 guest: dispatch
+/// alone through the router 977 → 622 µs). Intel's `prefetchnta` fills
+/// L1 alone, bypassing L2 and its streamer, and the step waits on memory:
+/// on a Xeon with AMX, a decode step ran at 0.58-0.67 of the read bound
+/// with it, 1.45-1.64 with `prefetcht0` and 1.14-1.23 with no prefetch
+/// (`decode_step -- 8 2 40`, two rounds), and its dispatch alone took
+/// 3.9 ms against 1.7-2.1 without it.
+pub(super) fn streams_past_caches() -> bool {
+    static AMD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AMD.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let vendor = std::arch::x86_64::__cpuid(0);
+            let bytes: Vec<u8> = [vendor.ebx, vendor.edx, vendor.ecx]
+                .iter()
+                .flat_map(|word| word.to_le_bytes())
+                .collect();
+            bytes == b"AuthenticAMD"
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    })
+}
+
+/// Prefetches the line at `at` of a tile's streamed weights as
+/// [`streams_past_caches`] says.
+///
+/// # Safety
+/// None beyond the CPU having SSE (every x86-64): a prefetch never faults.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(super) unsafe fn prefetch_streamed(at: *const i8, past_caches: bool) {
+    use std::arch::x86_64::{_MM_HINT_NTA, _MM_HINT_T0, _mm_prefetch};
+    // SAFETY: prefetches never fault, whatever the address.
+    unsafe {
+        if past_caches {
+            _mm_prefetch::<_MM_HINT_NTA>(at)
+        } else {
+            _mm_prefetch::<_MM_HINT_T0>(at)
+        }
+    }
 }
 
 /// Bytes of its weights ahead a streaming tile prefetches: 16 depth
 /// words of a 64-column f32 panel. On a Zen 5 guest (`bench --no-torch`,
-/// three rounds of three interleaved runs), 4 KiB took decode dispatch
-/// alone from 0.80-1.04 ms to 0.62-0.67 through the router and from
-/// 377-515 to 328-346 µs in one hop; 12 KiB was in between, and an
-/// ordinary (T0) prefetch 4 KiB ahead changed nothing.
+/// three rounds of three interleaved runs), streaming 4 KiB ahead past
+/// the caches took decode dispatch alone from 0.80-1.04 ms to 0.62-0.67
+/// through the router and from 377-515 to 328-346 µs in one hop; 12 KiB
+/// was in between, and an ordinary (T0) prefetch 4 KiB ahead changed
+/// nothing there. On the Xeon, 16 KiB past the caches was no better.
 const STREAM_AHEAD_BYTES: usize = 4 << 10;
 
 /// Depth words ahead a streaming tile of a panel `padded_width` wide
@@ -72,14 +119,17 @@ impl Prefetch {
         first: std::ptr::null(),
         lines: 0,
         stream: false,
+        past_caches: false,
     };
 
     /// A tile that streams its own weights.
-    pub(super) const STREAM: Self = Self {
-        first: std::ptr::null(),
-        lines: 0,
-        stream: true,
-    };
+    pub(super) fn stream() -> Self {
+        Self {
+            stream: true,
+            past_caches: streams_past_caches(),
+            ..Self::NONE
+        }
+    }
 
     /// Row block `block`'s share of `ahead` when each block of a chunk
     /// `depth_words` deep prefetches one line per word, first blocks first.
@@ -93,7 +143,7 @@ impl Prefetch {
         Self {
             first: ahead[first_line * WORDS_PER_LINE..].as_ptr(),
             lines: (lines - first_line).min(depth_words),
-            stream: false,
+            ..Self::NONE
         }
     }
 }
