@@ -3,7 +3,8 @@
 //! once: whole experts, large ones cut into row ranges, one task per
 //! thread at a time, largest first. How the work is cut ([`CpuBlocking`],
 //! the thread count) changes its speed, never a result: each row's output
-//! is the same bits on every host and with every cut.
+//! is the same bits with every cut and on every host (bf16 weights: on
+//! every host without AMX; see `panel_gemm`).
 
 use std::sync::Arc;
 
@@ -150,7 +151,12 @@ impl CpuBackend {
 
 impl ComputeBackend for CpuBackend {
     fn describe(&self) -> String {
-        format!("cpu ({} threads, {} weights)", self.threads, self.format)
+        format!(
+            "cpu ({} threads, {} weights on {})",
+            self.threads,
+            self.format,
+            super::panel_gemm::kernel_name(super::panel_gemm::Words::of(self.format))
+        )
     }
 
     fn computes_on_any_thread(&self) -> bool {

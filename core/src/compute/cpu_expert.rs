@@ -118,10 +118,7 @@ impl CpuExpert {
                 "expert biases do not match their projections".into(),
             ));
         }
-        let words = match format {
-            WeightFormat::F32 => Words::F32,
-            WeightFormat::Bf16 => Words::Bf16Pairs,
-        };
+        let words = Words::of(format);
         let mut slices = Vec::new();
         for (first, width) in intermediate_slices(intermediate) {
             // [in=hidden, out=2*width]: gate columns, then up columns.

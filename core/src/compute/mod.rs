@@ -11,9 +11,9 @@
 //! - `cpu_expert`: one expert on the CPU, its weights laid out once, at
 //!   load, for its kernel, with gate and up fused into one product.
 //! - `panel_gemm`: the experts' products, on weights in column panels of
-//!   f32 or bf16 (AVX-512 FMA, AVX512-BF16 `vdpbf16ps`, or portable
-//!   kernels that compute the same bits), in a summation order that
-//!   depends on nothing but the shapes.
+//!   f32 or bf16 (AVX-512 FMA, AVX512-BF16 `vdpbf16ps`, AVX2 or portable
+//!   kernels that compute the same bits; bf16 on AMX in its own rounding),
+//!   in a summation order that depends on nothing but the shapes.
 //! - `plain_gemm`: [`matmul`], the `gemm` crate's plain product, the
 //!   benchmarks' ceiling.
 //! - `silu`: the vectorised `silu(gate) * up` between the two GEMMs.

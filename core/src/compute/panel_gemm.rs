@@ -14,7 +14,12 @@
 //!   exact in f32), flushing subnormal inputs and results to zero. That is
 //!   Intel's specification and what AMD's Zen 4 computes; the portable
 //!   kernel computes the same, and a test checks it against the instruction
-//!   bit for bit.
+//!   bit for bit. Where the CPU has AMX (Intel Xeons since Sapphire
+//!   Rapids), bf16 products run on its tiles instead, 4-5 times as fast,
+//!   in AMX's own rounding of each 32-deep dot product: not the bits of
+//!   the other kernels, but on that host still the same bits for a row
+//!   whatever its batch and cut (`panel_gemm_amx.rs`; `MOEMESH_NO_AMX=1`
+//!   opts out).
 //!
 //! Either way the summation order follows from the shapes alone: every row
 //! is computed alike whatever the batch (no padding needed for batch
@@ -47,6 +52,14 @@ pub(super) enum Words {
 }
 
 impl Words {
+    /// The words weights of `format` are packed in.
+    pub(super) fn of(format: super::WeightFormat) -> Self {
+        match format {
+            super::WeightFormat::F32 => Self::F32,
+            super::WeightFormat::Bf16 => Self::Bf16Pairs,
+        }
+    }
+
     /// Words a depth of `k` takes.
     fn depth_words(self, k: usize) -> usize {
         match self {
@@ -183,6 +196,7 @@ impl PanelMatrix {
             weights: self,
             lhs: &lhs.words,
             lhs_halves: &lhs.halves,
+            lhs_rows: &lhs.row_major,
             dst: SharedOutput(dst.as_mut_ptr()),
             m,
             accumulate,
@@ -197,10 +211,10 @@ impl PanelMatrix {
                 .into_par_iter()
                 .for_each(|task| {
                     let first = task * per_task;
-                    (first..panels.min(first + per_task)).for_each(|panel| product.panel(panel));
+                    product.panels(first..panels.min(first + per_task));
                 });
         } else {
-            (0..panels).for_each(|panel| product.panel(panel));
+            product.panels(0..panels);
         }
     }
 }
@@ -217,6 +231,9 @@ pub(super) struct PackedRows {
     halves: Vec<f32>,
     /// One row's words before they are spread over its block.
     row_words: Vec<u32>,
+    /// For bf16 words on AMX, instead of `words`: each row's words in
+    /// order (`PackedRows::pack_for_amx`).
+    row_major: Vec<u32>,
     kind: Words,
     rows: usize,
     k: usize,
@@ -224,9 +241,23 @@ pub(super) struct PackedRows {
 }
 
 impl PackedRows {
-    /// Lays out `lhs [rows, k]` as `kind` words.
+    /// Lays out `lhs [rows, k]` as `kind` words for the fastest kernel.
     pub(super) fn pack(&mut self, kind: Words, lhs: &[f32], rows: usize, k: usize) {
         assert!(lhs.len() >= rows * k);
+        #[cfg(target_arch = "x86_64")]
+        if Kernel::fastest(kind) == Kernel::Amx {
+            return self.pack_for_amx(lhs, rows, k);
+        }
+        self.pack_blocks(kind, lhs, rows, k);
+        #[cfg(target_arch = "x86_64")]
+        if Kernel::fastest(kind) == Kernel::Avx2 {
+            self.prepare_for_avx2();
+        }
+    }
+
+    /// Lays out `lhs [rows, k]` in blocks of [`ROWS`] rows, as the tile
+    /// kernels read them.
+    fn pack_blocks(&mut self, kind: Words, lhs: &[f32], rows: usize, k: usize) {
         let depth_words = kind.depth_words(k);
         self.words.clear();
         self.words
@@ -243,11 +274,8 @@ impl PackedRows {
         self.row_words = row_words;
         (self.kind, self.rows, self.k) = (kind, rows, k);
         self.halves.clear();
+        self.row_major.clear();
         self.magnitudes = Magnitudes::default();
-        #[cfg(target_arch = "x86_64")]
-        if Kernel::fastest(kind) == Kernel::Avx2 {
-            self.prepare_for_avx2();
-        }
     }
 
     /// What the AVX2 kernel reads of bf16 activations beside the words:
@@ -332,6 +360,21 @@ impl Magnitudes {
     }
 }
 
+/// The instructions this CPU computes products of `kind` with, by name.
+pub(super) fn kernel_name(kind: Words) -> &'static str {
+    match Kernel::fastest(kind) {
+        Kernel::Portable => "portable code",
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx2 => "AVX2",
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx512 if kind == Words::F32 => "AVX-512",
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx512 => "AVX512-BF16",
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Amx => "AMX",
+    }
+}
+
 /// Columns of every panel but the last for `kind` on this CPU: the
 /// AVX-512 kernel reads [`PANEL`] columns per depth in one pass; the AVX2
 /// kernel's accumulators hold 16, and a panel that narrow streams from
@@ -372,6 +415,8 @@ struct Product<'a> {
     weights: &'a PanelMatrix,
     lhs: &'a [u32],
     lhs_halves: &'a [f32],
+    /// The activations row by row, for AMX.
+    lhs_rows: &'a [u32],
     dst: SharedOutput,
     m: usize,
     accumulate: bool,
@@ -381,6 +426,18 @@ struct Product<'a> {
 }
 
 impl Product<'_> {
+    /// Panels `indices`, one after the other (on AMX under one tile
+    /// configuration).
+    fn panels(&self, indices: std::ops::Range<usize>) {
+        #[cfg(target_arch = "x86_64")]
+        if self.kernel == Kernel::Amx {
+            // SAFETY: AMX is available (the kernel was chosen for it) and
+            // the activations were packed for it (`PackedRows::pack`).
+            return unsafe { amx::panels(self, indices) };
+        }
+        indices.for_each(|index| self.panel(index));
+    }
+
     /// Every row block of panel `index`; the panel's weights stay in cache
     /// from block to block. On AVX-512 a panel of several blocks goes a
     /// depth chunk at a time ([`Product::chunk_words`]), its sums carried
@@ -545,10 +602,15 @@ enum Kernel {
     /// AVX-512 (and AVX512-BF16 for bf16 words).
     #[cfg(target_arch = "x86_64")]
     Avx512,
+    /// AMX, for bf16 words: whole panels, not tiles, in its own rounding
+    /// (`panel_gemm_amx.rs`).
+    #[cfg(target_arch = "x86_64")]
+    Amx,
 }
 
 impl Kernel {
-    /// Every kernel this CPU runs for `kind`, the fastest last.
+    /// Every tile kernel this CPU runs for `kind`, the fastest last: all
+    /// compute the same bits.
     #[cfg(test)]
     fn available(kind: Words) -> Vec<Self> {
         let mut kernels = vec![Self::Portable];
@@ -586,6 +648,9 @@ impl Kernel {
     fn fastest(kind: Words) -> Self {
         #[cfg(target_arch = "x86_64")]
         {
+            if kind == Words::Bf16Pairs && amx::available() {
+                return Self::Amx;
+            }
             if avx512::available(kind) {
                 return Self::Avx512;
             }
@@ -610,6 +675,8 @@ impl Tile<'_> {
             Kernel::Avx2 => unsafe { avx2::tile(self) },
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512 => unsafe { avx512::tile(self) },
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Amx => unreachable!("AMX computes whole panels, not tiles"),
         }
     }
 
@@ -679,6 +746,10 @@ mod avx512;
 #[cfg(target_arch = "x86_64")]
 #[path = "panel_gemm_avx2.rs"]
 mod avx2;
+
+#[cfg(target_arch = "x86_64")]
+#[path = "panel_gemm_amx.rs"]
+mod amx;
 
 #[cfg(test)]
 #[path = "panel_gemm_tests.rs"]

@@ -92,12 +92,128 @@ fn products_sum_in_the_promised_order_bit_for_bit() {
                         )
                     });
                 let want = if accumulate { &added } else { &fresh };
-                assert_eq!(
-                    &dst, want,
-                    "{kind:?} {m}x{k}x{n}, {threads} threads, {accumulate}"
-                );
+                let context = format!("{kind:?} {m}x{k}x{n}, {threads} threads, {accumulate}");
+                if Some(Kernel::fastest(kind)) == amx_kernel() {
+                    let start = if accumulate { &start[..] } else { &[] };
+                    assert_within_amx_rounding(
+                        &dst,
+                        want,
+                        start,
+                        &lhs,
+                        &weights,
+                        (m, k, n),
+                        &context,
+                    );
+                } else {
+                    assert_eq!(&dst, want, "{context}");
+                }
             }
         }
+    }
+}
+
+/// The AMX kernel where this CPU runs it, else one no product runs on.
+fn amx_kernel() -> Option<Kernel> {
+    #[cfg(target_arch = "x86_64")]
+    if amx::available() {
+        return Some(Kernel::Amx);
+    }
+    None
+}
+
+/// `got` is `want` (the promised order) within what AMX's own rounding
+/// of each instruction's 32 bf16 products can change: a few units in the
+/// last place of the sum of magnitudes per instruction, plus the rounding
+/// of adding to `start` (empty: written, not added).
+fn assert_within_amx_rounding(
+    got: &[f32],
+    want: &[f32],
+    start: &[f32],
+    lhs: &[f32],
+    weights: &[f32],
+    (m, k, n): (usize, usize, usize),
+    context: &str,
+) {
+    let instructions = k.div_ceil(32) as f64 + 1.0;
+    for row in 0..m {
+        for column in 0..n {
+            let magnitude: f64 = (0..k)
+                .map(|depth| {
+                    f64::from(bf16_value(lhs[row * k + depth]))
+                        * f64::from(bf16_value(weights[depth * n + column]))
+                })
+                .map(f64::abs)
+                .sum::<f64>()
+                + start
+                    .get(row * n + column)
+                    .map_or(0.0, |v| f64::from(v.abs()));
+            let at = row * n + column;
+            let tolerance = 4.0 * instructions * magnitude * f64::from(f32::EPSILON);
+            let error = (f64::from(got[at]) - f64::from(want[at])).abs();
+            assert!(
+                error <= tolerance,
+                "{context}: [{row}, {column}] {} against {} (tolerance {tolerance:e})",
+                got[at],
+                want[at]
+            );
+        }
+    }
+}
+
+#[test]
+fn amx_products_are_the_promised_sums_within_its_rounding() {
+    let Some(kernel) = amx_kernel() else {
+        eprintln!("this CPU has no AMX (or MOEMESH_NO_AMX is set): nothing to check");
+        return;
+    };
+    assert_eq!(Kernel::fastest(Words::Bf16Pairs), kernel);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(14);
+    // Rows of one tile (a decode step's path) and of one block, of a block
+    // and a bit, of several blocks; depths of whole tiles, of a partial
+    // tile only, and of both; panels of one, two, three and four column
+    // tiles, the last partial.
+    for (m, k, n) in [
+        (1, 64, 16),
+        (16, 32, 32),
+        (5, 70, 64),
+        (31, 2, 48),
+        (33, 33, 150),
+        (70, 1024, 64),
+        (8, 2816, 40),
+        (17, 301, 200),
+    ] {
+        let lhs = random(&mut rng, m * k);
+        let weights = random(&mut rng, k * n);
+        let start = random(&mut rng, m * n);
+        let packed = PanelMatrix::pack(Words::Bf16Pairs, k, n, |row, column| {
+            weights[row * n + column]
+        });
+        let fresh = product_in_the_promised_order(Words::Bf16Pairs, &lhs, &weights, (m, k, n));
+        let lhs_rows = rows(Words::Bf16Pairs, &lhs, m, k);
+        // Row after row, each padded to whole depth tiles.
+        let stride = k.div_ceil(2).next_multiple_of(amx::TILE_WORDS);
+        assert!(lhs_rows.words.is_empty());
+        assert_eq!(
+            lhs_rows.row_major.len(),
+            m.next_multiple_of(amx::BLOCK_ROWS) * stride
+        );
+        for index in 0..k.div_ceil(2) {
+            let word = Words::Bf16Pairs.word(index, k, |depth| lhs[(m - 1) * k + depth]);
+            assert_eq!(lhs_rows.row_major[(m - 1) * stride + index], word);
+        }
+        let mut written = vec![f32::NAN; m * n];
+        packed.multiply(&mut written, &lhs_rows, 1, false, PANEL);
+        let context = format!("{m}x{k}x{n} written");
+        assert_within_amx_rounding(&written, &fresh, &[], &lhs, &weights, (m, k, n), &context);
+        // Added: the same sums, added to what was there.
+        let mut added = start.clone();
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap()
+            .install(|| packed.multiply(&mut added, &lhs_rows, 2, true, 16));
+        let sums: Vec<f32> = start.iter().zip(&written).map(|(a, b)| a + b).collect();
+        assert_eq!(added, sums, "{m}x{k}x{n}: adding is writing, then adding");
     }
 }
 
@@ -143,11 +259,11 @@ fn every_kernel_computes_what_the_portable_kernel_computes() {
                 let packed = PanelMatrix::pack_in_panels(kind, k, n, PANEL, |row, column| {
                     weights[row * n + column]
                 });
-                let mut packed_lhs = rows(kind, &lhs, m, k);
-                if packed_lhs.halves.is_empty() {
-                    // Packed for another kernel; the AVX2 one runs here too.
-                    packed_lhs.prepare_for_avx2();
-                }
+                // In blocks, as the tile kernels read them, with what the
+                // AVX2 kernel reads beside them.
+                let mut packed_lhs = PackedRows::default();
+                packed_lhs.pack_blocks(kind, &lhs, m, k);
+                packed_lhs.prepare_for_avx2();
                 let exact_products = packed_lhs.magnitudes.products_exact(packed.magnitudes);
                 assert_eq!(exact_products, !wide || kind == Words::F32);
                 let on = |kernel: Kernel| {
@@ -290,7 +406,7 @@ fn packed_rows_hold_each_value_word_by_word() {
     for kind in [Words::F32, Words::Bf16Pairs] {
         for (rows, k) in [(13, 64), (7, 33), (1, 1)] {
             let lhs = random(&mut rng, rows * k);
-            packed.pack(kind, &lhs, rows, k);
+            packed.pack_blocks(kind, &lhs, rows, k);
             let depth_words = kind.depth_words(k);
             assert_eq!(packed.words.len(), rows.div_ceil(ROWS) * depth_words * ROWS);
             for row in 0..rows.div_ceil(ROWS) * ROWS {
