@@ -61,8 +61,8 @@ pub(super) struct Prefetch {
 /// L1 alone, bypassing L2 and its streamer, and the step waits on memory:
 /// on a Xeon with AMX, a decode step ran at 0.58-0.67 of the read bound
 /// with it, 1.45-1.64 with `prefetcht0` and 1.14-1.23 with no prefetch
-/// (`decode_step -- 8 2 40`, two rounds), and its dispatch alone took
-/// 3.9 ms against 1.7-2.1 without it.
+/// (`decode_step -- 8 2 40`, two rounds), and the bench's decode dispatch
+/// overhead was 3.9-4.0 ms against 1.7-2.1 without it.
 pub(super) fn streams_past_caches() -> bool {
     static AMD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *AMD.get_or_init(|| {
