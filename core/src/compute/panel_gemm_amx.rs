@@ -215,6 +215,33 @@ const SUMS: usize = BLOCK_ROWS * 2 * TILE_COLUMNS;
 #[repr(C, align(64))]
 struct Sums([f32; SUMS]);
 
+/// `asm!` with `$lines` on the operands of [`Block`] `$block`: activation
+/// tiles from `a0` and `a1` (strided `sa`), weights from `b` (strided
+/// `sb`, `b_step` bytes a depth tile) for `steps` tiles, then from `tail`
+/// when `has_tail`; sums to `c0` and `c1`, `[32][32]` f32 (strided `sc`)
+/// in `$sums`.
+macro_rules! block_asm {
+    ($block:expr, $sums:expr, $($lines:literal,)*) => {{
+        let sums_stride = 2 * TILE_COLUMNS * 4;
+        asm!(
+            $($lines,)*
+            a0 = inout(reg) $block.lhs => _,
+            a1 = inout(reg) $block.lhs.byte_add(TILE_ROWS * $block.lhs_stride_bytes) => _,
+            sa = in(reg) $block.lhs_stride_bytes,
+            b = inout(reg) $block.weights => _,
+            sb = in(reg) $block.weights_stride_bytes,
+            b_step = in(reg) TILE_WORDS * $block.weights_stride_bytes,
+            tail = in(reg) $block.tail,
+            steps = inout(reg) $block.full_steps => _,
+            has_tail = in(reg) usize::from($block.has_tail),
+            c0 = in(reg) $sums.0.as_mut_ptr(),
+            c1 = in(reg) $sums.0.as_mut_ptr().byte_add(TILE_ROWS * sums_stride),
+            sc = in(reg) sums_stride,
+            options(nostack),
+        )
+    }};
+}
+
 /// `BLOCK_ROWS` rows × one or two tiles of columns over the whole depth.
 struct Block {
     /// The block's first row of activations, padded.
@@ -236,11 +263,12 @@ impl Block {
     /// says, with 32 columns of weights.
     #[inline(always)]
     unsafe fn two_column_tiles(&self, sums: &mut Sums) {
-        let sums_stride = 2 * TILE_COLUMNS * 4;
         // SAFETY: (the caller's promise) every tile read lies inside the
         // activations, the panel or the tail; every store inside `sums`.
         unsafe {
-            asm!(
+            block_asm!(
+                self,
+                sums,
                 "tilezero tmm0",
                 "tilezero tmm1",
                 "tilezero tmm2",
@@ -277,19 +305,6 @@ impl Block {
                 "tilestored [{c0} + {sc}*1 + 64], tmm1",
                 "tilestored [{c1} + {sc}*1], tmm2",
                 "tilestored [{c1} + {sc}*1 + 64], tmm3",
-                a0 = inout(reg) self.lhs => _,
-                a1 = inout(reg) self.lhs.byte_add(TILE_ROWS * self.lhs_stride_bytes) => _,
-                sa = in(reg) self.lhs_stride_bytes,
-                b = inout(reg) self.weights => _,
-                sb = in(reg) self.weights_stride_bytes,
-                b_step = in(reg) TILE_WORDS * self.weights_stride_bytes,
-                tail = in(reg) self.tail,
-                steps = inout(reg) self.full_steps => _,
-                has_tail = in(reg) usize::from(self.has_tail),
-                c0 = in(reg) sums.0.as_mut_ptr(),
-                c1 = in(reg) sums.0.as_mut_ptr().byte_add(TILE_ROWS * sums_stride),
-                sc = in(reg) sums_stride,
-                options(nostack),
             );
         }
     }
@@ -395,10 +410,11 @@ impl Block {
     /// As [`Block::two_column_tiles`], with 16 columns of weights.
     #[inline(always)]
     unsafe fn one_column_tile(&self, sums: &mut Sums) {
-        let sums_stride = 2 * TILE_COLUMNS * 4;
         // SAFETY: as in `two_column_tiles`, reading 16 columns.
         unsafe {
-            asm!(
+            block_asm!(
+                self,
+                sums,
                 "tilezero tmm0",
                 "tilezero tmm2",
                 "test {steps}, {steps}",
@@ -425,19 +441,6 @@ impl Block {
                 "4:",
                 "tilestored [{c0} + {sc}*1], tmm0",
                 "tilestored [{c1} + {sc}*1], tmm2",
-                a0 = inout(reg) self.lhs => _,
-                a1 = inout(reg) self.lhs.byte_add(TILE_ROWS * self.lhs_stride_bytes) => _,
-                sa = in(reg) self.lhs_stride_bytes,
-                b = inout(reg) self.weights => _,
-                sb = in(reg) self.weights_stride_bytes,
-                b_step = in(reg) TILE_WORDS * self.weights_stride_bytes,
-                tail = in(reg) self.tail,
-                steps = inout(reg) self.full_steps => _,
-                has_tail = in(reg) usize::from(self.has_tail),
-                c0 = in(reg) sums.0.as_mut_ptr(),
-                c1 = in(reg) sums.0.as_mut_ptr().byte_add(TILE_ROWS * sums_stride),
-                sc = in(reg) sums_stride,
-                options(nostack),
             );
         }
     }
