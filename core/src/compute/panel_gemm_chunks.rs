@@ -1,8 +1,8 @@
 //! How the AVX-512 kernel walks a panel: with several row blocks, a depth
 //! chunk at a time, its sums carried between chunks, prefetching the
 //! weights that follow each chunk while its blocks reuse it; with one
-//! (a decode step's), streaming its weights past the caches (see
-//! `Product::panel`).
+//! (a decode step's), prefetching its own weights a little ahead, past
+//! the caches on AMD (see `Product::panel`, [`streams_past_caches`]).
 
 /// The most bytes of weights in one depth chunk of a panel (see
 /// `Product::chunk_words`): a 64-column f32 panel of a hidden size of
