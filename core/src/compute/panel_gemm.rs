@@ -30,6 +30,7 @@
 #[cfg(target_arch = "x86_64")]
 use chunks::prefetch_streamed;
 use chunks::{CHUNK_BYTES, Carry, PARTIAL_SUMS, Prefetch, stream_ahead_words};
+use line_words::LineWords;
 use magnitudes::Magnitudes;
 
 /// Lanes of one AVX-512 register of f32.
@@ -124,8 +125,10 @@ fn to_bf16_bits(value: f32) -> u32 {
 /// A weight matrix `[k, n]` (inputs by outputs) in panels.
 pub(super) struct PanelMatrix {
     /// Panel after panel; panel `p` is `[depth words][width_p]`, its width
-    /// padded with zero columns to whole registers.
-    words: Vec<u32>,
+    /// padded with zero columns to whole registers. Every panel's rows
+    /// start on cache lines (whole lines of words from a line-aligned
+    /// start), so no register or tile row of weights spans two.
+    words: LineWords,
     kind: Words,
     k: usize,
     n: usize,
@@ -153,7 +156,7 @@ impl PanelMatrix {
     ) -> Self {
         debug_assert!(panel.is_multiple_of(LANES) && panel <= PANEL);
         let depth_words = kind.depth_words(k);
-        let mut words = vec![0u32; depth_words * padded_columns(n, panel)];
+        let mut words = LineWords::zeroed(depth_words * padded_columns(n, panel));
         for column in 0..n {
             let (start, width) = panel_bounds(n, panel, column / panel);
             let base = start * depth_words + column - start;
@@ -233,8 +236,8 @@ pub(super) struct PackedRows {
     /// One row's words before they are spread over its block.
     row_words: Vec<u32>,
     /// For bf16 words on AMX, instead of `words`: each row's words in
-    /// order (`PackedRows::pack_for_amx`).
-    row_major: Vec<u32>,
+    /// order (`PackedRows::pack_for_amx`), each row starting a cache line.
+    row_major: LineWords,
     kind: Words,
     rows: usize,
     k: usize,
@@ -675,6 +678,9 @@ mod chunks;
 
 #[path = "panel_gemm_magnitudes.rs"]
 mod magnitudes;
+
+#[path = "panel_gemm_line_words.rs"]
+mod line_words;
 
 #[cfg(target_arch = "x86_64")]
 #[path = "panel_gemm_avx512.rs"]

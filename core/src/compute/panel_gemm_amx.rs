@@ -99,7 +99,7 @@ impl PackedRows {
         let stride = kind.depth_words(k).next_multiple_of(TILE_WORDS);
         self.row_major.clear();
         self.row_major
-            .resize(rows.next_multiple_of(BLOCK_ROWS) * stride, 0);
+            .resize_zeroed(rows.next_multiple_of(BLOCK_ROWS) * stride);
         for (row, words) in self
             .row_major
             .chunks_exact_mut(stride)
@@ -127,7 +127,7 @@ impl PackedRows {
 /// [`PackedRows::pack_for_amx`] for its depth and rows, its output as
 /// [`Product`] says.
 pub(super) unsafe fn panels(product: &Product<'_>, indices: std::ops::Range<usize>) {
-    let mut tail = [0u32; TILE_WORDS * PANEL];
+    let mut tail = Tail([0u32; TILE_WORDS * PANEL]);
     let mut sums = Sums([0f32; SUMS]);
     // SAFETY: the CPU has AMX and the process its tile state (the
     // caller's promise); nothing between here and the release uses tiles.
@@ -144,12 +144,7 @@ pub(super) unsafe fn panels(product: &Product<'_>, indices: std::ops::Range<usiz
 ///
 /// # Safety
 /// As [`panels`], the tile configuration loaded.
-unsafe fn panel(
-    product: &Product<'_>,
-    index: usize,
-    tail: &mut [u32; TILE_WORDS * PANEL],
-    sums: &mut Sums,
-) {
+unsafe fn panel(product: &Product<'_>, index: usize, tail: &mut Tail, sums: &mut Sums) {
     let weights = product.weights;
     let depth_words = weights.kind.depth_words(weights.k);
     let (start, padded_width) = panel_bounds(weights.n, weights.panel, index);
@@ -161,7 +156,7 @@ unsafe fn panel(
     let tail_depth = depth_words % TILE_WORDS;
     if tail_depth > 0 {
         let (rows, zeros) =
-            tail[..TILE_WORDS * padded_width].split_at_mut(tail_depth * padded_width);
+            tail.0[..TILE_WORDS * padded_width].split_at_mut(tail_depth * padded_width);
         rows.copy_from_slice(&panel_words[full_steps * TILE_WORDS * padded_width..]);
         zeros.fill(0);
     }
@@ -171,7 +166,7 @@ unsafe fn panel(
         lhs: product.lhs_rows[first_row * lhs_stride..].as_ptr(),
         lhs_stride_bytes: lhs_stride * 4,
         weights: panel_words[first_column..].as_ptr(),
-        tail: tail[first_column..].as_ptr(),
+        tail: tail.0[first_column..].as_ptr(),
         weights_stride_bytes: padded_width * 4,
         full_steps,
         has_tail: tail_depth > 0,
@@ -214,6 +209,11 @@ const SUMS: usize = BLOCK_ROWS * 2 * TILE_COLUMNS;
 /// A block's sums, aligned as tile stores like them.
 #[repr(C, align(64))]
 struct Sums([f32; SUMS]);
+
+/// A panel's last depth tile of weights, zero past the depth; its rows
+/// start on cache lines, as the panel's own do.
+#[repr(C, align(64))]
+struct Tail([u32; TILE_WORDS * PANEL]);
 
 /// `asm!` with `$lines` on the operands of [`Block`] `$block`: activation
 /// tiles from `a0` and `a1` (strided `sa`), weights from `b` (strided

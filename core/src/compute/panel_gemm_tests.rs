@@ -458,6 +458,48 @@ fn panels_pad_to_whole_registers() {
     assert_eq!(packed.bytes(), 3 * 160 * 4);
 }
 
+/// Each register or tile row of weights the kernels load, and each AMX
+/// row of activations, is one whole cache line: never split across two.
+#[test]
+fn weights_and_amx_rows_start_on_cache_lines() {
+    let on_line = |address: *const u32| address as usize % 64 == 0;
+    for kind in [Words::F32, Words::Bf16Pairs] {
+        for (k, n, panel) in [
+            (301, 150, PANEL),
+            (5, 150, 16),
+            (64, 1, 32),
+            (2816, 1024, PANEL),
+        ] {
+            let packed = PanelMatrix::pack_in_panels(kind, k, n, panel, |_, _| 1.0);
+            let depth_words = kind.depth_words(k);
+            for index in 0..n.div_ceil(panel) {
+                let (start, padded_width) = panel_bounds(n, panel, index);
+                for depth in [0, depth_words / 2, depth_words - 1] {
+                    let row = start * depth_words + depth * padded_width;
+                    assert!(
+                        on_line(packed.words[row..].as_ptr()),
+                        "{kind:?} [{k}, {n}] in panels of {panel}: panel {index}, depth word {depth}"
+                    );
+                }
+            }
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        // One buffer, packed again at larger and smaller sizes.
+        let mut rng = rand::rngs::StdRng::seed_from_u64(17);
+        let mut packed = PackedRows::default();
+        for (rows, k) in [(3, 70), (40, 1024), (1, 33)] {
+            packed.pack_for_amx(&random(&mut rng, rows * k), rows, k);
+            let stride = Words::Bf16Pairs.depth_words(k).next_multiple_of(16);
+            for row in 0..rows {
+                let address = packed.row_major[row * stride..].as_ptr();
+                assert!(on_line(address), "row {row} of [{rows}, {k}]");
+            }
+        }
+    }
+}
+
 #[test]
 fn products_are_the_same_in_every_panel_width() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(13);
