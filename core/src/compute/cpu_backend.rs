@@ -250,7 +250,8 @@ impl CpuBackend {
     /// The work cut into pieces of at most `max_rows` rows, enough pieces
     /// for every thread to take two, but never below `min_task_rows` rows,
     /// where the GEMM loses efficiency; each piece with the parts it is
-    /// computed in.
+    /// computed in: small pieces in parts, and the last pieces handed out
+    /// too ([`split_the_tail`]).
     fn pieces<'work>(&self, work: &[ExpertWork<'work>]) -> Vec<Piece<'work>> {
         let total_rows: usize = work.iter().map(|item| item.rows.len()).sum();
         let min_rows = self.blocking.min_task_rows;
@@ -272,6 +273,9 @@ impl CpuBackend {
                     parts,
                 });
             }
+        }
+        if self.threads > 1 {
+            split_the_tail(&mut pieces, self.threads);
         }
         pieces
     }
@@ -322,6 +326,30 @@ impl CpuBackend {
                 }
             });
         }
+    }
+}
+
+/// Cuts the `threads` pieces handed out last (the smallest: tasks go out
+/// largest first) into their parts, so that the work ends in tasks a
+/// fraction of an expert long. Whole experts alone end unevenly whenever
+/// one thread runs slower for a while (another process, a busy host under
+/// a virtual machine): its last expert holds up the call while the other
+/// threads wait. Parts cost no GEMM speed (each is the expert's slices
+/// for all the piece's rows, as the whole expert computes them), only
+/// their terms' memory and the pass that adds them.
+fn split_the_tail(pieces: &mut [Piece<'_>], threads: usize) {
+    let mut whole: Vec<&mut Piece<'_>> = pieces
+        .iter_mut()
+        .filter(|piece| piece.parts == 1 && !piece.rows.is_empty())
+        .collect();
+    if whole.len() <= threads {
+        return;
+    }
+    // Stable, as the tasks' order is: among equals the later goes last.
+    whole.sort_by_key(|piece| std::cmp::Reverse(piece.rows.len()));
+    let first_of_tail = whole.len() - threads;
+    for piece in &mut whole[first_of_tail..] {
+        piece.parts = piece.expert.parts();
     }
 }
 
@@ -513,6 +541,72 @@ mod tests {
             let (got, want) = (outputs(&parallel, &in_parts), outputs(&serial, &whole));
             assert_eq!(got, want, "{format}");
             assert!(got.iter().all(|value| value.is_finite()) && got.iter().any(|&v| v != 0.0));
+        }
+    }
+
+    #[test]
+    fn the_last_pieces_go_out_in_parts_with_the_bits_of_whole_experts() {
+        // Prefill-sized pieces (each of at least the rows a task needs) of
+        // experts in three slices: the two handed out last, the smallest,
+        // go out in parts, and every output is as one thread computes it.
+        let (hidden, intermediate) = (64, 1600);
+        let loads = [300, 120, 250, 100, 180];
+        let tokens = 300;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(21);
+        let input: Vec<f32> = (0..tokens * hidden)
+            .map(|_| rng.random_range(-1f32..1.0))
+            .collect();
+        let assignments: Vec<(Vec<u32>, Vec<f32>)> = loads
+            .iter()
+            .map(|&load| {
+                let rows: Vec<u32> = (0..tokens as u32)
+                    .step_by(tokens / load)
+                    .take(load)
+                    .collect();
+                let weights = rows.iter().map(|_| rng.random_range(0f32..1.0)).collect();
+                (rows, weights)
+            })
+            .collect();
+        for format in [WeightFormat::F32, WeightFormat::Bf16] {
+            let backend = CpuBackend::with_format(2, format).unwrap();
+            let experts: Vec<_> = (0..loads.len() as u64)
+                .map(|seed| {
+                    backend
+                        .load_expert(random_expert(hidden, intermediate, seed))
+                        .unwrap()
+                })
+                .collect();
+            let work: Vec<ExpertWork<'_>> = experts
+                .iter()
+                .zip(&assignments)
+                .map(|(expert, (rows, weights))| ExpertWork {
+                    expert: expert.as_ref(),
+                    rows,
+                    weights,
+                })
+                .collect();
+            let cut: Vec<(usize, usize)> = backend
+                .pieces(&work)
+                .iter()
+                .map(|piece| (piece.rows.len(), piece.parts))
+                .collect();
+            assert_eq!(
+                cut,
+                [
+                    (150, 1),
+                    (150, 1),
+                    (120, 3),
+                    (125, 1),
+                    (125, 1),
+                    (100, 3),
+                    (180, 1)
+                ],
+                "{format}"
+            );
+            let got = backend.run_experts(&input, hidden, &work).unwrap();
+            let want = Sequential.run_experts(&input, hidden, &work).unwrap();
+            assert_eq!(got, want, "{format}");
+            assert!(got.iter().any(|&value| value != 0.0));
         }
     }
 

@@ -462,7 +462,7 @@ fn panels_pad_to_whole_registers() {
 /// row of activations, is one whole cache line: never split across two.
 #[test]
 fn weights_and_amx_rows_start_on_cache_lines() {
-    let on_line = |address: *const u32| address as usize % 64 == 0;
+    let on_line = |address: *const u32| (address as usize).is_multiple_of(64);
     for kind in [Words::F32, Words::Bf16Pairs] {
         for (k, n, panel) in [
             (301, 150, PANEL),
