@@ -446,6 +446,22 @@ mod tests {
         }
     }
 
+    /// Each expert's work: its rows and their routing weights.
+    fn work_of<'a>(
+        experts: &'a [Arc<dyn Expert>],
+        assignments: &'a [(Vec<u32>, Vec<f32>)],
+    ) -> Vec<ExpertWork<'a>> {
+        experts
+            .iter()
+            .zip(assignments)
+            .map(|(expert, (rows, weights))| ExpertWork {
+                expert: expert.as_ref(),
+                rows,
+                weights,
+            })
+            .collect()
+    }
+
     #[test]
     fn parallel_expert_tasks_combine_exactly_as_one_after_another() {
         let (hidden, intermediate, tokens) = (128, 192, 700);
@@ -474,15 +490,7 @@ mod tests {
                 (rows, weights)
             })
             .collect();
-        let work: Vec<ExpertWork<'_>> = experts
-            .iter()
-            .zip(&assignments)
-            .map(|(expert, (rows, weights))| ExpertWork {
-                expert: expert.as_ref(),
-                rows,
-                weights,
-            })
-            .collect();
+        let work = work_of(&experts, &assignments);
         let got = backend.run_experts(&input, hidden, &work).unwrap();
         let want = Sequential.run_experts(&input, hidden, &work).unwrap();
         assert_eq!(got, want);
@@ -576,15 +584,7 @@ mod tests {
                         .unwrap()
                 })
                 .collect();
-            let work: Vec<ExpertWork<'_>> = experts
-                .iter()
-                .zip(&assignments)
-                .map(|(expert, (rows, weights))| ExpertWork {
-                    expert: expert.as_ref(),
-                    rows,
-                    weights,
-                })
-                .collect();
+            let work = work_of(&experts, &assignments);
             let cut: Vec<(usize, usize)> = backend
                 .pieces(&work)
                 .iter()
