@@ -1,7 +1,8 @@
 //! [`CpuBackend`]: experts on the CPU. Every GEMM runs on the backend's own
 //! rayon pool, never on the async runtime, and a batch's experts run at
 //! once: whole experts, large ones cut into row ranges, one task per
-//! thread at a time, largest first. How the work is cut ([`CpuBlocking`],
+//! thread at a time, largest first, the last few (and small ones) in
+//! slices of the expert. How the work is cut ([`CpuBlocking`],
 //! the thread count) changes its speed, never a result: each row's output
 //! is the same bits with every cut and on every host (bf16 weights: on
 //! every host without AMX; see `panel_gemm`).
