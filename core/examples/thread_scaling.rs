@@ -61,7 +61,10 @@ fn main() {
         threads,
         period,
         expert_flops,
-        |_| experts.clone(),
+        |thread| {
+            let share = experts.iter().skip(thread % experts.len()).step_by(threads);
+            share.cloned().collect()
+        },
         &input,
         rows,
     );
@@ -73,7 +76,7 @@ fn main() {
         threads,
         period,
         expert_flops,
-        |_| mixtral_shaped::experts(&single, EXPERTS / threads as u32),
+        |_| mixtral_shaped::experts(&single, (EXPERTS / threads as u32).max(1)),
         &input,
         rows,
     );
@@ -128,7 +131,8 @@ fn rate(flops: f64, period: Duration, mut run: impl FnMut(usize)) -> f64 {
 }
 
 /// Aggregate GFLOP/s of `threads` threads computing, for `period`, each its
-/// own experts (`experts_of(thread)`, called on that thread) in turn.
+/// own experts (`experts_of(thread)`, called on that thread, so that it
+/// lays out any experts it makes) in turn.
 fn side_by_side(
     threads: usize,
     period: Duration,
@@ -143,12 +147,7 @@ fn side_by_side(
             .map(|thread| {
                 let (start, experts_of) = (&start, &experts_of);
                 scope.spawn(move || {
-                    let all = experts_of(thread);
-                    let mine: Vec<_> = if all.len() == EXPERTS as usize {
-                        all.into_iter().skip(thread).step_by(threads).collect()
-                    } else {
-                        all
-                    };
+                    let mine = experts_of(thread);
                     start.wait();
                     rate(expert_flops, period, |count| {
                         for index in 0..count {
