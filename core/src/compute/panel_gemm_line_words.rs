@@ -18,7 +18,7 @@ struct Line([u32; LINE_WORDS]);
 const LINE_WORDS: usize = 16;
 
 /// A growable buffer of words whose first word starts a cache line.
-#[derive(Clone, Default)]
+#[derive(Default)]
 pub(super) struct LineWords {
     lines: Vec<Line>,
     len: usize,
