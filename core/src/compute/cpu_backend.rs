@@ -7,7 +7,7 @@
 //! is the same bits with every cut and on every host (bf16 weights: on
 //! every host without AMX; see `panel_gemm`).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use super::buffering::CostModel;
 use super::cpu_expert::CpuExpert;
@@ -196,8 +196,8 @@ impl ComputeBackend for CpuBackend {
     /// synchronisation a multi-threaded GEMM pays inside each product.
     /// Pieces of few rows (a decode step's) cost their weights' bytes
     /// whatever their rows, so they go out in parts (slices of the
-    /// expert) for the threads to share evenly, and their terms are added
-    /// in order after.
+    /// expert) for the threads to share evenly; the task that brings a
+    /// piece's last term adds them in order ([`PartSum`]).
     fn expert_outputs(
         &self,
         input: &[f32],
@@ -207,42 +207,24 @@ impl ComputeBackend for CpuBackend {
         let pieces = self.pieces(work);
         let total_rows: usize = pieces.iter().map(|piece| piece.rows.len()).sum();
         let mut outputs = vec![0f32; total_rows * width];
-        let term_rows: usize = pieces
-            .iter()
-            .map(|piece| piece.parts * piece.rows.len())
-            .sum();
-        let mut terms = vec![0f32; term_rows * width];
-        let mut tasks = Vec::new();
-        let (mut rest, mut rest_terms) = (&mut outputs[..], &mut terms[..]);
+        let mut rest = &mut outputs[..];
+        let (mut whole, mut in_parts) = (Vec::new(), Vec::new());
         for piece in &pieces {
             let (output, tail) = std::mem::take(&mut rest).split_at_mut(piece.rows.len() * width);
             rest = tail;
             if piece.parts == 1 {
-                tasks.push(ExpertTask::new(piece, Part::Whole, output));
-                continue;
+                whole.push(ExpertTask::whole(piece, output));
+            } else {
+                in_parts.push((piece, PartSum::new(piece, output)));
             }
-            let (piece_terms, tail) =
-                std::mem::take(&mut rest_terms).split_at_mut(piece.parts * output.len());
-            rest_terms = tail;
-            for (part, term) in piece_terms.chunks_exact_mut(output.len()).enumerate() {
-                tasks.push(ExpertTask::new(piece, Part::Slice(part), term));
-            }
+        }
+        let mut tasks = whole;
+        for (piece, sum) in &in_parts {
+            tasks.extend((0..piece.parts).map(|part| ExpertTask::part(piece, part, sum)));
         }
         // Stable: an expert's parts stay together, in order.
         tasks.sort_by_key(|task| std::cmp::Reverse(task.rows.len()));
         self.run_tasks(input, width, tasks);
-        let (mut offset, mut term_offset) = (0, 0);
-        for piece in &pieces {
-            let len = piece.rows.len() * width;
-            if piece.parts > 1 {
-                let piece_terms = &terms[term_offset..term_offset + piece.parts * len];
-                piece
-                    .expert
-                    .sum_parts(piece_terms, &mut outputs[offset..offset + len]);
-                term_offset += piece_terms.len();
-            }
-            offset += len;
-        }
         Ok(outputs)
     }
 }
@@ -286,11 +268,11 @@ impl CpuBackend {
     /// at once, so a step never waits for a sleeping pool thread to wake:
     /// on a virtual machine whose idle cores halt, that took 0.05-5 ms
     /// after 15 ms idle (2-vCPU guest), as long as a decode step's compute.
-    fn run_tasks(&self, input: &[f32], width: usize, tasks: Vec<ExpertTask<'_, '_>>) {
+    fn run_tasks(&self, input: &[f32], width: usize, tasks: Vec<ExpertTask<'_, '_, '_>>) {
         let task_count = tasks.len();
         let queue = std::sync::Mutex::new(tasks.into_iter());
         let next = || queue.lock().expect("task queue").next();
-        let run = |task: ExpertTask<'_, '_>| {
+        let run = |task: ExpertTask<'_, '_, '_>| {
             GATHERED.with_borrow_mut(|gathered| {
                 gathered.clear();
                 for &row in task.rows {
@@ -298,10 +280,14 @@ impl CpuBackend {
                     gathered.extend_from_slice(&input[row * width..(row + 1) * width]);
                 }
                 let rows = task.rows.len();
-                match task.part {
-                    Part::Whole => task.expert.forward_serial(gathered, rows, task.output),
-                    Part::Slice(part) => {
-                        task.expert.forward_part(part, gathered, rows, task.output)
+                match task.destination {
+                    Destination::Whole(output) => {
+                        task.expert.forward_serial(gathered, rows, output)
+                    }
+                    Destination::Part { part, sum } => {
+                        let mut term = vec![0f32; rows * width];
+                        task.expert.forward_part(part, gathered, rows, &mut term);
+                        sum.add(task.expert, part, term);
                     }
                 }
             });
@@ -386,32 +372,82 @@ struct Piece<'work> {
     parts: usize,
 }
 
-/// What of its expert a task computes.
-#[derive(Clone, Copy)]
-enum Part {
-    /// The whole FFN, into the piece's outputs.
-    Whole,
-    /// One part's term ([`Expert::forward_part`]).
-    Slice(usize),
-}
-
-/// A piece, or one part of it, computed by one thread into its own slice
-/// of the outputs (or of the terms).
-struct ExpertTask<'work, 'out> {
+/// A piece or one part of it, computed by one thread.
+struct ExpertTask<'work, 'out, 'sum> {
     expert: &'work dyn Expert,
     rows: &'work [u32],
-    part: Part,
-    output: &'out mut [f32],
+    destination: Destination<'out, 'sum>,
 }
 
-impl<'work, 'out> ExpertTask<'work, 'out> {
-    fn new(piece: &Piece<'work>, part: Part, output: &'out mut [f32]) -> Self {
+/// Where a task's result goes.
+enum Destination<'out, 'sum> {
+    /// The whole FFN, into the piece's own slice of the outputs.
+    Whole(&'out mut [f32]),
+    /// One part's term ([`Expert::forward_part`]), to its piece's sum.
+    Part {
+        part: usize,
+        sum: &'sum PartSum<'out>,
+    },
+}
+
+impl<'work, 'out, 'sum> ExpertTask<'work, 'out, 'sum> {
+    fn whole(piece: &Piece<'work>, output: &'out mut [f32]) -> Self {
         Self {
             expert: piece.expert,
             rows: piece.rows,
-            part,
-            output,
+            destination: Destination::Whole(output),
         }
+    }
+
+    fn part(piece: &Piece<'work>, part: usize, sum: &'sum PartSum<'out>) -> Self {
+        Self {
+            expert: piece.expert,
+            rows: piece.rows,
+            destination: Destination::Part { part, sum },
+        }
+    }
+}
+
+/// A piece computed in parts: the terms its tasks have brought so far,
+/// and its slice of the outputs, which the task that brings the last
+/// term fills ([`Expert::sum_parts`], in part order). So the sums run on
+/// every thread while other tasks go on, not on one thread after all.
+struct PartSum<'out> {
+    arrived: Mutex<ArrivedTerms<'out>>,
+}
+
+struct ArrivedTerms<'out> {
+    /// By part; empty until that part's task brings it.
+    terms: Vec<Vec<f32>>,
+    count: usize,
+    output: Option<&'out mut [f32]>,
+}
+
+impl<'out> PartSum<'out> {
+    fn new(piece: &Piece<'_>, output: &'out mut [f32]) -> Self {
+        let arrived = ArrivedTerms {
+            terms: vec![Vec::new(); piece.parts],
+            count: 0,
+            output: Some(output),
+        };
+        Self {
+            arrived: Mutex::new(arrived),
+        }
+    }
+
+    /// Takes part `part`'s term of `expert`; with the last, sums them
+    /// into the output.
+    fn add(&self, expert: &dyn Expert, part: usize, term: Vec<f32>) {
+        let mut arrived = self.arrived.lock().expect("part sum");
+        arrived.terms[part] = term;
+        arrived.count += 1;
+        if arrived.count < arrived.terms.len() {
+            return;
+        }
+        let terms = std::mem::take(&mut arrived.terms);
+        let output = arrived.output.take().expect("a piece is summed once");
+        drop(arrived);
+        expert.sum_parts(&terms, output);
     }
 }
 

@@ -274,10 +274,10 @@ impl Expert for CpuExpert {
         SCRATCH.set(scratch);
     }
 
-    fn sum_parts(&self, terms: &[f32], output: &mut [f32]) {
-        let (first, rest) = terms.split_at(output.len());
+    fn sum_parts(&self, terms: &[Vec<f32>], output: &mut [f32]) {
+        let (first, rest) = terms.split_first().expect("an expert has parts");
         output.copy_from_slice(first);
-        for term in rest.chunks_exact(output.len().max(1)) {
+        for term in rest {
             add_into(output, term);
         }
         self.add_down_bias(output);

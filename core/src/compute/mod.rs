@@ -265,9 +265,9 @@ pub trait Expert: Send + Sync {
         self.forward_serial(input, rows, term);
     }
 
-    /// The FFN's output from every part's term (`[parts][rows, hidden]`),
-    /// the same bits as [`Expert::forward`].
-    fn sum_parts(&self, terms: &[f32], output: &mut [f32]) {
-        output.copy_from_slice(&terms[..output.len()]);
+    /// The FFN's output from every part's term (one `[rows, hidden]` each,
+    /// in part order), the same bits as [`Expert::forward`].
+    fn sum_parts(&self, terms: &[Vec<f32>], output: &mut [f32]) {
+        output.copy_from_slice(&terms[0]);
     }
 }
