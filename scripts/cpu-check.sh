@@ -5,7 +5,8 @@
 #   machine.txt      lscpu, memory nodes, thread siblings, huge pages
 #   scaling.txt      thread_scaling in f32 and bf16: one thread, threads
 #                    side by side (weights laid out by one thread or by
-#                    each), the backend's one call
+#                    each), in step (meeting every round, waiting asleep or
+#                    spinning), the backend's one call
 #   scaling-pairs.txt  the same on chosen pairs of CPUs (taskset): vCPUs
 #                    that share a core show up as a slow pair
 #   decode.txt       decode_step in bf16 and f32 against the read bound

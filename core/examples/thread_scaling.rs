@@ -9,17 +9,24 @@
 //! - **side by side, loaded by each**: the same, each thread laying out
 //!   its own experts' weights first (first touch puts them in its memory
 //!   node where the machine has several);
+//! - **in step, waiting asleep / awake**: the same threads meet after
+//!   every round of all eight experts, as a layer's forwards make them, and
+//!   wait out a serial gap (the gate and the combine) on one thread; the
+//!   others wait blocked in the kernel, or spinning;
 //! - **the backend**: one call computing all eight, as a layer's forward
 //!   does, on the backend's `threads`.
 //!
 //! Side by side at `threads` times the rate alone means the threads do not
 //! slow each other; a gap between the two kinds of loading points at memory
-//! placement; the backend below side by side points at how it hands out
-//! work.
+//! placement. In step asleep below awake points at the wake-ups: under a
+//! hypervisor a woken vCPU may be placed beside its waker on one physical
+//! core, which two processes that never wake each other escape. The
+//! backend below in step points at how it hands out work.
 //!
-//!     cargo run --release -p moemesh-core --example thread_scaling -- [rows] [threads] [seconds] [f32|bf16]
+//!     cargo run --release -p moemesh-core --example thread_scaling -- [rows] [threads] [seconds] [f32|bf16] [gap µs]
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use mixtral_shaped::{HIDDEN, INTERMEDIATE, pseudo_random};
@@ -40,6 +47,7 @@ fn main() {
         .get(3)
         .map_or(Ok(WeightFormat::F32), |arg| arg.parse())
         .expect("f32 or bf16");
+    let gap = Duration::from_micros(number(4, 500) as u64);
     let period = Duration::from_secs(seconds as u64);
     let input = pseudo_random(rows * HIDDEN, 4);
     let expert_flops = 2.0 * rows as f64 * 3.0 * (HIDDEN * INTERMEDIATE) as f64;
@@ -85,6 +93,37 @@ fn main() {
         own / alone / threads as f64
     );
 
+    for awake in [false, true] {
+        let work = Work {
+            experts: &experts,
+            input: &input,
+            rows,
+            expert_flops,
+        };
+        let in_step = in_step(threads, period, gap, awake, &work);
+        println!(
+            "in step, waiting {}:           {in_step:6.1} GFLOP/s ({:.2} of side by side)",
+            if awake { "awake " } else { "asleep" },
+            in_step / shared
+        );
+    }
+
+    let layer = backend_calls(threads, format, period, &input, rows);
+    println!(
+        "the backend, all {EXPERTS} in one call:     {layer:6.1} GFLOP/s ({:.2} of side by side)",
+        layer / shared
+    );
+}
+
+/// GFLOP/s of a `threads`-thread backend's calls on all eight experts at
+/// once, as a layer's forward makes them.
+fn backend_calls(
+    threads: usize,
+    format: WeightFormat,
+    period: Duration,
+    input: &[f32],
+    rows: usize,
+) -> f64 {
     let backend = CpuBackend::with_format(threads, format).expect("thread pool");
     let experts = mixtral_shaped::experts(&backend, EXPERTS);
     let all_rows: Vec<u32> = (0..rows as u32).collect();
@@ -97,19 +136,16 @@ fn main() {
             weights: &weights,
         })
         .collect();
-    let layer = rate(expert_flops * EXPERTS as f64, period, |count| {
+    let expert_flops = 2.0 * rows as f64 * 3.0 * (HIDDEN * INTERMEDIATE) as f64;
+    rate(expert_flops * EXPERTS as f64, period, |count| {
         for _ in 0..count {
             std::hint::black_box(
                 backend
-                    .expert_outputs(&input, HIDDEN, &work)
+                    .expert_outputs(input, HIDDEN, &work)
                     .expect("forward"),
             );
         }
-    });
-    println!(
-        "the backend, all {EXPERTS} in one call:     {layer:6.1} GFLOP/s ({:.2} of side by side)",
-        layer / shared
-    );
+    })
 }
 
 /// One expert's forward on `rows` rows of `input`.
@@ -163,4 +199,107 @@ fn side_by_side(
             .collect()
     });
     rates.iter().sum()
+}
+
+/// The experts `in_step` computes, on what, and the FLOPs of one.
+struct Work<'a> {
+    experts: &'a [Arc<dyn Expert>],
+    input: &'a [f32],
+    rows: usize,
+    expert_flops: f64,
+}
+
+/// GFLOP/s of `threads` threads computing rounds of all the experts, each
+/// its share, then waiting for the others and for a serial `gap` on thread
+/// 0; waiting `awake` spins, else blocks.
+fn in_step(threads: usize, period: Duration, gap: Duration, awake: bool, work: &Work<'_>) -> f64 {
+    let meeting = Meeting::new(threads, awake);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let compute_share = |thread: usize| {
+        for expert in work.experts.iter().skip(thread).step_by(threads) {
+            forward(&**expert, work.input, work.rows);
+        }
+    };
+    let started = Instant::now();
+    let rounds = std::thread::scope(|scope| {
+        for thread in 1..threads {
+            let (meeting, stop, compute_share) = (&meeting, &stop, &compute_share);
+            scope.spawn(move || {
+                loop {
+                    meeting.wait();
+                    if stop.load(Ordering::Acquire) {
+                        return;
+                    }
+                    compute_share(thread);
+                    meeting.wait();
+                }
+            });
+        }
+        let mut rounds = 0;
+        loop {
+            let serial = Instant::now();
+            while serial.elapsed() < gap {
+                std::hint::spin_loop();
+            }
+            let done = started.elapsed() >= period;
+            stop.store(done, Ordering::Release);
+            meeting.wait();
+            if done {
+                return rounds;
+            }
+            compute_share(0);
+            meeting.wait();
+            rounds += 1;
+        }
+    });
+    let flops = rounds as f64 * work.experts.len() as f64 * work.expert_flops;
+    flops / started.elapsed().as_secs_f64() / 1e9
+}
+
+/// Where `in_step`'s threads wait for each other: the standard barrier
+/// (blocked in the kernel) or one that spins.
+enum Meeting {
+    Asleep(std::sync::Barrier),
+    Awake {
+        threads: usize,
+        arrived: AtomicUsize,
+        generation: AtomicUsize,
+    },
+}
+
+impl Meeting {
+    fn new(threads: usize, awake: bool) -> Self {
+        if awake {
+            Self::Awake {
+                threads,
+                arrived: AtomicUsize::new(0),
+                generation: AtomicUsize::new(0),
+            }
+        } else {
+            Self::Asleep(std::sync::Barrier::new(threads))
+        }
+    }
+
+    fn wait(&self) {
+        match self {
+            Self::Asleep(barrier) => {
+                barrier.wait();
+            }
+            Self::Awake {
+                threads,
+                arrived,
+                generation,
+            } => {
+                let current = generation.load(Ordering::Acquire);
+                if arrived.fetch_add(1, Ordering::AcqRel) + 1 == *threads {
+                    arrived.store(0, Ordering::Relaxed);
+                    generation.fetch_add(1, Ordering::Release);
+                } else {
+                    while generation.load(Ordering::Acquire) == current {
+                        std::hint::spin_loop();
+                    }
+                }
+            }
+        }
+    }
 }
