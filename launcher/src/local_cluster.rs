@@ -529,7 +529,10 @@ pub async fn run_up(args: UpCommandArgs, tls: &TlsArgs) -> anyhow::Result<()> {
     }
     shutdown_signal(false).await;
     eprintln!("stopping the cluster");
-    cluster.shutdown().await
+    cluster.shutdown().await?;
+    // A member that would not stop or exited with an error was named above.
+    eprintln!("cluster stopped");
+    Ok(())
 }
 
 #[cfg(test)]

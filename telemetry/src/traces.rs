@@ -1,5 +1,5 @@
 //! Logs and traces. Every process logs to stderr (filtered by `RUST_LOG`,
-//! `info` by default). When `OTEL_EXPORTER_OTLP_ENDPOINT` (or
+//! `info` by default; in colour only on a terminal). When `OTEL_EXPORTER_OTLP_ENDPOINT` (or
 //! `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set, its spans also go to that
 //! OTLP/gRPC collector, in batches; when neither is set, nothing is exported
 //! and nothing is spent building spans for export.
@@ -9,6 +9,7 @@
 //! context on an outgoing call, and [`TraceContextLayer`] makes each
 //! incoming call's span a child of the caller's.
 
+use std::io::IsTerminal;
 use std::task::{Context, Poll};
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
@@ -77,6 +78,10 @@ pub fn init(service_name: &str) -> Result<TracingGuard, TracingError> {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let logs = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
+        .with_ansi(log_colors(
+            std::io::stderr().is_terminal(),
+            std::env::var_os("NO_COLOR"),
+        ))
         .with_filter(log_filter);
     let provider = export_requested()
         .then(|| tracer_provider(service_name))
@@ -93,6 +98,13 @@ pub fn init(service_name: &str) -> Result<TracingGuard, TracingError> {
         .with(spans)
         .try_init()?;
     Ok(TracingGuard { provider })
+}
+
+/// Whether log lines carry colours: only on a terminal, so that logs a
+/// file, a pipe or Kubernetes collects stay plain text, and not when
+/// `NO_COLOR` is set to anything (no-color.org).
+fn log_colors(stderr_is_terminal: bool, no_color: Option<std::ffi::OsString>) -> bool {
+    stderr_is_terminal && no_color.is_none_or(|value| value.is_empty())
 }
 
 fn tracer_provider(service_name: &str) -> Result<SdkTracerProvider, TracingError> {
@@ -201,4 +213,17 @@ where
 /// Health checks and reflection: calls that say nothing about a request.
 fn is_infrastructure(method: &str) -> bool {
     method.starts_with("/grpc.health.") || method.starts_with("/grpc.reflection.")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn logs_are_coloured_only_on_a_terminal_without_no_color() {
+        assert!(log_colors(true, None));
+        assert!(log_colors(true, Some("".into())));
+        assert!(!log_colors(false, None));
+        assert!(!log_colors(true, Some("1".into())));
+    }
 }
