@@ -64,7 +64,8 @@ fn exp_approx(x: f32) -> f32 {
     // 1.5 · 2^23: adding and subtracting it rounds to the nearest integer.
     const ROUND: f32 = 12_582_912.0;
     let x = x.clamp(-87.3, 88.7);
-    let n = (x * LOG2_E + ROUND) - ROUND;
+    let rounded = x * LOG2_E + ROUND;
+    let n = rounded - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;
     let mut p = 1.987_569_1e-4;
     p = p * r + 1.398_199_9e-3;
@@ -74,8 +75,10 @@ fn exp_approx(x: f32) -> f32 {
     p = p * r + 5e-1;
     let e_r = p * r * r + r + 1.0;
     // 2^n by building the exponent; n is in [-126, 128] after the clamp,
-    // so split it in two to stay finite and normal at both ends.
-    let n = n as i32;
+    // so split it in two to stay finite and normal at both ends. n as an
+    // integer is the low bits of `rounded` (its unit is 1 there): read so,
+    // it vectorises, where `n as i32` converts lane by lane to saturate.
+    let n = rounded.to_bits() as i32 - ROUND.to_bits() as i32;
     let half = n >> 1;
     let scale = |power: i32| f32::from_bits(((power + 127) as u32) << 23);
     e_r * scale(half) * scale(n - half)
