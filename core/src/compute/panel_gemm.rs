@@ -84,8 +84,36 @@ impl Words {
 
     /// Every word of a row of `values` into `words`, in order. The
     /// arithmetic has no branches, so that the compiler vectorizes it: a
-    /// prefill rounds every activation it packs.
+    /// prefill rounds every activation it packs. Built for the widest
+    /// vectors the CPU has, as the kernels are.
     fn row_words(self, values: &[f32], words: &mut [u32]) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512bw") {
+            // SAFETY: the CPU has AVX-512 BW (and so F), checked just above.
+            return unsafe { self.row_words_avx512(values, words) };
+        }
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2, checked just above.
+            return unsafe { self.row_words_avx2(values, words) };
+        }
+        self.row_words_portable(values, words);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn row_words_avx512(self, values: &[f32], words: &mut [u32]) {
+        self.row_words_portable(values, words);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn row_words_avx2(self, values: &[f32], words: &mut [u32]) {
+        self.row_words_portable(values, words);
+    }
+
+    #[inline(always)]
+    fn row_words_portable(self, values: &[f32], words: &mut [u32]) {
         match self {
             Self::F32 => {
                 for (word, value) in words.iter_mut().zip(values) {
@@ -110,6 +138,7 @@ impl Words {
 /// NaN with its high bits, as `half::bf16::from_f32` does), a subnormal
 /// flushed to zero as `vdpbf16ps` reads it. Without branches (see
 /// [`Words::row_words`]).
+#[inline(always)]
 fn to_bf16_bits(value: f32) -> u32 {
     let bits = value.to_bits();
     // Adding just under half a unit of the last kept place, plus its

@@ -352,6 +352,35 @@ fn rounding_to_bf16_matches_the_half_crate_and_flushes_subnormals() {
 }
 
 #[test]
+fn rows_pack_to_the_portable_words_on_every_cpu() {
+    // What this CPU runs (its widest vectors) against the portable loop a
+    // CPU without them runs: every sign, exponent and high mantissa with
+    // the low bits that decide rounding, in rows of every length up to two
+    // registers and more, so that every remainder and an odd tail occur.
+    let values: Vec<f32> = (0..=u16::MAX as u32)
+        .flat_map(|high| [0, 0x7fff, 0x8000, 0x8001].map(|low| f32::from_bits(high << 16 | low)))
+        .collect();
+    for kind in [Words::F32, Words::Bf16Pairs] {
+        let (mut start, mut lengths) = (0, (1..=70).cycle());
+        while start < values.len() {
+            let len = lengths.next().expect("cycles");
+            let row = &values[start..(start + len).min(values.len())];
+            let words_of = |row_words: fn(Words, &[f32], &mut [u32])| {
+                let mut words = vec![0u32; kind.depth_words(row.len())];
+                row_words(kind, row, &mut words);
+                words
+            };
+            assert_eq!(
+                words_of(Words::row_words),
+                words_of(Words::row_words_portable),
+                "{kind:?}, {len} values from {start}"
+            );
+            start += len;
+        }
+    }
+}
+
+#[test]
 fn magnitudes_are_the_smallest_nonzero_and_the_largest_value() {
     let cases: [&[f32]; 6] = [
         &[],
