@@ -1,8 +1,9 @@
 //! Logs and traces. Every process logs to stderr (filtered by `RUST_LOG`,
-//! `info` by default; in colour only on a terminal). When `OTEL_EXPORTER_OTLP_ENDPOINT` (or
-//! `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set, its spans also go to that
-//! OTLP/gRPC collector, in batches; when neither is set, nothing is exported
-//! and nothing is spent building spans for export.
+//! `info` by default; in colour only on a terminal). When
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`)
+//! is set, its spans also go to that OTLP/gRPC collector, in batches; when
+//! neither is set, nothing is exported and nothing is spent building spans
+//! for export.
 //!
 //! Spans cross process boundaries as W3C trace context (`traceparent`,
 //! `tracestate`) in gRPC metadata: [`inject`] stamps the current span's
@@ -102,7 +103,7 @@ pub fn init(service_name: &str) -> Result<TracingGuard, TracingError> {
 
 /// Whether log lines carry colours: only on a terminal, so that logs a
 /// file, a pipe or Kubernetes collects stay plain text, and not when
-/// `NO_COLOR` is set to anything (no-color.org).
+/// `NO_COLOR` is set and not empty (no-color.org).
 fn log_colors(stderr_is_terminal: bool, no_color: Option<std::ffi::OsString>) -> bool {
     stderr_is_terminal && no_color.is_none_or(|value| value.is_empty())
 }

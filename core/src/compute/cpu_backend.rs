@@ -416,6 +416,7 @@ struct PartSum<'out> {
     arrived: Mutex<ArrivedTerms<'out>>,
 }
 
+/// What a [`PartSum`] holds under its lock.
 struct ArrivedTerms<'out> {
     /// By part; empty until that part's task brings it.
     terms: Vec<Vec<f32>>,

@@ -75,9 +75,10 @@ fn exp_approx(x: f32) -> f32 {
     p = p * r + 5e-1;
     let e_r = p * r * r + r + 1.0;
     // 2^n by building the exponent; n is in [-126, 128] after the clamp,
-    // so split it in two to stay finite and normal at both ends. n as an
-    // integer is the low bits of `rounded` (its unit is 1 there): read so,
-    // it vectorises, where `n as i32` converts lane by lane to saturate.
+    // so split it in two to stay finite and normal at both ends. As an
+    // integer, n is the low bits of `rounded`, whose last place is worth 1:
+    // read there, it vectorises, where `n as i32` converts lane by lane (a
+    // saturating cast).
     let n = rounded.to_bits() as i32 - ROUND.to_bits() as i32;
     let half = n >> 1;
     let scale = |power: i32| f32::from_bits(((power + 127) as u32) << 23);
