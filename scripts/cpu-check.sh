@@ -18,7 +18,8 @@
 #   cargo build --release -p moemesh-core --example thread_scaling --example decode_step
 # Usage: scripts/cpu-check.sh [BINARY_DIR] [OUT_DIR] [THREADS]
 #   BINARY_DIR holds moemesh, thread_scaling and decode_step (default: the
-#   release build's places); OUT_DIR defaults to cpu-check; THREADS to 2.
+#   release build's places, built first where cargo is); OUT_DIR defaults
+#   to cpu-check; THREADS to 2.
 # A few minutes (a minute and a half on a 2-vCPU Zen 5 guest).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -26,6 +27,11 @@ bin=${1:-}
 out=${2:-cpu-check}
 threads=${3:-2}
 mkdir -p "$out"
+if [[ -z "$bin" ]] && command -v cargo >/dev/null; then
+    echo "cpu-check: building the release binary and examples" >&2
+    cargo build --release --quiet -p moemesh || exit 1
+    cargo build --release --quiet -p moemesh-core --example thread_scaling --example decode_step || exit 1
+fi
 binary() {
     if [[ -n "$bin" ]]; then echo "$bin/$1"
     elif [[ $1 == moemesh ]]; then echo target/release/moemesh
