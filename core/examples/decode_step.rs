@@ -9,7 +9,7 @@
 use std::time::Instant;
 
 use mixtral_shaped::{HIDDEN, pseudo_random};
-use moemesh_core::compute::{ComputeBackend, CpuBackend, ExpertWork, WeightFormat};
+use moemesh_core::compute::{ComputeBackend, CpuBackend, ExpertWork};
 
 mod mixtral_shaped;
 
@@ -17,16 +17,9 @@ const EXPERTS: u32 = 8;
 const TOP_K: usize = 2;
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let number = |index: usize, default: usize| {
-        args.get(index)
-            .map_or(default, |arg| arg.parse().expect("numeric arguments"))
-    };
-    let (tokens, threads, steps) = (number(0, 8), number(1, 0), number(2, 40));
-    let format: WeightFormat = args
-        .get(3)
-        .map_or(Ok(WeightFormat::F32), |arg| arg.parse())
-        .expect("f32 or bf16");
+    let args = mixtral_shaped::Args::from_env();
+    let (tokens, threads, steps) = (args.number(0, 8), args.number(1, 0), args.number(2, 40));
+    let format = args.format(3);
     let hidden = HIDDEN;
     let backend = CpuBackend::with_format(threads, format).expect("thread pool");
     let experts = mixtral_shaped::experts(&backend, EXPERTS);

@@ -9,21 +9,14 @@ use std::time::Instant;
 
 use gemm::Parallelism;
 use mixtral_shaped::{HIDDEN, INTERMEDIATE, pseudo_random};
-use moemesh_core::compute::{ComputeBackend, CpuBackend, WeightFormat, matmul};
+use moemesh_core::compute::{ComputeBackend, CpuBackend, matmul};
 
 mod mixtral_shaped;
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let number = |index: usize, default: usize| {
-        args.get(index)
-            .map_or(default, |arg| arg.parse().expect("numeric arguments"))
-    };
-    let (tokens, threads, repeats) = (number(0, 512), number(1, 0), number(2, 20));
-    let format: WeightFormat = args
-        .get(3)
-        .map_or(Ok(WeightFormat::F32), |arg| arg.parse())
-        .expect("f32 or bf16");
+    let args = mixtral_shaped::Args::from_env();
+    let (tokens, threads, repeats) = (args.number(0, 512), args.number(1, 0), args.number(2, 20));
+    let format = args.format(3);
     let (hidden, intermediate) = (HIDDEN, INTERMEDIATE);
     let backend = CpuBackend::with_format(threads, format).expect("thread pool");
     let experts = mixtral_shaped::experts(&backend, 8);

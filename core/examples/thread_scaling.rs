@@ -37,17 +37,10 @@ mod mixtral_shaped;
 const EXPERTS: u32 = 8;
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let number = |index: usize, default: usize| {
-        args.get(index)
-            .map_or(default, |arg| arg.parse().expect("numeric arguments"))
-    };
-    let (rows, threads, seconds) = (number(0, 128), number(1, 2), number(2, 3));
-    let format: WeightFormat = args
-        .get(3)
-        .map_or(Ok(WeightFormat::F32), |arg| arg.parse())
-        .expect("f32 or bf16");
-    let gap = Duration::from_micros(number(4, 500) as u64);
+    let args = mixtral_shaped::Args::from_env();
+    let (rows, threads, seconds) = (args.number(0, 128), args.number(1, 2), args.number(2, 3));
+    let format = args.format(3);
+    let gap = Duration::from_micros(args.number(4, 500) as u64);
     let period = Duration::from_secs(seconds as u64);
     let input = pseudo_random(rows * HIDDEN, 4);
     let expert_flops = 2.0 * rows as f64 * 3.0 * (HIDDEN * INTERMEDIATE) as f64;

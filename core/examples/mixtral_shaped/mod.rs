@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use moemesh_core::compute::{ComputeBackend, Expert};
+use moemesh_core::compute::{ComputeBackend, Expert, WeightFormat};
 use moemesh_core::model::checkpoint::ExpertWeights;
 use moemesh_core::model::config::Activation;
 
@@ -35,4 +35,28 @@ pub fn pseudo_random(len: usize, seed: u32) -> Vec<f32> {
     (0..len as u32)
         .map(|i| ((i.wrapping_mul(2654435761) ^ seed) % 2000) as f32 / 10000.0 - 0.1)
         .collect()
+}
+
+/// An example's positional arguments: numbers, then maybe a weight format.
+pub struct Args(Vec<String>);
+
+impl Args {
+    pub fn from_env() -> Self {
+        Self(std::env::args().skip(1).collect())
+    }
+
+    /// Argument `index` as a number, `default` when it is absent.
+    pub fn number(&self, index: usize, default: usize) -> usize {
+        self.0
+            .get(index)
+            .map_or(default, |arg| arg.parse().expect("numeric arguments"))
+    }
+
+    /// Argument `index` as a weight format, f32 when it is absent.
+    pub fn format(&self, index: usize) -> WeightFormat {
+        self.0
+            .get(index)
+            .map_or(Ok(WeightFormat::F32), |arg| arg.parse())
+            .expect("f32 or bf16")
+    }
 }
