@@ -7,6 +7,7 @@
 //! is the same bits with every cut and on every host (bf16 weights: on
 //! every host without AMX; see `panel_gemm`).
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::buffering::CostModel;
@@ -265,9 +266,15 @@ impl CpuBackend {
 
     /// Runs `tasks`, each on one thread: the caller and `threads - 1` of
     /// the pool's threads take the next as they finish. The caller starts
-    /// at once, so a step never waits for a sleeping pool thread to wake:
-    /// on a virtual machine whose idle cores halt, that took 0.05-5 ms
-    /// after 15 ms idle (2-vCPU guest), as long as a decode step's compute.
+    /// at once, so a step never waits for a sleeping pool thread to wake.
+    ///
+    /// The call wakes every pool thread, one more than take tasks. On a
+    /// virtual machine, a thread woken after its vCPU has idled a while is
+    /// often queued on the waker's own vCPU (the guest scheduler takes the
+    /// halted vCPU for a busy one) and starts only when the waker's time
+    /// slice ends: on a 2-vCPU guest, 1.9 ms after 10 ms idle, as long as
+    /// a decode step, which then ran at one thread's speed. Of two threads
+    /// woken, one reached the idle vCPU within 50-80 µs.
     fn run_tasks(&self, input: &[f32], width: usize, tasks: Vec<ExpertTask<'_, '_, '_>>) {
         let task_count = tasks.len();
         let queue = std::sync::Mutex::new(tasks.into_iter());
@@ -300,13 +307,19 @@ impl CpuBackend {
                 run(task);
             }
         } else {
+            // The first `threads - 1` pool threads to start take tasks; the
+            // last returns at once.
+            let started = AtomicUsize::new(0);
+            let helper = || {
+                if started.fetch_add(1, Ordering::Relaxed) + 1 < self.threads {
+                    while let Some(task) = next() {
+                        run(task);
+                    }
+                }
+            };
             self.pool.in_place_scope(|scope| {
-                for _ in 1..self.threads {
-                    scope.spawn(|_| {
-                        while let Some(task) = next() {
-                            run(task);
-                        }
-                    });
+                for _ in 0..self.threads {
+                    scope.spawn(|_| helper());
                 }
                 while let Some(task) = next() {
                     run(task);
@@ -464,6 +477,68 @@ mod tests {
     use super::*;
     use crate::compute::cpu_expert::tests::random_expert;
     use crate::model::checkpoint::ExpertBiases;
+
+    /// An expert that passes its input through, noting the thread of each
+    /// call; each takes a millisecond, so that every thread woken for a
+    /// call finds tasks left to take.
+    #[derive(Default)]
+    struct ThreadRecorder {
+        threads: Mutex<Vec<std::thread::ThreadId>>,
+    }
+
+    impl Expert for ThreadRecorder {
+        fn hidden_size(&self) -> usize {
+            4
+        }
+        fn weight_bytes(&self) -> usize {
+            0
+        }
+        fn forward(&self, input: &[f32], _rows: usize, output: &mut [f32]) {
+            self.threads
+                .lock()
+                .unwrap()
+                .push(std::thread::current().id());
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            output.copy_from_slice(input);
+        }
+    }
+
+    #[test]
+    fn a_call_computes_on_no_more_threads_than_the_backend_has() {
+        const WIDTH: usize = 4;
+        for threads in [2, 3] {
+            let backend = CpuBackend::new(threads).unwrap();
+            let experts: Vec<ThreadRecorder> = (0..24).map(|_| ThreadRecorder::default()).collect();
+            let rows: Vec<[u32; 1]> = (0..experts.len() as u32).map(|row| [row]).collect();
+            let work: Vec<ExpertWork<'_>> = experts
+                .iter()
+                .zip(&rows)
+                .map(|(expert, rows)| ExpertWork {
+                    expert,
+                    rows,
+                    weights: &[1.0],
+                })
+                .collect();
+            let input: Vec<f32> = (0..experts.len() * WIDTH)
+                .map(|value| value as f32)
+                .collect();
+            for call in 0..3 {
+                // Every pool thread is woken; one of them must not compute.
+                let output = backend.run_experts(&input, WIDTH, &work).unwrap();
+                assert_eq!(output, input, "{threads} threads, call {call}");
+                let calls: Vec<_> = experts
+                    .iter()
+                    .flat_map(|expert| std::mem::take(&mut *expert.threads.lock().unwrap()))
+                    .collect();
+                assert_eq!(calls.len(), experts.len(), "each task runs once");
+                let computing: std::collections::HashSet<_> = calls.into_iter().collect();
+                assert!(
+                    computing.len() <= threads,
+                    "{threads} threads, call {call}: {computing:?}"
+                );
+            }
+        }
+    }
 
     /// The experts' work run one expert after another, as the trait's
     /// provided method does.
