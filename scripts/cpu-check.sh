@@ -9,7 +9,9 @@
 #                    spinning), the backend's one call
 #   scaling-pairs.txt  the same on chosen pairs of CPUs (taskset): vCPUs
 #                    that share a core show up as a slow pair
-#   decode.txt       decode_step in bf16 and f32 against the read bound
+#   decode.txt       decode_step in bf16 and f32 against the read bound,
+#                    back to back and 10 ms apart (compute threads that
+#                    wake from idle vCPUs)
 #   bench-N.json     two `moemesh bench --json` runs (needs torch for the
 #                    PyTorch contestant; --no-torch otherwise)
 #
@@ -59,9 +61,11 @@ if ((cpus >= 4 && threads == 2)); then
     done >"$out/scaling-pairs.txt" 2>&1
 fi
 
-echo "cpu-check: decode steps" >&2
-for format in bf16 f32; do
-    timeout 60 "$(binary decode_step)" 8 "$threads" 40 "$format"
+echo "cpu-check: decode steps, back to back and 10 ms apart" >&2
+for idle_ms in 0 10; do
+    for format in bf16 f32; do
+        timeout 60 "$(binary decode_step)" 8 "$threads" 40 "$format" "$idle_ms"
+    done
 done >"$out/decode.txt" 2>&1
 
 torch=()

@@ -2,9 +2,12 @@
 //! bandwidth, in the same run: `tokens` tokens routed top-2 over 8
 //! Mixtral-shaped experts (hidden 1024, intermediate 2816) must stream the
 //! weights of every expert they touch once, so the step's time is bounded
-//! below by those bytes over the bandwidth a plain read reaches.
+//! below by those bytes over the bandwidth a plain read reaches. With
+//! `idle_ms`, the process sleeps that long before each step, as a node at
+//! low load idles between requests: on a virtual machine the compute
+//! threads then wake from halted vCPUs.
 //!
-//!     cargo run --release -p moemesh-core --example decode_step -- [tokens] [threads] [steps] [f32|bf16]
+//!     cargo run --release -p moemesh-core --example decode_step -- [tokens] [threads] [steps] [f32|bf16] [idle_ms]
 
 use std::time::Instant;
 
@@ -20,6 +23,7 @@ fn main() {
     let args = mixtral_shaped::Args::from_env();
     let (tokens, threads, steps) = (args.number(0, 8), args.number(1, 0), args.number(2, 40));
     let format = args.format(3);
+    let idle = std::time::Duration::from_millis(args.number(4, 0) as u64);
     let hidden = HIDDEN;
     let backend = CpuBackend::with_format(threads, format).expect("thread pool");
     let experts = mixtral_shaped::experts(&backend, EXPERTS);
@@ -39,6 +43,7 @@ fn main() {
                 weights,
             })
             .collect();
+        std::thread::sleep(idle);
         let started = Instant::now();
         std::hint::black_box(backend.run_experts(&input, hidden, &work).expect("step"));
         let seconds = started.elapsed().as_secs_f64();
@@ -63,8 +68,13 @@ fn main() {
     rates.sort_by(f64::total_cmp);
     read_rates.sort_by(f64::total_cmp);
     let (step_rate, read_rate) = (rates[rates.len() / 2], read_rates[read_rates.len() / 2]);
+    let idle = if idle.is_zero() {
+        String::new()
+    } else {
+        format!(" {} ms apart", idle.as_millis())
+    };
     println!(
-        "decode {tokens} tokens on {}: weights streamed at {step_rate:.1} GB/s (median of {steps} steps), \
+        "decode {tokens} tokens{idle} on {}: weights streamed at {step_rate:.1} GB/s (median of {steps} steps), \
          a plain read at {read_rate:.1} GB/s: {:.2} of the bound",
         backend.describe(),
         step_rate / read_rate
