@@ -274,7 +274,7 @@ impl CpuBackend {
     /// halted vCPU for a busy one) and starts only when the waker's time
     /// slice ends: on a 2-vCPU guest, 1.9 ms after 10 ms idle, as long as
     /// a decode step, which then ran at one thread's speed. Of two threads
-    /// woken, one reached the idle vCPU within 50-80 µs.
+    /// woken, one reached the idle vCPU 50-90 µs after the wake (p50).
     fn run_tasks(&self, input: &[f32], width: usize, tasks: Vec<ExpertTask<'_, '_, '_>>) {
         let task_count = tasks.len();
         let queue = std::sync::Mutex::new(tasks.into_iter());
