@@ -68,13 +68,13 @@ fn main() {
     rates.sort_by(f64::total_cmp);
     read_rates.sort_by(f64::total_cmp);
     let (step_rate, read_rate) = (rates[rates.len() / 2], read_rates[read_rates.len() / 2]);
-    let idle = if idle.is_zero() {
+    let apart = if idle.is_zero() {
         String::new()
     } else {
         format!(" {} ms apart", idle.as_millis())
     };
     println!(
-        "decode {tokens} tokens{idle} on {}: weights streamed at {step_rate:.1} GB/s (median of {steps} steps), \
+        "decode {tokens} tokens{apart} on {}: weights streamed at {step_rate:.1} GB/s (median of {steps} steps), \
          a plain read at {read_rate:.1} GB/s: {:.2} of the bound",
         backend.describe(),
         step_rate / read_rate

@@ -43,7 +43,7 @@ fn main() {
     let gap = Duration::from_micros(args.number(4, 500) as u64);
     let period = Duration::from_secs(seconds as u64);
     let input = pseudo_random(rows * HIDDEN, 4);
-    let expert_flops = 2.0 * rows as f64 * 3.0 * (HIDDEN * INTERMEDIATE) as f64;
+    let expert_flops = expert_flops(rows);
     let single = CpuBackend::with_format(1, format).expect("thread pool");
     let experts = mixtral_shaped::experts(&single, EXPERTS);
     println!(
@@ -129,8 +129,7 @@ fn backend_calls(
             weights: &weights,
         })
         .collect();
-    let expert_flops = 2.0 * rows as f64 * 3.0 * (HIDDEN * INTERMEDIATE) as f64;
-    rate(expert_flops * EXPERTS as f64, period, |count| {
+    rate(expert_flops(rows) * EXPERTS as f64, period, |count| {
         for _ in 0..count {
             std::hint::black_box(
                 backend
@@ -139,6 +138,11 @@ fn backend_calls(
             );
         }
     })
+}
+
+/// FLOPs of one expert's forward on `rows` rows: three products.
+fn expert_flops(rows: usize) -> f64 {
+    2.0 * rows as f64 * 3.0 * (HIDDEN * INTERMEDIATE) as f64
 }
 
 /// One expert's forward on `rows` rows of `input`.
