@@ -2,8 +2,10 @@
 //! intermediate 2816) on a batch of tokens, as GFLOP/s.
 //!
 //! Eight experts run in turn, so that their weights come from memory.
+//! With `idle_ms`, the process sleeps that long before each forward, as a
+//! node at low load idles between requests.
 //!
-//!     cargo run --release -p moemesh-core --example expert_ffn_gflops -- [tokens] [threads] [repeats] [f32|bf16]
+//!     cargo run --release -p moemesh-core --example expert_ffn_gflops -- [tokens] [threads] [repeats] [f32|bf16] [idle_ms]
 
 use std::time::Instant;
 
@@ -17,6 +19,7 @@ fn main() {
     let args = mixtral_shaped::Args::from_env();
     let (tokens, threads, repeats) = (args.number(0, 512), args.number(1, 0), args.number(2, 20));
     let format = args.format(3);
+    let idle = std::time::Duration::from_millis(args.number(4, 0) as u64);
     let (hidden, intermediate) = (HIDDEN, INTERMEDIATE);
     let backend = CpuBackend::with_format(threads, format).expect("thread pool");
     let experts = mixtral_shaped::experts(&backend, 8);
@@ -25,6 +28,7 @@ fn main() {
     experts[0].forward(&input, tokens, &mut output);
     let mut seconds = Vec::with_capacity(repeats);
     for repeat in 0..repeats {
+        std::thread::sleep(idle);
         let started = Instant::now();
         experts[repeat % experts.len()].forward(&input, tokens, &mut output);
         seconds.push(started.elapsed().as_secs_f64());

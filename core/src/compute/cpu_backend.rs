@@ -266,15 +266,10 @@ impl CpuBackend {
     /// Runs `tasks`, each on one thread: the caller and `threads - 1` of
     /// the pool's threads take the next as they finish. The caller starts
     /// at once, so a step never waits for a sleeping pool thread to wake.
-    ///
-    /// The call wakes every pool thread, one more than take tasks. On a
-    /// virtual machine, a thread woken after its vCPU has idled a while is
-    /// often queued on the waker's own vCPU (the guest scheduler takes the
-    /// halted vCPU for a busy one) and starts only when the waker's time
-    /// slice ends: on a 2-vCPU guest, 1.9 ms after 10 ms idle, as long as
-    /// a decode step, which then ran at one thread's speed. Of two threads
-    /// woken, one reaches the idle vCPU: the helper then started 53 µs
-    /// late at p50 (72 at p90) where it had started 1.7 ms late (4.1 ms).
+    /// The call wakes every pool thread, one more than take tasks
+    /// ([`wake_an_extra_thread`]): on a 2-vCPU guest, with 10 ms idle
+    /// before each step, the helper then started 53 µs late at p50 (72 at
+    /// p90) where it had started 1.7 ms late (4.1 ms).
     fn run_tasks(&self, input: &[f32], width: usize, tasks: Vec<ExpertTask<'_, '_, '_>>) {
         let task_count = tasks.len();
         let queue = std::sync::Mutex::new(tasks.into_iter());
@@ -315,11 +310,10 @@ impl CpuBackend {
                         }
                     });
                 }
-                // One pool thread more, woken for nothing. The pool's queue
-                // is first in, first out, so the first `threads - 1` threads
-                // to start take the helpers' jobs, and the call does not
-                // wait for the last to be scheduled.
-                self.pool.spawn(|| {});
+                // The pool's queue is first in, first out, so the first
+                // `threads - 1` threads to start take the helpers' jobs, and
+                // the call does not wait for the last to be scheduled.
+                wake_an_extra_thread(&self.pool);
                 while let Some(task) = next() {
                     run(task);
                 }
@@ -370,6 +364,22 @@ pub(super) fn compute_pool(threads: usize, name: &str) -> CoreResult<(rayon::Thr
             CoreError::Config(format!("cannot start {threads} compute threads: {error}"))
         })?;
     Ok((pool, threads))
+}
+
+/// Wakes one more thread of `pool` than a call's own jobs do, with a job
+/// that does nothing; a call queues it before (or, when it computes on
+/// the caller too, after) its own jobs and never waits for it.
+///
+/// On a virtual machine, a thread woken after its vCPU has idled a while
+/// is often queued on the waker's own vCPU (the guest scheduler takes the
+/// halted vCPU for a busy one) and starts only when the waker's time slice
+/// ends: on a 2-vCPU guest, 1.9 ms after 10 ms idle, as long as a decode
+/// step, which then ran at one thread's speed. Of two threads woken at
+/// once, one reaches the idle vCPU.
+pub(super) fn wake_an_extra_thread(pool: &rayon::ThreadPool) {
+    if pool.current_num_threads() > 1 {
+        pool.spawn(|| {});
+    }
 }
 
 /// The fewest rows worth a task of their own by default: fewer rows run
