@@ -199,6 +199,23 @@ fn bench_measures_every_contestant_and_reports_json() {
         .map(|load| load.as_u64().unwrap())
         .sum();
     assert_eq!(loads, 64 * 2);
+    // Decode against its bound is a median of per-round figures: within
+    // their range, one per round; and the read rate is a median of reads
+    // taken beside each round's decode steps.
+    let per_round = report["range"]["decode_inprocess_over_bound"]
+        .as_array()
+        .expect("a range of per-round figures");
+    let (low, high) = (
+        per_round[0].as_f64().unwrap(),
+        per_round[1].as_f64().unwrap(),
+    );
+    let over_bound = report["decode_inprocess_over_bound"].as_f64().unwrap();
+    assert!(
+        low > 0.0 && low <= over_bound && over_bound <= high,
+        "{over_bound} outside its rounds' range {low}..{high}"
+    );
+    let reads = &report["range"]["memory_read_gbps"];
+    assert!(reads[0].as_f64().unwrap() <= report["memory_read_gbps"].as_f64().unwrap());
 }
 
 #[test]

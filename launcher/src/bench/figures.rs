@@ -51,7 +51,8 @@ pub(super) struct Figures {
     pub(super) ceiling_gflops: Samples,
     /// PyTorch's plain GEMM of the ceiling's shape.
     pub(super) torch_gemm_gflops: Samples,
-    /// The machine's memory read rate, every thread reading.
+    /// The machine's memory read rate, every thread reading: right before
+    /// and right after each round's decode steps.
     pub(super) memory_read_gbps: Samples,
     pub(super) inprocess_tokens_per_s: Samples,
     pub(super) torch_tokens_per_s: Samples,
@@ -64,6 +65,11 @@ pub(super) struct Figures {
     pub(super) decode_inprocess_bf16_us: Vec<f64>,
     /// Per decode step, the bytes of f32 expert weights its forward reads.
     pub(super) decode_expert_bytes: Samples,
+    /// Per round, the rate at which the in-process f32 decode steps
+    /// streamed their experts' weights (the median over the round's steps)
+    /// over the read rate beside them (the mean of the reads before and
+    /// after the steps).
+    pub(super) decode_inprocess_over_bound: Samples,
     pub(super) decode_cluster_us: Vec<f64>,
     /// Per cluster decode step, its latency minus the slowest node's compute.
     pub(super) decode_dispatch_us: Vec<f64>,

@@ -13,7 +13,7 @@ use tonic_health::pb::health_client::HealthClient;
 
 use super::bandwidth::ReadBandwidth;
 use super::contestants::{Ceiling, InProcessLayers, TorchContestant};
-use super::figures::Figures;
+use super::figures::{Figures, Samples};
 use super::layer::BenchArgs;
 
 /// The contestants and inputs one round runs, each contestant once.
@@ -52,11 +52,6 @@ impl Round<'_> {
                 .torch_gemm_gflops
                 .push(self.ceiling.flops() * ceiling_count as f64 / seconds / 1e9);
         }
-        let bandwidth = self.bandwidth;
-        figures
-            .memory_read_gbps
-            .push(tokio::task::block_in_place(|| bandwidth.measure(2)));
-
         figures
             .inprocess_tokens_per_s
             .push(tokens / self.time_layer(&self.in_process.f32_layer));
@@ -136,15 +131,20 @@ impl Round<'_> {
         Ok(last.duration_since(pipeline_full).as_secs_f64())
     }
 
-    /// Decode-sized forwards, alternating between the two paths step by step.
+    /// Decode-sized forwards, alternating between the two paths step by
+    /// step, between two reads of memory. The read rate is measured beside
+    /// the steps it bounds, not once per round: on a shared host it moves
+    /// from one second to the next (a 2-vCPU guest read at 40-65 GB/s in
+    /// one run), and a read taken seconds apart may see another rate.
     async fn run_decode_steps(&mut self, figures: &mut Figures) -> anyhow::Result<()> {
         let (decode_tokens, hidden) = (self.args.decode_tokens, self.hidden);
+        let read_before = self.read_memory(figures);
+        let mut stream_gbps = Samples::default();
         for step in 0..self.args.decode_steps {
             let input_index = step % self.decode_inputs.len();
             let decode_input = &self.decode_inputs[input_index];
-            figures
-                .decode_expert_bytes
-                .push(self.decode_bytes[input_index] as f64);
+            let bytes = self.decode_bytes[input_index] as f64;
+            figures.decode_expert_bytes.push(bytes);
             for (layer, samples) in [
                 (&self.in_process.f32_layer, &mut figures.decode_inprocess_us),
                 (
@@ -157,6 +157,9 @@ impl Round<'_> {
                     std::hint::black_box(layer.forward(decode_input, decode_tokens).ok())
                 });
                 samples.push(started.elapsed().as_secs_f64() * 1e6);
+            }
+            if let Some(us) = figures.decode_inprocess_us.last() {
+                stream_gbps.push(bytes / us / 1e3);
             }
             let started = Instant::now();
             let timed = self
@@ -188,6 +191,21 @@ impl Round<'_> {
                 .grpc_round_trip_us
                 .push(started.elapsed().as_secs_f64() * 1e6);
         }
+        let read_after = self.read_memory(figures);
+        if let Some(stream_gbps) = stream_gbps.median() {
+            figures
+                .decode_inprocess_over_bound
+                .push(stream_gbps / ((read_before + read_after) / 2.0));
+        }
         Ok(())
+    }
+
+    /// Reads the bench's buffer with every thread; records the rate and
+    /// returns it, in GB/s.
+    fn read_memory(&self, figures: &mut Figures) -> f64 {
+        let bandwidth = self.bandwidth;
+        let gbps = tokio::task::block_in_place(|| bandwidth.measure(2));
+        figures.memory_read_gbps.push(gbps);
+        gbps
     }
 }
