@@ -5,7 +5,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use gemm::Parallelism;
@@ -208,17 +208,30 @@ impl TorchContestant {
         self.ask(&format!("gemm {count}"))
     }
 
-    /// Sends one request line; returns the seconds the script answers.
+    /// Sends one request line; returns the seconds the script answers,
+    /// once PyTorch's threads have gone to sleep ([`TORCH_SETTLE`]).
     fn ask(&mut self, request: &str) -> anyhow::Result<f64> {
         writeln!(self.stdin, "{request}")?;
         self.stdin.flush()?;
         let mut line = String::new();
         self.stdout.read_line(&mut line)?;
+        std::thread::sleep(TORCH_SETTLE);
         line.trim()
             .parse()
             .with_context(|| format!("the PyTorch script answered {line:?}"))
     }
 }
+
+/// How long the bench waits after each PyTorch request before the next
+/// contestant starts. PyTorch's OpenMP threads spin after a parallel
+/// region before they sleep (libgomp's default wait policy): after one
+/// GEMM of the ceiling's shape on a 2-vCPU guest, its worker threads ran
+/// 8-10 ms more. On cores every contestant shares, that spinning fell on
+/// whichever ran next: the layer in process, timed right after PyTorch's
+/// GEMM, ran at 423-445 GFLOP/s against 442-456 with a wait (two
+/// interleaved pairs of `bench --rounds 5`). PyTorch times itself, so the
+/// wait changes none of its figures.
+const TORCH_SETTLE: Duration = Duration::from_millis(50);
 
 impl Drop for TorchContestant {
     fn drop(&mut self) {
