@@ -228,9 +228,9 @@ impl TorchContestant {
 /// GEMM of the ceiling's shape on a 2-vCPU guest, its worker threads ran
 /// 8-10 ms more. On cores every contestant shares, that spinning fell on
 /// whichever ran next: the layer in process, timed right after PyTorch's
-/// GEMM, ran at 423-445 GFLOP/s against 442-456 with a wait (two
-/// interleaved pairs of `bench --rounds 5`). PyTorch times itself, so the
-/// wait changes none of its figures.
+/// GEMM, ran at 423-445 GFLOP/s against 442-456 with a 100 ms wait (two
+/// interleaved pairs of `bench --rounds 5`). 50 ms is five times the
+/// spin. PyTorch times itself, so the wait changes none of its figures.
 const TORCH_SETTLE: Duration = Duration::from_millis(50);
 
 impl Drop for TorchContestant {
